@@ -1,0 +1,229 @@
+"""biod configuration: one YAML file, validated once at the edge.
+
+Everything the daemon does is decided by this file, so it is validated completely before any
+device is opened: unknown keys are rejected (a typo must not silently fall back to a default),
+and every error names the YAML line it comes from and how to fix it. Secrets never have to live
+in the file: they can come from an environment variable or a systemd credential
+(``$CREDENTIALS_DIRECTORY``), which is how the hardened unit in ``deploy/`` passes them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "BiodConfig",
+    "ConfigError",
+    "load_config",
+    "parse_config",
+    "default_config",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for a person: where it is and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HubConfig(_Strict):
+    id: str = Field("biod", description="Unique per hub: MQTT topics and Home Assistant ids derive from it")
+    name: str = "biod hub"
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_topic_safe(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+            raise ValueError("hub.id must be 1-64 characters of letters, digits, '_' or '-' (it becomes an MQTT topic level)")
+        return value
+
+
+class EmulatorConfig(_Strict):
+    recording: str = "ludb-1"
+    speed: float = Field(1.0, gt=0, le=1000)
+    loop: bool = True
+
+
+class EcgConfig(_Strict):
+    enabled: bool = True
+    source: Literal["emulator", "serial", "tcp"] = "emulator"
+    port: str | None = Field(None, description="serial device, e.g. /dev/biod-ecg (udev symlink) or /dev/ttyACM0")
+    host: str = "127.0.0.1"
+    tcp_port: int | None = Field(None, ge=1, le=65535)
+    match_serial: str | None = Field(None, description="only accept a box reporting this serial number")
+    baud: int = Field(921600, ge=9600)
+    rate_hz: Literal[250, 500, 1000] = 500
+    mains_hz: Literal[50, 60] | None = 50
+    stall_timeout_s: float = Field(3.0, gt=0)
+    emulator: EmulatorConfig = EmulatorConfig()
+
+    @model_validator(mode="after")
+    def _source_needs_address(self) -> "EcgConfig":
+        if self.enabled and self.source == "serial" and not self.port:
+            raise ValueError("ecg.source is 'serial' but ecg.port is not set: give the device path, e.g. port: /dev/biod-ecg")
+        if self.enabled and self.source == "tcp" and not self.tcp_port:
+            raise ValueError("ecg.source is 'tcp' but ecg.tcp_port is not set")
+        return self
+
+
+class TlsConfig(_Strict):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = Field(False, description="skip hostname verification (testing only)")
+
+
+class MqttConfig(_Strict):
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    password_env: str | None = Field(None, description="read the password from this environment variable")
+    password_credential: str | None = Field(None, description="read the password from $CREDENTIALS_DIRECTORY/<name>")
+    tls: TlsConfig = TlsConfig()
+    topic_prefix: str | None = Field(None, description="default: biod/<hub.id>")
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+    qos: Literal[0, 1, 2] = 1
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    client_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> "MqttConfig":
+        given = [n for n in ("password", "password_env", "password_credential") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"mqtt: give only one of password, password_env, password_credential (got {', '.join(given)})")
+        return self
+
+    def resolve_password(self) -> str | None:
+        """The password from wherever the config says it lives; a clear error if it is missing."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env: environment variable {self.password_env} is not set; export it or use password_credential")
+            return value
+        if self.password_credential:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise ConfigError("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set; run under systemd with LoadCredential= or use password_env")
+            path = Path(directory) / self.password_credential
+            try:
+                return path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"mqtt.password_credential: cannot read {path}: {exc.strerror}; check LoadCredential= in the unit") from exc
+        return self.password
+
+
+class BiodConfig(_Strict):
+    hub: HubConfig = HubConfig()
+    ecg: EcgConfig = EcgConfig()
+    mqtt: MqttConfig = MqttConfig()
+    state_dir: Path = Field(Path("/var/lib/biod"), description="spool and templates; must be writable")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.mqtt.topic_prefix or f"biod/{self.hub.id}"
+
+
+def default_config(**overrides: Any) -> BiodConfig:
+    """The embedded default: the ECG emulator, a broker on localhost, state in the user's cache."""
+    data: dict[str, Any] = {"state_dir": str(Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "biod")}
+    data.update(overrides)
+    return BiodConfig.model_validate(data)
+
+
+@dataclass(frozen=True)
+class _Located:
+    """Line numbers (1-based) of every key path in a YAML document."""
+
+    lines: dict[tuple[str | int, ...], int]
+
+    def line_for(self, loc: tuple[str | int, ...]) -> int | None:
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.lines:
+                return self.lines[loc[:end]]
+        return None
+
+
+def _locate(node: yaml.Node, path: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]) -> None:
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = path + (str(key.value),)
+            out[child] = key.start_mark.line + 1
+            _locate(value, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _locate(item, path + (i,), out)
+
+
+def parse_config(text: str, source: str = "<config>") -> BiodConfig:
+    """Validate YAML text; raise ConfigError with one line per problem: ``file:line: key: message``."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); check indentation and quoting") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: the top level must be a mapping of sections (hub:, ecg:, mqtt:, ...)")
+    lines: dict[tuple[str | int, ...], int] = {}
+    if node is not None:
+        _locate(node, (), lines)
+    located = _Located(lines)
+    try:
+        return BiodConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(err, located, source) for err in exc.errors())) from None
+
+
+def _describe(err: dict[str, Any], located: _Located, source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    line = located.line_for(loc)
+    where = f"{source}:{line}" if line else source
+    if err["type"] == "extra_forbidden":
+        parent = loc[:-1]
+        fields = _fields_at(parent)
+        hint = f"; known keys here: {', '.join(sorted(fields))}" if fields else ""
+        return f"{where}: {key}: unknown key (typo?){hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {key}: {msg}"
+
+
+def _fields_at(path: tuple[str | int, ...]) -> list[str]:
+    model: type[BaseModel] = BiodConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> BiodConfig:
+    """Load and validate the YAML file at ``path``; ``None`` gives the embedded default."""
+    if path is None:
+        return default_config()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found; copy deploy/biod.example.yaml there or pass --config") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc.strerror}); check permissions") from None
+    return parse_config(text, str(p))

@@ -1,0 +1,206 @@
+"""MQTT publisher: availability with last will, retained state, discovery re-sent on demand.
+
+paho-mqtt runs its own network thread (``loop_start``) and reconnects by itself with back-off;
+this class adds what a hub needs on top: a retained availability topic whose last will says
+``offline`` if the hub dies and ``stopped`` on a clean exit, Home Assistant discovery re-sent
+whenever Home Assistant announces ``online`` (it forgets non-retained state on restart), and
+one-line, actionable log messages for the ways a broker connection fails.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from daemon.config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+ONLINE, OFFLINE, STOPPED = "online", "offline", "stopped"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One MQTT publication, as plain data so that builders stay pure and testable."""
+
+    topic: str
+    payload: str
+    retain: bool = False
+    qos: int | None = None  # None: the configured QoS
+
+
+@dataclass
+class PublisherStats:
+    connects: int = 0
+    disconnects: int = 0
+    published: int = 0
+    refused: int = 0
+    last_error: str | None = None
+    connected_since: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_CONNACK_FIXES = {
+    "Not authorized": "the broker refused the credentials: check mqtt.username and the password source",
+    "Bad user name or password": "the broker refused the credentials: check mqtt.username and the password source",
+    "Client identifier not valid": "the broker refused the client id: set mqtt.client_id to something unique",
+    "Unsupported protocol version": "the broker does not speak MQTT 3.1.1/5: upgrade it",
+}
+
+
+class MqttPublisher:
+    """Owns the paho client. Thread-safe: ``publish`` may be called from any thread."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        topic_prefix: str,
+        client_id: str,
+        discovery: Callable[[], Iterable[Message]] | None = None,
+        on_connected: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.prefix = topic_prefix.rstrip("/")
+        self.availability_topic = f"{self.prefix}/availability"
+        self._discovery = discovery
+        self._on_connected_hook = on_connected
+        self.stats = PublisherStats()
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._handlers: dict[str, Callable[[str, bytes], None]] = {}
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id or client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=False,  # QoS 1 messages queued for us survive our reconnects
+        )
+        password = cfg.resolve_password()
+        if cfg.username:
+            self._client.username_pw_set(cfg.username, password)
+        if cfg.tls.enabled:
+            self._client.tls_set(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            self._client.tls_insecure_set(cfg.tls.insecure)
+        self._client.will_set(self.availability_topic, OFFLINE, qos=1, retain=True)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.max_queued_messages_set(10000)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._publish_hooks: list[Callable[[int], None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background; failures are logged and retried with back-off, never fatal."""
+        log.info("mqtt: connecting to %s:%d (prefix %s)", self.cfg.host, self.cfg.port, self.prefix)
+        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def close(self, final_state: str = STOPPED, timeout: float = 3.0) -> None:
+        """Say ``stopped`` (retained) so nobody mistakes a clean exit for a crash, then disconnect."""
+        if self._connected.is_set():
+            info = self._client.publish(self.availability_topic, final_state, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                log.warning("mqtt: could not confirm the '%s' availability message", final_state)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- publishing ----------------------------------------------------------------------------
+    def publish(self, msg: Message) -> mqtt.MQTTMessageInfo:
+        qos = self.cfg.qos if msg.qos is None else msg.qos
+        info = self._client.publish(msg.topic, msg.payload, qos=qos, retain=msg.retain)
+        self.stats.published += 1
+        return info
+
+    def publish_json(self, topic: str, payload: Any, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.publish(Message(topic, json.dumps(payload, separators=(",", ":")), retain))
+
+    def add_publish_hook(self, hook: Callable[[int], None]) -> None:
+        """Called with the message id when the broker acknowledged a QoS>0 publication."""
+        self._publish_hooks.append(hook)
+
+    def subscribe(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
+        """Subscribe now and again after every reconnect."""
+        with self._lock:
+            self._handlers[topic] = handler
+        if self._connected.is_set():
+            self._client.subscribe(topic, qos=1)
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        if reason.is_failure:
+            text = str(reason)
+            fix = _CONNACK_FIXES.get(text, "check mqtt.host/port and the broker's log")
+            self.stats.refused += 1
+            self.stats.last_error = f"{text}: {fix}"
+            log.error("mqtt: broker %s:%d refused the connection (%s); %s; retrying with back-off",
+                      self.cfg.host, self.cfg.port, text, fix)
+            return
+        self.stats.connects += 1
+        self.stats.connected_since = time.time()
+        log.info("mqtt: connected to %s:%d", self.cfg.host, self.cfg.port)
+        client.publish(self.availability_topic, ONLINE, qos=1, retain=True)
+        with self._lock:
+            topics = list(self._handlers)
+        if self.cfg.discovery:
+            topics.append(f"{self.cfg.discovery_prefix}/status")
+        for topic in topics:
+            client.subscribe(topic, qos=1)
+        self._send_discovery()
+        self._connected.set()
+        if self._on_connected_hook:
+            self._on_connected_hook()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            self.stats.disconnects += 1
+            log.warning("mqtt: lost the broker %s:%d (%s); reconnecting with back-off, events are spooled meanwhile",
+                        self.cfg.host, self.cfg.port, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.cfg.discovery and msg.topic == f"{self.cfg.discovery_prefix}/status":
+            if msg.payload.decode(errors="replace").strip() == "online":
+                log.info("mqtt: Home Assistant came online; re-sending discovery")
+                self._send_discovery()
+            return
+        with self._lock:
+            handlers = [h for t, h in self._handlers.items() if mqtt.topic_matches_sub(t, msg.topic)]
+        for handler in handlers:
+            try:
+                handler(msg.topic, msg.payload)
+            except Exception:  # a bad command must never kill the network thread
+                log.exception("mqtt: handler for %s failed", msg.topic)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any = None, props: Any = None) -> None:
+        for hook in self._publish_hooks:
+            hook(mid)
+
+    def _send_discovery(self) -> None:
+        if not (self.cfg.discovery and self._discovery):
+            return
+        for msg in self._discovery():
+            self._client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain)
+

@@ -1,0 +1,277 @@
+"""The ECG box source: protocol v1 over a serial port (or TCP), with handshake and recovery.
+
+The wire format lives in ``firmware_protocol.ecg_serial`` (sans-I/O); this module owns the I/O:
+open the transport, say STOP/GET_INFO/SET_RATE/START, turn data frames into ``EcgChunk``s, and
+when anything goes wrong (port missing, cable pulled, box silent, wrong baud) log one line that
+names the cause and the fix, wait with back-off and start again. It never gives up: a hub runs
+unattended for months. The path is re-opened by name on every attempt, so a udev symlink that
+moves to a new /dev/ttyACMx after a replug is followed.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from firmware_protocol import ecg_serial as proto
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EcgChunk:
+    """Samples of one data frame, already in millivolts, in device time."""
+
+    seq: int
+    t_device_s: float
+    samples_mv: np.ndarray  # float32 (n, channels)
+    lead_valid: np.ndarray  # bool (channels,)
+    rate_hz: int
+    lost_frames_before: int = 0
+
+
+@dataclass
+class EcgHealth:
+    """What ``biod doctor``, the stats topic and the watchdog look at."""
+
+    state: str = "connecting"  # connecting | streaming | stalled | disconnected
+    device: proto.DeviceInfo | None = None
+    connects: int = 0
+    frames: int = 0
+    crc_errors: int = 0
+    lost_frames: int = 0
+    duplicates: int = 0
+    resyncs: int = 0
+    discarded_bytes: int = 0
+    last_frame_at: float | None = None
+    last_error: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class Transport(Protocol):
+    def read(self, n: int) -> bytes: ...
+    def write(self, data: bytes) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class SourceError(Exception):
+    """A failure with a person-readable cause and fix; the source retries after it."""
+
+
+class _SerialTransport:
+    def __init__(self, port: str, baud: int) -> None:
+        import serial  # pyserial; imported here so the module loads without it for TCP users
+
+        try:
+            self._s = serial.Serial(port, baudrate=baud, timeout=0.05, write_timeout=1.0)
+        except serial.SerialException as exc:
+            cause = str(exc)
+            if "No such file" in cause or "could not open port" in cause and "Errno 2" in cause:
+                raise SourceError(f"serial port {port} does not exist: check the cable, ecg.port and the udev rule (deploy/99-biod.rules)") from None
+            if "Permission denied" in cause or "Errno 13" in cause:
+                raise SourceError(f"no permission to open {port}: add the biod user to the 'dialout' group") from None
+            raise SourceError(f"cannot open serial port {port}: {cause}") from None
+        self._serial_exc = serial.SerialException
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._s.read(n)
+        except (self._serial_exc, OSError) as exc:
+            raise SourceError(f"serial read failed ({exc}); the device was probably unplugged") from None
+
+    def write(self, data: bytes) -> int | None:
+        try:
+            return self._s.write(data)
+        except (self._serial_exc, OSError) as exc:
+            raise SourceError(f"serial write failed ({exc}); the device was probably unplugged") from None
+
+    def close(self) -> None:
+        try:
+            self._s.close()
+        except Exception:  # closing a vanished device may fail; nothing to recover
+            pass
+
+
+class _TcpTransport:
+    def __init__(self, host: str, port: int) -> None:
+        try:
+            self._sock = socket.create_connection((host, port), timeout=3.0)
+        except OSError as exc:
+            raise SourceError(f"cannot connect to the ECG box at {host}:{port} ({exc.strerror or exc}); check ecg.host/tcp_port") from None
+        self._sock.settimeout(0.05)
+
+    def read(self, n: int) -> bytes:
+        try:
+            data = self._sock.recv(n)
+        except socket.timeout:
+            return b""
+        except OSError as exc:
+            raise SourceError(f"TCP read failed ({exc})") from None
+        if not data:
+            raise SourceError("the ECG box closed the TCP connection")
+        return data
+
+    def write(self, data: bytes) -> int | None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise SourceError(f"TCP write failed ({exc})") from None
+        return len(data)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def serial_opener(port: str, baud: int) -> Callable[[], Transport]:
+    return lambda: _SerialTransport(port, baud)
+
+
+def tcp_opener(host: str, port: int) -> Callable[[], Transport]:
+    return lambda: _TcpTransport(host, port)
+
+
+class EcgSource:
+    """Runs in its own thread (``run``); hands chunks to ``on_chunk`` from that thread."""
+
+    HANDSHAKE_TIMEOUT_S = 2.0
+    BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+    def __init__(
+        self,
+        opener: Callable[[], Transport],
+        describe: str,
+        on_chunk: Callable[[EcgChunk], None],
+        *,
+        rate_hz: int = 500,
+        match_serial: str | None = None,
+        stall_timeout_s: float = 3.0,
+        baud: int | None = None,
+    ) -> None:
+        self._open = opener
+        self.describe = describe
+        self._on_chunk = on_chunk
+        self.rate_hz = rate_hz
+        self.match_serial = match_serial
+        self.stall_timeout_s = stall_timeout_s
+        self.baud = baud
+        self.health = EcgHealth()
+        self._last_seq: int | None = None
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                self._session(stop)
+                failures = 0
+            except SourceError as exc:
+                self._fail(str(exc))
+            except Exception as exc:  # never let one odd failure end a months-long run
+                log.exception("ecg: unexpected error")
+                self._fail(f"unexpected error: {exc!r}")
+            if stop.is_set():
+                break
+            delay = self.BACKOFF_S[min(failures, len(self.BACKOFF_S) - 1)]
+            failures += 1
+            log.warning("ecg: retrying %s in %.1f s", self.describe, delay)
+            stop.wait(delay)
+        self.health.state = "disconnected"
+
+    def _fail(self, message: str) -> None:
+        self.health.state = "disconnected"
+        self.health.last_error = message
+        self.health.errors = (self.health.errors + [message])[-20:]
+        log.error("ecg: %s", message)
+
+    def _session(self, stop: threading.Event) -> None:
+        self.health.state = "connecting"
+        transport = self._open()
+        try:
+            decoder = proto.Decoder()
+            info = self._handshake(transport, decoder, stop)
+            self.health.device = info
+            self.health.connects += 1
+            self.health.state = "streaming"
+            log.info("ecg: streaming from %s (%s serial %s, firmware %s) at %d Hz",
+                     self.describe, info.model, info.serial, info.firmware, self.rate_hz)
+            self._stream(transport, decoder, info, stop)
+        finally:
+            try:
+                if stop.is_set():
+                    transport.write(proto.encode_command(proto.Command.STOP))
+            except SourceError:
+                pass
+            transport.close()
+
+    def _handshake(self, transport: Transport, decoder: proto.Decoder, stop: threading.Event) -> proto.DeviceInfo:
+        transport.write(proto.encode_command(proto.Command.STOP))  # the box may still stream from before
+        info = self._request(transport, decoder, proto.Command.GET_INFO, 0, proto.DeviceInfo, stop)
+        if info is None:
+            baud = f" at {self.baud} baud" if self.baud else ""
+            raise SourceError(f"no DEVICE_INFO from {self.describe}{baud}: check that the box is on, that ecg.baud matches it and that it speaks biod ECG protocol v1")
+        assert isinstance(info, proto.DeviceInfo)
+        if self.match_serial and info.serial != self.match_serial:
+            raise SourceError(f"{self.describe} is box {info.serial!r}, not the configured ecg.match_serial {self.match_serial!r}: fix ecg.port or ecg.match_serial")
+        if self.rate_hz not in info.rates:
+            raise SourceError(f"box {info.serial} supports {list(info.rates)} Hz, not ecg.rate_hz={self.rate_hz}: change ecg.rate_hz")
+        if info.rate_hz != self.rate_hz:
+            reply = self._request(transport, decoder, proto.Command.SET_RATE, self.rate_hz, (proto.Ack, proto.Nak), stop)
+            if not isinstance(reply, proto.Ack):
+                raise SourceError(f"box {info.serial} refused SET_RATE {self.rate_hz} ({getattr(reply, 'error', 'no answer')})")
+        reply = self._request(transport, decoder, proto.Command.START, 0, (proto.Ack, proto.Nak, proto.DataFrame), stop)
+        if isinstance(reply, proto.Nak) or reply is None:
+            raise SourceError(f"box {info.serial} did not start streaming ({getattr(reply, 'error', 'no answer')})")
+        self._last_seq = None
+        return info
+
+    def _request(self, transport: Transport, decoder: proto.Decoder, command: proto.Command, argument: int,
+                 wanted: type | tuple[type, ...], stop: threading.Event) -> object | None:
+        for _attempt in range(3):
+            transport.write(proto.encode_command(command, argument))
+            deadline = time.monotonic() + self.HANDSHAKE_TIMEOUT_S / 2
+            while time.monotonic() < deadline and not stop.is_set():
+                for event in decoder.feed(transport.read(4096)):
+                    if isinstance(event, wanted):
+                        return event
+        return None
+
+    def _stream(self, transport: Transport, decoder: proto.Decoder, info: proto.DeviceInfo, stop: threading.Event) -> None:
+        last_data = time.monotonic()
+        while not stop.is_set():
+            data = transport.read(4096)
+            now = time.monotonic()
+            for event in decoder.feed(data):
+                if isinstance(event, proto.DataFrame):
+                    last_data = now
+                    self._emit(event)
+            self._account(decoder.stats)
+            if now - last_data > self.stall_timeout_s:
+                self.health.state = "stalled"
+                raise SourceError(f"box {info.serial} stopped sending data for {self.stall_timeout_s:.0f} s; re-opening {self.describe}")
+
+    def _emit(self, frame: proto.DataFrame) -> None:
+        lost = 0
+        if self._last_seq is not None:
+            lost = (frame.seq - self._last_seq - 1) % 65536
+        self._last_seq = frame.seq
+        self.health.last_frame_at = time.time()
+        self._on_chunk(EcgChunk(
+            seq=frame.seq,
+            t_device_s=frame.timestamp_us / 1e6,
+            samples_mv=frame.millivolts(),
+            lead_valid=frame.lead_valid(),
+            rate_hz=self.rate_hz,
+            lost_frames_before=lost,
+        ))
+
+    def _account(self, stats: proto.DecoderStats) -> None:
+        # Totals across reconnects: a fresh decoder per session, so add the per-session counts.
+        h = self.health
+        h.frames, h.crc_errors, h.lost_frames = stats.frames, stats.crc_errors, stats.lost_frames
+        h.duplicates, h.resyncs, h.discarded_bytes = stats.duplicates, stats.resyncs, stats.discarded_bytes

@@ -1,0 +1,130 @@
+"""Shared test fixtures: a real Mosquitto broker on a free port, MQTT capture, free ports."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mosquitto_binary() -> str:
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        raise RuntimeError("mosquitto is not installed: run ./dev test (it installs Debian's mosquitto) or apt-get install mosquitto")
+    return exe
+
+
+@dataclass
+class Broker:
+    """A real Mosquitto started by the test; ``stop()``/``start()`` simulate an outage."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen | None = None
+    extra_conf: str = ""
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.workdir / 'mosquitto.log'}\n{self.extra_conf}"
+        )
+        self.proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text() if (self.workdir / 'mosquitto.log').exists() else ''}")
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening within 10 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    broker = Broker(port=free_port(), workdir=tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@dataclass
+class Capture:
+    """Subscribes to everything and records (topic, payload, retain) in arrival order."""
+
+    port: int
+    messages: list[tuple[str, str, bool]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    client: mqtt.Client | None = None
+
+    def start(self, topics: list[str]) -> None:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"capture-{self.port}-{time.monotonic_ns()}")
+        c.on_message = self._on_message
+        connected = threading.Event()
+        c.on_connect = lambda *a, **k: (c.subscribe([(t, 1) for t in topics]), connected.set())
+        c.reconnect_delay_set(0.2, 1)
+        c.connect("127.0.0.1", self.port)
+        c.loop_start()
+        assert connected.wait(5), "capture client could not connect"
+        self.client = c
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload.decode(errors="replace"), bool(msg.retain)))
+
+    def on(self, topic: str) -> list[str]:
+        with self.lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                snapshot = list(self.messages)
+            result = predicate(snapshot)
+            if result:
+                return result
+            time.sleep(0.05)
+        with self.lock:
+            topics = sorted({t for t, _, _ in self.messages})
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; topics seen: {topics}")
+
+    def stop(self) -> None:
+        if self.client:
+            self.client.loop_stop()
+            self.client.disconnect()
+
+
+@pytest.fixture
+def capture(mosquitto: Broker) -> Iterator[Capture]:
+    cap = Capture(mosquitto.port)
+    cap.start(["#"])
+    try:
+        yield cap
+    finally:
+        cap.stop()

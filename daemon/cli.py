@@ -52,6 +52,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(seconds=args.seconds, speed=args.speed))
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from daemon.doctor import run_checks
+
+    cfg = load_config(args.config)
+    checks = run_checks(cfg, broker=not args.no_broker)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} ok, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biod", description="Biometric daemon: who wears the sensors and what they are doing")
     parser.add_argument("--version", action="version", version="biod 0.1.0")
@@ -71,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=1.0, help="emulator speed-up factor (default real time)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("doctor", help="check adapter, serial device, broker, models and state directory")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.add_argument("--no-broker", action="store_true", help="skip the broker check")
+    p.set_defaults(func=_cmd_doctor)
     return parser
 
 

@@ -47,7 +47,7 @@ class HubConfig(_Strict):
 
 
 class EmulatorConfig(_Strict):
-    recording: str = "ludb-1"
+    recording: str = "ludb-16"
     speed: float = Field(1.0, gt=0, le=1000)
     loop: bool = True
 

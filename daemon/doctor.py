@@ -1,0 +1,144 @@
+"""``biod doctor``: check the hub's setup and say, for each problem, how to fix it.
+
+Every check is a small function returning ``Check`` results, so the command prints a list a
+person can act on: the BLE adapter, the serial device, the broker, the models and the state
+directory. It changes nothing.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.config import BiodConfig, ConfigError
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        text = f"[{mark}] {self.name}: {self.detail}"
+        return text + (f"\n       fix: {self.fix}" if self.fix and not self.ok else "")
+
+
+def check_state_dir(cfg: BiodConfig) -> Iterator[Check]:
+    d = cfg.state_dir
+    if not d.exists():
+        yield Check("state directory", False, f"{d} does not exist", f"mkdir -m 0700 {d} (systemd's StateDirectory= creates it)")
+        return
+    mode = stat.S_IMODE(d.stat().st_mode)
+    writable = os.access(d, os.W_OK)
+    yield Check("state directory", writable and mode & 0o077 == 0, f"{d} mode {mode:04o}, writable={writable}",
+                f"chmod 0700 {d} and make it owned by the biod user")
+
+
+def check_serial(cfg: BiodConfig) -> Iterator[Check]:
+    e = cfg.ecg
+    if not e.enabled:
+        yield Check("ECG source", True, "disabled in the config")
+        return
+    if e.source == "emulator":
+        yield Check("ECG source", True, f"emulator (recording {e.emulator.recording!r})")
+        return
+    if e.source == "tcp":
+        try:
+            with socket.create_connection((e.host, int(e.tcp_port or 0)), timeout=2):
+                yield Check("ECG source", True, f"tcp://{e.host}:{e.tcp_port} accepts connections")
+        except OSError as exc:
+            yield Check("ECG source", False, f"tcp://{e.host}:{e.tcp_port}: {exc}", "check the box's network and ecg.host/tcp_port")
+        return
+    port = Path(str(e.port))
+    if not port.exists():
+        yield Check("ECG serial device", False, f"{port} does not exist",
+                    "plug the box in; check deploy/99-biod.rules matches its idVendor/idProduct (udevadm info -a -n /dev/ttyACM0)")
+        return
+    real = port.resolve()
+    ok = os.access(real, os.R_OK | os.W_OK)
+    yield Check("ECG serial device", ok, f"{port} -> {real}, read/write={ok}", "add the biod user to the dialout group")
+
+
+def check_ble_adapter() -> Iterator[Check]:
+    adapters = sorted(p.name for p in Path("/sys/class/bluetooth").glob("hci*")) if Path("/sys/class/bluetooth").exists() else []
+    if adapters:
+        yield Check("BLE adapter", True, ", ".join(adapters))
+    else:
+        yield Check("BLE adapter", False, "no Bluetooth adapter found in /sys/class/bluetooth",
+                    "enable Bluetooth (Pi: dtoverlay, rfkill unblock bluetooth) and install bluez")
+
+
+def check_broker(cfg: BiodConfig, timeout: float = 5.0) -> Iterator[Check]:
+    import paho.mqtt.client as mqtt
+
+    m = cfg.mqtt
+    try:
+        password = m.resolve_password()
+    except ConfigError as exc:
+        yield Check("MQTT credentials", False, str(exc))
+        return
+    result: dict[str, str] = {}
+    done = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"biod-doctor-{os.getpid()}")
+    if m.username:
+        client.username_pw_set(m.username, password)
+    if m.tls.enabled:
+        client.tls_set(ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None)
+
+    def on_connect(c, userdata, flags, reason, props=None) -> None:
+        result["reason"] = str(reason)
+        result["ok"] = "yes" if not reason.is_failure else ""
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(m.host, m.port, keepalive=10)
+    except OSError as exc:
+        yield Check("MQTT broker", False, f"{m.host}:{m.port}: {exc}", "start the broker or fix mqtt.host/mqtt.port")
+        return
+    client.loop_start()
+    done.wait(timeout)
+    client.loop_stop()
+    client.disconnect()
+    if not done.is_set():
+        yield Check("MQTT broker", False, f"{m.host}:{m.port} did not answer CONNECT within {timeout:.0f} s", "check TLS settings and the port")
+    elif result.get("ok"):
+        yield Check("MQTT broker", True, f"{m.host}:{m.port} accepted the connection")
+    else:
+        yield Check("MQTT broker", False, f"{m.host}:{m.port} refused: {result.get('reason')}", "check mqtt.username and the password source")
+
+
+def check_models(models_dir: Path = MODELS_DIR) -> Iterator[Check]:
+    manifests = sorted(models_dir.glob("*.json"))
+    if not manifests:
+        yield Check("models", False, f"no model manifests in {models_dir}", "re-install biod, or run python -m training.train")
+        return
+    from daemon.inference.runtime import ModelError, load_model
+
+    for manifest in manifests:
+        model_path = manifest.with_suffix(".tflite")
+        try:
+            model = load_model(model_path, manifest)
+            yield Check(f"model {manifest.stem}", True, f"sha256 verified, version {model.manifest.version}")
+        except ModelError as exc:
+            yield Check(f"model {manifest.stem}", False, str(exc))
+
+
+def run_checks(cfg: BiodConfig, broker: bool = True) -> list[Check]:
+    checks: list[Check] = []
+    checks += check_state_dir(cfg)
+    checks += check_serial(cfg)
+    checks += check_ble_adapter()
+    if broker:
+        checks += check_broker(cfg)
+    checks += check_models()
+    return checks

@@ -1,0 +1,137 @@
+"""Recording raw streams to WFDB, the format PhysioNet and every ECG tool reads.
+
+``biod record`` keeps a household's own labelled data for fine-tuning, on the hub. Samples are
+appended to the ``.dat`` file as they arrive (format 24 for the ECG box's 24-bit samples,
+format 16 for the IMU's int16 LSBs), and the ``.hea`` header is rewritten with the sample count
+on every flush, so a power cut loses at most the last unflushed chunk and what is on disk is
+always a readable record. Labels (activity, person) go into header comments and a ``.labels.csv``
+with sample ranges, so they survive tools that ignore comments.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["WfdbSignal", "WfdbWriter"]
+
+
+@dataclass(frozen=True)
+class WfdbSignal:
+    """One channel: name, physical unit, gain (ADC units per physical unit), storage format."""
+
+    name: str
+    unit: str
+    gain: float
+    fmt: int = 16  # 16: int16; 24: 24-bit two's complement little-endian
+
+    def __post_init__(self) -> None:
+        if self.fmt not in (16, 24):
+            raise ValueError(f"WFDB format {self.fmt} not supported here (16 or 24)")
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ValueError(f"signal name {self.name!r} must be non-empty without spaces")
+
+
+class WfdbWriter:
+    """Streaming writer of one WFDB record (all channels share one format)."""
+
+    def __init__(self, directory: Path, record: str, fs_hz: float, signals: list[WfdbSignal],
+                 comments: list[str] | None = None) -> None:
+        if len({s.fmt for s in signals}) != 1:
+            raise ValueError("all signals of one record must share a storage format")
+        if not record.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"record name {record!r}: use letters, digits, '-' and '_'")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.record, self.fs_hz, self.signals = record, fs_hz, signals
+        self.fmt = signals[0].fmt
+        self.comments = list(comments or [])
+        self.start = dt.datetime.now()
+        self.n_samples = 0
+        self._labels: list[tuple[int, int, str, str]] = []
+        self._open_label: tuple[int, str, str] | None = None
+        self._first = np.zeros(len(signals), dtype=np.int64)
+        self._checksum = np.zeros(len(signals), dtype=np.int64)
+        fd = os.open(self.dat_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._dat = os.fdopen(fd, "wb")
+        self._write_header()
+
+    @property
+    def dat_path(self) -> Path:
+        return self.dir / f"{self.record}.dat"
+
+    @property
+    def hea_path(self) -> Path:
+        return self.dir / f"{self.record}.hea"
+
+    def write_digital(self, samples: np.ndarray) -> None:
+        """Append ADC counts, shape (n, channels)."""
+        x = np.asarray(samples)
+        if x.ndim != 2 or x.shape[1] != len(self.signals):
+            raise ValueError(f"expected (n, {len(self.signals)}) samples, got {x.shape}")
+        x = x.astype(np.int64)
+        limit = 2 ** (self.fmt - 1)
+        x = np.clip(x, -limit + 1, limit - 1)  # -2^(fmt-1) is WFDB's "no sample" marker
+        if self.n_samples == 0 and len(x):
+            self._first = x[0].copy()
+        self._checksum = (self._checksum + x.sum(axis=0)) % 65536
+        if self.fmt == 16:
+            self._dat.write(x.astype("<i2").tobytes())
+        else:
+            u = (x.reshape(-1) & 0xFFFFFF).astype("<u4")
+            self._dat.write(u.view(np.uint8).reshape(-1, 4)[:, :3].tobytes())
+        self.n_samples += len(x)
+
+    def write_physical(self, values: np.ndarray) -> None:
+        """Append physical values (mV, g, deg/s ...), converted with each signal's gain."""
+        gains = np.array([s.gain for s in self.signals])
+        self.write_digital(np.rint(np.asarray(values, dtype=np.float64) * gains))
+
+    def label(self, kind: str, value: str | None) -> None:
+        """Start a label (e.g. kind='activity', value='walking') at the current sample; None ends it."""
+        if self._open_label is not None:
+            start, k, v = self._open_label
+            self._labels.append((start, self.n_samples, k, v))
+            self._open_label = None
+        if value is not None:
+            self._open_label = (self.n_samples, kind, value)
+
+    def flush(self) -> None:
+        self._dat.flush()
+        os.fsync(self._dat.fileno())
+        self._write_header()
+
+    def close(self) -> None:
+        self.label("", None)
+        self.flush()
+        self._dat.close()
+        with open(self.dir / f"{self.record}.labels.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["start_sample", "end_sample", "kind", "value"])
+            w.writerows(self._labels)
+
+    def __enter__(self) -> "WfdbWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write_header(self) -> None:
+        lines = [f"{self.record} {len(self.signals)} {self.fs_hz:g} {self.n_samples} "
+                 f"{self.start:%H:%M:%S} {self.start:%d/%m/%Y}"]
+        for i, s in enumerate(self.signals):
+            lines.append(f"{self.record}.dat {self.fmt} {s.gain:g}/{s.unit} {self.fmt} 0 "
+                         f"{int(self._first[i])} {int(self._checksum[i])} 0 {s.name}")
+        lines += [f"# {c}" for c in self.comments]
+        lines += [f"# label {k}={v} samples {a}-{b}" for a, b, k, v in self._labels]
+        tmp = self.hea_path.with_suffix(".hea.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.hea_path)

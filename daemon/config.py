@@ -74,6 +74,33 @@ class EcgConfig(_Strict):
         return self
 
 
+class ImuEmulatorConfig(_Strict):
+    model: Literal["MetaMotionR", "MetaMotionS"] = "MetaMotionR"
+    recording: str = "SA01_D01_walking"
+    speed: float = Field(1.0, gt=0, le=1000)
+
+
+class ImuSourceConfig(_Strict):
+    enabled: bool = False
+    source: Literal["ble", "emulator"] = "ble"
+    address: str | None = Field(None, description="BLE MAC (Linux) of the MetaMotion; or give name")
+    name: str | None = Field(None, description="advertised name to scan for, e.g. MetaWear")
+    odr_hz: Literal[25, 50, 100, 200, 400, 800] = 100
+    acc_range_g: Literal[2, 4, 8, 16] = 8
+    gyro_range_dps: Literal[125, 250, 500, 1000, 2000] = 1000
+    packed: bool | None = Field(None, description="packed notifications; default: on at >= 100 Hz when the board supports it")
+    placement: Literal["waist", "shin", "thigh", "wrist"] = "waist"
+    scan_timeout_s: float = Field(10.0, gt=0)
+    stall_timeout_s: float = Field(3.0, gt=0)
+    emulator: ImuEmulatorConfig = ImuEmulatorConfig()
+
+    @model_validator(mode="after")
+    def _ble_needs_target(self) -> "ImuSourceConfig":
+        if self.enabled and self.source == "ble" and not (self.address or self.name):
+            raise ValueError("imu.source is 'ble' but neither imu.address nor imu.name is set: give the board's MAC address (biod doctor lists nearby boards)")
+        return self
+
+
 class TlsConfig(_Strict):
     enabled: bool = False
     ca_file: Path | None = None
@@ -126,6 +153,7 @@ class MqttConfig(_Strict):
 class BiodConfig(_Strict):
     hub: HubConfig = HubConfig()
     ecg: EcgConfig = EcgConfig()
+    imu: ImuSourceConfig = ImuSourceConfig()
     mqtt: MqttConfig = MqttConfig()
     state_dir: Path = Field(Path("/var/lib/biod"), description="spool and templates; must be writable")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import Capture
+
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import list_recordings, load_recording
 
@@ -46,10 +48,18 @@ def test_biod_run_publishes_availability_discovery_and_heart_rate(tmp_path, mosq
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        capture.wait_for(lambda m: any(t == "biod/e2e/availability" and p == "online" and r for t, p, r in m), 30, "availability online")
+        capture.wait_for(lambda m: any(t == "biod/e2e/availability" and p == "online" for t, p, r in m), 30, "availability online")
         disc = capture.wait_for(
-            lambda m: [json.loads(p) for t, p, r in m if t.startswith("homeassistant/sensor/") and t.endswith("/heart_rate/config") and r],
-            30, "retained heart-rate discovery")[0]
+            lambda m: [json.loads(p) for t, p, r in m if t.startswith("homeassistant/sensor/") and t.endswith("/heart_rate/config")],
+            30, "heart-rate discovery")[0]
+        # A subscriber arriving later (Home Assistant starting after the hub) gets both as retained messages.
+        late = Capture(mosquitto.port)
+        late.start(["biod/e2e/availability", "homeassistant/#"])
+        try:
+            late.wait_for(lambda m: ("biod/e2e/availability", "online", True) in m, 10, "retained availability")
+            late.wait_for(lambda m: any(t.endswith("/heart_rate/config") and r for t, _, r in m), 10, "retained discovery")
+        finally:
+            late.stop()
         assert disc["unique_id"] == "biod_e2e_heart_rate"
         assert disc["availability_topic"] == "biod/e2e/availability"
         assert disc["device"]["identifiers"] == ["biod_e2e"]

@@ -42,6 +42,7 @@ class PublisherStats:
     disconnects: int = 0
     published: int = 0
     refused: int = 0
+    dropped_offline: int = 0  # non-retained messages not queued while the broker was away (stale on arrival)
     last_error: str | None = None
     connected_since: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +76,7 @@ class MqttPublisher:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._handlers: dict[str, Callable[[str, bytes], None]] = {}
+        self._closing = False
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id or client_id,
@@ -100,6 +102,7 @@ class MqttPublisher:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._publish_hooks: list[Callable[[int], None]] = []
+        self._connection_hooks: list[Callable[[bool], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -117,6 +120,7 @@ class MqttPublisher:
 
     def close(self, final_state: str = STOPPED, timeout: float = 3.0) -> None:
         """Say ``stopped`` (retained) so nobody mistakes a clean exit for a crash, then disconnect."""
+        self._closing = True
         if self._connected.is_set():
             info = self._client.publish(self.availability_topic, final_state, qos=1, retain=True)
             try:
@@ -127,8 +131,18 @@ class MqttPublisher:
         self._client.loop_stop()
 
     # -- publishing ----------------------------------------------------------------------------
-    def publish(self, msg: Message) -> mqtt.MQTTMessageInfo:
+    def publish(self, msg: Message, *, queue_if_offline: bool | None = None) -> mqtt.MQTTMessageInfo:
+        """Hand ``msg`` to paho. While the broker is away, retained messages are queued (the newest
+        state must arrive) but non-retained ones are dropped and counted (a heart rate from an hour
+        ago is noise, and thousands of them would sit in front of the spooled events); pass
+        ``queue_if_offline=True`` to queue anyway. The event spool does: paho owns what it was given."""
         qos = self.cfg.qos if msg.qos is None else msg.qos
+        queue = msg.retain if queue_if_offline is None else queue_if_offline
+        if not queue and not self._connected.is_set():
+            self.stats.dropped_offline += 1
+            info = mqtt.MQTTMessageInfo(0)
+            info.rc = mqtt.MQTT_ERR_NO_CONN
+            return info
         info = self._client.publish(msg.topic, msg.payload, qos=qos, retain=msg.retain)
         self.stats.published += 1
         return info
@@ -139,6 +153,14 @@ class MqttPublisher:
     def add_publish_hook(self, hook: Callable[[int], None]) -> None:
         """Called with the message id when the broker acknowledged a QoS>0 publication."""
         self._publish_hooks.append(hook)
+
+    def add_connection_hook(self, hook: Callable[[bool], None]) -> None:
+        """Called on paho's network thread with True after every (re)connect and False on every loss.
+
+        On a reconnect it runs *before* paho re-sends the QoS 1 messages it still holds; the
+        event spool relies on that to hold new events back until the re-sent ones are acked.
+        Keep hooks short and never block in them on a lock held around ``publish``."""
+        self._connection_hooks.append(hook)
 
     def subscribe(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
         """Subscribe now and again after every reconnect."""
@@ -169,13 +191,22 @@ class MqttPublisher:
             client.subscribe(topic, qos=1)
         self._send_discovery()
         self._connected.set()
+        self._call_connection_hooks(True)
         if self._on_connected_hook:
             self._on_connected_hook()
+
+    def _call_connection_hooks(self, connected: bool) -> None:
+        for hook in self._connection_hooks:
+            try:
+                hook(connected)
+            except Exception:  # never let a hook kill paho's network thread
+                log.exception("mqtt: connection hook failed")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
+        self._call_connection_hooks(False)
+        if was and not self._closing:
             self.stats.disconnects += 1
             log.warning("mqtt: lost the broker %s:%d (%s); reconnecting with back-off, events are spooled meanwhile",
                         self.cfg.host, self.cfg.port, reason)

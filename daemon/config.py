@@ -59,7 +59,7 @@ class EcgConfig(_Strict):
     host: str = "127.0.0.1"
     tcp_port: int | None = Field(None, ge=1, le=65535)
     match_serial: str | None = Field(None, description="only accept a box reporting this serial number")
-    baud: int = Field(921600, ge=9600)
+    baud: int = Field(460800, ge=9600, description="the box's baud rate (protocol v1 default 460800)")
     rate_hz: Literal[250, 500, 1000] = 500
     mains_hz: Literal[50, 60] | None = 50
     stall_timeout_s: float = Field(3.0, gt=0)

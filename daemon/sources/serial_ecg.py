@@ -243,6 +243,7 @@ class EcgSource:
 
     def _stream(self, transport: Transport, decoder: proto.Decoder, info: proto.DeviceInfo, stop: threading.Event) -> None:
         last_data = time.monotonic()
+        base = {name: getattr(self.health, name) for name in self._COUNTERS}
         while not stop.is_set():
             data = transport.read(4096)
             now = time.monotonic()
@@ -250,7 +251,7 @@ class EcgSource:
                 if isinstance(event, proto.DataFrame):
                     last_data = now
                     self._emit(event)
-            self._account(decoder.stats)
+            self._account(decoder.stats, base)
             if now - last_data > self.stall_timeout_s:
                 self.health.state = "stalled"
                 raise SourceError(f"box {info.serial} stopped sending data for {self.stall_timeout_s:.0f} s; re-opening {self.describe}")
@@ -270,8 +271,10 @@ class EcgSource:
             lost_frames_before=lost,
         ))
 
-    def _account(self, stats: proto.DecoderStats) -> None:
-        # Totals across reconnects: a fresh decoder per session, so add the per-session counts.
-        h = self.health
-        h.frames, h.crc_errors, h.lost_frames = stats.frames, stats.crc_errors, stats.lost_frames
-        h.duplicates, h.resyncs, h.discarded_bytes = stats.duplicates, stats.resyncs, stats.discarded_bytes
+    _COUNTERS = ("frames", "crc_errors", "lost_frames", "duplicates", "resyncs", "discarded_bytes")
+
+    def _account(self, stats: proto.DecoderStats, base: dict[str, int]) -> None:
+        """Totals across reconnects: each session has a fresh decoder, so add its counts to the
+        totals there were when the session began."""
+        for name in self._COUNTERS:
+            setattr(self.health, name, base[name] + getattr(stats, name))

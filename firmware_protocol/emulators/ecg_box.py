@@ -1,0 +1,704 @@
+"""Emulated serial ECG box speaking biod ECG serial protocol v1 over a real pty or TCP.
+
+Why a real pseudo-terminal: the daemon opens the box with pyserial exactly as it opens real
+hardware (termios, hang-ups on unplug, a udev-style symlink that moves when the box is
+re-plugged), so the emulator exercises the same code paths, including the failure ones.
+
+The device side is the same sans-I/O :class:`~firmware_protocol.ecg_serial.Decoder` the host
+uses; this module only adds a state machine (idle/streaming, sample rate), a device clock and
+the transports. Timestamps follow the device clock (samples x 1e6 / rate), never wall time, so
+a slow host or ``speed`` != 1 changes when frames arrive but not what they say.
+
+CLI::
+
+    python -m firmware_protocol.emulators.ecg_box --recording ludb-37 --pty --link /tmp/ecg0
+    python -m firmware_protocol.emulators.ecg_box --recording ecgid-p25-r1 --tcp 5555
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+import select
+import signal
+import socket
+import threading
+import time
+import tty
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ecg_serial import (
+    DEFAULT_GAIN,
+    DEFAULT_UV_PER_LSB,
+    SAMPLE_MAX,
+    SAMPLE_MIN,
+    SUPPORTED_RATES,
+    SYNC,
+    Command,
+    Decoder,
+    DeviceInfo,
+    Electrode,
+    ErrorCode,
+    HostCommand,
+    ProtocolError,
+    encode_ack,
+    encode_data_frame,
+    encode_device_info,
+    encode_nak,
+    encode_pong,
+)
+from .recordings import Recording, load_recording
+
+__all__ = ["EcgBoxEmulator", "EmulatorCounters", "main"]
+
+MODEL = "BIOD-EMU-ECG3"
+FIRMWARE = "emu-1.0.0"
+_WRITE_TIMEOUT_S = 0.5  # a host that stops reading for longer than this overflows the device
+_MAX_CATCH_UP_FRAMES = 50
+
+# Lead -> electrodes (I = LA-RA, II = LL-RA, III = LL-LA), to derive which electrode a
+# recording without some leads must report as off.
+_ELECTRODE_LEADS = {Electrode.RA: {0, 1}, Electrode.LA: {0, 2}, Electrode.LL: {1, 2}}
+
+
+@dataclass(frozen=True)
+class EmulatorCounters:
+    """What the emulator did, so a test can check the host's loss accounting exactly.
+
+    ``frames_sent`` counts DATA frames written (corrupted ones included); dropped and overflowed
+    frames used a sequence number but never reached the link.
+    """
+
+    frames_sent: int
+    frames_corrupted: int
+    frames_dropped: int
+    frames_overflowed: int
+    garbage_bytes: int
+    commands: int
+    naks: int
+
+
+def _inherent_lead_off(present: np.ndarray) -> Electrode:
+    """The electrode a recording must report off so exactly its absent leads are invalid."""
+    absent = {i for i in range(3) if not present[i]}
+    if not absent:
+        return Electrode.NONE
+    for electrode, leads in _ELECTRODE_LEADS.items():
+        if leads == absent:
+            return electrode
+    if len(absent) == 3:
+        return Electrode.RA | Electrode.LA | Electrode.LL
+    raise ValueError(
+        f"a recording with leads {sorted(absent)} absent cannot be expressed with lead-off bits "
+        "(one missing lead of three means all three electrodes are on); ship the missing lead "
+        "(III = II - I) instead"
+    )
+
+
+def _to_counts(leads_mv: np.ndarray, uv_per_lsb: float) -> np.ndarray:
+    counts = np.rint(leads_mv.astype(np.float64) * (1000.0 / uv_per_lsb))
+    return np.clip(counts, SAMPLE_MIN, SAMPLE_MAX).astype(np.int32)
+
+
+def resample_recording(recording: Recording, rate_hz: int) -> np.ndarray:
+    """The recording's leads in mV at ``rate_hz`` (polyphase FIR resampling), float64 (n, 3)."""
+    if rate_hz == recording.fs_hz:
+        return recording.leads_mv.astype(np.float64)
+    from scipy.signal import resample_poly  # lazy: scipy.signal costs ~1-2 s to import on a Pi
+
+    g = math.gcd(rate_hz, recording.fs_hz)
+    return resample_poly(recording.leads_mv.astype(np.float64), rate_hz // g, recording.fs_hz // g, axis=0)
+
+
+class EcgBoxEmulator:
+    """A serial ECG box playing a real recording, per docs/ecg-serial-protocol.md.
+
+    Lifecycle: construct, open a transport (:meth:`open_pty` or :meth:`serve_tcp`), :meth:`start`
+    (power on: a background thread answers commands and streams after START), then
+    :meth:`stop`/:meth:`close`. As a context manager it starts on entry and closes on exit.
+    """
+
+    def __init__(
+        self,
+        recording: Recording | str,
+        rate_hz: int = 500,
+        speed: float = 1.0,
+        serial: str = "BIOD-EMU-0001",
+        samples_per_frame: int = 10,
+        loop: bool = True,
+        *,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(recording, str):
+            recording = load_recording(recording)
+        if rate_hz not in SUPPORTED_RATES:
+            raise ValueError(f"rate_hz {rate_hz} not supported; choose one of {SUPPORTED_RATES}")
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0 (1.0 = real time), got {speed}")
+        if not 1 <= samples_per_frame <= 100:
+            raise ValueError(f"samples_per_frame must be 1..100 (a frame holds <= 112), got {samples_per_frame}")
+        self.recording = recording
+        self.speed = float(speed)
+        self.serial = serial
+        self.samples_per_frame = samples_per_frame
+        self.loop = loop
+        self._rng = np.random.default_rng(seed)
+        self._inherent_off = _inherent_lead_off(recording.lead_present)
+        self._present = recording.lead_present.copy()
+
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+        # Device state (guarded by _lock).
+        self._rate = rate_hz
+        self._signal = self._make_signal(rate_hz)
+        self._streaming = False
+        self._data_seq = 0
+        self._pos = 0
+        self._samples_streamed = 0
+        self._stream_base_us = 0
+        self._device_us = 0
+        self._idle_since = time.monotonic()
+        self._next_due = 0.0
+        self._t_anchor = 0.0
+        self._frames_scheduled = 0
+        self._injected_off = Electrode.NONE
+        self._pending_garbage: list[bytes] = []
+        self._corrupt_pending = 0
+        self._drop_pending = 0
+        self.frames_sent = 0
+        self.frames_corrupted = 0
+        self.frames_dropped = 0
+        self.frames_overflowed = 0
+        self.garbage_bytes = 0
+        self.commands = 0
+        self.naks = 0
+
+        # Transport state.
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._slave_path: str | None = None
+        self._link: str | None = None
+        self._listener: socket.socket | None = None
+        self._client: socket.socket | None = None
+        self._tcp_addr: tuple[str, int] | None = None
+        self._decoder = Decoder()
+
+    # ------------------------------------------------------------------------------- properties
+
+    @property
+    def rate_hz(self) -> int:
+        return self._rate
+
+    @property
+    def streaming(self) -> bool:
+        return self._streaming
+
+    @property
+    def device_path(self) -> str | None:
+        """The current pty slave path (None while unplugged or in TCP mode)."""
+        return self._slave_path
+
+    @property
+    def lead_off(self) -> Electrode:
+        """Electrodes reported off: the recording's absent leads plus :meth:`set_lead_off`."""
+        return self._inherent_off | self._injected_off
+
+    @property
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(
+            model=MODEL,
+            serial=self.serial,
+            firmware=FIRMWARE,
+            rates=SUPPORTED_RATES,
+            rate_hz=self._rate,
+            gain=DEFAULT_GAIN,
+            channels=3,
+            uv_per_lsb=DEFAULT_UV_PER_LSB,
+        )
+
+    def counters(self) -> EmulatorCounters:
+        with self._lock:
+            return EmulatorCounters(
+                self.frames_sent, self.frames_corrupted, self.frames_dropped,
+                self.frames_overflowed, self.garbage_bytes, self.commands, self.naks,
+            )
+
+    def expected_counts(self) -> np.ndarray:
+        """int32 (n, 3) ADC counts the box streams at the current rate (what a host should get)."""
+        return self._signal.copy()
+
+    # ------------------------------------------------------------------------------- transports
+
+    def open_pty(self, link: str | None = None) -> str:
+        """Open a pseudo-terminal; return the slave path a host opens with pyserial.
+
+        ``link``: keep a symlink there pointing at the current slave (as a udev rule would);
+        it disappears on :meth:`unplug` and points at the new pty after :meth:`replug`.
+        """
+        with self._lock:
+            if self._listener is not None:
+                raise RuntimeError("this emulator already serves TCP; use one transport per box")
+            if self._master is not None:
+                raise RuntimeError(f"pty already open at {self._slave_path}")
+            self._link = link
+            self._open_pty_locked()
+            assert self._slave_path is not None
+            self._wake()
+            return self._slave_path
+
+    def serve_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on TCP (one host at a time; a new connection replaces the old); return the port."""
+        with self._lock:
+            if self._master is not None:
+                raise RuntimeError("this emulator already has a pty; use one transport per box")
+            if self._listener is not None:
+                raise RuntimeError("already serving TCP")
+            self._tcp_addr = (host, port)
+            self._listen_locked()
+            self._wake()
+            assert self._tcp_addr is not None
+            return self._tcp_addr[1]
+
+    def unplug(self) -> None:
+        """Pull the cable: close the pty master (the host sees EIO/hang-up; the link goes) or
+        drop the TCP connection and stop listening. The box resets to idle."""
+        with self._lock:
+            self._stop_streaming_locked()
+            if self._master is not None:
+                self._close_pty_locked()
+            elif self._listener is not None or self._client is not None:
+                self._close_tcp_locked()
+            else:
+                raise RuntimeError("nothing to unplug: no transport is open")
+            self._wake()
+
+    def replug(self) -> str | int:
+        """Plug back in: a NEW pty (path may differ; link updated) or listen again on the same
+        TCP port. Returns the new slave path or the port. The box is idle until START."""
+        with self._lock:
+            if self._master is not None or self._listener is not None:
+                raise RuntimeError("still plugged in; call unplug() first")
+            self._decoder = Decoder()
+            if self._tcp_addr is not None:
+                self._listen_locked()
+                self._wake()
+                return self._tcp_addr[1]
+            self._open_pty_locked()
+            self._wake()
+            assert self._slave_path is not None
+            return self._slave_path
+
+    def _open_pty_locked(self) -> None:
+        master, slave = os.openpty()
+        # Raw mode on the slave side now, so nothing (echo, CR/LF mapping) touches the bytes
+        # even before the host's pyserial sets its own termios.
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        self._master, self._slave = master, slave
+        self._slave_path = os.ttyname(slave)
+        self._decoder = Decoder()
+        if self._link:
+            tmp = f"{self._link}.tmp-{os.getpid()}"
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink(self._slave_path, tmp)
+            os.replace(tmp, self._link)  # atomic, like udev moving a symlink
+
+    def _close_pty_locked(self) -> None:
+        if self._link and os.path.islink(self._link):
+            os.unlink(self._link)
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                os.close(fd)
+        self._master = self._slave = None
+        self._slave_path = None
+
+    def _listen_locked(self) -> None:
+        assert self._tcp_addr is not None
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # After unplug() the old connection may sit in FIN_WAIT for a moment, which blocks the
+        # port even with SO_REUSEADDR; a replug waits for it rather than moving port.
+        deadline = time.monotonic() + 3.0
+        while True:
+            try:
+                listener.bind(self._tcp_addr)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    listener.close()
+                    raise OSError(
+                        exc.errno, f"cannot listen on {self._tcp_addr[0]}:{self._tcp_addr[1]}: "
+                        f"{exc.strerror}; pick another port (0 = any free one)"
+                    ) from exc
+                time.sleep(0.05)
+        listener.listen(1)
+        listener.setblocking(False)
+        self._listener = listener
+        self._tcp_addr = (self._tcp_addr[0], listener.getsockname()[1])
+
+    def _close_tcp_locked(self) -> None:
+        for sock in (self._client, self._listener):
+            if sock is not None:
+                sock.close()
+        self._client = self._listener = None
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> "EcgBoxEmulator":
+        """Power on: start the background thread (idempotent)."""
+        with self._lock:
+            if self._thread is not None:
+                return self
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name="ecg-box-emulator", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Power off: stop the thread; transports stay open."""
+        with self._lock:
+            self._running = False
+            thread, self._thread = self._thread, None
+            self._wake()
+        if thread is not None:
+            thread.join(timeout=5)
+        with self._lock:
+            self._stop_streaming_locked()
+
+    def close(self) -> None:
+        """Stop and release everything (pty, link, sockets)."""
+        self.stop()
+        with self._lock:
+            if self._master is not None:
+                self._close_pty_locked()
+            self._close_tcp_locked()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> "EcgBoxEmulator":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------------------- fault injection
+
+    def inject_garbage(self, n_bytes: int) -> None:
+        """Write ``n_bytes`` of line noise between two frames. The noise never contains the sync
+        word's first byte, so its effect on a host decoder is exact: n discarded bytes, one resync."""
+        noise = self._rng.integers(0, 256, n_bytes, dtype=np.uint8)
+        noise[noise == SYNC[0]] = 0x00
+        with self._lock:
+            self._pending_garbage.append(noise.tobytes())
+            self._wake()
+
+    def corrupt_next(self, n_frames: int = 1) -> None:
+        """Send the next ``n_frames`` DATA frames with a broken CRC."""
+        with self._lock:
+            self._corrupt_pending += n_frames
+
+    def drop_next(self, n_frames: int = 1) -> None:
+        """Skip the next ``n_frames`` DATA frames (their sequence numbers are used up)."""
+        with self._lock:
+            self._drop_pending += n_frames
+
+    def set_lead_off(self, mask: Electrode) -> None:
+        """Report these electrodes off (replaces the previous mask; the recording's absent leads
+        stay flagged regardless)."""
+        with self._lock:
+            self._injected_off = Electrode(int(mask))
+
+    # ------------------------------------------------------------------------------- the device
+
+    def _make_signal(self, rate_hz: int) -> np.ndarray:
+        mv = resample_recording(self.recording, rate_hz)
+        mv[:, ~self._present] = 0.0  # absent leads carry no signal, only their lead-off bit
+        return _to_counts(mv, DEFAULT_UV_PER_LSB)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _frame_period_s(self) -> float:
+        return self.samples_per_frame / self._rate / self.speed
+
+    def _start_streaming_locked(self) -> None:
+        now = time.monotonic()
+        if not self._streaming:
+            self._device_us += int((now - self._idle_since) * 1e6 * self.speed)
+        self._streaming = True
+        self._stream_base_us = self._device_us
+        self._pos = 0
+        self._samples_streamed = 0
+        self._t_anchor = now
+        self._frames_scheduled = 0
+
+    def _stop_streaming_locked(self) -> None:
+        if self._streaming:
+            self._device_us = self._stream_base_us + self._samples_streamed * 1_000_000 // self._rate
+            self._idle_since = time.monotonic()
+        self._streaming = False
+
+    def _handle(self, event: object) -> bytes:
+        """Device-side state machine: one decoded host frame in, the reply bytes out."""
+        if isinstance(event, ProtocolError):
+            self.naks += 1
+            if event.version != 1:
+                return encode_nak(event.frame_type, ErrorCode.UNSUPPORTED_VERSION, event.seq)
+            if 0x10 <= event.frame_type <= 0x1F:
+                return encode_nak(event.frame_type, ErrorCode.UNKNOWN_COMMAND, event.seq)
+            return encode_nak(event.frame_type, ErrorCode.BAD_LENGTH, event.seq)
+        if not isinstance(event, HostCommand):
+            return b""  # device->host frames looped back: not for us
+        self.commands += 1
+        cmd, arg, seq = event.command, event.argument, event.seq
+        if cmd == Command.PING:
+            return encode_pong(arg, seq)
+        if cmd == Command.SET_RATE:
+            if self._streaming:
+                self.naks += 1
+                return encode_nak(cmd, ErrorCode.BUSY, seq)
+            if arg not in SUPPORTED_RATES:
+                self.naks += 1
+                return encode_nak(cmd, ErrorCode.UNSUPPORTED_RATE, seq)
+            if arg != self._rate:
+                self._signal = self._make_signal(arg)
+                self._rate = arg
+            return encode_ack(cmd, seq)
+        if arg != 0:
+            self.naks += 1
+            return encode_nak(cmd, ErrorCode.BAD_ARGUMENT, seq)
+        if cmd == Command.GET_INFO:
+            return encode_device_info(self.device_info, seq)
+        if cmd == Command.START:
+            reply = encode_ack(cmd, seq)
+            if not self._streaming:
+                self._start_streaming_locked()
+            return reply
+        if cmd == Command.STOP:
+            self._stop_streaming_locked()
+            return encode_ack(cmd, seq)
+        self.naks += 1  # pragma: no cover - every Command is handled above
+        return encode_nak(cmd, ErrorCode.UNKNOWN_COMMAND, seq)
+
+    def _next_frame_locked(self) -> bytes | None:
+        """Produce the next DATA frame (or None when it was dropped or the recording ended)."""
+        n = self.samples_per_frame
+        total = self._signal.shape[0]
+        if not self.loop and self._pos + n > total:
+            self._stop_streaming_locked()
+            return None
+        idx = (self._pos + np.arange(n)) % total
+        samples = self._signal[idx]
+        ts = (self._stream_base_us + self._samples_streamed * 1_000_000 // self._rate) & 0xFFFFFFFF
+        seq = self._data_seq
+        self._data_seq = (seq + 1) & 0xFFFF
+        self._pos = (self._pos + n) % total if self.loop else self._pos + n
+        self._samples_streamed += n
+        if self._drop_pending:
+            self._drop_pending -= 1
+            self.frames_dropped += 1
+            return None
+        frame = encode_data_frame(seq, ts, self.lead_off, samples)
+        if self._corrupt_pending:
+            self._corrupt_pending -= 1
+            self.frames_corrupted += 1
+            frame = frame[:-1] + bytes([frame[-1] ^ 0x01])
+        return frame
+
+    # -------------------------------------------------------------------------------- I/O loop
+
+    def _input_fd(self) -> int | socket.socket | None:
+        if self._master is not None:
+            return self._master
+        return self._client
+
+    def _write(self, data: bytes) -> bool:
+        """Write all of ``data`` to the link; False if the host is gone or not reading."""
+        deadline = time.monotonic() + _WRITE_TIMEOUT_S
+        view = memoryview(data)
+        while view:
+            try:
+                if self._master is not None:
+                    n = os.write(self._master, view)
+                elif self._client is not None:
+                    n = self._client.send(view)
+                else:
+                    return False
+                view = view[n:]
+            except (BlockingIOError, InterruptedError):
+                left = deadline - time.monotonic()
+                target = self._master if self._master is not None else self._client
+                if left <= 0 or target is None:
+                    return False
+                select.select([], [target], [], left)
+            except OSError:
+                if self._client is not None:
+                    self._drop_client_locked()
+                return False
+        return True
+
+    def _drop_client_locked(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._stop_streaming_locked()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+                rlist: list = [self._wake_r]
+                src = self._input_fd()
+                if src is not None:
+                    rlist.append(src)
+                if self._listener is not None:
+                    rlist.append(self._listener)
+                if self._pending_garbage:
+                    timeout = 0.0
+                elif self._streaming:
+                    due = self._t_anchor + (self._frames_scheduled + 1) * self._frame_period_s()
+                    timeout = max(0.0, due - time.monotonic())
+                else:
+                    timeout = 1.0
+            try:
+                readable, _, _ = select.select(rlist, [], [], timeout)
+            except (OSError, ValueError):
+                readable = []  # a descriptor was closed under us (unplug); loop re-reads state
+            with self._lock:
+                if not self._running:
+                    return
+                self._service(readable)
+
+    def _service(self, readable: list) -> None:
+        if self._wake_r in readable:
+            try:
+                os.read(self._wake_r, 4096)
+            except OSError:
+                pass
+        if self._listener is not None and self._listener in readable:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                conn = None
+            if conn is not None:
+                if self._client is not None:
+                    self._drop_client_locked()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setblocking(False)
+                self._client = conn
+                self._decoder = Decoder()
+        src = self._input_fd()
+        if src is not None and src in readable:
+            self._read_host(src)
+        for noise in self._pending_garbage:
+            if self._write(noise):
+                self.garbage_bytes += len(noise)
+        self._pending_garbage.clear()
+        if self._streaming:
+            self._stream_due_frames()
+
+    def _read_host(self, src: int | socket.socket) -> None:
+        try:
+            data = os.read(src, 4096) if isinstance(src, int) else src.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # no slave side open: nothing to read
+                return
+            data = b""
+        if not data:
+            if not isinstance(src, int):
+                self._drop_client_locked()  # host closed the TCP connection
+            return
+        crc_before = self._decoder.stats.crc_errors
+        replies = [self._handle(ev) for ev in self._decoder.feed(data)]
+        for _ in range(self._decoder.stats.crc_errors - crc_before):
+            self.naks += 1
+            replies.insert(0, encode_nak(0, ErrorCode.BAD_CRC))
+        reply = b"".join(replies)
+        if reply:
+            self._write(reply)
+
+    def _stream_due_frames(self) -> None:
+        now = time.monotonic()
+        period = self._frame_period_s()
+        behind = int((now - self._t_anchor) / period) - self._frames_scheduled
+        if behind > _MAX_CATCH_UP_FRAMES:  # the machine stalled: keep the device pace, re-anchor
+            self._t_anchor = now - self._frames_scheduled * period
+            behind = 0
+        for _ in range(max(0, behind)):
+            if not self._streaming:
+                break
+            self._frames_scheduled += 1
+            frame = self._next_frame_locked()
+            if frame is None:
+                continue
+            if self._write(frame):
+                self.frames_sent += 1
+            else:
+                self.frames_overflowed += 1
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .recordings import list_recordings
+
+    parser = argparse.ArgumentParser(
+        prog="python -m firmware_protocol.emulators.ecg_box",
+        description="Emulated serial ECG box (biod ECG serial protocol v1) playing a real recording.",
+    )
+    parser.add_argument("--recording", required=True, choices=list_recordings(), metavar="NAME",
+                        help="shipped recording: " + ", ".join(list_recordings()))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--pty", action="store_true", help="serve on a pseudo-terminal (default)")
+    mode.add_argument("--tcp", type=int, metavar="PORT", help="serve on TCP 127.0.0.1:PORT")
+    parser.add_argument("--link", metavar="PATH", help="with --pty: keep a symlink to the pty here")
+    parser.add_argument("--rate", type=int, default=500, choices=SUPPORTED_RATES)
+    parser.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
+    parser.add_argument("--serial", default="BIOD-EMU-0001")
+    parser.add_argument("--samples-per-frame", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.link and args.tcp is not None:
+        parser.error("--link only applies to --pty")
+
+    stop = threading.Event()
+    # Handlers, not KeyboardInterrupt: Ctrl-C at any point must still close the pty and link.
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    emu = EcgBoxEmulator(args.recording, rate_hz=args.rate, speed=args.speed,
+                         serial=args.serial, samples_per_frame=args.samples_per_frame)
+    with emu:
+        if args.tcp is not None:
+            port = emu.serve_tcp(port=args.tcp)
+            print(f"tcp://127.0.0.1:{port}", flush=True)
+        else:
+            path = emu.open_pty(args.link)
+            print(args.link or path, flush=True)
+            if args.link:
+                print(f"  -> {path}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

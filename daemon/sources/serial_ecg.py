@@ -162,6 +162,7 @@ class EcgSource:
         self.baud = baud
         self.health = EcgHealth()
         self._last_seq: int | None = None
+        self._pending: list[proto.DataFrame] = []
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -224,10 +225,10 @@ class EcgSource:
             reply = self._request(transport, decoder, proto.Command.SET_RATE, self.rate_hz, (proto.Ack, proto.Nak), stop)
             if not isinstance(reply, proto.Ack):
                 raise SourceError(f"box {info.serial} refused SET_RATE {self.rate_hz} ({getattr(reply, 'error', 'no answer')})")
+        self._last_seq = None
         reply = self._request(transport, decoder, proto.Command.START, 0, (proto.Ack, proto.Nak, proto.DataFrame), stop)
         if isinstance(reply, proto.Nak) or reply is None:
             raise SourceError(f"box {info.serial} did not start streaming ({getattr(reply, 'error', 'no answer')})")
-        self._last_seq = None
         return info
 
     def _request(self, transport: Transport, decoder: proto.Decoder, command: proto.Command, argument: int,
@@ -236,14 +237,20 @@ class EcgSource:
             transport.write(proto.encode_command(command, argument))
             deadline = time.monotonic() + self.HANDSHAKE_TIMEOUT_S / 2
             while time.monotonic() < deadline and not stop.is_set():
-                for event in decoder.feed(transport.read(4096)):
+                events = decoder.feed(transport.read(4096))
+                for i, event in enumerate(events):
                     if isinstance(event, wanted):
+                        # Frames that arrived in the same read as the reply are data, not noise.
+                        self._pending = [e for e in events[i:] if isinstance(e, proto.DataFrame)]
                         return event
         return None
 
     def _stream(self, transport: Transport, decoder: proto.Decoder, info: proto.DeviceInfo, stop: threading.Event) -> None:
         last_data = time.monotonic()
         base = {name: getattr(self.health, name) for name in self._COUNTERS}
+        pending, self._pending = self._pending, []
+        for frame in pending:
+            self._emit(frame)
         while not stop.is_set():
             data = transport.read(4096)
             now = time.monotonic()

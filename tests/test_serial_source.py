@@ -1,0 +1,164 @@
+"""The ECG source over a real pty: handshake, exact data, and recovery from unplug/replug,
+silence, wrong paths and garbage — by itself, without losing its thread."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from daemon.sources.serial_ecg import EcgChunk, EcgSource, serial_opener
+from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
+from firmware_protocol.emulators.recordings import load_recording
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.chunks: list[EcgChunk] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, chunk: EcgChunk) -> None:
+        with self.lock:
+            self.chunks.append(chunk)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.chunks)
+
+    def wait(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count() < n:
+            assert time.monotonic() < deadline, f"only {self.count()} chunks after {timeout} s"
+            time.sleep(0.02)
+
+
+def _start(source: EcgSource) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    thread.start()
+    return thread, stop
+
+
+@pytest.fixture
+def box(tmp_path):
+    rec = load_recording("ludb-16")
+    emu = EcgBoxEmulator(rec, rate_hz=500, speed=4.0)
+    link = tmp_path / "biod-ecg"
+    emu.open_pty(link=str(link))
+    emu.start()
+    yield emu, link, rec
+    emu.close()
+
+
+def test_handshake_and_exact_samples(box) -> None:
+    emu, link, rec = box
+    got = Collector()
+    source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500)
+    thread, stop = _start(source)
+    try:
+        got.wait(60, 15)
+        assert source.health.state == "streaming"
+        assert source.health.device is not None and source.health.device.serial == emu.device_info.serial
+        x = np.concatenate([c.samples_mv for c in got.chunks[:50]])
+        # START replays the recording from sample 0: the samples are the recording to within 1 LSB.
+        lsb = source.health.device.uv_per_lsb / 1000
+        np.testing.assert_allclose(x, rec.leads_mv[: len(x)], atol=1.01 * lsb)
+        assert all(c.lead_valid.all() for c in got.chunks[:50])
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_unplug_and_replug_resume_by_themselves(box) -> None:
+    emu, link, _ = box
+    got = Collector()
+    source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500, stall_timeout_s=1.0)
+    source.BACKOFF_S = (0.2, 0.4)
+    thread, stop = _start(source)
+    try:
+        got.wait(20, 15)
+        emu.unplug()
+        deadline = time.monotonic() + 10
+        while source.health.state == "streaming" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert source.health.state != "streaming"
+        assert source.health.last_error
+        n = got.count()
+        emu.replug()  # a new /dev/pts path behind the same symlink, like udev after a replug
+        got.wait(n + 20, 15)
+        assert source.health.state == "streaming"
+        assert source.health.connects == 2
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_garbage_and_lost_frames_are_counted_not_fatal(box) -> None:
+    emu, link, _ = box
+    got = Collector()
+    source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500)
+    thread, stop = _start(source)
+    try:
+        got.wait(10, 15)
+        emu.inject_garbage(300)
+        emu.drop_next(3)
+        emu.corrupt_next(2)
+        n = got.count()
+        got.wait(n + 40, 15)
+        h = source.health
+        assert h.lost_frames >= 5  # 3 dropped + 2 corrupted frames never arrive
+        assert h.crc_errors >= 2 or h.resyncs >= 1
+        assert sum(c.lost_frames_before for c in got.chunks) == h.lost_frames
+        assert h.state == "streaming"
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_missing_port_gives_an_actionable_error_and_keeps_retrying(tmp_path) -> None:
+    got = Collector()
+    path = str(tmp_path / "no-such-tty")
+    source = EcgSource(serial_opener(path, 460800), path, got, rate_hz=500)
+    source.BACKOFF_S = (0.1,)
+    thread, stop = _start(source)
+    time.sleep(0.6)
+    stop.set()
+    thread.join(5)
+    assert "does not exist" in (source.health.last_error or "")
+    assert "ecg.port" in source.health.last_error
+    assert len(source.health.errors) >= 2  # it retried instead of dying
+
+
+def test_wrong_serial_number_is_refused(box) -> None:
+    emu, link, _ = box
+    source = EcgSource(serial_opener(str(link), 460800), str(link), Collector(), rate_hz=500, match_serial="OTHER-BOX")
+    source.BACKOFF_S = (0.1,)
+    thread, stop = _start(source)
+    time.sleep(1.5)
+    stop.set()
+    thread.join(5)
+    assert "ecg.match_serial" in (source.health.last_error or "")
+
+
+def test_silent_box_is_reopened(box) -> None:
+    emu, link, _ = box
+    got = Collector()
+    source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500, stall_timeout_s=0.5)
+    source.BACKOFF_S = (0.1,)
+    thread, stop = _start(source)
+    try:
+        got.wait(10, 15)
+        emu.stop()  # the box stops talking but the port stays
+        deadline = time.monotonic() + 5
+        while "stopped sending data" not in (source.health.last_error or "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "stopped sending data" in (source.health.last_error or "")
+        n = got.count()
+        emu.start()
+        got.wait(n + 10, 15)
+        assert source.health.connects >= 2
+    finally:
+        stop.set()
+        thread.join(5)

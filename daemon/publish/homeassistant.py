@@ -1,37 +1,31 @@
 """Home Assistant MQTT discovery payloads, built as pure data.
 
 Every entity belongs to one hub device, carries a ``unique_id`` derived from the hub id (so a
-second hub never collides), and points at the retained availability topic, so Home Assistant
-greys the entities out when the hub dies (last will ``offline``) or stops. Payloads are retained
+second hub never collides) and an ``origin`` block naming biod, and points at the retained
+availability topic, so Home Assistant greys the entities out when the hub dies (last will
+``offline``) or stops. One config topic per entity (``<discovery>/<component>/biod_<hub>/<key>/config``)
+rather than one device-wide config: deleting one person's entity is then one empty retained
+payload on that topic, exactly as Home Assistant's discovery docs describe. Payloads are retained
 and re-sent when Home Assistant announces ``online``: see ``MqttPublisher``.
+
+``default_entity_id`` replaces ``object_id`` (deprecated in Home Assistant 2025.10, ignored from
+2026.4).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from daemon.identity.store import slugify
 from daemon.publish.mqtt import Message
+from daemon.publish.state import VERSION, Topics
 
-VERSION = "0.1.0"
+__all__ = ["VERSION", "Topics", "HubDiscovery", "device_block", "origin_block", "sensor_config", "heart_rate_config", "removal"]
 
-
-@dataclass(frozen=True)
-class Topics:
-    """The topic layout under the hub's prefix, in one place (docs/mqtt.md describes it)."""
-
-    prefix: str
-
-    @property
-    def availability(self) -> str:
-        return f"{self.prefix}/availability"
-
-    def sensor_state(self, key: str) -> str:
-        return f"{self.prefix}/sensor/{key}/state"
-
-    @property
-    def stats(self) -> str:
-        return f"{self.prefix}/stats"
+SUPPORT_URL = "https://github.com/biod/biod"
+EVENT_TYPES = ("new", "update", "end")
 
 
 def device_block(hub_id: str, hub_name: str) -> dict[str, Any]:
@@ -42,6 +36,10 @@ def device_block(hub_id: str, hub_name: str) -> dict[str, Any]:
         "model": "biod biometric hub",
         "sw_version": VERSION,
     }
+
+
+def origin_block() -> dict[str, Any]:
+    return {"name": "biod", "sw_version": VERSION, "support_url": SUPPORT_URL}
 
 
 def sensor_config(
@@ -57,19 +55,25 @@ def sensor_config(
     state_class: str | None = "measurement",
     icon: str | None = None,
     component: str = "sensor",
+    state_topic: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Message:
-    """One retained discovery config for ``<prefix>/sensor/<key>/state``."""
+    """One retained discovery config; the state topic defaults to ``<prefix>/sensor/<key>/state``.
+
+    ``state_topic=""`` leaves it out (buttons and other command-only entities have none)."""
     payload: dict[str, Any] = {
         "name": name,
         "unique_id": f"biod_{hub_id}_{key}",
-        "object_id": f"biod_{hub_id}_{key}",
-        "state_topic": topics.sensor_state(key),
+        "default_entity_id": f"{component}.biod_{hub_id}_{key}".replace("-", "_"),
         "availability_topic": topics.availability,
         "payload_available": "online",
         "payload_not_available": "offline",
         "device": device_block(hub_id, hub_name),
+        "origin": origin_block(),
     }
+    st = topics.sensor_state(key) if state_topic is None else state_topic
+    if st:
+        payload["state_topic"] = st
     if unit:
         payload["unit_of_measurement"] = unit
     if device_class:
@@ -92,3 +96,85 @@ def heart_rate_config(discovery_prefix: str, hub_id: str, hub_name: str, topics:
 def removal(config: Message) -> Message:
     """An empty retained payload on a discovery topic deletes the entity in Home Assistant."""
     return Message(config.topic, "", retain=True, qos=1)
+
+
+# Templates: Home Assistant renders these against each state payload (docs/mqtt.md has the schemas).
+_WEARER_TPL = "{{ value_json.wearer if value_json.wearer is not none else 'nobody' }}"
+_ACTIVITY_TPL = "{{ value_json.activity if value_json.activity is not none else 'None' }}"
+_QUALITY_TPL = "{{ (value_json.signal_quality * 100) | round(0) if value_json.signal_quality is not none else 'None' }}"
+_BATTERY_TPL = "{{ value_json.battery_pct if value_json.battery_pct is not none else 'None' }}"
+_CONNECTED_TPL = "{{ 'ON' if value_json.connected else 'OFF' }}"
+_WEARING_TPL = "{{ 'ON' if value_json.wearing else 'OFF' }}"
+_EVENT_TPL = ("{{ {'event_type': value_json.type, 'session_id': value_json.id, 'event_id': value_json.event_id, "
+              "'seq': value_json.seq, 'wearer': value_json.after.wearer, 'activity': value_json.after.activity, "
+              "'heart_rate_bpm': value_json.after.heart_rate_bpm} | to_json }}")
+
+
+@dataclass(frozen=True)
+class HubDiscovery:
+    """All discovery configs of one hub. ``messages(persons)`` is what ``MqttPublisher`` re-sends.
+
+    ``activities`` are the activity model's labels (the enum sensor's options); ``sensors`` the
+    physical sensors with a connectivity entity, ``battery_sensors`` those that also report a battery;
+    ``signal_sensor`` is the one whose signal quality is shown (the ECG)."""
+
+    discovery_prefix: str
+    hub_id: str
+    hub_name: str
+    topics: Topics
+    activities: tuple[str, ...]
+    sensors: tuple[str, ...] = ("ecg", "imu")
+    battery_sensors: tuple[str, ...] = ("imu",)
+    signal_sensor: str = "ecg"
+
+    def _cfg(self, key: str, name: str, **kw: Any) -> Message:
+        return sensor_config(self.discovery_prefix, self.hub_id, self.hub_name, self.topics, key, name, **kw)
+
+    def hub_messages(self) -> list[Message]:
+        t = self.topics
+        out = [
+            self._cfg("wearer", "Wearer", state_topic=t.wearer, state_class=None, icon="mdi:account-heart",
+                      extra={"value_template": _WEARER_TPL, "json_attributes_topic": t.wearer}),
+            self._cfg("activity", "Activity", state_topic=t.wearer, device_class="enum", state_class=None, icon="mdi:run",
+                      extra={"value_template": _ACTIVITY_TPL, "options": list(self.activities)}),
+            heart_rate_config(self.discovery_prefix, self.hub_id, self.hub_name, t),
+            self._cfg("signal_quality", "Signal quality", state_topic=t.sensor_state(self.signal_sensor), unit="%",
+                      icon="mdi:sine-wave", extra={"value_template": _QUALITY_TPL}),
+            self._cfg("wearing_session", "Wearing session", component="event", state_topic=t.events,
+                      extra={"event_types": list(EVENT_TYPES), "value_template": _EVENT_TPL}),
+            self._cfg("enrol", "Enrol", component="button", state_topic="", icon="mdi:account-plus",
+                      extra={"command_topic": t.enrol_set, "payload_press": "PRESS", "entity_category": "config"}),
+            self._cfg("enrol_name", "Enrol name", component="text", state_topic=t.enrol_name, icon="mdi:form-textbox",
+                      extra={"command_topic": t.enrol_name_set, "min": 0, "max": 64, "mode": "text", "retain": False,
+                             "entity_category": "config"}),
+        ]
+        for sensor in self.sensors:
+            out.append(self._cfg(f"{sensor}_connectivity", f"{sensor.upper()} connectivity", component="binary_sensor",
+                                 state_topic=t.sensor_state(sensor), device_class="connectivity",
+                                 extra={"value_template": _CONNECTED_TPL, "json_attributes_topic": t.sensor_state(sensor),
+                                        "entity_category": "diagnostic"}))
+        for sensor in self.battery_sensors:
+            out.append(self._cfg(f"{sensor}_battery", f"{sensor.upper()} battery", state_topic=t.sensor_state(sensor),
+                                 unit="%", device_class="battery",
+                                 extra={"value_template": _BATTERY_TPL, "entity_category": "diagnostic"}))
+        return out
+
+    def person_messages(self, name: str) -> list[Message]:
+        slug = slugify(name)
+        state = self.topics.person_state(slug)
+        return [self._cfg(f"person_{slug}_wearing", f"{name} wearing", component="binary_sensor", state_topic=state,
+                          icon="mdi:heart-pulse", extra={"value_template": _WEARING_TPL, "json_attributes_topic": state})]
+
+    def messages(self, persons: Iterable[str]) -> list[Message]:
+        out = self.hub_messages()
+        for name in persons:
+            out.extend(self.person_messages(name))
+        return out
+
+    def person_removal(self, name: str) -> list[Message]:
+        """Empty retained configs: Home Assistant deletes the person's entities."""
+        return [removal(m) for m in self.person_messages(name)]
+
+    def rename(self, old: str, new: str) -> list[Message]:
+        """A rename is a removal plus a new entity (the unique_id derives from the name)."""
+        return self.person_removal(old) + self.person_messages(new)

@@ -1,0 +1,356 @@
+"""What is published where: the topic layout and the retained state payloads, as pure data.
+
+docs/mqtt.md is the contract; this module is its implementation, in one place so that a topic
+is spelled once. Builders return ``Message`` values and never touch the network, so every
+payload is testable without a broker. Also here: ``SessionPublisher`` (tracker -> spool ->
+retained state, the daemon's one call per identity verdict), the enrol command parser (the only
+topics the hub listens to besides Home Assistant's birth message) and ``StatsReporter``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from daemon.events import UNKNOWN, Event, EventTracker, Observation, SessionState
+from daemon.identity.store import slugify  # one slug rule for the template store, topics and entity ids
+from daemon.publish.mqtt import Message
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+RESERVED_SENSOR_KEYS = frozenset({"heart_rate"})  # <prefix>/sensor/heart_rate/state carries the live heart rate
+
+
+def _json(payload: Any) -> str:
+    return json.dumps(payload, separators=(",", ":"), sort_keys=False)
+
+
+def iso8601(t: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC with an offset: what Home Assistant's ``timestamp`` device class parses."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic layout under the hub's prefix (default ``biod/<hub.id>``)."""
+
+    prefix: str
+
+    @property
+    def availability(self) -> str:
+        return f"{self.prefix}/availability"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}/events"
+
+    @property
+    def wearer(self) -> str:
+        return f"{self.prefix}/wearer"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}/stats"
+
+    @property
+    def enrol_set(self) -> str:
+        return f"{self.prefix}/enrol/set"
+
+    @property
+    def enrol_name_set(self) -> str:
+        return f"{self.prefix}/enrol/name/set"
+
+    @property
+    def enrol_name(self) -> str:
+        return f"{self.prefix}/enrol/name"
+
+    @property
+    def enrol_state(self) -> str:
+        return f"{self.prefix}/enrol/state"
+
+    def sensor_state(self, key: str) -> str:
+        return f"{self.prefix}/sensor/{key}/state"
+
+    def person_state(self, slug: str) -> str:
+        return f"{self.prefix}/person/{slug}/state"
+
+
+# -- retained state ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PersonState:
+    name: str
+    wearing: bool
+    activity: str | None = None
+    heart_rate_bpm: float | None = None
+    session_id: str | None = None
+    last_seen: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "wearing": self.wearing,
+            "activity": self.activity,
+            "heart_rate_bpm": None if self.heart_rate_bpm is None else round(float(self.heart_rate_bpm), 1),
+            "session_id": self.session_id,
+            "last_seen": iso8601(self.last_seen),
+        }
+
+
+@dataclass(frozen=True)
+class SensorState:
+    """One physical sensor (``ecg`` box, ``imu`` MetaMotion): what Home Assistant shows as its health."""
+
+    sensor: str
+    connected: bool
+    battery_pct: float | None = None
+    signal_quality: float | None = None  # 0..1, from the DSP quality index
+    sample_rate_hz: float | None = None  # measured, not nominal
+
+    def __post_init__(self) -> None:
+        if self.sensor in RESERVED_SENSOR_KEYS or not re.fullmatch(r"[a-z0-9_]{1,32}", self.sensor):
+            raise ValueError(f"sensor key {self.sensor!r} must be 1-32 of a-z, 0-9, '_' and not one of {sorted(RESERVED_SENSOR_KEYS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "battery_pct": None if self.battery_pct is None else round(float(self.battery_pct)),
+            "signal_quality": None if self.signal_quality is None else round(float(self.signal_quality), 3),
+            "sample_rate_hz": None if self.sample_rate_hz is None else round(float(self.sample_rate_hz), 1),
+        }
+
+
+def person_state_message(topics: Topics, state: PersonState) -> Message:
+    return Message(topics.person_state(slugify(state.name)), _json(state.to_dict()), retain=True, qos=1)
+
+
+def person_state_removal(topics: Topics, name: str) -> Message:
+    """Clear the retained state of a deleted/renamed person (an empty retained payload deletes it)."""
+    return Message(topics.person_state(slugify(name)), "", retain=True, qos=1)
+
+
+def sensor_state_message(topics: Topics, state: SensorState) -> Message:
+    return Message(topics.sensor_state(state.sensor), _json(state.to_dict()), retain=True, qos=1)
+
+
+def wearer_message(topics: Topics, session: SessionState | None) -> Message:
+    """``<prefix>/wearer``: who wears the hub's sensors now (``wearer: null`` when nobody)."""
+    if session is None or session.end_time is not None:
+        payload: dict[str, Any] = {"wearer": None, "slug": None, "confidence": None, "activity": None,
+                                   "session_id": None, "since": None}
+    else:
+        payload = {
+            "wearer": session.wearer,
+            "slug": slugify(session.wearer),
+            "confidence": round(float(session.confidence), 3),
+            "activity": session.activity,
+            "session_id": session.id,
+            "since": iso8601(session.start_time),
+        }
+    return Message(topics.wearer, _json(payload), retain=True, qos=1)
+
+
+def messages_for_event(topics: Topics, event: Event) -> list[Message]:
+    """The retained state an event changes: the wearer topic and the wearer's person topic.
+
+    ``unknown`` wearers have no person topic (there is nobody to attach it to)."""
+    after = event.after
+    ended = event.type == "end"
+    out = [wearer_message(topics, None if ended else after)]
+    if event.before is not None and event.before.wearer != after.wearer and event.before.wearer != UNKNOWN:
+        out.append(person_state_message(topics, PersonState(event.before.wearer, False, last_seen=after.last_seen)))
+    if after.wearer != UNKNOWN:
+        out.append(person_state_message(topics, PersonState(
+            name=after.wearer, wearing=not ended, activity=None if ended else after.activity,
+            heart_rate_bpm=None if ended else after.heart_rate_bpm, session_id=after.id,
+            last_seen=after.end_time if ended else after.last_seen)))
+    return out
+
+
+class SessionPublisher:
+    """The one call the daemon makes per identity verdict: track sessions, spool the events (on
+    disk before anything is sent), and publish the retained state they change.
+
+    ``sender`` is a ``SpoolSender`` (anything with ``submit(topic, event_dict)``), ``publisher`` an
+    ``MqttPublisher``. ``observe`` fsyncs once per event (rare), so calling it on the event loop is fine."""
+
+    def __init__(self, tracker: EventTracker, sender: Any, publisher: Any, topics: Topics) -> None:
+        self.tracker = tracker
+        self._sender = sender
+        self._publisher = publisher
+        self._topics = topics
+
+    def observe(self, obs: Observation) -> list[Event]:
+        return self._emit(self.tracker.observe(obs))
+
+    def expire(self, now: float) -> list[Event]:
+        """Call every few seconds: ends a session whose observations stopped arriving."""
+        return self._emit(self.tracker.expire(now))
+
+    def close(self, now: float) -> list[Event]:
+        """On shutdown, before the sender and the publisher stop: ends the open session."""
+        return self._emit(self.tracker.close(now))
+
+    def _emit(self, events: list[Event]) -> list[Event]:
+        for event in events:
+            self._sender.submit(self._topics.events, event.to_dict())
+            for msg in messages_for_event(self._topics, event):
+                self._publisher.publish(msg)
+        return events
+
+
+# -- enrol command -------------------------------------------------------------------------------
+ENROL_DEFAULT_S = 90
+ENROL_MAX_S = 600
+
+
+@dataclass(frozen=True)
+class EnrolRequest:
+    name: str
+    seconds: int
+
+
+class EnrolCommandError(ValueError):
+    """A malformed enrol command, phrased for the person who sent it."""
+
+
+def parse_enrol_command(payload: bytes | str, current_name: str | None) -> EnrolRequest:
+    """``<prefix>/enrol/set`` accepts ``PRESS`` (Home Assistant's button: use the name last set on
+    ``<prefix>/enrol/name/set``) or JSON ``{"name": "Alice", "seconds": 90}`` (scripts, automations)."""
+    text = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else payload
+    text = text.strip()
+    if text == "PRESS" or text == "":
+        if not current_name:
+            raise EnrolCommandError("enrol pressed but no name is set: type the name into the 'Enrol name' text entity "
+                                    "first, or publish {\"name\": \"...\", \"seconds\": 90} to the enrol topic")
+        return EnrolRequest(_valid_name(current_name), ENROL_DEFAULT_S)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise EnrolCommandError(f"enrol payload {text[:60]!r} is neither PRESS nor JSON; send {{\"name\": \"Alice\", \"seconds\": 90}}") from None
+    if not isinstance(data, dict) or "name" not in data:
+        raise EnrolCommandError("enrol JSON must be an object with a \"name\" (and optional \"seconds\"), e.g. {\"name\": \"Alice\", \"seconds\": 90}")
+    seconds = data.get("seconds", ENROL_DEFAULT_S)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 10 <= seconds <= ENROL_MAX_S:
+        raise EnrolCommandError(f"enrol \"seconds\" must be a number from 10 to {ENROL_MAX_S} (got {seconds!r})")
+    return EnrolRequest(_valid_name(data["name"]), int(seconds))
+
+
+def _valid_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > 64:
+        raise EnrolCommandError(f"enrol name must be 1-64 characters (got {name!r})")
+    name = name.strip()
+    if name.lower() == UNKNOWN:
+        raise EnrolCommandError("'unknown' is reserved for unrecognised wearers; choose another name")
+    try:
+        slugify(name)
+    except Exception as exc:  # the store's error says what is wrong with the name
+        raise EnrolCommandError(str(exc)) from None
+    return name
+
+
+class EnrolCommands:
+    """Listens on the enrol topics and calls ``on_enrol`` with a validated request.
+
+    The name typed into Home Assistant's text entity is echoed (retained) on ``<prefix>/enrol/name``
+    so the entity shows it and a restarted daemon gets it back from the broker."""
+
+    def __init__(self, publisher: Any, topics: Topics, on_enrol: Callable[[EnrolRequest], None]) -> None:
+        self._publisher = publisher
+        self._topics = topics
+        self._on_enrol = on_enrol
+        self._name: str | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._publisher.subscribe(self._topics.enrol_name, self._on_name_echo)
+        self._publisher.subscribe(self._topics.enrol_name_set, self._on_name_set)
+        self._publisher.subscribe(self._topics.enrol_set, self._on_enrol_set)
+
+    @property
+    def name(self) -> str | None:
+        with self._lock:
+            return self._name
+
+    def _on_name_echo(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            if self._name is None:
+                self._name = payload.decode("utf-8", errors="replace").strip() or None
+
+    def _on_name_set(self, topic: str, payload: bytes) -> None:
+        name = payload.decode("utf-8", errors="replace").strip()
+        with self._lock:
+            self._name = name or None
+        self._publisher.publish(Message(self._topics.enrol_name, name, retain=True, qos=1))
+
+    def _on_enrol_set(self, topic: str, payload: bytes) -> None:
+        try:
+            request = parse_enrol_command(payload, self.name)
+        except EnrolCommandError as exc:
+            log.error("enrol: %s", exc)
+            self._publisher.publish(Message(self._topics.enrol_state, _json({"state": "error", "error": str(exc)}), retain=False, qos=1))
+            return
+        log.info("enrol: starting a %d s enrolment window for %r", request.seconds, request.name)
+        self._on_enrol(request)
+
+
+def enrol_state_message(topics: Topics, state: str, name: str | None = None, until: float | None = None) -> Message:
+    """``<prefix>/enrol/state``: ``{"state": "enrolling"|"done"|"idle"|"error", "name", "until"}`` (retained)."""
+    return Message(topics.enrol_state, _json({"state": state, "name": name, "until": iso8601(until)}), retain=True, qos=1)
+
+
+# -- stats ---------------------------------------------------------------------------------------
+class StatsReporter:
+    """Publishes ``collect()`` plus uptime and version on ``<prefix>/stats`` every ``interval_s``.
+
+    ``collect`` is called on the reporter's thread: it must be cheap and thread-safe (read
+    counters, no locks held for long). A failing ``collect`` is logged and skipped, never fatal."""
+
+    def __init__(self, publisher: Any, topics: Topics, collect: Callable[[], Mapping[str, Any]],
+                 interval_s: float = 60.0, version: str = VERSION, clock: Callable[[], float] = time.monotonic) -> None:
+        self._publisher = publisher
+        self._topic = topics.stats
+        self._collect = collect
+        self._interval = interval_s
+        self._version = version
+        self._clock = clock
+        self._started = clock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        data = dict(self._collect())
+        data["uptime_s"] = round(self._clock() - self._started, 1)
+        data["version"] = self._version
+        return data
+
+    def publish_once(self) -> None:
+        try:
+            payload = self.snapshot()
+        except Exception:  # a stats bug must not take the daemon down
+            log.exception("stats: collecting failed; skipping this report")
+            return
+        self._publisher.publish(Message(self._topic, _json(payload), retain=True, qos=1))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="biod-stats", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self.publish_once()
+            if self._stop.wait(self._interval):
+                return

@@ -1,0 +1,320 @@
+"""Everything biod puts on MQTT, against a real Mosquitto: discovery, state, events, stats, enrol, TLS + auth."""
+from __future__ import annotations
+
+import getpass
+import itertools
+import json
+import logging
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from daemon.config import MqttConfig, TlsConfig
+from daemon.events import EventTracker, Observation, TrackerConfig
+from daemon.identity.store import StoreError
+from daemon.publish import homeassistant as ha
+from daemon.publish.mqtt import Message, MqttPublisher
+from daemon.publish.spool import EventSpool, SpoolSender
+from daemon.publish.state import (
+    EnrolCommandError, EnrolCommands, EnrolRequest, PersonState, SensorState, SessionPublisher, StatsReporter, Topics,
+    messages_for_event, parse_enrol_command, person_state_message, person_state_removal, sensor_state_message, slugify,
+)
+from tests.conftest import Broker, Capture, free_port
+
+HUB = "hub1"
+PREFIX = f"biod/{HUB}"
+TOPICS = Topics(PREFIX)
+ACTIVITIES = ("sitting", "standing", "walking", "running")
+
+
+def _discovery(persons: list[str]) -> ha.HubDiscovery:
+    return ha.HubDiscovery("homeassistant", HUB, "Hub one", TOPICS, ACTIVITIES)
+
+
+def _publisher(port: int, discovery=None, **cfg) -> MqttPublisher:
+    return MqttPublisher(MqttConfig(host="127.0.0.1", port=port, **cfg), PREFIX, client_id=f"biod-test-{time.monotonic_ns()}",
+                         discovery=discovery)
+
+
+def _retained_snapshot(port: int, pattern: str, settle: float = 0.7) -> dict[str, str]:
+    """What a subscriber arriving now gets: only retained messages (a fresh client sees nothing else)."""
+    got: dict[str, str] = {}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"snap-{time.monotonic_ns()}")
+    c.on_message = lambda cl, u, m: got.__setitem__(m.topic, m.payload.decode()) if m.retain else None
+    c.on_connect = lambda cl, u, f, r, p=None: cl.subscribe(pattern, qos=1)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    time.sleep(settle)
+    c.loop_stop()
+    c.disconnect()
+    return got
+
+
+# -- discovery -----------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_discovery_is_complete_retained_resent_and_removable(mosquitto: Broker, capture: Capture) -> None:
+    persons = ["Alice", "Bob"]
+    disc = _discovery(persons)
+    pub = _publisher(mosquitto.port, discovery=lambda: disc.messages(persons))
+    pub.start()
+    try:
+        assert pub.wait_connected(5)
+        expected = {m.topic for m in disc.messages(persons)}
+        capture.wait_for(lambda m: expected <= {t for t, _, _ in m}, 10, "all discovery configs")
+        retained = _retained_snapshot(mosquitto.port, "homeassistant/#")
+        assert expected <= set(retained), f"not retained: {expected - set(retained)}"
+        configs = {t: json.loads(p) for t, p in retained.items()}
+        for topic, cfg in configs.items():
+            component = topic.split("/")[1]
+            assert cfg["unique_id"].startswith(f"biod_{HUB}_") and cfg["device"]["identifiers"] == [f"biod_{HUB}"], topic
+            assert cfg["origin"]["name"] == "biod" and cfg["origin"]["sw_version"], topic
+            assert cfg["availability_topic"] == f"{PREFIX}/availability", topic
+            assert cfg["default_entity_id"].startswith(f"{component}.biod_{HUB}_"), topic
+            assert "object_id" not in cfg, "object_id stops working in Home Assistant 2026.4"
+            if component != "button":
+                assert cfg["state_topic"].startswith(PREFIX + "/"), topic
+        assert len({c["unique_id"] for c in configs.values()}) == len(configs)
+        by_key = {c["unique_id"].removeprefix(f"biod_{HUB}_"): c for c in configs.values()}
+        assert by_key["wearing_session"]["event_types"] == ["new", "update", "end"]
+        assert by_key["wearing_session"]["state_topic"] == TOPICS.events
+        assert by_key["enrol"]["command_topic"] == f"{PREFIX}/enrol/set" and by_key["enrol"]["payload_press"] == "PRESS"
+        assert by_key["enrol_name"]["command_topic"] == f"{PREFIX}/enrol/name/set"
+        assert by_key["activity"]["device_class"] == "enum" and by_key["activity"]["options"] == list(ACTIVITIES)
+        assert by_key["wearer"]["state_topic"] == TOPICS.wearer
+        assert by_key["heart_rate"]["unit_of_measurement"] == "bpm"
+        assert by_key["signal_quality"]["state_topic"] == TOPICS.sensor_state("ecg")
+        assert by_key["ecg_connectivity"]["device_class"] == "connectivity"
+        assert by_key["imu_battery"]["device_class"] == "battery" and by_key["imu_battery"]["unit_of_measurement"] == "%"
+        assert by_key["person_alice_wearing"]["state_topic"] == f"{PREFIX}/person/alice/state"
+
+        # Home Assistant restarted: its birth message makes the hub send everything again
+        wearer_topic = "homeassistant/sensor/biod_hub1/wearer/config"
+        before = len(capture.on(wearer_topic))
+        capture.client.publish("homeassistant/status", "online", qos=1)
+        capture.wait_for(lambda m: len([1 for t, _, _ in m if t == wearer_topic]) > before, 10, "discovery re-sent")
+
+        # Bob is deleted: empty retained payloads delete his entities (and his retained state)
+        persons.remove("Bob")
+        pub.publish(person_state_message(TOPICS, PersonState("Bob", wearing=False)))
+        for msg in disc.person_removal("Bob") + [person_state_removal(TOPICS, "Bob")]:
+            pub.publish(msg)
+        bob_cfg = "homeassistant/binary_sensor/biod_hub1/person_bob_wearing/config"
+        capture.wait_for(lambda m: (bob_cfg, "", False) in m or (bob_cfg, "", True) in m, 10, "Bob's empty config")
+        after = _retained_snapshot(mosquitto.port, "#")
+        assert bob_cfg not in after and f"{PREFIX}/person/bob/state" not in after
+        assert "homeassistant/binary_sensor/biod_hub1/person_alice_wearing/config" in after
+    finally:
+        pub.close()
+
+
+def test_rename_removes_the_old_entity_and_adds_the_new() -> None:
+    msgs = _discovery([]).rename("Bob", "Robert")
+    assert [(m.topic.split("/")[3], m.payload == "", m.retain) for m in msgs] == [
+        ("person_bob_wearing", True, True), ("person_robert_wearing", False, True)]
+
+
+# -- state and events ----------------------------------------------------------------------------
+def _obs(t: float, wearer: str | None = "Alice", live: bool = True, activity: str = "sitting", hr: float = 64.0) -> Observation:
+    return Observation(t=t, wearer=wearer, confidence=0.92, activity=activity, activity_confidence=0.8,
+                       heart_rate_bpm=hr, quality=0.9, live=live, sensors={"ecg": True})
+
+
+def test_event_state_messages_follow_the_session() -> None:
+    tr = EventTracker(TrackerConfig(min_update_interval_s=0))
+    new = tr.observe(_obs(1_700_000_000))[0]
+    msgs = {m.topic: m for m in messages_for_event(TOPICS, new)}
+    wearer = json.loads(msgs[TOPICS.wearer].payload)
+    assert wearer["wearer"] == "Alice" and wearer["session_id"] == new.id and wearer["since"] == "2023-11-14T22:13:20+00:00"
+    person = json.loads(msgs[f"{PREFIX}/person/alice/state"].payload)
+    assert person == {"name": "Alice", "wearing": True, "activity": "sitting", "heart_rate_bpm": 64.0,
+                      "session_id": new.id, "last_seen": "2023-11-14T22:13:20+00:00"}
+    assert all(m.retain for m in msgs.values())
+    end = tr.observe(_obs(1_700_000_020, live=False))[0]
+    msgs = {m.topic: json.loads(m.payload) for m in messages_for_event(TOPICS, end)}
+    assert msgs[TOPICS.wearer]["wearer"] is None
+    assert msgs[f"{PREFIX}/person/alice/state"]["wearing"] is False
+    assert msgs[f"{PREFIX}/person/alice/state"]["last_seen"] == "2023-11-14T22:13:40+00:00"
+    # an unknown wearer has no person topic
+    unknown = EventTracker().observe(_obs(0, wearer="unknown"))[0]
+    assert [m.topic for m in messages_for_event(TOPICS, unknown)] == [TOPICS.wearer]
+
+
+def test_sensor_state_and_slugs() -> None:
+    msg = sensor_state_message(TOPICS, SensorState("imu", connected=True, battery_pct=87.4, signal_quality=0.91234, sample_rate_hz=99.96))
+    assert msg.topic == f"{PREFIX}/sensor/imu/state" and msg.retain
+    assert json.loads(msg.payload) == {"connected": True, "battery_pct": 87, "signal_quality": 0.912, "sample_rate_hz": 100.0}
+    with pytest.raises(ValueError, match="heart_rate"):
+        SensorState("heart_rate", connected=True)
+    assert slugify("Zoë O'Neil") == "zoe_o_neil"
+    with pytest.raises(StoreError, match="no letters or digits"):
+        slugify("!!!")
+
+
+@pytest.mark.timeout(30)
+def test_events_flow_from_tracker_through_spool_to_the_events_topic(tmp_path: Path, mosquitto: Broker, capture: Capture) -> None:
+    pub = _publisher(mosquitto.port)
+    pub.start()
+    assert pub.wait_connected(5)
+    sender = SpoolSender(EventSpool(tmp_path / "spool"), pub)
+    sender.start()
+    tr = EventTracker(TrackerConfig(min_update_interval_s=0), id_factory=(f"s{i}" for i in itertools.count()).__next__)
+    sessions = SessionPublisher(tr, sender, pub, TOPICS)
+    try:
+        for o in [_obs(0), _obs(1, activity="walking"), _obs(2, live=False), _obs(3, wearer="Bob")]:
+            sessions.observe(o)
+        got = capture.wait_for(lambda m: [json.loads(p) for t, p, _ in m if t == TOPICS.events][3:] and
+                               [json.loads(p) for t, p, _ in m if t == TOPICS.events], 10, "four events")
+        assert [(e["type"], e["id"], e["seq"]) for e in got] == [("new", "s0", 1), ("update", "s0", 2), ("end", "s0", 3), ("new", "s1", 4)]
+        assert got[1]["before"]["activity"] == "sitting" and got[1]["after"]["activity"] == "walking"
+        assert sender.flush(5)
+        retained = _retained_snapshot(mosquitto.port, f"{PREFIX}/#")
+        assert json.loads(retained[TOPICS.wearer])["wearer"] == "Bob"
+        assert json.loads(retained[f"{PREFIX}/person/alice/state"])["wearing"] is False
+        assert json.loads(retained[f"{PREFIX}/person/bob/state"])["wearing"] is True
+        assert TOPICS.events not in retained, "the event stream must not be retained"
+    finally:
+        sender.stop()
+        pub.close()
+
+
+# -- stats ---------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_stats_reporter_publishes_periodically_and_survives_a_bad_collector(mosquitto: Broker, capture: Capture,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    pub = _publisher(mosquitto.port)
+    pub.start()
+    assert pub.wait_connected(5)
+    calls = itertools.count()
+
+    def collect() -> dict:
+        n = next(calls)
+        if n == 1:
+            raise RuntimeError("boom")
+        return {"ecg_rate_hz": 500.0, "dropped_chunks": n, "inference_ms": 3.2}
+
+    reporter = StatsReporter(pub, TOPICS, collect, interval_s=0.2)
+    with caplog.at_level(logging.ERROR):
+        reporter.start()
+        try:
+            got = capture.wait_for(lambda m: [json.loads(p) for t, p, _ in m if t == TOPICS.stats][2:] and
+                                   [json.loads(p) for t, p, _ in m if t == TOPICS.stats], 10, "three stats reports")
+        finally:
+            reporter.stop()
+            pub.close()
+    assert got[0]["ecg_rate_hz"] == 500.0 and got[0]["version"] == ha.VERSION and got[0]["uptime_s"] >= 0
+    assert [g["dropped_chunks"] for g in got[:2]] == [0, 2], "the failing report is skipped, not fatal"
+    assert any("collecting failed" in r.message for r in caplog.records)
+
+
+# -- enrol ---------------------------------------------------------------------------------------
+def test_parse_enrol_command() -> None:
+    assert parse_enrol_command(b"PRESS", "Alice") == EnrolRequest("Alice", 90)
+    assert parse_enrol_command('{"name": " Bob ", "seconds": 30}', None) == EnrolRequest("Bob", 30)
+    for payload, current, match in [(b"PRESS", None, "no name is set"), ("hello", None, "neither PRESS nor JSON"),
+                                    ('{"seconds": 30}', None, "\"name\""), ('{"name": "A", "seconds": 5}', None, "10 to 600"),
+                                    ('{"name": "unknown"}', None, "reserved"), ('{"name": "A", "seconds": true}', None, "seconds"),
+                                    ('{"name": "!!!"}', None, "no letters or digits")]:
+        with pytest.raises(EnrolCommandError, match=match):
+            parse_enrol_command(payload, current)
+
+
+@pytest.mark.timeout(30)
+def test_enrol_button_and_name_over_mqtt(mosquitto: Broker, capture: Capture, caplog: pytest.LogCaptureFixture) -> None:
+    pub = _publisher(mosquitto.port)
+    requests: list[EnrolRequest] = []
+    got = threading.Event()
+    enrol = EnrolCommands(pub, TOPICS, lambda r: (requests.append(r), got.set()))
+    enrol.start()
+    pub.start()
+    assert pub.wait_connected(5)
+    time.sleep(0.3)  # subscriptions are (re)made in on_connect
+    try:
+        capture.client.publish(TOPICS.enrol_name_set, "Carol", qos=1)
+        capture.wait_for(lambda m: (TOPICS.enrol_name, "Carol") in [(t, p) for t, p, _ in m], 5, "name echo")
+        capture.client.publish(TOPICS.enrol_set, "PRESS", qos=1)
+        assert got.wait(5) and requests == [EnrolRequest("Carol", 90)]
+        with caplog.at_level(logging.ERROR):
+            capture.client.publish(TOPICS.enrol_set, "{not json", qos=1)
+            err = capture.wait_for(lambda m: [json.loads(p) for t, p, _ in m if t == TOPICS.enrol_state], 5, "enrol error state")
+        assert err[0]["state"] == "error" and "neither PRESS nor JSON" in err[0]["error"]
+        assert requests == [EnrolRequest("Carol", 90)]
+        assert _retained_snapshot(mosquitto.port, TOPICS.enrol_name) == {TOPICS.enrol_name: "Carol"}
+    finally:
+        pub.close()
+
+
+# -- offline behaviour ---------------------------------------------------------------------------
+def test_non_retained_messages_are_not_queued_while_offline() -> None:
+    pub = _publisher(free_port())  # nothing listens there; never started
+    info = pub.publish(Message(f"{PREFIX}/sensor/heart_rate/state", "70.0"))
+    assert info.rc == mqtt.MQTT_ERR_NO_CONN and pub.stats.dropped_offline == 1 and pub.stats.published == 0
+    pub.publish(Message(TOPICS.wearer, "{}", retain=True))
+    assert pub.stats.published == 1, "retained state is queued: the newest state must arrive"
+
+
+# -- TLS and authentication ----------------------------------------------------------------------
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def secure_broker(tmp_path: Path) -> Broker:
+    """Mosquitto with a TLS listener (own CA, SAN 127.0.0.1) and a password file; no anonymous access."""
+    assert shutil.which("openssl"), "openssl is needed to make test certificates: apt-get install openssl"
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    assert Path(passwd).exists(), "mosquitto_passwd is missing: apt-get install mosquitto"
+    d = tmp_path / "tls"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+             "-subj", "/CN=biod test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=localhost",
+             "-keyout", "server.key", "-out", "server.csr", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+             "-extfile", "ext.cnf", "-out", "server.crt", cwd=d)
+    subprocess.run([passwd, "-c", "-b", str(d / "passwd"), "biod", "s3cret"], check=True, capture_output=True, timeout=30)
+    tls_port = free_port()
+    broker = Broker(port=free_port(), workdir=tmp_path, extra_conf=(
+        f"allow_anonymous false\npassword_file {d / 'passwd'}\nuser {getpass.getuser()}\n"
+        f"listener {tls_port} 127.0.0.1\ncafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\nkeyfile {d / 'server.key'}\n"))
+    broker.start()
+    broker.tls_port = tls_port  # type: ignore[attr-defined]
+    broker.ca = d / "ca.crt"  # type: ignore[attr-defined]
+    yield broker
+    broker.stop()
+
+
+@pytest.mark.timeout(40)
+def test_tls_with_good_credentials_connects_and_bad_ones_are_logged_and_retried(secure_broker: Broker,
+                                                                                caplog: pytest.LogCaptureFixture) -> None:
+    tls = TlsConfig(enabled=True, ca_file=secure_broker.ca)  # type: ignore[attr-defined]
+    port = secure_broker.tls_port  # type: ignore[attr-defined]
+    good = _publisher(port, username="biod", password="s3cret", tls=tls)
+    good.start()
+    try:
+        assert good.wait_connected(10), f"TLS + password did not connect: {good.stats.last_error}"
+        info = good.publish(Message(TOPICS.wearer, "{}", retain=True, qos=1))
+        info.wait_for_publish(5)
+        assert info.is_published()
+    finally:
+        good.close()
+
+    bad = _publisher(port, username="biod", password="wrong", tls=tls)
+    with caplog.at_level(logging.ERROR, logger="daemon.publish.mqtt"):
+        bad.start()
+        try:
+            deadline = time.monotonic() + 15
+            while bad.stats.refused < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            bad.close()
+    assert not bad.connected and bad.stats.refused >= 2, "a refused connection must be retried"
+    lines = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
+    assert len(lines) >= 2 and all("\n" not in line for line in lines)
+    assert "Not authorized" in lines[0] and "check mqtt.username" in lines[0] and "retrying" in lines[0]

@@ -1,0 +1,527 @@
+"""Open-set identity: who (of the enrolled household, or nobody known) is wearing the ECG.
+
+Pure and synchronous: ECG window embeddings in, :class:`IdentityState` out; no I/O, no clock
+(the caller passes ``t``). See ``docs/identity.md`` for the reasoning and the measurements.
+
+Pipeline per clean window (``quality_ok`` and an embedding):
+
+1. *Scores.* Each person has a few L2-normalised prototypes (one per enrolment activity, or
+   k-means centroids). A set of embeddings is scored against a person by cosine similarity
+   to the closest prototype (max over prototypes). The last ``window`` clean windows are
+   pooled, by default by averaging the embeddings (``scoring="segment"``) -- measured better
+   than the median of per-window scores (``scoring="median"``) on the synthetic household
+   in ``tests/test_identity_engine.py``; both are implemented so the choice can be re-measured
+   on the real model's embeddings.
+2. *Decision* for this window: the best person if its pooled score reaches that person's own
+   threshold AND beats the runner-up by ``margin``; ``unknown`` if nobody's threshold is
+   reached; no decision (abstain) when two persons are too close to call.
+3. *Consensus.* Decisions go into a short history. A person is announced only when
+   ``confirm`` decisions in the history agree; ``unknown`` only after ``unknown`` clean
+   windows rejected everyone; an announced wearer is replaced only by ``switch`` agreeing
+   decisions, and keeps winning its own window while its score stays above
+   ``threshold - stay_hysteresis`` (hysteresis, so one odd window never flips the wearer).
+4. *Liveness.* When the ECG is not live (lead-off, no beats) the identity ends immediately:
+   wearer None, history cleared. A person can only change by taking the electrodes off.
+"""
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+from daemon.identity.store import (
+    ModelRef,
+    Person,
+    StoreError,
+    check_compatible,
+    new_person_id,
+    slugify,
+    utc_now,
+)
+
+__all__ = [
+    "UNKNOWN",
+    "EnrolmentReport",
+    "IdentityConfig",
+    "IdentityEngine",
+    "IdentityState",
+    "build_prototypes",
+    "segment_scores",
+]
+
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """Knobs of scoring, consensus and enrolment (defaults measured, see docs/identity.md)."""
+
+    # scoring
+    scoring: Literal["segment", "median"] = "segment"
+    window: int = 5                 # clean windows pooled per score (~5 s of ECG)
+    min_pool: int = 5               # no decision from fewer pooled windows (thresholds are set for full pools)
+    max_age_s: float = 20.0         # a clean window older than this leaves the pool
+    margin: float = 0.05            # best minus runner-up pooled score needed to decide
+    # consensus
+    history: int = 8                # per-window decisions kept
+    confirm: int = 3                # agreeing decisions to announce a person from nothing
+    unknown: int = 5                # rejecting decisions to announce "unknown"
+    switch: int = 8                 # agreeing decisions to replace an announced wearer
+    stay_hysteresis: float = 0.06   # the announced wearer keeps its window down to threshold - this
+    # enrolment
+    min_enrol_windows: int = 20     # clean 3 s windows (about 1 minute at 1 window/s, cut 3 s hops)
+    min_self_similarity: float = 0.25  # median pairwise cosine of the enrolment windows (set per model)
+    n_prototypes: int = 3           # k-means centroids when no activities are given
+    min_windows_per_prototype: int = 8
+    target_far: float = 0.01        # per-decision false-accept rate the threshold aims for
+    max_frr: float = 0.05           # genuine quantile used as threshold when no impostor set is given
+    refuse_frr: float = 0.5         # refuse enrolment when the expected FRR is worse than this
+    threshold_bounds: tuple[float, float] = (0.2, 0.98)
+    cv_folds: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("segment", "median"):
+            raise ValueError(f"identity.scoring must be 'segment' or 'median', got {self.scoring!r}")
+        if self.window < 1 or self.history < 1:
+            raise ValueError("identity.window and identity.history must be >= 1")
+        if not 1 <= self.min_pool <= self.window:
+            raise ValueError(f"identity.min_pool={self.min_pool} must be between 1 and identity.window={self.window}")
+        for knob in ("confirm", "unknown", "switch"):
+            value = getattr(self, knob)
+            if not 1 <= value <= self.history:
+                raise ValueError(f"identity.{knob}={value} must be between 1 and identity.history={self.history}")
+        if not 0 < self.target_far < 1 or not 0 < self.max_frr < 1:
+            raise ValueError("identity.target_far and identity.max_frr must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class IdentityState:
+    """What the engine believes now.
+
+    ``wearer``: a display name, ``"unknown"`` (a live person no template accepts) or None
+    (nobody / not live / not decided yet). ``decided`` is False while evidence is being
+    gathered (wearer None but the ECG is live). ``confidence`` = agreeing decisions /
+    ``history`` (1.0 for "nobody" when the ECG is not live). ``scores``: latest pooled score
+    per person. ``n_agreeing``: decisions in the history agreeing with the wearer (or, while
+    undecided, with the leading candidate).
+    """
+
+    wearer: str | None
+    confidence: float
+    scores: dict[str, float] = field(default_factory=dict)
+    n_agreeing: int = 0
+    decided: bool = True
+    live: bool = False
+    candidate: str | None = None
+
+
+@dataclass(frozen=True)
+class EnrolmentReport:
+    """Outcome of :meth:`IdentityEngine.enrol`; ``person`` is None when refused (see ``reason``).
+
+    ``expected_far``: fraction of impostor segments (never-enrolled persons + the other
+    enrolled persons' prototypes) the new threshold accepts, per decision; impostor scores
+    cluster by person, so ``expected_far_upper`` is the 95th percentile of a bootstrap over
+    impostor PERSONS (how far off the estimate may be with this many impostors).
+    ``expected_frr``: fraction of the person's own held-out segments it rejects, cross-validated
+    over time-contiguous folds of the enrolment session: a same-session (optimistic) figure;
+    on another day expect more (docs/identity.md has the measured gap).
+    ``margins``: per enrolled person, the 5th percentile of (own score - that person's score)
+    over the new person's held-out segments; ``accepted_by``: the fraction of those segments
+    an already-enrolled person's threshold would accept (their new false-accept risk).
+    """
+
+    accepted: bool
+    reason: str
+    person: Person | None
+    n_windows: int
+    median_self_similarity: float
+    threshold: float = float("nan")
+    expected_far: float = float("nan")
+    expected_far_upper: float = float("nan")
+    expected_frr: float = float("nan")
+    n_genuine: int = 0
+    n_impostor: int = 0
+    margins: dict[str, float] = field(default_factory=dict)
+    min_margin: float = float("nan")
+    accepted_by: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
+
+
+def _stack(people: Sequence[Person]) -> tuple[np.ndarray, np.ndarray]:
+    """All prototypes in one (K, D) matrix and each person's first row (for reduceat)."""
+    if not people:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.intp)
+    protos = np.concatenate([p.prototypes for p in people]).astype(np.float32)
+    starts = np.cumsum([0] + [p.prototypes.shape[0] for p in people[:-1]]).astype(np.intp)
+    return protos, starts
+
+
+def segment_scores(segments: np.ndarray, protos: np.ndarray, starts: np.ndarray, scoring: str) -> np.ndarray:
+    """Pooled scores of segments (s, w, D) against persons -> (s, n_persons).
+
+    ``segment``: cosine of the re-normalised mean embedding to each person's closest
+    prototype. ``median``: per-window closest-prototype cosine, then the median over the w
+    windows (a vote-like, outlier-robust pooling).
+    """
+    segments = np.asarray(segments, dtype=np.float32)
+    s, w, _ = segments.shape
+    if protos.shape[0] == 0:
+        return np.zeros((s, 0), np.float32)
+    if scoring == "segment":
+        sims = _unit(segments.mean(axis=1)) @ protos.T
+        return np.maximum.reduceat(sims, starts, axis=1)
+    sims = segments.reshape(s * w, -1) @ protos.T
+    per_window = np.maximum.reduceat(sims, starts, axis=1).reshape(s, w, -1)
+    return np.median(per_window, axis=1).astype(np.float32)
+
+
+def _kmeans_sphere(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 25) -> np.ndarray:
+    """Spherical k-means (cosine), k-means++ init; returns the non-empty centroids."""
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, k):
+        d = 1.0 - np.max(x @ np.stack(centres).T, axis=1)
+        d = np.maximum(d, 0.0) ** 2
+        total = float(d.sum())
+        if total <= 0:
+            break
+        centres.append(x[rng.choice(len(x), p=d / total)])
+    c = np.stack(centres)
+    for _ in range(iters):
+        assign = np.argmax(x @ c.T, axis=1)
+        new = np.stack([x[assign == j].mean(axis=0) if np.any(assign == j) else c[j] for j in range(len(c))])
+        new = _unit(new)
+        if np.allclose(new, c, atol=1e-6):
+            break
+        c = new
+    assign = np.argmax(x @ c.T, axis=1)
+    return c[np.unique(assign)]
+
+
+def build_prototypes(x: np.ndarray, activities: Sequence[str] | None, config: IdentityConfig
+                     ) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Per-activity means where each activity has enough windows, spherical k-means otherwise.
+
+    WHY several prototypes: the ECG embedding of one person moves with heart rate and posture
+    (rest vs walking); one mean would sit between the modes and score both lower.
+    """
+    x = _unit(x)
+    if activities is not None:
+        acts = np.asarray(list(activities), dtype=object)
+        labels, counts = np.unique(acts, return_counts=True)
+        keep = [str(a) for a, c in zip(labels, counts) if c >= config.min_windows_per_prototype]
+        if keep:
+            protos = _unit(np.stack([x[acts == a].mean(axis=0) for a in keep]))
+            return protos, tuple(keep)
+    k = max(1, min(config.n_prototypes, len(x) // max(1, config.min_windows_per_prototype)))
+    if k == 1:
+        return _unit(x.mean(axis=0, keepdims=True)), ("cluster-0",)
+    protos = _kmeans_sphere(x, k, np.random.default_rng(config.seed))
+    return protos, tuple(f"cluster-{i}" for i in range(len(protos)))
+
+
+def _far_upper(accepted: np.ndarray, person: np.ndarray, seed: int, n_boot: int = 400) -> float:
+    """95th percentile of the FAR when the impostor persons are resampled with replacement."""
+    if accepted.size == 0:
+        return float("nan")
+    hits = np.bincount(person, weights=accepted.astype(np.float64))
+    totals = np.bincount(person).astype(np.float64)
+    idx = np.random.default_rng(seed).integers(len(totals), size=(n_boot, len(totals)))
+    return float(np.quantile(hits[idx].sum(axis=1) / totals[idx].sum(axis=1), 0.95))
+
+
+def _sliding_segments(x: np.ndarray, w: int, stride: int = 1) -> np.ndarray:
+    """(s, w, D) runs of w consecutive rows; a run shorter than w gives one (1, len, D)."""
+    if len(x) < w:
+        return x[None]
+    view = np.lib.stride_tricks.sliding_window_view(x, w, axis=0)  # (n-w+1, D, w)
+    return np.ascontiguousarray(np.moveaxis(view, -1, 1)[::stride])
+
+
+class IdentityEngine:
+    """Stateful per ECG stream; one instance per hub wearable.
+
+    ``store_people``: ``TemplateStore.load()`` (name -> Person). ``model``: the embedding model
+    loaded now; templates of another model are refused (:class:`StoreError`). Without it the
+    model is taken from the templates (all must agree) and is required for :meth:`enrol`.
+    """
+
+    def __init__(self, store_people: dict[str, Person], config: IdentityConfig | None = None,
+                 *, model: ModelRef | None = None) -> None:
+        self.config = config or IdentityConfig()
+        people = list(store_people.values())
+        models = {p.model for p in people}
+        if model is None and len(models) > 1:
+            raise StoreError("the enrolled templates come from different ECG models: re-enrol everybody with `biod calibrate`")
+        self.model = model or (next(iter(models)) if models else None)
+        if self.model is not None:
+            check_compatible(store_people, self.model)
+        self.people = people
+        self._names = [p.name for p in people]
+        self._thresholds = np.array([p.threshold for p in people], dtype=np.float32)
+        self._protos, self._starts = _stack(people)
+        self._reset()
+
+    # ---- streaming -----------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._pool: deque[tuple[float, np.ndarray]] = deque(maxlen=self.config.window)
+        self._decisions: deque[str | None] = deque(maxlen=self.config.history)
+        self._wearer: str | None = None
+        self._scores: dict[str, float] = {}
+        self._lead_mask: tuple[bool, ...] | None = None
+
+    def observe(self, t: float, embedding: np.ndarray | None, quality_ok: bool, live: bool,
+                lead_mask: Sequence[bool] | np.ndarray | None = None) -> IdentityState:
+        """Feed one ECG window (about one per second) and get the current identity.
+
+        ``live`` False (lead-off, no beats) ends the identity at once. A live but unclean
+        window (``quality_ok`` False or no embedding) changes nothing: the wearer is kept,
+        since changing wearer needs the electrodes off. ``lead_mask`` (which leads fed the
+        model): a change clears the pooled embeddings, so windows from different lead sets
+        are never averaged together.
+        """
+        mask = None if lead_mask is None else tuple(bool(v) for v in np.asarray(lead_mask).ravel())
+        if not live or (mask is not None and not any(mask)):
+            self._reset()
+            return IdentityState(wearer=None, confidence=1.0, decided=True, live=False)
+        if mask != self._lead_mask:
+            self._pool.clear()
+            self._lead_mask = mask
+        if quality_ok and embedding is not None:
+            self._add_clean(float(t), embedding)
+        return self._state()
+
+    def _add_clean(self, t: float, embedding: np.ndarray) -> None:
+        e = np.asarray(embedding, dtype=np.float32).ravel()
+        if self.model is not None and e.shape[0] != self.model.dim:
+            raise ValueError(f"embedding has {e.shape[0]} values but the templates were made with D={self.model.dim} ({self.model})")
+        if not np.all(np.isfinite(e)):
+            return  # a NaN embedding is an upstream bug for this window, not evidence
+        while self._pool and t - self._pool[0][0] > self.config.max_age_s:
+            self._pool.popleft()
+        self._pool.append((t, _unit(e)))
+        seg = np.stack([v for _, v in self._pool])[None]
+        scores = segment_scores(seg, self._protos, self._starts, self.config.scoring)[0]
+        self._scores = {n: float(s) for n, s in zip(self._names, scores)}
+        if len(self._pool) >= self.config.min_pool:
+            self._decisions.append(self._decide(scores) if self.people else UNKNOWN)
+            self._update_wearer()
+
+    def _decide(self, scores: np.ndarray) -> str | None:
+        cfg = self.config
+        order = np.argsort(scores)[::-1]
+        best = int(order[0])
+        runner_up = float(scores[order[1]]) if len(order) > 1 else -1.0
+        name = self._names[best]
+        incumbent = name == self._wearer
+        threshold = self._thresholds[best] - (cfg.stay_hysteresis if incumbent else 0.0)
+        if scores[best] < threshold:
+            return UNKNOWN
+        if scores[best] - runner_up < (0.0 if incumbent else cfg.margin):
+            return None  # two persons too close to call: abstain
+        return name
+
+    def _update_wearer(self) -> None:
+        counts = Counter(d for d in self._decisions if d is not None)
+        if not counts:
+            return
+        leader, n = counts.most_common(1)[0]
+        if leader == self._wearer:
+            return
+        if self._wearer is None:
+            needed = self.config.unknown if leader == UNKNOWN else self.config.confirm
+        else:
+            needed = self.config.switch
+        if n >= needed and n > counts.get(self._wearer, 0):
+            self._wearer = leader
+
+    def _state(self) -> IdentityState:
+        counts = Counter(d for d in self._decisions if d is not None)
+        candidate = self._wearer
+        if candidate is None and counts:
+            candidate = counts.most_common(1)[0][0]
+        n = counts.get(candidate, 0) if candidate is not None else 0
+        return IdentityState(
+            wearer=self._wearer,
+            confidence=min(1.0, n / self.config.history),
+            scores=dict(self._scores),
+            n_agreeing=n,
+            decided=self._wearer is not None,
+            live=True,
+            candidate=candidate,
+        )
+
+    # ---- enrolment -----------------------------------------------------------------------
+    def enrol(self, name: str, embeddings: np.ndarray, activities: Sequence[str] | None = None,
+              impostor_embeddings: np.ndarray | None = None,
+              impostor_labels: Sequence[object] | np.ndarray | None = None) -> EnrolmentReport:
+        """Build a Person from clean enrolment windows (in time order) without retraining.
+
+        ``activities``: one label per window (e.g. ``rest``/``walking`` from the calibration
+        script); one prototype per activity with enough windows, k-means otherwise.
+        ``impostor_embeddings`` (m, D): windows of never-enrolled persons (shipped with the
+        model); ``impostor_labels`` (m,) says whose each row is. Without labels the rows are
+        taken as consecutive blocks of one person each of ``window`` rows (so give them
+        ordered by person). The engine is not changed: save ``report.person`` to the store and
+        build a new engine.
+        """
+        cfg = self.config
+        if self.model is None:
+            raise StoreError("enrolment needs the ECG model's name, version and dimension: pass model=ModelRef(...) from the manifest")
+        x = np.asarray(embeddings, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.model.dim:
+            raise ValueError(f"enrolment embeddings must have shape (n, {self.model.dim}) for {self.model}, got {x.shape}")
+        if activities is not None and len(activities) != len(x):
+            raise ValueError(f"{len(activities)} activity labels for {len(x)} embeddings: give one label per window")
+        finite = np.all(np.isfinite(x), axis=1) & (np.linalg.norm(x, axis=1) > 1e-6)
+        if activities is not None:
+            activities = [a for a, ok in zip(activities, finite) if ok]
+        x = _unit(x[finite])
+        n = len(x)
+
+        def refuse(reason: str, selfsim: float = float("nan")) -> EnrolmentReport:
+            return EnrolmentReport(accepted=False, reason=reason, person=None, n_windows=n, median_self_similarity=selfsim)
+
+        slug = slugify(name)
+        for p in self.people:
+            if p.name == name or p.slug == slug:
+                return refuse(f"{p.name!r} is already enrolled: choose another name, or remove {p.name!r} first to re-enrol")
+        if n < cfg.min_enrol_windows:
+            return refuse(
+                f"only {n} clean ECG windows, need at least {cfg.min_enrol_windows}: record longer "
+                "(sit still, then walk) and check the electrodes' contact"
+            )
+        gram = x @ x.T
+        selfsim = float(np.median(gram[~np.eye(n, dtype=bool)]))
+        if selfsim < cfg.min_self_similarity:
+            return refuse(
+                f"the enrolment windows are inconsistent (median self-similarity {selfsim:.2f} < {cfg.min_self_similarity:.2f}): "
+                "the electrodes may have moved or more than one person was recorded; re-record with the same person, electrodes firmly placed",
+                selfsim,
+            )
+
+        protos, labels = build_prototypes(x, activities, cfg)
+        own_scores, other_scores = self._cv_genuine(x, activities)
+        impostor, impostor_person = self._impostor_scores(protos, impostor_embeddings, impostor_labels)
+        threshold, warnings = self._choose_threshold(own_scores, impostor)
+        far = float(np.mean(impostor >= threshold)) if impostor.size else float("nan")
+        far_upper = _far_upper(impostor >= threshold, impostor_person, cfg.seed)
+        frr = float(np.mean(own_scores < threshold))
+        margins: dict[str, float] = {}
+        accepted_by: dict[str, float] = {}
+        for j, p in enumerate(self.people):
+            margins[p.name] = float(np.quantile(own_scores - other_scores[:, j], 0.05))
+            accepted_by[p.name] = float(np.mean(other_scores[:, j] >= p.threshold))
+            if margins[p.name] < cfg.margin:
+                warnings.append(
+                    f"{name!r} is hard to tell from {p.name!r} (5th-percentile margin {margins[p.name]:.3f} < {cfg.margin}): "
+                    "some windows will be left undecided"
+                )
+            if accepted_by[p.name] > cfg.target_far * 5:
+                warnings.append(f"{p.name!r}'s template accepts {accepted_by[p.name]:.1%} of {name!r}'s segments: consider re-enrolling {p.name!r}")
+        if not impostor.size:
+            warnings.append("no impostor set given: the threshold is set from the genuine scores only and FAR is not estimated")
+        min_margin = min(margins.values()) if margins else float("nan")
+        stats = {
+            "n_windows": float(n), "median_self_similarity": selfsim, "expected_far": far, "expected_far_upper": far_upper,
+            "expected_frr": frr, "min_margin": min_margin, "n_prototypes": float(len(protos)),
+        }
+        report_args = dict(
+            n_windows=n, median_self_similarity=selfsim, threshold=threshold, expected_far=far, expected_far_upper=far_upper,
+            expected_frr=frr, n_genuine=int(own_scores.size), n_impostor=int(impostor.size),
+            margins=margins, min_margin=min_margin, accepted_by=accepted_by, warnings=tuple(warnings),
+        )
+        if frr > cfg.refuse_frr:
+            return EnrolmentReport(
+                accepted=False, person=None,
+                reason=(f"{name!r} would be rejected {frr:.0%} of the time at a threshold keeping false accepts near "
+                        f"{cfg.target_far:.0%}: the recording does not separate from other people; re-record longer with good contact"),
+                **report_args,  # type: ignore[arg-type]
+            )
+        person = Person(
+            id=new_person_id(), name=name, slug=slug, created=utc_now(), model=self.model,
+            prototypes=protos, prototype_labels=labels, threshold=threshold, stats=stats,
+        )
+        return EnrolmentReport(accepted=True, reason="ok", person=person, **report_args)  # type: ignore[arg-type]
+
+    def _cv_genuine(self, x: np.ndarray, activities: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled scores of held-out, time-contiguous folds against prototypes built without them.
+
+        Returns (own scores (s,), scores against each enrolled person (s, n_people)).
+        """
+        cfg = self.config
+        n = len(x)
+        folds = max(2, min(cfg.cv_folds, n // max(cfg.window, 1)))
+        bounds = np.linspace(0, n, folds + 1).astype(int)
+        own, other = [], []
+        acts = None if activities is None else np.asarray(list(activities), dtype=object)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            train = np.r_[0:a, b:n]
+            protos, _ = build_prototypes(x[train], None if acts is None else list(acts[train]), cfg)
+            segs = _sliding_segments(x[a:b], cfg.window)
+            own.append(segment_scores(segs, protos, np.zeros(1, np.intp), cfg.scoring)[:, 0])
+            other.append(segment_scores(segs, self._protos, self._starts, cfg.scoring))
+        return np.concatenate(own), np.concatenate(other)
+
+    def _impostor_scores(self, protos: np.ndarray, impostors: np.ndarray | None,
+                         labels: Sequence[object] | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled scores of never-enrolled persons' segments and of the enrolled persons'
+        prototypes (already segment-like means) against the new person's prototypes, with
+        the impostor person each score comes from (for the person-level bootstrap)."""
+        cfg = self.config
+        start = np.zeros(1, np.intp)
+        out: list[np.ndarray] = []
+        if self.people:
+            out.extend(segment_scores(self._protos[:, None, :], protos, start, cfg.scoring)[:, 0, None])
+        if impostors is not None:
+            imp = np.asarray(impostors, dtype=np.float32)
+            if imp.ndim != 2 or imp.shape[1] != protos.shape[1]:
+                raise ValueError(f"impostor embeddings must have shape (m, {protos.shape[1]}), got {imp.shape}")
+            imp = _unit(imp)
+            if labels is None:
+                groups = [np.arange(i, min(i + cfg.window, len(imp))) for i in range(0, len(imp), cfg.window)]
+                stride = cfg.window
+            else:
+                lab = np.asarray(labels)
+                if len(lab) != len(imp):
+                    raise ValueError(f"{len(lab)} impostor labels for {len(imp)} impostor embeddings")
+                groups = [np.nonzero(lab == u)[0] for u in np.unique(lab)]
+                stride = max(1, cfg.window // 2)
+            for g in groups:
+                segs = _sliding_segments(imp[g], cfg.window, stride)
+                out.append(segment_scores(segs, protos, start, cfg.scoring)[:, 0])
+        if not out:
+            return np.zeros(0, np.float32), np.zeros(0, np.intp)
+        return np.concatenate(out), np.repeat(np.arange(len(out)), [len(o) for o in out])
+
+    def _choose_threshold(self, genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, list[str]]:
+        """Neyman-Pearson: the lowest threshold keeping false accepts at ``target_far``.
+
+        WHY not also push it up towards the genuine scores: the genuine scores come from the
+        enrolment session itself and are optimistic; another day's windows score lower
+        (electrode placement, drift), so every bit of threshold above the impostor quantile
+        is paid for in false rejects later. Without an impostor set only the genuine side is
+        known and the ``max_frr`` quantile of it is used (stricter than needed: safe side).
+        """
+        cfg = self.config
+        warnings: list[str] = []
+        thr_frr = float(np.quantile(genuine, cfg.max_frr))
+        if impostor.size:
+            thr = float(np.quantile(impostor, 1.0 - cfg.target_far, method="higher"))
+            if thr > thr_frr:
+                warnings.append(
+                    f"genuine and impostor scores overlap: to keep false accepts near {cfg.target_far:.0%} "
+                    f"more than {cfg.max_frr:.0%} of this person's windows will be rejected"
+                )
+        else:
+            thr = thr_frr
+        lo, hi = cfg.threshold_bounds
+        return float(np.clip(thr, lo, hi)), warnings

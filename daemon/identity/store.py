@@ -1,0 +1,457 @@
+"""The biometric template store: one file on the hub holding every enrolled person.
+
+WHY this shape:
+
+* Templates are personal (biometric) data. They live only on the hub, in ONE file with mode
+  0600 inside a directory with mode 0700, so nothing else on the box can read them and a
+  backup/restore or a "forget everybody" is one file.
+* Writes are atomic (temp file in the same directory, fsync, ``os.replace``, fsync of the
+  directory): a power cut during ``biod calibrate`` leaves either the old store or the new
+  one, never a truncated file and never silently nobody.
+* The file may be encrypted with AES-256-GCM (``cryptography`` package) using a key handed
+  over by systemd (``LoadCredential=`` -> ``$CREDENTIALS_DIRECTORY/<name>``), so a copied SD
+  card does not leak the templates. The header is authenticated (AAD), so it cannot be
+  swapped either.
+* Every person records the embedding model (name, version, dimension) it was enrolled with.
+  Embeddings of two model versions live in different spaces: comparing them gives
+  meaningless scores, so mismatching templates are refused with a "re-enrol" message rather
+  than silently mis-identifying people.
+* A corrupt or undecryptable file is an error naming the file and the fix; it is never
+  treated as an empty store (that would make the next ``save`` destroy every enrolment).
+
+Container (UTF-8 JSON, one object)::
+
+    {"format": "biod-templates", "container_version": 1, "encrypted": false,
+     "payload": {"people": [...]}}
+    {"format": "biod-templates", "container_version": 1, "encrypted": true,
+     "cipher": "AES-256-GCM", "nonce": "<b64>", "ciphertext": "<b64 of the payload JSON>"}
+
+Prototypes are stored as base64 of little-endian float32 (exact round trip, compact).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import stat
+import tempfile
+import unicodedata
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CONTAINER_VERSION",
+    "ModelRef",
+    "Person",
+    "StoreError",
+    "TemplateMismatchError",
+    "TemplateStore",
+    "check_compatible",
+    "key_from_credential",
+    "new_person_id",
+    "slugify",
+]
+
+FORMAT = "biod-templates"
+CONTAINER_VERSION = 1
+CIPHER = "AES-256-GCM"
+_RESTORE = "restore it from a backup, or move it aside and re-enrol everybody with `biod calibrate`"
+
+
+class StoreError(Exception):
+    """The template store cannot be read or written; the message names the file and the fix."""
+
+
+class TemplateMismatchError(StoreError):
+    """Templates were made with another embedding model than the one loaded now."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The embedding model a template belongs to (from the model manifest)."""
+
+    name: str
+    version: str
+    dim: int
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version} (D={self.dim})"
+
+
+@dataclass(frozen=True, eq=False)
+class Person:
+    """One enrolled person.
+
+    ``prototypes`` (k, D) float32, rows L2-normalised; ``prototype_labels`` says what each row
+    is (an activity such as ``rest`` or ``walking``, or ``cluster-<i>`` from k-means).
+    ``threshold`` is this person's open-set acceptance threshold on the engine's smoothed
+    cosine score. ``stats`` holds the enrolment quality numbers (n windows, median
+    self-similarity, expected FAR/FRR, min margin to other persons) for display and audits.
+    """
+
+    id: str
+    name: str
+    slug: str
+    created: str
+    model: ModelRef
+    prototypes: np.ndarray
+    prototype_labels: tuple[str, ...]
+    threshold: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        protos = np.asarray(self.prototypes, dtype=np.float32)
+        if protos.ndim != 2 or protos.shape[0] == 0 or protos.shape[1] != self.model.dim:
+            raise StoreError(
+                f"person {self.name!r}: prototypes must have shape (k>=1, {self.model.dim}), got {protos.shape}"
+            )
+        if len(self.prototype_labels) != protos.shape[0]:
+            raise StoreError(f"person {self.name!r}: {protos.shape[0]} prototypes but {len(self.prototype_labels)} labels")
+        if not np.all(np.isfinite(protos)):
+            raise StoreError(f"person {self.name!r}: prototypes contain NaN/inf")
+        norms = np.linalg.norm(protos, axis=1, keepdims=True)
+        if not np.allclose(norms, 1.0, atol=1e-5):  # normalise once; re-normalising is not bit-stable
+            protos = (protos / np.maximum(norms, 1e-12)).astype(np.float32)
+        protos = protos.copy()
+        protos.setflags(write=False)
+        object.__setattr__(self, "prototypes", protos)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Person):
+            return NotImplemented
+        return (
+            self._meta() == other._meta()
+            and self.prototypes.shape == other.prototypes.shape
+            and bool(np.array_equal(self.prototypes, other.prototypes))
+        )
+
+    def _meta(self) -> tuple[Any, ...]:
+        stats = tuple((k, "nan" if v != v else v) for k, v in sorted(self.stats.items()))  # nan == nan here
+        return (self.id, self.name, self.slug, self.created, self.model, self.prototype_labels, self.threshold, stats)
+
+    def to_json(self) -> dict[str, Any]:
+        protos = np.ascontiguousarray(self.prototypes, dtype="<f4")
+        return {
+            "id": self.id,
+            "name": self.name,
+            "slug": self.slug,
+            "created": self.created,
+            "model": {"name": self.model.name, "version": self.model.version, "dim": self.model.dim},
+            "prototypes": {"shape": list(protos.shape), "float32_le_b64": base64.b64encode(protos.tobytes()).decode()},
+            "prototype_labels": list(self.prototype_labels),
+            "threshold": float(self.threshold),
+            "stats": {k: float(v) for k, v in self.stats.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Person":
+        m = d["model"]
+        shape = tuple(int(s) for s in d["prototypes"]["shape"])
+        raw = base64.b64decode(d["prototypes"]["float32_le_b64"], validate=True)
+        protos = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+        return cls(
+            id=str(d["id"]), name=str(d["name"]), slug=str(d["slug"]), created=str(d["created"]),
+            model=ModelRef(str(m["name"]), str(m["version"]), int(m["dim"])),
+            prototypes=protos, prototype_labels=tuple(str(x) for x in d["prototype_labels"]),
+            threshold=float(d["threshold"]), stats={str(k): float(v) for k, v in d.get("stats", {}).items()},
+        )
+
+
+def slugify(name: str) -> str:
+    """ASCII, lower-case, ``[a-z0-9_]``: safe as an MQTT topic level and a Home Assistant id."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")
+    if not slug:
+        raise StoreError(f"name {name!r} has no letters or digits to build an id from; use a name with at least one of A-Z, 0-9")
+    return slug[:48]
+
+
+def new_person_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def check_compatible(people: dict[str, Person], model: ModelRef) -> None:
+    """Refuse templates made with another embedding model: their scores would be meaningless."""
+    bad = [p for p in people.values() if p.model != model]
+    if bad:
+        listed = ", ".join(f"{p.name!r} ({p.model})" for p in bad)
+        raise TemplateMismatchError(
+            f"templates of {listed} were made with another ECG model than the one loaded now "
+            f"({model}); embeddings of different model versions cannot be compared: "
+            f"re-enrol these persons with `biod calibrate` (or reinstall the model they were made with)"
+        )
+
+
+def key_from_credential(name: str, directory: str | os.PathLike[str] | None = None) -> bytes:
+    """Read a 256-bit AES key from ``$CREDENTIALS_DIRECTORY/<name>``.
+
+    Accepted encodings: 32 raw bytes, 64 hex digits, or base64 of 32 bytes (trailing newline ok),
+    so ``openssl rand -hex 32 > key`` and ``systemd-creds encrypt`` both work.
+    """
+    base = directory if directory is not None else os.environ.get("CREDENTIALS_DIRECTORY")
+    if not base:
+        raise StoreError(
+            "the template store is configured as encrypted but $CREDENTIALS_DIRECTORY is not set: "
+            f"fix: run biod under systemd with LoadCredential={name}:<path to key file>, "
+            "or remove the store key setting to keep the store unencrypted"
+        )
+    path = Path(base) / name
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(
+            f"the template store is encrypted but its key {path} cannot be read ({exc.strerror}): "
+            f"fix: check LoadCredential={name}:... in the unit"
+        ) from None
+    return parse_key(raw, str(path))
+
+
+def parse_key(raw: bytes, source: str = "key") -> bytes:
+    if len(raw) == 32:
+        return raw
+    text = raw.strip()
+    if re.fullmatch(rb"[0-9a-fA-F]{64}", text):
+        return bytes.fromhex(text.decode())
+    try:
+        decoded = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if len(decoded) == 32:
+        return decoded
+    raise StoreError(
+        f"{source}: not a 256-bit key (want 32 raw bytes, 64 hex digits or base64 of 32 bytes, got {len(raw)} bytes): "
+        "fix: create one with `openssl rand -hex 32`"
+    )
+
+
+def _aesgcm(key: bytes, path: Path) -> Any:
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        raise StoreError(
+            f"{path}: the template store is encrypted but the `cryptography` package is not installed: "
+            "fix: pip install cryptography (it is a biod dependency) or run without a store key"
+        ) from None
+    if len(key) != 32:
+        raise StoreError(f"{path}: the template store key must be 32 bytes (AES-256), got {len(key)}: fix: create one with `openssl rand -hex 32`")
+    return AESGCM(key)
+
+
+def _header(encrypted: bool) -> dict[str, Any]:
+    h: dict[str, Any] = {"format": FORMAT, "container_version": CONTAINER_VERSION, "encrypted": encrypted}
+    if encrypted:
+        h["cipher"] = CIPHER
+    return h
+
+
+def _aad(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+class TemplateStore:
+    """Load and atomically save the household's templates.
+
+    ``key`` (32 bytes) turns on AES-256-GCM encryption for every save; a store written without
+    a key is still read when a key is given (and is encrypted by the next save). ``model``,
+    when given, makes ``load``/``add`` refuse templates from another embedding model.
+    Operations are read-modify-write of the whole (small) file; run one writer at a time
+    (``biod calibrate`` while the daemon only reads, then signals a reload).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key: bytes | None = None, *, model: ModelRef | None = None) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.model = model
+        if key is not None:
+            _aesgcm(key, self.path)  # fail at construction, not at the first save
+
+    # ---- reading -------------------------------------------------------------------------
+    def load(self) -> dict[str, Person]:
+        """All persons by display name; ``{}`` only when the file does not exist yet."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot read the template store ({exc.strerror}): fix: check the file and its directory belong to the biod user") from None
+        payload = self._decode(raw)
+        try:
+            people = [Person.from_json(d) for d in payload["people"]]
+        except StoreError as exc:
+            raise StoreError(f"{self.path}: the template store is corrupt ({exc}): {_RESTORE}") from None
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise StoreError(f"{self.path}: the template store is corrupt (bad person record: {exc!r}): {_RESTORE}") from None
+        out = {p.name: p for p in people}
+        if len(out) != len(people):
+            raise StoreError(f"{self.path}: the template store is corrupt (duplicate names): {_RESTORE}")
+        if self.model is not None:
+            check_compatible(out, self.model)
+        return out
+
+    def _decode(self, raw: bytes) -> dict[str, Any]:
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{self.path}: the template store is corrupt (not JSON: {exc}): {_RESTORE}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise StoreError(f"{self.path}: not a biod template store (no format={FORMAT!r}): point the store path at the right file or {_RESTORE}")
+        version = doc.get("container_version")
+        if version != CONTAINER_VERSION:
+            raise StoreError(
+                f"{self.path}: template store container version {version!r} is not supported by this biod "
+                f"(supports {CONTAINER_VERSION}): upgrade biod, or {_RESTORE}"
+            )
+        encrypted = doc.get("encrypted")
+        if encrypted is False:
+            payload = doc.get("payload")
+        elif encrypted is True:
+            payload = self._decrypt(doc)
+        else:
+            raise StoreError(f"{self.path}: the template store is corrupt (no 'encrypted' flag): {_RESTORE}")
+        if not isinstance(payload, dict) or not isinstance(payload.get("people"), list):
+            raise StoreError(f"{self.path}: the template store is corrupt (no people list): {_RESTORE}")
+        return payload
+
+    def _decrypt(self, doc: dict[str, Any]) -> Any:
+        if self.key is None:
+            raise StoreError(
+                f"{self.path}: the template store is encrypted but no key was given: fix: pass the key credential "
+                "(LoadCredential= in the unit and the store key credential name in the config)"
+            )
+        if doc.get("cipher") != CIPHER:
+            raise StoreError(f"{self.path}: the template store uses cipher {doc.get('cipher')!r}, this biod knows only {CIPHER}: upgrade biod")
+        aes = _aesgcm(self.key, self.path)
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            nonce = base64.b64decode(doc["nonce"], validate=True)
+            ct = base64.b64decode(doc["ciphertext"], validate=True)
+        except (KeyError, TypeError, binascii.Error, ValueError):
+            raise StoreError(f"{self.path}: the template store is corrupt (bad nonce/ciphertext encoding): {_RESTORE}") from None
+        try:
+            plain = aes.decrypt(nonce, ct, _aad(_header(True)))
+        except (InvalidTag, ValueError):
+            raise StoreError(
+                f"{self.path}: the template store is encrypted but the key does not decrypt it (wrong key, or the file was altered): "
+                f"fix: give the key it was written with; if that key is lost, {_RESTORE}"
+            ) from None
+        try:
+            return json.loads(plain.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise StoreError(f"{self.path}: the template store decrypts but its content is corrupt: {_RESTORE}") from None
+
+    # ---- writing -------------------------------------------------------------------------
+    def save(self, people: dict[str, Person]) -> None:
+        """Atomically replace the file with ``people`` (mode 0600, directory 0700)."""
+        names = {p.slug for p in people.values()}
+        if len(names) != len(people):
+            raise StoreError("two persons share a slug; give them distinguishable names")
+        payload = {"people": [p.to_json() for p in sorted(people.values(), key=lambda p: p.slug)]}
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        if self.key is None:
+            doc: dict[str, Any] = {**_header(False), "payload": payload}
+        else:
+            nonce = os.urandom(12)
+            ct = _aesgcm(self.key, self.path).encrypt(nonce, body, _aad(_header(True)))
+            doc = {**_header(True), "nonce": base64.b64encode(nonce).decode(), "ciphertext": base64.b64encode(ct).decode()}
+        self._atomic_write(json.dumps(doc, indent=None, separators=(",", ":")).encode() + b"\n")
+
+    def _ensure_private_dir(self) -> Path:
+        directory = self.path.parent
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            mode = stat.S_IMODE(directory.stat().st_mode)
+            if mode != 0o700:
+                os.chmod(directory, 0o700)
+        except OSError as exc:
+            raise StoreError(
+                f"{directory}: cannot create or restrict the template directory to 0700 ({exc.strerror}): "
+                "fix: give it to the biod user (StateDirectory= in the unit) and keep the store in its own directory"
+            ) from None
+        return directory
+
+    def _atomic_write(self, data: bytes) -> None:
+        directory = self._ensure_private_dir()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(exc, OSError):
+                raise StoreError(f"{self.path}: cannot write the template store ({exc.strerror}); the previous file is unchanged: fix: check free space and permissions") from None
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # ---- edits ---------------------------------------------------------------------------
+    def list(self) -> list[Person]:
+        """Persons sorted by display name."""
+        return sorted(self.load().values(), key=lambda p: p.name.casefold())
+
+    def add(self, person: Person) -> None:
+        """Add a new person; refuses a name/slug already taken (remove or rename first)."""
+        if self.model is not None:
+            check_compatible({person.name: person}, self.model)
+        people = self.load()
+        clash = [p.name for p in people.values() if p.slug == person.slug or p.name == person.name]
+        if clash:
+            raise StoreError(f"a person named {clash[0]!r} is already enrolled: choose another name, or `biod remove {clash[0]}` first to re-enrol")
+        people[person.name] = person
+        self.save(people)
+
+    def _find(self, people: dict[str, Person], name: str) -> Person:
+        if name in people:
+            return people[name]
+        try:
+            slug = slugify(name)
+        except StoreError:
+            slug = None
+        for p in people.values():
+            if p.slug == slug:
+                return p
+        known = ", ".join(sorted(people)) or "nobody is enrolled"
+        raise StoreError(f"no enrolled person named {name!r} (enrolled: {known})")
+
+    def rename(self, old: str, new: str) -> Person:
+        people = self.load()
+        person = self._find(people, old)
+        new_slug = slugify(new)
+        if any(p.slug == new_slug and p.id != person.id for p in people.values()):
+            raise StoreError(f"cannot rename {person.name!r} to {new!r}: that name is already enrolled")
+        del people[person.name]
+        renamed = replace(person, name=new, slug=new_slug)
+        people[new] = renamed
+        self.save(people)
+        return renamed
+
+    def remove(self, name: str) -> Person:
+        people = self.load()
+        person = self._find(people, name)
+        del people[person.name]
+        self.save(people)
+        return person

@@ -1,0 +1,204 @@
+"""The template store: private file modes, atomic replace, encryption, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from daemon.identity.store import (
+    ModelRef,
+    Person,
+    StoreError,
+    TemplateMismatchError,
+    TemplateStore,
+    key_from_credential,
+    parse_key,
+    slugify,
+)
+
+MODEL = ModelRef("ecg_dualtask", "1.2.0", 16)
+
+
+def person(name: str, seed: int = 0, model: ModelRef = MODEL) -> Person:
+    rng = np.random.default_rng(seed)
+    return Person(
+        id=f"id-{seed}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00", model=model,
+        prototypes=rng.normal(size=(2, model.dim)).astype(np.float32), prototype_labels=("rest", "walking"),
+        threshold=0.41 + seed / 100, stats={"n_windows": 90.0, "expected_far": 0.01, "min_margin": float("nan")},
+    )
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return tmp_path / "state" / "identity" / "templates.json"
+
+
+def test_round_trip_is_exact_and_private(store_path):
+    people = {"Zoë": person("Zoë", 1), "Bob": person("Bob", 2)}
+    store = TemplateStore(store_path)
+    store.save(people)
+    assert mode(store_path) == 0o600
+    assert mode(store_path.parent) == 0o700
+    loaded = store.load()
+    assert loaded == people
+    assert loaded["Zoë"].slug == "zoe"
+    assert np.array_equal(loaded["Bob"].prototypes, people["Bob"].prototypes)
+    assert [p.name for p in store.list()] == ["Bob", "Zoë"]
+    assert list(store_path.parent.iterdir()) == [store_path]  # no temp file left behind
+
+
+def test_existing_permissive_directory_is_tightened(tmp_path):
+    d = tmp_path / "identity"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    TemplateStore(d / "t.json").save({"A": person("A")})
+    assert mode(d) == 0o700 and mode(d / "t.json") == 0o600
+
+
+def test_missing_file_is_empty_but_corrupt_file_is_an_error(store_path):
+    store = TemplateStore(store_path)
+    assert store.load() == {}
+    store.save({"A": person("A")})
+    good = store_path.read_bytes()
+    store_path.write_bytes(good[: len(good) // 2])  # truncated (e.g. restored from a bad copy)
+    with pytest.raises(StoreError, match="corrupt.*re-enrol"):
+        store.load()
+    doc = json.loads(good)
+    doc["payload"]["people"][0]["prototypes"]["float32_le_b64"] = "AAAA"  # wrong length
+    store_path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="corrupt"):
+        store.load()
+    store_path.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(StoreError, match="not a biod template store"):
+        store.load()
+    doc["container_version"] = 99
+    store_path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="container version 99"):
+        store.load()
+
+
+def test_failed_replace_leaves_the_old_file_intact(store_path, monkeypatch):
+    store = TemplateStore(store_path)
+    store.save({"A": person("A")})
+    before = store_path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StoreError, match="previous file is unchanged"):
+        store.add(person("B", 3))
+    monkeypatch.undo()
+    assert store_path.read_bytes() == before
+    assert list(store.load()) == ["A"]
+    assert [p.name for p in store_path.parent.iterdir()] == [store_path.name]  # temp file removed
+
+
+def test_crash_during_write_leaves_the_old_file_intact(store_path, monkeypatch):
+    store = TemplateStore(store_path)
+    store.save({"A": person("A")})
+    before = store_path.read_bytes()
+    real_fsync = os.fsync
+    calls = []
+
+    def power_cut(fd):
+        calls.append(fd)
+        raise KeyboardInterrupt  # the process dies before the rename
+
+    monkeypatch.setattr(os, "fsync", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        store.save({"B": person("B")})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert calls and store_path.read_bytes() == before
+
+
+def test_encrypted_round_trip_and_plaintext_is_not_on_disk(store_path):
+    key = os.urandom(32)
+    store = TemplateStore(store_path, key=key)
+    people = {"Alice": person("Alice", 4)}
+    store.save(people)
+    raw = store_path.read_bytes()
+    assert b"Alice" not in raw and b"rest" not in raw
+    assert json.loads(raw)["encrypted"] is True
+    assert TemplateStore(store_path, key=key).load() == people
+    assert mode(store_path) == 0o600
+
+
+def test_encrypted_store_needs_the_right_key(store_path):
+    TemplateStore(store_path, key=b"k" * 32).save({"Alice": person("Alice")})
+    with pytest.raises(StoreError, match="encrypted but no key was given: fix"):
+        TemplateStore(store_path).load()
+    with pytest.raises(StoreError, match="encrypted but the key does not decrypt it"):
+        TemplateStore(store_path, key=b"x" * 32).load()
+    doc = json.loads(store_path.read_text())
+    ct = bytearray(__import__("base64").b64decode(doc["ciphertext"]))
+    ct[5] ^= 1  # one flipped bit: authenticated encryption notices
+    doc["ciphertext"] = __import__("base64").b64encode(bytes(ct)).decode()
+    store_path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="does not decrypt"):
+        TemplateStore(store_path, key=b"k" * 32).load()
+
+
+def test_plain_store_is_encrypted_by_the_next_save_with_a_key(store_path):
+    TemplateStore(store_path).save({"A": person("A")})
+    store = TemplateStore(store_path, key=b"k" * 32)
+    store.add(person("B", 5))
+    assert json.loads(store_path.read_text())["encrypted"] is True
+    assert set(store.load()) == {"A", "B"}
+
+
+def test_key_from_systemd_credential(tmp_path, monkeypatch):
+    key = os.urandom(32)
+    (tmp_path / "biod_templates").write_text(key.hex() + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert key_from_credential("biod_templates") == key
+    assert parse_key(__import__("base64").b64encode(key)) == key
+    assert parse_key(key) == key
+    with pytest.raises(StoreError, match="cannot be read.*LoadCredential=other"):
+        key_from_credential("other")
+    with pytest.raises(StoreError, match="not a 256-bit key"):
+        parse_key(b"short")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(StoreError, match=r"\$CREDENTIALS_DIRECTORY is not set"):
+        key_from_credential("biod_templates")
+
+
+def test_templates_of_another_model_version_are_refused(store_path):
+    TemplateStore(store_path).save({"A": person("A"), "B": person("B", 1)})
+    newer = ModelRef("ecg_dualtask", "2.0.0", 16)
+    with pytest.raises(TemplateMismatchError, match=r"'A'.*'B'.*re-enrol"):
+        TemplateStore(store_path, model=newer).load()
+    with pytest.raises(TemplateMismatchError, match="re-enrol"):
+        TemplateStore(store_path, model=MODEL).add(person("C", 2, model=newer))
+    assert set(TemplateStore(store_path, model=MODEL).load()) == {"A", "B"}
+
+
+def test_add_rename_remove(store_path):
+    store = TemplateStore(store_path)
+    store.add(person("Alice"))
+    store.add(person("Bob", 1))
+    with pytest.raises(StoreError, match="already enrolled"):
+        store.add(person("alice", 2))  # same slug
+    renamed = store.rename("alice", "Alice Smith")  # found by slug
+    assert renamed.slug == "alice_smith" and renamed.id == "id-0"
+    with pytest.raises(StoreError, match="already enrolled"):
+        store.rename("Bob", "Alice Smith")
+    assert store.remove("Bob").name == "Bob"
+    with pytest.raises(StoreError, match="no enrolled person named 'Carol'.*Alice Smith"):
+        store.remove("Carol")
+    assert [p.name for p in store.list()] == ["Alice Smith"]
+
+
+def test_person_validates_its_prototypes():
+    with pytest.raises(StoreError, match=r"shape \(k>=1, 16\)"):
+        Person(id="x", name="A", slug="a", created="", model=MODEL, prototypes=np.zeros((2, 8), np.float32),
+               prototype_labels=("a", "b"), threshold=0.5)
+    with pytest.raises(StoreError, match="no letters or digits"):
+        slugify("!!!")

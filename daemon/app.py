@@ -1,8 +1,14 @@
 """The daemon's wiring: the one place where threads, asyncio and the stages meet.
 
-Data flows one way: source thread -> bounded queue -> DSP -> publisher. Each stage is plain,
-synchronous and testable on its own; this module only connects them, owns their lifetimes and
-decides what "healthy" means for the systemd watchdog.
+Data flows one way:
+
+    ECG source thread ─► bounded queue ─► EcgPipeline ─┐
+    IMU source task ───► bounded queue ─► ImuPipeline ─┴─► Biometrics (models, identity, fusion)
+        ─► SessionPublisher (events, spooled on disk) ─► MqttPublisher (+ retained state, discovery)
+
+Each stage is plain, synchronous and testable on its own; this module only connects them, owns
+their lifetimes, runs enrolments started from Home Assistant, and decides what "healthy" means
+for the systemd watchdog.
 """
 from __future__ import annotations
 
@@ -13,143 +19,400 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from daemon.config import BiodConfig
+from daemon.biometrics import MODELS_DIR, Biometrics, EcgModelRunner, ImuModelSet
+from daemon.config import BiodConfig, ConfigError
 from daemon.dsp.ecg_pipeline import EcgPipeline
+from daemon.dsp.imu_pipeline import ImuPipeline
+from daemon.enrol import Enrolment, load_impostors
+from daemon.events import EventTracker
+from daemon.identity.engine import IdentityEngine
+from daemon.identity.fusion import ACTIVITY_CLASSES
+from daemon.identity.store import StoreError, TemplateStore, key_from_credential
+from daemon.inference.runtime import ModelError
 from daemon.publish import homeassistant as ha
 from daemon.publish.mqtt import Message, MqttPublisher
+from daemon.publish.spool import EventSpool, SpoolSender
+from daemon.publish.state import (
+    EnrolCommands,
+    EnrolRequest,
+    SensorState,
+    SessionPublisher,
+    StatsReporter,
+    Topics,
+    enrol_state_message,
+    person_state_removal,
+    sensor_state_message,
+)
 from daemon.sources.serial_ecg import EcgChunk, EcgSource, serial_opener, tcp_opener
 from daemon.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
 QUEUE_CHUNKS = 2000  # ~40 s of 10-sample frames at 500 Hz: absorbs a slow consumer, bounds memory
+VERSION = "0.1.0"
 
 
 @dataclass
 class AppStats:
     started_at: float = field(default_factory=time.time)
-    chunks: int = 0
+    ecg_chunks: int = 0
+    ecg_samples: int = 0
     dropped_chunks: int = 0
+    imu_chunks: int = 0
+    imu_samples: int = 0
+    dropped_imu_chunks: int = 0
     beats: int = 0
     heart_rate_bpm: float | None = None
+    first_clean_beat_at: float | None = None
+    identity_events: list[tuple[float, str, str]] = field(default_factory=list)
+
+
+def load_ecg_model(cfg: BiodConfig) -> EcgModelRunner | None:
+    path = (cfg.models_dir or MODELS_DIR) / "ecg_dualtask.tflite"
+    try:
+        return EcgModelRunner.load(path)
+    except (ModelError, OSError, ValueError) as exc:
+        log.error("identity: the ECG model cannot be used (%s); heart rate still works, identity does not. "
+                  "Fix: re-install biod or run `python -m training.train`", exc)
+        return None
+
+
+def load_imu_models(cfg: BiodConfig) -> ImuModelSet | None:
+    try:
+        models = ImuModelSet.load_dir(cfg.models_dir or MODELS_DIR)
+    except (ModelError, OSError, ValueError) as exc:
+        log.error("imu: the IMU models cannot be used (%s); activity comes from the ECG alone", exc)
+        return None
+    return models if models.models else None
+
+
+def open_store(cfg: BiodConfig) -> TemplateStore:
+    key = key_from_credential(cfg.identity.store_key_credential) if cfg.identity.store_key_credential else None
+    return TemplateStore(cfg.store_path, key)
 
 
 class BiodApp:
     """One running daemon. ``await run(stop)`` returns the process exit code."""
 
     HR_PUBLISH_INTERVAL_S = 1.0
+    SENSOR_STATE_INTERVAL_S = 10.0
+    ECG_LOST_AFTER_S = 3.0
 
     def __init__(self, cfg: BiodConfig, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.notifier = notifier or Notifier()
         self.stats = AppStats()
-        self.topics = ha.Topics(cfg.topic_prefix)
+        self.topics = Topics(cfg.topic_prefix)
         self._emulator = None
-        self._queue: asyncio.Queue[EcgChunk] | None = None
+        self._ecg_queue: asyncio.Queue[EcgChunk] | None = None
+        self._imu_queue: asyncio.Queue | None = None
+        self.ecg_model = load_ecg_model(cfg)
+        self.imu_models = load_imu_models(cfg)
+        self.store = open_store(cfg)
+        self.people = self._load_people()
+        self.bio = Biometrics(self.ecg_model, self._engine(), self.imu_models)
+        self.discovery = ha.HubDiscovery(cfg.mqtt.discovery_prefix, cfg.hub.id, cfg.hub.name, self.topics,
+                                         activities=ACTIVITY_CLASSES,
+                                         sensors=("ecg", "imu") if cfg.imu.enabled else ("ecg",),
+                                         battery_sensors=("imu",) if cfg.imu.enabled else ())
+        self.enrolment: Enrolment | None = None
+        self.ecg_source: EcgSource | None = None
+        self.imu_source = None
+        self._last_ecg_at = 0.0
+        self._store_seen = self._store_mtime()
 
-    # -- discovery --------------------------------------------------------------------------------
+    # -- identity ---------------------------------------------------------------------------------
+    def _load_people(self):
+        try:
+            return self.store.load()
+        except StoreError as exc:
+            # Refuse to guess: an unreadable store means nobody is identified, said loudly, until fixed.
+            log.error("identity: %s", exc)
+            return {}
+
+    def _engine(self) -> IdentityEngine:
+        model = self.ecg_model.ref if self.ecg_model else None
+        try:
+            return IdentityEngine(self.people, self.cfg.identity.engine_config(), model=model)
+        except StoreError as exc:
+            log.error("identity: %s", exc)
+            return IdentityEngine({}, self.cfg.identity.engine_config(), model=model)
+
+    def reload_people(self) -> None:
+        self.people = self._load_people()
+        self.bio.engine = self._engine()
+
     def discovery_messages(self) -> list[Message]:
-        m = self.cfg.mqtt
-        return [ha.heart_rate_config(m.discovery_prefix, self.cfg.hub.id, self.cfg.hub.name, self.topics)]
+        return self.discovery.messages(sorted(self.people))
 
     # -- sources ----------------------------------------------------------------------------------
     def _ecg_source(self, on_chunk) -> EcgSource:
         e = self.cfg.ecg
+        common = dict(rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s)
         if e.source == "emulator":
             from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
             from firmware_protocol.emulators.recordings import load_recording
 
-            self._emulator = EcgBoxEmulator(load_recording(e.emulator.recording), rate_hz=e.rate_hz,
-                                            speed=e.emulator.speed, loop=e.emulator.loop)
+            try:
+                recording = load_recording(e.emulator.recording)
+            except (KeyError, FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"ecg.emulator.recording: {exc}") from None
+            self._emulator = EcgBoxEmulator(recording, rate_hz=e.rate_hz, speed=e.emulator.speed, loop=e.emulator.loop)
             path = self._emulator.open_pty()
             self._emulator.start()
             log.info("ecg: emulated box streaming recording %r on %s", e.emulator.recording, path)
-            return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, rate_hz=e.rate_hz,
-                             match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s, baud=e.baud)
+            return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, baud=e.baud, **common)
         if e.source == "serial":
             assert e.port
-            return EcgSource(serial_opener(e.port, e.baud), e.port, on_chunk, rate_hz=e.rate_hz,
-                             match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s, baud=e.baud)
+            return EcgSource(serial_opener(e.port, e.baud), e.port, on_chunk, baud=e.baud, **common)
         assert e.tcp_port
-        return EcgSource(tcp_opener(e.host, e.tcp_port), f"tcp://{e.host}:{e.tcp_port}", on_chunk,
-                         rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s)
+        return EcgSource(tcp_opener(e.host, e.tcp_port), f"tcp://{e.host}:{e.tcp_port}", on_chunk, **common)
 
-    # -- main loop --------------------------------------------------------------------------------
+    # -- main -------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> int:
         loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+        self._ecg_queue = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+        self._imu_queue = asyncio.Queue(maxsize=QUEUE_CHUNKS)
         publisher = MqttPublisher(self.cfg.mqtt, self.cfg.topic_prefix, client_id=f"biod-{self.cfg.hub.id}",
                                   discovery=self.discovery_messages)
+        spool = EventSpool(self.cfg.state_dir / "spool")
+        sender = SpoolSender(spool, publisher)
+        sessions = SessionPublisher(EventTracker(), sender, publisher, self.topics)
+        enrol_commands = EnrolCommands(publisher, self.topics,
+                                       lambda req: loop.call_soon_threadsafe(self._start_enrolment, req, publisher))
+        stats = StatsReporter(publisher, self.topics, lambda: self.stats_snapshot(publisher, spool))
+        sender.start()
+        enrol_commands.start()
         publisher.start()
-
-        def on_chunk(chunk: EcgChunk) -> None:  # source thread
-            loop.call_soon_threadsafe(self._enqueue, chunk)
+        stats.start()
 
         thread_stop = threading.Event()
-        source = self._ecg_source(on_chunk)
-        thread = threading.Thread(target=source.run, args=(thread_stop,), name="ecg-source", daemon=True)
-        thread.start()
-        consumer = asyncio.create_task(self._consume(publisher, source))
-        watchdog = asyncio.create_task(self._watchdog(publisher, source, thread, consumer))
+        threads: list[threading.Thread] = []
+        tasks: list[asyncio.Task] = []
+        if self.cfg.ecg.enabled:
+            self.ecg_source = self._ecg_source(lambda c: loop.call_soon_threadsafe(self._enqueue, self._ecg_queue, c, "ecg"))
+            thread = threading.Thread(target=self.ecg_source.run, args=(thread_stop,), name="ecg-source", daemon=True)
+            thread.start()
+            threads.append(thread)
+            tasks.append(asyncio.create_task(self._consume_ecg(publisher, sessions)))
+        if self.cfg.imu.enabled:
+            from daemon.sources.metawear_ble import MetaWearSource
+
+            self.imu_source = MetaWearSource(self.cfg.imu, lambda c: self._enqueue(self._imu_queue, c, "imu"))
+            tasks.append(asyncio.create_task(self.imu_source.run(stop)))
+            tasks.append(asyncio.create_task(self._consume_imu()))
+        tasks.append(asyncio.create_task(self._tick(publisher, sessions)))
+        tasks.append(asyncio.create_task(self._watchdog(threads, tasks)))
         try:
             await stop.wait()
         finally:
             log.info("biod: stopping")
             self.notifier.stopping()
-            consumer.cancel()
-            watchdog.cancel()
-            for task in (consumer, watchdog):
-                with contextlib.suppress(asyncio.CancelledError):
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             thread_stop.set()
-            await asyncio.to_thread(thread.join, 5.0)
+            for thread in threads:
+                await asyncio.to_thread(thread.join, 5.0)
             if self._emulator is not None:
                 self._emulator.close()
+            sessions.close(time.time())
+            await asyncio.to_thread(sender.flush, 2.0)
+            sender.stop()
+            stats.stop()
             await asyncio.to_thread(publisher.close)
+            spool.close()
         return 0
 
-    def _enqueue(self, chunk: EcgChunk) -> None:
-        assert self._queue is not None
-        if self._queue.full():  # keep the newest data: a live biometric stream has no use for stale samples
-            self._queue.get_nowait()
-            self.stats.dropped_chunks += 1
-        self._queue.put_nowait(chunk)
+    def _enqueue(self, queue: asyncio.Queue, chunk, kind: str) -> None:
+        if queue.full():  # keep the newest data: a live biometric stream has no use for stale samples
+            queue.get_nowait()
+            if kind == "ecg":
+                self.stats.dropped_chunks += 1
+            else:
+                self.stats.dropped_imu_chunks += 1
+        queue.put_nowait(chunk)
 
-    async def _consume(self, publisher: MqttPublisher, source: EcgSource) -> None:
-        assert self._queue is not None
+    async def _consume_ecg(self, publisher: MqttPublisher, sessions: SessionPublisher) -> None:
+        assert self._ecg_queue is not None
         pipeline: EcgPipeline | None = None
         last_hr_publish = 0.0
         ready = False
+        kwargs = self.ecg_model.pipeline_kwargs() if self.ecg_model else {}
         while True:
-            chunk = await self._queue.get()
-            if pipeline is None or pipeline.fs != chunk.rate_hz or pipeline.n_leads != chunk.samples_mv.shape[1]:
-                pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=chunk.samples_mv.shape[1], mains_hz=self.cfg.ecg.mains_hz)
+            chunk = await self._ecg_queue.get()
+            n_leads = chunk.samples_mv.shape[1]
+            if pipeline is None or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads or chunk.lost_frames_before > 50:
+                pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=n_leads, mains_hz=self.cfg.ecg.mains_hz, **kwargs)
             if not ready:
                 self.notifier.ready("streaming ECG")
                 ready = True
-            self.stats.chunks += 1
+            now = time.time()
+            self._last_ecg_at = now
+            self.stats.ecg_chunks += 1
+            self.stats.ecg_samples += len(chunk.samples_mv)
             update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
             self.stats.beats += len(update.beats)
-            now = time.monotonic()
-            if update.heart_rate_bpm is not None:
+            if update.heart_rate_bpm is not None and self.stats.first_clean_beat_at is None:
+                self.stats.first_clean_beat_at = now
+            for obs in self.bio.on_ecg(update, now):
+                for event in sessions.observe(obs):
+                    self.stats.identity_events.append((now, event.type, event.after.wearer))
+                    log.info("event %s: %s (confidence %.2f)", event.type, event.after.wearer, event.after.confidence)
+            if self.enrolment is not None:
+                self._enrolment_progress(publisher)
+            if update.heart_rate_bpm is not None and update.live:
                 self.stats.heart_rate_bpm = update.heart_rate_bpm
                 if now - last_hr_publish >= self.HR_PUBLISH_INTERVAL_S:
                     publisher.publish(Message(self.topics.sensor_state("heart_rate"), f"{update.heart_rate_bpm:.1f}"))
                     last_hr_publish = now
 
-    async def _watchdog(self, publisher: MqttPublisher, source: EcgSource, thread: threading.Thread,
-                        consumer: asyncio.Task[None]) -> None:
-        """WATCHDOG=1 only while healthy: loop responsive, source thread alive, consumer alive, and
-        not wedged (claiming to stream with no frame for three stall timeouts). A device that is
-        unplugged is not unhealthy: the source is retrying and a restart would not help."""
+    async def _consume_imu(self) -> None:
+        assert self._imu_queue is not None
+        pipeline = ImuPipeline(acc_range_g=self.cfg.imu.acc_range_g, gyro_range_dps=self.cfg.imu.gyro_range_dps)
+        while True:
+            chunk = await self._imu_queue.get()
+            self.stats.imu_chunks += 1
+            self.stats.imu_samples += len(chunk.t_s)
+            self.bio.on_imu(pipeline.push(chunk.t_s, chunk.acc_g, chunk.gyro_dps))
+
+    async def _tick(self, publisher: MqttPublisher, sessions: SessionPublisher) -> None:
+        """Time-driven work: end identity when the ECG stream stops, expire sessions, sensor state."""
+        last_sensor = 0.0
+        last = (self.stats.ecg_samples, self.stats.imu_samples, time.monotonic())
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            if self._last_ecg_at and now - self._last_ecg_at > self.ECG_LOST_AFTER_S:
+                obs = self.bio.ecg_lost(now)
+                if obs is not None:
+                    for event in sessions.observe(obs):
+                        self.stats.identity_events.append((now, event.type, event.after.wearer))
+            sessions.expire(now)
+            self._watch_store(publisher)
+            if self.enrolment is not None and self.enrolment.expired(now):
+                self._finish_enrolment(publisher)
+            mono = time.monotonic()
+            if mono - last_sensor >= self.SENSOR_STATE_INTERVAL_S:
+                dt = max(mono - last[2], 1e-3)
+                ecg_rate = (self.stats.ecg_samples - last[0]) / dt
+                imu_rate = (self.stats.imu_samples - last[1]) / dt
+                last, last_sensor = (self.stats.ecg_samples, self.stats.imu_samples, mono), mono
+                h = self.ecg_source.health if self.ecg_source else None
+                publisher.publish(sensor_state_message(self.topics, SensorState(
+                    "ecg", bool(h and h.state == "streaming"), None, self.bio.quality, ecg_rate)))
+                if self.imu_source is not None:
+                    ih = self.imu_source.health
+                    publisher.publish(sensor_state_message(self.topics, SensorState(
+                        "imu", ih.state == "streaming", ih.battery_percent, None, imu_rate)))
+
+    async def _watchdog(self, threads: list[threading.Thread], tasks: list[asyncio.Task]) -> None:
+        """WATCHDOG=1 only while healthy: loop responsive, source threads and consumers alive, and
+        not wedged (claiming to stream with no frame for three stall timeouts). An unplugged
+        device is not unhealthy: the source is retrying and a restart would not help."""
         interval = self.notifier.watchdog_interval_s or 5.0
         wedge_s = self.cfg.ecg.stall_timeout_s * 3
         while True:
             await asyncio.sleep(interval)
-            h = source.health
-            wedged = h.state == "streaming" and h.last_frame_at is not None and time.time() - h.last_frame_at > wedge_s
-            if thread.is_alive() and not consumer.done() and not wedged:
+            h = self.ecg_source.health if self.ecg_source else None
+            wedged = bool(h and h.state == "streaming" and h.last_frame_at and time.time() - h.last_frame_at > wedge_s)
+            dead = [t.name for t in threads if not t.is_alive()] + [
+                t.get_name() for t in tasks if t.done() and t is not asyncio.current_task()]
+            if not dead and not wedged:
                 self.notifier.watchdog()
             else:
-                log.error("biod: unhealthy (source thread alive=%s, consumer alive=%s, wedged=%s); withholding the watchdog",
-                          thread.is_alive(), not consumer.done(), wedged)
+                log.error("biod: unhealthy (stopped: %s, wedged=%s); withholding the watchdog", dead, wedged)
+
+    def _store_mtime(self) -> float:
+        try:
+            return self.cfg.store_path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _watch_store(self, publisher: MqttPublisher) -> None:
+        """`biod calibrate` / `biod people` change the store while we run: follow it, and add or
+        remove the persons' Home Assistant entities and retained state to match."""
+        mtime = self._store_mtime()
+        if mtime == self._store_seen:
+            return
+        self._store_seen = mtime
+        before = set(self.people)
+        self.reload_people()
+        after = set(self.people)
+        for name in sorted(before - after):
+            log.info("identity: %s was removed; deleting their Home Assistant entities", name)
+            for msg in self.discovery.person_removal(name) + [person_state_removal(self.topics, name)]:
+                publisher.publish(msg)
+        for name in sorted(after - before):
+            log.info("identity: %s was enrolled", name)
+            for msg in self.discovery.person_messages(name):
+                publisher.publish(msg)
+
+    # -- enrolment from Home Assistant ------------------------------------------------------------
+    def _start_enrolment(self, req: EnrolRequest, publisher: MqttPublisher) -> None:
+        if self.ecg_model is None:
+            log.error("enrol: no usable ECG model; cannot enrol %s", req.name)
+            publisher.publish(enrol_state_message(self.topics, "refused", req.name))
+            return
+        if self.enrolment is not None:
+            log.warning("enrol: already enrolling %s; ignoring the request for %s", self.enrolment.name, req.name)
+            return
+        self.enrolment = Enrolment(req.name, self.bio.engine, load_impostors(self.cfg.models_dir or MODELS_DIR),
+                                   seconds=req.seconds, started=time.time())
+        self.bio.embeddings_sink = self.enrolment.sink
+        log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)
+        publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, self.enrolment.deadline))
+
+    def _enrolment_progress(self, publisher: MqttPublisher) -> None:
+        assert self.enrolment is not None
+        if self.enrolment.ready():
+            self._finish_enrolment(publisher)
+
+    def _finish_enrolment(self, publisher: MqttPublisher) -> None:
+        enrolment, self.enrolment = self.enrolment, None
+        self.bio.embeddings_sink = None
+        assert enrolment is not None
+        report = enrolment.finish()
+        if report.accepted and report.person is not None:
+            try:
+                self.store.add(report.person)
+            except StoreError as exc:
+                log.error("enrol: could not save %s: %s", enrolment.name, exc)
+                publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name))
+                return
+            self.reload_people()
+            for msg in self.discovery.person_messages(enrolment.name):
+                publisher.publish(msg)
+            log.info("enrol: %s enrolled (threshold %.3f, expected FAR %.2f%%, FRR %.2f%%)", enrolment.name,
+                     report.threshold, 100 * report.expected_far, 100 * report.expected_frr)
+            publisher.publish(enrol_state_message(self.topics, "done", enrolment.name))
+        else:
+            log.warning("enrol: %s refused: %s", enrolment.name, report.reason)
+            publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name))
+
+    # -- stats ------------------------------------------------------------------------------------
+    def stats_snapshot(self, publisher: MqttPublisher, spool: EventSpool) -> dict:
+        h = self.ecg_source.health if self.ecg_source else None
+        ih = self.imu_source.health if self.imu_source else None
+        ms = self.bio.stats.inference_ms_median()
+        return {
+            "version": VERSION,
+            "uptime_s": round(time.time() - self.stats.started_at, 1),
+            "ecg": None if h is None else {
+                "state": h.state, "frames": h.frames, "lost_frames": h.lost_frames, "crc_errors": h.crc_errors,
+                "resyncs": h.resyncs, "reconnects": max(h.connects - 1, 0), "samples": self.stats.ecg_samples,
+                "dropped_chunks": self.stats.dropped_chunks, "last_error": h.last_error},
+            "imu": None if ih is None else {
+                "state": ih.state, "samples": self.stats.imu_samples, "lost_samples": ih.lost_samples,
+                "reconnects": ih.reconnects, "battery_pct": ih.battery_percent, "dropped_chunks": self.stats.dropped_imu_chunks},
+            "beats": self.stats.beats,
+            "windows": self.bio.stats.ecg_windows,
+            "clean_windows": self.bio.stats.clean_windows,
+            "inference_ms_median": None if ms is None else round(ms, 3),
+            "enrolled": len(self.people),
+            "spool_pending": len(spool),
+            "mqtt_dropped_offline": publisher.stats.dropped_offline,
+        }
+

@@ -64,6 +64,50 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from daemon.calibrate import run_calibrate
+
+    cfg = load_config(args.config)
+    _setup_logging(args.log_level or "warning")
+    return run_calibrate(cfg, args.name, args.seconds, walk=not args.no_walk)
+
+
+def _cmd_people(args: argparse.Namespace) -> int:
+    from daemon.app import open_store
+    from daemon.identity.store import StoreError
+
+    cfg = load_config(args.config)
+    store = open_store(cfg)
+    try:
+        if args.action == "list":
+            people = store.list()
+            if not people:
+                print("nobody is enrolled; enrol with: biod calibrate --name NAME")
+            for p in people:
+                print(f"{p.name}\t(id {p.id}, enrolled {p.created}, {len(p.prototypes)} prototypes, threshold {p.threshold:.3f}, model {p.model})")
+        elif args.action == "rename":
+            if not args.new:
+                print("biod people rename OLD NEW: give the new name", file=sys.stderr)
+                return 2
+            person = store.rename(args.name, args.new)
+            print(f"renamed {args.name!r} to {person.name!r}")
+        elif args.action == "remove":
+            person = store.remove(args.name)
+            print(f"removed {person.name!r}; their templates are deleted from {cfg.store_path}")
+    except StoreError as exc:
+        print(f"biod people: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from daemon.record_cli import run_record
+
+    cfg = load_config(args.config)
+    _setup_logging(args.log_level or "info")
+    return run_record(cfg, args.out, args.seconds, args.label, args.person)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biod", description="Biometric daemon: who wears the sensors and what they are doing")
     parser.add_argument("--version", action="version", version="biod 0.1.0")
@@ -83,6 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=1.0, help="emulator speed-up factor (default real time)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("calibrate", help="enrol a household member (guided: rest, then walking)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.add_argument("--seconds", type=float, default=90.0, help="ECG to record (default 90 s: half rest, half walking)")
+    p.add_argument("--no-walk", action="store_true", help="rest only")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("people", help="list, rename or remove enrolled persons")
+    p.add_argument("action", choices=["list", "rename", "remove"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("new", nargs="?")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=_cmd_people)
+
+    p = sub.add_parser("record", help="record raw ECG (and IMU) to WFDB with labels, for fine-tuning")
+    p.add_argument("--out", type=Path, required=True, help="folder for the WFDB records")
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--label", default=None, help="activity label, e.g. walking")
+    p.add_argument("--person", default=None)
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    p.set_defaults(func=_cmd_record)
 
     p = sub.add_parser("doctor", help="check adapter, serial device, broker, models and state directory")
     p.add_argument("--config", "-c", type=Path, default=None)

@@ -12,10 +12,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from daemon.identity.engine import IdentityConfig
 
 __all__ = [
     "BiodConfig",
@@ -101,6 +104,39 @@ class ImuSourceConfig(_Strict):
         return self
 
 
+class IdentitySection(_Strict):
+    """Open-set identity knobs (defaults and their measurements: docs/identity.md)."""
+
+    store_path: Path | None = Field(None, description="default: <state_dir>/identity/templates.json")
+    store_key_credential: str | None = Field(None, description="encrypt templates with the key in $CREDENTIALS_DIRECTORY/<name>")
+    window: int = Field(5, ge=1, le=60, description="clean windows pooled per score")
+    min_pool: int = Field(5, ge=1, le=60)
+    margin: float = Field(0.05, ge=0, le=1)
+    history: int = Field(8, ge=1, le=100)
+    confirm: int = Field(3, ge=1, le=100, description="agreeing decisions before a wearer is announced")
+    unknown: int = Field(5, ge=1, le=100, description="rejecting decisions before 'unknown' is announced")
+    switch: int = Field(8, ge=1, le=100)
+    target_far: float = Field(0.01, gt=0, lt=1)
+    min_enrol_windows: int = Field(20, ge=5, le=10000)
+    enrol_seconds: float = Field(90.0, ge=10, le=1800, description="length of an enrolment started from Home Assistant")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "IdentitySection":
+        if self.min_pool > self.window:
+            raise ValueError(f"identity.min_pool ({self.min_pool}) cannot exceed identity.window ({self.window})")
+        for knob in ("confirm", "unknown", "switch"):
+            if getattr(self, knob) > self.history:
+                raise ValueError(f"identity.{knob} ({getattr(self, knob)}) cannot exceed identity.history ({self.history})")
+        return self
+
+    def engine_config(self) -> "IdentityConfig":
+        from daemon.identity.engine import IdentityConfig
+
+        return IdentityConfig(window=self.window, min_pool=self.min_pool, margin=self.margin, history=self.history,
+                              confirm=self.confirm, unknown=self.unknown, switch=self.switch,
+                              target_far=self.target_far, min_enrol_windows=self.min_enrol_windows)
+
+
 class TlsConfig(_Strict):
     enabled: bool = False
     ca_file: Path | None = None
@@ -154,9 +190,16 @@ class BiodConfig(_Strict):
     hub: HubConfig = HubConfig()
     ecg: EcgConfig = EcgConfig()
     imu: ImuSourceConfig = ImuSourceConfig()
+    identity: IdentitySection = IdentitySection()
     mqtt: MqttConfig = MqttConfig()
     state_dir: Path = Field(Path("/var/lib/biod"), description="spool and templates; must be writable")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    models_dir: Path | None = Field(None, description="default: the models shipped in the package")
+
+    @property
+    def store_path(self) -> Path:
+        return self.identity.store_path or self.state_dir / "identity" / "templates.json"
 
     @property
     def topic_prefix(self) -> str:

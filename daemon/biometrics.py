@@ -1,0 +1,221 @@
+"""Inference -> identity -> fusion: the synchronous stage between the DSP and the events.
+
+It takes what the DSP pipelines release (ECG windows with quality, IMU windows with gait
+state), runs the int8 models on the clean ones, feeds the identity engine, fuses ECG and IMU
+activity with the sum rule, gates age/gender on walking, and returns ``Observation``s for the
+event tracker. No threads, no I/O: the asyncio wiring in ``app.py`` calls it, and tests and
+the latency benchmark can drive it directly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from daemon.dsp.ecg_pipeline import EcgUpdate, EcgWindow
+from daemon.dsp.imu_pipeline import ImuUpdate, ImuWindow
+from daemon.events import UNKNOWN, Observation
+from daemon.identity.engine import IdentityEngine, IdentityState
+from daemon.identity.fusion import ActivityEstimate, FusedActivity, FusionConfig, fuse_activity, gate_walking_only
+from daemon.identity.store import ModelRef
+from daemon.inference.runtime import Model, ModelError, load_model
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+@dataclass(frozen=True)
+class EcgModelRunner:
+    """The ECG dual-task model and what its manifest says it expects."""
+
+    model: Model
+    input_name: str
+    length: int
+    n_leads: int
+    rate_hz: float
+    window_s: float
+    activity_labels: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: Path) -> "EcgModelRunner":
+        model = load_model(path)
+        spec = model.manifest.inputs[0]
+        if spec.rate_hz is None or spec.window_s is None or len(spec.shape) != 2:
+            raise ModelError(f"{path}: the manifest's input must state rate_hz, window_s and a (samples, leads) shape")
+        return cls(model, spec.name, int(spec.shape[0]), int(spec.shape[1]), float(spec.rate_hz),
+                   float(spec.window_s), tuple(model.manifest.labels.get("activity", ())))
+
+    @property
+    def ref(self) -> ModelRef:
+        m = self.model.manifest
+        dim = next(o.shape[-1] for o in m.outputs if o.name == "embedding")
+        return ModelRef(name=m.name, version=m.version, dim=int(dim))
+
+    def pipeline_kwargs(self) -> dict[str, float]:
+        """EcgPipeline arguments that make its windows exactly this model's input."""
+        return {"model_fs": self.rate_hz, "window_s": self.window_s}
+
+    def infer(self, window: EcgWindow) -> tuple[np.ndarray, np.ndarray]:
+        """(embedding (D,), activity probabilities (K,)) for one window; leads the pipeline marked
+        unusable are zeros already, which is what the model saw in lead-dropout training."""
+        x = window.data[None, : self.length, : self.n_leads].astype(np.float32)
+        out = self.model.run(**{self.input_name: x})
+        return out["embedding"][0], out["activity"][0]
+
+
+@dataclass(frozen=True)
+class ImuModelSet:
+    """IMU models keyed by task; each takes ACF features of an IMU window (manifest-stated)."""
+
+    models: dict[str, Model]
+
+    @classmethod
+    def load_dir(cls, directory: Path = MODELS_DIR) -> "ImuModelSet":
+        models = {}
+        for manifest in sorted(directory.glob("imu_*.json")):
+            models[manifest.stem.removeprefix("imu_")] = load_model(manifest.with_suffix(".tflite"))
+        return cls(models)
+
+    def run(self, task: str, window: ImuWindow) -> dict[str, np.ndarray] | None:
+        model = self.models.get(task)
+        if model is None:
+            return None
+        spec = model.manifest.inputs[0]
+        x = window.features
+        if spec.features is not None and spec.features.params.get("variant", "biodeep") != "biodeep":
+            from daemon.dsp.imu import acf_features
+
+            params = dict(spec.features.params)
+            x = acf_features(window.data.astype(np.float32), max_lag=int(params.get("max_lag", 10)),
+                             variant=str(params.get("variant")))
+        x = np.asarray(x, dtype=np.float32).reshape((1, *spec.shape))
+        return {k: v[0] for k, v in model.run(**{spec.name: x}).items()}
+
+    def labels(self, task: str, output: str) -> tuple[str, ...]:
+        model = self.models.get(task)
+        return tuple(model.manifest.labels.get(output, ())) if model else ()
+
+
+@dataclass
+class BiometricsStats:
+    ecg_windows: int = 0
+    clean_windows: int = 0
+    inferences: int = 0
+    inference_ms: deque = field(default_factory=lambda: deque(maxlen=200))
+
+    def inference_ms_median(self) -> float | None:
+        return float(np.median(self.inference_ms)) if self.inference_ms else None
+
+
+class Biometrics:
+    """One wearer's stream of evidence -> Observations. Not thread-safe: call from one loop."""
+
+    def __init__(self, ecg_model: EcgModelRunner | None, engine: IdentityEngine,
+                 imu_models: ImuModelSet | None = None, fusion: FusionConfig = FusionConfig()) -> None:
+        self.ecg_model = ecg_model
+        self.engine = engine
+        self.imu_models = imu_models
+        self.fusion = fusion
+        self.stats = BiometricsStats()
+        self._ecg_activity: ActivityEstimate | None = None
+        self._imu_activity: ActivityEstimate | None = None
+        self._imu_at: float = -1e9
+        self._ecg_at: float = -1e9
+        self.gait: dict[str, object] = {}
+        self.identity: IdentityState = IdentityState(wearer=None, confidence=1.0, live=False)
+        self.heart_rate_bpm: float | None = None
+        self.quality: float = 0.0
+        self.embeddings_sink: list | None = None  # set by enrolment to collect (t, embedding, activity)
+
+    # -- ECG ----------------------------------------------------------------------------------------
+    def on_ecg(self, update: EcgUpdate, now: float | None = None) -> list[Observation]:
+        now = time.time() if now is None else now
+        self.heart_rate_bpm = update.heart_rate_bpm if update.live else None
+        observations: list[Observation] = []
+        for window in update.windows:
+            self.stats.ecg_windows += 1
+            self.quality = float(window.quality.index)
+            embedding = None
+            if window.quality.ok and self.ecg_model is not None and window.lead_mask.any():
+                t0 = time.perf_counter()
+                embedding, activity = self.ecg_model.infer(window)
+                self.stats.inference_ms.append((time.perf_counter() - t0) * 1e3)
+                self.stats.inferences += 1
+                self.stats.clean_windows += 1
+                self._ecg_activity = ActivityEstimate(np.asarray(activity), self.ecg_model.activity_labels)
+                self._ecg_at = now
+                if self.embeddings_sink is not None:
+                    self.embeddings_sink.append((now, np.asarray(embedding, dtype=np.float32), self.activity()))
+            self.identity = self.engine.observe(now, embedding, bool(window.quality.ok), update.live, window.lead_mask)
+            observations.append(self._observation(now, update.live))
+        if not update.live and self.identity.live:
+            self.identity = self.engine.observe(now, None, False, False)
+            observations.append(self._observation(now, False))
+        return observations
+
+    def ecg_lost(self, now: float | None = None) -> Observation | None:
+        """The ECG stream stopped (unplugged, silent): identity ends at once."""
+        now = time.time() if now is None else now
+        if not self.identity.live and self.identity.wearer is None:
+            return None
+        self.identity = self.engine.observe(now, None, False, False)
+        self.heart_rate_bpm = None
+        return self._observation(now, False)
+
+    # -- IMU ----------------------------------------------------------------------------------------
+    def on_imu(self, update: ImuUpdate, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if self.imu_models is None:
+            return
+        for window in update.windows:
+            out = self.imu_models.run("activity", window)
+            if out is not None:
+                key = "activity" if "activity" in out else next(iter(out))
+                self._imu_activity = ActivityEstimate(np.asarray(out[key]), self.imu_models.labels("activity", key))
+                self._imu_at = now
+            gait: dict[str, object] = {"walking": bool(window.gait.walking), "cadence_spm": window.gait.cadence_spm}
+            for task in ("age", "gender"):
+                res = self.imu_models.run(task, window) if window.gait.walking else None
+                if res:
+                    gait[task] = {k: np.asarray(v).tolist() for k, v in res.items()}
+            self.gait = gait
+
+    # -- fusion ---------------------------------------------------------------------------------------
+    def fused_activity(self, now: float | None = None) -> FusedActivity | None:
+        now = time.time() if now is None else now
+        ecg = self._ecg_activity if now - self._ecg_at < 10 else None  # stale modality drops out
+        imu = self._imu_activity if now - self._imu_at < 10 else None
+        return fuse_activity(ecg, imu, self.fusion)
+
+    def activity(self) -> str | None:
+        fused = self.fused_activity()
+        return fused.label if fused else None
+
+    def _observation(self, now: float, live: bool) -> Observation:
+        fused = self.fused_activity(now)
+        state = self.identity
+        wearer = state.wearer
+        sensors: dict[str, object] = {}
+        gated = gate_walking_only(self.gait or None, fused, self.fusion)
+        if gated:
+            sensors["gait"] = gated
+        return Observation(
+            t=now,
+            wearer=wearer,
+            confidence=float(state.confidence),
+            activity=fused.label if fused else None,
+            activity_confidence=float(fused.probs.max()) if fused else 0.0,
+            heart_rate_bpm=self.heart_rate_bpm,
+            quality=self.quality,
+            live=bool(live and state.live),
+            sensors=sensors,
+        )
+
+
+def is_unknown(state: IdentityState) -> bool:
+    return state.wearer == UNKNOWN

@@ -1,0 +1,185 @@
+"""``biod calibrate --name NAME``: guided enrolment in the terminal.
+
+The person sits still, then walks; the command streams from the configured ECG source through
+exactly the daemon's pipeline and model, shows a live progress bar with the signal quality and
+what is wrong when windows are rejected, then builds the templates, reports how separable the
+new person is (expected false-accept/false-reject rates, margins to the people already
+enrolled and to never-enrolled persons) and saves atomically (0600). It opens the device
+itself, so stop the daemon first (``systemctl stop biod``) or use the enrol button in Home
+Assistant, which runs the same enrolment inside the daemon.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+import numpy as np
+
+from daemon.app import load_ecg_model, open_store
+from daemon.biometrics import MODELS_DIR
+from daemon.config import BiodConfig, ConfigError
+from daemon.dsp.ecg_pipeline import EcgPipeline
+from daemon.enrol import load_impostors
+from daemon.identity.engine import EnrolmentReport, IdentityEngine
+from daemon.identity.store import StoreError
+from daemon.sources.serial_ecg import EcgChunk, EcgSource, serial_opener, tcp_opener
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Phase:
+    label: str        # activity label stored with the windows (prototype per activity)
+    seconds: float
+    instruction: str
+
+
+def phases(total_s: float, walk: bool = True) -> list[Phase]:
+    if not walk:
+        return [Phase("rest", total_s, "sit still, breathe normally")]
+    rest = total_s / 2
+    return [Phase("rest", rest, "sit still, breathe normally"),
+            Phase("walking", total_s - rest, "now walk around at your usual pace")]
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = min(width, int(width * done / max(total, 1)))
+    return "#" * filled + "." * (width - filled)
+
+
+def _open_source(cfg: BiodConfig, on_chunk) -> tuple[EcgSource, object | None]:
+    e = cfg.ecg
+    common = dict(rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s)
+    if e.source == "emulator":
+        from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
+        from firmware_protocol.emulators.recordings import load_recording
+
+        emulator = EcgBoxEmulator(load_recording(e.emulator.recording), rate_hz=e.rate_hz, speed=e.emulator.speed,
+                                  loop=e.emulator.loop)
+        path = emulator.open_pty()
+        emulator.start()
+        return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, **common), emulator
+    if e.source == "serial":
+        return EcgSource(serial_opener(str(e.port), e.baud), str(e.port), on_chunk, baud=e.baud, **common), None
+    return EcgSource(tcp_opener(e.host, int(e.tcp_port or 0)), f"tcp://{e.host}:{e.tcp_port}", on_chunk, **common), None
+
+
+def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silence_s: float = 5.0
+            ) -> tuple[np.ndarray, list[str], dict[str, int]]:
+    """Stream and return (embeddings (n, D), activity label per window, rejection reasons)."""
+    model = load_ecg_model(cfg)
+    if model is None:
+        raise ConfigError("calibrate: no usable ECG model (see the error above); re-install biod")
+    chunks: queue.Queue[EcgChunk] = queue.Queue(maxsize=5000)
+    source, emulator = _open_source(cfg, chunks.put)
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    thread.start()
+    pipeline: EcgPipeline | None = None
+    embeddings: list[np.ndarray] = []
+    labels: list[str] = []
+    rejected: dict[str, int] = {}
+    total = sum(p.seconds for p in plan)
+    tty = out.isatty()
+    try:
+        for i, phase in enumerate(plan):
+            print(f"\nstep {i + 1}/{len(plan)}: {phase.instruction} ({phase.seconds:.0f} s of ECG)", file=out, flush=True)
+            phase_samples = 0.0
+            last_data = time.monotonic()
+            hr = quality = None
+            reason = ""
+            while True:
+                try:
+                    chunk = chunks.get(timeout=0.25)
+                except queue.Empty:
+                    if time.monotonic() - last_data > silence_s:
+                        print(f"\n  the ECG stopped ({source.health.last_error or 'no data'}); finishing with what was recorded",
+                              file=out, flush=True)
+                        return _result(embeddings, labels, rejected)
+                    continue
+                last_data = time.monotonic()
+                if pipeline is None:
+                    pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=chunk.samples_mv.shape[1],
+                                           mains_hz=cfg.ecg.mains_hz, **model.pipeline_kwargs())
+                update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
+                phase_samples += len(chunk.samples_mv) / chunk.rate_hz
+                hr = update.heart_rate_bpm or hr
+                for window in update.windows:
+                    quality = window.quality.index
+                    if window.quality.ok and window.lead_mask.any():
+                        emb, _ = model.infer(window)
+                        embeddings.append(np.asarray(emb, dtype=np.float32))
+                        labels.append(phase.label)
+                        reason = ""
+                    else:
+                        reason = window.quality.reason or "no lead on"
+                        rejected[reason] = rejected.get(reason, 0) + 1
+                    line = (f"  [{_bar(int(phase_samples), int(phase.seconds))}] {len(embeddings):3d} clean windows"
+                            f"  quality {0 if quality is None else quality:.2f}"
+                            f"  HR {'--' if hr is None else f'{hr:.0f}'} bpm" + (f"  rejected: {reason}" if reason else ""))
+                    print(("\r" + line) if tty else line, end="" if tty else "\n", file=out, flush=True)
+                if phase_samples >= phase.seconds:
+                    break
+        print("", file=out)
+        return _result(embeddings, labels, rejected)
+    finally:
+        stop.set()
+        thread.join(5)
+        if emulator is not None:
+            emulator.close()
+        log.debug("calibrate: collected %.0f s plan", total)
+
+
+def _result(embeddings: list[np.ndarray], labels: list[str], rejected: dict[str, int]):
+    dim = embeddings[0].shape[0] if embeddings else 0
+    return (np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)), labels, rejected
+
+
+def describe(report: EnrolmentReport, out: TextIO = sys.stdout) -> None:
+    print(f"\n{'accepted' if report.accepted else 'REFUSED'}: {report.reason}", file=out)
+    print(f"  clean windows: {report.n_windows}, median self-similarity {report.median_self_similarity:.3f}", file=out)
+    if report.accepted:
+        print(f"  threshold {report.threshold:.3f}; expected false-accept rate {100 * report.expected_far:.2f}% "
+              f"(up to {100 * report.expected_far_upper:.2f}%) over {report.n_impostor} impostor segments, "
+              f"expected false-reject rate {100 * report.expected_frr:.2f}% (same session; expect more on another day)",
+              file=out)
+        for name, margin in sorted(report.margins.items(), key=lambda kv: kv[1]):
+            risk = report.accepted_by.get(name)
+            extra = f", {name}'s template would accept {100 * risk:.1f}% of these windows" if risk else ""
+            print(f"  margin to {name}: {margin:+.3f}{extra}", file=out)
+    for warning in report.warnings:
+        print(f"  warning: {warning}", file=out)
+
+
+def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True, out: TextIO = sys.stdout) -> int:
+    store = open_store(cfg)
+    try:
+        people = store.load()
+    except StoreError as exc:
+        print(f"biod calibrate: {exc}", file=sys.stderr)
+        return 2
+    model = load_ecg_model(cfg)
+    if model is None:
+        print("biod calibrate: no usable ECG model; re-install biod or run python -m training.train", file=sys.stderr)
+        return 2
+    engine = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref)
+    print(f"Enrolling {name!r}: attach the electrodes (RA, LA, LL), then follow the steps. "
+          f"{len(people)} person(s) already enrolled.", file=out)
+    embeddings, labels, rejected = collect(cfg, phases(seconds, walk), out)
+    if rejected:
+        print("  rejected windows: " + ", ".join(f"{k} ×{v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])), file=out)
+    impostors = load_impostors(cfg.models_dir or MODELS_DIR)
+    report = engine.enrol(name, embeddings, labels if len(set(labels)) > 1 else None,
+                          impostor_embeddings=None if impostors is None else impostors.embeddings,
+                          impostor_labels=None if impostors is None else impostors.labels)
+    describe(report, out)
+    if not report.accepted or report.person is None:
+        return 1
+    store.add(report.person)
+    print(f"saved to {cfg.store_path} (mode 0600); the running daemon picks it up within seconds", file=out)
+    return 0

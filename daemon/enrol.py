@@ -1,0 +1,77 @@
+"""Enrolment: collect a person's clean ECG embeddings, then build templates without retraining.
+
+Used by ``biod calibrate`` (terminal, guided) and by the enrol button in Home Assistant
+(time-boxed, like ESPresense): both feed the same ``Enrolment`` with what ``Biometrics``
+computes from clean windows, so a template made either way is the same template.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from daemon.identity.engine import EnrolmentReport, IdentityEngine
+
+log = logging.getLogger(__name__)
+
+IMPOSTORS_FILE = "ecg_impostors.npz"
+
+
+@dataclass(frozen=True)
+class Impostors:
+    """Embeddings of never-enrolled persons shipped with the model (for FAR estimates)."""
+
+    embeddings: np.ndarray  # (m, D) float32
+    labels: np.ndarray      # (m,) person of each row
+    model_version: str
+
+
+def load_impostors(models_dir: Path) -> Impostors | None:
+    path = Path(models_dir) / IMPOSTORS_FILE
+    if not path.exists():
+        log.warning("enrol: %s is missing; false-accept rates are estimated from enrolled persons only", path)
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return Impostors(z["embeddings"].astype(np.float32), z["labels"], str(z["model_version"]))
+
+
+@dataclass
+class Enrolment:
+    name: str
+    engine: IdentityEngine
+    impostors: Impostors | None
+    seconds: float
+    started: float = field(default_factory=time.time)
+    sink: list[tuple[float, np.ndarray, str | None]] = field(default_factory=list)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.seconds
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.sink)
+
+    @property
+    def needed(self) -> int:
+        return self.engine.config.min_enrol_windows
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+    def ready(self, now: float | None = None) -> bool:
+        return self.expired(time.time() if now is None else now)
+
+    def finish(self) -> EnrolmentReport:
+        if not self.sink:
+            return self.engine.enrol(self.name, np.zeros((0, self.engine.model.dim if self.engine.model else 1), np.float32))
+        embeddings = np.stack([e for _, e, _ in self.sink]).astype(np.float32)
+        acts = [a for _, _, a in self.sink]
+        activities = acts if all(a is not None for a in acts) and len(set(acts)) > 1 else None
+        imp = self.impostors
+        return self.engine.enrol(self.name, embeddings, activities,
+                                 impostor_embeddings=None if imp is None else imp.embeddings,
+                                 impostor_labels=None if imp is None else imp.labels)

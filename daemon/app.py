@@ -255,8 +255,11 @@ class BiodApp:
             self.stats.ecg_samples += len(chunk.samples_mv)
             update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
             self.stats.beats += len(update.beats)
-            if update.heart_rate_bpm is not None and self.stats.first_clean_beat_at is None:
+            if update.beats and self.stats.first_clean_beat_at is None and update.live:
                 self.stats.first_clean_beat_at = now
+                log.info("ecg: first clean beat of a wearing session")
+            elif not update.live and self.stats.first_clean_beat_at is not None and not self.bio.identity.live:
+                self.stats.first_clean_beat_at = None
             for obs in self.bio.on_ecg(update, now):
                 for event in sessions.observe(obs):
                     self.stats.identity_events.append((now, event.type, event.after.wearer))
@@ -287,6 +290,7 @@ class BiodApp:
             now = time.time()
             if self._last_ecg_at and now - self._last_ecg_at > self.ECG_LOST_AFTER_S:
                 obs = self.bio.ecg_lost(now)
+                self.stats.first_clean_beat_at = None
                 if obs is not None:
                     for event in sessions.observe(obs):
                         self.stats.identity_events.append((now, event.type, event.after.wearer))

@@ -173,6 +173,11 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     embeddings, labels, rejected = collect(cfg, phases(seconds, walk), out)
     if rejected:
         print("  rejected windows: " + ", ".join(f"{k} ×{v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])), file=out)
+    if len(embeddings) == 0:
+        worst = max(rejected, key=rejected.get) if rejected else "no ECG arrived"
+        print(f"\nREFUSED: no clean ECG window (most common problem: {worst}); check the electrodes' contact "
+              "and keep still, then run biod calibrate again", file=out)
+        return 1
     impostors = load_impostors(cfg.models_dir or MODELS_DIR)
     report = engine.enrol(name, embeddings, labels if len(set(labels)) > 1 else None,
                           impostor_embeddings=None if impostors is None else impostors.embeddings,

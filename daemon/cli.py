@@ -49,7 +49,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
     _setup_logging(args.log_level or "warning")
-    return asyncio.run(run_demo(seconds=args.seconds, speed=args.speed))
+    return asyncio.run(run_demo(speed=args.speed))
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -122,9 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.set_defaults(func=_cmd_check_config)
 
-    p = sub.add_parser("demo", help="end-to-end demo: embedded broker + emulated ECG box + daemon, prints MQTT traffic")
-    p.add_argument("--seconds", type=float, default=20.0, help="how long to stream (default 20)")
-    p.add_argument("--speed", type=float, default=1.0, help="emulator speed-up factor (default real time)")
+    p = sub.add_parser("demo", help="end-to-end demo: embedded broker, emulated ECG box and MetaMotion, enrolment, identification over MQTT")
+    p.add_argument("--speed", type=float, default=4.0, help="replay speed of the recordings (default 4x; 1 = real time)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_demo)
 

@@ -1,12 +1,17 @@
 """``biod demo``: the whole path on a machine with no hardware and no broker installed.
 
-It starts a real MQTT broker in-process (amqtt, a complete MQTT 3.1.1 broker, not a fake), the
-emulated ECG box on a real pseudo-terminal, and the daemon exactly as ``biod run`` would run it,
-then subscribes like Home Assistant would and prints every message that arrives.
+It starts a real MQTT broker in-process (amqtt, a complete MQTT 3.1.1 broker, not a fake),
+enrols three persons with the same code as ``biod calibrate`` from one real ECG recording each,
+then runs the daemon exactly as ``biod run`` runs it, reading an emulated ECG box through
+pyserial on a real pseudo-terminal and an emulated MetaMotion over the BLE code path. The three
+persons take turns wearing the sensors, using recordings made on another day, and then a
+stranger does. It subscribes as Home Assistant would and prints what arrives: availability,
+discovery, wearing-session events, the current wearer with activity, and heart rate.
 """
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import tempfile
@@ -17,6 +22,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from daemon.config import default_config
+
+HOUSEHOLD = {"alice": ("ecgid-p25-r1", "ecgid-p25-r4"),
+             "bob": ("ecgid-p46-r1", "ecgid-p46-r3"),
+             "carol": ("ecgid-p53-r1", "ecgid-p53-r4")}
+STRANGER = "ecgid-p04-r1"
 
 
 def free_port() -> int:
@@ -39,59 +49,128 @@ async def start_embedded_broker(port: int):
     return broker
 
 
-def _short(payload: bytes, limit: int = 110) -> str:
-    text = payload.decode(errors="replace")
-    try:
-        obj = json.loads(text)
-        if isinstance(obj, dict) and "unique_id" in obj:
-            return f"<discovery {obj.get('name')!r} unique_id={obj['unique_id']}>"
-    except ValueError:
-        pass
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+class Viewer:
+    """Subscribes like Home Assistant and prints a readable line per interesting message."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.t0 = time.monotonic()
+        self.prefix = prefix
+        self.events: list[dict] = []
+        self.heart_rates = 0
+        self._last_hr = 0.0
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="biod-demo-viewer")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe([(f"{prefix}/#", 1), ("homeassistant/#", 1)])
+        self.client.loop_start()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f} s] {text}", flush=True)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        topic, text = msg.topic, msg.payload.decode(errors="replace")
+        if topic.startswith("homeassistant/"):
+            if text:
+                name = json.loads(text).get("name")
+                self.say(f"discovery {topic.split('/')[1]}: {name!r}")
+            return
+        short = topic[len(self.prefix) + 1:]
+        if short == "events":
+            e = json.loads(text)
+            with self._lock:
+                self.events.append(e)
+            a = e["after"]
+            self.say(f"EVENT {e['type']:<6} wearer={a['wearer']!r} confidence={a['confidence']:.2f} "
+                     f"activity={a.get('activity')} heart_rate={a.get('heart_rate_bpm')}")
+        elif short == "sensor/heart_rate/state":
+            self.heart_rates += 1
+            if time.monotonic() - self._last_hr > 3:
+                self._last_hr = time.monotonic()
+                self.say(f"heart rate {text} bpm")
+        elif short in ("availability", "wearer") or short.startswith("person/"):
+            self.say(f"{short}: {text}")
+
+    def wait_event(self, predicate, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = [e for e in self.events if predicate(e)]
+            if found:
+                return found[0]
+            time.sleep(0.1)
+        return None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
 
 
-async def run_demo(seconds: float = 20.0, speed: float = 1.0) -> int:
+def enrol_household(state: Path, speed: float) -> None:
+    from daemon.calibrate import run_calibrate
+
+    for name, (enrol_rec, _) in HOUSEHOLD.items():
+        cfg = default_config(state_dir=str(state), hub={"id": "demo", "name": "biod demo hub"},
+                             identity={"min_enrol_windows": 12},
+                             ecg={"source": "emulator", "emulator": {"recording": enrol_rec, "speed": 10 * speed, "loop": False}})
+        out = io.StringIO()
+        code = run_calibrate(cfg, name, seconds=20, walk=False, out=out)
+        summary = [line.strip() for line in out.getvalue().splitlines() if line.strip().startswith(("accepted", "REFUSED", "threshold"))]
+        print(f"biod demo: calibrate {name} from {enrol_rec}: " + " | ".join(summary), flush=True)
+        if code != 0:
+            raise SystemExit(f"biod demo: enrolling {name} failed:\n{out.getvalue()}")
+
+
+async def run_demo(speed: float = 4.0, hold_s: float = 12.0) -> int:
     from daemon.app import BiodApp
+    from firmware_protocol.ecg_serial import Electrode
+    from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
+    from firmware_protocol.emulators.recordings import load_recording
 
     port = free_port()
     broker = await start_embedded_broker(port)
     state = Path(tempfile.mkdtemp(prefix="biod-demo-"))
+    print(f"biod demo: embedded MQTT broker on 127.0.0.1:{port}; state in {state}; recordings replayed at {speed:g}x", flush=True)
+    await asyncio.to_thread(enrol_household, state, speed)
+
+    link = state / "biod-ecg"
     cfg = default_config(
-        hub={"id": "demo", "name": "biod demo hub"},
+        hub={"id": "demo", "name": "biod demo hub"}, state_dir=str(state), identity={"min_enrol_windows": 12},
         mqtt={"host": "127.0.0.1", "port": port},
-        ecg={"source": "emulator", "emulator": {"speed": speed}},
-        state_dir=str(state),
+        ecg={"source": "serial", "port": str(link), "stall_timeout_s": 1.5},
+        imu={"enabled": True, "source": "emulator", "emulator": {"speed": speed}},
     )
-    print(f"biod demo: embedded MQTT broker on 127.0.0.1:{port}; emulated ECG box on a pseudo-terminal; "
-          f"streaming for {seconds:.0f} s (Ctrl-C to stop)")
-    t0 = time.monotonic()
-    seen: list[str] = []
-    lock = threading.Lock()
-
-    def on_message(client, userdata, msg) -> None:
-        line = f"[{time.monotonic() - t0:6.1f} s] {msg.topic}{' (retained)' if msg.retain else ''}: {_short(msg.payload)}"
-        with lock:
-            seen.append(msg.topic)
-        print(line, flush=True)
-
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="biod-demo-viewer")
-    sub.on_message = on_message
-    sub.connect("127.0.0.1", port)
-    sub.subscribe([("biod/#", 1), ("homeassistant/#", 1)])
-    sub.loop_start()
-
+    viewer = Viewer(port, cfg.topic_prefix)
     stop = asyncio.Event()
     app_task = asyncio.create_task(BiodApp(cfg).run(stop))
+    outcome: list[tuple[str, str | None]] = []
     try:
-        await asyncio.wait_for(asyncio.shield(app_task), timeout=seconds)
-    except asyncio.TimeoutError:
-        pass
-    stop.set()
-    code = await app_task
-    await asyncio.sleep(0.5)
-    sub.loop_stop()
-    sub.disconnect()
-    await broker.shutdown()
-    hr = sum(1 for t in seen if t.endswith("/heart_rate/state"))
-    print(f"biod demo: done; {len(seen)} messages, {hr} heart-rate updates; daemon exit code {code}")
-    return 0 if code == 0 and hr > 0 else 1
+        await asyncio.sleep(1.0)
+        for who, recording in [*((n, r[1]) for n, r in HOUSEHOLD.items()), ("a stranger", STRANGER)]:
+            viewer.say(f"--- {who} puts the sensors on (recording {recording}, another day than the enrolment)")
+            box = EcgBoxEmulator(load_recording(recording), rate_hz=500, speed=speed, loop=True)
+            box.open_pty(link=str(link))
+            box.start()
+            n0 = len(viewer.events)
+            ev = await asyncio.to_thread(viewer.wait_event, lambda e: e["type"] == "new" and e in viewer.events[n0:]
+                                         and e["after"]["wearer"] is not None, 60 / speed + 15)
+            if ev and ev["after"]["wearer"] == "unknown" and who in HOUSEHOLD:
+                ev = await asyncio.to_thread(viewer.wait_event, lambda e: e in viewer.events[n0:] and
+                                             e["after"]["wearer"] == who, 30 / speed + 5) or ev
+            outcome.append((who, ev["after"]["wearer"] if ev else None))
+            await asyncio.sleep(hold_s / speed)
+            viewer.say(f"--- {who} takes the electrodes off")
+            box.set_lead_off(Electrode.RA | Electrode.LA | Electrode.LL)
+            await asyncio.sleep(8 / speed + 2)
+            box.close()
+    finally:
+        stop.set()
+        code = await app_task
+        await asyncio.sleep(0.5)
+        viewer.close()
+        await broker.shutdown()
+    print("\nbiod demo: who was identified")
+    for who, got in outcome:
+        print(f"  {who:<11} -> {got}")
+    print(f"biod demo: {len(viewer.events)} events, {viewer.heart_rates} heart-rate updates; daemon exit code {code}")
+    return 0 if code == 0 and viewer.heart_rates > 0 and all(got is not None for _, got in outcome) else 1

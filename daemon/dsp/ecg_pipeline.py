@@ -1,0 +1,264 @@
+"""Streaming ECG path: raw mV chunks -> beats, model windows, quality, heart rate, HRV.
+
+One object, :class:`EcgPipeline`, serves both the daemon (``push`` per serial frame) and
+training (:func:`windows_from_record` pushes a whole record through the same object), so models
+are trained on exactly the windows the hub computes. Stages (all chunk-invariant):
+
+    raw (fs) ─┬─► EcgConditioner (HP 0.5 Hz + mains notch) ─► StreamResampler (-> model_fs)
+              │        ─► WindowSegmenter: 3 s windows + beat-centred groups (model_fs)
+              ├─► RPeakDetector (raw mV, lead-valid mask) ─► beats (fs sample clock)
+              └─► SlidingWindower (raw, fs): flat/clip/mains/HF checks on the unconditioned
+                  signal, paired 1:1 in time with the model windows ─► QualityAssessor
+    clean beats ─► HeartRateTracker (HR, RMSSD, SDNN)
+
+A window is released only when the detector can no longer add a beat inside it (its end is
+``beat_horizon_s`` behind the newest sample), which is what keeps the beat lists, and hence
+quality and the beat groups, independent of how the stream was chunked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from daemon.dsp.filters import EcgConditioner, StreamResampler
+from daemon.dsp.hrv import HeartRateTracker, Hrv
+from daemon.dsp.quality import Quality, QualityAssessor, QualityConfig
+from daemon.dsp.rpeaks import Beat, RPeakDetector
+from daemon.dsp.segment import SlidingWindower, WindowSegmenter, check_norm
+
+__all__ = ["EcgPipeline", "EcgUpdate", "EcgWindow", "RecordWindows", "windows_from_record"]
+
+
+@dataclass(frozen=True)
+class EcgWindow:
+    """One model input. ``data`` (window_s*model_fs, n_leads) float32 normalised per lead
+    (unusable leads are zeros); ``lead_mask`` the leads that were on and not flat for the whole
+    window; ``beats`` (n_groups, 3*beat_len, n_leads) groups of consecutive beat-centred windows
+    (empty if fewer than 3 complete beats); ``beat_times_s`` the R peaks of the complete beats,
+    group j starts at beat j."""
+
+    t_end_s: float
+    data: np.ndarray
+    lead_mask: np.ndarray
+    quality: Quality
+    beats: np.ndarray
+    beat_times_s: np.ndarray
+
+
+@dataclass(frozen=True)
+class EcgUpdate:
+    beats: tuple[Beat, ...]          # R peaks decided in this push (sample clock at fs)
+    windows: tuple[EcgWindow, ...]   # windows released in this push
+    heart_rate_bpm: float | None
+    hrv: Hrv | None
+    live: bool                       # recent clean beats and some lead on
+
+
+def _samples(seconds: float, rate: float, what: str) -> int:
+    n = seconds * rate
+    if abs(n - round(n)) > 1e-6 or round(n) < 1:
+        raise ValueError(f"{what}={seconds} s is not a whole number of samples at {rate} Hz; "
+                         f"choose a value that is")
+    return int(round(n))
+
+
+class EcgPipeline:
+    """push(samples_mv (n, n_leads) float32, lead_valid (n_leads,) or (n, n_leads) bool)."""
+
+    def __init__(self, fs: float, n_leads: int = 3, mains_hz: float | None = 50.0,
+                 model_fs: float = 100.0, window_s: float = 3.0, hop_s: float = 1.0,
+                 norm: str = "zscore", beat_before_s: float = 0.25, beat_after_s: float = 0.45,
+                 beat_group: int = 3, beat_horizon_s: float = 2.5, live_s: float = 8.0,
+                 quality: QualityConfig | None = None) -> None:
+        self.fs = float(fs)
+        self.n_leads = int(n_leads)
+        self.model_fs = float(model_fs)
+        self.norm = check_norm(norm)
+        self.window_len = _samples(window_s, model_fs, "window_s")
+        self.hop = _samples(hop_s, model_fs, "hop_s")
+        raw_len = _samples(window_s, fs, "window_s")
+        raw_hop = _samples(hop_s, fs, "hop_s")
+        self.before = int(round(beat_before_s * model_fs))
+        self.after = int(round(beat_after_s * model_fs))
+        self.horizon = int(round(beat_horizon_s * fs))
+        self.live_s = float(live_s)
+        self._cond = EcgConditioner(fs, n_leads, mains_hz=mains_hz)
+        self._det = RPeakDetector(fs, n_leads)
+        self._rs = StreamResampler(fs, model_fs, n_leads)
+        self._seg = WindowSegmenter(n_leads, self.window_len, self.hop, self.before, self.after,
+                                    group=beat_group, norm=norm)
+        self._raw = SlidingWindower(n_leads, raw_len, raw_hop)
+        self._qa = QualityAssessor(fs, n_leads, mains_hz, quality)
+        self._hr = HeartRateTracker()
+        self._pending_raw: list[tuple[np.ndarray, np.ndarray]] = []  # (windows, masks) FIFO
+        self._pending_n = 0
+        self._beat_t = np.zeros(0)          # detected beat times (s), recent
+        self._handed = -np.inf              # beats up to this time went to the HR tracker
+        self._n_in = 0
+        self._lead_on = np.ones(self.n_leads, dtype=bool)
+
+    # ----------------------------------------------------------------------------- input
+    def _check(self, x: np.ndarray, lead_valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.n_leads:
+            raise ValueError(f"EcgPipeline.push: samples must be (n, {self.n_leads}) mV, got "
+                             f"{x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("EcgPipeline.push: non-finite samples; replace them (e.g. by 0) "
+                             "and mark the lead invalid in lead_valid")
+        if lead_valid is None:
+            v = np.ones((x.shape[0], self.n_leads), dtype=bool)
+        else:
+            v = np.asarray(lead_valid, dtype=bool)
+            if v.shape not in ((self.n_leads,), (x.shape[0], self.n_leads)):
+                raise ValueError(f"lead_valid must be ({self.n_leads},) or "
+                                 f"({x.shape[0]}, {self.n_leads}) bool, got {v.shape}")
+            v = np.broadcast_to(v, (x.shape[0], self.n_leads))
+        return x, v
+
+    def push(self, samples_mv: np.ndarray, lead_valid: np.ndarray | None = None) -> EcgUpdate:
+        x, v = self._check(samples_mv, lead_valid)
+        if x.shape[0]:
+            self._lead_on = v[-1].copy()
+        beats = self._det.process(x, v)
+        self._n_in += x.shape[0]
+        cond = self._cond.process(x)
+        y = self._rs.process(cond)
+        final_until = (self._n_in - self.horizon) * self.model_fs / self.fs
+        return self._advance(x, v, y, beats, int(np.floor(final_until)))
+
+    def flush(self) -> EcgUpdate:
+        """End of stream: decide pending beats and release every window the data allows."""
+        beats = self._det.flush()
+        z = np.zeros((0, self.n_leads), dtype=np.float32)
+        return self._advance(z, np.zeros((0, self.n_leads), bool), z, beats, None)
+
+    # ----------------------------------------------------------------------------- stages
+    def _advance(self, x, v, y, beats: list[Beat], final_until: int | None) -> EcgUpdate:
+        ends, wins, masks = self._raw.push(x, v)
+        if ends.size:
+            self._pending_raw.append((wins, masks))
+            self._pending_n += ends.size
+        if beats:
+            t = np.array([b.time_s for b in beats])
+            self._beat_t = np.concatenate([self._beat_t, t])
+        bm = (np.round(np.array([b.sample for b in beats], dtype=np.float64)
+                       * (self.model_fs / self.fs)).astype(np.int64) if beats else None)
+        segs = self._seg.push(y, bm, None, final_until)
+        windows = self._assess(segs) if segs else ()
+        now = self._n_in / self.fs
+        last = self._hr.last_clean_time()
+        live = bool(self._lead_on.any() and last is not None and now - last <= self.live_s)
+        return EcgUpdate(tuple(beats), windows, self._hr.heart_rate_bpm(), self._hr.hrv(), live)
+
+    def _take_raw(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k > self._pending_n:  # cannot happen: raw windows are never later than model ones
+            raise RuntimeError("internal: model window without its raw window")
+        wins = np.concatenate([w for w, _ in self._pending_raw])
+        masks = np.concatenate([m for _, m in self._pending_raw])
+        self._pending_raw = [(wins[k:], masks[k:])] if wins.shape[0] > k else []
+        self._pending_n -= k
+        return wins[:k], masks[:k]
+
+    def _assess(self, segs) -> tuple[EcgWindow, ...]:
+        raw, masks = self._take_raw(len(segs))
+        spans, times = [], []
+        for s in segs:
+            t1 = s.end / self.model_fs
+            t0 = t1 - self.window_len / self.model_fs
+            spans.append((t0, t1))
+            times.append(self._beat_t[(self._beat_t >= t0) & (self._beat_t < t1)])
+        results = self._qa.assess(raw, masks, [s.beats for s in segs], times, spans,
+                                  hop=self._raw.hop)
+        out = []
+        hr_t, hr_ok = [], []  # handed to the HR tracker in one call (same result, less work)
+        for s, (q, usable), (t0, t1), bt in zip(segs, results, spans, times):
+            data, groups = s.data, s.groups
+            if not usable.all():
+                data = np.where(usable[None, :], data, np.float32(0.0))
+                groups = np.where(usable[None, None, :], groups, np.float32(0.0))
+            new = bt[bt > self._handed]
+            if new.size:
+                hr_t.append(new)
+                hr_ok.append(np.full(new.size, q.ok))
+                self._handed = float(new[-1])
+            out.append(EcgWindow(t1, data, usable, q, groups,
+                                 (s.beat_samples / self.model_fs).astype(np.float64)))
+        if hr_t:
+            self._hr.push(np.concatenate(hr_t), np.concatenate(hr_ok))
+        keep_from = spans[-1][0] + self.hop / self.model_fs
+        self._beat_t = self._beat_t[self._beat_t >= keep_from]
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class RecordWindows:
+    """Everything :func:`windows_from_record` computed over one record (for training)."""
+
+    windows: tuple[EcgWindow, ...]
+    t_end_s: np.ndarray          # (k,)
+    data: np.ndarray             # (k, L, n_leads) float32
+    lead_mask: np.ndarray        # (k, n_leads) bool
+    quality_index: np.ndarray    # (k,) float32
+    ok: np.ndarray               # (k,) bool
+    reason: np.ndarray           # (k,) str
+    beats: np.ndarray            # (b,) R-peak sample indices at fs
+    beat_groups: np.ndarray      # (G, 3*beat_len, n_leads): each group once (first window)
+    beat_group_t_s: np.ndarray   # (G,) time of each group's first R peak
+    beat_group_ok: np.ndarray    # (G,) group came from a window that passed quality
+    heart_rate_bpm: float | None
+
+
+def windows_from_record(x_mv: np.ndarray, fs: float, lead_valid: np.ndarray | None = None,
+                        chunk_s: float = 1.0, **kwargs) -> RecordWindows:
+    """Batch helper: run :class:`EcgPipeline` over a whole record in ``chunk_s`` chunks.
+
+    ``x_mv`` (n, n_leads) mV; ``lead_valid`` None, (n_leads,) or (n, n_leads); ``kwargs`` as
+    for :class:`EcgPipeline`. The result does not depend on ``chunk_s`` (tests check it).
+    """
+    x = np.asarray(x_mv, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[:, None]
+    kwargs.setdefault("n_leads", x.shape[1])
+    pipe = EcgPipeline(fs, **kwargs)
+    step = max(1, int(round(chunk_s * fs)))
+    per_sample = lead_valid is not None and np.ndim(lead_valid) == 2
+    wins: list[EcgWindow] = []
+    beats: list[int] = []
+    upd = None
+    for s in range(0, x.shape[0], step):
+        lv = lead_valid[s:s + step] if per_sample else lead_valid
+        upd = pipe.push(x[s:s + step], lv)
+        wins += upd.windows
+        beats += [b.sample for b in upd.beats]
+    upd = pipe.flush()
+    wins += upd.windows
+    beats += [b.sample for b in upd.beats]
+    n = pipe.n_leads
+    groups, gt, gok, seen = [], [], [], set()
+    for w in wins:
+        for j in range(w.beats.shape[0]):
+            key = round(float(w.beat_times_s[j]) * pipe.model_fs)
+            if key not in seen:
+                seen.add(key)
+                groups.append(w.beats[j])
+                gt.append(float(w.beat_times_s[j]))
+                gok.append(w.quality.ok)
+    glen = pipe._seg.group * pipe._seg.beat_len
+    return RecordWindows(
+        windows=tuple(wins),
+        t_end_s=np.array([w.t_end_s for w in wins], dtype=np.float64),
+        data=(np.stack([w.data for w in wins]) if wins
+              else np.zeros((0, pipe.window_len, n), np.float32)),
+        lead_mask=(np.stack([w.lead_mask for w in wins]) if wins
+                   else np.zeros((0, n), bool)),
+        quality_index=np.array([w.quality.index for w in wins], dtype=np.float32),
+        ok=np.array([w.quality.ok for w in wins], dtype=bool),
+        reason=np.array([w.quality.reason for w in wins], dtype=str),
+        beats=np.array(beats, dtype=np.int64),
+        beat_groups=(np.stack(groups) if groups else np.zeros((0, glen, n), np.float32)),
+        beat_group_t_s=np.array(gt, dtype=np.float64),
+        beat_group_ok=np.array(gok, dtype=bool),
+        heart_rate_bpm=upd.heart_rate_bpm,
+    )

@@ -1,0 +1,167 @@
+"""IMU DSP: units, resampling, ACF features vs a numpy reference, gait gate on real excerpts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.dsp.imu import (ImuResampler, acc_g_to_ms2, acf_features, acf_features_batch,
+                            detect_gait, gyro_dps_to_rads, resample_irregular, to_si)
+from daemon.dsp.imu_pipeline import ImuPipeline, imu_windows_from_record
+
+FIX = np.load(Path(__file__).parent / "fixtures" / "imu" / "imu_excerpts.npz")
+HUGADB_FS = 58.82
+
+
+def hugadb(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    raw = FIX[f"hugadb_{name}_shin"].astype(np.float64)
+    t = np.arange(len(raw)) / HUGADB_FS
+    return t, raw[:, :3] / 16384.0, raw[:, 3:] / 16.4
+
+
+def sisfall(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    raw = FIX[f"sisfall_{name}_waist"].astype(np.float64)
+    t = np.arange(len(raw)) / 100.0
+    return t, raw[:, :3] * (32 / 2**13), raw[:, 3:] * (4000 / 2**16)
+
+
+def acf_reference(w: np.ndarray, max_lag: int) -> np.ndarray:
+    """Straightforward float64 numpy: biased ACF of the mean-removed axis, lag 0 = variance."""
+    out = []
+    n = len(w)
+    for c in range(w.shape[1]):
+        x = w[:, c].astype(np.float64) - w[:, c].astype(np.float64).mean()
+        full = np.correlate(x, x, mode="full")[n - 1:]
+        out.append(full[: max_lag + 1] / n)
+    return np.concatenate(out)
+
+
+def test_si_units():
+    assert np.allclose(acc_g_to_ms2(np.ones((2, 3))), 9.80665)
+    assert np.allclose(gyro_dps_to_rads(np.full((2, 3), 180.0)), np.pi)
+    si = to_si(np.ones((4, 3)), np.full((4, 3), 90.0))
+    assert si.dtype == np.float32 and si.shape == (4, 6)
+    with pytest.raises(ValueError, match="acc"):
+        to_si(np.ones((4, 2)), np.ones((4, 3)))
+
+
+def test_acf_features_match_numpy_reference_on_real_data():
+    t, acc, gyro = sisfall("walking")
+    si = to_si(acc, gyro)[:200]
+    f = acf_features(si)
+    assert f.shape == (66,) and f.dtype == np.float32
+    ref = acf_reference(si, 10)
+    np.testing.assert_allclose(f, ref, rtol=2e-4, atol=1e-6)
+    # lag 0 is the variance of each axis
+    np.testing.assert_allclose(f[::11], si.astype(np.float64).var(axis=0), rtol=2e-4)
+    # FFT path (long lags) agrees with the direct path / reference too
+    g = acf_features(si, max_lag=60)
+    np.testing.assert_allclose(g, acf_reference(si, 60), rtol=2e-3, atol=1e-5)
+
+
+def test_acf_variants_and_batch():
+    _, acc, gyro = hugadb("walking")
+    si = to_si(acc, gyro)
+    wins = np.stack([si[i:i + 200] for i in (0, 100, 200)])
+    b = acf_features_batch(wins)
+    for i in range(3):
+        np.testing.assert_allclose(b[i], acf_features(wins[i]), rtol=1e-5, atol=1e-6)
+    norm = acf_features(wins[0], variant="normalized").reshape(6, 11)
+    assert np.all(np.abs(norm[:, 1:]) <= 1.0 + 1e-5)
+    np.testing.assert_allclose(norm[:, 0], b[0].reshape(6, 11)[:, 0], rtol=1e-6)
+    assert acf_features(wins[0], variant="magnitude").shape == (88,)
+    st = acf_features(wins[0], variant="stride", fs=100.0, stride_s=1.0)
+    assert st.shape == (66,)
+    with pytest.raises(ValueError, match="variant"):
+        acf_features(wins[0], variant="nope")
+    with pytest.raises(ValueError, match="lag"):
+        acf_features(wins[0][:5])
+
+
+def test_resampler_is_chunk_invariant_and_respects_gaps():
+    rng = np.random.default_rng(0)
+    t, acc, gyro = hugadb("walking")
+    t = t + rng.uniform(-0.004, 0.004, t.size)  # jittered clock
+    t[300:] += 1.0                             # a 1 s hole: must not be bridged
+    si = to_si(acc, gyro)
+    tt, y = resample_irregular(t, si, 100.0)
+    assert np.all(np.diff(tt)[np.diff(tt) < 0.5] > 0.0099)
+    assert not np.any((tt > t[299] + 0.01) & (tt < t[300] - 0.01))
+    r = ImuResampler(100.0, 6)
+    parts = []
+    pos = 0
+    for n in rng.integers(1, 40, 200):
+        parts += r.push(t[pos:pos + n], si[pos:pos + n])
+        pos += n
+        if pos >= t.size:
+            break
+    assert r.gaps == 1
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), tt)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ImuResampler(100.0, 6).push(np.array([0.0, 0.0]), si[:2])
+
+
+@pytest.mark.parametrize("name,src", [("walking", hugadb), ("walking", sisfall)])
+def test_gait_detects_real_walking(name, src):
+    t, acc, gyro = src(name)
+    _, si = resample_irregular(t, to_si(acc, gyro), 100.0)
+    g = detect_gait(si[:400, :3], 100.0)
+    assert g.walking and g.periodicity > 0.5
+    assert 70.0 <= g.cadence_spm <= 140.0
+
+
+@pytest.mark.parametrize("name,src", [("sitting", hugadb), ("standing", hugadb),
+                                      ("sitting", sisfall)])
+def test_gait_rejects_sitting_and_standing(name, src):
+    t, acc, gyro = src(name)
+    _, si = resample_irregular(t, to_si(acc, gyro), 100.0)
+    for s in range(0, len(si) - 400, 200):
+        g = detect_gait(si[s:s + 400, :3], 100.0)
+        assert not g.walking and g.cadence_spm is None
+
+
+def test_imu_pipeline_windows_chunk_invariant_and_gait():
+    t, acc, gyro = hugadb("walking")
+    whole = imu_windows_from_record(t, acc, gyro)
+    chunked = imu_windows_from_record(t, acc, gyro, chunk=7)
+    assert len(whole) == len(chunked) == 9  # 10.2 s at 100 Hz, 2 s windows, 1 s hop
+    for a, b in zip(whole, chunked):
+        assert a.t_end_s == b.t_end_s
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.features, b.features)
+        assert a.gait == b.gait
+    w = whole[-1]
+    assert w.data.shape == (200, 6) and w.features.shape == (66,)
+    np.testing.assert_allclose(w.features, acf_features(w.data), rtol=1e-6)
+    assert sum(x.gait.walking for x in whole) >= 6
+    t2, acc2, gyro2 = hugadb("sitting")
+    assert not any(x.gait.walking for x in imu_windows_from_record(t2, acc2, gyro2))
+
+
+def test_imu_pipeline_flags_clipped_gyro():
+    t, acc, gyro = hugadb("walking")
+    bad = np.clip(gyro * 10.0, -2000.0, 2000.0)  # HuGaDB's known 10x corruption
+    good = ImuPipeline(gyro_range_dps=2000.0).push(t, acc, gyro).windows
+    broken = ImuPipeline(gyro_range_dps=2000.0).push(t, acc, bad).windows
+    assert not any(w.clipped for w in good)
+    assert all(w.clipped for w in broken)
+
+
+def test_imu_pipeline_never_windows_across_a_gap():
+    t, acc, gyro = sisfall("walking")
+    t = t.copy()
+    t[400:] += 2.0  # BLE drop-out of 2 s after 4 s
+    pipe = ImuPipeline()
+    wins = []
+    for s in range(0, len(t), 25):
+        upd = pipe.push(t[s:s + 25], acc[s:s + 25], gyro[s:s + 25])
+        wins += upd.windows
+    assert upd.gaps == 1
+    ends = np.array([w.t_end_s for w in wins])
+    before, after = ends[ends < t[400]], ends[ends >= t[400]]
+    assert before.max() <= t[399] + 1e-9
+    # the first window after the gap starts at the first sample after it
+    assert after.min() == pytest.approx(t[400] + 1.99, abs=1e-6)
+    assert len(before) == 3 and len(after) == 3

@@ -1,0 +1,218 @@
+"""IMU models: loaders, BioDeep CNN, int8 export parity, shipped models on real held-out windows.
+
+Real data only: tests/fixtures/imu_models/data holds short excerpts of SisFall and HuGaDB in
+the shared/data format (see the README there); the shipped models are daemon/models/imu_*.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.dsp.imu import ACF_VARIANTS, acf_feature_size
+from daemon.dsp.imu_pipeline import imu_windows_from_record
+from daemon.inference.manifest import load_manifest, sha256_file
+from daemon.inference.runtime import load_model
+from training.data.imu import (
+    FINE_CLASSES,
+    TOP_LEVEL,
+    _known_issue_patterns,
+    hugadb_conversion,
+    load_hugadb,
+    load_sisfall,
+    sisfall_conversion,
+    top_level_index,
+    window_set,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "fixtures" / "imu_models" / "data"
+MODELS = ROOT / "daemon" / "models"
+SHIPPED = ("imu_gender", "imu_age", "imu_activity")
+
+
+@pytest.fixture(scope="module")
+def hugadb():
+    return load_hugadb(DATA / "hugadb", "thigh")
+
+
+@pytest.fixture(scope="module")
+def sisfall():
+    return load_sisfall(DATA / "sisfall")
+
+
+def _tf():
+    from training.models import imu as M
+
+    M.limit_threads(1)
+    return M
+
+
+# ------------------------------------------------------------------------------- data
+def test_conversions_are_read_from_metadata():
+    sis = json.loads((DATA / "sisfall" / "metadata.json").read_text())
+    hug = json.loads((DATA / "hugadb" / "metadata.json").read_text())
+    assert sisfall_conversion(sis["units"]) == pytest.approx((1 / 256, 1 / 16.384))
+    assert hugadb_conversion(hug["column_units"]) == (16384.0, 16.4, 2000.0)
+    with pytest.raises(ValueError, match="ADXL345"):
+        sisfall_conversion("counts, unknown sensor")
+
+
+def test_known_issue_text_becomes_file_patterns():
+    pats = _known_issue_patterns("corrupted, e.g. HuGaDB_v1_various_03_* and _04_* ; see README")
+    names = ["HuGaDB_v1_various_03_11.txt", "HuGaDB_v1_various_04_00.txt",
+             "HuGaDB_v1_various_05_00.txt", "HuGaDB_v1_walking_03_00.txt"]
+    assert [any(p.match(n) for p in pats) for n in names] == [True, True, False, False]
+
+
+def test_hugadb_clipped_gyroscope_is_excluded_and_rest_resampled(hugadb):
+    records, excluded = hugadb
+    assert excluded == ["HuGaDB_v1_running_03_00.txt"]  # thigh gyro on the ±2000 °/s rails
+    meta = json.loads((DATA / "hugadb" / "metadata.json").read_text())
+    n_src = {r["file"]: r["n_samples"] for r in meta["recordings"]}
+    for r in records:
+        assert r.si.dtype == np.float32 and r.si.shape[1] == 6
+        assert abs(r.si.shape[0] - n_src[r.file] * 100 / 58.82) < 3  # 58.8 Hz -> 100 Hz
+        assert np.abs(r.si[:, 3:]).max() < np.deg2rad(2000) * 0.98
+        assert r.placement == "right thigh"
+    walking = next(r for r in records if set(r.labels.tolist()) == {1})
+    assert 8 < np.abs(np.linalg.norm(walking.si[:, :3], axis=1)).mean() < 12  # ~1 g in m/s²
+
+
+def test_window_features_equal_the_daemon_streaming_pipeline(sisfall):
+    """Training featurises exactly as the hub: same resampler, windows and ACF."""
+    rec = sisfall[0]
+    ws = window_set([rec], "stride", 10)
+    acc_g, gyro_dps = rec.si[:, :3] / 9.80665, np.rad2deg(rec.si[:, 3:])
+    t = np.arange(len(rec.si)) / 100.0
+    wins = imu_windows_from_record(t, acc_g, gyro_dps, chunk=37, variant="stride")
+    assert len(wins) == len(ws)
+    np.testing.assert_allclose(np.stack([w.features for w in wins]), ws.features,
+                               rtol=1e-3, atol=1e-5)
+
+
+def test_hugadb_windows_have_one_trained_label(hugadb):
+    ws = window_set(hugadb[0], "biodeep", 10)
+    assert set(np.unique(ws.subject)) == {"8", "11", "16"}
+    assert set(ws.activity.tolist()) <= {1, 2, 5, 8, 10}
+    assert (top_level_index(ws.activity) >= 0).all()
+
+
+# ------------------------------------------------------------------------------ models
+@pytest.mark.parametrize("variant", ["biodeep", "magnitude"])
+def test_model_shapes(variant):
+    M = _tf()
+    f = acf_feature_size(10, variant)
+    cfg = M.CnnConfig(n_axes=f // 11)
+    x = np.zeros((3, f), np.float32)
+    assert M.build_gender(cfg)(x)["p_female"].shape == (3, 1)
+    out = M.build_age(40.0, 20.0, cfg)(x)["age_years"]
+    assert out.shape == (3, 1)
+    act = M.build_activity(len(TOP_LEVEL), len(FINE_CLASSES), cfg)(x)
+    assert act["top_level"].shape == (3, 3) and act["fine"].shape == (3, len(FINE_CLASSES))
+    np.testing.assert_allclose(np.asarray(act["top_level"]).sum(1), 1, atol=1e-5)
+    names = [layer.name for layer in M.build_gender(cfg).layers]
+    assert {"conv1", "conv2", "fc"} <= set(names)
+
+
+def test_int8_export_matches_keras_on_real_windows(tmp_path, hugadb):
+    M = _tf()
+    from training.export import export_int8
+    from training.train_imu import fit_activity, manifest_fields, zscore_of
+
+    ws = window_set(hugadb[0], "biodeep", 10)
+    norm = zscore_of(ws.features)
+    model = M.build_activity(len(TOP_LEVEL), len(FINE_CLASSES))
+    fit_activity(model, norm.apply(ws.features), ws.activity, epochs=3)
+    fields = manifest_fields("activity", "biodeep", norm, {"hugadb": ["8", "11", "16"]}, {})
+    path = export_int8(model, ws.features, tmp_path, "act", fields)
+    out = load_model(path).run(features=ws.features)
+    ref = M.predict(model, norm.apply(ws.features))
+    assert np.abs(out["top_level"] - ref["top_level"]).max() < 0.1
+    assert (out["top_level"].argmax(1) == ref["top_level"].argmax(1)).mean() > 0.95
+    assert (out["fine"].argmax(1) == ref["fine"].argmax(1)).mean() > 0.9
+
+
+# ---------------------------------------------------------------------------- shipped
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_manifest_valid_and_hash_correct(name):
+    for path in (MODELS / f"{name}.tflite", MODELS / "float" / f"{name}.tflite"):
+        m = load_manifest(path.with_suffix(".json"))
+        assert m.sha256 == sha256_file(path) and m.size_bytes == path.stat().st_size
+        spec = m.inputs[0]
+        assert spec.features.kind == "acf" and spec.features.params["variant"] in ACF_VARIANTS
+        assert spec.shape == [acf_feature_size(int(spec.features.params["max_lag"]),
+                                               str(spec.features.params["variant"]))]
+        assert spec.rate_hz == 100.0 and spec.window_s == 2.0 and spec.placement
+        ds = m.training.datasets[0]
+        assert m.training.persons[ds] and m.training.held_out[ds]
+        assert not set(m.training.persons[ds]) & set(m.training.held_out[ds])
+        assert {"int8", "float", "rf_baseline"} <= set(m.metrics)
+        load_model(path)
+    assert (MODELS / f"{name}.tflite").stat().st_size <= 150 * 1024
+    assert load_manifest(MODELS / f"{name}.json").inputs[0].dtype == "int8"
+
+
+def _predict(name: str, ws) -> dict[str, np.ndarray]:
+    return load_model(MODELS / f"{name}.tflite").run(features=ws.features)
+
+
+def test_shipped_activity_on_held_out_persons(hugadb):
+    model = load_model(MODELS / "imu_activity.tflite")
+    assert model.manifest.inputs[0].placement.startswith("right thigh")
+    params = model.manifest.inputs[0].features.params
+    ws = window_set(hugadb[0], str(params["variant"]), int(params["max_lag"]))
+    assert not set(ws.subject) & set(model.manifest.training.persons["hugadb"])
+    top = model.run(features=ws.features)["top_level"].argmax(1)
+    truth = top_level_index(ws.activity)
+    for k, label in enumerate(TOP_LEVEL):
+        sel = truth == k
+        assert sel.any(), label
+        assert (top[sel] == k).mean() >= 0.7, f"{label}: {(top[sel] == k).mean():.2f}"
+    single = model.run(features=ws.features[0])
+    assert single["top_level"].shape == (3,) and single["fine"].shape == (len(FINE_CLASSES),)
+
+
+def test_shipped_gender_and_age_on_real_walking(sisfall):
+    m = load_manifest(MODELS / "imu_gender.json")
+    params = m.inputs[0].features.params
+    ws = window_set(sisfall, str(params["variant"]), int(params["max_lag"]))
+    p = _predict("imu_gender", ws)["p_female"].reshape(-1)
+    age = _predict("imu_age", ws)["age_years"].reshape(-1)
+    assert np.all((p >= 0) & (p <= 1)) and np.all(np.isfinite(age))
+    mean_age = {s: age[ws.subject == s].mean() for s in np.unique(ws.subject)}
+    assert all(5 < a < 100 for a in mean_age.values())
+    assert mean_age["SE07"] > mean_age["SA03"]  # 65-year-old vs 19-year-old, both unseen
+
+
+def test_evaluate_imu_only_unseen_persons(tmp_path):
+    from training.eval.imu import evaluate_imu
+
+    res = evaluate_imu(DATA, MODELS, figures=tmp_path)
+    assert "SA01" not in res["gender"]["persons"]  # SA01 trained the shipped model
+    assert set(res["gender"]["persons"]) == {"SA03", "SA10", "SE07"}
+    assert set(res["activity"]["persons"]) == {"8", "11", "16"}
+    for task in ("gender", "age", "activity"):
+        assert {"int8", "float"} <= set(res[task])
+    assert 0 <= res["activity"]["int8"]["top_macro_f1"] <= 100
+    assert (tmp_path / "imu_activity_confusion.png").stat().st_size > 5000
+
+
+def test_finetune_head_only(tmp_path):
+    _tf()
+    import keras
+
+    from training.finetune_imu import finetune, keras_base
+
+    base = keras.models.load_model(keras_base(MODELS / "imu_activity.tflite"))
+    res = finetune(MODELS / "imu_activity.tflite", DATA, tmp_path, epochs=1)
+    tuned = keras.models.load_model(keras_base(Path(res["model"])))
+    for frozen in ("conv1", "conv2"):
+        np.testing.assert_array_equal(base.get_layer(frozen).get_weights()[0],
+                                      tuned.get_layer(frozen).get_weights()[0])
+    assert not np.array_equal(base.get_layer("fc").get_weights()[0],
+                              tuned.get_layer("fc").get_weights()[0])
+    model = load_model(Path(res["model"]))
+    assert "household" in model.manifest.training.persons

@@ -1,0 +1,283 @@
+"""IMU data loaders: SisFall (waist) and HuGaDB (right leg) -> SI windows and ACF features.
+
+WHY: training must see exactly what the hub computes, so the unit conversion, resampling
+(``daemon.dsp.imu.resample_irregular``, the streaming resampler run over a whole record) and
+features (``daemon.dsp.imu.acf_features_batch``) are the daemon's own functions. Conversions,
+rates, activity codes, placement, subjects and the held-out split are read from each folder's
+``metadata.json``, so any folder in the same format (``--data``) works.
+
+HuGaDB's known corruption (some files' gyroscopes 10x amplified and clipped) is handled per
+recording: a recording is flagged when its metadata session is named in ``known_issue`` or when
+the chosen sensor's gyroscope sits on the ±2000 °/s rails (``daemon.dsp.imu.clip_fraction``) for
+more than ``CLIP_LIMIT`` of the samples. Measured on the shared copy, the corruption is per
+sensor, not per file: in walking files whose foot or shin gyro clips, the thigh gyro often has
+the normal level (median |deviation| 48-58 °/s like clean walking files), while amplified ones
+sit at 240-380 °/s and clip. The thigh gyro is the least affected (69 of 496 files clip, vs 142
+shin, 153 foot), which is why the activity model uses the thigh. Flagged recordings are excluded
+and reported, never silently used.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from daemon.dsp.imu import acf_features_batch, clip_fraction, resample_irregular, to_si
+
+MODEL_RATE_HZ = 100.0
+WINDOW_S = 2.0
+HOP_S = 1.0
+CLIP_LIMIT = 1e-3
+
+# HuGaDB activity ids -> (fine class or None, top-level class). Transitions (sitting down /
+# standing up) last about a second and are never the single label of a 2 s window: not used.
+# Bicycling and sitting in a car were recorded by one person only (subject 1) in the shared
+# copy: no subject-disjoint evaluation can measure them, so they train the top-level head
+# (vigorous / rest) but are not fine classes.
+TOP_LEVEL = ("rest", "walking", "vigorous")
+HUGADB_CLASSES: dict[int, tuple[str | None, str]] = {
+    1: ("walking", "walking"),
+    2: ("running", "vigorous"),
+    3: ("going_up", "walking"),
+    4: ("going_down", "walking"),
+    5: ("sitting", "rest"),
+    8: ("standing", "rest"),
+    9: (None, "vigorous"),  # bicycling
+    10: ("up_by_elevator", "rest"),
+    11: ("down_by_elevator", "rest"),
+    12: (None, "rest"),  # sitting_in_car
+}
+FINE_CLASSES = tuple(f for f, _ in HUGADB_CLASSES.values() if f is not None)
+HUGADB_SENSORS = {"foot": "rf", "shin": "rs", "thigh": "rt"}
+SISFALL_GAIT_CODES = ("D01", "D02", "D03", "D04")  # walking slowly/quickly, jogging slowly/quickly
+
+
+class DataError(ValueError):
+    """A dataset folder is missing something the loader needs; the message says what."""
+
+
+@dataclass(frozen=True)
+class ImuRecord:
+    """One recording at ``MODEL_RATE_HZ``: si (n, 6) float32 [acc m/s², gyro rad/s].
+
+    ``labels``: per-sample HuGaDB activity id (0 = none) or None (SisFall: ``code`` labels the
+    whole trial). ``gyro_corrupt``: flagged by the known-issue list or the clipping detector.
+    """
+
+    dataset: str
+    file: str
+    subject: str
+    code: str
+    si: np.ndarray
+    labels: np.ndarray | None
+    age: float
+    sex: str
+    placement: str
+    gyro_corrupt: bool = False
+
+
+@dataclass(frozen=True)
+class WindowSet:
+    """Windows of many records, one row per window: ``features`` (m, F) float32 and metadata."""
+
+    features: np.ndarray
+    subject: np.ndarray  # (m,) str
+    code: np.ndarray  # (m,) str: SisFall code / HuGaDB session type
+    activity: np.ndarray  # (m,) int: HuGaDB activity id (0 for SisFall)
+    age: np.ndarray  # (m,) float32
+    female: np.ndarray  # (m,) int 0/1
+
+    def select(self, mask: np.ndarray) -> "WindowSet":
+        return WindowSet(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+        ast.Div: operator.truediv, ast.Pow: operator.pow}
+
+
+def _arith(expr: str) -> float:
+    """Evaluate a numeric expression such as ``2*16/2**13`` (numbers and + - * / ** only)."""
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError(f"unsupported expression {expr!r}")
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def _metadata(data_dir: Path, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    data_dir = Path(data_dir)
+    meta_path, npz_path = data_dir / "metadata.json", data_dir / f"{name}.npz"
+    for p in (meta_path, npz_path):
+        if not p.exists():
+            raise DataError(f"{p} not found: --data must point at a folder in the format of "
+                            f"../shared/data/{name} (metadata.json + {name}.npz)")
+    meta = json.loads(meta_path.read_text())
+    with np.load(npz_path) as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta, arrays
+
+
+def sisfall_conversion(units: str) -> tuple[float, float]:
+    """(g per bit for cols 0-2, °/s per bit for cols 3-5) from SisFall's ``units`` text."""
+    acc = re.search(r"g\s*=\s*\(([^)]*)\)\s*\*\s*bits\s+for\s+ADXL345", units)
+    gyro = re.search(r"deg/s\s*=\s*\(([^)]*)\)\s*\*\s*bits\s+for\s+ITG3200", units)
+    if not acc or not gyro:
+        raise DataError(f"cannot read the ADXL345/ITG3200 conversions from units={units!r}")
+    return _arith(acc.group(1)), _arith(gyro.group(1))
+
+
+def hugadb_conversion(units: str) -> tuple[float, float, float]:
+    """(counts per g, counts per °/s, gyro full scale °/s) from HuGaDB's ``column_units``."""
+    acc = re.search(r"([\d.]+)\s*counts/g", units)
+    gyro = re.search(r"([\d.]+)\s*counts/\(deg/s\)", units)
+    rng = re.search(r"gyroscope range \+-\s*([\d.]+)\s*deg/s", units)
+    if not acc or not gyro or not rng:
+        raise DataError(f"cannot read the HuGaDB count conversions from column_units={units!r}")
+    return float(acc.group(1)), float(gyro.group(1)), float(rng.group(1))
+
+
+def _to_model_rate(si: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample with the daemon's resampler; returns (y (m, 6), source index of each sample)."""
+    t = np.arange(si.shape[0], dtype=np.float64) / fs
+    if abs(fs - MODEL_RATE_HZ) < 1e-9:
+        return si.astype(np.float32), np.arange(si.shape[0])
+    t_out, y = resample_irregular(t, si, MODEL_RATE_HZ, max_gap_s=np.inf)
+    src = np.minimum(np.floor(t_out * fs + 1e-6).astype(np.int64), si.shape[0] - 1)
+    return y, src
+
+
+def load_sisfall(data_dir: Path, codes: tuple[str, ...] | None = SISFALL_GAIT_CODES
+                 ) -> list[ImuRecord]:
+    """SisFall trials (default: walking/jogging D01-D04) as waist records at 100 Hz."""
+    meta, z = _metadata(data_dir, "sisfall")
+    g_per_bit, dps_per_bit = sisfall_conversion(meta["units"])
+    fs = float(meta["fs_hz"])
+    placement = str(meta.get("sensor_placement", "waist"))
+    subjects = meta["subjects"]
+    out = []
+    for i, rec in enumerate(meta["recordings"]):
+        if codes is not None and rec["code"] not in codes:
+            continue
+        s, n = int(z["rec_start"][i]), int(z["rec_len"][i])
+        raw = z["data"][s:s + n, :6].astype(np.float32)
+        si = to_si(raw[:, :3] * g_per_bit, raw[:, 3:6] * dps_per_bit)
+        si, _ = _to_model_rate(si, fs)
+        subj = subjects[rec["subject"]]
+        out.append(ImuRecord("sisfall", rec["file"], rec["subject"], rec["code"], si, None,
+                             float(subj["age"]), subj["sex"], placement))
+    if not out:
+        raise DataError(f"{data_dir}: no SisFall recordings with codes {codes}")
+    return out
+
+
+def _known_issue_patterns(text: str) -> list[re.Pattern[str]]:
+    """'HuGaDB_v1_various_03_* and _04_*' -> regexes for various_03_* and various_04_*."""
+    pats, last_prefix = [], None
+    for m in re.finditer(r"(HuGaDB_v1_[a-z_]+?_)?(\d+)_\*", text):
+        prefix = m.group(1) or last_prefix
+        if prefix is None:
+            continue
+        last_prefix = prefix
+        pats.append(re.compile(re.escape(prefix + m.group(2) + "_")))
+    return pats
+
+
+def load_hugadb(data_dir: Path, sensor: str = "thigh") -> tuple[list[ImuRecord], list[str]]:
+    """HuGaDB recordings of one right-leg sensor at 100 Hz, corrupt-gyro files excluded.
+
+    Returns (records, excluded file names).
+    """
+    if sensor not in HUGADB_SENSORS:
+        raise DataError(f"sensor={sensor!r}: HuGaDB has {sorted(HUGADB_SENSORS)}")
+    meta, z = _metadata(data_dir, "hugadb")
+    per_g, per_dps, gyro_range = hugadb_conversion(meta["column_units"])
+    fs = float(meta["sampling_rate_hz_approx"])
+    cols = list(meta["columns"])
+    tag = HUGADB_SENSORS[sensor]
+    acc_cols = [cols.index(f"acc_{tag}_{a}") for a in "xyz"]
+    gyro_cols = [cols.index(f"gyro_{tag}_{a}") for a in "xyz"]
+    known = _known_issue_patterns(str(meta.get("known_issue", "")))
+    records, excluded = [], []
+    for i, rec in enumerate(meta["recordings"]):
+        s, n = int(z["rec_start"][i]), int(z["rec_len"][i])
+        raw = z["data"][s:s + n].astype(np.float32)
+        clipped = clip_fraction(raw[:, gyro_cols] / per_dps, gyro_range).max() > CLIP_LIMIT
+        if clipped or any(p.match(rec["file"]) for p in known):
+            excluded.append(rec["file"])
+            continue
+        si = to_si(raw[:, acc_cols] / per_g, raw[:, gyro_cols] / per_dps)
+        si, src = _to_model_rate(si, fs)
+        labels = z["activity"][s:s + n][src].astype(np.int64)
+        subj = str(rec["subject"])
+        info = meta["subjects"][subj]
+        records.append(ImuRecord("hugadb", rec["file"], subj, rec["session_type"], si, labels,
+                                 float(info["age"]), info["sex"], f"right {sensor}"))
+    return records, excluded
+
+
+def sliding_windows(x: np.ndarray, length: int, hop: int) -> np.ndarray:
+    """(n, c) -> (m, length, c) view of windows starting every ``hop`` samples."""
+    if x.shape[0] < length:
+        return np.zeros((0, length, x.shape[1]), dtype=x.dtype)
+    v = np.lib.stride_tricks.sliding_window_view(x, length, axis=0)[::hop]
+    return np.moveaxis(v, -1, 1)
+
+
+def window_set(records: list[ImuRecord], variant: str = "biodeep", max_lag: int = 10,
+               window_s: float = WINDOW_S, hop_s: float = HOP_S) -> WindowSet:
+    """ACF features of every window; HuGaDB windows must carry one trainable label throughout."""
+    length, hop = int(round(window_s * MODEL_RATE_HZ)), int(round(hop_s * MODEL_RATE_HZ))
+    feats, subj, code, act, age, fem = [], [], [], [], [], []
+    for r in records:
+        w = sliding_windows(r.si, length, hop)
+        if not len(w):
+            continue
+        if r.labels is not None:
+            lab = sliding_windows(r.labels[:, None], length, hop)[:, :, 0]
+            pure = (lab == lab[:, :1]).all(1) & np.isin(lab[:, 0], list(HUGADB_CLASSES))
+            w, a = w[pure], lab[pure, 0]
+        else:
+            a = np.zeros(len(w), dtype=np.int64)
+        if not len(w):
+            continue
+        feats.append(acf_features_batch(np.ascontiguousarray(w), max_lag, variant, MODEL_RATE_HZ))
+        subj += [r.subject] * len(w)
+        code += [r.code] * len(w)
+        act.append(a)
+        age += [r.age] * len(w)
+        fem += [int(r.sex == "F")] * len(w)
+    if not feats:
+        raise DataError("no complete windows in the given records")
+    return WindowSet(np.concatenate(feats), np.array(subj), np.array(code),
+                     np.concatenate(act).astype(np.int64), np.array(age, np.float32),
+                     np.array(fem, np.int64))
+
+
+def _lut(values: dict[int, int]) -> np.ndarray:
+    lut = np.full(max(HUGADB_CLASSES) + 1, -1, np.int64)
+    for k, v in values.items():
+        lut[k] = v
+    return lut
+
+
+def top_level_index(activity: np.ndarray) -> np.ndarray:
+    """HuGaDB activity ids -> index into ``TOP_LEVEL`` (-1: not a trained class)."""
+    return _lut({k: TOP_LEVEL.index(t) for k, (_, t) in HUGADB_CLASSES.items()})[activity]
+
+
+def fine_index(activity: np.ndarray) -> np.ndarray:
+    """HuGaDB activity ids -> index into ``FINE_CLASSES`` (-1: top-level only)."""
+    return _lut({k: FINE_CLASSES.index(f) for k, (f, _) in HUGADB_CLASSES.items()
+                 if f is not None})[activity]

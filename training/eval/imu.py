@@ -1,0 +1,215 @@
+"""Evaluate the shipped IMU models on persons they never saw (never trains anything).
+
+``evaluate_imu(data_dir, models_dir, figures=None) -> dict`` is called by
+``python -m training.eval models``. For each of ``imu_gender``, ``imu_age``, ``imu_activity``
+it reads the manifest, excludes every person listed in ``training.persons`` (so on
+``../shared/data`` only the held-out persons count, and on an independent folder in the same
+format all persons count), computes the features the manifest names with the daemon's DSP, and
+runs the int8 model and its float twin (``<models>/float/``) through the daemon runtime.
+Subject-level metrics: gender by vote over a person's windows, age as the mean of a person's
+window estimates, activity macro-F1 over windows (top-level and fine).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from daemon.inference.manifest import Manifest
+from daemon.inference.runtime import Model, load_model
+from training.data.imu import (
+    FINE_CLASSES,
+    SISFALL_GAIT_CODES,
+    TOP_LEVEL,
+    WindowSet,
+    fine_index,
+    load_hugadb,
+    load_sisfall,
+    top_level_index,
+    window_set,
+)
+
+MODELS = {"gender": "imu_gender", "age": "imu_age", "activity": "imu_activity"}
+DEFAULT_FIGURES = Path(__file__).resolve().parents[2] / "docs" / "models"
+
+
+# ------------------------------------------------------------------------------- metrics
+def gender_metrics(subject: np.ndarray, female: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Subject-level: a person is called female when most of their windows have p > 0.5."""
+    subs = np.unique(subject)
+    votes = np.array([(p[subject == s] > 0.5).mean() > 0.5 for s in subs])
+    truth = np.array([female[subject == s][0] == 1 for s in subs])
+    return {"subject_accuracy": float((votes == truth).mean() * 100),
+            "window_accuracy": float(((p > 0.5) == (female == 1)).mean() * 100),
+            "persons": float(len(subs))}
+
+
+def age_metrics(subject: np.ndarray, age: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Subject-level MAE: |mean of the person's window estimates - their age|."""
+    subs = np.unique(subject)
+    err = [abs(pred[subject == s].mean() - age[subject == s][0]) for s in subs]
+    return {"subject_mae_years": float(np.mean(err)),
+            "window_mae_years": float(np.abs(pred - age).mean()),
+            "persons": float(len(subs))}
+
+
+def activity_metrics(activity: np.ndarray, top_prob: np.ndarray, fine_prob: np.ndarray
+                     ) -> dict[str, float]:
+    """Window-level macro-F1 / accuracy, top-level over all windows, fine over fine classes."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    top, fine = top_level_index(activity), fine_index(activity)
+    tp, fp = top_prob.argmax(1), fine_prob.argmax(1)
+    has = fine >= 0
+    present_top = sorted(set(top.tolist()))
+    present_fine = sorted(set(fine[has].tolist()))
+    # Top-level over the activities recorded by >= 2 persons only (bicycling and sitting in a
+    # car come from one person: unseen in any subject-disjoint test of that person).
+    multi_top = sorted(set(top[has].tolist()))
+    return {
+        "top_macro_f1": float(f1_score(top, tp, average="macro", labels=present_top) * 100),
+        "top_macro_f1_multi_person_activities": float(
+            f1_score(top[has], tp[has], average="macro", labels=multi_top) * 100),
+        "top_accuracy": float(accuracy_score(top, tp) * 100),
+        "fine_macro_f1": float(f1_score(fine[has], fp[has], average="macro",
+                                        labels=present_fine) * 100),
+        "fine_accuracy": float(accuracy_score(fine[has], fp[has]) * 100),
+        "windows": float(len(activity)),
+    }
+
+
+def task_metrics(task: str, ws: WindowSet, out: dict[str, np.ndarray]) -> dict[str, float]:
+    if task == "gender":
+        return gender_metrics(ws.subject, ws.female, out["p_female"].reshape(-1))
+    if task == "age":
+        return age_metrics(ws.subject, ws.age, out["age_years"].reshape(-1))
+    return activity_metrics(ws.activity, out["top_level"], out["fine"])
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    m = np.zeros((k, k), np.int64)
+    np.add.at(m, (y, pred), 1)
+    return m
+
+
+# ---------------------------------------------------------------------------- evaluation
+def run_batches(model: Model, x: np.ndarray, batch: int = 512) -> dict[str, np.ndarray]:
+    outs: dict[str, list[np.ndarray]] = {}
+    for s in range(0, len(x), batch):
+        for k, v in model.run(features=x[s:s + batch]).items():
+            outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _windows(data_dir: Path, manifest: Manifest) -> tuple[str, WindowSet]:
+    """The windows of every person the model was not trained on, featurised as it states."""
+    spec = manifest.inputs[0]
+    if spec.features is None or spec.features.kind != "acf":
+        raise ValueError(f"{manifest.name}: manifest states no ACF feature spec")
+    params = spec.features.params
+    dataset = manifest.training.datasets[0]
+    if dataset == "sisfall":
+        recs = load_sisfall(data_dir / "sisfall", SISFALL_GAIT_CODES)
+    elif dataset == "hugadb":
+        m = re.search(r"right (foot|shin|thigh)", spec.placement or "")
+        if not m:
+            raise ValueError(f"{manifest.name}: placement {spec.placement!r} names no HuGaDB sensor")
+        recs, _ = load_hugadb(data_dir / "hugadb", m.group(1))
+    else:
+        raise ValueError(f"{manifest.name}: unknown training dataset {dataset!r}")
+    seen = set(manifest.training.persons.get(dataset, []))
+    recs = [r for r in recs if r.subject not in seen]
+    if not recs:
+        raise ValueError(f"{manifest.name}: every person in {data_dir / dataset} was used for "
+                         "training; evaluate on a folder with other persons")
+    ws = window_set(recs, str(params["variant"]), int(params["max_lag"]),
+                    window_s=float(spec.window_s or 2.0))
+    return dataset, ws
+
+
+def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = DEFAULT_FIGURES
+                 ) -> dict:
+    """Metrics of the shipped IMU models (int8 and float twin) on unseen persons.
+
+    Writes ``imu_activity_confusion.png`` (int8, top-level and fine) into ``figures`` unless
+    it is None.
+    """
+    data_dir, models_dir = Path(data_dir), Path(models_dir)
+    res: dict = {}
+    for task, name in MODELS.items():
+        path = models_dir / f"{name}.tflite"
+        if not path.exists():
+            res[task] = {"error": f"{path} not found; run `python -m training.train_imu "
+                                  f"--data DIR --out {models_dir}`"}
+            continue
+        model = load_model(path)
+        dataset, ws = _windows(data_dir, model.manifest)
+        entry: dict = {"dataset": dataset, "persons": sorted(set(ws.subject.tolist())),
+                       "placement": model.manifest.inputs[0].placement}
+        outs = {"int8": run_batches(model, ws.features)}
+        twin = models_dir / "float" / f"{name}.tflite"
+        if twin.exists():
+            outs["float"] = run_batches(load_model(twin), ws.features)
+        for kind, out in outs.items():
+            entry[kind] = task_metrics(task, ws, out)
+        if task == "activity" and figures is not None:
+            entry["confusion_png"] = str(_confusion_figure(ws, outs["int8"], Path(figures)))
+        res[task] = entry
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.eval.imu --data DIR [--models DIR] [--figures DIR] [--json FILE]``."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m training.eval.imu", description=__doc__)
+    ap.add_argument("--data", type=Path, required=True, help="folder in the shared/data format")
+    ap.add_argument("--models", type=Path, default=Path("daemon/models"))
+    ap.add_argument("--figures", type=Path, default=DEFAULT_FIGURES)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    res = evaluate_imu(args.data, args.models, args.figures)
+    text = json.dumps(res, indent=2, default=float)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def _confusion_figure(ws: WindowSet, out: dict[str, np.ndarray], folder: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    top, fine = top_level_index(ws.activity), fine_index(ws.activity)
+    has = fine >= 0
+    mats = [(confusion(top, out["top_level"].argmax(1), len(TOP_LEVEL)), TOP_LEVEL, "top-level"),
+            (confusion(fine[has], out["fine"][has].argmax(1), len(FINE_CLASSES)), FINE_CLASSES,
+             "fine")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 2]})
+    for ax, (m, labels, title) in zip(axes, mats):
+        ax.imshow(m / np.maximum(m.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if m[i, j]:
+                    ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"IMU activity {title} (int8, persons {', '.join(np.unique(ws.subject))})",
+                     fontsize=9)
+    fig.tight_layout()
+    path = folder / "imu_activity_confusion.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

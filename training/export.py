@@ -1,0 +1,264 @@
+"""Export Keras models to LiteRT ``.tflite`` files with a manifest the daemon can verify.
+
+WHY:
+- ``export_int8`` produces a full-integer model (int8 weights and activations, int8 input)
+  calibrated on a representative set of *real* windows, so the hub runs integer kernels. The
+  outputs stay float32 (the converter appends a dequantize), because embeddings are compared by
+  cosine distance and probabilities against thresholds: int8 outputs would only add a step
+  every caller could get wrong. Both properties are checked on the converted file, not assumed.
+- Signature inputs/outputs get the names stated in the manifest; the runtime reads by name.
+- Calibration data go through the manifest's normalisation (``Normalisation.apply``), the same
+  code the runtime uses, so what the quantiser saw is what the hub feeds.
+- After writing, the file is loaded back through the daemon's own runtime (``load_model``):
+  an export that the daemon would refuse fails here, on the training machine.
+- ``export_float`` writes the float32 twin for the float-vs-int8 comparison in evaluations.
+
+``manifest_fields`` holds everything the exporter cannot know: ``version``, ``tasks``,
+``inputs`` (list of dicts: ``name``, ``shape`` and optionally ``rate_hz``, ``window_s``,
+``channels``, ``units``, ``normalisation``, ``placement``, ``description``), ``outputs`` (list of
+dicts: ``name``, ``meaning``; shape and dtype are read from the model), ``labels``,
+``thresholds``, ``training``, ``metrics``, ``notes``. ``dtype``, ``quantisation``, ``sha256``,
+``size_bytes``, ``created`` and ``file`` are filled in here.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.inference.manifest import (
+    InputSpec,
+    Manifest,
+    manifest_path_for,
+    sha256_bytes,
+    utc_now,
+)
+from daemon.inference.runtime import ModelError, load_model
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402  (after the log level is set)
+
+_RESERVED = {"dtype", "quantisation", "sha256", "size_bytes", "created", "file", "name"}
+_MAX_CALIBRATION = 500
+
+
+class ExportError(RuntimeError):
+    """The converted model does not have the properties the daemon relies on."""
+
+
+def _input_specs(fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+    inputs = list(fields.get("inputs") or [])
+    if not inputs:
+        raise ExportError("manifest_fields['inputs'] must list the model inputs (name, shape)")
+    for spec in inputs:
+        bad = set(spec) & _RESERVED - {"name"}
+        if bad:
+            raise ExportError(f"input {spec.get('name')!r}: {sorted(bad)} are filled in by export")
+    return [dict(spec) for spec in inputs]
+
+
+def _saved_model(model: Any, inputs: list[dict[str, Any]], output_names: list[str], tmp: Path) -> Path:
+    """Write a SavedModel whose ``serving_default`` has named inputs and named float32 outputs.
+
+    Keras 3's ``ExportArchive`` tracks the model's variables so the converter can freeze them
+    (a bare ``tf.function`` + ``from_concrete_functions`` leaves READ_VARIABLE ops behind).
+    """
+    import keras
+
+    signature = [
+        tf.TensorSpec([None, *spec["shape"]], tf.float32, name=spec["name"]) for spec in inputs
+    ]
+    names = [spec["name"] for spec in inputs]
+
+    def serve(*args: tf.Tensor) -> dict[str, tf.Tensor]:
+        x = args[0] if len(args) == 1 else dict(zip(names, args))
+        y = model(x, training=False)
+        if isinstance(y, Mapping):
+            missing = set(output_names) - set(y)
+            if missing:
+                raise ExportError(f"model outputs {sorted(y)} lack {sorted(missing)}")
+            return {k: tf.cast(y[k], tf.float32) for k in output_names}
+        ys = list(y) if isinstance(y, (list, tuple)) else [y]
+        if len(ys) != len(output_names):
+            raise ExportError(f"model has {len(ys)} outputs, manifest names {output_names}")
+        return {k: tf.cast(v, tf.float32) for k, v in zip(output_names, ys)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serving_default", fn=serve, input_signature=signature)
+    archive.write_out(str(tmp), verbose=False)
+    return tmp
+
+
+def _representative(
+    representative: np.ndarray | Mapping[str, np.ndarray], specs: list[InputSpec]
+) -> Iterator[dict[str, np.ndarray]]:
+    arrays = (
+        {k: np.asarray(v) for k, v in representative.items()}
+        if isinstance(representative, Mapping)
+        else {specs[0].name: np.asarray(representative)}
+    )
+    if sorted(arrays) != sorted(s.name for s in specs):
+        raise ExportError(f"representative data for {sorted(arrays)}, inputs are {[s.name for s in specs]}")
+    n = {len(a) for a in arrays.values()}
+    if len(n) != 1 or n.pop() == 0:
+        raise ExportError("representative arrays must be non-empty and of equal length")
+    count = len(next(iter(arrays.values())))
+    idx = np.random.default_rng(0).permutation(count)[:_MAX_CALIBRATION]
+    normalised = {s.name: s.normalisation.apply(arrays[s.name]) for s in specs}
+    for spec in specs:
+        if normalised[spec.name].shape[1:] != tuple(spec.shape):
+            raise ExportError(
+                f"representative {spec.name!r} has windows of shape "
+                f"{normalised[spec.name].shape[1:]}, input shape is {tuple(spec.shape)}"
+            )
+    for i in idx:
+        yield {name: a[i : i + 1].astype(np.float32) for name, a in normalised.items()}
+
+
+def _convert(
+    model: Any,
+    fields: Mapping[str, Any],
+    representative: np.ndarray | Mapping[str, np.ndarray] | None,
+) -> bytes:
+    inputs = _input_specs(fields)
+    output_names = [o["name"] for o in fields.get("outputs") or []]
+    if not output_names:
+        raise ExportError("manifest_fields['outputs'] must name the outputs (name, meaning)")
+    with tempfile.TemporaryDirectory(prefix="biod_export_") as tmp:
+        saved = _saved_model(model, inputs, output_names, Path(tmp) / "saved_model")
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            str(saved), signature_keys=["serving_default"]
+        )
+        if representative is not None:
+            _make_int8(converter, representative, inputs)
+        with warnings.catch_warnings():  # TF's calibrator uses its own deprecated Interpreter
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            return converter.convert()
+
+
+def _make_int8(
+    converter: Any,
+    representative: np.ndarray | Mapping[str, np.ndarray],
+    inputs: list[dict[str, Any]],
+) -> None:
+    # Calibration only needs the normalisation; the quantisation is not known yet.
+    specs = [InputSpec.model_validate({**s, "dtype": "float32"}) for s in inputs]
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: _representative(representative, specs)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.float32
+
+
+def _inspect(content: bytes) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    from daemon.inference.runtime import _Interpreter  # the daemon's interpreter, not TF's
+
+    interp = _Interpreter(model_content=content, num_threads=1)
+    runner = interp.get_signature_runner("serving_default")
+    return runner.get_input_details(), runner.get_output_details()
+
+
+def _write(
+    content: bytes,
+    out_dir: Path,
+    name: str,
+    fields: Mapping[str, Any],
+    int8: bool,
+) -> Path:
+    bad = set(fields) & _RESERVED
+    if bad:
+        raise ExportError(f"manifest_fields must not set {sorted(bad)}: export fills them in")
+    in_details, out_details = _inspect(content)
+    inputs = []
+    for spec in _input_specs(fields):
+        d = in_details.get(spec["name"])
+        if d is None:
+            raise ExportError(f"converted model has no input named {spec['name']!r}: {sorted(in_details)}")
+        want = np.int8 if int8 else np.float32
+        if d["dtype"] != want:
+            raise ExportError(f"input {spec['name']!r} converted to {d['dtype']}, wanted {want}")
+        q = d["quantization_parameters"]
+        quant = (
+            {"scale": float(q["scales"][0]), "zero_point": int(q["zero_points"][0])}
+            if int8
+            else None
+        )
+        inputs.append({**spec, "dtype": "int8" if int8 else "float32", "quantisation": quant})
+    outputs = []
+    for out in fields["outputs"]:
+        d = out_details.get(out["name"])
+        if d is None:
+            raise ExportError(f"converted model has no output named {out['name']!r}: {sorted(out_details)}")
+        if d["dtype"] != np.float32:
+            raise ExportError(f"output {out['name']!r} is {d['dtype']}, the daemon expects float32")
+        shape = [int(s) for s in d["shape_signature"][1:]]
+        outputs.append({**out, "dtype": "float32", "shape": shape})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.tflite"
+    manifest = Manifest.model_validate(
+        {
+            **fields,
+            "name": name,
+            "created": utc_now(),
+            "file": path.name,
+            "inputs": inputs,
+            "outputs": outputs,
+            "sha256": sha256_bytes(content),
+            "size_bytes": len(content),
+        }
+    )
+    path.write_bytes(content)
+    manifest.write(manifest_path_for(path))
+    try:
+        load_model(path)
+    except ModelError as exc:  # pragma: no cover - would be a bug in export or runtime
+        raise ExportError(f"the daemon refuses the exported model: {exc}") from exc
+    return path
+
+
+def export_int8(
+    model: Any,
+    representative: np.ndarray | Mapping[str, np.ndarray],
+    out_dir: Path,
+    name: str,
+    manifest_fields: Mapping[str, Any],
+) -> Path:
+    """Full-integer int8 export (int8 input, float32 outputs) + manifest; returns the .tflite path.
+
+    ``representative``: real raw windows ``(n, *input_shape)`` (or a dict per input name),
+    before normalisation; up to 500 are used for calibration.
+    """
+    content = _convert(model, manifest_fields, representative)
+    return _write(content, Path(out_dir), name, manifest_fields, int8=True)
+
+
+def export_float(
+    model: Any,
+    out_dir: Path,
+    name: str,
+    manifest_fields: Mapping[str, Any],
+) -> Path:
+    """Float32 export + manifest (for the float-vs-int8 comparison); returns the .tflite path."""
+    content = _convert(model, manifest_fields, None)
+    return _write(content, Path(out_dir), name, manifest_fields, int8=False)
+
+
+def update_manifest(model_path: Path, **fields: Any) -> Manifest:
+    """Rewrite fields such as ``metrics`` after evaluation; sha256/size stay those of the file."""
+    path = manifest_path_for(Path(model_path))
+    from daemon.inference.manifest import load_manifest
+
+    manifest = load_manifest(path)
+    bad = set(fields) & {"sha256", "size_bytes", "file", "inputs", "outputs"}
+    if bad:
+        raise ExportError(f"{sorted(bad)} describe the file itself; re-export instead")
+    updated = Manifest.model_validate({**manifest.model_dump(mode="json"), **fields})
+    updated.write(path)
+    return updated

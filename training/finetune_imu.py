@@ -1,0 +1,216 @@
+"""Fine-tune the IMU activity model on a household's own labelled recordings.
+
+``python -m training.finetune_imu --base daemon/models/imu_activity.tflite --data DIR --out DIR``
+
+WHY: a household's sensor sits a little differently and its people move their own way; a few
+minutes of their own labelled recordings adapt the model. The convolution layers (the ACF
+feature detectors learned on many persons) are frozen and only the dense head is retrained, so
+a few minutes of data suffice and training is fast on a hub-class CPU. The base model's input
+normalisation is kept: the frozen layers were trained on it.
+
+``--base``: a ``.keras`` model, or a shipped ``.tflite`` whose Keras twin sits in ``float/``
+beside it (``training.train_imu`` writes it). ``--data``: a folder in the HuGaDB format of
+``../shared/data/hugadb`` (``metadata.json`` + ``hugadb.npz``, per-sample activity ids), or a
+folder holding such a ``hugadb/``. ``--compare``: also train the same network from scratch and
+report how much sooner fine-tuning reaches the same macro-F1 (recordings split alternately into
+fine-tune / test so no window of a test recording is trained on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from daemon.inference.manifest import Normalisation, load_manifest, manifest_path_for
+from training.data.imu import WindowSet, load_hugadb, top_level_index, window_set
+from training.eval.imu import activity_metrics
+
+FROZEN = ("conv1", "conv2")
+
+
+def keras_base(base: Path) -> Path:
+    """The Keras model to start from: ``base`` itself or the shipped model's ``float/`` twin."""
+    base = Path(base)
+    if base.suffix == ".keras":
+        return base
+    twin = base.parent / "float" / f"{base.stem}.keras"
+    if not twin.exists():
+        raise FileNotFoundError(f"{twin} not found: fine-tuning needs the Keras model; run "
+                                "`python -m training.train_imu --data DIR --out "
+                                f"{base.parent}` or pass --base path/to/model.keras")
+    return twin
+
+
+def _manifest_for(keras_path: Path):
+    """The manifest of the shipped model the Keras file belongs to (normalisation, features)."""
+    for candidate in (keras_path.parent.parent / f"{keras_path.stem}.json",
+                      keras_path.with_suffix(".json")):
+        if candidate.exists():
+            return load_manifest(candidate)
+    raise FileNotFoundError(f"no manifest for {keras_path}: expected "
+                            f"{manifest_path_for(keras_path.parent.parent / keras_path.stem)}")
+
+
+def household_windows(data: Path, manifest, persons: tuple[str, ...] | None = None
+                      ) -> tuple[WindowSet, np.ndarray]:
+    """Windows of the household recordings featurised as the base manifest states, plus the
+    index of the recording each window comes from."""
+    data = Path(data)
+    folder = data / "hugadb" if (data / "hugadb").is_dir() else data
+    sensor = (manifest.inputs[0].placement or "right thigh").split()[1]
+    recs, excluded = load_hugadb(folder, sensor)
+    if persons:
+        recs = [r for r in recs if r.subject in persons]
+    if excluded:
+        print(f"note: {len(excluded)} recordings with a clipped gyroscope excluded",
+              file=sys.stderr)
+    params = manifest.inputs[0].features.params
+    sets, rec_ids = [], []
+    for i, r in enumerate(recs):
+        try:
+            ws = window_set([r], str(params["variant"]), int(params["max_lag"]))
+        except ValueError:
+            continue  # too short or no trainable label
+        sets.append(ws)
+        rec_ids.append(np.full(len(ws), i))
+    if not sets:
+        raise ValueError(f"{folder}: no labelled windows of the trained activities")
+    merged = WindowSet(*(np.concatenate([getattr(s, f) for s in sets])
+                         for f in WindowSet.__dataclass_fields__))
+    return merged, np.concatenate(rec_ids)
+
+
+def prepare(model, frozen: bool) -> None:
+    """Freeze (or not) the conv layers and recompile; only the head trains when frozen."""
+    from training.models.imu import compile_activity
+
+    for layer in model.layers:
+        layer.trainable = not (frozen and layer.name in FROZEN)
+    compile_activity(model)
+
+
+def train_curve(model, x: np.ndarray, ws: WindowSet, x_test: np.ndarray, test: WindowSet,
+                epochs: int) -> list[dict[str, float]]:
+    """Train epoch by epoch; after each, the test macro-F1 and the cumulative training time."""
+    from training.train_imu import fit_activity
+
+    curve, spent = [], 0.0
+    for e in range(epochs):
+        t0 = time.process_time()
+        fit_activity(model, x, ws.activity, 1, seed=e)
+        spent += time.process_time() - t0
+        out = model.predict(x_test, batch_size=1024, verbose=0)
+        m = activity_metrics(test.activity, np.asarray(out["top_level"]), np.asarray(out["fine"]))
+        curve.append({"epoch": e + 1, "cpu_s": spent, **m})
+    return curve
+
+
+def _time_to(curve: list[dict[str, float]], key: str, target: float) -> float | None:
+    for point in curve:
+        if point[key] >= target:
+            return point["cpu_s"]
+    return None
+
+
+def finetune(base: Path, data: Path, out: Path, epochs: int = 10, compare: bool = False,
+             scratch_epochs: int = 30, persons: tuple[str, ...] | None = None) -> dict:
+    import keras
+
+    from training.models.imu import build_activity, limit_threads
+    from training.export import export_int8
+
+    limit_threads(1)
+    kpath = keras_base(base)
+    manifest = _manifest_for(kpath)
+    norm: Normalisation = manifest.inputs[0].normalisation
+    ws, rec = household_windows(data, manifest, persons)
+    report: dict = {"base": str(kpath), "windows": len(ws), "persons": sorted(set(ws.subject))}
+    if compare:
+        test_mask = rec % 2 == 1  # alternate recordings: no window of a test recording trains
+        train, test = ws.select(~test_mask), ws.select(test_mask)
+    else:
+        train, test = ws, None
+    x = norm.apply(train.features)
+    model = keras.models.load_model(kpath)
+    if test is not None:
+        xt = norm.apply(test.features)
+        out0 = model.predict(xt, batch_size=1024, verbose=0)
+        report["base_before_finetune"] = activity_metrics(
+            test.activity, np.asarray(out0["top_level"]), np.asarray(out0["fine"]))
+        prepare(model, frozen=True)
+        ft = train_curve(model, x, train, xt, test, epochs)
+        cfg_axes = model.get_layer("conv1").input.shape[-1]
+        from training.models.imu import CnnConfig
+
+        scratch = build_activity(len(manifest.labels["top_level"]), len(manifest.labels["fine"]),
+                                 CnnConfig(n_axes=int(cfg_axes)))
+        sc = train_curve(scratch, x, train, xt, test, scratch_epochs)
+        key = "top_macro_f1"
+        target = 0.98 * min(max(p[key] for p in ft), max(p[key] for p in sc))
+        t_ft, t_sc = _time_to(ft, key, target), _time_to(sc, key, target)
+        report.update({
+            "finetune_curve": ft, "scratch_curve": sc, "target_top_macro_f1": target,
+            "finetune_cpu_s_to_target": t_ft, "scratch_cpu_s_to_target": t_sc,
+            "speedup": (t_sc / t_ft) if t_ft and t_sc else None,
+            "finetune_final": ft[-1], "scratch_final": sc[-1],
+        })
+    else:
+        prepare(model, frozen=True)
+        from training.train_imu import fit_activity
+
+        fit_activity(model, x, train.activity, epochs)
+    fields = manifest.model_dump(mode="json")
+    for k in ("name", "created", "file", "sha256", "size_bytes", "schema_version"):
+        fields.pop(k)
+    for spec in fields["inputs"]:
+        spec.pop("dtype"), spec.pop("quantisation")
+    for o in fields["outputs"]:
+        o.pop("dtype"), o.pop("shape")
+    fields["training"] = {
+        "datasets": manifest.training.datasets + ["household"],
+        "persons": {**manifest.training.persons,
+                    "household": sorted(set(train.subject.tolist()))},
+        "held_out": {}, "description": f"fine-tuned (conv frozen) from {kpath.name} on {data}"}
+    fields["metrics"] = {"household_test": report["finetune_final"]} if compare else {}
+    path = export_int8(model, train.features, Path(out), manifest.name, fields)
+    (Path(out) / "float").mkdir(parents=True, exist_ok=True)
+    model.save(Path(out) / "float" / f"{manifest.name}.keras")  # to fine-tune again later
+    report["model"] = str(path)
+    report["bytes"] = path.stat().st_size
+    report["top_level_present"] = sorted(set(top_level_index(train.activity).tolist()))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.finetune_imu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--compare", action="store_true",
+                    help="also train from scratch and report the speed-up")
+    ap.add_argument("--scratch-epochs", type=int, default=30)
+    ap.add_argument("--persons", help="comma-separated person ids to use (default: all)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        res = finetune(args.base, args.data, args.out, args.epochs, args.compare,
+                       args.scratch_epochs,
+                       tuple(args.persons.split(",")) if args.persons else None)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(res, indent=2, default=float)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

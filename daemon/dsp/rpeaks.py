@@ -1,0 +1,477 @@
+"""Streaming multi-lead R-peak detector (Pan-Tompkins family, refined to the true R extremum).
+
+Pipeline per chunk (vectorised; the only Python loop is over candidate peaks):
+
+1. per lead: 0.5 Hz high-pass (kept for the refinement and amplitudes) and a 4-20 Hz QRS
+   band-pass, a 5-point derivative, rectified -> the lead's slope ``f`` (Pan-Tompkins squares
+   it; |slope| keeps small aberrant/ectopic beats within reach of the threshold);
+2. per lead normalisation by the lead's typical QRS slope (a percentile of the maxima of the
+   previous 1 s blocks, blocks aligned to absolute sample indices, so the result does not depend
+   on chunking) and fusion of the *valid* leads by averaging -> ``g``; a lead that goes off is
+   simply left out of the average, an inverted lead contributes the same (slopes are rectified);
+3. moving-window integration (150 ms) -> ``mwi``; candidates are its local maxima over
+   +-``lookahead`` (this fixes the detector's decision delay);
+4. Pan-Tompkins decision logic per candidate: adaptive signal/noise peak levels and thresholds,
+   200 ms refractory period, T-wave discrimination by slope (< half the previous QRS's slope
+   within 360 ms), and search-back at 1.66 x the mean RR with the lower threshold;
+5. refinement: the detection is moved to the extremum of the high-passed signal of the best
+   lead near the steepest slope, with a per-lead polarity estimate, so that the reported sample
+   is the R peak itself and not the (delayed) integrator maximum.
+
+Every decision is taken at a sample position that does not depend on where chunks are cut,
+so any chunking gives the same beats. The latency of a beat is the time between its R peak
+and the last input sample of the call that emitted it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import signal
+from scipy.ndimage import maximum_filter1d, median_filter
+
+from .filters import SosFilter, bandpass_sos, highpass_sos
+
+__all__ = ["Beat", "RPeakDetector", "detect_rpeaks"]
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One detected heart beat."""
+
+    sample: int  # absolute sample index of the R peak in the input stream (at fs)
+    time_s: float  # sample / fs
+    latency_s: float  # how long after the R peak the detector emitted it
+    amplitude_mv: float  # high-passed signal at the R peak in the refining lead (signed)
+    leads_used: int  # bitmask of the leads that contributed to the detection
+
+
+@dataclass(frozen=True)
+class _Params:
+    """Tunables, in seconds/Hz so that they hold at any sampling rate."""
+
+    band_hz: tuple[float, float] = (4.0, 20.0)
+    power: float = 1.0  # feature = |slope| ** power (Pan-Tompkins squares: 2; 1 keeps small ectopics)
+    thr_frac: float = 0.40  # THR1 = NPK + thr_frac * (SPK - NPK)
+    twave_ratio: float = 0.5  # T wave if its slope is below this fraction of the last QRS's
+    band_order: int = 2
+    feature: str = "slope"  # "slope": derivative of the band-pass; "energy": the band-pass itself
+    mwi_s: float = 0.150
+    lookahead_s: float = 0.250  # candidate = max of mwi within +- this
+    refractory_s: float = 0.200
+    twave_s: float = 0.360
+    searchback_factor: float = 1.66
+    block_s: float = 1.0
+    scale_blocks: int = 8
+    scale_percentile: float = 75.0
+    learn_s: float = 2.0
+    slope_back_s: float = 0.250  # steepest slope is searched in [c - this, c]
+    refine_s: float = 0.090  # R extremum searched from this before the steepest slope ...
+    refine_after_s: float = 0.060  # ... to this after it
+    despike_s: float = 0.012  # median filter width against pacemaker spikes (refinement only)
+    qs_ratio: float = 1.5  # a lead is 'negative' when its S/QS is this much deeper than R
+    polarity_weight: float = 1.0 / 3.0  # opposite extremum wins when 2x larger (ectopics)
+    baseline_s: float = 0.250  # isoelectric level = median over +- this around the QRS
+    keep_s: float = 6.0  # history kept for search-back and refinement
+
+
+class RPeakDetector:
+    """Streaming R-peak detector over ``n_leads`` simultaneously sampled ECG leads.
+
+    ``process(x, lead_valid)`` takes raw mV samples ``(n, n_leads)`` and an optional validity mask,
+    either one flag per lead for the whole chunk or one per sample ``(n, n_leads)``; invalid
+    samples (lead off, saturated) are excluded from the fusion. Returns the beats decided in
+    this call (in sample order); ``flush()`` decides what is still pending at the end.
+    """
+
+    def __init__(self, fs: float, n_leads: int = 1, *, params: "_Params | None" = None) -> None:
+        fs = float(fs)
+        if not np.isfinite(fs) or fs < 50:
+            raise ValueError(f"RPeakDetector needs fs >= 50 Hz (QRS energy reaches 20-25 Hz), got {fs}")
+        if int(n_leads) < 1:
+            raise ValueError(f"n_leads must be >= 1, got {n_leads}")
+        self.fs = fs
+        self.n_leads = L = int(n_leads)
+        p = self._p = params or _Params()
+        s = lambda sec: max(1, int(round(sec * fs)))  # noqa: E731
+        self._W = s(p.mwi_s)
+        self._h = s(p.lookahead_s)
+        self._refr = s(p.refractory_s)
+        self._twave = s(p.twave_s)
+        self._block = s(p.block_s)
+        self._learn = s(p.learn_s)
+        self._slope_back = s(p.slope_back_s)
+        self._refine = s(p.refine_s)
+        self._refine_after = s(p.refine_after_s)
+        self._keep = s(p.keep_s)
+        self._base = s(p.baseline_s)
+        self._twave_g = p.twave_ratio ** p.power  # in feature units (slope ** power)
+        self._despike = int(round(p.despike_s * fs)) | 1
+        self._hp = SosFilter(highpass_sos(fs, 0.5), L)
+        self._bp = SosFilter(bandpass_sos(fs, *p.band_hz, order=p.band_order), L)
+        self._deriv_b = np.array([2.0, 1.0, 0.0, -1.0, -2.0]) * (fs / 8.0)
+        self._deriv_zi = np.zeros((4, L))
+        self._mwi_b = np.full(self._W, 1.0 / self._W)
+        self._mwi_zi = np.zeros(self._W - 1)
+        # Aligned history buffers; absolute index of element 0 is self._buf0.
+        self._buf0 = 0
+        self._xhp = np.zeros((0, L), dtype=np.float32)
+        self._f = np.zeros((0, L))  # feature per lead (raw part, may run ahead of fusion)
+        self._valid = np.zeros((0, L), dtype=bool)
+        self._g = np.zeros(0)  # fused normalised feature
+        self._mwi = np.zeros(0)
+        self._raw_end = 0  # absolute index one past the last raw sample
+        self._fused_end = 0  # one past the last fused sample
+        # Block statistics for normalisation.
+        self._blk_max: list[np.ndarray] = []  # per completed block: max f per lead (nan = no valid)
+        self._cur_blk_max = np.full(L, np.nan)
+        self._blk_offset = 0  # absolute block index of _blk_max[0]
+        self._startup_scale = np.full(L, np.nan)
+        self._startup_end = 0
+        self._scale_cache: tuple[int, np.ndarray] = (-1, np.full(L, np.nan))
+        # Decision state.
+        self._frontier = 0  # candidates < frontier have been examined
+        self._learned = False
+        self._spk = 0.0
+        self._npk = 0.0
+        self._last_c = None  # mwi position of the last beat
+        self._last_slope = 0.0
+        self._rr: list[int] = []
+        self._sb_deadline: int | None = None
+        self._default_rr = int(round(0.8 * fs))
+        self._pending: list[tuple[int, float]] = []  # rejected candidates since the last beat
+        self._last_r = -(10**12)
+        self._polarity = np.zeros(L)  # running polarity vote per lead
+
+    # ------------------------------------------------------------------ public API
+    def process(self, x: np.ndarray, lead_valid: np.ndarray | None = None) -> list[Beat]:
+        x = self._check_chunk(x)
+        n = x.shape[0]
+        valid = self._check_valid(lead_valid, n)
+        if n:
+            self._ingest(x, valid)
+        return self._decide(final=False)
+
+    def flush(self) -> list[Beat]:
+        """Decide everything still pending (end of stream); later calls start from here."""
+        self._fuse(force=True)
+        return self._decide(final=True)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_chunk(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim == 1 and self.n_leads == 1:
+            x = x[:, None]
+        if x.ndim != 2 or x.shape[1] != self.n_leads:
+            raise ValueError(
+                f"RPeakDetector.process: expected (n_samples, {self.n_leads}) mV samples, got shape "
+                f"{x.shape}; one column per lead"
+            )
+        x = x.astype(np.float64)
+        bad = ~np.isfinite(x)
+        if bad.any():
+            raise ValueError(
+                "RPeakDetector.process: non-finite samples; replace them (e.g. by 0) and mark "
+                "them invalid with lead_valid instead"
+            )
+        return x
+
+    def _check_valid(self, lead_valid: np.ndarray | None, n: int) -> np.ndarray:
+        if lead_valid is None:
+            return np.ones((n, self.n_leads), dtype=bool)
+        v = np.asarray(lead_valid, dtype=bool)
+        if v.shape == (self.n_leads,):
+            return np.broadcast_to(v, (n, self.n_leads))
+        if v.shape == (n, self.n_leads):
+            return v
+        raise ValueError(
+            f"lead_valid must have shape ({self.n_leads},) or ({n}, {self.n_leads}), got {v.shape}"
+        )
+
+    # ------------------------------------------------------------------ feature stage
+    def _ingest(self, x: np.ndarray, valid: np.ndarray) -> None:
+        xhp = self._hp.process(x)
+        bp = self._bp.process(x).astype(np.float64)
+        if self._p.feature == "slope":
+            d, self._deriv_zi = signal.lfilter(self._deriv_b, [1.0], bp, axis=0, zi=self._deriv_zi)
+        else:
+            d = bp
+        f = d * d if self._p.power == 2.0 else np.abs(d) ** self._p.power
+        self._xhp = np.concatenate([self._xhp, xhp])
+        self._f = np.concatenate([self._f, f])
+        self._valid = np.concatenate([self._valid, valid])
+        self._raw_end += x.shape[0]
+        self._fuse()
+
+    def _scale_for_block(self, k: int) -> np.ndarray:
+        """Per-lead typical QRS slope from the previous blocks (nan where a lead has no history)."""
+        if self._scale_cache[0] == k:
+            return self._scale_cache[1]
+        kk = k - self._blk_offset
+        hist = self._blk_max[max(0, kk - self._p.scale_blocks):max(0, kk)]
+        if not hist:
+            return np.full(self.n_leads, np.nan)
+        h = np.array(hist)
+        with np.errstate(all="ignore"):
+            ok = np.isfinite(h)
+            out = np.full(self.n_leads, np.nan)
+            for l in range(self.n_leads):
+                if ok[:, l].any():
+                    out[l] = np.percentile(h[ok[:, l], l], self._p.scale_percentile)
+        self._scale_cache = (k, out)
+        return out
+
+    def _fuse(self, force: bool = False) -> None:
+        B = self._block
+        while self._fused_end < self._raw_end:
+            k = self._fused_end // B
+            blk_start, blk_end = k * B, (k + 1) * B
+            if blk_start < self._startup_end:
+                scale = self._startup_scale
+            else:
+                scale = self._scale_for_block(k)
+            if not np.isfinite(scale).any():
+                # No lead has history (stream start or all leads were off): normalise by the
+                # maxima of this and the next blocks (a learning period long enough to hold a
+                # beat even at 40 bpm), which delays the first decisions by that much.
+                span_end = blk_start + self._learn
+                if self._raw_end < span_end and not force:
+                    break
+                sl = slice(blk_start - self._buf0, min(span_end, self._raw_end) - self._buf0)
+                fm = np.where(self._valid[sl], self._f[sl], -np.inf).max(axis=0)
+                scale = np.where(np.isfinite(fm), fm, np.nan)
+                self._startup_scale, self._startup_end = scale, span_end
+            a, b = self._fused_end, min(blk_end, self._raw_end)
+            sl = slice(a - self._buf0, b - self._buf0)
+            f, v = self._f[sl], self._valid[sl]
+            use = v & np.isfinite(scale)[None, :] & (scale > 0)[None, :]
+            safe = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+            num = np.where(use, f / safe[None, :], 0.0).sum(axis=1)
+            cnt = use.sum(axis=1)
+            g = num / np.maximum(cnt, 1)
+            mwi, self._mwi_zi = signal.lfilter(self._mwi_b, [1.0], g, zi=self._mwi_zi)
+            self._g = np.concatenate([self._g, g])
+            self._mwi = np.concatenate([self._mwi, mwi])
+            # Block maxima for later normalisation (only valid samples count).
+            fm = np.where(v, f, -np.inf).max(axis=0) if b > a else np.full(self.n_leads, -np.inf)
+            cur = np.where(np.isnan(self._cur_blk_max), -np.inf, self._cur_blk_max)
+            cur = np.maximum(cur, fm)
+            self._cur_blk_max = np.where(np.isfinite(cur), cur, np.nan)
+            self._fused_end = b
+            if b == blk_end:
+                self._blk_max.append(self._cur_blk_max)
+                self._cur_blk_max = np.full(self.n_leads, np.nan)
+                if len(self._blk_max) > 4 * self._p.scale_blocks:  # bounded memory
+                    drop = len(self._blk_max) - 2 * self._p.scale_blocks
+                    self._blk_max = self._blk_max[drop:]
+                    self._blk_offset += drop
+
+    # ------------------------------------------------------------------ decision stage
+    def _decide(self, final: bool) -> list[Beat]:
+        beats: list[Beat] = []
+        if not self._learned:
+            if self._fused_end >= self._learn or (final and self._fused_end > 0):
+                m = self._mwi[: min(self._learn, self._fused_end) - self._buf0]
+                self._spk = 0.5 * float(m.max())
+                self._npk = 0.5 * float(m.mean())
+                self._learned = True
+            else:
+                return beats
+        end = self._fused_end if final else self._fused_end - self._h
+        if end > self._frontier:
+            lo = max(self._buf0, self._frontier - self._h)
+            seg = self._mwi[lo - self._buf0: self._fused_end - self._buf0]
+            mx = maximum_filter1d(seg, size=2 * self._h + 1, mode="constant", cval=-np.inf)
+            prev = np.concatenate([[-np.inf], seg[:-1]])
+            is_pk = (seg >= mx) & (seg > prev) & (seg > 0)
+            pos = np.flatnonzero(is_pk) + lo
+            pos = pos[(pos >= self._frontier) & (pos < end)]
+            for c in pos:
+                self._searchback(int(c), beats)
+                self._candidate(int(c), float(self._mwi[c - self._buf0]), beats)
+            self._frontier = end
+            self._searchback(end, beats)
+        self._trim()
+        return beats
+
+    def _thresholds(self) -> tuple[float, float]:
+        thr1 = self._npk + self._p.thr_frac * (self._spk - self._npk)
+        return thr1, 0.5 * thr1
+
+    def _slope(self, c: int) -> float:
+        a = max(self._buf0, c - self._slope_back)
+        return float(self._g[a - self._buf0: c + 1 - self._buf0].max())
+
+    def _candidate(self, c: int, v: float, beats: list[Beat]) -> None:
+        if self._last_c is not None and c - self._last_c < self._refr:
+            return
+        thr1, _ = self._thresholds()
+        if v > thr1:
+            if self._is_twave(c):
+                self._npk = 0.125 * v + 0.875 * self._npk
+                return
+            self._spk = 0.125 * v + 0.875 * self._spk
+            self._accept(c, beats)
+        else:
+            self._npk = 0.125 * v + 0.875 * self._npk
+            self._pending.append((c, v))
+
+    def _is_twave(self, c: int) -> bool:
+        if self._last_c is None or c - self._last_c >= self._twave:
+            return False
+        return self._slope(c) < self._twave_g * self._last_slope
+
+    def _searchback(self, now: int, beats: list[Beat]) -> None:
+        """Look back with the lower threshold once 1.66 x RR passed without a beat.
+
+        If nothing qualifies, the signal level is halved and the next look-back is one RR
+        later: after a sudden drop in QRS amplitude (electrode contact, posture) the detector
+        recovers within a few beats instead of staying deaf.
+        """
+        while True:
+            anchor = self._last_c if self._last_c is not None else 0
+            rr = float(np.mean(self._rr)) if self._rr else self._default_rr
+            if self._sb_deadline is None:
+                self._sb_deadline = anchor + int(self._p.searchback_factor * rr)
+            if now <= self._sb_deadline:
+                return
+            _, thr2 = self._thresholds()
+            best = None
+            for c, v in self._pending:
+                # Only the last keep_s before the deadline: older history may already be
+                # trimmed, and when depends on chunking; this bound does not.
+                if self._sb_deadline - self._keep <= c <= self._sb_deadline and c - anchor >= self._refr and v > thr2:
+                    if self._is_twave(c):
+                        continue
+                    if best is None or v > best[1]:
+                        best = (c, v)
+            if best is None:
+                self._spk *= 0.5
+                self._npk *= 0.5
+                self._sb_deadline += int(rr)
+                continue
+            self._spk = 0.25 * best[1] + 0.75 * self._spk
+            rest = [(c, v) for c, v in self._pending if c > best[0]]
+            self._accept(best[0], beats)
+            self._pending = rest
+
+    def _accept(self, c: int, beats: list[Beat]) -> None:
+        slope = self._slope(c)
+        r, amp, leads = self._refine_r(c)
+        if self._last_c is not None:
+            rr = c - self._last_c
+            self._rr.append(rr)
+            if len(self._rr) > 8:
+                self._rr.pop(0)
+        self._last_c = c
+        self._last_slope = slope
+        self._pending = []
+        self._sb_deadline = None
+        if r <= self._last_r:
+            return
+        self._last_r = r
+        beats.append(
+            Beat(
+                sample=int(r),
+                time_s=r / self.fs,
+                latency_s=(self._raw_end - 1 - r) / self.fs,
+                amplitude_mv=float(amp),
+                leads_used=leads,
+            )
+        )
+
+    def _refine_r(self, c: int) -> tuple[int, float, int]:
+        """Move the detection at mwi peak ``c`` to the R extremum of the high-passed signal.
+
+        The steepest fused slope before ``c`` locates the QRS; within +-refine_s of it the R
+        peak is the extremum of the lead with the largest deflection, in the lead's running
+        polarity (biased to positive: an RS complex is marked at R unless S clearly dominates),
+        or the opposite extremum when that is twice as large in this beat (ectopic beats with
+        inverted QRS). A short median filter first removes pacemaker spikes, which are
+        narrower than any QRS and would otherwise attract the extremum.
+        """
+        b0 = self._buf0
+        a = max(b0, c - self._slope_back)
+        g = self._g[a - b0: c + 1 - b0]
+        q = a + int(np.argmax(g))
+        lo = max(b0, q - self._refine)
+        # Only samples up to the decision point c + lookahead: how far the raw stream runs
+        # ahead depends on chunking, and the result must not.
+        lim = min(self._raw_end, c + self._h + 1)
+        hi = min(lim, q + self._refine_after + 1)
+        wlo = max(b0, q - self._base)
+        whi = min(lim, q + self._base + 1)
+        wide = self._xhp[wlo - b0: whi - b0].astype(np.float64)
+        if self._despike > 1 and wide.shape[0] > self._despike:
+            wide = median_filter(wide, size=(self._despike, 1), mode="nearest")
+        base = np.median(wide, axis=0)
+        xs = wide[lo - wlo: hi - wlo] - base[None, :]
+        vs = self._valid[lo - b0: hi - b0]
+        lead_ok = vs.all(axis=0) if vs.size else np.zeros(self.n_leads, bool)
+        if not lead_ok.any():
+            lead_ok = vs.any(axis=0) if vs.size else np.ones(self.n_leads, bool)
+            if not lead_ok.any():
+                lead_ok[:] = True
+        leads_used = int(sum(1 << l for l in range(self.n_leads) if lead_ok[l]))
+        pos = xs.max(axis=0)
+        neg = -xs.min(axis=0)
+        # +1 when R dominates, -1 when S/QS clearly dominates (neg > 1.5 pos).
+        vote = np.where(neg > self._p.qs_ratio * pos, -1.0, 1.0)
+        first = self._polarity == 0
+        self._polarity = np.where(
+            lead_ok, np.where(first, vote, 0.9 * self._polarity + 0.1 * vote), self._polarity
+        )
+        # The lead's polarity weighs this beat's two extrema: with a confident estimate the
+        # opposite one must be (1 + k) / (1 - k) = 2x larger to win; with an uncertain one
+        # (mixed ectopic/normal morphologies) the larger extremum wins.
+        k = self._p.polarity_weight * np.clip(self._polarity, -1.0, 1.0)
+        pol = np.where(pos * (1.0 + k) >= neg * (1.0 - k), 1.0, -1.0)
+        amp_lead = np.where(lead_ok, np.maximum(pos, neg), -np.inf)
+        best = int(np.argmax(amp_lead))
+        i = int(np.argmax(pol[best] * xs[:, best]))
+        # The median flattens the very top of R: take the exact extremum of the unfiltered
+        # signal within the filter's half width of the despiked one.
+        d = self._despike // 2
+        raw = self._xhp[max(lo, lo + i - d) - b0: min(hi, lo + i + d + 1) - b0, best]
+        j = max(lo, lo + i - d) + int(np.argmax(pol[best] * raw))
+        return j, float(self._xhp[j - b0, best] - base[best]), leads_used
+
+    def _trim(self) -> None:
+        """Drop history no decision can need any more (bounded memory on endless streams)."""
+        need = min(self._frontier, self._fused_end) - self._keep
+        if self._last_c is not None:
+            # Keep back to the last beat, but never more than 2 x keep_s: a stream with no
+            # beats for minutes (all leads off) must not grow.
+            need = max(min(need, self._last_c - self._slope_back - self._refine), need - self._keep)
+        if need - self._buf0 > self._keep:
+            k = need - self._buf0
+            self._xhp = self._xhp[k:]
+            self._f = self._f[k:]
+            self._valid = self._valid[k:]
+            self._g = self._g[k:]
+            self._mwi = self._mwi[k:]
+            self._buf0 = need
+            self._pending = [(c, v) for c, v in self._pending if c >= need + self._slope_back]
+
+
+def detect_rpeaks(
+    x: np.ndarray, fs: float, lead_valid: np.ndarray | None = None, chunk: int | None = None
+) -> np.ndarray:
+    """Batch convenience: run the streaming detector over a whole recording.
+
+    ``x`` is (n,) or (n, n_leads) in mV; ``lead_valid`` is None, (n_leads,) or (n, n_leads);
+    ``chunk`` is the chunk size fed to the detector (None: one second). Returns R-peak sample
+    indices (int64, increasing).
+    """
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[:, None]
+    det = RPeakDetector(fs, x.shape[1])
+    step = int(chunk) if chunk else max(1, int(round(fs)))
+    per_sample = lead_valid is not None and np.asarray(lead_valid).ndim == 2
+    out: list[Beat] = []
+    for i in range(0, x.shape[0], step):
+        lv = np.asarray(lead_valid)[i:i + step] if per_sample else lead_valid
+        out.extend(det.process(x[i:i + step], lv))
+    out.extend(det.flush())
+    return np.array([b.sample for b in out], dtype=np.int64)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import signal
-from scipy.ndimage import maximum_filter1d, median_filter
+from scipy.ndimage import maximum_filter1d, median_filter, minimum_filter1d
 
 from .filters import SosFilter, bandpass_sos, highpass_sos
 
@@ -73,6 +73,9 @@ class _Params:
     polarity_weight: float = 1.0 / 3.0  # opposite extremum wins when 2x larger (ectopics)
     baseline_s: float = 0.250  # isoelectric level = median over +- this around the QRS
     keep_s: float = 6.0  # history kept for search-back and refinement
+    flat_s: float = 1.0  # a lead with no excursion above flat_mv within this trailing window ...
+    flat_mv: float = 0.015  # ... is treated as off (electrode not attached, amplifier output pinned)
+    relearn_s: float = 1.0  # after this long with every lead off, thresholds are learned again
 
 
 class RPeakDetector:
@@ -142,6 +145,13 @@ class RPeakDetector:
         self._pending: list[tuple[int, float]] = []  # rejected candidates since the last beat
         self._last_r = -(10**12)
         self._polarity = np.zeros(L)  # running polarity vote per lead
+        # Flat-lead detection and re-learning after every lead was off (electrodes put on).
+        self._flat_w = s(p.flat_s) | 1
+        self._flat_tail = np.zeros((0, L), dtype=np.float32)
+        self._relearn = s(p.relearn_s)
+        self._dead_run = 0  # consecutive fused samples with no usable lead
+        self._revive_at: int | None = None  # first usable sample after a dead run >= relearn
+        self._learn_start = 0
 
     # ------------------------------------------------------------------ public API
     def process(self, x: np.ndarray, lead_valid: np.ndarray | None = None) -> list[Beat]:
@@ -189,7 +199,19 @@ class RPeakDetector:
         )
 
     # ------------------------------------------------------------------ feature stage
+    def _flat(self, x: np.ndarray) -> np.ndarray:
+        """(n, L) True where a lead has had no excursion above ``flat_mv`` in the trailing
+        ``flat_s``: such a lead carries no ECG (an unattached electrode, a pinned amplifier),
+        and treating it as valid would normalise noise up to QRS size and invent beats."""
+        W = self._flat_w
+        z = np.concatenate([self._flat_tail, x.astype(np.float32)])
+        mx = maximum_filter1d(z, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
+        mn = minimum_filter1d(z, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
+        self._flat_tail = z[-(W - 1):]
+        return (mx - mn)[-x.shape[0]:] < self._p.flat_mv
+
     def _ingest(self, x: np.ndarray, valid: np.ndarray) -> None:
+        valid = valid & ~self._flat(x)
         xhp = self._hp.process(x)
         bp = self._bp.process(x).astype(np.float64)
         if self._p.feature == "slope":
@@ -248,6 +270,7 @@ class RPeakDetector:
             safe = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
             num = np.where(use, f / safe[None, :], 0.0).sum(axis=1)
             cnt = use.sum(axis=1)
+            self._track_dead(a, cnt)
             g = num / np.maximum(cnt, 1)
             mwi, self._mwi_zi = signal.lfilter(self._mwi_b, [1.0], g, zi=self._mwi_zi)
             self._g = np.concatenate([self._g, g])
@@ -266,12 +289,40 @@ class RPeakDetector:
                     self._blk_max = self._blk_max[drop:]
                     self._blk_offset += drop
 
+    def _track_dead(self, a: int, cnt: np.ndarray) -> None:
+        """Remember where usable ECG resumes after every lead was off for ``relearn_s``: the
+        thresholds learned on the previous wearer (or on nothing) must not judge the new signal."""
+        alive = np.flatnonzero(cnt > 0)
+        if alive.size == 0:
+            self._dead_run += len(cnt)
+            return
+        if self._dead_run + alive[0] >= self._relearn:
+            self._revive_at = a + int(alive[0])
+        self._dead_run = len(cnt) - 1 - int(alive[-1])
+        # a dead gap inside this segment also counts
+        gaps = np.diff(alive) - 1
+        if gaps.size and gaps.max() >= self._relearn:
+            j = int(np.flatnonzero(gaps >= self._relearn)[-1])
+            self._revive_at = a + int(alive[j + 1])
+
+    def _restart_learning(self, at: int) -> None:
+        self._learned = False
+        self._learn_start = at
+        self._rr = []
+        self._last_c = None
+        self._pending = []
+        self._sb_deadline = None
+        self._frontier = max(self._frontier, at)
+
     # ------------------------------------------------------------------ decision stage
     def _decide(self, final: bool) -> list[Beat]:
         beats: list[Beat] = []
+        if self._revive_at is not None and self._revive_at > self._learn_start:
+            self._restart_learning(self._revive_at)
         if not self._learned:
-            if self._fused_end >= self._learn or (final and self._fused_end > 0):
-                m = self._mwi[: min(self._learn, self._fused_end) - self._buf0]
+            if self._fused_end >= self._learn_start + self._learn or (final and self._fused_end > self._learn_start):
+                lo = max(self._learn_start, self._buf0)
+                m = self._mwi[lo - self._buf0: min(self._learn_start + self._learn, self._fused_end) - self._buf0]
                 self._spk = 0.5 * float(m.max())
                 self._npk = 0.5 * float(m.mean())
                 self._learned = True

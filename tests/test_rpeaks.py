@@ -215,3 +215,22 @@ def test_stress_noise_has_the_requested_snr_and_is_reproducible(snr_db):
     assert measured == pytest.approx(snr_db, abs=0.05)
     np.testing.assert_array_equal(noisy, add_noise(x, MIT_FS, snr_db, seed=3))
     assert not np.array_equal(noisy, add_noise(x, MIT_FS, snr_db, seed=4))
+
+
+def test_electrodes_put_on_after_a_flat_start() -> None:
+    """ECG-ID person 25, record 4 starts with 4 s of exact zeros (the electrodes were not yet on):
+    no beat may be invented there, and once the ECG starts every beat must be found, as if the
+    stream had started with the ECG (thresholds are learned again, not kept from the flat part)."""
+    from firmware_protocol.emulators.recordings import load_recording
+
+    rec = load_recording("ecgid-p25-r4")
+    x = rec.leads_mv[:, :1].astype(np.float32)
+    onset = int(np.flatnonzero(np.abs(x[:, 0]) > 0.01)[0])
+    assert onset > 3 * rec.fs_hz  # the property this test is about
+    beats = detect_rpeaks(x, rec.fs_hz, chunk=25)
+    assert not (beats < onset).any()
+    reference = detect_rpeaks(x[onset:], rec.fs_hz) + onset
+    matched = sum(np.min(np.abs(beats - r)) <= 0.05 * rec.fs_hz for r in reference)
+    assert matched == len(reference) and len(beats) == len(reference)
+    rr = np.diff(beats) / rec.fs_hz
+    assert 0.6 < np.median(rr) < 1.3

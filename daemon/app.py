@@ -366,6 +366,8 @@ class BiodApp:
         self.enrolment = Enrolment(req.name, self.bio.engine, load_impostors(self.cfg.models_dir or MODELS_DIR),
                                    seconds=req.seconds, started=time.time())
         self.bio.embeddings_sink = self.enrolment.sink
+        if self.ecg_source is not None and self.ecg_source.health.device is not None:
+            self.enrolment.n_leads_on = self.ecg_source.health.device.channels
         log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)
         publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, self.enrolment.deadline))
 

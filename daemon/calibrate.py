@@ -70,8 +70,9 @@ def _open_source(cfg: BiodConfig, on_chunk) -> tuple[EcgSource, object | None]:
 
 
 def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silence_s: float = 5.0
-            ) -> tuple[np.ndarray, list[str], dict[str, int]]:
-    """Stream and return (embeddings (n, D), activity label per window, rejection reasons)."""
+            ) -> tuple[np.ndarray, list[str], dict[str, int], int]:
+    """Stream and return (embeddings (n, D), activity label per window, rejection reasons,
+    how many leads were on in most clean windows)."""
     model = load_ecg_model(cfg)
     if model is None:
         raise ConfigError("calibrate: no usable ECG model (see the error above); re-install biod")
@@ -84,6 +85,7 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
     embeddings: list[np.ndarray] = []
     labels: list[str] = []
     rejected: dict[str, int] = {}
+    leads: list[int] = []
     total = sum(p.seconds for p in plan)
     tty = out.isatty()
     try:
@@ -100,7 +102,7 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                     if time.monotonic() - last_data > silence_s:
                         print(f"\n  the ECG stopped ({source.health.last_error or 'no data'}); finishing with what was recorded",
                               file=out, flush=True)
-                        return _result(embeddings, labels, rejected)
+                        return _result(embeddings, labels, rejected, leads)
                     continue
                 last_data = time.monotonic()
                 if pipeline is None:
@@ -114,6 +116,7 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                     if window.quality.ok and window.lead_mask.any():
                         emb, _ = model.infer(window)
                         embeddings.append(np.asarray(emb, dtype=np.float32))
+                        leads.append(int(window.lead_mask.sum()))
                         labels.append(phase.label)
                         reason = ""
                     else:
@@ -126,7 +129,7 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                 if phase_samples >= phase.seconds:
                     break
         print("", file=out)
-        return _result(embeddings, labels, rejected)
+        return _result(embeddings, labels, rejected, leads)
     finally:
         stop.set()
         thread.join(5)
@@ -135,9 +138,10 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
         log.debug("calibrate: collected %.0f s plan", total)
 
 
-def _result(embeddings: list[np.ndarray], labels: list[str], rejected: dict[str, int]):
+def _result(embeddings: list[np.ndarray], labels: list[str], rejected: dict[str, int], leads: list[int]):
     dim = embeddings[0].shape[0] if embeddings else 0
-    return (np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)), labels, rejected
+    leads_on = int(np.median(leads)) if leads else 3
+    return (np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)), labels, rejected, leads_on
 
 
 def describe(report: EnrolmentReport, out: TextIO = sys.stdout) -> None:
@@ -170,7 +174,7 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     engine = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref)
     print(f"Enrolling {name!r}: attach the electrodes (RA, LA, LL), then follow the steps. "
           f"{len(people)} person(s) already enrolled.", file=out)
-    embeddings, labels, rejected = collect(cfg, phases(seconds, walk), out)
+    embeddings, labels, rejected, leads_on = collect(cfg, phases(seconds, walk), out)
     if rejected:
         print("  rejected windows: " + ", ".join(f"{k} ×{v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])), file=out)
     if len(embeddings) == 0:
@@ -179,9 +183,9 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
               "and keep still, then run biod calibrate again", file=out)
         return 1
     impostors = load_impostors(cfg.models_dir or MODELS_DIR)
+    imp = impostors.for_leads(leads_on) if impostors else (None, None)
     report = engine.enrol(name, embeddings, labels if len(set(labels)) > 1 else None,
-                          impostor_embeddings=None if impostors is None else impostors.embeddings,
-                          impostor_labels=None if impostors is None else impostors.labels)
+                          impostor_embeddings=imp[0], impostor_labels=imp[1])
     describe(report, out)
     if not report.accepted or report.person is None:
         return 1

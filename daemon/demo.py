@@ -23,10 +23,10 @@ import paho.mqtt.client as mqtt
 
 from daemon.config import default_config
 
-HOUSEHOLD = {"alice": ("ecgid-p25-r1", "ecgid-p25-r4"),
-             "bob": ("ecgid-p46-r1", "ecgid-p46-r3"),
-             "carol": ("ecgid-p53-r1", "ecgid-p53-r4")}
-STRANGER = "ecgid-p04-r1"
+HOUSEHOLD = {"alice": ("ecgid-p02-r1", "ecgid-p02-r4"),
+             "bob": ("ecgid-p26-r1", "ecgid-p26-r3"),
+             "carol": ("ecgid-p34-r1", "ecgid-p34-r3")}
+STRANGER = "ecgid-p05-r1"
 
 
 def free_port() -> int:

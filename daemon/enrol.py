@@ -22,11 +22,18 @@ IMPOSTORS_FILE = "ecg_impostors.npz"
 
 @dataclass(frozen=True)
 class Impostors:
-    """Embeddings of never-enrolled persons shipped with the model (for FAR estimates)."""
+    """Embeddings of never-enrolled persons shipped with the model (for FAR estimates), seen
+    through lead I only and through all three leads (``python -m training.impostors``)."""
 
-    embeddings: np.ndarray  # (m, D) float32
-    labels: np.ndarray      # (m,) person of each row
+    embeddings: np.ndarray         # (m, D) float32, lead I only
+    labels: np.ndarray             # (m,) person of each row
+    embeddings_3lead: np.ndarray   # (k, D) float32, leads I, II, III
+    labels_3lead: np.ndarray
     model_version: str
+
+    def for_leads(self, n_leads_on: int) -> tuple[np.ndarray, np.ndarray]:
+        """The set seen through the same leads as the enrolment (one lead or several)."""
+        return (self.embeddings, self.labels) if n_leads_on <= 1 else (self.embeddings_3lead, self.labels_3lead)
 
 
 def load_impostors(models_dir: Path) -> Impostors | None:
@@ -35,7 +42,8 @@ def load_impostors(models_dir: Path) -> Impostors | None:
         log.warning("enrol: %s is missing; false-accept rates are estimated from enrolled persons only", path)
         return None
     with np.load(path, allow_pickle=False) as z:
-        return Impostors(z["embeddings"].astype(np.float32), z["labels"], str(z["model_version"]))
+        return Impostors(z["embeddings"].astype(np.float32), z["labels"], z["embeddings_3lead"].astype(np.float32),
+                         z["labels_3lead"], str(z["model_version"]))
 
 
 @dataclass
@@ -46,6 +54,7 @@ class Enrolment:
     seconds: float
     started: float = field(default_factory=time.time)
     sink: list[tuple[float, np.ndarray, str | None]] = field(default_factory=list)
+    n_leads_on: int = 3
 
     @property
     def deadline(self) -> float:
@@ -71,7 +80,5 @@ class Enrolment:
         embeddings = np.stack([e for _, e, _ in self.sink]).astype(np.float32)
         acts = [a for _, _, a in self.sink]
         activities = acts if all(a is not None for a in acts) and len(set(acts)) > 1 else None
-        imp = self.impostors
-        return self.engine.enrol(self.name, embeddings, activities,
-                                 impostor_embeddings=None if imp is None else imp.embeddings,
-                                 impostor_labels=None if imp is None else imp.labels)
+        imp = self.impostors.for_leads(self.n_leads_on) if self.impostors else (None, None)
+        return self.engine.enrol(self.name, embeddings, activities, impostor_embeddings=imp[0], impostor_labels=imp[1])

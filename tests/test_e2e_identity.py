@@ -4,7 +4,11 @@ recording of each made on ANOTHER DAY through `biod run` and check the events; a
 person is `unknown`; lead-off ends the session; a broker outage loses and duplicates nothing;
 SIGTERM says `stopped`.
 
-ECG-ID persons 25, 46 and 53 (enrolled) and 4 (stranger) are shipped as emulator recordings;
+ECG-ID persons 25, 46 and 53 (enrolled) and 4 (stranger) are shipped as emulator recordings.
+This test checks the daemon (sources, DSP, model runtime, identity engine, events, spool, MQTT),
+not how well the model generalises: these four persons were among the model's training persons,
+so their separation is not in question here. How the model does on persons it has never seen is
+measured by `python -m training.eval models` (docs/MODELS.md) and shown by `biod demo`.
 ECG-ID is lead I only, so the emulated box reports the LL electrode off and only lead I is used.
 """
 from __future__ import annotations

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-ENROL = {"alice": "ecgid-p25-r1", "bob": "ecgid-p46-r1", "carol": "ecgid-p53-r1"}
-WEAR = {"alice": "ecgid-p25-r4", "bob": "ecgid-p46-r3", "carol": "ecgid-p53-r4"}
+ENROL = {"alice": "ecgid-p02-r1", "bob": "ecgid-p26-r1", "carol": "ecgid-p34-r1"}
+WEAR = {"alice": "ecgid-p02-r4", "bob": "ecgid-p26-r3", "carol": "ecgid-p34-r3"}
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 

@@ -1,0 +1,128 @@
+"""ECG dual-task model: shapes, SCA vs numpy, activity construction, shipped int8 model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.dsp.ecg_pipeline import windows_from_record
+from daemon.dsp.rpeaks import detect_rpeaks
+from daemon.inference.manifest import load_manifest, sha256_file
+from daemon.inference.runtime import load_model
+from training.data.ecg import is_training_person, load_ecgid, load_ludb
+from training.data.ecg_activity import GUDB_TEST_SUBJECTS, retime_record
+from training.models.ecg_dualtask import (
+    ACTIVITY_LABELS, SequenceChannelAttention, build_dualtask, sca_reference)
+from training.train_ecg import INPUT_LEN, PIPELINE_KW, STRIDES, augment
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "daemon" / "models"
+MINIDATA = ROOT / "tests" / "fixtures" / "minidata"
+SHIPPED = MODELS / "ecg_dualtask.tflite"
+
+
+def test_output_shapes_and_normalisation():
+    model = build_dualtask(INPUT_LEN, strides=STRIDES)
+    x = np.random.default_rng(0).normal(size=(3, INPUT_LEN, 3)).astype(np.float32)
+    out = model(x, training=False)
+    assert tuple(out["embedding"].shape) == (3, 64)
+    assert tuple(out["activity"].shape) == (3, len(ACTIVITY_LABELS))
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.sum(out["activity"], axis=1), 1.0, atol=1e-5)
+
+
+def _sca_with(kernel: np.ndarray, fc_w: np.ndarray, fc_b: np.ndarray, shape) -> SequenceChannelAttention:
+    layer = SequenceChannelAttention(kernel_size=len(kernel))
+    layer.build(shape)
+    layer.channel_conv.kernel.assign(kernel.reshape(-1, 1, 1))
+    layer.sequence_fc.kernel.assign(fc_w)
+    layer.sequence_fc.bias.assign(fc_b)
+    return layer
+
+
+def test_sca_hand_computed_case():
+    # zero weights: both attentions are sigmoid(0) = 0.5, so the output is x / 4
+    x = np.array([[[1.0], [3.0]]], dtype=np.float32)           # (B=1, T=2, C=1)
+    layer = _sca_with(np.zeros(1), np.zeros((2, 2)), np.zeros(2), (None, 2, 1))
+    np.testing.assert_allclose(layer(x).numpy(), [[[0.25], [0.75]]], atol=1e-7)
+    # channel conv weight 1 on a single channel: ca = sigmoid(mean_t x) = sigmoid(2)
+    layer = _sca_with(np.ones(1), np.zeros((2, 2)), np.zeros(2), (None, 2, 1))
+    s2 = 1.0 / (1.0 + np.exp(-2.0))
+    np.testing.assert_allclose(layer(x).numpy(), x * s2 * 0.5, rtol=1e-6)
+
+
+def test_sca_matches_numpy_reference():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    kernel = np.array([0.5, -1.0, 0.25])
+    fc_w = rng.normal(size=(5, 5)).astype(np.float32) * 0.3
+    fc_b = np.linspace(-0.2, 0.2, 5).astype(np.float32)
+    layer = _sca_with(kernel, fc_w, fc_b, (None, 5, 4))
+    ref = sca_reference(x.astype(np.float64), kernel, fc_w, fc_b)
+    np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_augment_keeps_a_valid_lead_and_zeroes_dropped_ones():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, INPUT_LEN, 3)).astype(np.float32)
+    mask = np.ones((64, 3), bool)
+    mask[:16, 1:] = False                                     # lead I only, like ECG-ID
+    y = augment(x, mask, rng)
+    alive = np.abs(y).sum(axis=1) > 0
+    assert alive.any(axis=1).all()
+    assert not alive[:16, 1:].any()
+    assert (~alive[16:]).any()                                # some leads were dropped
+
+
+def test_retime_puts_real_beats_on_target_r_peaks():
+    rec = load_ludb(MINIDATA)[0]
+    donor_r = detect_rpeaks(rec.x_mv, rec.fs, lead_valid=rec.lead_valid)
+    target = np.cumsum(np.full(30, 0.45)) - 0.2               # 133 bpm, like jogging
+    x = retime_record(rec.x_mv, rec.fs, donor_r, target, 10.0)
+    found = detect_rpeaks(x, rec.fs) / rec.fs
+    want = target[(target > 0.5) & (target < 9.0)]
+    err = np.abs(found[:, None] - want[None]).min(axis=0)
+    assert np.median(err) < 0.02 and np.mean(err < 0.05) > 0.9
+
+
+def test_fixture_persons_are_held_out():
+    persons = {r.person for r in load_ecgid(MINIDATA) + load_ludb(MINIDATA)}
+    assert persons and not any(is_training_person(p) for p in persons)
+
+
+# ------------------------------------------------------------------ shipped model
+
+def test_shipped_manifest_sha_size_and_contract():
+    manifest = load_manifest(SHIPPED.with_suffix(".json"))
+    assert SHIPPED.stat().st_size <= 150 * 1024
+    assert manifest.sha256 == sha256_file(SHIPPED)
+    assert manifest.size_bytes == SHIPPED.stat().st_size
+    spec = manifest.inputs[0]
+    assert spec.dtype == "int8" and spec.shape == [INPUT_LEN, 3]
+    assert spec.rate_hz == PIPELINE_KW["model_fs"] and spec.window_s == PIPELINE_KW["window_s"]
+    assert {o.name: o.dtype for o in manifest.outputs} == {"embedding": "float32",
+                                                           "activity": "float32"}
+    assert manifest.labels["activity"] == list(ACTIVITY_LABELS)
+    assert -1.0 < manifest.thresholds["identity_cosine"] < 1.0
+    trained = {f"{d}:{p}" for d, ids in manifest.training.persons.items() for p in ids}
+    held = {f"{d}:{p}" for d, ids in manifest.training.held_out.items() for p in ids}
+    assert trained and not (trained & held)
+    assert all(is_training_person(p) for p in trained if not p.startswith("gudb_rpeaks:"))
+    assert {int(p.split(":")[1]) for p in trained if p.startswith("gudb_rpeaks:")} == (
+        set(range(15)) - set(GUDB_TEST_SUBJECTS))
+
+
+def test_shipped_int8_matches_float_twin_on_real_windows():
+    int8 = load_model(SHIPPED)
+    flt = load_model(SHIPPED.parent / "float" / SHIPPED.name)
+    rec = load_ecgid(MINIDATA)[0]
+    w = windows_from_record(rec.x_mv, rec.fs, lead_valid=rec.lead_valid, **PIPELINE_KW).data
+    a, b = int8.run(ecg=w), flt.run(ecg=w)
+    cos = np.sum(a["embedding"] * b["embedding"], axis=1)
+    assert cos.mean() > 0.98 and cos.min() > 0.9
+    assert np.mean(a["activity"].argmax(1) == b["activity"].argmax(1)) >= 0.9
+    single = int8.run(ecg=w[0])                                # no batch axis in, none out
+    np.testing.assert_allclose(single["embedding"], a["embedding"][0], atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        int8.run(ecg=w[:, :100])

@@ -1,0 +1,67 @@
+"""`python -m training.eval models` on the tiny real-data fixture folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.eval.__main__ import main as eval_main
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIDATA = ROOT / "tests" / "fixtures" / "minidata"
+
+
+def test_eval_models_on_fixture_prints_metrics(tmp_path, capsys):
+    out_json = tmp_path / "m.json"
+    rc = eval_main(["models", "--data", str(MINIDATA), "--json", str(out_json),
+                    "--out-figures", str(tmp_path / "fig")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for name in ("id10s_rank1", "id10s_eer", "id10s_frr_at_far1", "id3s_rank1", "id30s_rank1",
+                 "id10s_cross_rank1", "id10s_never_enrolled_far_at_thr", "activity_accuracy",
+                 "activity_macro_f1", "ms_per_window_1core", "float", "int8", "IMU"):
+        assert name in text, name
+    res = json.loads(out_json.read_text())
+    ecg = res["ecg"]
+    # all 3 ECG-ID + 2 LUDB + 1 MIT-BIH persons of the fixture are held out, none excluded
+    assert ecg["persons_evaluated"] == 6
+    for kind in ("float", "int8"):
+        assert ecg[kind]["id10s_n_gallery"] == 3
+        assert 0.0 <= ecg[kind]["id10s_rank1"] <= 100.0
+        assert ecg[kind]["activity_n"] > 0
+    assert 0 < ecg["int8"]["ms_per_window_1core"] < 50
+    assert (tmp_path / "fig" / "ecg_identity_det.png").stat().st_size > 1000
+    assert (tmp_path / "fig" / "ecg_activity_confusion.png").stat().st_size > 1000
+
+
+def test_eval_models_bad_folder_is_a_clear_error(tmp_path, capsys):
+    rc = eval_main(["models", "--data", str(tmp_path / "nope")])
+    assert rc == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_eval_models_excludes_training_persons(tmp_path):
+    from training.eval.models import DEFAULT_MODELS, ECG_MODEL, training_persons
+    from daemon.inference.manifest import load_manifest
+
+    seen = training_persons(load_manifest(DEFAULT_MODELS / f"{ECG_MODEL}.json"))
+    assert "ecgid:01" in seen and "ecgid:02" not in seen
+    with pytest.raises(ValueError, match="no ECG persons left"):
+        from training.eval.models import evaluate_ecg
+        # a folder holding only training persons: nothing may be evaluated
+        evaluate_ecg(_only_training_person(tmp_path), DEFAULT_MODELS, None, progress=lambda m: None)
+
+
+def _only_training_person(tmp: Path) -> Path:
+    import numpy as np
+    d = tmp / "data" / "ecgid"
+    d.mkdir(parents=True)
+    meta = json.loads((MINIDATA / "ecgid" / "metadata.json").read_text())
+    z = np.load(MINIDATA / "ecgid" / "ecgid.npz")
+    rec = dict(meta["records"][0], person=1, index=0)
+    np.savez(d / "ecgid.npz", signals=z["signals"][:1], person=np.array([1], np.int16),
+             ann_record=np.zeros(0, np.int16), ann_sample=np.zeros(0, np.int32),
+             ann_symbol=np.zeros(0, "<U1"))
+    (d / "metadata.json").write_text(json.dumps({**meta, "records": [rec]}))
+    return tmp / "data"

@@ -1,0 +1,272 @@
+"""``python -m training.eval models --data DIR [--models PATH] [--json FILE] [--out-figures DIR]``
+
+Evaluates the shipped (or given) int8 models AND their float twins on any folder in the format
+of shared/data, never training anything:
+
+* ECG identity (training/eval/identity.py protocol): rank-1, EER, FRR at FAR = 1 % for 3 s,
+  10 s and 30 s tests, the cross-session subset, and the false-accept rate of never-enrolled
+  persons (LUDB, MIT-BIH) at the manifest's operating threshold;
+* ECG activity on constructed windows (training/data/ecg_activity.py, held-out gudb subjects);
+* IMU metrics from ``training.eval.imu.evaluate_imu``;
+* int8 inference time per window on one core.
+
+Persons listed in a model manifest's ``training.persons`` are dropped first, so the numbers are
+subject-disjoint on shared/data (held-out persons) and on a folder of unseen persons (all).
+DET curves and the activity confusion matrix go to ``--out-figures`` (default docs/models).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from daemon.inference.manifest import load_manifest
+from daemon.inference.runtime import load_model
+from training.data.ecg import EcgRecord, WindowSet, load_all, record_windows
+from training.eval.identity import (
+    TEST_LENGTHS_S, gallery_and_tests, genuine_impostor, identity_metrics, impostor_tests)
+
+ECG_MODEL = "ecg_dualtask"
+DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "daemon" / "models"
+DEFAULT_FIGURES = Path(__file__).resolve().parents[2] / "docs" / "models"
+ACTIVITY_SEED = 7
+ACTIVITY_PER_SERIES = 4
+
+
+def float_twin(int8_path: Path) -> Path:
+    """Where the float32 twin of a shipped int8 model lives (not installed on hubs)."""
+    return int8_path.parent / "float" / int8_path.name
+
+
+def training_persons(manifest) -> set[str]:
+    return {f"{ds}:{pid}" for ds, ids in manifest.training.persons.items() for pid in ids}
+
+
+def pipeline_kwargs(manifest) -> dict:
+    spec = manifest.inputs[0]
+    return {"model_fs": int(round(spec.rate_hz)), "window_s": float(spec.window_s), "hop_s": 1,
+            "norm": "zscore"}
+
+
+def run_batches(model, x: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
+    outs: dict[str, list[np.ndarray]] = {}
+    for s in range(0, len(x), batch):
+        for k, v in model.run(ecg=x[s:s + batch]).items():
+            outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def time_per_window_ms(model, x: np.ndarray, n: int = 200) -> float:
+    """Median single-window latency (the runtime's interpreter runs on one thread)."""
+    one = x[:1]
+    for _ in range(10):
+        model.run(ecg=one)
+    ts = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        model.run(ecg=x[i % len(x): i % len(x) + 1])
+        ts.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(ts))
+
+
+def identity_eval(ws: WindowSet, emb: np.ndarray, threshold: float) -> tuple[dict, dict]:
+    """All identity numbers for one model; also the 10 s genuine/impostor scores for the DET."""
+    out: dict[str, float] = {}
+    curves = {}
+    ecg_only = np.array([ws.records[i].dataset == "ecgid" for i in ws.rec])
+    for length in TEST_LENGTHS_S:
+        names, templates, tests = gallery_and_tests(ws, emb, length)
+        out.update(identity_metrics(names, templates, tests, threshold, prefix=f"id{length}s_"))
+        imp = impostor_tests(ws, emb, length) if (~ecg_only).any() else np.zeros((0, emb.shape[1]))
+        if len(imp) and len(names):
+            best = (imp @ templates.T).max(1)
+            out[f"id{length}s_never_enrolled_far_at_thr"] = 100.0 * float(np.mean(best >= threshold))
+            out[f"id{length}s_never_enrolled_n"] = float(len(imp))
+        if length == 10 and len(names):
+            curves["genuine"], curves["impostor"] = genuine_impostor(names, templates, tests)
+    return out, curves
+
+
+def activity_eval(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    pred = probs.argmax(1)
+    f1s = []
+    for c in range(probs.shape[1]):
+        tp = np.sum((pred == c) & (y == c))
+        p = tp / max(np.sum(pred == c), 1)
+        r = tp / max(np.sum(y == c), 1)
+        f1s.append(0.0 if p + r == 0 else 2 * p * r / (p + r))
+    return {"activity_accuracy": 100.0 * float(np.mean(pred == y)),
+            "activity_macro_f1": 100.0 * float(np.mean(f1s)),
+            "activity_n": float(len(y))}
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    m = np.zeros((k, k), dtype=np.int64)
+    np.add.at(m, (y, pred), 1)
+    return m
+
+
+def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
+                 progress=print) -> dict:
+    """Float and int8 ECG metrics on the non-training persons of ``data_dir``."""
+    from training.train_ecg import activity_windows
+
+    int8_path = Path(models_dir) / f"{ECG_MODEL}.tflite"
+    manifest = load_manifest(int8_path.with_suffix(".json"))
+    seen = training_persons(manifest)
+    kw = pipeline_kwargs(manifest)
+    threshold = float(manifest.thresholds["identity_cosine"])
+    records = [r for r in load_all(Path(data_dir)) if r.person not in seen]
+    # never-enrolled persons are scored on lead I (LUDB) / their one lead (MIT-BIH) like ECG-ID
+    records = [_lead_i_only(r) for r in records]
+    result: dict = {"persons_evaluated": len({r.person for r in records}),
+                    "persons_excluded_as_training": len(seen), "threshold": threshold}
+    if not records:
+        raise ValueError(f"{data_dir}: no ECG persons left after excluding the model's "
+                         "training persons: nothing to evaluate")
+    ws = record_windows(records, kw)
+    donors = [r for r in load_all(Path(data_dir)) if r.person not in seen
+              and r.dataset in ("ludb", "ecgid")]
+    ax, _, ay = activity_windows(Path(data_dir), donors, test=True, seed=ACTIVITY_SEED,
+                                 per_series=ACTIVITY_PER_SERIES)
+    models = {"int8": load_model(int8_path)}
+    fpath = float_twin(int8_path)
+    if fpath.exists():
+        models["float"] = load_model(fpath)
+    curves, confs = {}, {}
+    for kind, model in models.items():
+        out = run_batches(model, ws.x)
+        metrics, curves[kind] = identity_eval(ws, out["embedding"], threshold)
+        if len(ay):
+            probs = run_batches(model, ax)["activity"]
+            metrics.update(activity_eval(ay, probs))
+            confs[kind] = confusion(ay, probs.argmax(1), probs.shape[1])
+        metrics["ms_per_window_1core"] = time_per_window_ms(model, ws.x)
+        result[kind] = metrics
+        progress(f"ecg {kind}: evaluated {len(ws.x)} identity windows, {len(ay)} activity windows")
+    if figures is not None:
+        _figures(Path(figures), curves, confs, list(manifest.labels.get("activity", [])))
+    return result
+
+
+def _lead_i_only(r: EcgRecord) -> EcgRecord:
+    if r.dataset != "ludb":
+        return r
+    from dataclasses import replace
+    x = r.x_mv.copy()
+    x[:, 1:] = 0.0
+    return replace(r, x_mv=x, lead_valid=np.array([True, False, False]))
+
+
+def _figures(out: Path, curves: dict, confs: dict, labels: list[str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.eval.identity import det
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for kind, c in curves.items():
+        if not c:
+            continue
+        _, far, frr = det(c["genuine"], c["impostor"])
+        ax.plot(np.maximum(far, 1e-4) * 100, np.maximum(frr, 1e-4) * 100, label=kind)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("FAR (%)")
+    ax.set_ylabel("FRR (%)")
+    ax.set_title("ECG identity DET, 10 s tests (held-out persons)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ecg_identity_det.png", dpi=100)
+    plt.close(fig)
+    if "int8" in confs:
+        m = confs["int8"]
+        fig, ax = plt.subplots(figsize=(4, 3.5))
+        ax.imshow(m, cmap="Blues")
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center")
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("ECG activity (int8, constructed)")
+        fig.tight_layout()
+        fig.savefig(out / "ecg_activity_confusion.png", dpi=100)
+        plt.close(fig)
+
+
+def _evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None) -> dict:
+    """IMU metrics (training/eval/imu.py); a folder without IMU data is reported, not fatal."""
+    from training.eval.imu import evaluate_imu
+
+    try:
+        return evaluate_imu(Path(data_dir), Path(models_dir), figures)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        return {"error": f"IMU evaluation skipped: {exc}"}
+
+
+def _fmt(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def print_report(res: dict) -> None:
+    ecg = res.get("ecg", {})
+    print(f"ECG identity ({ecg.get('persons_evaluated', 0)} persons evaluated, "
+          f"{ecg.get('persons_excluded_as_training', 0)} training persons excluded, "
+          f"threshold cosine {ecg.get('threshold', float('nan')):.3f})")
+    kinds = [k for k in ("float", "int8") if k in ecg]
+    keys = sorted({k for kind in kinds for k in ecg[kind]})
+    print(f"  {'metric':<40}" + "".join(f"{k:>10}" for k in kinds))
+    for key in keys:
+        print(f"  {key:<40}" + "".join(f"{_fmt(ecg[k].get(key, float('nan'))):>10}" for k in kinds))
+    imu = res.get("imu", {})
+    print("IMU")
+    for key, val in _flatten(imu).items():
+        print(f"  {key:<50} {_fmt(val)}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.eval models", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, type=Path, help="folder in the shared/data format")
+    ap.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                    help="folder with the .tflite + .json models (default daemon/models)")
+    ap.add_argument("--json", type=Path, help="also write all numbers to this JSON file")
+    ap.add_argument("--out-figures", type=Path, default=DEFAULT_FIGURES,
+                    help="where DET curve and confusion matrix PNGs go (default docs/models)")
+    args = ap.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"error: --data {args.data} is not a folder (expected the shared/data format)",
+              file=sys.stderr)
+        return 2
+    if not (args.models / f"{ECG_MODEL}.tflite").exists():
+        print(f"error: {args.models}/{ECG_MODEL}.tflite not found; train it with "
+              "`python -m training.train --data DIR --out daemon/models` or pass --models",
+              file=sys.stderr)
+        return 2
+    res = {"ecg": evaluate_ecg(args.data, args.models, args.out_figures,
+                               progress=lambda m: print(m, file=sys.stderr)),
+           "imu": _evaluate_imu(args.data, args.models, args.out_figures)}
+    print_report(res)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    return 0

@@ -1,0 +1,77 @@
+"""The built-in impostor set: embeddings of never-enrolled persons, shipped with the ECG model.
+
+``biod calibrate`` sets a new person's open-set threshold for a target false-accept rate, and
+reports the expected rate, against persons who are neither enrolled nor in the model's training
+data. This command computes those embeddings with the shipped int8 model and the daemon's own
+pipeline, from the LUDB persons the model's manifest lists as held out, once with lead I only
+(a one-lead wearable, ECG-ID-like) and once with leads I, II, III, so that an enrolment is
+compared with impostors seen through the same leads. Only embeddings leave the data folder.
+
+    python -m training.impostors --data ../shared/data [--models daemon/models]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from daemon.biometrics import MODELS_DIR, EcgModelRunner
+from daemon.dsp.ecg_pipeline import windows_from_record
+from daemon.enrol import IMPOSTORS_FILE
+
+
+def ludb_leads_mv(data: Path) -> dict[str, np.ndarray]:
+    z = np.load(data / "ludb" / "ludb.npz")
+    meta = json.loads((data / "ludb" / "metadata.json").read_text())
+    out = {}
+    for rec in meta["records"]:
+        i = rec["index"]
+        pid = rec["record"].split("/")[-1]
+        out[pid] = z["signals"][i, :, :3].astype(np.float32) / z["adc_gain"][i, :3].astype(np.float32)
+    return out
+
+
+def build(data: Path, models: Path) -> Path:
+    runner = EcgModelRunner.load(models / "ecg_dualtask.tflite")
+    manifest = runner.model.manifest
+    held = set(manifest.training.held_out.get("ludb", []))
+    trained = set(manifest.training.persons.get("ludb", []))
+    records = {pid: x for pid, x in ludb_leads_mv(data).items() if pid in held and pid not in trained}
+    if not records:
+        raise SystemExit(f"no held-out LUDB person in {data}: the manifest holds out {sorted(held)[:5]}...")
+    sets: dict[str, tuple[list[np.ndarray], list[str]]] = {"I": ([], []), "I_II_III": ([], [])}
+    for pid, x in sorted(records.items()):
+        for key, valid in (("I", np.array([True, False, False])), ("I_II_III", np.ones(3, bool))):
+            xv = np.where(valid[None, :], x, 0.0).astype(np.float32)
+            rw = windows_from_record(xv, 500.0, valid, **runner.pipeline_kwargs())
+            for i in np.flatnonzero(rw.ok):
+                e = runner.model.run(**{runner.input_name: rw.data[i:i + 1]})["embedding"][0]
+                sets[key][0].append(e.astype(np.float32))
+                sets[key][1].append(f"ludb-{pid}")
+    path = models / IMPOSTORS_FILE
+    np.savez_compressed(
+        path,
+        embeddings=np.stack(sets["I"][0]), labels=np.array(sets["I"][1]),
+        embeddings_3lead=np.stack(sets["I_II_III"][0]), labels_3lead=np.array(sets["I_II_III"][1]),
+        model_version=np.array(f"{manifest.name} {manifest.version} {manifest.sha256[:12]}"),
+        source=np.array("PhysioNet LUDB v1.0.1 (Kalyakulina et al., ODC-By 1.0), persons held out of the model's "
+                        "training; embeddings only"),
+    )
+    print(f"wrote {path}: {len(sets['I'][0])} lead-I and {len(sets['I_II_III'][0])} 3-lead windows "
+          f"of {len(records)} never-enrolled persons")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.impostors", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--models", type=Path, default=MODELS_DIR)
+    args = ap.parse_args(argv)
+    build(args.data, args.models)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,426 @@
+"""Train, export and describe the ECG dual-task model (identity embedding + activity).
+
+``train_ecg(data_dir, out_dir, progress)`` is what ``python -m training.train`` calls; the
+ablation of loss balancing (fixed 0.65/0.35 vs DT4ECG Algorithm 1 vs Chen et al. GradNorm) is
+``python -m training.train_ecg --ablation --data DIR`` and writes its table into docs/MODELS.md.
+
+Budget: the shipped model trains in a few minutes on 2 CPU cores (TF limited to 2 threads) —
+small windows (3 s at 100 Hz), a ~110 k parameter network, a fixed number of steps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import tensorflow as tf  # noqa: E402
+
+from training.data.ecg import (  # noqa: E402
+    ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS, EcgRecord, WindowSet,
+    is_training_person, load_ecgid, load_ludb, load_mitdb, record_windows)
+from training.data.ecg_activity import (  # noqa: E402
+    GUDB_TEST_SUBJECTS, construct_activity_records, load_gudb_rr)
+from training.gradnorm import WANTS_WEIGHTED_GRADIENT, make_balancer  # noqa: E402
+from training.losses import AMSoftmaxHead, activity_loss  # noqa: E402
+from training.models.ecg_dualtask import (  # noqa: E402
+    ACTIVITY_LABELS, build_dualtask, shared_last_layer)
+
+#: What the model expects; the daemon's EcgPipeline produces exactly this with these kwargs.
+PIPELINE_KW = {"model_fs": int(os.environ.get("BIOD_ECG_FS", 100)), "window_s": 3, "hop_s": 1,
+               "norm": "zscore"}
+INPUT_LEN = 3 * PIPELINE_KW["model_fs"]
+STRIDES = (1, 2, 2, 2) if INPUT_LEN <= 300 else (2, 2, 2, 2)
+MODEL_NAME = "ecg_dualtask"
+VERSION = "1.0.0"
+ACT_SECONDS = 20.0
+
+Progress = Callable[[str], None]
+
+
+def _threads(n: int = 2) -> None:
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # already initialised in this process
+
+
+@dataclass(frozen=True)
+class EcgTrainingData:
+    ident: WindowSet          # identity windows of training persons
+    ident_labels: np.ndarray  # (n,) class index per window
+    classes: tuple[str, ...]  # person id per class
+    act_x: np.ndarray         # (m, T, 3) constructed activity windows (training donors/subjects)
+    act_mask: np.ndarray
+    act_y: np.ndarray
+    calib: WindowSet          # ECG-ID calibration persons (threshold only, never trained on)
+
+
+def _calibration(person: str) -> bool:
+    ds, pid = person.split(":", 1)
+    return ds == "ecgid" and int(pid) in ECGID_CALIBRATION
+
+
+def load_training_records(data_dir: Path) -> tuple[list[EcgRecord], list[EcgRecord]]:
+    """(records that train the network, ECG-ID records of the threshold-calibration persons)."""
+    recs = load_ecgid(data_dir) + load_ludb(data_dir) + load_mitdb(data_dir, MITDB_TRAIN_SEGMENTS)
+    recs = [r for r in recs if is_training_person(r.person)]
+    return ([r for r in recs if not _calibration(r.person)],
+            [r for r in recs if _calibration(r.person)])
+
+
+def activity_windows(data_dir: Path, donors: list[EcgRecord], test: bool, seed: int,
+                     per_series: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Constructed activity windows; ``test`` picks the held-out gudb subjects."""
+    rr = [s for s in load_gudb_rr(data_dir) if (s.subject in GUDB_TEST_SUBJECTS) == test]
+    if not rr or not donors:
+        return (np.zeros((0, INPUT_LEN, 3), np.float32), np.zeros((0, 3), bool),
+                np.zeros(0, np.int64))
+    built = construct_activity_records(rr, donors, ACT_SECONDS, per_series, seed)
+    ws = record_windows([r for r, _ in built], PIPELINE_KW)
+    labels = np.array([lab for _, lab in built])[ws.rec]
+    return ws.x, ws.lead_mask, labels
+
+
+def prepare(data_dir: Path, progress: Progress, act_per_series: int = 3) -> EcgTrainingData:
+    recs, calib = load_training_records(data_dir)
+    if not recs:
+        raise FileNotFoundError(f"{data_dir}: no ECG training persons (ecgid/ludb/mitdb) found")
+    if not calib:
+        raise FileNotFoundError(
+            f"{data_dir}: none of the ECG-ID threshold-calibration persons {ECGID_CALIBRATION} "
+            "is there; training needs the shared/data ECG-ID persons (see docs/MODELS.md)")
+    progress(f"ecg: {len(recs)} training records of "
+             f"{len({r.person for r in recs})} persons -> windows via daemon DSP")
+    ws = record_windows(recs, PIPELINE_KW)
+    persons = ws.persons()
+    classes = tuple(sorted(set(persons)))
+    labels = np.searchsorted(np.array(classes), persons)
+    donors = [r for r in recs if r.dataset in ("ludb", "ecgid")]
+    ax, am, ay = activity_windows(data_dir, donors, test=False, seed=1, per_series=act_per_series)
+    progress(f"ecg: {len(ws.x)} identity windows, {len(classes)} classes; "
+             f"{len(ax)} constructed activity windows {np.bincount(ay, minlength=3).tolist()}")
+    return EcgTrainingData(ws, labels, classes, ax, am, ay, record_windows(calib, PIPELINE_KW))
+
+
+# ---------------------------------------------------------------- augmentation (numpy, batch)
+
+def augment(x: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+            lead_dropout: bool = True) -> np.ndarray:
+    """Noise, baseline wander, amplitude, small time warps, and lead dropout, on normalised
+    windows (B, T, C). Lead dropout keeps at least one valid lead and zeroes the others — the
+    same zeros the pipeline emits for a lead-off lead, so every subset of leads is trained."""
+    b, t, c = x.shape
+    x = x.copy()
+    # time warp: resample by 0.92..1.08 around a random centre, keep length
+    scale = rng.uniform(0.92, 1.08, size=b)
+    grid = np.arange(t, dtype=np.float32)
+    centre = rng.uniform(0, t, size=b)
+    src = np.clip(centre[:, None] + (grid[None] - centre[:, None]) * scale[:, None], 0, t - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, t - 1)
+    f = (src - i0)[..., None].astype(np.float32)
+    rows = np.arange(b)[:, None]
+    x = x[rows, i0] * (1 - f) + x[rows, i1] * f
+    x *= rng.uniform(0.8, 1.2, size=(b, 1, c)).astype(np.float32)
+    tt = grid[None, :, None] / 100.0
+    wander = rng.uniform(0, 0.3, size=(b, 1, c)) * np.sin(
+        2 * np.pi * rng.uniform(0.05, 0.5, size=(b, 1, c)) * tt + rng.uniform(0, 6.3, size=(b, 1, c)))
+    x += wander.astype(np.float32)
+    x += (rng.normal(size=x.shape) * rng.uniform(0, 0.15, size=(b, 1, 1))).astype(np.float32)
+    keep = mask.copy()
+    if lead_dropout:
+        drop = rng.random((b, c)) < 0.4
+        keep &= ~drop
+        none_left = ~keep.any(axis=1) & mask.any(axis=1)
+        if none_left.any():  # restore one valid lead at random
+            for i in np.nonzero(none_left)[0]:
+                valid = np.nonzero(mask[i])[0]
+                keep[i, rng.choice(valid)] = True
+    return (x * keep[:, None, :]).astype(np.float32)
+
+
+# ---------------------------------------------------------------- training loop
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_id: int = 96
+    batch_act: int = 48
+    lr: float = 2e-3
+    balancing: str = "fixed"
+    update_every: int = 0   # balancer period in steps; 0: every step (chen), steps//20 (dt4ecg)
+    seed: int = 0
+    margin: float = 0.3
+    scale: float = 30.0
+
+
+def train_model(data: EcgTrainingData, cfg: TrainConfig, progress: Progress):
+    """Returns (keras model, history dict with losses and loss weights)."""
+    _threads()
+    tf.keras.utils.set_random_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_dualtask(INPUT_LEN, strides=STRIDES)
+    head = AMSoftmaxHead(int(model.output["embedding"].shape[-1]), len(data.classes),
+                         scale=cfg.scale, margin=cfg.margin, seed=cfg.seed)
+    sched = tf.keras.optimizers.schedules.CosineDecay(cfg.lr, cfg.steps, alpha=0.02)
+    opt = tf.keras.optimizers.Adam(sched)
+    params = model.trainable_variables + [head.centres]
+    shared_ids = {id(v) for v in shared_last_layer(model)}
+    shared_idx = [i for i, v in enumerate(model.trainable_variables) if id(v) in shared_ids]
+    weights = tf.Variable([1.0, 1.0], dtype=tf.float32, trainable=False)
+    balancer = make_balancer(cfg.balancing)
+    weights.assign(np.asarray(balancer.weights, dtype=np.float32))
+    n_id = cfg.batch_id
+    has_act = len(data.act_y) > 0
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y_id, y_act):
+        with tf.GradientTape(persistent=True) as tape:
+            out = model(x, training=True)
+            l_id = head.loss(out["embedding"][:n_id], y_id)
+            l_act = activity_loss(out["activity"][n_id:], y_act)
+        g_id = tape.gradient(l_id, params)
+        g_act = tape.gradient(l_act, model.trainable_variables)
+        del tape
+        g_act = list(g_act) + [tf.zeros_like(head.centres)]
+        grads = [weights[0] * (a if a is not None else tf.zeros_like(v))
+                 + weights[1] * (b if b is not None else tf.zeros_like(v))
+                 for a, b, v in zip(g_id, g_act, params)]
+        opt.apply_gradients(zip(grads, params))
+        n_id_g = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g_id[i])) for i in shared_idx]))
+        n_act_g = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g_act[i])) for i in shared_idx]))
+        return l_id, l_act, n_id_g, n_act_g
+
+    ix = data.ident.x
+    by_class = [np.nonzero(data.act_y == c)[0] for c in np.unique(data.act_y)]
+    hist = {"l_id": [], "l_act": [], "w": []}
+    period = cfg.update_every or (max(cfg.steps // 20, 1) if cfg.balancing == "dt4ecg" else 1)
+    acc_n: list[np.ndarray] = []
+    acc_l: list[np.ndarray] = []
+    t0 = time.time()
+    for s in range(cfg.steps):
+        bi = rng.integers(0, len(ix), n_id)
+        xb = augment(ix[bi], data.ident.lead_mask[bi], rng)
+        if has_act:
+            # class-balanced: rest has two source activities (sitting, maths)
+            cls = rng.integers(0, len(by_class), cfg.batch_act)
+            ba = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in cls])
+            xa = augment(data.act_x[ba], data.act_mask[ba], rng)
+            ya = data.act_y[ba]
+        else:
+            xa = np.zeros((cfg.batch_act, INPUT_LEN, 3), np.float32)
+            ya = np.zeros(cfg.batch_act, np.int64)
+        l_id, l_act, gn_id, gn_act = step(np.concatenate([xb, xa]), data.ident_labels[bi], ya)
+        losses = np.array([float(l_id), float(l_act)])
+        norms = np.array([float(gn_id), float(gn_act)])
+        if WANTS_WEIGHTED_GRADIENT[cfg.balancing]:
+            norms = norms * weights.numpy()
+        acc_n.append(norms)
+        acc_l.append(losses)
+        if len(acc_n) >= period:
+            w = balancer.update(np.mean(acc_n, axis=0), np.mean(acc_l, axis=0))
+            weights.assign(np.asarray(w, dtype=np.float32))
+            acc_n, acc_l = [], []
+        w = weights.numpy()
+        hist["l_id"].append(losses[0])
+        hist["l_act"].append(losses[1])
+        hist["w"].append(np.asarray(w, dtype=float).tolist())
+        if (s + 1) % max(cfg.steps // 10, 1) == 0 or s == 0:
+            progress(f"ecg[{cfg.balancing}] step {s + 1}/{cfg.steps}  L_id {losses[0]:.3f}  "
+                     f"L_act {losses[1]:.3f}  w {np.round(w, 3).tolist()}  "
+                     f"{time.time() - t0:.0f}s")
+    return model, hist
+
+
+# ---------------------------------------------------------------- export + manifest
+
+def manifest_fields(data: EcgTrainingData, threshold: float, cfg: TrainConfig) -> dict:
+    persons: dict[str, list[str]] = {}
+    for p in sorted(set(data.classes) | {r.person for r in data.calib.records}):
+        ds, pid = p.split(":", 1)
+        persons.setdefault(ds, []).append(pid)
+    persons["gudb_rpeaks"] = [str(i) for i in range(15) if i not in GUDB_TEST_SUBJECTS]
+    return {
+        "version": VERSION,
+        "tasks": ["ecg_identity_embedding", "ecg_activity"],
+        "inputs": [{
+            "name": "ecg",
+            "shape": [INPUT_LEN, 3],
+            "rate_hz": float(PIPELINE_KW["model_fs"]),
+            "window_s": float(PIPELINE_KW["window_s"]),
+            "channels": ["I", "II", "III"],
+            "units": "z-score per lead per window (dimensionless)",
+            "normalisation": {"kind": "in_model", "description": (
+                "The caller feeds EcgPipeline windows (model_fs=100, window_s=3, hop_s=1, "
+                "norm='zscore'): mV high-passed 0.5 Hz + mains notch, resampled to 100 Hz, "
+                "z-scored per lead over the 3 s window; a lead-off or flat lead is all zeros. "
+                "Any subset of the three leads is valid (trained with lead dropout).")},
+            "description": "3 s of 3-lead ECG (Einthoven I, II, III) at 100 Hz",
+        }],
+        "outputs": [
+            {"name": "embedding", "meaning": (
+                "64-d L2-normalised identity embedding; compare by cosine similarity with an "
+                "enrolment template (mean of normalised window embeddings, re-normalised); "
+                "average over the windows of a test segment before comparing")},
+            {"name": "activity", "meaning": "softmax probabilities rest / walking / vigorous"},
+        ],
+        "labels": {"activity": list(ACTIVITY_LABELS)},
+        "thresholds": {"identity_cosine": float(threshold)},
+        "training": {
+            "datasets": ["ecgid", "ludb", "mitdb", "gudb_rpeaks"],
+            "persons": persons,
+            "held_out": {
+                "ecgid": [f"{p:02d}" for p in ECGID_HELDOUT],
+                "ludb": [str(i) for i in range(LUDB_HELDOUT_FROM, 101)],
+                "mitdb": list(MITDB_HELDOUT),
+                "gudb_rpeaks": [str(s) for s in GUDB_TEST_SUBJECTS],
+            },
+            "description": (
+                "Identity: AM-Softmax over the listed persons (ECG-ID lead I, LUDB leads I-III, "
+                f"MIT-BIH first lead as II, {MITDB_TRAIN_SEGMENTS} x 10 s per record). Activity: "
+                "gudb R-peak series of subjects 0-9 re-timing real beats of the listed "
+                "ECG-ID/LUDB persons (training/data/ecg_activity.py). Threshold: FAR 1 % on "
+                "10 s tests of ECG-ID calibration persons "
+                f"{', '.join(f'{p:02d}' for p in ECGID_CALIBRATION)} (training partition, "
+                "listed here, never used for gradient updates)."),
+        },
+        "notes": (f"loss balancing {cfg.balancing}, {cfg.steps} steps; float32 twin in "
+                  "float/ecg_dualtask.tflite (evaluation only). docs/MODELS.md"),
+    }
+
+
+def export_models(model, data: EcgTrainingData, threshold: float, cfg: TrainConfig,
+                  out_dir: Path) -> tuple[Path, Path]:
+    from training.export import export_float, export_int8
+
+    fields = manifest_fields(data, threshold, cfg)
+    rng = np.random.default_rng(0)
+    rep = np.concatenate([data.ident.x[rng.permutation(len(data.ident.x))[:400]],
+                          data.act_x[rng.permutation(len(data.act_x))[:100]]])
+    p8 = export_int8(model, rep, out_dir, MODEL_NAME, fields)
+    pf = export_float(model, Path(out_dir) / "float", MODEL_NAME, fields)
+    return p8, pf
+
+
+def embed(model, x: np.ndarray) -> np.ndarray:
+    return model.predict(x, batch_size=256, verbose=0)["embedding"]
+
+
+def train_ecg(data_dir: Path, out_dir: Path, progress: Progress = print,
+              cfg: TrainConfig | None = None) -> dict:
+    """Train on the fixed training persons, export int8 + float, evaluate held-out persons,
+    write the metrics into the manifest. Returns a summary dict."""
+    from training.eval.identity import choose_threshold
+    from training.eval.models import evaluate_ecg
+    from training.export import update_manifest
+
+    cfg = cfg or TrainConfig()
+    t0 = time.time()
+    data = prepare(Path(data_dir), progress)
+    model, hist = train_model(data, cfg, progress)
+    threshold = choose_threshold(data.calib, embed(model, data.calib.x))
+    progress(f"ecg: operating threshold (FAR 1 % on the calibration persons) cosine "
+             f"{threshold:.3f}")
+    p8, pf = export_models(model, data, threshold, cfg, Path(out_dir))
+    progress(f"ecg: exported {p8} ({p8.stat().st_size} bytes) and {pf}")
+    res = evaluate_ecg(Path(data_dir), Path(out_dir), figures=None, progress=progress)
+    metrics = {k: {m: float(v) for m, v in res[k].items()} for k in ("float", "int8") if k in res}
+    update_manifest(p8, metrics=metrics)
+    update_manifest(pf, metrics=metrics)
+    return {"model": str(p8), "float_model": str(pf), "threshold": threshold,
+            "final_weights": hist["w"][-1], "seconds": time.time() - t0, "metrics": metrics}
+
+
+# ---------------------------------------------------------------- ablation
+
+ABLATION_KEYS = ("id10s_rank1", "id10s_eer", "id10s_frr_at_far1", "id10s_cross_rank1",
+                 "activity_accuracy", "activity_macro_f1")
+
+
+def ablation(data_dir: Path, steps: int, progress: Progress = print,
+             doc: Path | None = None) -> list[dict]:
+    """Train with each loss balancing (same seed, data, steps), evaluate the float Keras model
+    on the held-out persons and (optionally) write the table into docs/MODELS.md."""
+    from training.data.ecg import load_all
+    from training.eval.models import activity_eval, identity_eval
+
+    data = prepare(Path(data_dir), progress)
+    held = [r for r in load_all(Path(data_dir)) if not is_training_person(r.person)]
+    ws = record_windows([r for r in held if r.dataset == "ecgid"], PIPELINE_KW)
+    donors = [r for r in held if r.dataset in ("ludb", "ecgid")]
+    ax, _, ay = activity_windows(Path(data_dir), donors, test=True, seed=7, per_series=4)
+    rows = []
+    for bal in ("fixed", "dt4ecg", "chen"):
+        cfg = TrainConfig(steps=steps, balancing=bal)
+        model, hist = train_model(data, cfg, progress)
+        m, _ = identity_eval(ws, embed(model, ws.x), threshold=1.0)
+        m.update(activity_eval(ay, model.predict(ax, batch_size=256, verbose=0)["activity"]))
+        rows.append({"balancing": bal, "final_weights": hist["w"][-1],
+                     **{k: m.get(k, float("nan")) for k in ABLATION_KEYS}})
+        progress(f"ablation {bal}: {rows[-1]}")
+    if doc is not None:
+        write_ablation_table(doc, rows, steps)
+    return rows
+
+
+ABLATION_BEGIN = "<!-- ablation:begin -->"
+ABLATION_END = "<!-- ablation:end -->"
+
+
+def write_ablation_table(doc: Path, rows: list[dict], steps: int) -> None:
+    lines = [ABLATION_BEGIN,
+             f"Command: `python -m training.train_ecg --ablation --data ../shared/data "
+             f"--steps {steps}` (float Keras model, held-out persons, 10 s tests, same seed).",
+             "",
+             "| loss weights | final w (id, act) | rank-1 | EER | FRR@FAR1% | cross-date rank-1 "
+             "| activity acc | activity macro-F1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    names = {"fixed": "fixed 0.65 / 0.35", "dt4ecg": "DT4ECG Alg. 1 (α=2)",
+             "chen": "GradNorm, Chen et al. (α=1.5)"}
+    for r in rows:
+        w = ", ".join(f"{v:.2f}" for v in r["final_weights"])
+        lines.append(f"| {names[r['balancing']]} | {w} | " + " | ".join(
+            f"{r[k]:.1f}" for k in ABLATION_KEYS) + " |")
+    lines.append(ABLATION_END)
+    block = "\n".join(lines)
+    text = doc.read_text() if doc.exists() else ""
+    if ABLATION_BEGIN in text and ABLATION_END in text:
+        a = text.index(ABLATION_BEGIN)
+        b = text.index(ABLATION_END) + len(ABLATION_END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text + "\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.train_ecg")
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("daemon/models"))
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+    ap.add_argument("--balancing", choices=("fixed", "dt4ecg", "chen"),
+                    default=TrainConfig.balancing)
+    ap.add_argument("--ablation", action="store_true",
+                    help="compare loss balancings and write the table into docs/MODELS.md")
+    ap.add_argument("--doc", type=Path, default=Path("docs/MODELS.md"))
+    args = ap.parse_args(argv)
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.ablation:
+        ablation(args.data, args.steps, say, args.doc)
+        return 0
+    res = train_ecg(args.data, args.out, say, TrainConfig(steps=args.steps,
+                                                            balancing=args.balancing))
+    print(res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -241,10 +241,16 @@ class BiodApp:
         last_hr_publish = 0.0
         ready = False
         kwargs = self.ecg_model.pipeline_kwargs() if self.ecg_model else {}
+        connects = -1
         while True:
             chunk = await self._ecg_queue.get()
             n_leads = chunk.samples_mv.shape[1]
-            if pipeline is None or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads or chunk.lost_frames_before > 50:
+            # A reconnect may bring another box (or another person); a long loss breaks the
+            # sample clock the detector and windows rely on: start the DSP afresh in both cases.
+            reconnected = self.ecg_source is not None and self.ecg_source.health.connects != connects
+            if reconnected:
+                connects = self.ecg_source.health.connects
+            if pipeline is None or reconnected or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads or chunk.lost_frames_before > 50:
                 pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=n_leads, mains_hz=self.cfg.ecg.mains_hz, **kwargs)
             if not ready:
                 self.notifier.ready("streaming ECG")

@@ -117,3 +117,33 @@ def test_signal_scores_vectorised_and_bounded():
     assert usable.all()
     for v in scores.values():
         assert v.shape == (8,) and np.all((v >= 0) & (v <= 1))
+
+
+def _session(names, gap_s=0.0):
+    from firmware_protocol.emulators.recordings import load_recording
+
+    parts, valid = [], []
+    for k, name in enumerate(names):
+        r = load_recording(name)
+        if k and gap_s:
+            parts.append(np.zeros((int(gap_s * r.fs_hz), 3), np.float32))
+            valid.append(np.zeros((int(gap_s * r.fs_hz), 3), bool))
+        parts.append(np.where(r.lead_present, r.leads_mv, 0).astype(np.float32))
+        valid.append(np.repeat(r.lead_present[None], len(r.leads_mv), 0))
+    return np.concatenate(parts), np.concatenate(valid)
+
+
+def test_next_wearer_is_not_judged_against_the_last_ones_template():
+    """Person 46 after person 25 (ECG-ID), with the electrodes off in between: the beat template
+    is per wearing session, so 46's clean beats are accepted, not called motion artefact."""
+    x, v = _session(["ecgid-p25-r4", "ecgid-p46-r3"], gap_s=4.0)
+    rw = windows_from_record(x, 500, lead_valid=v)
+    second = rw.t_end_s > 24.0 + 3.0  # windows wholly inside person 46's recording
+    assert rw.ok[second].mean() > 0.9, [q for q, s in zip(rw.reason, second) if s]
+
+
+def test_a_different_heart_without_lead_off_gets_a_new_template():
+    x, v = _session(["ecgid-p25-r4", "ecgid-p46-r3"])
+    rw = windows_from_record(x, 500, lead_valid=v)
+    late = rw.t_end_s > 20.0 + 3.0 + 8.0  # after the re-seed (5 windows) has had time
+    assert rw.ok[late].mean() > 0.9

@@ -190,6 +190,23 @@ class QualityAssessor:
         self.cfg = config or QualityConfig()
         self.template: np.ndarray | None = None       # (beat_len, ch), per-lead z-scored
         self._template_ok = np.zeros(self.n_leads, dtype=bool)
+        self._mismatch = 0  # consecutive self-consistent windows that disagree with the template
+
+    RESEED_AFTER = 5  # windows: a new wearer's steady beats replace the old template after ~5 s
+
+    def reset_template(self) -> None:
+        """Forget the running beat template: it belongs to one wearing session, and the next
+        person's beats would otherwise be judged as motion artefact against the last one's."""
+        self.template = None
+        self._template_ok[:] = False
+        self._mismatch = 0
+
+    def _self_consistent(self, z: np.ndarray, usable: np.ndarray) -> bool:
+        if z.shape[0] < 2 or not usable.any():
+            return False
+        med = np.median(z, axis=0)
+        intra = _corr_rows(z[:, :, usable].reshape(len(z), -1), med[:, usable].ravel())
+        return bool(_median(intra) >= self.cfg.template_update_corr)
 
     def assess(self, raw: np.ndarray, mask: np.ndarray, beats: list[np.ndarray],
                beat_times: list[np.ndarray], spans_s: list[tuple[float, float]],
@@ -204,13 +221,24 @@ class QualityAssessor:
             if sum(counts) else [b for b in beats]
         out = []
         for i in range(raw.shape[0]):
+            if not usable[i].any():  # electrodes off: whoever comes next is judged afresh
+                self.reset_template()
             scores = {name: float(v[i]) for name, v in sig.items()}
             scores.update(self._beat_scores(zs[i], beat_times[i], spans_s[i], usable[i]))
             name = min(scores, key=scores.get)   # dict order = REASONS order on ties
             index = scores[name]
             ok = index >= 0.5
             if ok:
+                self._mismatch = 0
                 self._update_template(zs[i], usable[i])
+            elif name == "motion_artifact" and self.template is not None and self._self_consistent(zs[i], usable[i]):
+                # Steady, self-consistent beats that keep disagreeing with the template are a
+                # different heart, not motion: start a new template.
+                self._mismatch += 1
+                if self._mismatch >= self.RESEED_AFTER:
+                    self.reset_template()
+            else:
+                self._mismatch = 0
             out.append((Quality(index, ok, "ok" if ok else name,
                                 tuple((r, scores[r]) for r in REASONS if r in scores)),
                         usable[i]))

@@ -19,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from daemon.biometrics import MODELS_DIR, Biometrics, EcgModelRunner, ImuModelSet
 from daemon.config import BiodConfig, ConfigError
 from daemon.dsp.ecg_pipeline import EcgPipeline
@@ -97,6 +99,7 @@ class BiodApp:
     HR_PUBLISH_INTERVAL_S = 1.0
     SENSOR_STATE_INTERVAL_S = 10.0
     ECG_LOST_AFTER_S = 3.0
+    BATCH_S = 0.2
 
     def __init__(self, cfg: BiodConfig, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
@@ -243,7 +246,7 @@ class BiodApp:
         kwargs = self.ecg_model.pipeline_kwargs() if self.ecg_model else {}
         connects = -1
         while True:
-            chunk = await self._ecg_queue.get()
+            chunk = self._batch(await self._ecg_queue.get())
             n_leads = chunk.samples_mv.shape[1]
             # A reconnect may bring another box (or another person); a long loss breaks the
             # sample clock the detector and windows rely on: start the DSP afresh in both cases.
@@ -272,11 +275,32 @@ class BiodApp:
                     log.info("event %s: %s (confidence %.2f)", event.type, event.after.wearer, event.after.confidence)
             if self.enrolment is not None:
                 self._enrolment_progress(publisher)
+            await asyncio.sleep(self.BATCH_S)  # let ~0.2 s of frames gather for the next push
             if update.heart_rate_bpm is not None and update.live:
                 self.stats.heart_rate_bpm = update.heart_rate_bpm
                 if now - last_hr_publish >= self.HR_PUBLISH_INTERVAL_S:
                     publisher.publish(Message(self.topics.sensor_state("heart_rate"), f"{update.heart_rate_bpm:.1f}"))
                     last_hr_publish = now
+
+    def _batch(self, first: EcgChunk) -> EcgChunk:
+        """Join the frames already waiting into one chunk. The DSP's cost is mostly per call,
+        so pushing ~0.2 s at a time instead of every 20 ms frame cuts CPU several-fold for
+        ~0.2 s more latency. Frames join only when nothing was lost between them and the lead
+        validity is unchanged, so the result is exactly what frame-by-frame pushing gives."""
+        assert self._ecg_queue is not None
+        parts = [first]
+        while not self._ecg_queue.empty():
+            nxt = self._ecg_queue._queue[0]  # peek: stop at a gap or a lead change
+            if (nxt.lost_frames_before or nxt.rate_hz != first.rate_hz
+                    or nxt.samples_mv.shape[1] != first.samples_mv.shape[1]
+                    or not np.array_equal(nxt.lead_valid, first.lead_valid)):
+                break
+            parts.append(self._ecg_queue.get_nowait())
+        if len(parts) == 1:
+            return first
+        return EcgChunk(seq=parts[-1].seq, t_device_s=first.t_device_s,
+                        samples_mv=np.concatenate([p.samples_mv for p in parts]), lead_valid=first.lead_valid,
+                        rate_hz=first.rate_hz, lost_frames_before=first.lost_frames_before)
 
     async def _consume_imu(self) -> None:
         assert self._imu_queue is not None

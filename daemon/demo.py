@@ -169,8 +169,12 @@ async def run_demo(speed: float = 4.0, hold_s: float = 12.0) -> int:
         await asyncio.sleep(0.5)
         viewer.close()
         await broker.shutdown()
-    print("\nbiod demo: who was identified")
+    print("\nbiod demo: who was identified (all four persons are outside the model's training data)")
     for who, got in outcome:
-        print(f"  {who:<11} -> {got}")
+        expected = who if who in HOUSEHOLD else "unknown"
+        verdict = "correct" if got == expected else ("FALSE ACCEPT" if who not in HOUSEHOLD else "WRONG")
+        print(f"  {who:<11} -> {got!s:<8} {verdict}")
+    if any(got != (who if who in HOUSEHOLD else "unknown") for who, got in outcome):
+        print("  (the ECG model misses its identity targets on unseen persons: see docs/MODELS.md)")
     print(f"biod demo: {len(viewer.events)} events, {viewer.heart_rates} heart-rate updates; daemon exit code {code}")
     return 0 if code == 0 and viewer.heart_rates > 0 and all(got is not None for _, got in outcome) else 1

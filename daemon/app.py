@@ -225,6 +225,7 @@ class BiodApp:
             await asyncio.to_thread(sender.flush, 2.0)
             sender.stop()
             stats.stop()
+            stats.publish_once()  # the final numbers, retained, for whoever looks after we stopped
             await asyncio.to_thread(publisher.close)
             spool.close()
         return 0

@@ -1,0 +1,65 @@
+"""The assembled daemon recovers by itself: a BLE drop of the MetaMotion and an unplugged ECG box
+both resume streaming without a restart, with the losses counted in the published stats."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from daemon.app import BiodApp
+from daemon.config import parse_config
+from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
+from firmware_protocol.emulators.recordings import load_recording
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_ble_drop_and_serial_unplug_resume_by_themselves(tmp_path, mosquitto, capture) -> None:
+    link = tmp_path / "ecg"
+    cfg = parse_config(
+        f"hub:\n  id: rec\nstate_dir: {tmp_path / 'state'}\n"
+        f"ecg:\n  source: serial\n  port: {link}\n  stall_timeout_s: 1.0\n"
+        "imu:\n  enabled: true\n  source: emulator\n  emulator:\n    speed: 2\n"
+        f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
+
+    async def scenario() -> None:
+        box = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, speed=2.0)
+        box.open_pty(link=str(link))
+        box.start()
+        app = BiodApp(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await _until(lambda: app.stats.imu_samples > 200 and app.stats.ecg_samples > 2000, 30, "both streams")
+            # BLE drop: the board goes out of range for a moment
+            app.imu_source.emulator.drop()
+            await _until(lambda: app.imu_source.health.reconnects >= 1, 30, "the BLE reconnect")
+            n = app.stats.imu_samples
+            await _until(lambda: app.stats.imu_samples > n + 200, 30, "IMU samples after the reconnect")
+            assert app.imu_source.health.state == "streaming"
+            # the ECG box is unplugged and plugged in again (a new /dev/pts behind the symlink)
+            box.unplug()
+            await asyncio.sleep(1.5)
+            m = app.stats.ecg_samples
+            box.replug()
+            await _until(lambda: app.stats.ecg_samples > m + 2000, 30, "ECG samples after the replug")
+            assert app.ecg_source.health.connects >= 2
+        finally:
+            stop.set()
+            await task
+            box.close()
+
+    asyncio.run(scenario())
+    stats = [json.loads(p) for t, p, _ in capture.messages if t == "biod/rec/stats"]
+    assert stats, "no stats were published"
+    last = stats[-1]
+    assert last["imu"]["reconnects"] >= 1 and last["ecg"]["reconnects"] >= 1
+    assert [p for t, p, _ in capture.messages if t == "biod/rec/availability"][-1] == "stopped"

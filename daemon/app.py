@@ -182,7 +182,8 @@ class BiodApp:
         sender = SpoolSender(spool, publisher)
         sessions = SessionPublisher(EventTracker(), sender, publisher, self.topics)
         enrol_commands = EnrolCommands(publisher, self.topics,
-                                       lambda req: loop.call_soon_threadsafe(self._start_enrolment, req, publisher))
+                                       lambda req: loop.call_soon_threadsafe(self._start_enrolment, req, publisher),
+                                       default_seconds=self.cfg.identity.enrol_seconds)
         stats = StatsReporter(publisher, self.topics, lambda: self.stats_snapshot(publisher, spool))
         sender.start()
         enrol_commands.start()
@@ -397,8 +398,6 @@ class BiodApp:
         self.enrolment = Enrolment(req.name, self.bio.engine, load_impostors(self.cfg.models_dir or MODELS_DIR),
                                    seconds=req.seconds, started=time.time())
         self.bio.embeddings_sink = self.enrolment.sink
-        if self.ecg_source is not None and self.ecg_source.health.device is not None:
-            self.enrolment.n_leads_on = self.ecg_source.health.device.channels
         log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)
         publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, self.enrolment.deadline))
 

@@ -130,7 +130,7 @@ class Biometrics:
         self.identity: IdentityState = IdentityState(wearer=None, confidence=1.0, live=False)
         self.heart_rate_bpm: float | None = None
         self.quality: float = 0.0
-        self.embeddings_sink: list | None = None  # set by enrolment to collect (t, embedding, activity)
+        self.embeddings_sink: list | None = None  # set by enrolment: (t, embedding, activity, leads on)
 
     # -- ECG ----------------------------------------------------------------------------------------
     def on_ecg(self, update: EcgUpdate, now: float | None = None) -> list[Observation]:
@@ -150,7 +150,8 @@ class Biometrics:
                 self._ecg_activity = ActivityEstimate(np.asarray(activity), self.ecg_model.activity_labels)
                 self._ecg_at = now
                 if self.embeddings_sink is not None:
-                    self.embeddings_sink.append((now, np.asarray(embedding, dtype=np.float32), self.activity()))
+                    self.embeddings_sink.append((now, np.asarray(embedding, dtype=np.float32), self.activity(),
+                                                 int(window.lead_mask.sum())))
             self.identity = self.engine.observe(now, embedding, bool(window.quality.ok), update.live, window.lead_mask)
             observations.append(self._observation(now, update.live))
         if not update.live and self.identity.live:

@@ -53,8 +53,7 @@ class Enrolment:
     impostors: Impostors | None
     seconds: float
     started: float = field(default_factory=time.time)
-    sink: list[tuple[float, np.ndarray, str | None]] = field(default_factory=list)
-    n_leads_on: int = 3
+    sink: list[tuple[float, np.ndarray, str | None, int]] = field(default_factory=list)
 
     @property
     def deadline(self) -> float:
@@ -77,8 +76,9 @@ class Enrolment:
     def finish(self) -> EnrolmentReport:
         if not self.sink:
             return self.engine.enrol(self.name, np.zeros((0, self.engine.model.dim if self.engine.model else 1), np.float32))
-        embeddings = np.stack([e for _, e, _ in self.sink]).astype(np.float32)
-        acts = [a for _, _, a in self.sink]
+        embeddings = np.stack([e for _, e, _, _ in self.sink]).astype(np.float32)
+        acts = [a for _, _, a, _ in self.sink]
+        leads_on = int(np.median([n for *_, n in self.sink]))
         activities = acts if all(a is not None for a in acts) and len(set(acts)) > 1 else None
-        imp = self.impostors.for_leads(self.n_leads_on) if self.impostors else (None, None)
+        imp = self.impostors.for_leads(leads_on) if self.impostors else (None, None)
         return self.engine.enrol(self.name, embeddings, activities, impostor_embeddings=imp[0], impostor_labels=imp[1])

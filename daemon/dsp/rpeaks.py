@@ -30,7 +30,12 @@ import numpy as np
 from scipy import signal
 from scipy.ndimage import maximum_filter1d, median_filter, minimum_filter1d
 
-from .filters import SosFilter, bandpass_sos, highpass_sos
+from .filters import bandpass_sos, highpass_sos
+
+try:  # the compiled kernel behind scipy.signal.sosfilt, without its ~50 us of argument checks
+    from scipy.signal._sosfilt import _sosfilt as _sosfilt_kernel
+except ImportError:  # pragma: no cover - private scipy module moved: use the public function
+    _sosfilt_kernel = None
 
 __all__ = ["Beat", "RPeakDetector", "detect_rpeaks"]
 
@@ -78,6 +83,87 @@ class _Params:
     relearn_s: float = 1.0  # after this long with every lead off, thresholds are learned again
 
 
+class _StreamSos:
+    """Causal SOS cascade on (n, L) float64 chunks with carried state, returning float32.
+
+    Same arithmetic (same compiled kernel, same steady-state start on the first sample) as
+    :class:`daemon.dsp.filters.SosFilter`, so outputs are bit-identical to it, but without the
+    per-call validation and axis shuffling of ``scipy.signal.sosfilt``: on 50 ms frames that
+    overhead cost more than the filtering itself.
+    """
+
+    def __init__(self, sos: np.ndarray, n_channels: int) -> None:
+        self.sos = np.ascontiguousarray(np.asarray(sos, dtype=np.float64))
+        self._zi_unit = signal.sosfilt_zi(self.sos)  # (n_sections, 2)
+        self._zi: np.ndarray | None = None  # (n_channels, n_sections, 2), C-contiguous
+        self._n = n_channels
+
+    def process(self, x: np.ndarray) -> np.ndarray:
+        if self._zi is None:
+            zi = self._zi_unit[:, :, None] * x[0][None, None, :]
+            self._zi = np.ascontiguousarray(np.moveaxis(zi, (0, 1), (-2, -1)))
+        if _sosfilt_kernel is None:  # pragma: no cover
+            zi = np.moveaxis(self._zi, (-2, -1), (0, 1))
+            y, zi = signal.sosfilt(self.sos, x, axis=0, zi=zi)
+            self._zi = np.ascontiguousarray(np.moveaxis(zi, (0, 1), (-2, -1)))
+            return y.astype(np.float32)
+        y = np.array(x.T, dtype=np.float64, order="C")  # the kernel filters in place
+        _sosfilt_kernel(self.sos, y, self._zi)
+        return y.T.astype(np.float32)
+
+
+def _fir_stream(b: np.ndarray, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``scipy.signal.lfilter(b, [1.0], x, axis=0, zi=zi)`` for (n,) or (n, L) float64 ``x``.
+
+    The same computation as scipy's FIR path (full convolution plus the carried state), so the
+    result is bit-identical, without ``apply_along_axis`` and its per-call overhead.
+    """
+    m = len(b) - 1
+    if x.ndim == 1:
+        full = np.convolve(b, x)
+    else:
+        full = np.empty((x.shape[0] + m, x.shape[1]))
+        for l in range(x.shape[1]):
+            full[:, l] = np.convolve(b, x[:, l])
+    full[:m] += zi
+    return full[: x.shape[0]], full[x.shape[0]:].copy()
+
+
+class _History:
+    """Append-only sample history with amortised growth and O(1) trimming from the front.
+
+    Replaces ``np.concatenate`` of the whole kept history (several seconds of samples) on every
+    chunk, which made a 50 ms frame cost as much as a second's; ``view()`` is valid until the
+    next ``append`` or ``drop``.
+    """
+
+    def __init__(self, shape_tail: tuple[int, ...], dtype: type) -> None:
+        self._a = np.zeros((1024,) + shape_tail, dtype=dtype)
+        self._lo = 0
+        self._hi = 0
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    def append(self, x: np.ndarray) -> None:
+        n = x.shape[0]
+        if self._hi + n > self._a.shape[0]:
+            size = self._hi - self._lo
+            cap = max(self._a.shape[0], 2 * (size + n))
+            a = np.zeros((cap,) + self._a.shape[1:], dtype=self._a.dtype)
+            a[:size] = self._a[self._lo:self._hi]
+            self._a, self._lo, self._hi = a, 0, size
+        self._a[self._hi:self._hi + n] = x
+        self._hi += n
+
+    def drop(self, k: int) -> None:
+        """Forget the first ``k`` samples."""
+        self._lo = min(self._hi, self._lo + k)
+
+    def view(self) -> np.ndarray:
+        return self._a[self._lo:self._hi]
+
+
 class RPeakDetector:
     """Streaming R-peak detector over ``n_leads`` simultaneously sampled ECG leads.
 
@@ -110,19 +196,19 @@ class RPeakDetector:
         self._base = s(p.baseline_s)
         self._twave_g = p.twave_ratio ** p.power  # in feature units (slope ** power)
         self._despike = int(round(p.despike_s * fs)) | 1
-        self._hp = SosFilter(highpass_sos(fs, 0.5), L)
-        self._bp = SosFilter(bandpass_sos(fs, *p.band_hz, order=p.band_order), L)
+        self._hp = _StreamSos(highpass_sos(fs, 0.5), L)
+        self._bp = _StreamSos(bandpass_sos(fs, *p.band_hz, order=p.band_order), L)
         self._deriv_b = np.array([2.0, 1.0, 0.0, -1.0, -2.0]) * (fs / 8.0)
         self._deriv_zi = np.zeros((4, L))
         self._mwi_b = np.full(self._W, 1.0 / self._W)
         self._mwi_zi = np.zeros(self._W - 1)
         # Aligned history buffers; absolute index of element 0 is self._buf0.
         self._buf0 = 0
-        self._xhp = np.zeros((0, L), dtype=np.float32)
-        self._f = np.zeros((0, L))  # feature per lead (raw part, may run ahead of fusion)
-        self._valid = np.zeros((0, L), dtype=bool)
-        self._g = np.zeros(0)  # fused normalised feature
-        self._mwi = np.zeros(0)
+        self._xhp_h = _History((L,), np.float32)
+        self._f_h = _History((L,), np.float64)  # feature per lead (raw part, may run ahead of fusion)
+        self._valid_h = _History((L,), bool)
+        self._g_h = _History((), np.float64)  # fused normalised feature
+        self._mwi_h = _History((), np.float64)
         self._raw_end = 0  # absolute index one past the last raw sample
         self._fused_end = 0  # one past the last fused sample
         # Block statistics for normalisation.
@@ -152,6 +238,13 @@ class RPeakDetector:
         self._dead_run = 0  # consecutive fused samples with no usable lead
         self._revive_at: int | None = None  # first usable sample after a dead run >= relearn
         self._learn_start = 0
+
+    # Views of the aligned histories (element 0 is absolute sample ``_buf0``).
+    _xhp = property(lambda self: self._xhp_h.view())
+    _f = property(lambda self: self._f_h.view())
+    _valid = property(lambda self: self._valid_h.view())
+    _g = property(lambda self: self._g_h.view())
+    _mwi = property(lambda self: self._mwi_h.view())
 
     # ------------------------------------------------------------------ public API
     def process(self, x: np.ndarray, lead_valid: np.ndarray | None = None) -> list[Beat]:
@@ -205,6 +298,15 @@ class RPeakDetector:
         and treating it as valid would normalise noise up to QRS size and invent beats."""
         W = self._flat_w
         z = np.concatenate([self._flat_tail, x.astype(np.float32)])
+        n = x.shape[0]
+        if self._flat_tail.shape[0] == W - 1 and n <= W:
+            # Every output window z[j:j + W] contains z[n - 1:W]: where that common part
+            # already spans flat_mv, no window is flat (the usual case, an attached lead), and
+            # the two running filters are not needed for that lead.
+            common = z[n - 1:W]
+            if ((common.max(axis=0) - common.min(axis=0)) >= self._p.flat_mv).all():
+                self._flat_tail = z[-(W - 1):]
+                return np.zeros((n, self.n_leads), dtype=bool)
         mx = maximum_filter1d(z, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
         mn = minimum_filter1d(z, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
         self._flat_tail = z[-(W - 1):]
@@ -215,13 +317,13 @@ class RPeakDetector:
         xhp = self._hp.process(x)
         bp = self._bp.process(x).astype(np.float64)
         if self._p.feature == "slope":
-            d, self._deriv_zi = signal.lfilter(self._deriv_b, [1.0], bp, axis=0, zi=self._deriv_zi)
+            d, self._deriv_zi = _fir_stream(self._deriv_b, bp, self._deriv_zi)
         else:
             d = bp
         f = d * d if self._p.power == 2.0 else np.abs(d) ** self._p.power
-        self._xhp = np.concatenate([self._xhp, xhp])
-        self._f = np.concatenate([self._f, f])
-        self._valid = np.concatenate([self._valid, valid])
+        self._xhp_h.append(xhp)
+        self._f_h.append(f)
+        self._valid_h.append(valid)
         self._raw_end += x.shape[0]
         self._fuse()
 
@@ -272,9 +374,9 @@ class RPeakDetector:
             cnt = use.sum(axis=1)
             self._track_dead(a, cnt)
             g = num / np.maximum(cnt, 1)
-            mwi, self._mwi_zi = signal.lfilter(self._mwi_b, [1.0], g, zi=self._mwi_zi)
-            self._g = np.concatenate([self._g, g])
-            self._mwi = np.concatenate([self._mwi, mwi])
+            mwi, self._mwi_zi = _fir_stream(self._mwi_b, g, self._mwi_zi)
+            self._g_h.append(g)
+            self._mwi_h.append(mwi)
             # Block maxima for later normalisation (only valid samples count).
             fm = np.where(v, f, -np.inf).max(axis=0) if b > a else np.full(self.n_leads, -np.inf)
             cur = np.where(np.isnan(self._cur_blk_max), -np.inf, self._cur_blk_max)
@@ -496,11 +598,8 @@ class RPeakDetector:
             need = max(min(need, self._last_c - self._slope_back - self._refine), need - self._keep)
         if need - self._buf0 > self._keep:
             k = need - self._buf0
-            self._xhp = self._xhp[k:]
-            self._f = self._f[k:]
-            self._valid = self._valid[k:]
-            self._g = self._g[k:]
-            self._mwi = self._mwi[k:]
+            for h in (self._xhp_h, self._f_h, self._valid_h, self._g_h, self._mwi_h):
+                h.drop(k)
             self._buf0 = need
             self._pending = [(c, v) for c, v in self._pending if c >= need + self._slope_back]
 

@@ -222,7 +222,7 @@ class EnrolCommandError(ValueError):
     """A malformed enrol command, phrased for the person who sent it."""
 
 
-def parse_enrol_command(payload: bytes | str, current_name: str | None) -> EnrolRequest:
+def parse_enrol_command(payload: bytes | str, current_name: str | None, default_seconds: float = ENROL_DEFAULT_S) -> EnrolRequest:
     """``<prefix>/enrol/set`` accepts ``PRESS`` (Home Assistant's button: use the name last set on
     ``<prefix>/enrol/name/set``) or JSON ``{"name": "Alice", "seconds": 90}`` (scripts, automations)."""
     text = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else payload
@@ -231,14 +231,14 @@ def parse_enrol_command(payload: bytes | str, current_name: str | None) -> Enrol
         if not current_name:
             raise EnrolCommandError("enrol pressed but no name is set: type the name into the 'Enrol name' text entity "
                                     "first, or publish {\"name\": \"...\", \"seconds\": 90} to the enrol topic")
-        return EnrolRequest(_valid_name(current_name), ENROL_DEFAULT_S)
+        return EnrolRequest(_valid_name(current_name), int(default_seconds))
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         raise EnrolCommandError(f"enrol payload {text[:60]!r} is neither PRESS nor JSON; send {{\"name\": \"Alice\", \"seconds\": 90}}") from None
     if not isinstance(data, dict) or "name" not in data:
         raise EnrolCommandError("enrol JSON must be an object with a \"name\" (and optional \"seconds\"), e.g. {\"name\": \"Alice\", \"seconds\": 90}")
-    seconds = data.get("seconds", ENROL_DEFAULT_S)
+    seconds = data.get("seconds", default_seconds)
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 10 <= seconds <= ENROL_MAX_S:
         raise EnrolCommandError(f"enrol \"seconds\" must be a number from 10 to {ENROL_MAX_S} (got {seconds!r})")
     return EnrolRequest(_valid_name(data["name"]), int(seconds))
@@ -263,7 +263,9 @@ class EnrolCommands:
     The name typed into Home Assistant's text entity is echoed (retained) on ``<prefix>/enrol/name``
     so the entity shows it and a restarted daemon gets it back from the broker."""
 
-    def __init__(self, publisher: Any, topics: Topics, on_enrol: Callable[[EnrolRequest], None]) -> None:
+    def __init__(self, publisher: Any, topics: Topics, on_enrol: Callable[[EnrolRequest], None],
+                 default_seconds: float = ENROL_DEFAULT_S) -> None:
+        self._default_seconds = default_seconds
         self._publisher = publisher
         self._topics = topics
         self._on_enrol = on_enrol
@@ -293,7 +295,7 @@ class EnrolCommands:
 
     def _on_enrol_set(self, topic: str, payload: bytes) -> None:
         try:
-            request = parse_enrol_command(payload, self.name)
+            request = parse_enrol_command(payload, self.name, self._default_seconds)
         except EnrolCommandError as exc:
             log.error("enrol: %s", exc)
             self._publisher.publish(Message(self._topics.enrol_state, _json({"state": "error", "error": str(exc)}), retain=False, qos=1))

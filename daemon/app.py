@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from daemon.biometrics import MODELS_DIR, Biometrics, EcgModelRunner, ImuModelSet
-from daemon.config import BiodConfig, ConfigError
+from daemon.config import BiodConfig
 from daemon.dsp.ecg_pipeline import EcgPipeline
 from daemon.dsp.imu_pipeline import ImuPipeline
 from daemon.enrol import Enrolment, load_impostors
@@ -45,7 +45,8 @@ from daemon.publish.state import (
     person_state_removal,
     sensor_state_message,
 )
-from daemon.sources.serial_ecg import EcgChunk, EcgSource, serial_opener, tcp_opener
+from daemon.sources.factory import open_ecg_source
+from daemon.sources.serial_ecg import EcgChunk, EcgSource
 from daemon.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -149,28 +150,6 @@ class BiodApp:
         return self.discovery.messages(sorted(self.people))
 
     # -- sources ----------------------------------------------------------------------------------
-    def _ecg_source(self, on_chunk) -> EcgSource:
-        e = self.cfg.ecg
-        common = dict(rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s)
-        if e.source == "emulator":
-            from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
-            from firmware_protocol.emulators.recordings import load_recording
-
-            try:
-                recording = load_recording(e.emulator.recording)
-            except (KeyError, FileNotFoundError, ValueError) as exc:
-                raise ConfigError(f"ecg.emulator.recording: {exc}") from None
-            self._emulator = EcgBoxEmulator(recording, rate_hz=e.rate_hz, speed=e.emulator.speed, loop=e.emulator.loop)
-            path = self._emulator.open_pty()
-            self._emulator.start()
-            log.info("ecg: emulated box streaming recording %r on %s", e.emulator.recording, path)
-            return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, baud=e.baud, **common)
-        if e.source == "serial":
-            assert e.port
-            return EcgSource(serial_opener(e.port, e.baud), e.port, on_chunk, baud=e.baud, **common)
-        assert e.tcp_port
-        return EcgSource(tcp_opener(e.host, e.tcp_port), f"tcp://{e.host}:{e.tcp_port}", on_chunk, **common)
-
     # -- main -------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> int:
         loop = asyncio.get_running_loop()
@@ -194,7 +173,8 @@ class BiodApp:
         threads: list[threading.Thread] = []
         tasks: list[asyncio.Task] = []
         if self.cfg.ecg.enabled:
-            self.ecg_source = self._ecg_source(lambda c: loop.call_soon_threadsafe(self._enqueue, self._ecg_queue, c, "ecg"))
+            self.ecg_source, self._emulator = open_ecg_source(
+                self.cfg, lambda c: loop.call_soon_threadsafe(self._enqueue, self._ecg_queue, c, "ecg"))
             thread = threading.Thread(target=self.ecg_source.run, args=(thread_stop,), name="ecg-source", daemon=True)
             thread.start()
             threads.append(thread)

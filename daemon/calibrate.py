@@ -27,7 +27,8 @@ from daemon.dsp.ecg_pipeline import EcgPipeline
 from daemon.enrol import load_impostors
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
 from daemon.identity.store import StoreError
-from daemon.sources.serial_ecg import EcgChunk, EcgSource, serial_opener, tcp_opener
+from daemon.sources.factory import open_ecg_source
+from daemon.sources.serial_ecg import EcgChunk
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +53,6 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "#" * filled + "." * (width - filled)
 
 
-def _open_source(cfg: BiodConfig, on_chunk) -> tuple[EcgSource, object | None]:
-    e = cfg.ecg
-    common = dict(rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s)
-    if e.source == "emulator":
-        from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
-        from firmware_protocol.emulators.recordings import load_recording
-
-        emulator = EcgBoxEmulator(load_recording(e.emulator.recording), rate_hz=e.rate_hz, speed=e.emulator.speed,
-                                  loop=e.emulator.loop)
-        path = emulator.open_pty()
-        emulator.start()
-        return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, **common), emulator
-    if e.source == "serial":
-        return EcgSource(serial_opener(str(e.port), e.baud), str(e.port), on_chunk, baud=e.baud, **common), None
-    return EcgSource(tcp_opener(e.host, int(e.tcp_port or 0)), f"tcp://{e.host}:{e.tcp_port}", on_chunk, **common), None
-
-
 def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silence_s: float = 5.0
             ) -> tuple[np.ndarray, list[str], dict[str, int], int]:
     """Stream and return (embeddings (n, D), activity label per window, rejection reasons,
@@ -77,7 +61,7 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
     if model is None:
         raise ConfigError("calibrate: no usable ECG model (see the error above); re-install biod")
     chunks: queue.Queue[EcgChunk] = queue.Queue(maxsize=5000)
-    source, emulator = _open_source(cfg, chunks.put)
+    source, emulator = open_ecg_source(cfg, chunks.put)
     stop = threading.Event()
     thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
     thread.start()

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from daemon.config import BiodConfig, ConfigError
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,10 @@ def check_broker(cfg: BiodConfig, timeout: float = 5.0) -> Iterator[Check]:
         yield Check("MQTT broker", False, f"{m.host}:{m.port} refused: {result.get('reason')}", "check mqtt.username and the password source")
 
 
-def check_models(models_dir: Path = MODELS_DIR) -> Iterator[Check]:
+def check_models(models_dir: Path | None = None) -> Iterator[Check]:
+    from daemon.biometrics import MODELS_DIR
+
+    models_dir = models_dir or MODELS_DIR
     manifests = sorted(models_dir.glob("*.json"))
     if not manifests:
         yield Check("models", False, f"no model manifests in {models_dir}", "re-install biod, or run python -m training.train")
@@ -140,5 +142,5 @@ def run_checks(cfg: BiodConfig, broker: bool = True) -> list[Check]:
     checks += check_ble_adapter()
     if broker:
         checks += check_broker(cfg)
-    checks += check_models()
+    checks += check_models(cfg.models_dir)
     return checks

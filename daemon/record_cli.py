@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.calibrate import _open_source
+from daemon.sources.factory import open_ecg_source
 from daemon.config import BiodConfig
 from daemon.record import WfdbSignal, WfdbWriter
 from firmware_protocol.ecg_serial import LEAD_NAMES
@@ -20,7 +20,7 @@ from firmware_protocol.ecg_serial import LEAD_NAMES
 
 def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None) -> int:
     chunks: queue.Queue = queue.Queue(maxsize=10000)
-    source, emulator = _open_source(cfg, chunks.put)
+    source, emulator = open_ecg_source(cfg, chunks.put)
     stop = threading.Event()
     thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
     thread.start()

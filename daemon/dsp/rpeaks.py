@@ -298,15 +298,6 @@ class RPeakDetector:
         and treating it as valid would normalise noise up to QRS size and invent beats."""
         W = self._flat_w
         z = np.concatenate([self._flat_tail, x.astype(np.float32)])
-        n = x.shape[0]
-        if self._flat_tail.shape[0] == W - 1 and n <= W:
-            # Every output window z[j:j + W] contains z[n - 1:W]: where that common part
-            # already spans flat_mv, no window is flat (the usual case, an attached lead), and
-            # the two running filters are not needed for that lead.
-            common = z[n - 1:W]
-            if ((common.max(axis=0) - common.min(axis=0)) >= self._p.flat_mv).all():
-                self._flat_tail = z[-(W - 1):]
-                return np.zeros((n, self.n_leads), dtype=bool)
         mx = maximum_filter1d(z, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
         mn = minimum_filter1d(z, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
         self._flat_tail = z[-(W - 1):]

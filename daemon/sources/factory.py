@@ -1,0 +1,37 @@
+"""Build the ECG source the configuration asks for: the real box over serial or TCP, or the
+emulated box on a pseudo-terminal (the demo, tests, and ``biod calibrate`` without hardware).
+One place, so ``biod run``, ``biod calibrate`` and ``biod record`` open devices the same way."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from daemon.config import BiodConfig, ConfigError
+from daemon.sources.serial_ecg import EcgChunk, EcgSource, serial_opener, tcp_opener
+
+log = logging.getLogger(__name__)
+
+
+def open_ecg_source(cfg: BiodConfig, on_chunk: Callable[[EcgChunk], None]) -> tuple[EcgSource, object | None]:
+    """(source, emulator or None). The caller runs ``source.run(stop)`` in a thread and closes
+    the emulator when done."""
+    e = cfg.ecg
+    common = dict(rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s)
+    if e.source == "emulator":
+        from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
+        from firmware_protocol.emulators.recordings import list_recordings, load_recording
+
+        try:
+            recording = load_recording(e.emulator.recording)
+        except (KeyError, FileNotFoundError, ValueError):
+            raise ConfigError(f"ecg.emulator.recording: no recording {e.emulator.recording!r}; "
+                              f"choose one of {', '.join(list_recordings())}") from None
+        emulator = EcgBoxEmulator(recording, rate_hz=e.rate_hz, speed=e.emulator.speed, loop=e.emulator.loop)
+        path = emulator.open_pty()
+        emulator.start()
+        log.info("ecg: emulated box streaming recording %r on %s", e.emulator.recording, path)
+        return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, baud=e.baud, **common), emulator
+    if e.source == "serial":
+        port = str(e.port)
+        return EcgSource(serial_opener(port, e.baud), port, on_chunk, baud=e.baud, **common), None
+    return EcgSource(tcp_opener(e.host, int(e.tcp_port or 0)), f"tcp://{e.host}:{e.tcp_port}", on_chunk, **common), None

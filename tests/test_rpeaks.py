@@ -234,3 +234,60 @@ def test_electrodes_put_on_after_a_flat_start() -> None:
     assert matched == len(reference) and len(beats) == len(reference)
     rr = np.diff(beats) / rec.fs_hz
     assert 0.6 < np.median(rr) < 1.3
+
+
+def test_fast_stream_filters_are_bit_identical_to_scipy() -> None:
+    """The detector's private filter paths skip scipy's per-call checks; they must not change
+    a single bit of the result, for any chunking (chunks of 1 sample up to longer than a block)."""
+    from scipy import signal
+
+    from daemon.dsp.filters import SosFilter, bandpass_sos
+    from daemon.dsp.rpeaks import _fir_stream, _StreamSos
+
+    x, _ = ludb(0)
+    x = x.astype(np.float64)[:3000]
+    sos = bandpass_sos(LUDB_FS, 4.0, 20.0, order=2)
+    ref = SosFilter(sos, 3).process(x)
+    fast = _StreamSos(sos, 3)
+    b = np.array([2.0, 1.0, 0.0, -1.0, -2.0]) * 62.5
+    w = np.full(75, 1.0 / 75)
+    zd, zm, szd, szm = np.zeros((4, 3)), np.zeros(74), np.zeros((4, 3)), np.zeros(74)
+    ys, ds, ms, sds, sms, i = [], [], [], [], [], 0
+    for n in [1, 2, 3, 7, 25, 74, 75, 500, 1200] * 3:
+        c = x[i:i + n]
+        ys.append(fast.process(c))
+        d, zd = _fir_stream(b, c, zd)
+        m, zm = _fir_stream(w, c[:, 0], zm)
+        sd, szd = signal.lfilter(b, [1.0], c, axis=0, zi=szd)  # what the detector used to call
+        sm, szm = signal.lfilter(w, [1.0], c[:, 0], zi=szm)
+        ds.append(d)
+        ms.append(m)
+        sds.append(sd)
+        sms.append(sm)
+        i += n
+        if i >= x.shape[0]:
+            break
+    n = sum(len(y) for y in ys)
+    assert np.array_equal(np.concatenate(ys), ref[:n]) and np.concatenate(ys).dtype == np.float32
+    assert np.array_equal(np.concatenate(ds), np.concatenate(sds))
+    assert np.array_equal(np.concatenate(ms), np.concatenate(sms))
+    assert np.array_equal(zd, szd) and np.array_equal(zm, szm)
+
+
+def test_history_buffer_matches_concatenation_and_stays_bounded() -> None:
+    from daemon.dsp.rpeaks import _History
+
+    rng = np.random.default_rng(0)
+    h, ref, cap = _History((2,), np.float32), np.zeros((0, 2), np.float32), 0
+    for _ in range(3000):
+        c = rng.standard_normal((int(rng.integers(0, 40)), 2)).astype(np.float32)
+        h.append(c)
+        ref = np.concatenate([ref, c])
+        if len(h) > 500:  # keep the last ~300 samples, like the detector's trimming
+            k = len(h) - 300
+            h.drop(k)
+            ref = ref[k:]
+        assert len(h) == ref.shape[0]
+        cap = max(cap, h._a.shape[0])
+    assert np.array_equal(h.view(), ref)
+    assert cap <= 2048  # amortised growth, no leak on an endless stream

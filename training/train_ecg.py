@@ -149,6 +149,37 @@ def augment(x: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
 
 # ---------------------------------------------------------------- training loop
 
+def _identity_sampler(data: "EcgTrainingData", cfg: "TrainConfig", rng: np.random.Generator
+                      ) -> Callable[[int], np.ndarray]:
+    """Returns draw(n) -> window indices for one identity batch (see TrainConfig.sampling)."""
+    n_all = len(data.ident.x)
+    if cfg.sampling == "window":
+        return lambda n: rng.integers(0, n_all, n)
+    if cfg.sampling != "person":
+        raise ValueError(f"TrainConfig.sampling={cfg.sampling!r}: use 'window' or 'person'")
+    # windows grouped by class, then by record within the class
+    rec_of_class: list[list[np.ndarray]] = [[] for _ in data.classes]
+    for r in np.unique(data.ident.rec):
+        idx = np.nonzero(data.ident.rec == r)[0]
+        rec_of_class[int(data.ident_labels[idx[0]])].append(idx)
+    is_ecgid = np.array([c.startswith("ecgid:") for c in data.classes])
+    p = np.ones(len(data.classes))
+    if 0.0 <= cfg.ecgid_share <= 1.0 and is_ecgid.any() and (~is_ecgid).any():
+        p[is_ecgid] = cfg.ecgid_share / is_ecgid.sum()
+        p[~is_ecgid] = (1.0 - cfg.ecgid_share) / (~is_ecgid).sum()
+    p /= p.sum()
+
+    def draw(n: int) -> np.ndarray:
+        cls = rng.choice(len(p), size=n, p=p)
+        out = np.empty(n, np.int64)
+        for j, c in enumerate(cls):
+            recs = rec_of_class[c]
+            w = recs[rng.integers(len(recs))]
+            out[j] = w[rng.integers(len(w))]
+        return out
+    return draw
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000
@@ -160,6 +191,14 @@ class TrainConfig:
     seed: int = 0
     margin: float = 0.3
     scale: float = 30.0
+    #: "window": windows drawn uniformly (persons with long records dominate);
+    #: "person": persons drawn uniformly, then a window of a random record of that person
+    #: (cross-session persons contribute all their dates equally often).
+    sampling: str = "window"
+    #: share of identity samples drawn from ECG-ID persons under "person" sampling (ECG-ID is
+    #: the lead-I, multi-session domain the identity numbers are measured on); <0: no re-weighting
+    ecgid_share: float = -1.0
+    dropout: float = 0.0    # on the pooled features before the identity head (training only)
 
 
 def train_model(data: EcgTrainingData, cfg: TrainConfig, progress: Progress):
@@ -167,7 +206,7 @@ def train_model(data: EcgTrainingData, cfg: TrainConfig, progress: Progress):
     _threads()
     tf.keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_dualtask(INPUT_LEN, strides=STRIDES)
+    model = build_dualtask(INPUT_LEN, strides=STRIDES, dropout=cfg.dropout)
     head = AMSoftmaxHead(int(model.output["embedding"].shape[-1]), len(data.classes),
                          scale=cfg.scale, margin=cfg.margin, seed=cfg.seed)
     sched = tf.keras.optimizers.schedules.CosineDecay(cfg.lr, cfg.steps, alpha=0.02)
@@ -200,6 +239,7 @@ def train_model(data: EcgTrainingData, cfg: TrainConfig, progress: Progress):
         return l_id, l_act, n_id_g, n_act_g
 
     ix = data.ident.x
+    draw_id = _identity_sampler(data, cfg, rng)
     by_class = [np.nonzero(data.act_y == c)[0] for c in np.unique(data.act_y)]
     hist = {"l_id": [], "l_act": [], "w": []}
     period = cfg.update_every or (max(cfg.steps // 20, 1) if cfg.balancing == "dt4ecg" else 1)
@@ -207,7 +247,7 @@ def train_model(data: EcgTrainingData, cfg: TrainConfig, progress: Progress):
     acc_l: list[np.ndarray] = []
     t0 = time.time()
     for s in range(cfg.steps):
-        bi = rng.integers(0, len(ix), n_id)
+        bi = draw_id(n_id)
         xb = augment(ix[bi], data.ident.lead_mask[bi], rng)
         if has_act:
             # class-balanced: rest has two source activities (sitting, maths)

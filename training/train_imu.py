@@ -28,7 +28,7 @@ import numpy as np
 
 from daemon.dsp.imu import acf_feature_size
 from daemon.inference.manifest import Normalisation
-from training.eval.imu import task_metrics
+from training.eval.imu import MODELS, task_metrics
 from training.data.imu import (
     FINE_CLASSES,
     HOP_S,
@@ -46,7 +46,7 @@ from training.data.imu import (
 Progress = Callable[[str], None]
 
 TASKS = ("gender", "age", "activity")
-MODEL_NAMES = {"gender": "imu_gender", "age": "imu_age", "activity": "imu_activity"}
+MODEL_NAMES = MODELS  # one table of task -> model file name, shared with the evaluation
 VERSION = "1.0.0"
 MAX_LAG = 10
 STRIDE_S = 1.2

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig() if args.ecg_steps is None else TrainConfig(steps=args.ecg_steps)
         say("ECG dual-task model: start")
         summary["ecg"] = train_ecg(args.data, args.out, say, cfg)
-        say("ECG dual-task model: done")
+        from training.impostors import build as build_impostors  # the set belongs to this model
+
+        build_impostors(Path(args.data), Path(args.out))
+        say("ECG dual-task model: done (and its never-enrolled impostor set)")
     if args.only in (None, "imu"):
         from training.train_imu import train_imu
         say("IMU models: start")

@@ -67,7 +67,6 @@ class AppStats:
     beats: int = 0
     heart_rate_bpm: float | None = None
     first_clean_beat_at: float | None = None
-    identity_events: list[tuple[float, str, str]] = field(default_factory=list)
 
 
 def load_ecg_model(cfg: BiodConfig) -> EcgModelRunner | None:
@@ -252,11 +251,7 @@ class BiodApp:
             elif not update.live and self.stats.first_clean_beat_at is not None and not self.bio.identity.live:
                 self.stats.first_clean_beat_at = None
             for obs in self.bio.on_ecg(update, now):
-                for event in sessions.observe(obs):
-                    self.stats.identity_events.append((now, event.type, event.after.wearer))
-                    log.info("event %s: %s (confidence %.2f)", event.type, event.after.wearer, event.after.confidence)
-            if self.enrolment is not None:
-                self._enrolment_progress(publisher)
+                self._observe(sessions, obs)
             await asyncio.sleep(self.BATCH_S)  # let ~0.2 s of frames gather for the next push
             if update.heart_rate_bpm is not None and update.live:
                 self.stats.heart_rate_bpm = update.heart_rate_bpm
@@ -284,6 +279,13 @@ class BiodApp:
                         samples_mv=np.concatenate([p.samples_mv for p in parts]), lead_valid=first.lead_valid,
                         rate_hz=first.rate_hz, lost_frames_before=first.lost_frames_before)
 
+    @staticmethod
+    def _observe(sessions: SessionPublisher, obs) -> None:
+        """One identity verdict -> events (spooled and published), each logged: the latency
+        benchmark and a person reading the journal both go by these lines."""
+        for event in sessions.observe(obs):
+            log.info("event %s: %s (confidence %.2f)", event.type, event.after.wearer, event.after.confidence)
+
     async def _consume_imu(self) -> None:
         assert self._imu_queue is not None
         pipeline = ImuPipeline(acc_range_g=self.cfg.imu.acc_range_g, gyro_range_dps=self.cfg.imu.gyro_range_dps)
@@ -304,8 +306,7 @@ class BiodApp:
                 obs = self.bio.ecg_lost(now)
                 self.stats.first_clean_beat_at = None
                 if obs is not None:
-                    for event in sessions.observe(obs):
-                        self.stats.identity_events.append((now, event.type, event.after.wearer))
+                    self._observe(sessions, obs)
             sessions.expire(now)
             self._watch_store(publisher)
             if self.enrolment is not None and self.enrolment.expired(now):
@@ -380,11 +381,6 @@ class BiodApp:
         self.bio.embeddings_sink = self.enrolment.sink
         log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)
         publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, self.enrolment.deadline))
-
-    def _enrolment_progress(self, publisher: MqttPublisher) -> None:
-        assert self.enrolment is not None
-        if self.enrolment.ready():
-            self._finish_enrolment(publisher)
 
     def _finish_enrolment(self, publisher: MqttPublisher) -> None:
         enrolment, self.enrolment = self.enrolment, None

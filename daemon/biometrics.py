@@ -18,7 +18,7 @@ import numpy as np
 
 from daemon.dsp.ecg_pipeline import EcgUpdate, EcgWindow
 from daemon.dsp.imu_pipeline import ImuUpdate, ImuWindow
-from daemon.events import UNKNOWN, Observation
+from daemon.events import Observation
 from daemon.identity.engine import IdentityEngine, IdentityState
 from daemon.identity.fusion import ActivityEstimate, FusedActivity, FusionConfig, fuse_activity, gate_walking_only
 from daemon.identity.store import ModelRef
@@ -81,7 +81,9 @@ class ImuModelSet:
             models[manifest.stem.removeprefix("imu_")] = load_model(manifest.with_suffix(".tflite"))
         return cls(models)
 
-    def run(self, task: str, window: ImuWindow) -> dict[str, np.ndarray] | None:
+    def run(self, task: str, window: ImuWindow, cache: dict | None = None) -> dict[str, np.ndarray] | None:
+        """Run ``task``'s model on ``window``. ``cache`` (one dict per window) keeps features
+        computed for one model so the others needing the same variant reuse them."""
         model = self.models.get(task)
         if model is None:
             return None
@@ -91,8 +93,11 @@ class ImuModelSet:
             from daemon.dsp.imu import acf_features
 
             params = dict(spec.features.params)
-            x = acf_features(window.data.astype(np.float32), max_lag=int(params.get("max_lag", 10)),
-                             variant=str(params.get("variant")))
+            key = (str(params.get("variant")), int(params.get("max_lag", 10)))
+            cache = {} if cache is None else cache
+            if key not in cache:
+                cache[key] = acf_features(window.data.astype(np.float32), max_lag=key[1], variant=key[0])
+            x = cache[key]
         x = np.asarray(x, dtype=np.float32).reshape((1, *spec.shape))
         return {k: v[0] for k, v in model.run(**{spec.name: x}).items()}
 
@@ -174,14 +179,15 @@ class Biometrics:
         if self.imu_models is None:
             return
         for window in update.windows:
-            out = self.imu_models.run("activity", window)
+            features: dict = {}
+            out = self.imu_models.run("activity", window, features)
             if out is not None:
                 key = "activity" if "activity" in out else next(iter(out))
                 self._imu_activity = ActivityEstimate(np.asarray(out[key]), self.imu_models.labels("activity", key))
                 self._imu_at = now
             gait: dict[str, object] = {"walking": bool(window.gait.walking), "cadence_spm": window.gait.cadence_spm}
             for task in ("age", "gender"):
-                res = self.imu_models.run(task, window) if window.gait.walking else None
+                res = self.imu_models.run(task, window, features) if window.gait.walking else None
                 if res:
                     gait[task] = {k: np.asarray(v).tolist() for k, v in res.items()}
             self.gait = gait
@@ -217,6 +223,3 @@ class Biometrics:
             sensors=sensors,
         )
 
-
-def is_unknown(state: IdentityState) -> bool:
-    return state.wearer == UNKNOWN

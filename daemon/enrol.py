@@ -70,9 +70,6 @@ class Enrolment:
     def expired(self, now: float) -> bool:
         return now >= self.deadline
 
-    def ready(self, now: float | None = None) -> bool:
-        return self.expired(time.time() if now is None else now)
-
     def finish(self) -> EnrolmentReport:
         if not self.sink:
             return self.engine.enrol(self.name, np.zeros((0, self.engine.model.dim if self.engine.model else 1), np.float32))

@@ -16,6 +16,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+async def until(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Await ``predicate()`` becoming true (tests that drive the daemon in-process)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(poll)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -12,13 +11,7 @@ from daemon.app import BiodApp
 from daemon.config import parse_config
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
-
-
-async def _until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+from tests.conftest import until
 
 
 @pytest.mark.timeout(120)
@@ -38,19 +31,19 @@ def test_ble_drop_and_serial_unplug_resume_by_themselves(tmp_path, mosquitto, ca
         stop = asyncio.Event()
         task = asyncio.create_task(app.run(stop))
         try:
-            await _until(lambda: app.stats.imu_samples > 200 and app.stats.ecg_samples > 2000, 30, "both streams")
+            await until(lambda: app.stats.imu_samples > 200 and app.stats.ecg_samples > 2000, 30, "both streams")
             # BLE drop: the board goes out of range for a moment
             app.imu_source.emulator.drop()
-            await _until(lambda: app.imu_source.health.reconnects >= 1, 30, "the BLE reconnect")
+            await until(lambda: app.imu_source.health.reconnects >= 1, 30, "the BLE reconnect")
             n = app.stats.imu_samples
-            await _until(lambda: app.stats.imu_samples > n + 200, 30, "IMU samples after the reconnect")
+            await until(lambda: app.stats.imu_samples > n + 200, 30, "IMU samples after the reconnect")
             assert app.imu_source.health.state == "streaming"
             # the ECG box is unplugged and plugged in again (a new /dev/pts behind the symlink)
             box.unplug()
             await asyncio.sleep(1.5)
             m = app.stats.ecg_samples
             box.replug()
-            await _until(lambda: app.stats.ecg_samples > m + 2000, 30, "ECG samples after the replug")
+            await until(lambda: app.stats.ecg_samples > m + 2000, 30, "ECG samples after the replug")
             assert app.ecg_source.health.connects >= 2
         finally:
             stop.set()

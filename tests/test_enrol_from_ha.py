@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from daemon.config import parse_config
 from daemon.identity.store import TemplateStore
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
+from tests.conftest import until
 
 
 @pytest.mark.timeout(120)
@@ -32,23 +32,17 @@ def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(app.run(stop))
         try:
-            deadline = time.monotonic() + 20
-            while not any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages):
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+            await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
+                        20, "availability online")
             capture.client.publish("biod/ha/enrol/name/set", "Dana", qos=1)
-            deadline = time.monotonic() + 10
-            while not [p for t, p, _ in capture.messages if t == "biod/ha/enrol/name" and p == "Dana"]:
-                assert time.monotonic() < deadline, "the enrol name was not echoed"
-                await asyncio.sleep(0.05)
+            await until(lambda: [p for t, p, _ in capture.messages if t == "biod/ha/enrol/name" and p == "Dana"],
+                        10, "the enrol name echoed")
             # an automation's time-boxed enrolment: 10 s (the button uses identity.enrol_seconds)
             capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Dana", "seconds": 10}), qos=1)
             await asyncio.sleep(0.3)
             box.start()  # Dana sits down with the electrodes on: 20 s of ECG at 2x
-            deadline = time.monotonic() + 40
-            while not [p for t, p, _ in capture.messages if t == "biod/ha/enrol/state" and '"done"' in p]:
-                assert time.monotonic() < deadline, [p for t, p, _ in capture.messages if t == "biod/ha/enrol/state"]
-                await asyncio.sleep(0.1)
+            await until(lambda: [p for t, p, _ in capture.messages if t == "biod/ha/enrol/state" and '"done"' in p],
+                        40, "enrolment done", poll=0.1)
         finally:
             stop.set()
             await task

@@ -47,7 +47,7 @@ def build(data: Path, models: Path) -> Path:
             xv = np.where(valid[None, :], x, 0.0).astype(np.float32)
             rw = windows_from_record(xv, 500.0, valid, **runner.pipeline_kwargs())
             for i in np.flatnonzero(rw.ok):
-                e = runner.model.run(**{runner.input_name: rw.data[i:i + 1]})["embedding"][0]
+                e, _ = runner.infer(rw.windows[i])  # exactly the daemon's identity embedding
                 sets[key][0].append(e.astype(np.float32))
                 sets[key][1].append(f"ludb-{pid}")
     path = models / IMPOSTORS_FILE
@@ -55,7 +55,7 @@ def build(data: Path, models: Path) -> Path:
         path,
         embeddings=np.stack(sets["I"][0]), labels=np.array(sets["I"][1]),
         embeddings_3lead=np.stack(sets["I_II_III"][0]), labels_3lead=np.array(sets["I_II_III"][1]),
-        model_version=np.array(f"{manifest.name} {manifest.version} {manifest.sha256[:12]}"),
+        model_version=np.array(f"{runner.ref.name} {runner.ref.version} {manifest.sha256[:12]}"),
         source=np.array("PhysioNet LUDB v1.0.1 (Kalyakulina et al., ODC-By 1.0), persons held out of the model's "
                         "training; embeddings only"),
     )

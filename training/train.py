@@ -1,6 +1,7 @@
 """``python -m training.train --data DIR --out daemon/models``: retrain every shipped model.
 
-Runs the ECG dual-task model (training/train_ecg.py) and the IMU models
+Runs the ECG dual-task model (training/train_ecg.py), the beat-morphology model fused with it
+(training/train_beats.py) and the IMU models
 (training/train_imu.py), each exporting int8 ``.tflite`` + manifest (and a float twin under
 ``float/``), printing progress with elapsed time. Sized to finish within ~30 min on 2 CPU cores.
 """
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig() if args.ecg_steps is None else TrainConfig(steps=args.ecg_steps)
         say("ECG dual-task model: start")
         summary["ecg"] = train_ecg(args.data, args.out, say, cfg)
-        from training.impostors import build as build_impostors  # the set belongs to this model
+        from training.train_beats import train_beats  # fused with the CNN: threshold needs it
+
+        say("ECG beat-morphology model: start")
+        summary["ecg_beats"] = train_beats(args.data, args.out, say)
+        from training.impostors import build as build_impostors  # the set belongs to these models
 
         build_impostors(Path(args.data), Path(args.out))
         say("ECG dual-task model: done (and its never-enrolled impostor set)")

@@ -17,11 +17,11 @@ quality and the beat groups, independent of how the stream was chunked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from daemon.dsp.filters import EcgConditioner, StreamResampler
+from daemon.dsp.filters import EcgConditioner, SosFilter, StreamResampler
 from daemon.dsp.hrv import HeartRateTracker, Hrv
 from daemon.dsp.quality import Quality, QualityAssessor, QualityConfig
 from daemon.dsp.rpeaks import Beat, RPeakDetector
@@ -44,6 +44,12 @@ class EcgWindow:
     quality: Quality
     beats: np.ndarray
     beat_times_s: np.ndarray
+    #: (k, beat_len at beat_fs, n_leads) single beats of the conditioned signal low-passed at
+    #: ``beat_lowpass_hz`` and sampled at ``beat_fs`` (un-normalised, mV), every complete beat
+    #: inside the window; (0, 0, n_leads) when the pipeline was built without ``beat_fs``.
+    #: WHY a second rate: identity lives in QRS/T morphology that 100 Hz blurs (measured:
+    #: docs/MODELS.md, beat morphology model), while the 3 s model is fine at 100 Hz.
+    morph: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.float32))
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ class EcgPipeline:
                  model_fs: float = 100.0, window_s: float = 3.0, hop_s: float = 1.0,
                  norm: str = "zscore", beat_before_s: float = 0.25, beat_after_s: float = 0.45,
                  beat_group: int = 3, beat_horizon_s: float = 2.5, live_s: float = 8.0,
-                 quality: QualityConfig | None = None) -> None:
+                 quality: QualityConfig | None = None, beat_fs: float | None = None,
+                 beat_lowpass_hz: float = 40.0) -> None:
         self.fs = float(fs)
         self.n_leads = int(n_leads)
         self.model_fs = float(model_fs)
@@ -91,6 +98,11 @@ class EcgPipeline:
         self._raw = SlidingWindower(n_leads, raw_len, raw_hop)
         self._qa = QualityAssessor(fs, n_leads, mains_hz, quality)
         self._hr = HeartRateTracker()
+        self.beat_fs = None if beat_fs is None else float(beat_fs)
+        self._morph: _MorphPath | None = None
+        if beat_fs is not None:
+            self._morph = _MorphPath(fs, float(beat_fs), n_leads, window_s, hop_s, beat_before_s,
+                                     beat_after_s, beat_lowpass_hz)
         self._pending_raw: list[tuple[np.ndarray, np.ndarray]] = []  # (windows, masks) FIFO
         self._pending_n = 0
         self._beat_t = np.zeros(0)          # detected beat times (s), recent
@@ -121,10 +133,12 @@ class EcgPipeline:
         x, v = self._check(samples_mv, lead_valid)
         if x.shape[0]:
             self._lead_on = v[-1].copy()
-        beats = self._det.process(x, v)
+        beats = self._det.process_checked(x, v)
         self._n_in += x.shape[0]
         cond = self._cond.process(x)
         y = self._rs.process(cond)
+        if self._morph is not None:
+            self._morph.push(cond, beats, self._n_in - self.horizon)
         final_until = (self._n_in - self.horizon) * self.model_fs / self.fs
         return self._advance(x, v, y, beats, int(np.floor(final_until)))
 
@@ -132,6 +146,8 @@ class EcgPipeline:
         """End of stream: decide pending beats and release every window the data allows."""
         beats = self._det.flush()
         z = np.zeros((0, self.n_leads), dtype=np.float32)
+        if self._morph is not None:
+            self._morph.push(z, beats, None)
         return self._advance(z, np.zeros((0, self.n_leads), bool), z, beats, None)
 
     # ----------------------------------------------------------------------------- stages
@@ -163,6 +179,9 @@ class EcgPipeline:
 
     def _assess(self, segs) -> tuple[EcgWindow, ...]:
         raw, masks = self._take_raw(len(segs))
+        morphs = (self._morph.take([s.end / self.model_fs for s in segs], self.n_leads)
+                  if self._morph is not None
+                  else [np.zeros((0, 0, self.n_leads), np.float32)] * len(segs))
         spans, times = [], []
         for s in segs:
             t1 = s.end / self.model_fs
@@ -173,7 +192,7 @@ class EcgPipeline:
                                   hop=self._raw.hop)
         out = []
         hr_t, hr_ok = [], []  # handed to the HR tracker in one call (same result, less work)
-        for s, (q, usable), (t0, t1), bt in zip(segs, results, spans, times):
+        for s, (q, usable), (t0, t1), bt, mo in zip(segs, results, spans, times, morphs):
             data, groups = s.data, s.groups
             if not usable.all():
                 data = np.where(usable[None, :], data, np.float32(0.0))
@@ -183,13 +202,56 @@ class EcgPipeline:
                 hr_t.append(new)
                 hr_ok.append(np.full(new.size, q.ok))
                 self._handed = float(new[-1])
+            if mo.size and not usable.all():
+                mo = np.where(usable[None, None, :], mo, np.float32(0.0))
             out.append(EcgWindow(t1, data, usable, q, groups,
-                                 (s.beat_samples / self.model_fs).astype(np.float64)))
+                                 (s.beat_samples / self.model_fs).astype(np.float64), mo))
         if hr_t:
             self._hr.push(np.concatenate(hr_t), np.concatenate(hr_ok))
         keep_from = spans[-1][0] + self.hop / self.model_fs
         self._beat_t = self._beat_t[self._beat_t >= keep_from]
         return tuple(out)
+
+
+class _MorphPath:
+    """Beat morphology at ``beat_fs``: conditioned signal -> resampler -> causal low-pass ->
+    a second :class:`WindowSegmenter` with the same window timing in seconds, whose single
+    beats are handed to the model windows, paired by window end time. Its windows are released by the
+    same detector horizon (whole-second window ends, so both segmenters release together) and
+    at flush whatever the data allows; a model window without its morph twin gets none."""
+
+    def __init__(self, fs: float, beat_fs: float, n_leads: int, window_s: float, hop_s: float,
+                 before_s: float, after_s: float, lowpass_hz: float) -> None:
+        from scipy.signal import butter
+
+        if not 0 < lowpass_hz < beat_fs / 2:
+            raise ValueError(f"beat_lowpass_hz={lowpass_hz} must be in (0, beat_fs/2={beat_fs / 2})")
+        self.fs, self.beat_fs = fs, beat_fs
+        self._rs = StreamResampler(fs, beat_fs, n_leads)
+        self._lp = SosFilter(butter(4, lowpass_hz, fs=beat_fs, output="sos"), n_leads)
+        self._seg = WindowSegmenter(n_leads, _samples(window_s, beat_fs, "window_s"),
+                                    _samples(hop_s, beat_fs, "hop_s"),
+                                    int(round(before_s * beat_fs)), int(round(after_s * beat_fs)),
+                                    group=1, norm="zscore")
+        self._pending: dict[int, np.ndarray] = {}  # window end (ms) -> beats
+
+    def push(self, cond: np.ndarray, beats: list[Beat], final_until_fs: int | None) -> None:
+        yb = self._lp.process(self._rs.process(cond))
+        bm = (np.round(np.array([b.sample for b in beats], dtype=np.float64)
+                       * (self.beat_fs / self.fs)).astype(np.int64) if beats else None)
+        fu = None if final_until_fs is None else int(np.floor(final_until_fs * self.beat_fs / self.fs))
+        for s in self._seg.push(yb, bm, None, fu):
+            self._pending[int(round(s.end * 1000 / self.beat_fs))] = s.beats
+
+    def take(self, ends_s: list[float], n_leads: int) -> list[np.ndarray]:
+        """The beats of the windows ending at ``ends_s``, paired by end time (never by count,
+        so a twin released one push late cannot shift every later pairing)."""
+        keys = [int(round(t * 1000)) for t in ends_s]
+        empty = np.zeros((0, 0, n_leads), np.float32)
+        out = [self._pending.pop(k, empty) for k in keys]
+        for k in [k for k in self._pending if k <= keys[-1]]:
+            del self._pending[k]
+        return out
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,9 @@ class WindowSet:
     rec: np.ndarray        # (n,) int, index into records
     t_end_s: np.ndarray    # (n,) window end within its record
     records: tuple[EcgRecord, ...]
+    #: per window, its single beats at the pipeline's ``beat_fs`` ((k, L, 3) mV) when the
+    #: pipeline was asked for them (``beat_fs`` in ``pipeline_kw``), else None
+    morph: tuple[np.ndarray, ...] | None = None
 
     def persons(self) -> np.ndarray:
         return np.array([self.records[i].person for i in self.rec])
@@ -174,7 +177,7 @@ def record_windows(records: list[EcgRecord], pipeline_kw: dict) -> WindowSet:
     """Cut model windows from every record with the daemon's ``windows_from_record``."""
     from daemon.dsp.ecg_pipeline import windows_from_record
 
-    xs, masks, recs, ends = [], [], [], []
+    xs, masks, recs, ends, morph = [], [], [], [], []
     for i, r in enumerate(records):
         rw = windows_from_record(r.x_mv, r.fs, lead_valid=r.lead_valid, **pipeline_kw)
         # a window with no usable lead is all zeros: nothing to learn or to identify from
@@ -185,7 +188,9 @@ def record_windows(records: list[EcgRecord], pipeline_kw: dict) -> WindowSet:
         masks.append(np.asarray(rw.lead_mask, dtype=bool)[keep])
         recs.append(np.full(int(keep.sum()), i))
         ends.append(np.asarray(rw.t_end_s, dtype=np.float32)[keep])
+        morph += [w.morph for w, k in zip(rw.windows, keep) if k]
     if not xs:
         raise ValueError("no record was long enough for one model window")
     return WindowSet(np.concatenate(xs), np.concatenate(masks), np.concatenate(recs),
-                     np.concatenate(ends), tuple(records))
+                     np.concatenate(ends), tuple(records),
+                     tuple(morph) if pipeline_kw.get("beat_fs") else None)

@@ -24,11 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.biometrics import EcgModelRunner
+from daemon.inference.beatmorph import BEATS_FILE
 from daemon.inference.manifest import load_manifest
 from daemon.inference.runtime import load_model
 from training.data.ecg import EcgRecord, WindowSet, load_all, record_windows
 from training.eval.identity import (
     TEST_LENGTHS_S, gallery_and_tests, genuine_impostor, identity_metrics, impostor_tests)
+from training.train_beats import window_embeddings
 
 ECG_MODEL = "ecg_dualtask"
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "daemon" / "models"
@@ -120,6 +123,12 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     seen = training_persons(manifest)
     kw = pipeline_kwargs(manifest)
     threshold = float(manifest.thresholds["identity_cosine"])
+    beats_path = int8_path.with_name(BEATS_FILE)
+    if beats_path.exists():  # the daemon fuses the beat-morphology model: evaluate what it serves
+        beats_manifest = load_manifest(beats_path.with_suffix(".json"))
+        seen |= training_persons(beats_manifest)
+        kw.update(EcgModelRunner.load(int8_path).pipeline_kwargs())
+        threshold = float(beats_manifest.thresholds["identity_cosine"])
     records = [r for r in load_all(Path(data_dir)) if r.person not in seen]
     # never-enrolled persons are scored on lead I (LUDB) / their one lead (MIT-BIH) like ECG-ID
     records = [_lead_i_only(r) for r in records]
@@ -138,14 +147,30 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     if fpath.exists():
         models["float"] = load_model(fpath)
     curves, confs = {}, {}
+    runners = {"int8": EcgModelRunner.load(int8_path)}
+    if fpath.exists():
+        runners["float"] = EcgModelRunner.load(fpath)
     for kind, model in models.items():
-        out = run_batches(model, ws.x)
-        metrics, curves[kind] = identity_eval(ws, out["embedding"], threshold)
+        emb = (window_embeddings(runners[kind], ws) if ws.morph is not None
+               else run_batches(model, ws.x)["embedding"])
+        metrics, curves[kind] = identity_eval(ws, emb, threshold)
+        if ws.morph is not None:  # the CNN alone, for the record of what the fusion adds
+            cnn_only, _ = identity_eval(ws, run_batches(model, ws.x)["embedding"], float(
+                manifest.thresholds["identity_cosine"]))
+            metrics.update({f"cnn_only_{k}": v for k, v in cnn_only.items()})
         if len(ay):
             probs = run_batches(model, ax)["activity"]
             metrics.update(activity_eval(ay, probs))
             confs[kind] = confusion(ay, probs.argmax(1), probs.shape[1])
         metrics["ms_per_window_1core"] = time_per_window_ms(model, ws.x)
+        beats = runners[kind].beats
+        if beats is not None and ws.morph is not None:  # its share of the per-window cost
+            ts = []
+            for i in range(min(200, len(ws.morph))):
+                t0 = time.perf_counter()
+                beats.embed(ws.morph[i], ws.lead_mask[i])
+                ts.append(time.perf_counter() - t0)
+            metrics["beats_ms_per_window_1core"] = 1000.0 * float(np.median(ts))
         result[kind] = metrics
         progress(f"ecg {kind}: evaluated {len(ws.x)} identity windows, {len(ay)} activity windows")
     if figures is not None:

@@ -1,0 +1,101 @@
+"""Beat-morphology identity model and its fusion with the 3 s window embedding.
+
+WHY a second identity model: the 3 s CNN sees the ECG at 100 Hz and learns from ~100 training
+persons; a linear discriminant projection of single beats at 125 Hz (PCA + LDA, fitted on the
+same training persons, ``training/train_beats.py``) keeps finer QRS/T morphology and, fused with
+the CNN, measured clearly better on held-out persons than either alone (docs/MODELS.md). It is a
+linear map, shipped as an int8 LiteRT model with its manifest like every other model.
+
+Fusion is the sum rule on cosine scores, done in the embedding itself so that the identity
+engine, the store and the evaluation stay unchanged: the fused embedding is
+``[sqrt(w) * unit(cnn), sqrt(1 - w) * unit(beats)]``, whose dot product with another such vector
+is ``w * cos_cnn + (1 - w) * cos_beats``. The beat part is itself one unit vector per lead
+(mean of that lead's unit beat embeddings), concatenated over leads, zeros for a lead that is off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from daemon.inference.runtime import Model, ModelError, load_model
+
+BEATS_FILE = "ecg_beats.tflite"
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return np.where(n > 1e-12, v / np.maximum(n, 1e-12), 0.0).astype(np.float32)
+
+
+def beat_features(morph: np.ndarray, stride: int = 1) -> np.ndarray:
+    """(k, L, n_leads) beats in mV -> (k, n_leads, L') z-scored per beat and lead.
+
+    Per-beat z-scoring removes amplitude (electrode contact and placement change it from day to
+    day) and keeps shape, which is what stays personal across sessions.
+    """
+    x = np.asarray(morph, dtype=np.float32)[:, ::stride, :].transpose(0, 2, 1)
+    mu = x.mean(axis=2, keepdims=True)
+    sd = x.std(axis=2, keepdims=True)
+    return ((x - mu) / np.maximum(sd, 1e-6)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class BeatMorphModel:
+    """The projection model and the pipeline settings its manifest states."""
+
+    model: Model
+    input_name: str
+    n_leads: int
+    length: int
+    beat_fs: float
+    lowpass_hz: float
+    weight: float          # share of the CNN score in the fused score (sum rule)
+
+    @classmethod
+    def load(cls, path: Path) -> "BeatMorphModel":
+        model = load_model(path)
+        spec = model.manifest.inputs[0]
+        fp = spec.features.params if spec.features is not None else {}
+        if spec.rate_hz is None or len(spec.shape) != 2 or "lowpass_hz" not in fp:
+            raise ModelError(f"{path}: the manifest must state rate_hz, a (leads, samples) shape "
+                             "and features.params.lowpass_hz")
+        w = float(model.manifest.thresholds.get("fusion_weight_cnn", 0.5))
+        if not 0.0 <= w <= 1.0:
+            raise ModelError(f"{path}: thresholds.fusion_weight_cnn={w} must lie in [0, 1]")
+        return cls(model, spec.name, int(spec.shape[0]), int(spec.shape[1]), float(spec.rate_hz),
+                   float(fp["lowpass_hz"]), w)
+
+    @property
+    def dim(self) -> int:
+        out = next(o for o in self.model.manifest.outputs if o.name == "embedding")
+        return int(out.shape[0] * out.shape[1])
+
+    def pipeline_kwargs(self) -> dict[str, float]:
+        return {"beat_fs": self.beat_fs, "beat_lowpass_hz": self.lowpass_hz}
+
+    def embed(self, morph: np.ndarray, lead_mask: np.ndarray) -> np.ndarray:
+        """(n_leads * K,) unit vector from a window's beats; zeros when it has none."""
+        mask = np.asarray(lead_mask, dtype=bool)[: self.n_leads]
+        out = np.zeros(self.dim, dtype=np.float32)
+        if morph.ndim != 3 or morph.shape[0] == 0 or not mask.any():
+            return out
+        if morph.shape[1] != self.length:
+            raise ModelError(f"beat windows have {morph.shape[1]} samples, the beat model expects "
+                             f"{self.length}: build the pipeline with this model's pipeline_kwargs()")
+        feats = beat_features(morph[:, :, : self.n_leads])
+        per_lead = np.stack([self.model.run(**{self.input_name: f[None]})["embedding"][0]
+                             for f in feats])                       # (k, n_leads, K)
+        lead_vec = _unit(_unit(per_lead).mean(axis=0))              # (n_leads, K)
+        lead_vec[~mask] = 0.0
+        return _unit(lead_vec.reshape(-1))
+
+
+def fuse_embeddings(cnn: np.ndarray, beats: np.ndarray | None, weight_cnn: float) -> np.ndarray:
+    """``[sqrt(w) unit(cnn), sqrt(1-w) unit(beats)]`` (see module docstring). A window without
+    beats keeps only the CNN share, so its score against any template is lower: conservative."""
+    c = np.sqrt(weight_cnn) * _unit(np.asarray(cnn, dtype=np.float32))
+    if beats is None:
+        return c
+    return np.concatenate([c, np.sqrt(1.0 - weight_cnn) * _unit(np.asarray(beats, dtype=np.float32))])

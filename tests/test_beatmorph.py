@@ -1,0 +1,109 @@
+"""The beat-morphology identity path: pipeline beats at beat_fs, the shipped projection model,
+and the sum-rule fusion with the CNN embedding (daemon/inference/beatmorph.py)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from daemon.biometrics import MODELS_DIR, EcgModelRunner
+from daemon.dsp.ecg_pipeline import windows_from_record
+from daemon.inference.beatmorph import BeatMorphModel, beat_features, fuse_embeddings
+from daemon.inference.runtime import ModelError
+from firmware_protocol.emulators.recordings import load_recording
+
+
+@pytest.fixture(scope="module")
+def runner() -> EcgModelRunner:
+    return EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite")
+
+
+def _record(name: str) -> tuple[np.ndarray, float]:
+    rec = load_recording(name)
+    return np.where(rec.lead_present[None, :], rec.leads_mv, 0.0).astype(np.float32), float(rec.fs_hz)
+
+
+def test_morph_beats_do_not_depend_on_chunking(runner: EcgModelRunner) -> None:
+    x, fs = _record("ludb-16")
+    kw = runner.pipeline_kwargs()
+    a = windows_from_record(x, fs, chunk_s=0.2, **kw).windows
+    b = windows_from_record(x, fs, chunk_s=2.7, **kw).windows
+    assert len(a) == len(b) > 3
+    for wa, wb in zip(a, b):
+        assert wa.morph.shape == wb.morph.shape
+        np.testing.assert_allclose(wa.morph, wb.morph, atol=1e-5)
+    # a 3 s window of a resting adult holds complete beats of the manifest's length
+    assert all(w.morph.shape[0] >= 2 and w.morph.shape[1] == runner.beats.length for w in a)
+
+
+def test_runner_fuses_cnn_and_beats(runner: EcgModelRunner) -> None:
+    assert runner.beats is not None, "ecg_beats.tflite must ship beside the ECG model"
+    assert runner.ref.dim == 64 + runner.beats.dim
+    assert "+" in runner.ref.name  # templates of the CNN alone are not comparable
+    x, fs = _record("ecgid-p04-r1")
+    w = windows_from_record(x, fs, **runner.pipeline_kwargs()).windows[2]
+    emb, act = runner.infer(w)
+    assert emb.shape == (runner.ref.dim,)
+    assert np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-4)
+    wc = runner.beats.weight
+    # the CNN share carries exactly weight w of the squared norm: cosine = w cos_cnn + (1-w) cos_beats
+    assert np.sum(emb[:64] ** 2) == pytest.approx(wc, abs=1e-4)
+    assert act.shape == (3,) and act.sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_same_person_scores_higher_than_another_person(runner: EcgModelRunner) -> None:
+    """Real persons (ECG-ID p02 on two days, p26): own other-day recording wins."""
+    kw = runner.pipeline_kwargs()
+
+    def template(name: str) -> np.ndarray:
+        x, fs = _record(name)
+        valid = load_recording(name).lead_present
+        embs = [runner.infer(w)[0] for w in windows_from_record(x, fs, lead_valid=valid, **kw).windows
+                if w.quality.ok]
+        m = np.mean([e / np.linalg.norm(e) for e in embs], axis=0)
+        return m / np.linalg.norm(m)
+
+    enrol, again, other = template("ecgid-p02-r1"), template("ecgid-p02-r4"), template("ecgid-p26-r1")
+    assert float(enrol @ again) > float(enrol @ other) + 0.1
+
+
+def test_fusion_is_the_weighted_sum_of_cosines() -> None:
+    rng = np.random.default_rng(1)
+    c1, c2 = rng.normal(size=(2, 64))
+    b1, b2 = rng.normal(size=(2, 96))
+    u = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    f1, f2 = fuse_embeddings(c1, b1, 0.3), fuse_embeddings(c2, b2, 0.3)
+    assert float(f1 @ f2) == pytest.approx(0.3 * u(c1) @ u(c2) + 0.7 * u(b1) @ u(b2), abs=1e-5)
+    # a window without beats keeps the CNN share only: its score cannot exceed w
+    assert np.linalg.norm(fuse_embeddings(c1, np.zeros(96), 0.3)) == pytest.approx(np.sqrt(0.3), abs=1e-6)
+
+
+def test_beat_features_are_zscored_per_beat_and_lead() -> None:
+    rng = np.random.default_rng(2)
+    morph = rng.normal(3.0, 2.0, size=(4, 87, 3)).astype(np.float32)
+    morph[:, :, 2] = 0.0  # an off lead stays zeros, not NaN
+    f = beat_features(morph)
+    assert f.shape == (4, 3, 87)
+    np.testing.assert_allclose(f[:, :2].mean(axis=2), 0.0, atol=1e-5)
+    np.testing.assert_allclose(f[:, :2].std(axis=2), 1.0, atol=1e-4)
+    assert np.all(f[:, 2] == 0.0)
+
+
+def test_off_lead_and_no_beats(runner: EcgModelRunner) -> None:
+    x, fs = _record("ludb-16")
+    w = windows_from_record(x, fs, **runner.pipeline_kwargs()).windows[1]
+    only_i = runner.beats.embed(w.morph, np.array([True, False, False]))
+    k = runner.beats.dim // 3
+    assert np.linalg.norm(only_i[:k]) == pytest.approx(1.0, abs=1e-4) and not only_i[k:].any()
+    assert not runner.beats.embed(np.zeros((0, runner.beats.length, 3), np.float32), np.ones(3, bool)).any()
+
+
+def test_corrupt_beat_model_is_refused(tmp_path) -> None:
+    for f in ("ecg_beats.tflite", "ecg_beats.json"):
+        shutil.copy(MODELS_DIR / f, tmp_path / f)
+    data = bytearray((tmp_path / "ecg_beats.tflite").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "ecg_beats.tflite").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256"):
+        BeatMorphModel.load(tmp_path / "ecg_beats.tflite")

@@ -1,0 +1,228 @@
+"""Fit the beat-morphology identity model (PCA + LDA per lead) and export it int8 + float.
+
+    python -m training.train_beats --data ../shared/data [--out daemon/models]
+
+WHY linear: with ~100 training persons a discriminant projection of single beats generalises
+to new persons better than anything with more parameters we measured, and fused with the 3 s
+CNN (``daemon/inference/beatmorph.py``) it lifts held-out identity clearly (docs/MODELS.md).
+
+* Beats: the daemon's own ``EcgPipeline`` with ``beat_fs`` (conditioned signal, causal 40 Hz
+  low-pass, 125 Hz, 0.25 s before to 0.45 s after R), every distinct beat of the training
+  persons' records (windows overlap, so each beat is taken once), z-scored per beat and lead.
+* Per lead (morphology differs per lead, a shared projection measured worse): lead I from
+  ECG-ID + LUDB, lead II from LUDB + MIT-BIH (its first lead), lead III from LUDB; classes are
+  persons; PCA to ``N_PCA`` then shrinkage LDA (Ledoit-Wolf) to ``N_DIM`` directions.
+* The three projections are one Keras layer (einsum over leads) exported full-integer int8 with
+  float32 output, like every shipped model; the manifest carries the fusion weight and the open-set
+  threshold of the FUSED embedding, chosen at FAR 1 % on the ECG-ID calibration persons (training
+  partition, never fitted on) with the ECG model found in ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from daemon.inference.beatmorph import BEATS_FILE, beat_features
+from training.data.ecg import (
+    ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS,
+    EcgRecord, WindowSet, is_training_person, load_ecgid, load_ludb, load_mitdb, record_windows)
+
+VERSION = "1.0.0"
+NAME = "ecg_beats"
+BEAT_FS = 125.0
+LOWPASS_HZ = 40.0
+N_PCA = 60
+N_DIM = 48
+FUSION_WEIGHT_CNN = 0.5   # plain sum rule, not tuned on held-out persons
+PIPELINE_KW = {"model_fs": 100, "window_s": 3, "hop_s": 1, "norm": "zscore",
+               "beat_fs": BEAT_FS, "beat_lowpass_hz": LOWPASS_HZ}
+LEADS = ("I", "II", "III")
+
+
+def _calibration(person: str) -> bool:
+    ds, pid = person.split(":", 1)
+    return ds == "ecgid" and int(pid) in ECGID_CALIBRATION
+
+
+def distinct_beats(ws: WindowSet) -> tuple[np.ndarray, np.ndarray]:
+    """(beats (n, L, 3) mV, record index (n,)): each beat once although windows overlap."""
+    assert ws.morph is not None
+    beats, recs, seen = [], [], set()
+    for m, r in zip(ws.morph, ws.rec):
+        for b in m:
+            key = (int(r), b.tobytes())
+            if key not in seen:
+                seen.add(key)
+                beats.append(b)
+                recs.append(int(r))
+    return np.stack(beats).astype(np.float32), np.array(recs)
+
+
+def fit_projections(beats: np.ndarray, recs: np.ndarray, records: tuple[EcgRecord, ...],
+                    progress=print) -> tuple[np.ndarray, np.ndarray]:
+    """Per lead PCA + shrinkage LDA folded into one affine map: W (3, L, K), b (3, K)."""
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    feats = beat_features(beats)                       # (n, 3, L)
+    person = np.array([records[r].person for r in recs])
+    valid = np.stack([records[r].lead_valid for r in recs])
+    length = feats.shape[2]
+    W = np.zeros((3, length, N_DIM), np.float32)
+    b = np.zeros((3, N_DIM), np.float32)
+    for lead in range(3):
+        sel = valid[:, lead]
+        x, y = feats[sel, lead], person[sel]
+        n_cls = len(set(y))
+        k = min(N_DIM, n_cls - 1, N_PCA)
+        pca = PCA(N_PCA, random_state=0).fit(x)
+        lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(pca.transform(x), y)
+        # both steps are affine: read the map off the transform of 0 and of the unit vectors
+        b[lead, :k] = lda.transform(pca.transform(np.zeros((1, length))))[0, :k]
+        W[lead, :, :k] = lda.transform(pca.transform(np.eye(length)))[:, :k] - b[lead, :k]
+        # the folded map must equal sklearn's own transform on these beats
+        ref = lda.transform(pca.transform(x[:50]))[:, :k]
+        got = x[:50] @ W[lead, :, :k] + b[lead, :k]
+        if not np.allclose(ref, got, atol=1e-3 * (1 + np.abs(ref).max())):
+            raise RuntimeError(f"lead {LEADS[lead]}: folded PCA+LDA map disagrees with sklearn")
+        progress(f"beats: lead {LEADS[lead]}: {int(sel.sum())} beats of {n_cls} persons -> "
+                 f"{k} discriminant directions")
+    return W, b
+
+
+def keras_model(W: np.ndarray, b: np.ndarray):
+    import keras
+    import tensorflow as tf
+
+    class PerLeadProjection(keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.w = self.add_weight(shape=W.shape, initializer="zeros", trainable=False, name="w")
+            self.bias = self.add_weight(shape=b.shape, initializer="zeros", trainable=False, name="b")
+
+        def call(self, x):
+            return tf.einsum("bld,ldk->blk", x, self.w) + self.bias
+
+    inp = keras.Input((W.shape[0], W.shape[1]), name="beat")
+    layer = PerLeadProjection()
+    out = layer(inp)
+    layer.w.assign(W)
+    layer.bias.assign(b)
+    return keras.Model(inp, {"embedding": out})
+
+
+def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], length: int,
+                    threshold: float) -> dict:
+    persons: dict[str, list[str]] = {}
+    for p in sorted({r.person for r in records} | {r.person for r in calib}):
+        ds, pid = p.split(":", 1)
+        persons.setdefault(ds, []).append(pid)
+    return {
+        "version": VERSION,
+        "tasks": ["ecg_identity_embedding"],
+        "inputs": [{
+            "name": "beat", "shape": [3, length], "rate_hz": BEAT_FS,
+            "channels": list(LEADS), "units": "z-score per beat and lead (dimensionless)",
+            "normalisation": {"kind": "in_model", "description": (
+                "The caller feeds one beat: EcgWindow.morph of an EcgPipeline built with "
+                f"beat_fs={BEAT_FS}, beat_lowpass_hz={LOWPASS_HZ} (0.25 s before to 0.45 s after "
+                "R), transposed to (leads, samples) and z-scored per lead "
+                "(daemon.inference.beatmorph.beat_features); an off lead is zeros.")},
+            "features": {"kind": "ecg_beat", "params": {"lowpass_hz": LOWPASS_HZ,
+                                                         "before_s": 0.25, "after_s": 0.45},
+                         "source_shape": [length, 3], "source_channels": list(LEADS),
+                         "source_units": "mV"},
+            "description": "one heartbeat, Einthoven I, II, III, at 125 Hz",
+        }],
+        "outputs": [{"name": "embedding", "meaning": (
+            f"per lead a {N_DIM}-d discriminant projection (not normalised); the daemon "
+            "normalises per beat, averages a window's beats per lead, and fuses with the CNN "
+            "embedding (daemon/inference/beatmorph.py)")}],
+        "thresholds": {"fusion_weight_cnn": FUSION_WEIGHT_CNN, "identity_cosine": float(threshold)},
+        "training": {
+            "datasets": ["ecgid", "ludb", "mitdb"],
+            "persons": persons,
+            "held_out": {
+                "ecgid": [f"{p:02d}" for p in ECGID_HELDOUT],
+                "ludb": [str(i) for i in range(LUDB_HELDOUT_FROM, 101)],
+                "mitdb": list(MITDB_HELDOUT),
+            },
+            "description": (
+                "PCA (60) + shrinkage LDA per lead over the listed persons' beats: lead I ECG-ID + "
+                "LUDB, lead II LUDB + MIT-BIH, lead III LUDB. Threshold (of the fused embedding): "
+                "FAR 1 % on 10 s tests of the ECG-ID calibration persons "
+                f"{', '.join(f'{p:02d}' for p in ECGID_CALIBRATION)}, never fitted on."),
+        },
+        "notes": "python -m training.train_beats; float32 twin in float/ecg_beats.tflite. docs/MODELS.md",
+    }
+
+
+def window_embeddings(runner, ws: WindowSet) -> np.ndarray:
+    """The daemon's identity embedding of every window of ``ws`` (CNN + beats, fused)."""
+    from daemon.dsp.ecg_pipeline import EcgWindow
+
+    out = []
+    for i in range(len(ws.x)):
+        cnn = runner.model.run(**{runner.input_name: ws.x[i:i + 1]})["embedding"][0]
+        w = EcgWindow(0.0, ws.x[i], ws.lead_mask[i], None, np.zeros(0), np.zeros(0),  # type: ignore[arg-type]
+                      ws.morph[i])
+        out.append(runner.identity_embedding(cnn, w))
+    return np.stack(out).astype(np.float32)
+
+
+def train_beats(data_dir: Path, out_dir: Path, progress=print) -> dict:
+    from daemon.biometrics import EcgModelRunner
+    from training.eval.identity import choose_threshold
+    from training.export import export_float, export_int8
+
+    t0 = time.time()
+    recs = load_ecgid(data_dir) + load_ludb(data_dir) + load_mitdb(data_dir, MITDB_TRAIN_SEGMENTS)
+    recs = [r for r in recs if is_training_person(r.person)]
+    fit_recs = [r for r in recs if not _calibration(r.person)]
+    calib = [r for r in recs if _calibration(r.person)]
+    if not fit_recs or not calib:
+        raise FileNotFoundError(f"{data_dir}: needs the shared/data ECG training and calibration persons")
+    ws = record_windows(fit_recs, PIPELINE_KW)
+    beats, brec = distinct_beats(ws)
+    progress(f"beats: {len(beats)} distinct beats of {len({r.person for r in fit_recs})} persons "
+             f"({time.time() - t0:.0f} s)")
+    W, b = fit_projections(beats, brec, ws.records, progress)
+    model = keras_model(W, b)
+    feats = beat_features(beats)
+    rng = np.random.default_rng(0)
+    rep = feats[rng.permutation(len(feats))[:500]]
+    fields = manifest_fields(ws.records, calib, W.shape[1], threshold=0.0)
+    out_dir = Path(out_dir)
+    p8 = export_int8(model, rep, out_dir, NAME, fields)
+    pf = export_float(model, out_dir / "float", NAME, fields)
+    # threshold of the fused embedding, on persons never fitted on
+    runner = EcgModelRunner.load(out_dir / "ecg_dualtask.tflite")
+    cws = record_windows(calib, PIPELINE_KW)
+    threshold = choose_threshold(cws, window_embeddings(runner, cws))
+    from training.export import update_manifest
+
+    for p in (p8, pf):
+        update_manifest(p, thresholds={"fusion_weight_cnn": FUSION_WEIGHT_CNN,
+                                       "identity_cosine": float(threshold)})
+    progress(f"beats: exported {p8} ({p8.stat().st_size} bytes) and {pf}; fused threshold "
+             f"{threshold:.3f} ({time.time() - t0:.0f} s)")
+    return {"int8": str(p8), "float": str(pf), "threshold": float(threshold),
+            "seconds": time.time() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from daemon.biometrics import MODELS_DIR
+
+    ap = argparse.ArgumentParser(prog="python -m training.train_beats", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=MODELS_DIR)
+    args = ap.parse_args(argv)
+    train_beats(args.data, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -114,6 +114,7 @@ class BiodApp:
         self.store = open_store(cfg)
         self.people = self._load_people()
         self.bio = Biometrics(self.ecg_model, self._engine(), self.imu_models)
+        self.bio.gait_placement = cfg.imu.placement
         self.discovery = ha.HubDiscovery(cfg.mqtt.discovery_prefix, cfg.hub.id, cfg.hub.name, self.topics,
                                          activities=ACTIVITY_CLASSES,
                                          sensors=("ecg", "imu") if cfg.imu.enabled else ("ecg",),
@@ -379,12 +380,14 @@ class BiodApp:
         self.enrolment = Enrolment(req.name, self.bio.engine, load_impostors(self.cfg.models_dir or MODELS_DIR),
                                    seconds=req.seconds, started=time.time())
         self.bio.embeddings_sink = self.enrolment.sink
+        self.bio.gait_sink = self.enrolment.gait_sink
         log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)
         publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, self.enrolment.deadline))
 
     def _finish_enrolment(self, publisher: MqttPublisher) -> None:
         enrolment, self.enrolment = self.enrolment, None
         self.bio.embeddings_sink = None
+        self.bio.gait_sink = None
         assert enrolment is not None
         report = enrolment.finish()
         if report.accepted and report.person is not None:

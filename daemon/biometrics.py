@@ -21,7 +21,9 @@ from daemon.dsp.imu_pipeline import ImuUpdate, ImuWindow
 from daemon.events import Observation
 from daemon.identity.engine import IdentityEngine, IdentityState
 from daemon.identity.fusion import ActivityEstimate, FusedActivity, FusionConfig, fuse_activity, gate_walking_only
+from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.store import ModelRef
+from daemon.inference.beatmorph import BEATS_FILE, BeatMorphModel, fuse_embeddings
 from daemon.inference.runtime import Model, ModelError, load_model
 
 log = logging.getLogger(__name__)
@@ -40,46 +42,75 @@ class EcgModelRunner:
     rate_hz: float
     window_s: float
     activity_labels: tuple[str, ...]
+    #: beat-morphology model fused into the identity embedding (``ecg_beats.tflite`` beside the
+    #: ECG model); None: the CNN embedding alone (an older model folder)
+    beats: BeatMorphModel | None = None
 
     @classmethod
-    def load(cls, path: Path) -> "EcgModelRunner":
+    def load(cls, path: Path, beats: bool = True) -> "EcgModelRunner":
         model = load_model(path)
         spec = model.manifest.inputs[0]
         if spec.rate_hz is None or spec.window_s is None or len(spec.shape) != 2:
             raise ModelError(f"{path}: the manifest's input must state rate_hz, window_s and a (samples, leads) shape")
+        beat_path = Path(path).with_name(BEATS_FILE)
+        beat_model = BeatMorphModel.load(beat_path) if beats and beat_path.exists() else None
         return cls(model, spec.name, int(spec.shape[0]), int(spec.shape[1]), float(spec.rate_hz),
-                   float(spec.window_s), tuple(model.manifest.labels.get("activity", ())))
+                   float(spec.window_s), tuple(model.manifest.labels.get("activity", ())), beat_model)
 
     @property
     def ref(self) -> ModelRef:
+        """What enrolled templates were made with: a template is only comparable with
+        embeddings of the same model(s), so the beat model is part of the name."""
         m = self.model.manifest
-        dim = next(o.shape[-1] for o in m.outputs if o.name == "embedding")
-        return ModelRef(name=m.name, version=m.version, dim=int(dim))
+        dim = int(next(o.shape[-1] for o in m.outputs if o.name == "embedding"))
+        if self.beats is None:
+            return ModelRef(name=m.name, version=m.version, dim=dim)
+        b = self.beats.model.manifest
+        return ModelRef(name=f"{m.name}+{b.name}", version=f"{m.version}+{b.version}",
+                        dim=dim + self.beats.dim)
 
     def pipeline_kwargs(self) -> dict[str, float]:
         """EcgPipeline arguments that make its windows exactly this model's input."""
-        return {"model_fs": self.rate_hz, "window_s": self.window_s}
+        kw = {"model_fs": self.rate_hz, "window_s": self.window_s}
+        if self.beats is not None:
+            kw.update(self.beats.pipeline_kwargs())
+        return kw
+
+    def identity_embedding(self, cnn_embedding: np.ndarray, window: EcgWindow) -> np.ndarray:
+        """The CNN embedding fused with the beat-morphology one (when that model is loaded)."""
+        if self.beats is None:
+            return cnn_embedding
+        return fuse_embeddings(cnn_embedding, self.beats.embed(window.morph, window.lead_mask),
+                               self.beats.weight)
 
     def infer(self, window: EcgWindow) -> tuple[np.ndarray, np.ndarray]:
-        """(embedding (D,), activity probabilities (K,)) for one window; leads the pipeline marked
-        unusable are zeros already, which is what the model saw in lead-dropout training."""
+        """(identity embedding (D,), activity probabilities (K,)) for one window; leads the
+        pipeline marked unusable are zeros already, which is what the model saw in lead-dropout
+        training."""
         x = window.data[None, : self.length, : self.n_leads].astype(np.float32)
         out = self.model.run(**{self.input_name: x})
-        return out["embedding"][0], out["activity"][0]
+        return self.identity_embedding(out["embedding"][0], window), out["activity"][0]
 
 
 @dataclass(frozen=True)
 class ImuModelSet:
-    """IMU models keyed by task; each takes ACF features of an IMU window (manifest-stated)."""
+    """IMU models keyed by task; each takes ACF features of an IMU window (manifest-stated).
+    ``gait``: gait identity projections keyed by placement (``gait_<placement>.npz``)."""
 
     models: dict[str, Model]
+    gait: dict[str, GaitModel] = field(default_factory=dict)
 
     @classmethod
     def load_dir(cls, directory: Path = MODELS_DIR) -> "ImuModelSet":
         models = {}
         for manifest in sorted(directory.glob("imu_*.json")):
             models[manifest.stem.removeprefix("imu_")] = load_model(manifest.with_suffix(".tflite"))
-        return cls(models)
+        try:
+            gait = load_gait_models(directory)
+        except GaitModelError as exc:  # gait identity is optional: ECG identity goes on without it
+            log.error("imu: %s; identity from the ECG alone", exc)
+            gait = {}
+        return cls(models, gait)
 
     def run(self, task: str, window: ImuWindow, cache: dict | None = None) -> dict[str, np.ndarray] | None:
         """Run ``task``'s model on ``window``. ``cache`` (one dict per window) keeps features
@@ -136,6 +167,8 @@ class Biometrics:
         self.heart_rate_bpm: float | None = None
         self.quality: float = 0.0
         self.embeddings_sink: list | None = None  # set by enrolment: (t, embedding, activity, leads on)
+        self.gait_sink: list | None = None        # set by enrolment: gait embeddings of walking windows
+        self.gait_placement: str = "waist"       # which gait model new enrolments use (config imu.placement)
 
     # -- ECG ----------------------------------------------------------------------------------------
     def on_ecg(self, update: EcgUpdate, now: float | None = None) -> list[Observation]:
@@ -191,6 +224,25 @@ class Biometrics:
                 if res:
                     gait[task] = {k: np.asarray(v).tolist() for k, v in res.items()}
             self.gait = gait
+            if window.gait.walking and not window.clipped:
+                self._gait_identity(window, now)
+
+    def _gait_identity(self, window: ImuWindow, now: float) -> None:
+        """Gait embedding of a walking window -> the engine's gait pool (evidence for fusion
+        with the ECG only; it never announces anybody) and, while enrolling, the gait sink."""
+        if not self.engine.gait_attached and self.imu_models is not None and self.imu_models.gait:
+            self.engine.attach_gait(self.imu_models.gait, self.gait_placement)  # engines are rebuilt on reload
+        model = self.engine.gait_model
+        if model is None:
+            return
+        try:
+            embedding = model.embed(window.data)[0]
+        except GaitModelError as exc:  # IMU windows of another length than the model's: no gait
+            log.debug("gait identity: %s", exc)
+            return
+        self.engine.observe_gait(now, embedding)
+        if self.gait_sink is not None:
+            self.gait_sink.append(embedding)
 
     # -- fusion ---------------------------------------------------------------------------------------
     def fused_activity(self, now: float | None = None) -> FusedActivity | None:

@@ -4,12 +4,16 @@ The person sits still, then walks; the command streams from the configured ECG s
 exactly the daemon's pipeline and model, shows a live progress bar with the signal quality and
 what is wrong when windows are rejected, then builds the templates, reports how separable the
 new person is (expected false-accept/false-reject rates, margins to the people already
-enrolled and to never-enrolled persons) and saves atomically (0600). It opens the device
+enrolled and to never-enrolled persons) and saves atomically (0600). With ``imu.enabled`` the
+MetaMotion streams too, and the walking windows of the walking phase (gait gate on) build a
+gait template stored with the person (fused with the ECG score later; never an identity on its
+own). It opens the devices
 itself, so stop the daemon first (``systemctl stop biod``) or use the enrol button in Home
 Assistant, which runs the same enrolment inside the daemon.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import sys
@@ -24,7 +28,9 @@ from daemon.app import load_ecg_model, open_store
 from daemon.biometrics import MODELS_DIR
 from daemon.config import BiodConfig, ConfigError
 from daemon.dsp.ecg_pipeline import EcgPipeline
+from daemon.dsp.imu_pipeline import ImuPipeline
 from daemon.enrol import load_impostors
+from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
 from daemon.identity.store import StoreError
 from daemon.sources.factory import open_ecg_source
@@ -48,15 +54,89 @@ def phases(total_s: float, walk: bool = True) -> list[Phase]:
             Phase("walking", total_s - rest, "now walk around at your usual pace")]
 
 
+class ImuCollector:
+    """The configured MetaMotion in a thread with its own asyncio loop (calibrate is synchronous),
+    its samples through the daemon's ``ImuPipeline``, and the gait embeddings of walking windows.
+
+    ``drain(collect)`` is called from the ECG loop; only windows drained with ``collect`` True
+    (the walking phase) and with the gait gate on count.
+    """
+
+    def __init__(self, cfg: BiodConfig, model: GaitModel) -> None:
+        from daemon.sources.metawear_ble import MetaWearSource
+
+        self.model = model
+        self.chunks: queue.Queue = queue.Queue(maxsize=5000)
+        self.source = MetaWearSource(cfg.imu, self._put)
+        self.pipeline = ImuPipeline(acc_range_g=cfg.imu.acc_range_g, gyro_range_dps=cfg.imu.gyro_range_dps)
+        self.embeddings: list[np.ndarray] = []
+        self.windows = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="imu-source", daemon=True)
+
+    def _put(self, chunk: object) -> None:
+        try:
+            self.chunks.put_nowait(chunk)
+        except queue.Full:
+            log.warning("calibrate: IMU queue full, chunk dropped")
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._ready.set()
+        await self.source.run(self._stop)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(5)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    def drain(self, collect: bool) -> None:
+        while True:
+            try:
+                chunk = self.chunks.get_nowait()
+            except queue.Empty:
+                return
+            update = self.pipeline.push(chunk.t_s, chunk.acc_g, chunk.gyro_dps)
+            walking = [w.data for w in update.windows if w.gait.walking and not w.clipped]
+            self.windows += len(update.windows)
+            if collect and walking:
+                try:
+                    self.embeddings.extend(self.model.embed(np.stack(walking)))
+                except GaitModelError as exc:
+                    log.warning("calibrate: no gait template: %s", exc)
+
+
+def open_imu_collector(cfg: BiodConfig, out: TextIO = sys.stdout) -> ImuCollector | None:
+    """An IMU collector when ``imu.enabled`` and a gait model for ``imu.placement`` ships."""
+    if not cfg.imu.enabled:
+        return None
+    try:
+        model = load_gait_models(cfg.models_dir or MODELS_DIR).get(cfg.imu.placement)
+    except GaitModelError as exc:
+        print(f"  no gait template: {exc}", file=out)
+        return None
+    if model is None:
+        print(f"  no gait template: no gait model for an IMU worn at the {cfg.imu.placement}", file=out)
+        return None
+    return ImuCollector(cfg, model)
+
+
 def _bar(done: int, total: int, width: int = 24) -> str:
     filled = min(width, int(width * done / max(total, 1)))
     return "#" * filled + "." * (width - filled)
 
 
-def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silence_s: float = 5.0
-            ) -> tuple[np.ndarray, list[str], dict[str, int], int]:
+def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silence_s: float = 5.0,
+            imu: ImuCollector | None = None) -> tuple[np.ndarray, list[str], dict[str, int], int]:
     """Stream and return (embeddings (n, D), activity label per window, rejection reasons,
-    how many leads were on in most clean windows)."""
+    how many leads were on in most clean windows). ``imu``: also drained, walking phase
+    gait embeddings end up in ``imu.embeddings``."""
     model = load_ecg_model(cfg)
     if model is None:
         raise ConfigError("calibrate: no usable ECG model (see the error above); re-install biod")
@@ -65,6 +145,8 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
     stop = threading.Event()
     thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
     thread.start()
+    if imu is not None:
+        imu.start()
     pipeline: EcgPipeline | None = None
     embeddings: list[np.ndarray] = []
     labels: list[str] = []
@@ -89,6 +171,8 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                         return _result(embeddings, labels, rejected, leads)
                     continue
                 last_data = time.monotonic()
+                if imu is not None:
+                    imu.drain(collect=phase.label == "walking")
                 if pipeline is None:
                     pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=chunk.samples_mv.shape[1],
                                            mains_hz=cfg.ecg.mains_hz, **model.pipeline_kwargs())
@@ -108,7 +192,9 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                         rejected[reason] = rejected.get(reason, 0) + 1
                     line = (f"  [{_bar(int(phase_samples), int(phase.seconds))}] {len(embeddings):3d} clean windows"
                             f"  quality {0 if quality is None else quality:.2f}"
-                            f"  HR {'--' if hr is None else f'{hr:.0f}'} bpm" + (f"  rejected: {reason}" if reason else ""))
+                            f"  HR {'--' if hr is None else f'{hr:.0f}'} bpm"
+                            + (f"  gait {len(imu.embeddings)}" if imu is not None else "")
+                            + (f"  rejected: {reason}" if reason else ""))
                     print(("\r" + line) if tty else line, end="" if tty else "\n", file=out, flush=True)
                 if phase_samples >= phase.seconds:
                     break
@@ -117,6 +203,8 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
     finally:
         stop.set()
         thread.join(5)
+        if imu is not None:
+            imu.stop()
         if emulator is not None:
             emulator.close()
         log.debug("calibrate: collected %.0f s plan", total)
@@ -140,6 +228,10 @@ def describe(report: EnrolmentReport, out: TextIO = sys.stdout) -> None:
             risk = report.accepted_by.get(name)
             extra = f", {name}'s template would accept {100 * risk:.1f}% of these windows" if risk else ""
             print(f"  margin to {name}: {margin:+.3f}{extra}", file=out)
+        gait = report.person.gait if report.person is not None else None
+        if gait is not None:
+            print(f"  gait template from {gait.n_windows} walking windows ({gait.model}); it only adds to the ECG score, "
+                  "never identifies on its own", file=out)
     for warning in report.warnings:
         print(f"  warning: {warning}", file=out)
 
@@ -155,10 +247,12 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     if model is None:
         print("biod calibrate: no usable ECG model; re-install biod or run python -m training.train", file=sys.stderr)
         return 2
-    engine = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref)
+    imu = open_imu_collector(cfg, out) if walk else None
+    engine = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref,
+                            gait_model=imu.model if imu is not None else None)
     print(f"Enrolling {name!r}: attach the electrodes (RA, LA, LL), then follow the steps. "
           f"{len(people)} person(s) already enrolled.", file=out)
-    embeddings, labels, rejected, leads_on = collect(cfg, phases(seconds, walk), out)
+    embeddings, labels, rejected, leads_on = collect(cfg, phases(seconds, walk), out, imu=imu)
     if rejected:
         print("  rejected windows: " + ", ".join(f"{k} ×{v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])), file=out)
     if len(embeddings) == 0:
@@ -169,7 +263,8 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     impostors = load_impostors(cfg.models_dir or MODELS_DIR)
     imp = impostors.for_leads(leads_on) if impostors else (None, None)
     report = engine.enrol(name, embeddings, labels if len(set(labels)) > 1 else None,
-                          impostor_embeddings=imp[0], impostor_labels=imp[1])
+                          impostor_embeddings=imp[0], impostor_labels=imp[1],
+                          gait_embeddings=np.stack(imu.embeddings) if imu is not None and imu.embeddings else None)
     describe(report, out)
     if not report.accepted or report.person is None:
         return 1

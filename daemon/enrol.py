@@ -1,4 +1,5 @@
-"""Enrolment: collect a person's clean ECG embeddings, then build templates without retraining.
+"""Enrolment: collect a person's clean ECG embeddings (and gait embeddings of walking IMU
+windows, when an IMU streams), then build templates without retraining.
 
 Used by ``biod calibrate`` (terminal, guided) and by the enrol button in Home Assistant
 (time-boxed, like ESPresense): both feed the same ``Enrolment`` with what ``Biometrics``
@@ -54,6 +55,7 @@ class Enrolment:
     seconds: float
     started: float = field(default_factory=time.time)
     sink: list[tuple[float, np.ndarray, str | None, int]] = field(default_factory=list)
+    gait_sink: list[np.ndarray] = field(default_factory=list)  # Biometrics.gait_sink while enrolling
 
     @property
     def deadline(self) -> float:
@@ -78,4 +80,6 @@ class Enrolment:
         leads_on = int(np.median([n for *_, n in self.sink]))
         activities = acts if all(a is not None for a in acts) and len(set(acts)) > 1 else None
         imp = self.impostors.for_leads(leads_on) if self.impostors else (None, None)
-        return self.engine.enrol(self.name, embeddings, activities, impostor_embeddings=imp[0], impostor_labels=imp[1])
+        gait = np.stack(self.gait_sink).astype(np.float32) if self.gait_sink else None
+        return self.engine.enrol(self.name, embeddings, activities, impostor_embeddings=imp[0], impostor_labels=imp[1],
+                                 gait_embeddings=gait)

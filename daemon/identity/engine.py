@@ -22,15 +22,24 @@ Pipeline per clean window (``quality_ok`` and an embedding):
    ``threshold - stay_hysteresis`` (hysteresis, so one odd window never flips the wearer).
 4. *Liveness.* When the ECG is not live (lead-off, no beats) the identity ends immediately:
    wearer None, history cleared. A person can only change by taking the electrodes off.
+5. *Gait fusion (optional).* Walking IMU windows (``observe_gait``) only fill a gait pool;
+   they never make a decision. When a clean ECG window is scored and the pool holds enough
+   fresh walking windows, each person with a gait template gets the sum-rule fusion of the
+   z-normalised ECG and gait scores (``fusion.fuse_identity``, rescaled to Stouffer's weighted
+   Z so the impostor spread is unchanged), mapped back onto that person's ECG cosine scale so the thresholds, margin and hysteresis apply unchanged. No
+   gait (not walking, no template, no gait model): exactly the ECG-only behaviour. No live
+   clean ECG: no identity, whatever the gait says.
 """
 from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
+from daemon.identity.fusion import FusionConfig, ScoreNorm, fuse_identity
+from daemon.identity.gait import GaitModel, GaitScorer, build_gait_template
 from daemon.identity.store import (
     ModelRef,
     Person,
@@ -116,6 +125,7 @@ class IdentityState:
     decided: bool = True
     live: bool = False
     candidate: str | None = None
+    fused: bool = False   # ``scores`` include gait evidence (ECG + gait fusion)
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,14 @@ def build_prototypes(x: np.ndarray, activities: Sequence[str] | None, config: Id
     return protos, tuple(f"cluster-{i}" for i in range(len(protos)))
 
 
+def _ecg_norm(person: Person) -> ScoreNorm | None:
+    """The person's ECG z-norm (impostor mean/std at enrolment); None for older templates."""
+    loc, scale = person.stats.get("ecg_impostor_mean"), person.stats.get("ecg_impostor_std")
+    if loc is None or scale is None or not np.isfinite(loc) or not scale > 1e-6:
+        return None
+    return ScoreNorm("znorm", float(loc), float(scale))
+
+
 def _far_upper(accepted: np.ndarray, person: np.ndarray, seed: int, n_boot: int = 400) -> float:
     """95th percentile of the FAR when the impostor persons are resampled with replacement."""
     if accepted.size == 0:
@@ -255,7 +273,8 @@ class IdentityEngine:
     """
 
     def __init__(self, store_people: dict[str, Person], config: IdentityConfig | None = None,
-                 *, model: ModelRef | None = None) -> None:
+                 *, model: ModelRef | None = None, gait_model: GaitModel | None = None,
+                 fusion: FusionConfig | None = None) -> None:
         self.config = config or IdentityConfig()
         people = list(store_people.values())
         models = {p.model for p in people}
@@ -268,7 +287,61 @@ class IdentityEngine:
         self._names = [p.name for p in people]
         self._thresholds = np.array([p.threshold for p in people], dtype=np.float32)
         self._protos, self._starts = _stack(people)
+        self.fusion = fusion or FusionConfig()
+        self._ecg_norms = {p.name: n for p in people if (n := _ecg_norm(p)) is not None}
+        self._gait: GaitScorer | None = None
+        self._gait_attached = False
+        if gait_model is not None:
+            self.attach_gait({gait_model.placement: gait_model}, gait_model.placement)
         self._reset()
+
+    # ---- gait ----------------------------------------------------------------------------
+    @property
+    def gait_model(self) -> GaitModel | None:
+        return self._gait.model if self._gait is not None else None
+
+    @property
+    def gait_attached(self) -> bool:
+        return self._gait_attached
+
+    def attach_gait(self, models: Mapping[str, GaitModel], placement: str = "waist") -> GaitModel | None:
+        """Choose the gait model: the one most enrolled gait templates were made with, else
+        the one for ``placement`` (used for new enrolments). Returns it (None: no gait)."""
+        self._gait_attached = True
+        by_ref = {m.ref: m for m in models.values()}
+        refs = Counter(p.gait.model for p in self.people if p.gait is not None and p.gait.model in by_ref)
+        model = by_ref[refs.most_common(1)[0][0]] if refs else models.get(placement)
+        self._gait = GaitScorer(self.people, model) if model is not None else None
+        return model
+
+    def observe_gait(self, t: float, embedding: np.ndarray) -> None:
+        """One walking IMU window's gait embedding (``GaitModel.embed``). Evidence only: it
+        never decides or announces anything by itself (a decision needs a clean ECG window)."""
+        if self._gait is not None:
+            self._gait.push(t, embedding)
+
+    def _fuse(self, t: float, scores: np.ndarray) -> tuple[np.ndarray, bool]:
+        """ECG cosine scores -> fused scores on each person's ECG cosine scale (see module doc)."""
+        gait = self._gait.scores(t) if self._gait is not None else None
+        if not gait:
+            return scores, False
+        names = [n for n in self._names if n in gait and n in self._ecg_norms]
+        if not names:
+            return scores, False
+        ecg = {n: float(s) for n, s in zip(self._names, scores)}
+        z = fuse_identity({n: ecg[n] for n in names}, {n: gait[n] for n in names},
+                          self._ecg_norms, self._gait.model.score_norm, self.fusion)
+        # fuse_identity is the weighted mean of z-scores; Stouffer's weighted Z rescales it so
+        # that, for independent unit-variance impostor z-scores, the fused impostor z is unit
+        # variance again: the person's ECG threshold (an impostor quantile) keeps its FAR and
+        # agreeing gait evidence adds to the ECG evidence instead of averaging it down.
+        w_e, w_g = self.fusion.ecg_identity_weight, self.fusion.gait_identity_weight
+        stouffer = (w_e + w_g) / float(np.hypot(w_e, w_g)) if w_e > 0 and w_g > 0 else 1.0
+        out = scores.copy()
+        for i, n in enumerate(self._names):
+            if n in z:
+                out[i] = float(self._ecg_norms[n].invert(z[n] * stouffer))
+        return out, True
 
     # ---- streaming -----------------------------------------------------------------------
     def _reset(self) -> None:
@@ -277,6 +350,9 @@ class IdentityEngine:
         self._wearer: str | None = None
         self._scores: dict[str, float] = {}
         self._lead_mask: tuple[bool, ...] | None = None
+        self._fused = False
+        if getattr(self, "_gait", None) is not None:
+            self._gait.clear()  # type: ignore[union-attr]
 
     def observe(self, t: float, embedding: np.ndarray | None, quality_ok: bool, live: bool,
                 lead_mask: Sequence[bool] | np.ndarray | None = None) -> IdentityState:
@@ -310,6 +386,7 @@ class IdentityEngine:
         self._pool.append((t, _unit(e)))
         seg = np.stack([v for _, v in self._pool])[None]
         scores = segment_scores(seg, self._protos, self._starts, self.config.scoring)[0]
+        scores, self._fused = self._fuse(t, scores)
         self._scores = {n: float(s) for n, s in zip(self._names, scores)}
         if len(self._pool) >= self.config.min_pool:
             self._decisions.append(self._decide(scores) if self.people else UNKNOWN)
@@ -357,12 +434,14 @@ class IdentityEngine:
             decided=self._wearer is not None,
             live=True,
             candidate=candidate,
+            fused=self._fused,
         )
 
     # ---- enrolment -----------------------------------------------------------------------
     def enrol(self, name: str, embeddings: np.ndarray, activities: Sequence[str] | None = None,
               impostor_embeddings: np.ndarray | None = None,
-              impostor_labels: Sequence[object] | np.ndarray | None = None) -> EnrolmentReport:
+              impostor_labels: Sequence[object] | np.ndarray | None = None,
+              gait_embeddings: np.ndarray | None = None) -> EnrolmentReport:
         """Build a Person from clean enrolment windows (in time order) without retraining.
 
         ``activities``: one label per window (e.g. ``rest``/``walking`` from the calibration
@@ -370,8 +449,10 @@ class IdentityEngine:
         ``impostor_embeddings`` (m, D): windows of never-enrolled persons (shipped with the
         model); ``impostor_labels`` (m,) says whose each row is. Without labels the rows are
         taken as consecutive blocks of one person each of ``window`` rows (so give them
-        ordered by person). The engine is not changed: save ``report.person`` to the store and
-        build a new engine.
+        ordered by person). ``gait_embeddings`` (g, k): walking windows' gait embeddings from
+        the attached gait model; a gait template is added when there are enough of them (a
+        warning says why not otherwise: the person is then identified by ECG alone). The
+        engine is not changed: save ``report.person`` to the store and build a new engine.
         """
         cfg = self.config
         if self.model is None:
@@ -429,11 +510,23 @@ class IdentityEngine:
                 warnings.append(f"{p.name!r}'s template accepts {accepted_by[p.name]:.1%} of {name!r}'s segments: consider re-enrolling {p.name!r}")
         if not impostor.size:
             warnings.append("no impostor set given: the threshold is set from the genuine scores only and FAR is not estimated")
+        gait = None
+        if gait_embeddings is not None and len(gait_embeddings):
+            if self._gait is None:
+                warnings.append("walking IMU windows were recorded but no gait model is loaded: no gait template")
+            else:
+                gait = build_gait_template(gait_embeddings, self._gait.model)
+                if gait is None:
+                    warnings.append(f"only {len(gait_embeddings)} walking IMU windows (need {self._gait.model.min_enrol_windows}): "
+                                    "no gait template, identity from the ECG alone; walk longer to add one")
         min_margin = min(margins.values()) if margins else float("nan")
         stats = {
             "n_windows": float(n), "median_self_similarity": selfsim, "expected_far": far, "expected_far_upper": far_upper,
             "expected_frr": frr, "min_margin": min_margin, "n_prototypes": float(len(protos)),
         }
+        if impostor.size >= 10:  # the ECG z-norm for gait fusion (too few impostors: no fusion)
+            stats["ecg_impostor_mean"] = float(impostor.mean())
+            stats["ecg_impostor_std"] = float(impostor.std())
         report_args = dict(
             n_windows=n, median_self_similarity=selfsim, threshold=threshold, expected_far=far, expected_far_upper=far_upper,
             expected_frr=frr, n_genuine=int(own_scores.size), n_impostor=int(impostor.size),
@@ -448,7 +541,7 @@ class IdentityEngine:
             )
         person = Person(
             id=new_person_id(), name=name, slug=slug, created=utc_now(), model=self.model,
-            prototypes=protos, prototype_labels=labels, threshold=threshold, stats=stats,
+            prototypes=protos, prototype_labels=labels, threshold=threshold, stats=stats, gait=gait,
         )
         return EnrolmentReport(accepted=True, reason="ok", person=person, **report_args)  # type: ignore[arg-type]
 

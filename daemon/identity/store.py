@@ -27,6 +27,9 @@ Container (UTF-8 JSON, one object)::
      "cipher": "AES-256-GCM", "nonce": "<b64>", "ciphertext": "<b64 of the payload JSON>"}
 
 Prototypes are stored as base64 of little-endian float32 (exact round trip, compact).
+A person may also carry a ``gait`` template (``GaitTemplate``: the gait model it was made
+with and one unit prototype); the key is optional, so stores written before gait identity
+existed load unchanged (no gait template), and older biods ignore it.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ import numpy as np
 
 __all__ = [
     "CONTAINER_VERSION",
+    "GaitTemplate",
     "ModelRef",
     "Person",
     "StoreError",
@@ -85,6 +89,63 @@ class ModelRef:
         return f"{self.name} {self.version} (D={self.dim})"
 
 
+def _b64(a: np.ndarray) -> dict[str, Any]:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"shape": list(a.shape), "float32_le_b64": base64.b64encode(a.tobytes()).decode()}
+
+
+def _from_b64(d: dict[str, Any]) -> np.ndarray:
+    shape = tuple(int(s) for s in d["shape"])
+    raw = base64.b64decode(d["float32_le_b64"], validate=True)
+    return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class GaitTemplate:
+    """A person's gait template: one unit prototype (k,) in the space of gait ``model``.
+
+    ``n_windows``: walking windows it was built from; ``self_score``: median pooled cosine of
+    those windows to it (same session, optimistic; for display and audits only).
+    """
+
+    model: ModelRef
+    prototype: np.ndarray
+    n_windows: int
+    self_score: float = float("nan")
+
+    def __post_init__(self) -> None:
+        proto = np.asarray(self.prototype, dtype=np.float32).ravel()
+        if proto.shape != (self.model.dim,) or not np.all(np.isfinite(proto)):
+            raise StoreError(f"gait template: prototype must be {self.model.dim} finite values for {self.model}, got shape {proto.shape}")
+        norm = float(np.linalg.norm(proto))
+        if norm <= 1e-12:
+            raise StoreError("gait template: prototype is all zeros")
+        if abs(norm - 1.0) > 1e-5:
+            proto = (proto / norm).astype(np.float32)
+        proto = proto.copy()
+        proto.setflags(write=False)
+        object.__setattr__(self, "prototype", proto)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GaitTemplate):
+            return NotImplemented
+        same_score = self.self_score == other.self_score or (self.self_score != self.self_score and other.self_score != other.self_score)
+        return (self.model == other.model and self.n_windows == other.n_windows and same_score
+                and bool(np.array_equal(self.prototype, other.prototype)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": {"name": self.model.name, "version": self.model.version, "dim": self.model.dim},
+                "prototype": _b64(self.prototype), "n_windows": int(self.n_windows),
+                "self_score": None if self.self_score != self.self_score else float(self.self_score)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "GaitTemplate":
+        m = d["model"]
+        score = d.get("self_score")
+        return cls(model=ModelRef(str(m["name"]), str(m["version"]), int(m["dim"])), prototype=_from_b64(d["prototype"]),
+                   n_windows=int(d["n_windows"]), self_score=float("nan") if score is None else float(score))
+
+
 @dataclass(frozen=True, eq=False)
 class Person:
     """One enrolled person.
@@ -94,6 +155,7 @@ class Person:
     ``threshold`` is this person's open-set acceptance threshold on the engine's smoothed
     cosine score. ``stats`` holds the enrolment quality numbers (n windows, median
     self-similarity, expected FAR/FRR, min margin to other persons) for display and audits.
+    ``gait``: optional gait template (None: ECG only; gait never identifies on its own).
     """
 
     id: str
@@ -105,6 +167,7 @@ class Person:
     prototype_labels: tuple[str, ...]
     threshold: float
     stats: dict[str, float] = field(default_factory=dict)
+    gait: GaitTemplate | None = None
 
     def __post_init__(self) -> None:
         protos = np.asarray(self.prototypes, dtype=np.float32)
@@ -130,6 +193,7 @@ class Person:
             self._meta() == other._meta()
             and self.prototypes.shape == other.prototypes.shape
             and bool(np.array_equal(self.prototypes, other.prototypes))
+            and self.gait == other.gait
         )
 
     def _meta(self) -> tuple[Any, ...]:
@@ -138,7 +202,7 @@ class Person:
 
     def to_json(self) -> dict[str, Any]:
         protos = np.ascontiguousarray(self.prototypes, dtype="<f4")
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "slug": self.slug,
@@ -149,6 +213,9 @@ class Person:
             "threshold": float(self.threshold),
             "stats": {k: float(v) for k, v in self.stats.items()},
         }
+        if self.gait is not None:  # absent key = no gait template (stores before gait identity)
+            out["gait"] = self.gait.to_json()
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Person":
@@ -161,6 +228,7 @@ class Person:
             model=ModelRef(str(m["name"]), str(m["version"]), int(m["dim"])),
             prototypes=protos, prototype_labels=tuple(str(x) for x in d["prototype_labels"]),
             threshold=float(d["threshold"]), stats={str(k): float(v) for k, v in d.get("stats", {}).items()},
+            gait=GaitTemplate.from_json(d["gait"]) if d.get("gait") is not None else None,
         )
 
 

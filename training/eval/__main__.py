@@ -13,6 +13,7 @@ COMMANDS = {
     "models": ("training.eval.models", "int8 and float models: identity, activity, IMU"),
     "throughput": ("training.eval.throughput", "DSP throughput and peak memory vs neurokit2"),
     "latency": ("training.eval.latency", "daemon: first clean beat -> identity event, CPU, memory"),
+    "gait_identity": ("training.eval.gait_identity", "gait identity, open set, held-out persons, cross-trial"),
 }
 
 

@@ -1,0 +1,247 @@
+"""Gait identity: real SisFall walking through the daemon's IMU pipeline and the shipped gait
+model, templates in the store, fusion with the ECG score, and never an identity from gait alone.
+
+The two persons (SisFall SA01, SA02, excerpts in firmware_protocol/emulators/imu_recordings,
+attribution there) are TRAINING persons of ``gait_waist``: these tests check the mechanics on
+real gait; how well it generalises to unseen persons is measured by
+``python -m training.eval.gait_identity`` (docs/identity.md).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from daemon.biometrics import MODELS_DIR, Biometrics, ImuModelSet
+from daemon.dsp.imu_pipeline import ImuUpdate, imu_windows_from_record
+from daemon.identity.engine import IdentityConfig, IdentityEngine
+from daemon.identity.fusion import FusionConfig, ScoreNorm, fuse_identity
+from daemon.identity.gait import GaitModel, build_gait_template, load_gait_models
+from daemon.identity.store import GaitTemplate, ModelRef, Person, TemplateStore, slugify
+from firmware_protocol.emulators.imu_recordings import load_imu_recording
+
+ECG = ModelRef("ecg_dualtask", "1.0.0", 16)
+
+
+@pytest.fixture(scope="module")
+def model() -> GaitModel:
+    return load_gait_models(MODELS_DIR)["waist"]
+
+
+@pytest.fixture(scope="module")
+def walking() -> dict[str, list]:
+    """The daemon's 2 s windows of each person's 20 s walking excerpt, gait gate on."""
+    out = {}
+    for person in ("SA01", "SA02"):
+        rec = load_imu_recording(f"{person}_D01_walking")
+        t = np.arange(rec.n_samples) / rec.fs_hz
+        wins = imu_windows_from_record(t, rec.acc_g, rec.gyro_dps)
+        out[person] = [w for w in wins if w.gait.walking]
+        assert len(out[person]) >= 15, "the gait gate should see walking in a walking recording"
+    return out
+
+
+def _embed(model: GaitModel, windows: list) -> np.ndarray:
+    return model.embed(np.stack([w.data for w in windows]))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _person(name: str, proto: np.ndarray, gait: GaitTemplate | None, threshold: float = 0.6) -> Person:
+    return Person(id=f"id-{name}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00", model=ECG,
+                  prototypes=proto[None], prototype_labels=("rest",), threshold=threshold,
+                  stats={"ecg_impostor_mean": 0.2, "ecg_impostor_std": 0.15}, gait=gait)
+
+
+# ------------------------------------------------------------------------------------------ model
+def test_shipped_models_load_and_embed_unit_vectors(model):
+    models = load_gait_models(MODELS_DIR)
+    assert set(models) == {"waist", "thigh"}
+    training = model.info["training"]
+    assert set(training["held_out"]).isdisjoint(training["persons"])  # never fitted on held-out persons
+    e = model.embed(np.random.default_rng(0).normal(size=(3, 200, 6)).astype(np.float32))
+    assert e.shape == (3, model.ref.dim) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+
+
+def test_gait_model_save_load_round_trip(model, tmp_path):
+    model.save(tmp_path / "gait_waist.npz")
+    again = GaitModel.load(tmp_path / "gait_waist.npz")
+    assert again.ref == model.ref and again.score_norm == model.score_norm and again.pool == model.pool
+    np.testing.assert_array_equal(again.projection, model.projection)
+
+
+# -------------------------------------------------------------------------------------- templates
+def test_gait_templates_separate_two_real_persons(model, walking):
+    """Enrol each person from the first part of their walk, score the rest: own template wins."""
+    emb = {p: _embed(model, w) for p, w in walking.items()}
+    tpl = {p: build_gait_template(e[:10], model) for p, e in emb.items()}
+    assert all(t is not None and t.n_windows == 10 for t in tpl.values())
+    for p, e in emb.items():
+        other = "SA02" if p == "SA01" else "SA01"
+        test = _unit(e[10:15].mean(axis=0))  # one pooled score, as the daemon computes it
+        own, theirs = float(test @ tpl[p].prototype), float(test @ tpl[other].prototype)
+        assert own > theirs + 0.2, (p, own, theirs)
+        assert model.score_norm.apply(own) > 2.0  # far above the impostor distribution
+
+
+def test_too_few_walking_windows_give_no_template(model, walking):
+    assert build_gait_template(_embed(model, walking["SA01"][:5]), model) is None
+
+
+# ------------------------------------------------------------------------------------------ store
+def test_store_round_trip_with_and_without_gait(model, walking, tmp_path):
+    rng = np.random.default_rng(1)
+    gait = build_gait_template(_embed(model, walking["SA01"]), model)
+    people = {"Ann": _person("Ann", _unit(rng.normal(size=16)), gait),
+              "Bob": _person("Bob", _unit(rng.normal(size=16)), None)}
+    store = TemplateStore(tmp_path / "id" / "templates.json")
+    store.save(people)
+    loaded = store.load()
+    assert loaded == people
+    assert loaded["Bob"].gait is None and loaded["Ann"].gait == gait
+    np.testing.assert_array_equal(loaded["Ann"].gait.prototype, gait.prototype)
+    doc = json.loads((tmp_path / "id" / "templates.json").read_text())
+    assert "gait" not in {k for p in doc["payload"]["people"] if p["name"] == "Bob" for k in p}
+
+
+def test_store_written_before_gait_identity_still_loads(tmp_path):
+    """A person record without a ``gait`` key (older biod) loads as ECG-only."""
+    p = _person("Cy", _unit(np.ones(16, np.float32)), None)
+    record = p.to_json()
+    assert "gait" not in record
+    path = tmp_path / "id" / "templates.json"
+    path.parent.mkdir(mode=0o700)
+    path.write_text(json.dumps({"format": "biod-templates", "container_version": 1, "encrypted": False,
+                                "payload": {"people": [record]}}))
+    assert TemplateStore(path).load()["Cy"].gait is None
+
+
+# ----------------------------------------------------------------------------------------- fusion
+def test_fuse_identity_per_person_norms_and_invert():
+    norms = {"Ann": ScoreNorm("znorm", 0.2, 0.1), "Bob": ScoreNorm("znorm", 0.3, 0.2)}
+    gait = ScoreNorm("znorm", 0.0, 0.5)
+    cfg = FusionConfig(ecg_identity_weight=0.8, gait_identity_weight=0.2)
+    z = fuse_identity({"Ann": 0.5, "Bob": 0.7, "Cy": 0.9}, {"Ann": 1.0, "Bob": -0.5}, norms, gait, cfg)
+    assert z["Ann"] == pytest.approx(0.8 * 3.0 + 0.2 * 2.0)
+    assert z["Bob"] == pytest.approx(0.8 * 2.0 + 0.2 * -1.0)
+    assert "Cy" not in z  # no ECG norm for Cy and no gait score: nothing to fuse
+    assert float(norms["Ann"].invert(3.0)) == pytest.approx(0.5)
+
+
+def _household(model, walking):
+    """Two persons with ECG prototypes 0.5 apart in cosine and real gait templates."""
+    a = np.zeros(16, np.float32)
+    a[0] = 1
+    b = np.zeros(16, np.float32)
+    b[1] = 1
+    gait = {p: build_gait_template(_embed(model, w[:10]), model) for p, w in walking.items()}
+    people = {"Ann": _person("Ann", a, gait["SA01"]), "Bob": _person("Bob", b, gait["SA02"])}
+    return people, _unit(a + 0.6 * b)  # an ECG window closer to Ann than to Bob
+
+
+def _run(engine: IdentityEngine, ecg: np.ndarray, n: int = 8, t0: float = 100.0):
+    state = None
+    for k in range(n):
+        state = engine.observe(t0 + k, ecg, True, True)
+    return state
+
+
+def test_fusion_moves_scores_towards_the_walking_person(model, walking):
+    people, ecg = _household(model, walking)
+    cfg = IdentityConfig()
+    ecg_only = _run(IdentityEngine(people, cfg, model=ECG, gait_model=model), ecg)
+    assert not ecg_only.fused  # no walking windows: exactly the ECG scores
+    for own, other in (("Ann", "Bob"), ("Bob", "Ann")):
+        engine = IdentityEngine(people, cfg, model=ECG, gait_model=model)
+        person = "SA01" if own == "Ann" else "SA02"
+        for k, e in enumerate(_embed(model, walking[person][10:])):
+            engine.observe_gait(100.0 + k * 0.5, e)
+        fused = _run(engine, ecg, t0=100.0)
+        assert fused.fused
+        # the walking person's own evidence adds up; the lead over the other person grows
+        assert fused.scores[own] > ecg_only.scores[own]
+        assert (fused.scores[own] - fused.scores[other]) > (ecg_only.scores[own] - ecg_only.scores[other]) + 0.02
+
+
+def test_ecg_only_engine_is_unchanged_without_gait_templates(model, walking):
+    people, ecg = _household(model, walking)
+    plain = {n: _person(n, p.prototypes[0], None) for n, p in people.items()}
+    engine = IdentityEngine(plain, IdentityConfig(), model=ECG, gait_model=model)
+    for k, e in enumerate(_embed(model, walking["SA01"])):
+        engine.observe_gait(100.0 + k * 0.5, e)
+    state = _run(engine, ecg)
+    reference = _run(IdentityEngine(plain, IdentityConfig(), model=ECG), ecg)
+    assert not state.fused and state.scores == reference.scores and state.wearer == reference.wearer == "Ann"
+
+
+def test_gait_alone_never_announces(model, walking):
+    people, _ = _household(model, walking)
+    engine = IdentityEngine(people, IdentityConfig(), model=ECG, gait_model=model)
+    emb = _embed(model, walking["SA01"])
+    for k in range(60):
+        engine.observe_gait(100.0 + k, emb[k % len(emb)])
+    # live ECG but no clean window, then no live ECG: nobody, whatever the gait says
+    assert engine.observe(200.0, None, False, True).wearer is None
+    assert engine.observe(201.0, None, False, False).wearer is None
+    for k in range(20):
+        state = engine.observe(202.0 + k, None, False, True)
+    assert state.wearer is None and state.scores == {}
+
+
+def test_enrol_stores_a_gait_template_and_ecg_norm(model, walking):
+    rng = np.random.default_rng(3)
+    base = _unit(rng.normal(size=16))
+    ecg = _unit(base + 0.15 * rng.normal(size=(40, 16)))
+    impostors = _unit(rng.normal(size=(60, 16)))
+    engine = IdentityEngine({}, IdentityConfig(), model=ECG, gait_model=model)
+    report = engine.enrol("Ann", ecg, impostor_embeddings=impostors,
+                          impostor_labels=np.repeat(np.arange(12), 5),
+                          gait_embeddings=_embed(model, walking["SA01"]))
+    assert report.accepted and report.person.gait is not None
+    assert report.person.gait.model == model.ref
+    assert report.person.stats["ecg_impostor_std"] > 0
+    short = engine.enrol("Bob", ecg, impostor_embeddings=impostors, impostor_labels=np.repeat(np.arange(12), 5),
+                         gait_embeddings=_embed(model, walking["SA02"][:3]))
+    assert short.accepted and short.person.gait is None
+    assert any("walking IMU windows" in w for w in short.warnings)
+
+
+# ------------------------------------------------------------------------------------- biometrics
+def test_on_imu_feeds_gait_evidence_and_the_enrolment_sink(model, walking):
+    people, _ = _household(model, walking)
+    engine = IdentityEngine(people, IdentityConfig(), model=ECG)
+    bio = Biometrics(None, engine, ImuModelSet.load_dir(MODELS_DIR))
+    bio.gait_sink = []
+    bio.on_imu(ImuUpdate(tuple(walking["SA01"]), 0), now=100.0)
+    assert engine.gait_model is not None and engine.gait_model.ref == model.ref
+    assert len(bio.gait_sink) == len(walking["SA01"])
+    assert set(engine._gait.scores(100.0)) == {"Ann", "Bob"}
+    assert bio.identity.wearer is None  # IMU evidence alone changes no identity
+
+
+# -------------------------------------------------------------------------------------- calibrate
+@pytest.mark.timeout(300)
+def test_calibrate_walking_phase_stores_a_gait_template(tmp_path):
+    """`biod calibrate` with the emulated ECG box and MetaMotion: rest, then walking; the walking
+    phase's gait windows become the person's gait template in the store."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"hub:\n  id: home\nstate_dir: {tmp_path / 'state'}\nidentity:\n  min_enrol_windows: 12\n"
+        "ecg:\n  source: emulator\n  emulator:\n    recording: ecgid-p25-r1\n    speed: 4\n"
+        "imu:\n  enabled: true\n  source: emulator\n  placement: waist\n"
+        "  emulator:\n    recording: SA01_D01_walking\n    speed: 4\n")
+    res = subprocess.run([sys.executable, "-m", "daemon.cli", "calibrate", "--name", "ann", "--seconds", "40",
+                          "--config", str(cfg)], cwd=repo, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "gait template from" in res.stdout
+    person = TemplateStore(tmp_path / "state" / "identity" / "templates.json").load()["ann"]
+    assert person.gait is not None and person.gait.model.name == "gait_waist" and person.gait.n_windows >= 10

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import numpy as np
 import scipy.fft
 
@@ -74,8 +76,40 @@ def _band_power(p: np.ndarray, f: np.ndarray, lo: float, hi: float) -> np.ndarra
     return p[..., sel].sum(axis=-1)
 
 
-def _window_power(rt: np.ndarray, fs: float, hop: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Power spectra (k, ch, bins) of windows ``rt`` (k, ch, n), and the bin frequencies.
+@functools.lru_cache(maxsize=32)
+def _hann32(n: int) -> np.ndarray:
+    """``np.hanning(n)`` as float32, computed once per length (read-only: it is shared)."""
+    w = np.hanning(n).astype(np.float32)
+    w.flags.writeable = False
+    return w
+
+
+@functools.lru_cache(maxsize=32)
+def _spectral_bins(seg: int, fs: float, mains_hz: float | None, hf_low_hz: float
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Bin masks of a ``seg``-sample rfft at ``fs``: QRS band (5-25 Hz), mains (+-1 Hz, None
+    when not measured) and high-frequency noise (None when empty by config). The same every
+    window, so computed once (read-only: the arrays are shared)."""
+    f = np.fft.rfftfreq(seg, 1.0 / fs)
+    qrs = (f >= 5.0) & (f <= 25.0)
+    mains = None
+    if mains_hz is not None and mains_hz + 1.0 < fs / 2:
+        mains = (f >= mains_hz - 1.0) & (f <= mains_hz + 1.0)
+    hf = None
+    top = 0.95 * fs / 2
+    if hf_low_hz < top:
+        hf = (f >= hf_low_hz) & (f <= top)
+        if mains_hz is not None:
+            harm = mains_hz * np.arange(1, int(fs / 2 / mains_hz) + 2)
+            hf &= np.abs(f[:, None] - harm[None, :]).min(axis=1) > 2.0
+    for a in (qrs, mains, hf):
+        if a is not None:
+            a.flags.writeable = False
+    return qrs, mains, hf
+
+
+def _window_power(rt: np.ndarray, fs: float, hop: int | None) -> tuple[np.ndarray, int]:
+    """Power spectra (k, ch, bins) of windows ``rt`` (k, ch, n), and the FFT length.
 
     With ``hop`` given, the windows are consecutive (window j starts ``hop`` samples after window
     j-1) and ``n`` is a multiple of ``hop``: the spectrum is then Welch-like, the sum of the Hann
@@ -93,13 +127,13 @@ def _window_power(rt: np.ndarray, fs: float, hop: int | None) -> tuple[np.ndarra
     else:
         blocks, seg, m = rt, n, 1
     x = blocks - blocks.mean(axis=2, keepdims=True)
-    x *= np.hanning(seg).astype(np.float32)
+    x *= _hann32(seg)
     spec = scipy.fft.rfft(x, axis=2)
     pb = spec.real ** 2 + spec.imag ** 2
     if m > 1:
         kk = pb.shape[0] - m + 1
         pb = sum(pb[j:j + kk] for j in range(m))  # m shifted adds: exact, no cancellation
-    return pb, np.fft.rfftfreq(seg, 1.0 / fs)
+    return pb, seg
 
 
 def signal_scores(raw: np.ndarray, mask: np.ndarray, fs: float, mains_hz: float | None,
@@ -135,21 +169,17 @@ def signal_scores(raw: np.ndarray, mask: np.ndarray, fs: float, mains_hz: float 
     sat = _ramp(clip_frac, cfg.clip_fraction, -cfg.clip_fraction)
     scores["saturation"] = np.where(usable, sat, 1.0).min(axis=1)
 
-    p, f = _window_power(rt, fs, hop)
-    p_qrs = _band_power(p, f, 5.0, 25.0) + 1e-12
+    p, seg = _window_power(rt, fs, hop)
+    qrs_sel, mains_sel, hf_sel = _spectral_bins(seg, float(fs), mains_hz, cfg.hf_low_hz)
+    p_qrs = p[..., qrs_sel].sum(axis=-1) + 1e-12
     tiny = 1e-12
-    if mains_hz is not None and mains_hz + 1.0 < fs / 2:
-        p_m = _band_power(p, f, mains_hz - 1.0, mains_hz + 1.0)
+    if mains_sel is not None:
+        p_m = p[..., mains_sel].sum(axis=-1)
         mr = np.log10(p_m / p_qrs + tiny)
         scores["mains_hum"] = np.where(usable, _ramp(mr, cfg.mains_log_ratio, -0.5), 1.0).min(1)
     else:
         scores["mains_hum"] = np.ones(k)
-    top = 0.95 * fs / 2
-    if cfg.hf_low_hz < top:
-        hf_sel = (f >= cfg.hf_low_hz) & (f <= top)
-        if mains_hz is not None:
-            harm = mains_hz * np.arange(1, int(fs / 2 / mains_hz) + 2)
-            hf_sel &= np.abs(f[:, None] - harm[None, :]).min(axis=1) > 2.0
+    if hf_sel is not None:
         hr = np.log10(p[:, :, hf_sel].sum(axis=2) / p_qrs + tiny)
         scores["high_freq_noise"] = np.where(usable, _ramp(hr, cfg.hf_log_ratio, -0.5), 1.0).min(1)
     else:
@@ -162,6 +192,21 @@ def _median(v: np.ndarray) -> float:
     v = np.sort(v)
     n = v.size
     return float(v[n // 2]) if n % 2 else float(0.5 * (v[n // 2 - 1] + v[n // 2]))
+
+
+def _median0(a: np.ndarray) -> np.ndarray:
+    """``np.median(a, axis=0)`` for finite data (the middle element, or the mean of the two
+    middle ones, as numpy computes it), via one partition without numpy's per-call overhead."""
+    n = a.shape[0]
+    h = n // 2
+    if n == 0:
+        return np.median(a, axis=0)
+    # numpy's kth (-1 included) and its mean's sum from +0.0, so that even ties of -0.0 and
+    # +0.0 come out the same
+    if n % 2:
+        return np.partition(a, (h, -1), axis=0)[h] + 0.0
+    p = np.partition(a, (h - 1, h, -1), axis=0)
+    return ((0.0 + p[h - 1]) + p[h]) / 2.0
 
 
 def _znorm(beats: np.ndarray) -> np.ndarray:
@@ -204,7 +249,7 @@ class QualityAssessor:
     def _self_consistent(self, z: np.ndarray, usable: np.ndarray) -> bool:
         if z.shape[0] < 2 or not usable.any():
             return False
-        med = np.median(z, axis=0)
+        med = _median0(z)
         intra = _corr_rows(z[:, :, usable].reshape(len(z), -1), med[:, usable].ravel())
         return bool(_median(intra) >= self.cfg.template_update_corr)
 
@@ -269,7 +314,7 @@ class QualityAssessor:
             corr = _corr_rows(z[:, :, use].reshape(len(z), -1), self.template[:, use].ravel())
         elif len(z) > 1:
             corr = _corr_rows(z[:, :, usable].reshape(len(z), -1),
-                              np.median(z[:, :, usable], axis=0).ravel())
+                              _median0(z[:, :, usable]).ravel())
         else:
             corr = np.ones(1)
         scores["motion_artifact"] = float(_ramp(_median(corr), cfg.corr_threshold, 0.15))
@@ -278,7 +323,7 @@ class QualityAssessor:
     def _update_template(self, z: np.ndarray, usable: np.ndarray) -> None:
         if z.shape[0] < 2 or not usable.any():
             return
-        med = np.median(z, axis=0)
+        med = _median0(z)
         intra = _corr_rows(z[:, :, usable].reshape(len(z), -1), med[:, usable].ravel())
         if _median(intra) < self.cfg.template_update_corr:
             return

@@ -24,6 +24,7 @@ and the last input sample of the call that emitted it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,39 @@ except ImportError:  # pragma: no cover - private scipy module moved: use the pu
     _sosfilt_kernel = None
 
 __all__ = ["Beat", "RPeakDetector", "detect_rpeaks"]
+
+
+def _percentile_linear(values: list[float], q: float) -> float:
+    """``np.percentile(values, q)`` (method 'linear') for a short list of finite floats.
+
+    The same arithmetic as numpy's ``_quantile`` + ``_lerp`` (virtual index ``(n-1)*q/100``,
+    ``a + (b-a)*g`` below g = 0.5, ``b - (b-a)*(1-g)`` from it), hence the same bits, without
+    numpy's ~60 us of per-call machinery: it runs for every lead at every block boundary.
+    """
+    v = sorted(values)
+    n = len(v)
+    vi = (n - 1) * (q / 100.0)
+    i0 = min(math.floor(vi), n - 1)
+    i1 = min(i0 + 1, n - 1)
+    g = vi - i0
+    a, b = v[i0], v[i1]
+    d = b - a
+    return b - d * (1.0 - g) if g >= 0.5 else a + d * g
+
+
+def _median_axis0(a: np.ndarray) -> np.ndarray:
+    """``np.median(a, axis=0)`` for finite data: the middle element (odd n) or the mean of the
+    two middle ones (even n), computed as numpy does, via one partition."""
+    n = a.shape[0]
+    h = n // 2
+    if n == 0:
+        return np.median(a, axis=0)
+    # numpy's kth (-1 included) and its mean's sum from +0.0, so that even ties of -0.0 and
+    # +0.0 come out the same
+    if n % 2:
+        return np.partition(a, (h, -1), axis=0)[h] + 0.0
+    p = np.partition(a, (h - 1, h, -1), axis=0)
+    return ((0.0 + p[h - 1]) + p[h]) / 2.0
 
 
 @dataclass(frozen=True)
@@ -213,11 +247,12 @@ class RPeakDetector:
         self._fused_end = 0  # one past the last fused sample
         # Block statistics for normalisation.
         self._blk_max: list[np.ndarray] = []  # per completed block: max f per lead (nan = no valid)
-        self._cur_blk_max = np.full(L, np.nan)
+        self._cur_blk_max = np.full(L, -np.inf)  # running max of the block being fused
         self._blk_offset = 0  # absolute block index of _blk_max[0]
         self._startup_scale = np.full(L, np.nan)
         self._startup_end = 0
         self._scale_cache: tuple[int, np.ndarray] = (-1, np.full(L, np.nan))
+        self._scale_use_cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         # Decision state.
         self._frontier = 0  # candidates < frontier have been examined
         self._learned = False
@@ -255,6 +290,14 @@ class RPeakDetector:
             self._ingest(x, valid)
         return self._decide(final=False)
 
+    def process_checked(self, x: np.ndarray, valid: np.ndarray) -> list[Beat]:
+        """:meth:`process` for a caller that has already validated its input (the ECG
+        pipeline): ``x`` (n, n_leads) finite float32 or float64, ``valid`` (n, n_leads) bool.
+        The same result, without checking the same chunk twice on every push."""
+        if x.shape[0]:
+            self._ingest(x.astype(np.float64), valid)
+        return self._decide(final=False)
+
     def flush(self) -> list[Beat]:
         """Decide everything still pending (end of stream); later calls start from here."""
         self._fuse(force=True)
@@ -271,8 +314,7 @@ class RPeakDetector:
                 f"{x.shape}; one column per lead"
             )
         x = x.astype(np.float64)
-        bad = ~np.isfinite(x)
-        if bad.any():
+        if not np.isfinite(x).all():
             raise ValueError(
                 "RPeakDetector.process: non-finite samples; replace them (e.g. by 0) and mark "
                 "them invalid with lead_valid instead"
@@ -297,10 +339,21 @@ class RPeakDetector:
         ``flat_s``: such a lead carries no ECG (an unattached electrode, a pinned amplifier),
         and treating it as valid would normalise noise up to QRS size and invent beats."""
         W = self._flat_w
+        full = self._flat_tail.shape[0] == W - 1  # every window below lies wholly inside z
         z = np.concatenate([self._flat_tail, x.astype(np.float32)])
+        self._flat_tail = z[-(W - 1):]
+        # Fast exact path: once the tail is full, every trailing W-window ending in this chunk
+        # contains a whole block of B <= (W+1)/2 consecutive samples of z, and its range is at
+        # least that block's; so when every block's range reaches flat_mv, no sample is flat
+        # (the usual case), without the two running filters.
+        B = (W + 1) // 2
+        nb = z.shape[0] // B
+        if full and nb:
+            blocks = z[:nb * B].reshape(nb, B, z.shape[1])
+            if not ((blocks.max(axis=1) - blocks.min(axis=1)) < self._p.flat_mv).any():
+                return np.zeros(x.shape, dtype=bool)
         mx = maximum_filter1d(z, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
         mn = minimum_filter1d(z, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
-        self._flat_tail = z[-(W - 1):]
         return (mx - mn)[-x.shape[0]:] < self._p.flat_mv
 
     def _ingest(self, x: np.ndarray, valid: np.ndarray) -> None:
@@ -326,13 +379,11 @@ class RPeakDetector:
         hist = self._blk_max[max(0, kk - self._p.scale_blocks):max(0, kk)]
         if not hist:
             return np.full(self.n_leads, np.nan)
-        h = np.array(hist)
-        with np.errstate(all="ignore"):
-            ok = np.isfinite(h)
-            out = np.full(self.n_leads, np.nan)
-            for l in range(self.n_leads):
-                if ok[:, l].any():
-                    out[l] = np.percentile(h[ok[:, l], l], self._p.scale_percentile)
+        out = np.full(self.n_leads, np.nan)
+        for l in range(self.n_leads):
+            vals = [float(b[l]) for b in hist if math.isfinite(b[l])]
+            if vals:
+                out[l] = _percentile_linear(vals, self._p.scale_percentile)
         self._scale_cache = (k, out)
         return out
 
@@ -359,32 +410,49 @@ class RPeakDetector:
             a, b = self._fused_end, min(blk_end, self._raw_end)
             sl = slice(a - self._buf0, b - self._buf0)
             f, v = self._f[sl], self._valid[sl]
-            use = v & np.isfinite(scale)[None, :] & (scale > 0)[None, :]
-            safe = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-            num = np.where(use, f / safe[None, :], 0.0).sum(axis=1)
+            lead_ok, safe = self._scale_use(scale)
+            use = v & lead_ok
+            num = np.where(use, f / safe, 0.0).sum(axis=1)
             cnt = use.sum(axis=1)
             self._track_dead(a, cnt)
             g = num / np.maximum(cnt, 1)
             mwi, self._mwi_zi = _fir_stream(self._mwi_b, g, self._mwi_zi)
             self._g_h.append(g)
             self._mwi_h.append(mwi)
-            # Block maxima for later normalisation (only valid samples count).
+            # Block maxima for later normalisation (only valid samples count); -inf inside
+            # the block, nan in the finished list.
             fm = np.where(v, f, -np.inf).max(axis=0) if b > a else np.full(self.n_leads, -np.inf)
-            cur = np.where(np.isnan(self._cur_blk_max), -np.inf, self._cur_blk_max)
-            cur = np.maximum(cur, fm)
-            self._cur_blk_max = np.where(np.isfinite(cur), cur, np.nan)
+            self._cur_blk_max = np.maximum(self._cur_blk_max, fm)
             self._fused_end = b
             if b == blk_end:
-                self._blk_max.append(self._cur_blk_max)
-                self._cur_blk_max = np.full(self.n_leads, np.nan)
+                cur = self._cur_blk_max
+                self._blk_max.append(np.where(np.isfinite(cur), cur, np.nan))
+                self._cur_blk_max = np.full(self.n_leads, -np.inf)
                 if len(self._blk_max) > 4 * self._p.scale_blocks:  # bounded memory
                     drop = len(self._blk_max) - 2 * self._p.scale_blocks
                     self._blk_max = self._blk_max[drop:]
                     self._blk_offset += drop
 
+    def _scale_use(self, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(leads with a usable scale (1, L), divisor (1, L)) for ``scale``; cached because the
+        scale changes once per block while ``_fuse`` runs on every chunk."""
+        c = self._scale_use_cache
+        if c is not None and c[0] is scale:
+            return c[1], c[2]
+        ok = np.isfinite(scale) & (scale > 0)
+        safe = np.where(ok, scale, 1.0)
+        self._scale_use_cache = (scale, ok[None, :], safe[None, :])
+        return ok[None, :], safe[None, :]
+
     def _track_dead(self, a: int, cnt: np.ndarray) -> None:
         """Remember where usable ECG resumes after every lead was off for ``relearn_s``: the
         thresholds learned on the previous wearer (or on nothing) must not judge the new signal."""
+        if cnt.all():  # every sample has a usable lead (the usual case): same as below
+            if cnt.size:
+                if self._dead_run >= self._relearn:
+                    self._revive_at = a
+                self._dead_run = 0
+            return
         alive = np.flatnonzero(cnt > 0)
         if alive.size == 0:
             self._dead_run += len(cnt)
@@ -426,8 +494,10 @@ class RPeakDetector:
             lo = max(self._buf0, self._frontier - self._h)
             seg = self._mwi[lo - self._buf0: self._fused_end - self._buf0]
             mx = maximum_filter1d(seg, size=2 * self._h + 1, mode="constant", cval=-np.inf)
-            prev = np.concatenate([[-np.inf], seg[:-1]])
-            is_pk = (seg >= mx) & (seg > prev) & (seg > 0)
+            rising = np.empty(seg.shape[0], dtype=bool)  # seg > previous sample (-inf before)
+            rising[:1] = seg[:1] > -np.inf
+            np.greater(seg[1:], seg[:-1], out=rising[1:])
+            is_pk = (seg >= mx) & rising & (seg > 0)
             pos = np.flatnonzero(is_pk) + lo
             pos = pos[(pos >= self._frontier) & (pos < end)]
             for c in pos:
@@ -474,7 +544,8 @@ class RPeakDetector:
         """
         while True:
             anchor = self._last_c if self._last_c is not None else 0
-            rr = float(np.mean(self._rr)) if self._rr else self._default_rr
+            # == float(np.mean(self._rr)): integer sum (exact) over count, correctly rounded
+            rr = sum(self._rr) / len(self._rr) if self._rr else self._default_rr
             if self._sb_deadline is None:
                 self._sb_deadline = anchor + int(self._p.searchback_factor * rr)
             if now <= self._sb_deadline:
@@ -548,7 +619,7 @@ class RPeakDetector:
         wide = self._xhp[wlo - b0: whi - b0].astype(np.float64)
         if self._despike > 1 and wide.shape[0] > self._despike:
             wide = median_filter(wide, size=(self._despike, 1), mode="nearest")
-        base = np.median(wide, axis=0)
+        base = _median_axis0(wide)
         xs = wide[lo - wlo: hi - wlo] - base[None, :]
         vs = self._valid[lo - b0: hi - b0]
         lead_ok = vs.all(axis=0) if vs.size else np.zeros(self.n_leads, bool)

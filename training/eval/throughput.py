@@ -158,8 +158,8 @@ def profile_ecg(data: str | None, minutes: float, chunk: int) -> list[tuple[str,
     from daemon.dsp.segment import SlidingWindower, WindowSegmenter
 
     stages = [
-        ("R-peak detector (RPeakDetector.process, .flush)",
-         [RPeakDetector.process, RPeakDetector.flush]),
+        ("R-peak detector (RPeakDetector.process, .process_checked, .flush)",
+         [RPeakDetector.process, RPeakDetector.process_checked, RPeakDetector.flush]),
         ("conditioning (EcgConditioner.process)", [EcgConditioner.process]),
         ("resampling to 100 Hz (StreamResampler.process)", [StreamResampler.process]),
         ("windows (SlidingWindower.push from the pipeline, WindowSegmenter.push)",

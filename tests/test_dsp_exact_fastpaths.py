@@ -1,0 +1,124 @@
+"""The DSP fast paths replace numpy/scipy calls by cheaper code with the same arithmetic; these
+tests hold them to the same bits as the calls they replace (ties of -0.0/+0.0 included)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import signal
+from scipy.ndimage import maximum_filter1d, minimum_filter1d
+
+from daemon.dsp.filters import EcgConditioner, SosFilter, StreamResampler, highpass_sos, notch_sos
+from daemon.dsp.hrv import _median as hrv_median
+from daemon.dsp.quality import _median0
+from daemon.dsp.rpeaks import RPeakDetector, _median_axis0, _percentile_linear
+
+FIX = Path(__file__).parent / "fixtures" / "ecg_pipeline" / "ludb_3lead.npz"
+
+
+def _ties(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Small integers with random signs: many ties, exact zeros of both signs."""
+    return rng.integers(-2, 3, shape).astype(np.float64) * np.sign(rng.standard_normal(shape))
+
+
+def test_percentile_matches_numpy_linear() -> None:
+    rng = np.random.default_rng(0)
+    for t in range(5000):
+        v = rng.standard_normal(int(rng.integers(1, 9))) * 10.0 ** rng.integers(-3, 4)
+        if t % 3 == 0:
+            v = np.round(v, 1)
+        for q in (75.0, 50.0, 10.0, 100.0, 0.0):
+            assert _percentile_linear(list(v), q) == np.percentile(v, q)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_medians_match_numpy_bit_for_bit(dtype) -> None:
+    rng = np.random.default_rng(1)
+    for t in range(1500):
+        shape = (int(rng.integers(1, 12)), int(rng.integers(1, 40)), int(rng.integers(1, 4)))
+        a = (_ties(rng, shape) if t % 2 else rng.standard_normal(shape)).astype(dtype)
+        ref = np.median(a, axis=0)
+        for got in (_median0(a), _median_axis0(a)):
+            assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes()
+        v = a[:, 0, 0].astype(np.float64)
+        assert np.float64(hrv_median(v)).tobytes() == np.float64(np.median(v)).tobytes()
+
+
+def test_sos_filter_kernel_path_is_scipy_sosfilt() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4000, 3)).astype(np.float32) + 3.0
+    sos = np.concatenate([highpass_sos(500.0, 0.5), notch_sos(500.0, 50.0)])
+    for init in ("steady", "zeros"):
+        f = SosFilter(sos, 3, init=init)
+        first = x[0].astype(np.float64) if init == "steady" else np.zeros(3)
+        zi = signal.sosfilt_zi(sos)[:, :, None] * first[None, None, :]
+        ref, _ = signal.sosfilt(sos, x.astype(np.float64), axis=0, zi=zi)
+        got, i = [], 0
+        for n in [1, 7, 100, 999, 2893] * 2:
+            got.append(f.process(x[i:i + n]))
+            i += n
+        assert np.concatenate(got).tobytes() == ref[:i].astype(np.float32).tobytes()
+
+
+def _resample_reference(rs: StreamResampler, x: np.ndarray) -> np.ndarray:
+    """The einsum formulation the fast path replaced, over the whole stream at once."""
+    q = rs._q
+    buf = np.concatenate([np.zeros((q - 1, x.shape[1])), x.astype(np.float64)])
+    last_m = ((x.shape[0] - 1) * rs.up + (rs.up - 1) - rs._delay) // rs.down
+    m = np.arange(0, last_m + 1)
+    t = m * rs.down + rs._delay
+    n0, ph = t // rs.up, t % rs.up
+    idx = (n0 + q - 1)[:, None] - np.arange(q)[None, :]
+    return np.einsum("kq,kqc->kc", rs._phases[ph], buf[idx]).astype(np.float32)
+
+
+@pytest.mark.parametrize("fs_in,fs_out,ch", [(500, 100, 3), (360, 100, 3), (500, 100, 2),
+                                             (360, 100, 1), (1000, 250, 12)])
+def test_resampler_matches_einsum_for_any_chunking(fs_in, fs_out, ch) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9000, ch)).astype(np.float32)
+    x[2000:3000] = 0.0  # all-zero input: +0.0, as einsum gives
+    x[3000:3500] = -0.0
+    ref = _resample_reference(StreamResampler(fs_in, fs_out, ch), x)
+    for chunks in ([1], [20], [5000], [9000], [13, 900, 4097, 5]):
+        rs = StreamResampler(fs_in, fs_out, ch)
+        out, i, j = [], 0, 0
+        while i < x.shape[0]:
+            n = chunks[j % len(chunks)]
+            out.append(rs.process(x[i:i + n]))
+            i, j = i + n, j + 1
+        got = np.concatenate(out)
+        if ch >= 2:  # the fast path: bit-identical to the one-shot einsum
+            assert got.tobytes() == ref[:got.shape[0]].tobytes()
+        else:  # the einsum path (chunk-invariant to float tolerance, as documented)
+            np.testing.assert_allclose(got, ref[:got.shape[0]], atol=1e-5)
+
+
+def test_conditioner_chunking_bit_identical() -> None:
+    z = np.load(FIX)
+    x = z["signals"][0].astype(np.float32) / z["adc_gain"][0][None, :]
+    ref = EcgConditioner(500.0, 3).process(x)
+    c = EcgConditioner(500.0, 3)
+    got = np.concatenate([c.process(x[i:i + 37]) for i in range(0, x.shape[0], 37)])
+    assert got.tobytes() == ref.tobytes()
+
+
+def test_flat_lead_fast_path_equals_running_filters() -> None:
+    """The block test that skips the running max/min filters must flag exactly what they flag."""
+    z = np.load(FIX)
+    x = (z["signals"][1].astype(np.float32) / z["adc_gain"][1][None, :]).copy()
+    x[1000:1700, 0] = 0.2                 # flat 1.4 s on lead I
+    x[2500:2900, 1] = 0.0                 # flat 0.8 s: shorter than the 1 s window
+    x[3000:3520, 2] = 0.3                 # flat just over 1 s
+    x[4000:4600] += 0.004 * np.sin(np.arange(600))[:, None].astype(np.float32)
+    det = RPeakDetector(500.0, 3)
+    W, thr = det._flat_w, det._p.flat_mv
+    mx = maximum_filter1d(x, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
+    mn = minimum_filter1d(x, size=W, axis=0, origin=(W - 1) // 2, mode="nearest")
+    ref = (mx - mn) < thr
+    for step in (1, 25, 100, 333, 5000):
+        det = RPeakDetector(500.0, 3)
+        got = np.concatenate([det._flat(x[i:i + step]) for i in range(0, x.shape[0], step)])
+        assert np.array_equal(got, ref), step
+    assert ref[1600, 0] and not ref[2800, 1] and ref[3519, 2]

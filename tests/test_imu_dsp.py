@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.dsp.imu import (ImuResampler, acc_g_to_ms2, acf_features, acf_features_batch,
-                            detect_gait, gyro_dps_to_rads, resample_irregular, to_si)
+from daemon.dsp.imu import (GAIT_STAT_NAMES, GAIT_STATS_PER_SIGNAL, ImuResampler, acc_g_to_ms2,
+                            acf_feature_size, acf_features, acf_features_batch, detect_gait,
+                            gait_stats_batch, gyro_dps_to_rads, resample_irregular, to_si)
 from daemon.dsp.imu_pipeline import ImuPipeline, imu_windows_from_record
 
 FIX = np.load(Path(__file__).parent / "fixtures" / "imu" / "imu_excerpts.npz")
@@ -77,6 +78,43 @@ def test_acf_variants_and_batch():
         acf_features(wins[0], variant="nope")
     with pytest.raises(ValueError, match="lag"):
         acf_features(wins[0][:5])
+
+
+def test_gait_variant_is_stride_then_gait_stats_on_real_walking():
+    _, acc, gyro = sisfall("walking")
+    si = to_si(acc, gyro)
+    wins = np.stack([si[i:i + 200] for i in (0, 100, 200)])
+    g = acf_features_batch(wins, 10, "gait")
+    assert g.shape == (3, acf_feature_size(10, "gait")) == (3, 66 + 2 * GAIT_STATS_PER_SIGNAL)
+    np.testing.assert_array_equal(g[:, :66], acf_features_batch(wins, 10, "stride"))
+    np.testing.assert_allclose(acf_features(wins[1], 10, "gait"), g[1], rtol=1e-6, atol=1e-7)
+    acc_stats = dict(zip(GAIT_STAT_NAMES, g[0, 66:66 + GAIT_STATS_PER_SIGNAL]))
+    mag = np.linalg.norm(wins[0, :, :3], axis=1)
+    assert acc_stats["mean"] == pytest.approx(mag.mean(), rel=1e-5)
+    assert acc_stats["std"] == pytest.approx(mag.std(), rel=1e-4)
+    assert 0.6 <= acc_stats["cadence_hz"] <= 3.5 and acc_stats["step_reg"] > 0.3
+    assert 0.25 <= acc_stats["step_lag_s"] <= 0.8 and 0.6 <= acc_stats["stride_lag_s"] <= 1.6
+
+
+def test_gait_stats_of_a_synthetic_gait():
+    """|acc| bounces at 2 steps/s (one step 0.5 s, one stride 1 s): cadence 2 Hz, regular."""
+    t = np.arange(200) / 100.0
+    w = np.zeros((1, 200, 6), np.float32)
+    w[0, :, 2] = 9.81 + 2.0 * np.sin(2 * np.pi * 2.0 * t)
+    w[0, :, 3] = 0.5 * np.sin(2 * np.pi * 1.0 * t)  # the hip turns once per stride
+    s = gait_stats_batch(w)[0]
+    acc = dict(zip(GAIT_STAT_NAMES, s[:GAIT_STATS_PER_SIGNAL]))
+    gyro = dict(zip(GAIT_STAT_NAMES, s[GAIT_STATS_PER_SIGNAL:]))
+    assert acc["mean"] == pytest.approx(9.81, abs=0.05)
+    assert acc["cadence_hz"] == 2.0 and acc["band_1.5_2.5hz"] > 0.75
+    assert acc["step_lag_s"] == pytest.approx(0.5, abs=0.02) and acc["step_reg"] > 0.95
+    # a perfectly periodic signal repeats at every multiple of the step: 1.0 s or 1.5 s
+    assert min(abs(acc["stride_lag_s"] - 1.0), abs(acc["stride_lag_s"] - 1.5)) < 0.02
+    assert acc["stride_reg"] > 0.95
+    # |gyro| = |0.5 sin(2 pi t)| repeats every 0.5 s too, at 4 Hz in its spectrum
+    assert gyro["step_lag_s"] == pytest.approx(0.5, abs=0.02) and gyro["step_reg"] > 0.95
+    with pytest.raises(ValueError, match="1.6 s"):
+        gait_stats_batch(w[:, :150])
 
 
 def test_resampler_is_chunk_invariant_and_respects_gaps():

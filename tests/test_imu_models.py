@@ -117,6 +117,33 @@ def test_model_shapes(variant):
     assert {"conv1", "conv2", "fc"} <= set(names)
 
 
+def test_gait_variant_models_and_seed_ensemble():
+    """Gender sees ACF + gait statistics, age the statistics only; an ensemble is the mean."""
+    M = _tf()
+    from training.train_imu import cnn_config
+
+    f = acf_feature_size(10, "gait")
+    x = np.random.default_rng(0).normal(size=(4, f)).astype(np.float32)
+    g_cfg, a_cfg = cnn_config("gait", "gender"), cnn_config("gait", "age")
+    assert g_cfg.use_acf and not a_cfg.use_acf and g_cfg.n_axes == 6 and g_cfg.n_extra == f - 66
+    gender = M.build_gender(g_cfg)
+    assert gender(x)["p_female"].shape == (4, 1)
+    age = M.build_age_groups(22.0, 66.0, a_cfg, sharpness=4.0)
+    out = age(x)
+    p = np.asarray(out["p_elderly"])[:, 0]
+    assert out["age_years"].shape == (4, 1) and np.all((p > 0) & (p < 1))
+    logit = np.log(p / (1 - p))
+    np.testing.assert_allclose(np.asarray(out["age_years"])[:, 0],
+                               22.0 + 44.0 / (1 + np.exp(-4.0 * logit)), rtol=1e-4)
+    x2 = x.copy()
+    x2[:, :66] += 100.0  # the age model must not read the ACF block
+    np.testing.assert_allclose(np.asarray(age(x2)["age_years"]), np.asarray(out["age_years"]))
+    members = [M.build_gender(g_cfg) for _ in range(3)]
+    ens = M.average_models(members, "imu_gender")
+    mean = np.mean([np.asarray(m(x)["p_female"]) for m in members], axis=0)
+    np.testing.assert_allclose(np.asarray(ens(x)["p_female"]), mean, rtol=1e-5)
+
+
 def test_int8_export_matches_keras_on_real_windows(tmp_path, hugadb):
     M = _tf()
     from training.export import export_int8

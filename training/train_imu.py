@@ -1,6 +1,7 @@
 """Train, evaluate and export the IMU models (gender, age: SisFall waist; activity: HuGaDB thigh).
 
 ``python -m training.train_imu --data DIR --out daemon/models``        train + export (minutes)
+``python -m training.train_imu --data DIR --out daemon/models --tasks gender,age``   only those
 ``python -m training.train_imu --data DIR --cv --json FILE``           grouped k-fold report
 
 WHY two modes: the shipped models are trained on a fixed subset of persons and the held-out
@@ -10,8 +11,13 @@ from grouped k-fold by person (every person tested once, by a model that never s
 the CNN in float, the same CNN exported int8 and run through the daemon runtime, and the
 random-forest baseline on the same features.
 
-Subject-level metrics: gender by vote of the person's windows; age as the mean of the person's
-window predictions against their age; activity macro-F1 over windows (top-level and fine).
+Subject-level metrics: gender by vote of the person's windows; age as the median of the person's
+window predictions against their age (the mean is reported beside it); activity macro-F1 over
+windows (top-level and fine).
+
+Age is learned as young vs elderly (``AGE_MODE = "groups"``, ``build_age_groups``): SisFall's
+ages are two clusters, and measured subject-disjoint this beats regression (``--age-mode
+regression``, the BioDeep head with a Huber loss), see docs/models/imu.md.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.dsp.imu import acf_feature_size
+from daemon.dsp.imu import GAIT_STAT_NAMES, GAIT_STATS_PER_SIGNAL, acf_feature_size
 from daemon.inference.manifest import Normalisation
 from training.eval.imu import MODELS, task_metrics
 from training.data.imu import (
@@ -52,12 +58,20 @@ MAX_LAG = 10
 STRIDE_S = 1.2
 ACTIVITY_SENSOR = "thigh"
 # Chosen by `--cv` (docs/models/imu.md): the variant that measured better per task.
-VARIANT = {"gender": "stride", "age": "stride", "activity": "stride"}
+VARIANT = {"gender": "gait", "age": "gait", "activity": "stride"}
+AGE_MODES = ("groups", "regression")
+AGE_MODE = "groups"
+AGE_SPLIT_YEARS = 45.0  # young < split <= elderly; SisFall has nobody aged 28-59
+AGE_SHARPNESS = 4.0  # logit gain of the age_years path of the groups model (see build_age_groups)
 EPOCHS = {"gender": 20, "age": 25, "activity": 15}
+SEEDS = {"gender": 3, "age": 3, "activity": 1}  # seed ensemble, averaged in one model file
+# Age from the gait statistics alone: measured subject-disjoint, the ACF branch made the age
+# group worse (docs/models/imu.md); gender uses both.
+USE_ACF = {"gender": True, "age": False, "activity": True}
 # Persons the shipped models never see (a mix of ages and sexes / of recorded activities).
 HELD_OUT = {"sisfall": ("SA03", "SA10", "SE03", "SE07", "SE10"), "hugadb": ("8", "11", "16")}
-AGE_WARNING = (". EXPERIMENTAL: subject-level MAE ~15 years, not better than the random-forest "
-               "baseline (12.6 y); do not publish as a measurement")
+AGE_WARNING = (". Age is young vs elderly mapped to the two training groups' mean ages "
+               "(SisFall has nobody aged 28-59): read it as an age group, not a measurement")
 SI_CHANNELS = ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"]
 
 
@@ -78,15 +92,45 @@ def zscore_of(x: np.ndarray) -> Normalisation:
                          description="per-feature mean/std of the training windows")
 
 
+def cnn_config(variant: str, task: str = "gender"):
+    """The CNN's input layout for a feature variant: (lags x axes) ACF [+ gait statistics]."""
+    from training.models import imu as M
+
+    n_extra = 2 * GAIT_STATS_PER_SIGNAL if variant == "gait" else 0
+    n_axes = (acf_feature_size(MAX_LAG, variant) - n_extra) // (MAX_LAG + 1)
+    return M.CnnConfig(n_axes=n_axes, n_extra=n_extra, use_acf=USE_ACF[task] or not n_extra)
+
+
+def age_groups(ws: WindowSet) -> tuple[float, float]:
+    """Mean age of the young and of the elderly training persons (one value per person)."""
+    subs, first = np.unique(ws.subject, return_index=True)
+    ages = ws.age[first]
+    young, old = ages[ages < AGE_SPLIT_YEARS], ages[ages >= AGE_SPLIT_YEARS]
+    if not len(young) or not len(old):
+        raise ValueError(f"age groups need persons on both sides of {AGE_SPLIT_YEARS:g} years")
+    return float(young.mean()), float(old.mean())
+
+
 def fit_task(task: str, ws: WindowSet, variant: str, epochs: int | None = None,
-             seed: int = 0) -> Trained:
-    """Train the BioDeep CNN for ``task`` on all windows of ``ws``."""
+             seed: int = 0, age_mode: str = AGE_MODE, seeds: int | None = None) -> Trained:
+    """Train the BioDeep CNN for ``task`` on all windows of ``ws`` (``SEEDS[task]`` networks
+    of seeds ``seed, seed+1, ...`` averaged into one model)."""
+    from training.models import imu as M
+
+    n = SEEDS[task] if seeds is None else seeds
+    members = [_fit_one(task, ws, variant, epochs, seed + i, age_mode) for i in range(n)]
+    return Trained(M.average_models([m.model for m in members], MODEL_NAMES[task]),
+                   members[0].normalisation)
+
+
+def _fit_one(task: str, ws: WindowSet, variant: str, epochs: int | None, seed: int,
+             age_mode: str) -> Trained:
     from training.models import imu as M
 
     M.limit_threads(1)
     norm = zscore_of(ws.features)
     x = norm.apply(ws.features)
-    cfg = M.CnnConfig(n_axes=acf_feature_size(MAX_LAG, variant) // (MAX_LAG + 1))
+    cfg = cnn_config(variant, task)
     epochs = EPOCHS[task] if epochs is None else epochs
     import keras
 
@@ -95,6 +139,12 @@ def fit_task(task: str, ws: WindowSet, variant: str, epochs: int | None = None,
         model = M.build_gender(cfg)
         M.fit(model, x, {"p_female": ws.female.astype(np.float32)[:, None]}, epochs,
               M.class_weights(ws.female), seed=seed)
+    elif task == "age" and age_mode == "groups":
+        young, old = age_groups(ws)
+        model = M.build_age_groups(young, old, cfg, AGE_SHARPNESS)
+        elderly = (ws.age >= AGE_SPLIT_YEARS).astype(np.int64)
+        M.fit(model, x, {"p_elderly": elderly.astype(np.float32)[:, None]}, epochs,
+              M.class_weights(elderly), seed=seed)
     elif task == "age":
         model = M.build_age(float(ws.age.mean()), float(ws.age.std() + 1e-6), cfg)
         M.fit(model, x, {"age_years": ws.age[:, None]}, epochs, seed=seed)
@@ -167,11 +217,15 @@ def _full_proba(rf, x: np.ndarray, k: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ manifests
 def _feature_names(variant: str) -> list[str]:
     axes = SI_CHANNELS + (["acc_norm", "gyro_norm"] if variant == "magnitude" else [])
-    return [f"{a}_r{k}" for a in axes for k in range(MAX_LAG + 1)]
+    names = [f"{a}_r{k}" for a in axes for k in range(MAX_LAG + 1)]
+    if variant == "gait":
+        names += [f"{sig}_{stat}" for sig in ("acc_norm", "gyro_norm") for stat in GAIT_STAT_NAMES]
+    return names
 
 
 def manifest_fields(task: str, variant: str, norm: Normalisation, persons: dict[str, list[str]],
-                    held_out: dict[str, list[str]], metrics: dict | None = None) -> dict:
+                    held_out: dict[str, list[str]], metrics: dict | None = None,
+                    age_mode: str = AGE_MODE) -> dict:
     """Everything the daemon needs to feed this model and nothing it must guess."""
     if task == "activity":
         placement = f"right {ACTIVITY_SENSOR} (HuGaDB: sensor strapped to the front of the thigh)"
@@ -189,9 +243,16 @@ def manifest_fields(task: str, variant: str, norm: Normalisation, persons: dict[
             outputs = [{"name": "p_female", "meaning": "probability the wearer is female, per 2 s "
                         "walking/jogging window; decide per walk by vote (fraction > 0.5)"}]
             thresholds = {"p_female": 0.5}
+        elif age_mode == "groups":
+            outputs = [{"name": "age_years", "meaning": "estimated age in years, per 2 s "
+                        "walking/jogging window, between the young and the elderly training "
+                        "group's mean age; take the median over a walk"},
+                       {"name": "p_elderly", "meaning": f"probability the wearer is >= "
+                        f"{AGE_SPLIT_YEARS:g} years old, per window"}]
+            thresholds = {"p_elderly": 0.5}
         else:
             outputs = [{"name": "age_years", "meaning": "estimated age in years, per 2 s "
-                        "walking/jogging window; average over a walk"}]
+                        "walking/jogging window; take the median over a walk"}]
             thresholds = {}
         labels = {}
         tasks = [task]
@@ -206,7 +267,9 @@ def manifest_fields(task: str, variant: str, norm: Normalisation, persons: dict[
             "rate_hz": MODEL_RATE_HZ,
             "window_s": WINDOW_S,
             "channels": _feature_names(variant),
-            "units": "autocorrelation of mean-removed acc (m/s²)² and gyro (rad/s)²",
+            "units": "autocorrelation of mean-removed acc (m/s²)² and gyro (rad/s)²"
+                     + ("; then gait statistics of |acc| (m/s²) and |gyro| (rad/s), see "
+                        "daemon.dsp.imu.gait_stats_batch" if variant == "gait" else ""),
             "normalisation": norm.model_dump(),
             "placement": placement,
             "features": {
@@ -226,9 +289,18 @@ def manifest_fields(task: str, variant: str, norm: Normalisation, persons: dict[
         "training": {"datasets": datasets, "persons": persons, "held_out": held_out,
                      "description": "subject-disjoint: held_out persons never seen in training"},
         "metrics": metrics or {},
-        "notes": "BioDeep-style CNN (Conv1D 16, Conv1D 32, FC 64, dropout) on ACF features; "
-                 "see docs/models/imu.md" + (AGE_WARNING if task == "age" else ""),
+        "notes": _model_note(task, variant) + "; see docs/models/imu.md"
+                 + (AGE_WARNING if task == "age" and age_mode == "groups" else ""),
     }
+
+
+def _model_note(task: str, variant: str) -> str:
+    if variant == "gait" and not USE_ACF[task]:
+        return (f"FC 64 + dropout on the {2 * GAIT_STATS_PER_SIGNAL} gait statistics of the "
+                f"'gait' features (the ACF block is not read), {SEEDS[task]} seeds averaged")
+    return ("BioDeep-style CNN (Conv1D 16, Conv1D 32, FC 64, dropout) on ACF features"
+            + (" + gait statistics at the dense layer" if variant == "gait" else "")
+            + (f", {SEEDS[task]} seeds averaged" if SEEDS[task] > 1 else ""))
 
 
 # ------------------------------------------------------------------------------- data
@@ -269,13 +341,15 @@ def _dataset(task: str) -> str:
 
 # ---------------------------------------------------------------------------- export + run
 def int8_outputs(trained: Trained, task: str, variant: str, train_ws: WindowSet,
-                 features: np.ndarray, out_dir: Path, name: str) -> dict[str, np.ndarray]:
+                 features: np.ndarray, out_dir: Path, name: str, age_mode: str = AGE_MODE
+                 ) -> dict[str, np.ndarray]:
     """Export int8 (calibrated on the training windows) and run through the daemon runtime."""
     from daemon.inference.runtime import load_model
     from training.export import export_int8
 
     fields = manifest_fields(task, variant, trained.normalisation,
-                             {_dataset(task): sorted(set(train_ws.subject.tolist()))}, {})
+                             {_dataset(task): sorted(set(train_ws.subject.tolist()))}, {},
+                             age_mode=age_mode)
     path = export_int8(trained.model, train_ws.features, out_dir, name, fields)
     return load_model(path).run(features=features)
 
@@ -283,14 +357,15 @@ def int8_outputs(trained: Trained, task: str, variant: str, train_ws: WindowSet,
 # ---------------------------------------------------------------------------- cross-validation
 def cross_validate(data_dir: Path, variants: tuple[str, ...] = ("biodeep", "normalized", "stride"),
                    tasks: tuple[str, ...] = TASKS, folds: int = 5, int8: bool = True,
-                   progress: Progress = _quiet) -> dict:
+                   progress: Progress = _quiet, age_mode: str = AGE_MODE) -> dict:
     """Grouped k-fold by person: CNN float / CNN int8 / random forest, per task and variant."""
     from sklearn.model_selection import GroupKFold
 
     need = {"gait": set(variants) if {"gender", "age"} & set(tasks) else set(),
             "activity": set(variants) if "activity" in tasks else set()}
     data = load_data(data_dir, need, progress)
-    report: dict = {"folds": folds, "excluded_hugadb_recordings": len(data.excluded)}
+    report: dict = {"folds": folds, "excluded_hugadb_recordings": len(data.excluded),
+                    "age_mode": age_mode}
     with tempfile.TemporaryDirectory(prefix="biod_imu_cv_") as tmp:
         for task in tasks:
             for variant in variants:
@@ -299,11 +374,12 @@ def cross_validate(data_dir: Path, variants: tuple[str, ...] = ("biodeep", "norm
                 for k, (tr, te) in enumerate(GroupKFold(folds).split(ws.features, groups=ws.subject)):
                     t0 = time.time()
                     train, test = ws.select(tr), ws.select(te)
-                    trained = fit_task(task, train, variant)
+                    trained = fit_task(task, train, variant, age_mode=age_mode)
                     outs = {"cnn_float": keras_outputs(trained, test.features)}
                     if int8:
                         outs["cnn_int8"] = int8_outputs(trained, task, variant, train,
-                                                        test.features, Path(tmp), f"{task}_{k}")
+                                                        test.features, Path(tmp), f"{task}_{k}",
+                                                        age_mode)
                     outs["rf"] = forest_outputs(task, fit_forest(task, train), test.features)
                     for kind, o in outs.items():
                         for key, v in o.items():
@@ -318,7 +394,8 @@ def cross_validate(data_dir: Path, variants: tuple[str, ...] = ("biodeep", "norm
 
 
 # ------------------------------------------------------------------------------ shipping
-def train_imu(data_dir: Path, out_dir: Path, progress: Progress = _quiet) -> dict:
+def train_imu(data_dir: Path, out_dir: Path, progress: Progress = _quiet,
+              tasks: tuple[str, ...] = TASKS) -> dict:
     """Train the shipped models on all but the held-out persons, export, evaluate held-out.
 
     Writes ``<out>/imu_{gender,age,activity}.tflite`` + ``.json`` (int8), float twins and the
@@ -330,10 +407,11 @@ def train_imu(data_dir: Path, out_dir: Path, progress: Progress = _quiet) -> dic
 
     out_dir = Path(out_dir)
     (out_dir / "float").mkdir(parents=True, exist_ok=True)
-    need = {"gait": {VARIANT["gender"], VARIANT["age"]}, "activity": {VARIANT["activity"]}}
+    need = {"gait": {VARIANT[t] for t in ("gender", "age") if t in tasks},
+            "activity": {VARIANT["activity"]} if "activity" in tasks else set()}
     data = load_data(data_dir, need, progress)
     summary: dict = {"excluded_hugadb_recordings": len(data.excluded)}
-    for task in TASKS:
+    for task in tasks:
         t0 = time.time()
         variant, ds = VARIANT[task], _dataset(task)
         ws = _ws_for(data, task, variant)
@@ -379,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="biodeep,normalized,stride")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--age-mode", choices=AGE_MODES, default=AGE_MODE,
+                    help="cv: age as young/elderly groups (shipped) or as regression")
     ap.add_argument("--no-int8", action="store_true", help="cv: skip the int8 export per fold")
     ap.add_argument("--json", type=Path, help="write the result to this JSON file")
     args = ap.parse_args(argv)
@@ -393,9 +473,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cv:
         res = cross_validate(args.data, tuple(args.variants.split(",")),
-                             tuple(args.tasks.split(",")), args.folds, not args.no_int8, say)
+                             tuple(args.tasks.split(",")), args.folds, not args.no_int8, say,
+                             args.age_mode)
     else:
-        res = train_imu(args.data, args.out, say)
+        res = train_imu(args.data, args.out, say, tuple(args.tasks.split(",")))
     text = json.dumps(res, indent=2, default=float)
     print(text)
     if args.json:

@@ -24,7 +24,15 @@ Variants (same layout, same definition of r):
 * ``"stride"``: ``max_lag+1`` lags spread evenly from 0 to ``stride_s`` seconds (default 1.2 s,
   about one stride), i.e. lags ``round(linspace(0, stride_s*fs, max_lag+1))``, normalised like
   ``"normalized"``. BioDeep's lags 0..10 span only 0.1 s at 100 Hz; this variant sees the gait
-  cycle itself.
+  cycle itself;
+* ``"gait"``: the 66 ``"stride"`` values followed by ``GAIT_STATS_PER_SIGNAL`` orientation-free
+  gait statistics of |acc| and then of |gyro| (``gait_stats_batch``): mean, std, IQR, 5th/95th
+  percentile, 5-95 range, RMS jerk, relative band powers (7 bands 0.5-50 Hz of the
+  Hann-windowed, mean-removed magnitude), spectral centroid, dominant frequency in 0.6-3.5 Hz
+  (cadence), step and stride regularity (peak unbiased normalised ACF at 0.25-0.8 s /
+  0.6-1.6 s), their lags (s) and the step/stride ratio (symmetry). Why: the ACF of the sensor axes
+  depends on how the device sits; walking speed, cadence, regularity and movement energy are
+  what age and sex change, and the magnitudes see them whatever the orientation.
 """
 from __future__ import annotations
 
@@ -35,7 +43,12 @@ import scipy.fft
 
 G = np.float32(9.80665)          # standard gravity, m/s² per g
 DEG2RAD = np.float32(np.pi / 180.0)
-ACF_VARIANTS = ("biodeep", "normalized", "magnitude", "stride")
+ACF_VARIANTS = ("biodeep", "normalized", "magnitude", "stride", "gait")
+GAIT_BANDS_HZ = ((0.5, 1.5), (1.5, 2.5), (2.5, 3.5), (3.5, 5.0), (5.0, 8.0), (8.0, 15.0), (15.0, 50.0))
+GAIT_STAT_NAMES = ("mean", "std", "iqr", "p5", "p95", "range", "jerk_rms",
+                   *(f"band_{lo:g}_{hi:g}hz" for lo, hi in GAIT_BANDS_HZ), "centroid_hz",
+                   "cadence_hz", "step_reg", "step_lag_s", "stride_reg", "stride_lag_s", "symmetry")
+GAIT_STATS_PER_SIGNAL = len(GAIT_STAT_NAMES)  # per magnitude (|acc|, |gyro|)
 
 
 def acc_g_to_ms2(acc_g: np.ndarray) -> np.ndarray:
@@ -172,7 +185,43 @@ def _acf(x: np.ndarray, lags: np.ndarray) -> np.ndarray:
 
 
 def acf_feature_size(max_lag: int = 10, variant: str = "biodeep") -> int:
-    return (8 if variant == "magnitude" else 6) * (max_lag + 1)
+    extra = 2 * GAIT_STATS_PER_SIGNAL if variant == "gait" else 0
+    return (8 if variant == "magnitude" else 6) * (max_lag + 1) + extra
+
+
+def gait_stats_batch(windows: np.ndarray, fs: float = 100.0) -> np.ndarray:
+    """(b, n, 6) SI windows -> (b, 2 * GAIT_STATS_PER_SIGNAL) float32: ``GAIT_STAT_NAMES`` of
+    |acc| (m/s²) then of |gyro| (rad/s). Vectorised over the batch; see the module docstring."""
+    w = np.asarray(windows, dtype=np.float32)
+    b, n, _ = w.shape
+    step_lo, step_hi, stride_hi = (int(round(s * fs)) for s in (0.25, 0.8, 1.6))
+    stride_lo = int(round(0.6 * fs))
+    if n <= stride_hi:
+        raise ValueError(f"gait statistics need windows longer than 1.6 s, got {n / fs:.2f} s")
+    freqs = np.fft.rfftfreq(n, 1.0 / fs)
+    hann = np.hanning(n).astype(np.float32)
+    cad = (freqs >= 0.6) & (freqs <= 3.5)
+    lags = np.arange(step_lo, stride_hi + 1)
+    step, stride = lags <= step_hi, lags >= stride_lo
+    out = []
+    for m in (np.linalg.norm(w[..., :3], axis=2), np.linalg.norm(w[..., 3:], axis=2)):
+        q5, q25, q75, q95 = np.percentile(m, [5, 25, 75, 95], axis=1)
+        jerk = np.sqrt(np.mean(np.diff(m, axis=1) ** 2, axis=1)) * np.float32(fs)
+        mc = m - m.mean(axis=1, keepdims=True)
+        p = np.abs(np.fft.rfft(mc * hann, axis=1)) ** 2
+        total = p[:, 1:].sum(axis=1) + 1e-12
+        bands = [p[:, (freqs >= lo) & (freqs < hi)].sum(axis=1) / total for lo, hi in GAIT_BANDS_HZ]
+        centroid = (p * freqs).sum(axis=1) / (p.sum(axis=1) + 1e-12)
+        cadence = freqs[cad][p[:, cad].argmax(axis=1)]
+        r = _acf(m[:, :, None], np.concatenate([[0], lags]))[:, 0]
+        rn = r[:, 1:] * (n / (n - lags)) / np.maximum(r[:, :1], 1e-12)  # unbiased, normalised
+        step_reg, stride_reg = rn[:, step].max(axis=1), rn[:, stride].max(axis=1)
+        step_lag = lags[step][rn[:, step].argmax(axis=1)] / fs
+        stride_lag = lags[stride][rn[:, stride].argmax(axis=1)] / fs
+        symmetry = step_reg / np.maximum(stride_reg, 1e-3)
+        out += [m.mean(axis=1), m.std(axis=1), q75 - q25, q5, q95, q95 - q5, jerk, *bands, centroid,
+                cadence, step_reg, step_lag, stride_reg, stride_lag, symmetry]
+    return np.stack(out, axis=1).astype(np.float32)
 
 
 def acf_features_batch(windows: np.ndarray, max_lag: int = 10, variant: str = "biodeep",
@@ -189,6 +238,9 @@ def acf_features_batch(windows: np.ndarray, max_lag: int = 10, variant: str = "b
         mags = np.stack([np.linalg.norm(w[..., :3], axis=2),
                          np.linalg.norm(w[..., 3:], axis=2)], axis=2)
         w = np.concatenate([w, mags.astype(np.float32)], axis=2)
+    if variant == "gait":
+        return np.concatenate([acf_features_batch(w, max_lag, "stride", fs, stride_s),
+                               gait_stats_batch(w, fs)], axis=1)
     if variant == "stride":
         lags = np.unique(np.round(np.linspace(0, stride_s * fs, max_lag + 1)).astype(np.int64))
         if lags.size != max_lag + 1:
@@ -205,7 +257,7 @@ def acf_features_batch(windows: np.ndarray, max_lag: int = 10, variant: str = "b
 
 def acf_features(window: np.ndarray, max_lag: int = 10, variant: str = "biodeep",
                  fs: float = 100.0, stride_s: float = 1.2) -> np.ndarray:
-    """(n, 6) SI window -> (6*(max_lag+1),) float32 (8*(max_lag+1) for "magnitude")."""
+    """(n, 6) SI window -> (acf_feature_size(max_lag, variant),) float32."""
     w = np.asarray(window, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"window must be (n, 6), got {w.shape}")

@@ -10,7 +10,12 @@ as channels, which is the structure the ACF actually has.
 Heads (named; the names are the signature output names the daemon reads):
 - ``gender``: ``p_female`` (sigmoid).
 - ``age``: ``age_years`` (the last layer rescales to years with the training mean/std, so the
-  output is physical and int8 calibration sees the real range).
+  output is physical and int8 calibration sees the real range). ``build_age_groups`` instead
+  learns young vs elderly (``p_elderly``, binary cross-entropy) and maps it to years between the
+  two groups' mean ages: SisFall's ages are two clusters (19-27, 60-75), so the age error is
+  decided by the cluster, and a regression loss pulls uncertain windows into the empty middle.
+- Feature variants with gait statistics after the ACF (``CnnConfig.n_extra``): the ACF part
+  goes through the convolutions, the statistics join at the dense layer.
 - ``activity``: ``top_level`` (softmax over rest/walking/vigorous) and ``fine`` (softmax over
   HuGaDB's classes), trained jointly.
 """
@@ -44,17 +49,30 @@ class CnnConfig:
     kernel: int = 3
     dense: int = 64
     dropout: float = 0.3
+    n_extra: int = 0  # features after the (lags x axes) ACF block, e.g. the "gait" statistics
+    use_acf: bool = True  # False: the dense layer sees only the n_extra statistics
 
 
 def acf_trunk(cfg: CnnConfig, name: str = "features") -> tuple[keras.KerasTensor, keras.KerasTensor]:
-    """Input (F,) -> (lags, axes) -> Conv1D 16 -> Conv1D 32 -> Flatten -> Dense 64 -> Dropout."""
-    inp = keras.Input((cfg.n_axes * cfg.n_lags,), name=name)
-    x = keras.layers.Reshape((cfg.n_axes, cfg.n_lags))(inp)
+    """Input (F,) -> (lags, axes) -> Conv1D 16 -> Conv1D 32 -> Flatten [+ extras] -> Dense 64
+    -> Dropout."""
+    n_acf = cfg.n_axes * cfg.n_lags
+    inp = keras.Input((n_acf + cfg.n_extra,), name=name)
+    if not cfg.use_acf:
+        if not cfg.n_extra:
+            raise ValueError("use_acf=False needs n_extra > 0 statistics to learn from")
+        x = keras.layers.Dense(cfg.dense, activation="relu", name="fc")(inp[:, n_acf:])
+        return inp, keras.layers.Dropout(cfg.dropout)(x)
+    acf = inp if not cfg.n_extra else inp[:, :n_acf]
+    x = keras.layers.Reshape((cfg.n_axes, cfg.n_lags))(acf)
     x = keras.layers.Permute((2, 1))(x)
     for i, filters in enumerate(cfg.conv):
         x = keras.layers.Conv1D(filters, cfg.kernel, padding="same", activation="relu",
                                 name=f"conv{i + 1}")(x)
     x = keras.layers.Flatten()(x)
+    if cfg.n_extra:
+        extra = inp[:, n_acf:]
+        x = keras.layers.Concatenate()([x, extra])
     x = keras.layers.Dense(cfg.dense, activation="relu", name="fc")(x)
     x = keras.layers.Dropout(cfg.dropout)(x)
     return inp, x
@@ -77,6 +95,27 @@ def build_age(age_mean: float, age_std: float, cfg: CnnConfig = CnnConfig()) -> 
     return model
 
 
+def build_age_groups(young_age: float, elderly_age: float, cfg: CnnConfig = CnnConfig(),
+                     sharpness: float = 1.0) -> keras.Model:
+    """Young/elderly classifier whose ``age_years`` output is ``young + p*(elderly - young)``.
+
+    Trained on ``p_elderly`` only (binary cross-entropy). ``sharpness`` multiplies the logit of
+    the ``age_years`` path only: > 1 pushes each window's estimate towards one group's age,
+    which is what minimises the absolute error of a two-cluster age (the median of a bimodal
+    posterior is a mode), without changing what ``p_elderly`` learns.
+    """
+    inp, x = acf_trunk(cfg)
+    z = keras.layers.Dense(1, name="head_age")(x)
+    p = keras.layers.Activation("sigmoid", name="p_old")(z)
+    sharp = keras.layers.Rescaling(scale=float(sharpness), name="sharpen")(z)
+    q = keras.layers.Activation("sigmoid", name="q_old")(sharp)
+    out = keras.layers.Rescaling(scale=float(elderly_age - young_age), offset=float(young_age),
+                                 name="years")(q)
+    model = keras.Model(inp, {"age_years": out, "p_elderly": p}, name="imu_age")
+    model.compile(keras.optimizers.Adam(1e-3), loss={"p_elderly": "binary_crossentropy"})
+    return model
+
+
 def build_activity(n_top: int, n_fine: int, cfg: CnnConfig = CnnConfig()) -> keras.Model:
     inp, x = acf_trunk(cfg)
     top = keras.layers.Dense(n_top, activation="softmax", name="head_top")(x)
@@ -90,6 +129,22 @@ def compile_activity(model: keras.Model, lr: float = 1e-3) -> None:
     model.compile(keras.optimizers.Adam(lr),
                   loss={"top_level": "sparse_categorical_crossentropy",
                         "fine": "sparse_categorical_crossentropy"})
+
+
+def average_models(members: list[keras.Model], name: str) -> keras.Model:
+    """One model whose every named output is the mean of the members' (a seed ensemble).
+
+    Why: with 20-odd training persons one network's decision for a new person depends on its
+    random seed; averaging a few seeds removes most of that variance, and it stays one file.
+    """
+    if len(members) == 1:
+        return members[0]
+    inp = keras.Input(tuple(members[0].inputs[0].shape[1:]), name="features")
+    for i, m in enumerate(members):
+        m.name = f"{name}_seed{i}"  # nested models need unique names
+    outs = [m(inp) for m in members]
+    avg = {k: keras.layers.Average(name=f"mean_{k}")([o[k] for o in outs]) for k in outs[0]}
+    return keras.Model(inp, avg, name=name)
 
 
 def class_weights(y: np.ndarray) -> np.ndarray:

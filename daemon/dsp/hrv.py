@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from daemon.dsp.stats import median
+
 RR_MIN_S = 60.0 / 220.0
 RR_MAX_S = 60.0 / 30.0
 
@@ -23,14 +25,7 @@ class Hrv:
     n_intervals: int  # NN intervals used
 
 
-def _median(v: np.ndarray) -> float:
-    """``np.median`` of a short 1-d float64 array, same arithmetic (the middle element, or the
-    mean of the two middle ones), without numpy's per-call overhead (it runs on every window)."""
-    v = np.sort(v)
-    n = v.size
-    if n % 2:
-        return float(v[n // 2] + 0.0)  # numpy's mean sums from +0.0 (-0.0 -> +0.0)
-    return float(((0.0 + v[n // 2 - 1]) + v[n // 2]) / 2.0)
+
 
 
 def rmssd(rr_s: np.ndarray, contiguous: np.ndarray | None = None) -> float:
@@ -132,7 +127,7 @@ class HeartRateTracker:
         rr = rr[-self.hr_intervals:]
         if rr.size < self.min_hr_intervals:
             return None
-        return float(60.0 / _median(rr))
+        return float(60.0 / median(rr))
 
     def _hrv(self) -> Hrv | None:
         rr, contiguous = self._recent(self.hrv_window_s)

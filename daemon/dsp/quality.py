@@ -36,6 +36,7 @@ import numpy as np
 import scipy.fft
 
 from daemon.dsp.hrv import RR_MAX_S, RR_MIN_S
+from daemon.dsp.stats import median, median_axis0
 
 REASONS = ("lead_off", "flat_line", "saturation", "mains_hum", "high_freq_noise",
            "motion_artifact", "implausible_rr", "no_beats")
@@ -187,28 +188,6 @@ def signal_scores(raw: np.ndarray, mask: np.ndarray, fs: float, mains_hz: float 
     return usable, scores
 
 
-def _median(v: np.ndarray) -> float:
-    """Median of a short 1-d array (np.median's overhead dominates at these sizes)."""
-    v = np.sort(v)
-    n = v.size
-    return float(v[n // 2]) if n % 2 else float(0.5 * (v[n // 2 - 1] + v[n // 2]))
-
-
-def _median0(a: np.ndarray) -> np.ndarray:
-    """``np.median(a, axis=0)`` for finite data (the middle element, or the mean of the two
-    middle ones, as numpy computes it), via one partition without numpy's per-call overhead."""
-    n = a.shape[0]
-    h = n // 2
-    if n == 0:
-        return np.median(a, axis=0)
-    # numpy's kth (-1 included) and its mean's sum from +0.0, so that even ties of -0.0 and
-    # +0.0 come out the same
-    if n % 2:
-        return np.partition(a, (h, -1), axis=0)[h] + 0.0
-    p = np.partition(a, (h - 1, h, -1), axis=0)
-    return ((0.0 + p[h - 1]) + p[h]) / 2.0
-
-
 def _znorm(beats: np.ndarray) -> np.ndarray:
     """Z-score each beat per lead over time (axis 1); a flat beat-lead stays zeros."""
     b = beats - beats.mean(axis=1, keepdims=True)
@@ -249,9 +228,9 @@ class QualityAssessor:
     def _self_consistent(self, z: np.ndarray, usable: np.ndarray) -> bool:
         if z.shape[0] < 2 or not usable.any():
             return False
-        med = _median0(z)
+        med = median_axis0(z)
         intra = _corr_rows(z[:, :, usable].reshape(len(z), -1), med[:, usable].ravel())
-        return bool(_median(intra) >= self.cfg.template_update_corr)
+        return bool(median(intra) >= self.cfg.template_update_corr)
 
     def assess(self, raw: np.ndarray, mask: np.ndarray, beats: list[np.ndarray],
                beat_times: list[np.ndarray], spans_s: list[tuple[float, float]],
@@ -314,18 +293,18 @@ class QualityAssessor:
             corr = _corr_rows(z[:, :, use].reshape(len(z), -1), self.template[:, use].ravel())
         elif len(z) > 1:
             corr = _corr_rows(z[:, :, usable].reshape(len(z), -1),
-                              _median0(z[:, :, usable]).ravel())
+                              median_axis0(z[:, :, usable]).ravel())
         else:
             corr = np.ones(1)
-        scores["motion_artifact"] = float(_ramp(_median(corr), cfg.corr_threshold, 0.15))
+        scores["motion_artifact"] = float(_ramp(median(corr), cfg.corr_threshold, 0.15))
         return scores
 
     def _update_template(self, z: np.ndarray, usable: np.ndarray) -> None:
         if z.shape[0] < 2 or not usable.any():
             return
-        med = _median0(z)
+        med = median_axis0(z)
         intra = _corr_rows(z[:, :, usable].reshape(len(z), -1), med[:, usable].ravel())
-        if _median(intra) < self.cfg.template_update_corr:
+        if median(intra) < self.cfg.template_update_corr:
             return
         med = _znorm(med[None])[0]
         if self.template is None:

@@ -32,6 +32,7 @@ from scipy import signal
 from scipy.ndimage import maximum_filter1d, median_filter, minimum_filter1d
 
 from .filters import bandpass_sos, highpass_sos
+from .stats import median_axis0
 
 try:  # the compiled kernel behind scipy.signal.sosfilt, without its ~50 us of argument checks
     from scipy.signal._sosfilt import _sosfilt as _sosfilt_kernel
@@ -57,21 +58,6 @@ def _percentile_linear(values: list[float], q: float) -> float:
     a, b = v[i0], v[i1]
     d = b - a
     return b - d * (1.0 - g) if g >= 0.5 else a + d * g
-
-
-def _median_axis0(a: np.ndarray) -> np.ndarray:
-    """``np.median(a, axis=0)`` for finite data: the middle element (odd n) or the mean of the
-    two middle ones (even n), computed as numpy does, via one partition."""
-    n = a.shape[0]
-    h = n // 2
-    if n == 0:
-        return np.median(a, axis=0)
-    # numpy's kth (-1 included) and its mean's sum from +0.0, so that even ties of -0.0 and
-    # +0.0 come out the same
-    if n % 2:
-        return np.partition(a, (h, -1), axis=0)[h] + 0.0
-    p = np.partition(a, (h - 1, h, -1), axis=0)
-    return ((0.0 + p[h - 1]) + p[h]) / 2.0
 
 
 @dataclass(frozen=True)
@@ -619,7 +605,7 @@ class RPeakDetector:
         wide = self._xhp[wlo - b0: whi - b0].astype(np.float64)
         if self._despike > 1 and wide.shape[0] > self._despike:
             wide = median_filter(wide, size=(self._despike, 1), mode="nearest")
-        base = _median_axis0(wide)
+        base = median_axis0(wide)
         xs = wide[lo - wlo: hi - wlo] - base[None, :]
         vs = self._valid[lo - b0: hi - b0]
         lead_ok = vs.all(axis=0) if vs.size else np.zeros(self.n_leads, bool)

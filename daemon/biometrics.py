@@ -76,12 +76,13 @@ class EcgModelRunner:
             kw.update(self.beats.pipeline_kwargs())
         return kw
 
-    def identity_embedding(self, cnn_embedding: np.ndarray, window: EcgWindow) -> np.ndarray:
-        """The CNN embedding fused with the beat-morphology one (when that model is loaded)."""
+    def identity_embedding(self, cnn_embedding: np.ndarray, morph: np.ndarray,
+                           lead_mask: np.ndarray) -> np.ndarray:
+        """The CNN embedding fused with the beat-morphology one of the window's beats
+        ``morph`` (``EcgWindow.morph``), when that model is loaded."""
         if self.beats is None:
             return cnn_embedding
-        return fuse_embeddings(cnn_embedding, self.beats.embed(window.morph, window.lead_mask),
-                               self.beats.weight)
+        return fuse_embeddings(cnn_embedding, self.beats.embed(morph, lead_mask), self.beats.weight)
 
     def infer(self, window: EcgWindow) -> tuple[np.ndarray, np.ndarray]:
         """(identity embedding (D,), activity probabilities (K,)) for one window; leads the
@@ -89,7 +90,8 @@ class EcgModelRunner:
         training."""
         x = window.data[None, : self.length, : self.n_leads].astype(np.float32)
         out = self.model.run(**{self.input_name: x})
-        return self.identity_embedding(out["embedding"][0], window), out["activity"][0]
+        return (self.identity_embedding(out["embedding"][0], window.morph, window.lead_mask),
+                out["activity"][0])
 
 
 @dataclass(frozen=True)

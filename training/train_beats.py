@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.inference.beatmorph import BEATS_FILE, beat_features
+from daemon.inference.beatmorph import beat_features
 from training.data.ecg import (
-    ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS,
-    EcgRecord, WindowSet, is_training_person, load_ecgid, load_ludb, load_mitdb, record_windows)
+    ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, EcgRecord, WindowSet,
+    load_training_records, record_windows)
 
 VERSION = "1.0.0"
 NAME = "ecg_beats"
@@ -40,11 +40,6 @@ FUSION_WEIGHT_CNN = 0.5   # plain sum rule, not tuned on held-out persons
 PIPELINE_KW = {"model_fs": 100, "window_s": 3, "hop_s": 1, "norm": "zscore",
                "beat_fs": BEAT_FS, "beat_lowpass_hz": LOWPASS_HZ}
 LEADS = ("I", "II", "III")
-
-
-def _calibration(person: str) -> bool:
-    ds, pid = person.split(":", 1)
-    return ds == "ecgid" and int(pid) in ECGID_CALIBRATION
 
 
 def distinct_beats(ws: WindowSet) -> tuple[np.ndarray, np.ndarray]:
@@ -160,29 +155,14 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
     }
 
 
-def window_embeddings(runner, ws: WindowSet) -> np.ndarray:
-    """The daemon's identity embedding of every window of ``ws`` (CNN + beats, fused)."""
-    from daemon.dsp.ecg_pipeline import EcgWindow
-
-    out = []
-    for i in range(len(ws.x)):
-        cnn = runner.model.run(**{runner.input_name: ws.x[i:i + 1]})["embedding"][0]
-        w = EcgWindow(0.0, ws.x[i], ws.lead_mask[i], None, np.zeros(0), np.zeros(0),  # type: ignore[arg-type]
-                      ws.morph[i])
-        out.append(runner.identity_embedding(cnn, w))
-    return np.stack(out).astype(np.float32)
-
-
 def train_beats(data_dir: Path, out_dir: Path, progress=print) -> dict:
     from daemon.biometrics import EcgModelRunner
-    from training.eval.identity import choose_threshold
+    from training.eval.identity import choose_threshold, fused_embeddings
+    from training.eval.models import run_batches
     from training.export import export_float, export_int8
 
     t0 = time.time()
-    recs = load_ecgid(data_dir) + load_ludb(data_dir) + load_mitdb(data_dir, MITDB_TRAIN_SEGMENTS)
-    recs = [r for r in recs if is_training_person(r.person)]
-    fit_recs = [r for r in recs if not _calibration(r.person)]
-    calib = [r for r in recs if _calibration(r.person)]
+    fit_recs, calib = load_training_records(data_dir)
     if not fit_recs or not calib:
         raise FileNotFoundError(f"{data_dir}: needs the shared/data ECG training and calibration persons")
     ws = record_windows(fit_recs, PIPELINE_KW)
@@ -201,7 +181,8 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print) -> dict:
     # threshold of the fused embedding, on persons never fitted on
     runner = EcgModelRunner.load(out_dir / "ecg_dualtask.tflite")
     cws = record_windows(calib, PIPELINE_KW)
-    threshold = choose_threshold(cws, window_embeddings(runner, cws))
+    cnn = run_batches(runner.model, cws.x)["embedding"]
+    threshold = choose_threshold(cws, fused_embeddings(runner, cws, cnn))
     from training.export import update_manifest
 
     for p in (p8, pf):

@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 from training.data.ecg import (  # noqa: E402
     ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS, EcgRecord, WindowSet,
-    is_training_person, load_ecgid, load_ludb, load_mitdb, record_windows)
+    is_training_person, load_training_records, record_windows)
 from training.data.ecg_activity import (  # noqa: E402
     GUDB_TEST_SUBJECTS, construct_activity_records, load_gudb_rr)
 from training.gradnorm import WANTS_WEIGHTED_GRADIENT, make_balancer  # noqa: E402
@@ -61,19 +61,6 @@ class EcgTrainingData:
     act_mask: np.ndarray
     act_y: np.ndarray
     calib: WindowSet          # ECG-ID calibration persons (threshold only, never trained on)
-
-
-def _calibration(person: str) -> bool:
-    ds, pid = person.split(":", 1)
-    return ds == "ecgid" and int(pid) in ECGID_CALIBRATION
-
-
-def load_training_records(data_dir: Path) -> tuple[list[EcgRecord], list[EcgRecord]]:
-    """(records that train the network, ECG-ID records of the threshold-calibration persons)."""
-    recs = load_ecgid(data_dir) + load_ludb(data_dir) + load_mitdb(data_dir, MITDB_TRAIN_SEGMENTS)
-    recs = [r for r in recs if is_training_person(r.person)]
-    return ([r for r in recs if not _calibration(r.person)],
-            [r for r in recs if _calibration(r.person)])
 
 
 def activity_windows(data_dir: Path, donors: list[EcgRecord], test: bool, seed: int,

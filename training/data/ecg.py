@@ -156,6 +156,19 @@ def is_training_person(person: str) -> bool:
     return False
 
 
+def is_calibration_person(person: str) -> bool:
+    ds, pid = person.split(":", 1)
+    return ds == "ecgid" and int(pid) in ECGID_CALIBRATION
+
+
+def load_training_records(data_dir: Path) -> tuple[list[EcgRecord], list[EcgRecord]]:
+    """(records that train the network, ECG-ID records of the threshold-calibration persons)."""
+    recs = load_ecgid(data_dir) + load_ludb(data_dir) + load_mitdb(data_dir, MITDB_TRAIN_SEGMENTS)
+    recs = [r for r in recs if is_training_person(r.person)]
+    return ([r for r in recs if not is_calibration_person(r.person)],
+            [r for r in recs if is_calibration_person(r.person)])
+
+
 @dataclass(frozen=True)
 class WindowSet:
     """Model-input windows of many records; ``rec`` indexes ``records``."""

@@ -188,3 +188,12 @@ def choose_threshold(ws: WindowSet, emb: np.ndarray, far: float = 0.01,
     names, templates, tests = gallery_and_tests(ws, emb, length_s)
     _, imp = genuine_impostor(names, templates, tests)
     return threshold_at_far(imp, far)
+
+
+def fused_embeddings(runner, ws: WindowSet, cnn: np.ndarray) -> np.ndarray:
+    """The daemon's identity embedding of every window of ``ws`` (``EcgModelRunner``'s fusion of
+    the CNN embeddings ``cnn`` with the windows' beats), so evaluation scores what is served."""
+    if ws.morph is None:
+        raise ValueError("the windows carry no beats: build them with the runner's pipeline_kwargs()")
+    return np.stack([runner.identity_embedding(cnn[i], ws.morph[i], ws.lead_mask[i])
+                     for i in range(len(cnn))]).astype(np.float32)

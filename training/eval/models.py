@@ -30,8 +30,8 @@ from daemon.inference.manifest import load_manifest
 from daemon.inference.runtime import load_model
 from training.data.ecg import EcgRecord, WindowSet, load_all, record_windows
 from training.eval.identity import (
-    TEST_LENGTHS_S, gallery_and_tests, genuine_impostor, identity_metrics, impostor_tests)
-from training.train_beats import window_embeddings
+    TEST_LENGTHS_S, fused_embeddings, gallery_and_tests, genuine_impostor, identity_metrics,
+    impostor_tests)
 
 ECG_MODEL = "ecg_dualtask"
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "daemon" / "models"
@@ -151,12 +151,11 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     if fpath.exists():
         runners["float"] = EcgModelRunner.load(fpath)
     for kind, model in models.items():
-        emb = (window_embeddings(runners[kind], ws) if ws.morph is not None
-               else run_batches(model, ws.x)["embedding"])
+        cnn = run_batches(model, ws.x)["embedding"]
+        emb = fused_embeddings(runners[kind], ws, cnn) if ws.morph is not None else cnn
         metrics, curves[kind] = identity_eval(ws, emb, threshold)
         if ws.morph is not None:  # the CNN alone, for the record of what the fusion adds
-            cnn_only, _ = identity_eval(ws, run_batches(model, ws.x)["embedding"], float(
-                manifest.thresholds["identity_cosine"]))
+            cnn_only, _ = identity_eval(ws, cnn, float(manifest.thresholds["identity_cosine"]))
             metrics.update({f"cnn_only_{k}": v for k, v in cnn_only.items()})
         if len(ay):
             probs = run_batches(model, ax)["activity"]

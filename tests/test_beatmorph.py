@@ -107,3 +107,14 @@ def test_corrupt_beat_model_is_refused(tmp_path) -> None:
     (tmp_path / "ecg_beats.tflite").write_bytes(bytes(data))
     with pytest.raises(ModelError, match="sha256"):
         BeatMorphModel.load(tmp_path / "ecg_beats.tflite")
+
+
+def test_throughput_benchmark_runs_the_pipeline_the_daemon_serves(runner: EcgModelRunner) -> None:
+    """The 'as served' rows of the throughput benchmark read the beat path's settings from the
+    manifest without loading the model; they must be exactly what the daemon passes."""
+    from training.eval.throughput import served_ecg_kwargs
+
+    served = served_ecg_kwargs(MODELS_DIR)
+    assert runner.beats is not None
+    assert served == runner.beats.pipeline_kwargs()
+    assert set(served) <= set(runner.pipeline_kwargs())

@@ -78,10 +78,19 @@ def imu_signal(data: str | None, minutes: float) -> tuple[np.ndarray, np.ndarray
 
 
 # ------------------------------------------------------------------------------ workers
-def _run_ecg(x: np.ndarray, chunk: int) -> int:
+def served_ecg_kwargs(models: Path = ROOT / "daemon" / "models") -> dict[str, float]:
+    """The extra EcgPipeline arguments the shipped beat-morphology model asks for (its 125 Hz
+    beat path), read from its manifest without loading the model: what `biod run` adds."""
+    m = json.loads((models / "ecg_beats.json").read_text())
+    spec = m["inputs"][0]
+    return {"beat_fs": float(spec["rate_hz"]),
+            "beat_lowpass_hz": float(spec["features"]["params"]["lowpass_hz"])}
+
+
+def _run_ecg(x: np.ndarray, chunk: int, served: bool = False) -> int:
     from daemon.dsp.ecg_pipeline import EcgPipeline
 
-    pipe = EcgPipeline(ECG_FS, n_leads=3)
+    pipe = EcgPipeline(ECG_FS, n_leads=3, **(served_ecg_kwargs() if served else {}))
     valid = np.ones(3, dtype=bool)
     n_win = 0
     for s in range(0, len(x), chunk):
@@ -117,7 +126,7 @@ def worker(spec: dict) -> dict:
     if kind == "ecg" or kind.startswith("nk_"):
         x, _ = ecg_signal(data, minutes)
         if kind == "ecg":
-            fn = lambda: _run_ecg(x, int(spec["chunk"]))  # noqa: E731
+            fn = lambda: _run_ecg(x, int(spec["chunk"]), bool(spec.get("served")))  # noqa: E731
         else:
             fn = lambda: _run_nk(x, kind[3:])  # noqa: E731
     else:
@@ -272,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
          dict(kind="ecg", chunk=int(args.large_s * ECG_FS))),
         ("ECG path, 3 leads @ 500 Hz", "whole record",
          dict(kind="ecg", chunk=int(args.minutes * 60 * ECG_FS))),
+        ("ECG path as served (+ 125 Hz beat path of ecg_beats)", "200 ms batches (what `biod run` pushes)",
+         dict(kind="ecg", chunk=int(0.2 * ECG_FS), served=True)),
+        ("ECG path as served (+ 125 Hz beat path of ecg_beats)", f"{args.large_s:g} s chunks",
+         dict(kind="ecg", chunk=int(args.large_s * ECG_FS), served=True)),
     ]
     if not args.no_neurokit:
         plan += [("neurokit2 ecg_process, lead II only", "whole record (batch)",

@@ -135,6 +135,68 @@ def check_models(models_dir: Path | None = None) -> Iterator[Check]:
             yield Check(f"model {manifest.stem}", False, str(exc))
 
 
+def check_identity(cfg: BiodConfig) -> Iterator[Check]:
+    """What identification needs beyond verified model files: an impostor set made with the ECG
+    model that is installed (``biod calibrate`` sets thresholds from it), a gait model for the
+    placement the IMU is worn at, and enrolled templates that the installed model can score.
+    A model update without these in step fails silently otherwise: every wearer 'unknown'."""
+    from daemon.biometrics import MODELS_DIR, EcgModelRunner
+    from daemon.enrol import IMPOSTORS_FILE, load_impostors
+    from daemon.identity.gait import GaitModelError, load_gait_models
+    from daemon.identity.store import StoreError, check_compatible
+    from daemon.inference.runtime import ModelError
+
+    models_dir = cfg.models_dir or MODELS_DIR
+    reinstall = "re-install biod's models (pip install --force-reinstall biod), or retrain with python -m training.train"
+    try:
+        runner = EcgModelRunner.load(models_dir / "ecg_dualtask.tflite")
+    except (ModelError, OSError, ValueError) as exc:
+        yield Check("ECG identity model", False, str(exc), reinstall)
+        return
+    ref = runner.ref
+    try:
+        imp = load_impostors(models_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        imp = None
+        yield Check("impostor set", False, f"{models_dir / IMPOSTORS_FILE} is unreadable: {exc}", reinstall)
+    else:
+        if imp is None:
+            yield Check("impostor set", False, f"{models_dir / IMPOSTORS_FILE} is missing: biod calibrate cannot "
+                        "estimate false accepts of strangers", reinstall)
+        elif imp.embeddings.shape[1] != ref.dim or not imp.model_version.startswith(f"{ref.name} {ref.version}"):
+            yield Check("impostor set", False, f"made with {imp.model_version!r} (D={imp.embeddings.shape[1]}), but the "
+                        f"installed ECG model is {ref}", "rebuild it: python -m training.impostors --data DIR, or " + reinstall)
+        else:
+            yield Check("impostor set", True, f"{len(set(imp.labels.tolist()))} never-enrolled persons, "
+                        f"{len(imp.embeddings)} windows, made with the installed model")
+    if cfg.imu.enabled:
+        placement = cfg.imu.placement
+        try:
+            gait = load_gait_models(models_dir)
+        except (GaitModelError, OSError, ValueError) as exc:
+            yield Check("gait identity model", False, str(exc), reinstall)
+        else:
+            if placement in gait:
+                yield Check("gait identity model", True, f"gait_{placement} (version {gait[placement].version}); "
+                            "fused with ECG identity while walking")
+            else:
+                yield Check("gait identity model", True, f"none for imu.placement {placement!r} (have: "
+                            f"{', '.join(sorted(gait)) or 'none'}): identity comes from the ECG alone")
+    try:
+        from daemon.app import open_store
+        people = open_store(cfg).load()
+        check_compatible(people, ref)
+    except (StoreError, OSError, ValueError) as exc:
+        yield Check("enrolled persons", False, str(exc), "re-enrol with biod calibrate --name NAME")
+        return
+    if people:
+        yield Check("enrolled persons", True, f"{len(people)} ({', '.join(sorted(people))}), templates match the "
+                    f"installed ECG model")
+    else:
+        yield Check("enrolled persons", True, f"nobody enrolled yet in {cfg.store_path}: "
+                    "everyone will be 'unknown' until biod calibrate --name NAME")
+
+
 def run_checks(cfg: BiodConfig, broker: bool = True) -> list[Check]:
     checks: list[Check] = []
     checks += check_state_dir(cfg)
@@ -143,4 +205,5 @@ def run_checks(cfg: BiodConfig, broker: bool = True) -> list[Check]:
     if broker:
         checks += check_broker(cfg)
     checks += check_models(cfg.models_dir)
+    checks += check_identity(cfg)
     return checks

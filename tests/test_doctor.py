@@ -42,3 +42,48 @@ def test_doctor_command_reports_an_unreachable_broker(tmp_path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert "[FAIL] MQTT broker: 127.0.0.1:9" in res.stdout and "fix:" in res.stdout
+
+
+def _identity_checks(cfg) -> dict[str, "Check"]:  # noqa: F821
+    from daemon.doctor import check_identity
+
+    return {c.name: c for c in check_identity(cfg)}
+
+
+def test_identity_assets_in_step_with_the_installed_model(tmp_path) -> None:
+    import numpy as np
+
+    from daemon.biometrics import MODELS_DIR, EcgModelRunner
+    from daemon.identity.store import ModelRef, Person, TemplateStore, slugify
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, models)
+    cfg = parse_config(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n"
+                       "imu:\n  enabled: true\n  source: emulator\n  placement: wrist\n")
+    checks = _identity_checks(cfg)
+    assert all(c.ok for c in checks.values()), [c.line() for c in checks.values()]
+    assert "nobody enrolled" in checks["enrolled persons"].detail
+    assert "none for imu.placement 'wrist'" in checks["gait identity model"].detail
+
+    ref = EcgModelRunner.load(models / "ecg_dualtask.tflite").ref
+    rng = np.random.default_rng(0)
+
+    def person(name: str, model: ModelRef) -> Person:
+        return Person(id=f"id-{name}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00",
+                      model=model, prototypes=rng.normal(size=(2, model.dim)).astype(np.float32),
+                      prototype_labels=("rest", "walking"), threshold=0.6, stats={})
+
+    store = TemplateStore(cfg.store_path)
+    store.add(person("Ann", ref))
+    assert _identity_checks(cfg)["enrolled persons"].ok
+    store.add(person("Old", ModelRef("ecg_dualtask", "0.9.0", 64)))  # enrolled before a model update
+    bad = _identity_checks(cfg)["enrolled persons"]
+    assert not bad.ok and "'Old'" in bad.detail and "calibrate" in (bad.fix or "")
+
+    z = dict(np.load(models / "ecg_impostors.npz"))
+    z["model_version"] = np.array("ecg_dualtask 0.9.0 0123456789ab")
+    np.savez(models / "ecg_impostors.npz", **z)
+    stale = _identity_checks(cfg)["impostor set"]
+    assert not stale.ok and "0.9.0" in stale.detail and "training.impostors" in (stale.fix or "")
+    (models / "ecg_impostors.npz").unlink()
+    assert "missing" in _identity_checks(cfg)["impostor set"].detail

@@ -95,6 +95,34 @@ def test_unplug_and_replug_resume_by_themselves(box) -> None:
         thread.join(5)
 
 
+def test_back_off_starts_again_after_a_session_that_streamed(box) -> None:
+    """Wearers come and go all day: each replug must be picked up at the first back-off step,
+    not after the longest delay that earlier unplugs worked up to (a 20 s step here)."""
+    emu, link, _ = box
+    got = Collector()
+    source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500, stall_timeout_s=1.0)
+    source.BACKOFF_S = (0.5, 20.0)
+    thread, stop = _start(source)
+    try:
+        got.wait(20, 15)
+        for cycle in range(3):
+            emu.unplug()
+            deadline = time.monotonic() + 10
+            while source.health.state == "streaming" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert source.health.state != "streaming"
+            emu.replug()
+            n = got.count()
+            t0 = time.monotonic()
+            got.wait(n + 20, 10)
+            assert source.health.state == "streaming"
+            assert time.monotonic() - t0 < 10, f"replug {cycle + 1} waited for the long back-off step"
+        assert source.health.connects == 4
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def test_garbage_and_lost_frames_are_counted_not_fatal(box) -> None:
     emu, link, _ = box
     got = Collector()

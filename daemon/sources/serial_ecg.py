@@ -168,9 +168,9 @@ class EcgSource:
     def run(self, stop: threading.Event) -> None:
         failures = 0
         while not stop.is_set():
+            connects = self.health.connects
             try:
                 self._session(stop)
-                failures = 0
             except SourceError as exc:
                 self._fail(str(exc))
             except Exception as exc:  # never let one odd failure end a months-long run
@@ -178,8 +178,11 @@ class EcgSource:
                 self._fail(f"unexpected error: {exc!r}")
             if stop.is_set():
                 break
-            delay = self.BACKOFF_S[min(failures, len(self.BACKOFF_S) - 1)]
-            failures += 1
+            # A session that got through the handshake ended by an unplug (or a stall), not by a
+            # missing device: start the back-off again, so that the next wearer's replug is
+            # picked up within half a second rather than after the longest delay reached so far.
+            failures = 0 if self.health.connects > connects else failures + 1
+            delay = self.BACKOFF_S[min(max(failures - 1, 0), len(self.BACKOFF_S) - 1)]
             log.warning("ecg: retrying %s in %.1f s", self.describe, delay)
             stop.wait(delay)
         self.health.state = "disconnected"

@@ -14,6 +14,7 @@ COMMANDS = {
     "throughput": ("training.eval.throughput", "DSP throughput and peak memory vs neurokit2"),
     "latency": ("training.eval.latency", "daemon: first clean beat -> identity event, CPU, memory"),
     "gait_identity": ("training.eval.gait_identity", "gait identity, open set, held-out persons, cross-trial"),
+    "household": ("training.eval.household", "the identity engine on unseen persons: enrol, stream, strangers"),
 }
 
 

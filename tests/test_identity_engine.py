@@ -146,6 +146,11 @@ def test_announcement_waits_for_confirm_agreeing_windows(household, confirm):
         assert all(s.wearer is None and not s.decided and s.live for s in states[:first])
         assert states[first].wearer == f"P{p}"
         assert states[first].n_agreeing >= confirm
+        # confidence: Laplace share of agreeing decisions, so a clean announcement reads high
+        n_decisions = first + 1 - (cfg.min_pool - 1)
+        assert states[first].confidence == pytest.approx((states[first].n_agreeing + 1) / (n_decisions + 2))
+        assert states[first].confidence >= 0.5
+        assert states[-1].confidence >= states[first].confidence  # grows as agreeing decisions add up
         announced_at.append(first + 1)
     assert min(announced_at) == delay  # never earlier; exactly on time when all windows agree
     assert np.median(announced_at) <= delay + 1

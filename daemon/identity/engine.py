@@ -112,8 +112,8 @@ class IdentityState:
 
     ``wearer``: a display name, ``"unknown"`` (a live person no template accepts) or None
     (nobody / not live / not decided yet). ``decided`` is False while evidence is being
-    gathered (wearer None but the ECG is live). ``confidence`` = agreeing decisions /
-    ``history`` (1.0 for "nobody" when the ECG is not live). ``scores``: latest pooled score
+    gathered (wearer None but the ECG is live). ``confidence`` = (agreeing decisions + 1) /
+    (decisions in the history + 2) (1.0 for "nobody" when the ECG is not live). ``scores``: latest pooled score
     per person. ``n_agreeing``: decisions in the history agreeing with the wearer (or, while
     undecided, with the leading candidate).
     """
@@ -428,7 +428,10 @@ class IdentityEngine:
         n = counts.get(candidate, 0) if candidate is not None else 0
         return IdentityState(
             wearer=self._wearer,
-            confidence=min(1.0, n / self.config.history),
+            # Laplace estimate of the share of recent decisions that agree: 3 of 3 at the
+            # announcement reads 0.8, 8 of 8 reads 0.9, 4 of 8 reads 0.5. Agreement / history
+            # read 0.375 at every announcement, which a household's dashboard shows as "low".
+            confidence=(n + 1) / (len(self._decisions) + 2),
             scores=dict(self._scores),
             n_agreeing=n,
             decided=self._wearer is not None,

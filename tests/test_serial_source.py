@@ -72,32 +72,9 @@ def test_handshake_and_exact_samples(box) -> None:
 
 
 def test_unplug_and_replug_resume_by_themselves(box) -> None:
-    emu, link, _ = box
-    got = Collector()
-    source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500, stall_timeout_s=1.0)
-    source.BACKOFF_S = (0.2, 0.4)
-    thread, stop = _start(source)
-    try:
-        got.wait(20, 15)
-        emu.unplug()
-        deadline = time.monotonic() + 10
-        while source.health.state == "streaming" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert source.health.state != "streaming"
-        assert source.health.last_error
-        n = got.count()
-        emu.replug()  # a new /dev/pts path behind the same symlink, like udev after a replug
-        got.wait(n + 20, 15)
-        assert source.health.state == "streaming"
-        assert source.health.connects == 2
-    finally:
-        stop.set()
-        thread.join(5)
-
-
-def test_back_off_starts_again_after_a_session_that_streamed(box) -> None:
-    """Wearers come and go all day: each replug must be picked up at the first back-off step,
-    not after the longest delay that earlier unplugs worked up to (a 20 s step here)."""
+    """Wearers come and go all day: each replug (a new /dev/pts path behind the same symlink,
+    like udev after a replug) must be picked up at the first back-off step, not after the
+    longest delay that earlier unplugs worked up to (a 20 s step here)."""
     emu, link, _ = box
     got = Collector()
     source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500, stall_timeout_s=1.0)
@@ -105,18 +82,17 @@ def test_back_off_starts_again_after_a_session_that_streamed(box) -> None:
     thread, stop = _start(source)
     try:
         got.wait(20, 15)
-        for cycle in range(3):
+        for _ in range(3):
             emu.unplug()
             deadline = time.monotonic() + 10
             while source.health.state == "streaming" and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert source.health.state != "streaming"
-            emu.replug()
+            assert source.health.last_error
             n = got.count()
-            t0 = time.monotonic()
-            got.wait(n + 20, 10)
+            emu.replug()
+            got.wait(n + 20, 10)  # fails if this replug waited for the 20 s step
             assert source.health.state == "streaming"
-            assert time.monotonic() - t0 < 10, f"replug {cycle + 1} waited for the long back-off step"
         assert source.health.connects == 4
     finally:
         stop.set()

@@ -98,7 +98,7 @@ def enrol(people_sessions: dict[str, Session], runner: EcgModelRunner, cfg: Iden
 
 
 def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int = 5, seed: int = 0,
-             progress=print) -> dict:
+             target_far: float | None = None, progress=print) -> dict:
     runner = EcgModelRunner.load(models_dir / ECG_MODEL)
     seen = training_persons(load_manifest((models_dir / ECG_MODEL).with_suffix(".json")))
     if (models_dir / BEATS_FILE).exists():
@@ -120,6 +120,8 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
     if len(eligible) < size + 1:
         raise ValueError(f"{data_dir}: {len(eligible)} unseen ECG-ID persons with two recordings; need {size + 1}")
     cfg = IdentityConfig(min_enrol_windows=12)  # one 20 s ECG-ID recording gives 15-18 clean windows
+    if target_far is not None:
+        cfg = IdentityConfig(min_enrol_windows=12, target_far=target_far)
     rng = np.random.default_rng(seed)
     counts: dict[str, int] = defaultdict(int)
     to_name: list[int] = []
@@ -152,7 +154,7 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
         progress(f"household {h + 1}/{n_households}: {', '.join(members)}")
     pct = lambda a, b: 100.0 * counts[a] / max(counts[b], 1)  # noqa: E731
     result = {
-        "households": n_households, "size": size, "eligible_persons": len(eligible),
+        "households": n_households, "size": size, "target_far": cfg.target_far, "eligible_persons": len(eligible),
         "stranger_persons_ecgid": len(eligible) - size, "stranger_persons_other": len(others),
         "impostor_set_persons": len(in_impostor_set),
         "member_sessions": counts["member_sessions"], "member_cross_sessions": counts["member_cross_sessions"],
@@ -179,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--households", type=int, default=20, help="random households (default 20)")
     ap.add_argument("--size", type=int, default=5, help="members per household (default 5)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-far", type=float, default=None,
+                    help="identity.target_far for the enrolments (default: the daemon's default)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     try:
-        res = evaluate(args.data, args.models, args.households, args.size, args.seed)
+        res = evaluate(args.data, args.models, args.households, args.size, args.seed, args.target_far)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

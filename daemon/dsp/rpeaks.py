@@ -93,10 +93,7 @@ class _Params:
     slope_back_s: float = 0.250  # steepest slope is searched in [c - this, c]
     refine_s: float = 0.090  # R extremum searched from this before the steepest slope ...
     refine_after_s: float = 0.060  # ... to this after it
-    spike_quiet_s: float = 0.008  # a pacemaker spike is a step out of this much quiet signal ...
-    spike_jump: float = 5.0  # ... at least this many times steeper than anything in it ...
-    spike_frac: float = 0.2  # ... and at least this fraction of the window's peak-to-peak range;
-    spike_tail_s: float = 0.016  # the step and its recovery tail are held at the pre-spike level
+    despike_s: float = 0.012  # median filter width against pacemaker spikes (refinement only)
     qs_ratio: float = 1.5  # a lead is 'negative' when its S/QS is this much deeper than R
     polarity_weight: float = 1.0 / 3.0  # opposite extremum wins when 2x larger (ectopics)
     baseline_s: float = 0.250  # isoelectric level = median over +- this around the QRS
@@ -218,8 +215,7 @@ class RPeakDetector:
         self._keep = s(p.keep_s)
         self._base = s(p.baseline_s)
         self._twave_g = p.twave_ratio ** p.power  # in feature units (slope ** power)
-        self._spike_quiet = s(p.spike_quiet_s)
-        self._spike_tail = s(p.spike_tail_s)
+        self._despike = int(round(p.despike_s * fs)) | 1
         self._hp = _StreamSos(highpass_sos(fs, 0.5), L)
         self._bp = _StreamSos(bandpass_sos(fs, *p.band_hz, order=p.band_order), L)
         self._deriv_b = np.array([2.0, 1.0, 0.0, -1.0, -2.0]) * (fs / 8.0)
@@ -606,7 +602,9 @@ class RPeakDetector:
         hi = min(lim, q + self._refine_after + 1)
         wlo = max(b0, q - self._base)
         whi = min(lim, q + self._base + 1)
-        wide = self._despike(self._xhp[wlo - b0: whi - b0].astype(np.float64))
+        wide = self._xhp[wlo - b0: whi - b0].astype(np.float64)
+        if self._despike > 1 and wide.shape[0] > self._despike:
+            wide = median_filter(wide, size=(self._despike, 1), mode="nearest")
         base = median_axis0(wide)
         xs = wide[lo - wlo: hi - wlo] - base[None, :]
         vs = self._valid[lo - b0: hi - b0]
@@ -631,40 +629,13 @@ class RPeakDetector:
         pol = np.where(pos * (1.0 + k) >= neg * (1.0 - k), 1.0, -1.0)
         amp_lead = np.where(lead_ok, np.maximum(pos, neg), -np.inf)
         best = int(np.argmax(amp_lead))
-        j = lo + int(np.argmax(pol[best] * xs[:, best]))
-        return j, float(xs[j - lo, best]), leads_used
-
-    def _despike(self, w: np.ndarray) -> np.ndarray:
-        """``w`` (n, L) with pacemaker spikes held at the level just before them.
-
-        A spike is a step out of quiet signal: one sample-to-sample change ``spike_jump`` times
-        larger than every change in the preceding ``spike_quiet_s`` and at least ``spike_frac``
-        of the window's range. A QRS, however narrow, builds up over several samples, so its
-        steepest change always has steep neighbours; a pacing artefact (a 0.5-2 ms pulse plus
-        the amplifier's recovery) does not. The step and its ``spike_tail_s`` recovery are
-        replaced by the last pre-spike sample, so that neither the spike nor its overshoot is
-        taken for the R peak, while narrow R waves keep their true height.
-        """
-        n = w.shape[0]
-        K = self._spike_quiet
-        if n <= K + 1:
-            return w
-        ad = np.abs(np.diff(w, axis=0))  # ad[i] = |w[i+1] - w[i]|
-        prev = np.full(ad.shape, np.inf)  # max |change| over the K changes before, inf at the edge
-        prev[K:] = ad[K - 1:-1]
-        for k in range(2, K + 1):
-            np.maximum(prev[K:], ad[K - k:ad.shape[0] - k], out=prev[K:])
-        ptp = w.max(axis=0) - w.min(axis=0)
-        spike = (ad > self._p.spike_jump * prev) & (ad > self._p.spike_frac * ptp[None, :])
-        if not spike.any():
-            return w
-        # Blank samples i+1 .. i+1+tail after every spike edge i; forward-fill from sample i.
-        blank = np.zeros(w.shape, dtype=bool)
-        for i, l in zip(*np.nonzero(spike)):
-            blank[i + 1: i + 2 + self._spike_tail, l] = True
-        idx = np.where(blank, 0, np.arange(n)[:, None])
-        np.maximum.accumulate(idx, axis=0, out=idx)
-        return np.take_along_axis(w, idx, axis=0)
+        i = int(np.argmax(pol[best] * xs[:, best]))
+        # The median flattens the very top of R: take the exact extremum of the unfiltered
+        # signal within the filter's half width of the despiked one.
+        d = self._despike // 2
+        raw = self._xhp[max(lo, lo + i - d) - b0: min(hi, lo + i + d + 1) - b0, best]
+        j = max(lo, lo + i - d) + int(np.argmax(pol[best] * raw))
+        return j, float(self._xhp[j - b0, best] - base[best]), leads_used
 
     def _trim(self) -> None:
         """Drop history no decision can need any more (bounded memory on endless streams)."""

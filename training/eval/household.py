@@ -110,18 +110,17 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
                if r.person not in seen and r.person not in in_impostor_set]
     if not records:
         raise ValueError(f"{data_dir}: no ECG persons left after excluding training and impostor-set persons")
+    # one 20 s ECG-ID recording gives 15-18 clean windows
+    cfg = IdentityConfig(min_enrol_windows=12, **({} if target_far is None else {"target_far": target_far}))
     sessions = sessions_of(records, runner)
     by_person: dict[str, list[Session]] = defaultdict(list)
     for s in sessions:
         by_person[s.person].append(s)
     eligible = sorted(p for p, ss in by_person.items() if p.startswith("ecgid:") and len(ss) >= 2
-                      and ss[0].ok.sum() >= IdentityConfig().min_pool)
+                      and ss[0].ok.sum() >= cfg.min_pool)
     others = sorted(p for p in by_person if not p.startswith("ecgid:"))
     if len(eligible) < size + 1:
         raise ValueError(f"{data_dir}: {len(eligible)} unseen ECG-ID persons with two recordings; need {size + 1}")
-    cfg = IdentityConfig(min_enrol_windows=12)  # one 20 s ECG-ID recording gives 15-18 clean windows
-    if target_far is not None:
-        cfg = IdentityConfig(min_enrol_windows=12, target_far=target_far)
     rng = np.random.default_rng(seed)
     counts: dict[str, int] = defaultdict(int)
     to_name: list[int] = []
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for k, v in res.items():
-        print(f"{k:<32} {v:.1f}" if isinstance(v, float) else f"{k:<32} {v}")
+        print(f"{k:<32} {v:.4g}" if isinstance(v, float) else f"{k:<32} {v}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0

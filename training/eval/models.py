@@ -114,8 +114,10 @@ def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 
 def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
-                 progress=print) -> dict:
-    """Float and int8 ECG metrics on the non-training persons of ``data_dir``."""
+                 progress=print, baseline_fit: Path | None = None) -> dict:
+    """Float and int8 ECG metrics on the non-training persons of ``data_dir``; with
+    ``baseline_fit``, also the BASELINES.md PCA + LDA baseline fitted on that folder's training
+    persons (training/eval/identity_baseline.py) and scored on the same tests."""
     from training.train_ecg import activity_windows
 
     int8_path = Path(models_dir) / f"{ECG_MODEL}.tflite"
@@ -172,9 +174,30 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
             metrics["beats_ms_per_window_1core"] = 1000.0 * float(np.median(ts))
         result[kind] = metrics
         progress(f"ecg {kind}: evaluated {len(ws.x)} identity windows, {len(ay)} activity windows")
+    if baseline_fit is not None:
+        result["baseline"] = _baseline(Path(baseline_fit), seen, ws, kw, progress)
     if figures is not None:
         _figures(Path(figures), curves, confs, list(manifest.labels.get("activity", [])))
     return result
+
+
+def _baseline(fit_dir: Path, seen: set[str], ws: WindowSet, kw: dict, progress) -> dict:
+    """PCA + LDA on beats, fitted on the ECG-ID persons of ``fit_dir`` that the shipped models
+    were trained on (so never on an evaluated person), scored like the models."""
+    from training.eval.identity_baseline import fit_baseline
+
+    fit_recs = [r for r in load_all(fit_dir) if r.dataset == "ecgid" and r.person in seen]
+    evaluated = {ws.records[i].person for i in np.unique(ws.rec)}
+    if not fit_recs or evaluated & {r.person for r in fit_recs}:
+        raise ValueError(f"--baseline-fit {fit_dir}: needs ECG-ID persons the models were "
+                         "trained on, none of them evaluated")
+    base = fit_baseline(record_windows(fit_recs, kw))
+    emb = base.embed_windows(ws)
+    metrics, _ = identity_eval(ws, emb, threshold=1.0)
+    progress(f"baseline: PCA+LDA fitted on {base.beats} beats of {base.persons} ECG-ID persons")
+    keep = ("rank1", "eer", "frr_at_far1", "n_tests")
+    return {k: v for k, v in metrics.items() if k.split("_", 1)[1].replace("cross_", "") in keep} | {
+        "fit_persons": float(base.persons)}
 
 
 def _lead_i_only(r: EcgRecord) -> EcgRecord:
@@ -246,7 +269,7 @@ def print_report(res: dict) -> None:
     print(f"ECG identity ({ecg.get('persons_evaluated', 0)} persons evaluated, "
           f"{ecg.get('persons_excluded_as_training', 0)} training persons excluded, "
           f"threshold cosine {ecg.get('threshold', float('nan')):.3f})")
-    kinds = [k for k in ("float", "int8") if k in ecg]
+    kinds = [k for k in ("float", "int8", "baseline") if k in ecg]
     keys = sorted({k for kind in kinds for k in ecg[kind]})
     print(f"  {'metric':<40}" + "".join(f"{k:>10}" for k in kinds))
     for key in keys:
@@ -274,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, default=DEFAULT_MODELS,
                     help="folder with the .tflite + .json models (default daemon/models)")
     ap.add_argument("--json", type=Path, help="also write all numbers to this JSON file")
+    ap.add_argument("--baseline-fit", type=Path, metavar="DIR",
+                    help="also score the BASELINES.md PCA+LDA beat baseline, fitted on the ECG-ID "
+                    "persons of DIR that the models were trained on (e.g. ../shared/data)")
     ap.add_argument("--out-figures", type=Path, default=DEFAULT_FIGURES,
                     help="where DET curve and confusion matrix PNGs go (default docs/models)")
     args = ap.parse_args(argv)
@@ -287,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     res = {"ecg": evaluate_ecg(args.data, args.models, args.out_figures,
-                               progress=lambda m: print(m, file=sys.stderr)),
+                               progress=lambda m: print(m, file=sys.stderr),
+                               baseline_fit=args.baseline_fit),
            "imu": _evaluate_imu(args.data, args.models, args.out_figures)}
     print_report(res)
     if args.json:

@@ -157,7 +157,7 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
     try:
         for i, phase in enumerate(plan):
             print(f"\nstep {i + 1}/{len(plan)}: {phase.instruction} ({phase.seconds:.0f} s of ECG)", file=out, flush=True)
-            phase_samples = 0.0
+            phase_samples = 0  # counted in samples: 1000 chunks of 0.02 s do not add up to 20.0
             last_data = time.monotonic()
             hr = quality = None
             reason = ""
@@ -177,7 +177,8 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                     pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=chunk.samples_mv.shape[1],
                                            mains_hz=cfg.ecg.mains_hz, **model.pipeline_kwargs())
                 update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
-                phase_samples += len(chunk.samples_mv) / chunk.rate_hz
+                phase_samples += len(chunk.samples_mv)
+                done_s = phase_samples / chunk.rate_hz
                 hr = update.heart_rate_bpm or hr
                 for window in update.windows:
                     quality = window.quality.index
@@ -190,13 +191,13 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                     else:
                         reason = window.quality.reason or "no lead on"
                         rejected[reason] = rejected.get(reason, 0) + 1
-                    line = (f"  [{_bar(int(phase_samples), int(phase.seconds))}] {len(embeddings):3d} clean windows"
+                    line = (f"  [{_bar(int(done_s), int(phase.seconds))}] {len(embeddings):3d} clean windows"
                             f"  quality {0 if quality is None else quality:.2f}"
                             f"  HR {'--' if hr is None else f'{hr:.0f}'} bpm"
                             + (f"  gait {len(imu.embeddings)}" if imu is not None else "")
                             + (f"  rejected: {reason}" if reason else ""))
                     print(("\r" + line) if tty else line, end="" if tty else "\n", file=out, flush=True)
-                if phase_samples >= phase.seconds:
+                if phase_samples >= round(phase.seconds * chunk.rate_hz):
                     break
         print("", file=out)
         return _result(embeddings, labels, rejected, leads)

@@ -144,13 +144,23 @@ async def run_demo(speed: float = 4.0, hold_s: float = 12.0) -> int:
     stop = asyncio.Event()
     app_task = asyncio.create_task(BiodApp(cfg).run(stop))
     outcome: list[tuple[str, str | None]] = []
+    # One box on the shelf, plugged in all along: wearers change by taking the electrodes off
+    # and the next person putting them on (serial unplug/replug is exercised by the tests).
+    all_off = Electrode.RA | Electrode.LA | Electrode.LL
+    box = EcgBoxEmulator(load_recording(STRANGER), rate_hz=500, speed=speed, loop=True)
+    box.set_lead_off(all_off)
+    box.open_pty(link=str(link))
+    box.start()
     try:
         await asyncio.sleep(1.0)
         for who, recording in [*((n, r[1]) for n, r in HOUSEHOLD.items()), ("a stranger", STRANGER)]:
             viewer.say(f"--- {who} puts the sensors on (recording {recording}, another day than the enrolment)")
-            box = EcgBoxEmulator(load_recording(recording), rate_hz=500, speed=speed, loop=True)
-            box.open_pty(link=str(link))
-            box.start()
+            rec = load_recording(recording)
+            box.set_recording(rec)
+            box.set_lead_off(Electrode.NONE)
+            # take the electrodes off before the recording would loop: ECG-ID records start with
+            # a second or two of flat line, which the daemon rightly reads as electrodes off
+            off_at = time.monotonic() + (rec.leads_mv.shape[0] / rec.fs_hz - 0.5) / speed
             n0 = len(viewer.events)
             ev = await asyncio.to_thread(viewer.wait_event, lambda e: e["type"] == "new" and e in viewer.events[n0:]
                                          and e["after"]["wearer"] is not None, 60 / speed + 15)
@@ -158,14 +168,14 @@ async def run_demo(speed: float = 4.0, hold_s: float = 12.0) -> int:
                 ev = await asyncio.to_thread(viewer.wait_event, lambda e: e in viewer.events[n0:] and
                                              e["after"]["wearer"] == who, 30 / speed + 5) or ev
             outcome.append((who, ev["after"]["wearer"] if ev else None))
-            await asyncio.sleep(hold_s / speed)
+            await asyncio.sleep(max(0.0, min(hold_s / speed, off_at - time.monotonic())))
             viewer.say(f"--- {who} takes the electrodes off")
-            box.set_lead_off(Electrode.RA | Electrode.LA | Electrode.LL)
+            box.set_lead_off(all_off)
             await asyncio.sleep(8 / speed + 2)
-            box.close()
     finally:
         stop.set()
         code = await app_task
+        box.close()
         await asyncio.sleep(0.5)
         viewer.close()
         await broker.shutdown()

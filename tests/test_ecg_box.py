@@ -246,6 +246,25 @@ def test_ecgid_reports_ll_off_and_only_lead_i(tmp_path: Path) -> None:
         port.close()
 
 
+def test_set_recording_changes_the_wearer_without_a_replug(box) -> None:
+    emu, host, _ = box
+    host.send(Command.START)
+    host.until(lambda ev: len(host.frames()) >= 5)
+    emu.set_recording("ecgid-p25-r1")  # the next person puts the electrodes on
+    n0 = len(host.frames())
+    host.until(lambda ev: len(host.frames()) >= n0 + 40)
+    frames = host.frames()
+    after = [f for f in frames[n0:] if f.lead_off == Electrode.LL]  # ECG-ID: lead I only
+    assert len(after) >= 30 and frames[0].lead_off == Electrode.NONE
+    mv = np.concatenate([f.millivolts() for f in after[:30]])
+    ecgid = load_recording("ecgid-p25-r1").leads_mv[:, 0]
+    assert np.abs(mv[:, 0] - ecgid[: len(mv)]).max() <= LSB_MV  # the new recording, from its start
+    seqs = [f.seq for f in frames]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # one unbroken stream
+    host.stop_and_drain()
+    assert host.decoder.stats.lost_frames == 0
+
+
 # ------------------------------------------------------------------------------ unplug / replug
 
 

@@ -415,6 +415,19 @@ class EcgBoxEmulator:
         with self._lock:
             self._drop_pending += n_frames
 
+    def set_recording(self, recording: Recording | str) -> None:
+        """Another person's ECG from the next frame on, at the same rate, from its start: the
+        box stays plugged in and streaming while the wearer changes (electrodes moved from one
+        person to the next), as on a hub where the box lives on the shelf."""
+        if isinstance(recording, str):
+            recording = load_recording(recording)
+        with self._lock:
+            self.recording = recording
+            self._inherent_off = _inherent_lead_off(recording.lead_present)
+            self._present = recording.lead_present.copy()
+            self._signal = self._make_signal(self._rate)
+            self._pos = 0
+
     def set_lead_off(self, mask: Electrode) -> None:
         """Report these electrodes off (replaces the previous mask; the recording's absent leads
         stay flagged regardless)."""

@@ -135,6 +135,27 @@ def test_missing_port_gives_an_actionable_error_and_keeps_retrying(tmp_path) -> 
     assert len(source.health.errors) >= 2  # it retried instead of dying
 
 
+def test_a_second_reader_is_refused_with_the_fix_and_the_first_keeps_streaming(box) -> None:
+    emu, link, _ = box
+    first = Collector()
+    service = EcgSource(serial_opener(str(link), 460800), str(link), first, rate_hz=500)
+    t1, stop1 = _start(service)
+    first.wait(20, 10)
+    second = EcgSource(serial_opener(str(link), 460800), str(link), Collector(), rate_hz=500)
+    second.BACKOFF_S = (0.1,)
+    t2, stop2 = _start(second)  # e.g. biod calibrate while the service runs
+    time.sleep(0.8)
+    stop2.set()
+    t2.join(5)
+    n = first.count()
+    first.wait(n + 20, 10)  # the service's stream went on, untouched
+    stop1.set()
+    t1.join(5)
+    assert "in use by another program" in (second.health.last_error or "")
+    assert "systemctl stop biod" in second.health.last_error and second.health.connects == 0
+    assert service.health.lost_frames == 0 and service.health.crc_errors == 0
+
+
 def test_wrong_serial_number_is_refused(box) -> None:
     emu, link, _ = box
     source = EcgSource(serial_opener(str(link), 460800), str(link), Collector(), rate_hz=500, match_serial="OTHER-BOX")

@@ -69,9 +69,15 @@ class _SerialTransport:
         import serial  # pyserial; imported here so the module loads without it for TCP users
 
         try:
-            self._s = serial.Serial(port, baudrate=baud, timeout=0.05, write_timeout=1.0)
+            # exclusive: a second reader (biod calibrate or record while the service runs) would
+            # steal bytes from the first and both streams would be garbage; refuse it instead
+            self._s = serial.Serial(port, baudrate=baud, timeout=0.05, write_timeout=1.0, exclusive=True)
         except serial.SerialException as exc:
             cause = str(exc)
+            if "exclusively lock" in cause:
+                raise SourceError(f"serial port {port} is in use by another program: is the biod service running? "
+                                  "stop it for biod calibrate / record (sudo systemctl stop biod), or enrol from "
+                                  "Home Assistant's Enrol button instead") from None
             if "No such file" in cause or "could not open port" in cause and "Errno 2" in cause:
                 raise SourceError(f"serial port {port} does not exist: check the cable, ecg.port and the udev rule (deploy/99-biod.rules)") from None
             if "Permission denied" in cause or "Errno 13" in cause:

@@ -98,7 +98,8 @@ def test_failed_replace_leaves_the_old_file_intact(store_path, monkeypatch):
     monkeypatch.undo()
     assert store_path.read_bytes() == before
     assert list(store.load()) == ["A"]
-    assert [p.name for p in store_path.parent.iterdir()] == [store_path.name]  # temp file removed
+    left = sorted(p.name for p in store_path.parent.iterdir())  # temp file removed; the lock stays
+    assert left == [f".{store_path.name}.lock", store_path.name]
 
 
 def test_crash_during_write_leaves_the_old_file_intact(store_path, monkeypatch):
@@ -202,3 +203,29 @@ def test_person_validates_its_prototypes():
                prototype_labels=("a", "b"), threshold=0.5)
     with pytest.raises(StoreError, match="no letters or digits"):
         slugify("!!!")
+
+
+def _add_many(args) -> None:
+    path, worker, barrier = args
+    store = TemplateStore(path)
+    barrier.wait()
+    for k in range(5):
+        store.add(person(f"P{worker}-{k}", worker * 10 + k))
+
+
+def test_concurrent_editors_lose_nobody(store_path):
+    """`biod people` in a shell and an enrolment from Home Assistant in the daemon may edit the
+    store at once: every read-modify-write holds the lock, so no edit overwrites another."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(6)
+    procs = [ctx.Process(target=_add_many, args=((store_path, w, barrier),)) for w in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    names = [p.name for p in TemplateStore(store_path).list()]
+    assert len(names) == 30 and len(set(names)) == 30
+    assert mode(store_path) == 0o600 and mode(store_path.parent / f".{store_path.name}.lock") == 0o600

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -44,6 +46,7 @@ import unicodedata
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -477,6 +480,20 @@ class TemplateStore:
             os.close(dir_fd)
 
     # ---- edits ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _edit_lock(self) -> Iterator[None]:
+        """Exclusive lock around a read-modify-write: ``biod people`` in a shell and an
+        enrolment from Home Assistant inside the daemon may edit at the same moment, and the
+        later save would silently drop the other's change. ``flock`` on a side file (the store
+        itself is replaced by rename on every save, so it cannot carry the lock)."""
+        directory = self._ensure_private_dir()
+        fd = os.open(directory / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def list(self) -> list[Person]:
         """Persons sorted by display name."""
         return sorted(self.load().values(), key=lambda p: p.name.casefold())
@@ -485,12 +502,13 @@ class TemplateStore:
         """Add a new person; refuses a name/slug already taken (remove or rename first)."""
         if self.model is not None:
             check_compatible({person.name: person}, self.model)
-        people = self.load()
-        clash = [p.name for p in people.values() if p.slug == person.slug or p.name == person.name]
-        if clash:
-            raise StoreError(f"a person named {clash[0]!r} is already enrolled: choose another name, or `biod remove {clash[0]}` first to re-enrol")
-        people[person.name] = person
-        self.save(people)
+        with self._edit_lock():
+            people = self.load()
+            clash = [p.name for p in people.values() if p.slug == person.slug or p.name == person.name]
+            if clash:
+                raise StoreError(f"a person named {clash[0]!r} is already enrolled: choose another name, or `biod remove {clash[0]}` first to re-enrol")
+            people[person.name] = person
+            self.save(people)
 
     def _find(self, people: dict[str, Person], name: str) -> Person:
         if name in people:
@@ -506,20 +524,22 @@ class TemplateStore:
         raise StoreError(f"no enrolled person named {name!r} (enrolled: {known})")
 
     def rename(self, old: str, new: str) -> Person:
-        people = self.load()
-        person = self._find(people, old)
-        new_slug = slugify(new)
-        if any(p.slug == new_slug and p.id != person.id for p in people.values()):
-            raise StoreError(f"cannot rename {person.name!r} to {new!r}: that name is already enrolled")
-        del people[person.name]
-        renamed = replace(person, name=new, slug=new_slug)
-        people[new] = renamed
-        self.save(people)
-        return renamed
+        with self._edit_lock():
+            people = self.load()
+            person = self._find(people, old)
+            new_slug = slugify(new)
+            if any(p.slug == new_slug and p.id != person.id for p in people.values()):
+                raise StoreError(f"cannot rename {person.name!r} to {new!r}: that name is already enrolled")
+            del people[person.name]
+            renamed = replace(person, name=new, slug=new_slug)
+            people[new] = renamed
+            self.save(people)
+            return renamed
 
     def remove(self, name: str) -> Person:
-        people = self.load()
-        person = self._find(people, name)
-        del people[person.name]
-        self.save(people)
-        return person
+        with self._edit_lock():
+            people = self.load()
+            person = self._find(people, name)
+            del people[person.name]
+            self.save(people)
+            return person

@@ -81,10 +81,12 @@ def load_ecg_model(cfg: BiodConfig) -> EcgModelRunner | None:
 
 def load_imu_models(cfg: BiodConfig) -> ImuModelSet | None:
     try:
-        models = ImuModelSet.load_dir(cfg.models_dir or MODELS_DIR)
+        models = ImuModelSet.load_dir(cfg.models_dir or MODELS_DIR, cfg.imu.placement)
     except (ModelError, OSError, ValueError) as exc:
         log.error("imu: the IMU models cannot be used (%s); activity comes from the ECG alone", exc)
         return None
+    for why in models.skipped.values():  # a consequence of the placement chosen, not a fault
+        log.info("imu: %s: not used", why)
     return models if models.models else None
 
 

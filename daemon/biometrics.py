@@ -94,6 +94,16 @@ class EcgModelRunner:
                 out["activity"][0])
 
 
+PLACEMENTS = ("waist", "shin", "thigh", "wrist")
+
+
+def placement_of(text: str | None) -> str | None:
+    """A manifest's free-text placement ('right thigh (HuGaDB: ...)') as one of PLACEMENTS;
+    None when the manifest states none or one biod does not know."""
+    head = (text or "").split("(")[0].lower()
+    return next((p for p in PLACEMENTS if p in head), None)
+
+
 @dataclass(frozen=True)
 class ImuModelSet:
     """IMU models keyed by task; each takes ACF features of an IMU window (manifest-stated).
@@ -101,18 +111,32 @@ class ImuModelSet:
 
     models: dict[str, Model]
     gait: dict[str, GaitModel] = field(default_factory=dict)
+    #: task -> why it is not used (trained for another placement than the IMU is worn at)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def load_dir(cls, directory: Path = MODELS_DIR) -> "ImuModelSet":
-        models = {}
+    def load_dir(cls, directory: Path = MODELS_DIR, placement: str | None = None) -> "ImuModelSet":
+        """Every ``imu_*`` model of ``directory``; with ``placement`` (config ``imu.placement``)
+        only those trained for that placement. WHY: a thigh strap and a waist belt see different
+        movements (the thigh swings through ~60 degrees per stride, the belt barely tilts), so a
+        model fed another placement's signal answers with confident nonsense; leaving it out
+        makes the daemon fall back on what it can trust (ECG activity, no age/gender)."""
+        models, skipped = {}, {}
         for manifest in sorted(directory.glob("imu_*.json")):
-            models[manifest.stem.removeprefix("imu_")] = load_model(manifest.with_suffix(".tflite"))
+            task = manifest.stem.removeprefix("imu_")
+            model = load_model(manifest.with_suffix(".tflite"))
+            trained_for = placement_of(model.manifest.inputs[0].placement)
+            if placement is not None and trained_for not in (None, placement):
+                skipped[task] = (f"imu_{task} is trained for an IMU at the {trained_for}, this one is worn "
+                                 f"at the {placement} (imu.placement)")
+                continue
+            models[task] = model
         try:
             gait = load_gait_models(directory)
         except GaitModelError as exc:  # gait identity is optional: ECG identity goes on without it
             log.error("imu: %s; identity from the ECG alone", exc)
             gait = {}
-        return cls(models, gait)
+        return cls(models, gait, skipped)
 
     def run(self, task: str, window: ImuWindow, cache: dict | None = None) -> dict[str, np.ndarray] | None:
         """Run ``task``'s model on ``window``. ``cache`` (one dict per window) keeps features

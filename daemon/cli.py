@@ -11,6 +11,8 @@ from pathlib import Path
 from daemon.config import ConfigError, load_config
 
 log = logging.getLogger("biod")
+CONFIG_HELP = ("YAML config (deploy/biod.example.yaml); default: $BIOD_CONFIG, else the embedded default "
+               "(the ECG emulator, a broker on localhost)")
 
 
 def _setup_logging(level: str) -> None:
@@ -21,10 +23,47 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """``--config``, else ``$BIOD_CONFIG`` (set by the hub's ``biod`` wrapper from install.sh, so
+    that ``biod calibrate`` enrols into the store the service reads), else None: the embedded
+    default (the ECG emulator), which is what a bare checkout wants."""
+    import os
+
+    if args.config is not None:
+        return args.config
+    env = os.environ.get("BIOD_CONFIG")
+    return Path(env) if env else None
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the file; check the secrets it names where they can be read from here.
+
+    Credentials (``*_credential``) are handed to the service by systemd (``LoadCredential=``) in
+    ``$CREDENTIALS_DIRECTORY``, which a login shell does not have: there they are checked in
+    ``--credentials-dir`` (e.g. /etc/biod/credentials, where install.sh puts them) or, without
+    it, only named, so that validating the shipped example from a shell does not fail."""
+    import os
+
+    from daemon.identity.store import StoreError, key_from_credential
+
     cfg = load_config(args.file)
-    cfg.mqtt.resolve_password()
+    if args.credentials_dir is not None:
+        os.environ["CREDENTIALS_DIRECTORY"] = str(args.credentials_dir)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    named = [n for n in (cfg.mqtt.password_credential, cfg.identity.store_key_credential) if n]
+    if creds or not cfg.mqtt.password_credential:
+        cfg.mqtt.resolve_password()
+    if creds and cfg.identity.store_key_credential:
+        try:
+            key_from_credential(cfg.identity.store_key_credential)
+        except StoreError as exc:
+            raise ConfigError(f"identity.store_key_credential: {exc}") from None
     print(f"{args.file}: OK (hub {cfg.hub.id}, ECG source {cfg.ecg.source}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, prefix {cfg.topic_prefix})")
+    if named and not creds:
+        print(f"  credentials {', '.join(named)}: given to the service by systemd (LoadCredential=), not checked "
+              "here; add --credentials-dir /etc/biod/credentials to check those files too")
+    elif named:
+        print(f"  credentials {', '.join(named)}: read from {creds}")
     return 0
 
 
@@ -39,9 +78,13 @@ async def _run_until_signal(cfg) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(_config_path(args))
     _setup_logging(args.log_level or cfg.log_level)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot create {cfg.state_dir} ({exc.strerror}); run biod as its service "
+                          "(sudo systemctl start biod) or set state_dir to a folder this user can write") from None
     return asyncio.run(_run_until_signal(cfg))
 
 
@@ -55,7 +98,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from daemon.doctor import run_checks
 
-    cfg = load_config(args.config)
+    cfg = load_config(_config_path(args))
     checks = run_checks(cfg, broker=not args.no_broker)
     for check in checks:
         print(check.line())
@@ -67,7 +110,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from daemon.calibrate import run_calibrate
 
-    cfg = load_config(args.config)
+    cfg = load_config(_config_path(args))
     _setup_logging(args.log_level or "warning")
     return run_calibrate(cfg, args.name, args.seconds, walk=not args.no_walk)
 
@@ -76,7 +119,7 @@ def _cmd_people(args: argparse.Namespace) -> int:
     from daemon.app import open_store
     from daemon.identity.store import StoreError
 
-    cfg = load_config(args.config)
+    cfg = load_config(_config_path(args))
     store = open_store(cfg)
     try:
         if args.action == "list":
@@ -103,7 +146,7 @@ def _cmd_people(args: argparse.Namespace) -> int:
 def _cmd_record(args: argparse.Namespace) -> int:
     from daemon.record_cli import run_record
 
-    cfg = load_config(args.config)
+    cfg = load_config(_config_path(args))
     _setup_logging(args.log_level or "info")
     return run_record(cfg, args.out, args.seconds, args.label, args.person)
 
@@ -114,12 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the daemon (default config: the ECG emulator and a broker on localhost)")
-    p.add_argument("--config", "-c", type=Path, default=None, help="YAML config (see deploy/biod.example.yaml)")
+    p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("file", type=Path)
+    p.add_argument("--credentials-dir", type=Path, default=None, metavar="DIR",
+                   help="where the credentials the config names are (default: $CREDENTIALS_DIRECTORY "
+                   "under systemd; e.g. /etc/biod/credentials from a shell)")
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("demo", help="end-to-end demo: embedded broker, emulated ECG box and MetaMotion, enrolment, identification over MQTT")
@@ -129,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="enrol a household member (guided: rest, then walking)")
     p.add_argument("--name", required=True)
-    p.add_argument("--config", "-c", type=Path, default=None)
+    p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--seconds", type=float, default=90.0, help="ECG to record (default 90 s: half rest, half walking)")
     p.add_argument("--no-walk", action="store_true", help="rest only")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
@@ -139,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "rename", "remove"])
     p.add_argument("name", nargs="?")
     p.add_argument("new", nargs="?")
-    p.add_argument("--config", "-c", type=Path, default=None)
+    p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.set_defaults(func=_cmd_people)
 
     p = sub.add_parser("record", help="record raw ECG (and IMU) to WFDB with labels, for fine-tuning")
@@ -147,12 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--label", default=None, help="activity label, e.g. walking")
     p.add_argument("--person", default=None)
-    p.add_argument("--config", "-c", type=Path, default=None)
+    p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_record)
 
     p = sub.add_parser("doctor", help="check adapter, serial device, broker, models and state directory")
-    p.add_argument("--config", "-c", type=Path, default=None)
+    p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--no-broker", action="store_true", help="skip the broker check")
     p.set_defaults(func=_cmd_doctor)
     return parser

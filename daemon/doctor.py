@@ -140,7 +140,7 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
     model that is installed (``biod calibrate`` sets thresholds from it), a gait model for the
     placement the IMU is worn at, and enrolled templates that the installed model can score.
     A model update without these in step fails silently otherwise: every wearer 'unknown'."""
-    from daemon.biometrics import MODELS_DIR, EcgModelRunner
+    from daemon.biometrics import MODELS_DIR, EcgModelRunner, ImuModelSet
     from daemon.enrol import IMPOSTORS_FILE, load_impostors
     from daemon.identity.gait import GaitModelError, load_gait_models
     from daemon.identity.store import StoreError, check_compatible
@@ -172,6 +172,14 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
     if cfg.imu.enabled:
         placement = cfg.imu.placement
         try:
+            imu = ImuModelSet.load_dir(models_dir, placement)
+        except (ModelError, OSError, ValueError) as exc:
+            yield Check("IMU models", False, str(exc), reinstall)
+        else:
+            used = ", ".join(f"imu_{t}" for t in sorted(imu.models)) or "none"
+            yield Check("IMU models", True, f"for an IMU at the {placement}: {used}"
+                        + "".join(f"; {why}: not used" for why in imu.skipped.values()))
+        try:
             gait = load_gait_models(models_dir)
         except (GaitModelError, OSError, ValueError) as exc:
             yield Check("gait identity model", False, str(exc), reinstall)
@@ -201,7 +209,8 @@ def run_checks(cfg: BiodConfig, broker: bool = True) -> list[Check]:
     checks: list[Check] = []
     checks += check_state_dir(cfg)
     checks += check_serial(cfg)
-    checks += check_ble_adapter()
+    if cfg.imu.enabled and cfg.imu.source == "ble":  # a hub with the ECG box only needs no Bluetooth
+        checks += check_ble_adapter()
     if broker:
         checks += check_broker(cfg)
     checks += check_models(cfg.models_dir)

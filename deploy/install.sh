@@ -29,18 +29,33 @@ if [ ! -f /etc/biod/biod.yaml ]; then
     install -m 0640 -g biod "$SRC/deploy/biod.example.yaml" /etc/biod/biod.yaml
     echo "biod: wrote /etc/biod/biod.yaml - edit hub.id, ecg.port and mqtt.* before starting"
 fi
+# Credentials: the service gets them from systemd (LoadCredential=); group biod may read them so
+# that the admin commands below (run as user biod) can open the encrypted template store too.
 for cred in mqtt_password template_key; do
     if [ ! -f "/etc/biod/credentials/$cred" ]; then
         if [ "$cred" = template_key ]; then head -c 32 /dev/urandom | base64 > "/etc/biod/credentials/$cred"; else : > "/etc/biod/credentials/$cred"; fi
-        chmod 0600 "/etc/biod/credentials/$cred"
     fi
+    chown root:biod "/etc/biod/credentials/$cred"
+    chmod 0640 "/etc/biod/credentials/$cred"
 done
+
+# `biod` on the PATH for the household's admin: runs as the service user with the service's
+# config and credentials, so `sudo biod calibrate --name NAME` enrols into the store the
+# service reads (the raw entry point stays /opt/biod/venv/bin/biod).
+cat > /usr/local/bin/biod <<'WRAPPER'
+#!/bin/sh
+# Installed by biod's deploy/install.sh: the biod CLI as the service user, with its config.
+[ "$(id -u)" -eq 0 ] || { echo "biod: run with sudo (it acts as the biod service user)" >&2; exit 1; }
+exec runuser -u biod -- env BIOD_CONFIG=/etc/biod/biod.yaml CREDENTIALS_DIRECTORY=/etc/biod/credentials \
+    /opt/biod/venv/bin/biod "$@"
+WRAPPER
+chmod 0755 /usr/local/bin/biod
 
 install -m 0644 "$SRC/deploy/99-biod.rules" /etc/udev/rules.d/99-biod.rules
 udevadm control --reload-rules && udevadm trigger --subsystem-match=tty || true
 
 install -m 0644 "$SRC/deploy/biod.service" /etc/systemd/system/biod.service
 systemctl daemon-reload
-"$PREFIX/venv/bin/biod" check-config /etc/biod/biod.yaml || echo "biod: fix /etc/biod/biod.yaml, then: systemctl enable --now biod"
+/usr/local/bin/biod check-config /etc/biod/biod.yaml || echo "biod: fix /etc/biod/biod.yaml, then: systemctl enable --now biod"
 echo "biod: installed. Next: edit /etc/biod/biod.yaml, put the MQTT password in /etc/biod/credentials/mqtt_password,"
-echo "      then 'sudo systemctl enable --now biod' and 'journalctl -u biod -f'. Check with '$PREFIX/venv/bin/biod doctor'."
+echo "      then 'sudo systemctl enable --now biod' and 'journalctl -u biod -f'. Check with 'sudo biod doctor'."

@@ -86,3 +86,39 @@ def test_example_config_in_deploy_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "deploy" / "biod.example.yaml"
     cfg = load_config(example)
     assert cfg.hub.id
+
+
+def test_check_config_on_the_example_from_a_shell_and_with_the_credentials(tmp_path, monkeypatch, capsys) -> None:
+    import base64
+    from pathlib import Path
+
+    from daemon.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "deploy" / "biod.example.yaml"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert main(["check-config", str(example)]) == 0  # a login shell has no $CREDENTIALS_DIRECTORY
+    out = capsys.readouterr().out
+    assert "mqtt_password, template_key" in out and "not checked here" in out
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mqtt_password").write_text("s3cret\n")
+    assert main(["check-config", str(example), "--credentials-dir", str(creds)]) == 2  # no template key yet
+    assert "template_key" in capsys.readouterr().err
+    (creds / "template_key").write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+    assert main(["check-config", str(example), "--credentials-dir", str(creds)]) == 0
+    assert f"read from {creds}" in capsys.readouterr().out
+
+
+def test_commands_take_the_config_from_biod_config_when_no_flag_is_given(tmp_path, monkeypatch, capsys) -> None:
+    from daemon.cli import main
+
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(f"hub:\n  id: kitchen\nstate_dir: {tmp_path / 'state'}\n")
+    monkeypatch.setenv("BIOD_CONFIG", str(cfg))
+    main(["doctor", "--no-broker"])  # fails on the missing state dir, which is the point here
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'state'}/identity/templates.json" in out  # the hub's store, not the default
+    assert "BLE adapter" not in out  # no IMU configured: Bluetooth is not this hub's business
+    monkeypatch.setenv("BIOD_CONFIG", str(tmp_path / "missing.yaml"))
+    assert main(["people", "list"]) == 2
+    assert "missing.yaml: config file not found" in capsys.readouterr().err

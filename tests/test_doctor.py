@@ -64,6 +64,10 @@ def test_identity_assets_in_step_with_the_installed_model(tmp_path) -> None:
     assert all(c.ok for c in checks.values()), [c.line() for c in checks.values()]
     assert "nobody enrolled" in checks["enrolled persons"].detail
     assert "none for imu.placement 'wrist'" in checks["gait identity model"].detail
+    # no IMU model is trained for the wrist: none is used, and doctor says why
+    imu = checks["IMU models"].detail
+    assert ": none;" in imu and "imu_activity is trained for an IMU at the thigh" in imu
+    assert "imu_age is trained for an IMU at the waist" in imu
 
     ref = EcgModelRunner.load(models / "ecg_dualtask.tflite").ref
     rng = np.random.default_rng(0)

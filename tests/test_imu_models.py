@@ -243,3 +243,17 @@ def test_finetune_head_only(tmp_path):
                               tuned.get_layer("fc").get_weights()[0])
     model = load_model(Path(res["model"]))
     assert "household" in model.manifest.training.persons
+
+
+def test_models_are_used_only_at_the_placement_they_were_trained_for() -> None:
+    from daemon.biometrics import ImuModelSet, placement_of
+
+    assert placement_of("right thigh (HuGaDB: sensor strapped to the front of the thigh)") == "thigh"
+    assert placement_of("waist (SisFall: device on the belt, front)") == "waist"
+    assert placement_of(None) is None and placement_of("ankle") is None
+    waist = ImuModelSet.load_dir(MODELS, "waist")
+    assert sorted(waist.models) == ["age", "gender"] and list(waist.skipped) == ["activity"]
+    assert "trained for an IMU at the thigh" in waist.skipped["activity"]
+    thigh = ImuModelSet.load_dir(MODELS, "thigh")
+    assert sorted(thigh.models) == ["activity"] and sorted(thigh.skipped) == ["age", "gender"]
+    assert sorted(ImuModelSet.load_dir(MODELS).models) == ["activity", "age", "gender"]  # no placement: all

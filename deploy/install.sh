@@ -25,6 +25,8 @@ install -d -m 0755 "$PREFIX"
 install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
 
 install -d -m 0750 -g biod /etc/biod /etc/biod/credentials
+# the service's StateDirectory=, made now so that `sudo biod calibrate` works before its first start
+install -d -m 0700 -o biod -g biod /var/lib/biod
 if [ ! -f /etc/biod/biod.yaml ]; then
     install -m 0640 -g biod "$SRC/deploy/biod.example.yaml" /etc/biod/biod.yaml
     echo "biod: wrote /etc/biod/biod.yaml - edit hub.id, ecg.port and mqtt.* before starting"

@@ -374,7 +374,8 @@ class BiodApp:
     def _start_enrolment(self, req: EnrolRequest, publisher: MqttPublisher) -> None:
         if self.ecg_model is None:
             log.error("enrol: no usable ECG model; cannot enrol %s", req.name)
-            publisher.publish(enrol_state_message(self.topics, "refused", req.name))
+            publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=(
+                "no usable ECG model on the hub: run biod doctor, re-install biod")))
             return
         if self.enrolment is not None:
             log.warning("enrol: already enrolling %s; ignoring the request for %s", self.enrolment.name, req.name)
@@ -397,7 +398,7 @@ class BiodApp:
                 self.store.add(report.person)
             except StoreError as exc:
                 log.error("enrol: could not save %s: %s", enrolment.name, exc)
-                publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name))
+                publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name, reason=str(exc)))
                 return
             self.reload_people()
             for msg in self.discovery.person_messages(enrolment.name):
@@ -407,7 +408,7 @@ class BiodApp:
             publisher.publish(enrol_state_message(self.topics, "done", enrolment.name))
         else:
             log.warning("enrol: %s refused: %s", enrolment.name, report.reason)
-            publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name))
+            publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name, reason=report.reason))
 
     # -- stats ------------------------------------------------------------------------------------
     def stats_snapshot(self, publisher: MqttPublisher, spool: EventSpool) -> dict:

@@ -43,6 +43,10 @@ def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
             box.start()  # Dana sits down with the electrodes on: 20 s of ECG at 2x
             await until(lambda: [p for t, p, _ in capture.messages if t == "biod/ha/enrol/state" and '"done"' in p],
                         40, "enrolment done", poll=0.1)
+            # the same name again: refused, and Home Assistant is told why
+            capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Dana", "seconds": 10}), qos=1)
+            await until(lambda: [p for t, p, _ in capture.messages if t == "biod/ha/enrol/state" and '"refused"' in p],
+                        40, "second enrolment refused", poll=0.1)
         finally:
             stop.set()
             await task
@@ -52,7 +56,8 @@ def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
     finally:
         box.close()
     states = [json.loads(p) for t, p, _ in capture.messages if t == "biod/ha/enrol/state"]
-    assert [s["state"] for s in states][:1] == ["enrolling"] and states[-1]["state"] == "done"
+    assert [s["state"] for s in states][:2] == ["enrolling", "done"]
+    assert states[-1]["state"] == "refused" and states[-1]["name"] == "Dana" and len(states[-1]["reason"]) > 10
     assert any(t.endswith("/person_dana_wearing/config") and p for t, p, _ in capture.messages)
     store_path = tmp_path / "state" / "identity" / "templates.json"
     assert [p.name for p in TemplateStore(store_path).list()] == ["Dana"]

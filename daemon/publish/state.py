@@ -304,9 +304,14 @@ class EnrolCommands:
         self._on_enrol(request)
 
 
-def enrol_state_message(topics: Topics, state: str, name: str | None = None, until: float | None = None) -> Message:
-    """``<prefix>/enrol/state``: ``{"state": "enrolling"|"done"|"idle"|"error", "name", "until"}`` (retained)."""
-    return Message(topics.enrol_state, _json({"state": state, "name": name, "until": iso8601(until)}), retain=True, qos=1)
+def enrol_state_message(topics: Topics, state: str, name: str | None = None, until: float | None = None,
+                        reason: str | None = None) -> Message:
+    """``<prefix>/enrol/state``: ``{"state": "enrolling"|"done"|"refused", "name", "until",
+    "reason"}`` (retained); ``reason`` says why an enrolment was refused and what to do."""
+    payload = {"state": state, "name": name, "until": iso8601(until)}
+    if reason is not None:
+        payload["reason"] = reason
+    return Message(topics.enrol_state, _json(payload), retain=True, qos=1)
 
 
 # -- stats ---------------------------------------------------------------------------------------

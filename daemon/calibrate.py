@@ -13,7 +13,6 @@ Assistant, which runs the same enrolment inside the daemon.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import sys
@@ -63,45 +62,22 @@ class ImuCollector:
     """
 
     def __init__(self, cfg: BiodConfig, model: GaitModel) -> None:
-        from daemon.sources.metawear_ble import MetaWearSource
+        from daemon.sources.imu_thread import ImuThread
 
         self.model = model
-        self.chunks: queue.Queue = queue.Queue(maxsize=5000)
-        self.source = MetaWearSource(cfg.imu, self._put)
+        self.imu = ImuThread(cfg.imu)
         self.pipeline = ImuPipeline(acc_range_g=cfg.imu.acc_range_g, gyro_range_dps=cfg.imu.gyro_range_dps)
         self.embeddings: list[np.ndarray] = []
         self.windows = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="imu-source", daemon=True)
-
-    def _put(self, chunk: object) -> None:
-        try:
-            self.chunks.put_nowait(chunk)
-        except queue.Full:
-            log.warning("calibrate: IMU queue full, chunk dropped")
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        self._ready.set()
-        await self.source.run(self._stop)
 
     def start(self) -> None:
-        self._thread.start()
-        self._ready.wait(5)
+        self.imu.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
+        self.imu.stop()
 
     def drain(self, collect: bool) -> None:
-        while True:
-            try:
-                chunk = self.chunks.get_nowait()
-            except queue.Empty:
-                return
+        for chunk in self.imu.drain():
             update = self.pipeline.push(chunk.t_s, chunk.acc_g, chunk.gyro_dps)
             walking = [w.data for w in update.windows if w.gait.walking and not w.clipped]
             self.windows += len(update.windows)

@@ -109,7 +109,8 @@ class WfdbWriter:
         self.label("", None)
         self.flush()
         self._dat.close()
-        with open(self.dir / f"{self.record}.labels.csv", "w", newline="") as f:
+        fd = os.open(self.dir / f"{self.record}.labels.csv", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", newline="") as f:  # labels are personal data like the samples
             w = csv.writer(f)
             w.writerow(["start_sample", "end_sample", "kind", "value"])
             w.writerows(self._labels)

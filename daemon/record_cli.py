@@ -1,7 +1,11 @@
-"""``biod record``: raw ECG from the configured source to WFDB, with labels, on the hub.
+"""``biod record``: the raw ECG and IMU streams to WFDB, with labels, on the hub.
 
-For a household's own fine-tuning data. The samples are stored exactly (format 24 with the
-box's µV/LSB as gain), nothing leaves the hub, and the files are private (0600 in a 0700 folder).
+For a household's own fine-tuning data (``python -m training.finetune_imu --data DIR`` reads
+the IMU records back). The samples are stored as the devices deliver them: the ECG exactly
+(format 24 with the box's µV/LSB as gain), the IMU at the sensor's own resolution (format 16,
+32768 counts per configured full scale, i.e. the BMI160's LSB at its range). Nothing leaves the
+hub and the files are private (0600 in a 0700 folder). One record per stream, ``ecg_<time>``
+and ``imu_<time>``; ``--label`` labels the whole recording (``.labels.csv`` and the header).
 """
 from __future__ import annotations
 
@@ -12,51 +16,109 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.sources.factory import open_ecg_source
+import numpy as np
+
 from daemon.config import BiodConfig
 from daemon.record import WfdbSignal, WfdbWriter
+from daemon.sources.factory import open_ecg_source
 from firmware_protocol.ecg_serial import LEAD_NAMES
+
+IMU_SIGNALS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
+
+
+class _Stream:
+    """One recorded stream: its writer (made on the first chunk, when the rate is known)."""
+
+    def __init__(self, out: Path, kind: str, stamp: str, comments: list[str], label: str | None) -> None:
+        self.out, self.kind, self.stamp, self.comments, self.label = out, kind, stamp, comments, label
+        self.writer: WfdbWriter | None = None
+        self.seconds = 0.0
+        self._flushed_s = 0
+
+    def write(self, fs: float, signals: list[WfdbSignal], values: np.ndarray) -> None:
+        if self.writer is None:
+            self.writer = WfdbWriter(self.out, f"{self.kind}_{self.stamp}", fs, signals, self.comments)
+            if self.label:
+                self.writer.label("activity", self.label)
+        self.writer.write_physical(values)
+        self.seconds += len(values) / fs
+        if int(self.seconds) > self._flushed_s:  # a power cut loses at most a second
+            self._flushed_s = int(self.seconds)
+            self.writer.flush()
+
+    def note(self, text: str) -> None:
+        if self.writer is not None:
+            self.writer.comments.append(text)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None) -> int:
-    chunks: queue.Queue = queue.Queue(maxsize=10000)
-    source, emulator = open_ecg_source(cfg, chunks.put)
+    stamp = f"{dt.datetime.now():%Y%m%d_%H%M%S}"
+    common = [f"person {person}"] if person else []
+    ecg_q: queue.Queue = queue.Queue(maxsize=10000)
+    source = emulator = thread = None
     stop = threading.Event()
-    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
-    thread.start()
-    writer: WfdbWriter | None = None
-    recorded = 0.0
-    deadline = time.monotonic() + seconds + 30  # allow the device 30 s to appear
+    if cfg.ecg.enabled:
+        source, emulator = open_ecg_source(cfg, ecg_q.put)
+        thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+        thread.start()
+    imu = None
+    if cfg.imu.enabled:
+        from daemon.sources.imu_thread import ImuThread
+
+        imu = ImuThread(cfg.imu)
+        imu.start()
+    if source is None and imu is None:
+        print("biod record: neither ecg nor imu is enabled in the config: nothing to record", file=sys.stderr)
+        return 2
+    ecg = _Stream(out, "ecg", stamp, [], label)
+    imu_rec = _Stream(out, "imu", stamp, common + [f"placement {cfg.imu.placement}"], label)
+    acc_gain, gyro_gain = 32768.0 / cfg.imu.acc_range_g, 32768.0 / cfg.imu.gyro_range_dps
+    imu_sigs = [WfdbSignal(n, "g" if n.startswith("acc") else "deg/s", acc_gain if n.startswith("acc") else gyro_gain)
+                for n in IMU_SIGNALS]
+    deadline = time.monotonic() + seconds + 30  # allow the devices 30 s to appear
     try:
-        while recorded < seconds and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if (source is None or ecg.seconds >= seconds) and (imu is None or imu_rec.seconds >= seconds):
+                break
             try:
-                chunk = chunks.get(timeout=0.5)
+                chunk = ecg_q.get(timeout=0.1)
             except queue.Empty:
-                continue
-            if writer is None:
+                chunk = None
+            if chunk is not None and ecg.seconds < seconds:
                 info = source.health.device
+                if ecg.writer is None:
+                    ecg.comments = common + [f"biod record; device {info.model if info else '?'} "
+                                             f"serial {info.serial if info else '?'}"]
                 gain = 1000.0 / info.uv_per_lsb if info else 1000.0
-                name = f"ecg_{dt.datetime.now():%Y%m%d_%H%M%S}"
-                comments = [f"biod record; device {info.model if info else '?'} serial {info.serial if info else '?'}"]
-                if person:
-                    comments.append(f"person {person}")
-                writer = WfdbWriter(out, name, chunk.rate_hz,
-                                    [WfdbSignal(n, "mV", gain, 24) for n in LEAD_NAMES[: chunk.samples_mv.shape[1]]], comments)
-                if label:
-                    writer.label("activity", label)
-            writer.write_physical(chunk.samples_mv)
-            recorded += len(chunk.samples_mv) / chunk.rate_hz
-            if int(recorded) != int(recorded - len(chunk.samples_mv) / chunk.rate_hz):
-                writer.flush()
+                ecg.write(chunk.rate_hz, [WfdbSignal(n, "mV", gain, 24)
+                                          for n in LEAD_NAMES[: chunk.samples_mv.shape[1]]], chunk.samples_mv)
+            for c in imu.drain() if imu is not None else ():
+                if imu_rec.seconds >= seconds:
+                    continue
+                if c.gap and imu_rec.writer is not None:  # WFDB has no gaps: say where one was
+                    imu_rec.note(f"gap before sample {imu_rec.writer.n_samples} (~{c.lost_samples} samples lost)")
+                imu_rec.write(c.odr_hz, imu_sigs, np.concatenate([c.acc_g, c.gyro_dps], axis=1))
     finally:
         stop.set()
-        thread.join(5)
+        if thread is not None:
+            thread.join(5)
+        if imu is not None:
+            imu.stop()
         if emulator is not None:
             emulator.close()
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        print(f"biod record: no ECG arrived ({source.health.last_error or 'no data'})", file=sys.stderr)
-        return 1
-    print(f"recorded {recorded:.1f} s to {writer.hea_path.with_suffix('')} (WFDB)")
-    return 0
+        ecg.close()
+        imu_rec.close()
+    missing = [(name, why) for name, s, why in (
+        ("ECG", ecg if source is not None else None, source.health.last_error if source else None),
+        ("IMU", imu_rec if imu is not None else None, imu.source.health.last_error if imu else None))
+        if s is not None and s.writer is None]
+    for name, why in missing:
+        print(f"biod record: no {name} arrived ({why or 'no data'})", file=sys.stderr)
+    for name, s in (("ECG", ecg), ("IMU", imu_rec)):
+        if s.writer is not None:
+            print(f"recorded {s.seconds:.1f} s of {name} to {s.writer.hea_path.with_suffix('')} (WFDB)")
+    return 1 if missing else 0

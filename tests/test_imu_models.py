@@ -257,3 +257,47 @@ def test_models_are_used_only_at_the_placement_they_were_trained_for() -> None:
     thigh = ImuModelSet.load_dir(MODELS, "thigh")
     assert sorted(thigh.models) == ["activity"] and sorted(thigh.skipped) == ["age", "gender"]
     assert sorted(ImuModelSet.load_dir(MODELS).models) == ["activity", "age", "gender"]  # no placement: all
+
+
+def test_biod_record_to_finetune_on_the_households_own_data(tmp_path):
+    """`biod record` on a hub with a thigh IMU (both emulators, real SisFall/LUDB excerpts) ->
+    WFDB records -> `training.finetune_imu --data` reads them back in SI units and adapts the
+    activity model; a record made at another placement is refused for this model."""
+    import subprocess
+    import sys
+
+    from training.data.imu import load_biod_imu
+
+    cfg = tmp_path / "hub.yaml"
+    body = (f"hub:\n  id: rec\nstate_dir: {tmp_path / 'state'}\n"
+            "ecg:\n  source: emulator\n  emulator:\n    recording: ludb-16\n    speed: 4\n"
+            "imu:\n  enabled: true\n  source: emulator\n  placement: {place}\n  emulator:\n    speed: 4\n")
+    cfg.write_text(body.format(place="thigh"))
+    out = tmp_path / "rec"
+    res = subprocess.run([sys.executable, "-m", "daemon.cli", "record", "--config", str(cfg), "--out", str(out),
+                          "--seconds", "12", "--label", "walking", "--person", "ann"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "of ECG" in res.stdout and "of IMU" in res.stdout
+    (rec,) = load_biod_imu(out)
+    assert rec.subject == "ann" and rec.placement == "thigh" and set(rec.labels.tolist()) == {1}  # walking
+    assert 1195 <= len(rec.si) <= 1210
+    # the stored samples are the emulated board's (SisFall SA01 walking, waist belt), in SI units
+    from firmware_protocol.emulators.imu_recordings import load_imu_recording
+
+    src = load_imu_recording("SA01_D01_walking")
+    acc = rec.si[:, :3]
+    assert abs(np.linalg.norm(acc, axis=1).mean() - np.linalg.norm(src.acc_ms2, axis=1).mean()) < 0.3
+    _tf()
+    from training.finetune_imu import finetune
+
+    res = finetune(MODELS / "imu_activity.tflite", out, tmp_path / "tuned", epochs=1)
+    assert res["windows"] >= 10 and res["persons"] == ["ann"]
+    model = load_model(Path(res["model"]))
+    assert model.manifest.training.persons["household"] == ["ann"]
+    cfg.write_text(body.format(place="waist"))
+    other = tmp_path / "waist"
+    subprocess.run([sys.executable, "-m", "daemon.cli", "record", "--config", str(cfg), "--out", str(other),
+                    "--seconds", "4", "--label", "walking"], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    with pytest.raises(ValueError, match="made at the waist.*trained for the thigh"):
+        finetune(MODELS / "imu_activity.tflite", other, tmp_path / "no", epochs=1)

@@ -30,7 +30,8 @@ def test_streamed_record_reads_back_exactly(tmp_path, fmt) -> None:
     np.testing.assert_array_equal(rec.d_signal, np.concatenate(chunks))
     assert "person alice" in rec.comments
     assert any("activity=walking samples 508-541" in c for c in rec.comments)
-    assert stat.S_IMODE((tmp_path / "rec1.dat").stat().st_mode) == 0o600
+    for suffix in (".dat", ".hea", ".labels.csv"):
+        assert stat.S_IMODE((tmp_path / f"rec1{suffix}").stat().st_mode) == 0o600, suffix
     labels = (tmp_path / "rec1.labels.csv").read_text().splitlines()
     assert labels[1:] == ["1,508,activity,rest", "508,541,activity,walking"]
 

@@ -10,8 +10,10 @@ normalisation is kept: the frozen layers were trained on it.
 
 ``--base``: a ``.keras`` model, or a shipped ``.tflite`` whose Keras twin sits in ``float/``
 beside it (``training.train_imu`` writes it). ``--data``: a folder in the HuGaDB format of
-``../shared/data/hugadb`` (``metadata.json`` + ``hugadb.npz``, per-sample activity ids), or a
-folder holding such a ``hugadb/``. ``--compare``: also train the same network from scratch and
+``../shared/data/hugadb`` (``metadata.json`` + ``hugadb.npz``, per-sample activity ids), a
+folder holding such a ``hugadb/``, or the folder ``biod record --label ACTIVITY`` wrote on the hub
+(``imu_*.hea`` WFDB records with ``.labels.csv``; recorded at the model's placement).
+``--compare``: also train the same network from scratch and
 report how much sooner fine-tuning reaches the same macro-F1 (recordings split alternately into
 fine-tune / test so no window of a test recording is trained on).
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.inference.manifest import Normalisation, load_manifest, manifest_path_for
-from training.data.imu import WindowSet, load_hugadb, top_level_index, window_set
+from training.data.imu import WindowSet, load_biod_imu, load_hugadb, top_level_index, window_set
 from training.eval.imu import activity_metrics
 
 FROZEN = ("conv1", "conv2")
@@ -60,9 +62,17 @@ def household_windows(data: Path, manifest, persons: tuple[str, ...] | None = No
     """Windows of the household recordings featurised as the base manifest states, plus the
     index of the recording each window comes from."""
     data = Path(data)
-    folder = data / "hugadb" if (data / "hugadb").is_dir() else data
     sensor = (manifest.inputs[0].placement or "right thigh").split()[1]
-    recs, excluded = load_hugadb(folder, sensor)
+    if any(data.glob("imu_*.hea")):  # what `biod record` wrote on the hub
+        recs, excluded = load_biod_imu(data), []
+        other = sorted({r.placement for r in recs} - {sensor})
+        if other:
+            raise ValueError(f"{data}: records made at the {', '.join(other)}; {manifest.name} is trained for "
+                             f"the {sensor}: fine-tune only with recordings of an IMU worn there")
+        folder = data
+    else:
+        folder = data / "hugadb" if (data / "hugadb").is_dir() else data
+        recs, excluded = load_hugadb(folder, sensor)
     if persons:
         recs = [r for r in recs if r.subject in persons]
     if excluded:

@@ -227,6 +227,63 @@ def load_hugadb(data_dir: Path, sensor: str = "thigh") -> tuple[list[ImuRecord],
     return records, excluded
 
 
+#: ``biod record --label`` names of the activities the activity model knows -> HuGaDB ids
+BIOD_LABELS: dict[str, int] = {**{f: k for k, (f, _) in HUGADB_CLASSES.items() if f is not None},
+                               "bicycling": 9, "sitting_in_car": 12}
+_IMU_SIGNALS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
+
+
+def load_biod_imu(folder: Path) -> list[ImuRecord]:
+    """The IMU records ``biod record`` wrote to ``folder`` (WFDB format 16, ``imu_*.hea``), at
+    100 Hz in SI units, with per-sample activity ids from their ``.labels.csv``.
+
+    A household's own data for ``training.finetune_imu``: the same conversion and resampler as
+    everything else here. Labels must be activity names the model knows (``BIOD_LABELS``);
+    unlabelled samples are kept out of training windows (id 0).
+    """
+    import csv
+
+    folder = Path(folder)
+    heads = sorted(folder.glob("imu_*.hea"))
+    if not heads:
+        raise DataError(f"{folder}: no imu_*.hea records (write them with `biod record` on a hub with an IMU)")
+    out = []
+    for hea in heads:
+        lines = hea.read_text().splitlines()
+        head = lines[0].split()
+        nsig, fs, n = int(head[1]), float(head[2]), int(head[3])
+        sig = [line.split() for line in lines[1:1 + nsig]]
+        names = tuple(f[-1] for f in sig)
+        if names != _IMU_SIGNALS or any(f[1] != "16" for f in sig):
+            raise DataError(f"{hea}: expected signals {_IMU_SIGNALS} in format 16, got {names}")
+        gains = np.array([float(f[2].split("/", 1)[0]) for f in sig])
+        units = [f[2].split("/", 1)[1] for f in sig]
+        if units != ["g"] * 3 + ["deg/s"] * 3:
+            raise DataError(f"{hea}: units {units}, expected g and deg/s")
+        raw = np.fromfile(hea.with_suffix(".dat"), dtype="<i2")
+        if raw.size < n * 6:
+            raise DataError(f"{hea}: {hea.with_suffix('.dat').name} holds {raw.size // 6} samples, "
+                            f"the header says {n}: copy the record whole")
+        phys = raw[: n * 6].reshape(n, 6) / gains
+        comments = dict(c[2:].split(" ", 1) for c in lines[1 + nsig:] if c.startswith("# ") and " " in c[2:])
+        labels = np.zeros(n, np.int64)
+        label_file = hea.with_name(hea.stem + ".labels.csv")
+        if label_file.exists():
+            with open(label_file, newline="") as f:
+                for row in csv.DictReader(f):
+                    if row["kind"] != "activity":
+                        continue
+                    if row["value"] not in BIOD_LABELS:
+                        raise DataError(f"{label_file}: activity {row['value']!r} is not one the model knows; "
+                                        f"use one of {', '.join(sorted(BIOD_LABELS))}")
+                    labels[int(row["start_sample"]):int(row["end_sample"])] = BIOD_LABELS[row["value"]]
+        si, src = _to_model_rate(to_si(phys[:, :3], phys[:, 3:]), fs)
+        placement = comments.get("placement", "unknown")
+        out.append(ImuRecord("biod", hea.stem, comments.get("person", "household"), "biod_record", si,
+                             labels[src], float("nan"), "?", placement))
+    return out
+
+
 def sliding_windows(x: np.ndarray, length: int, hop: int) -> np.ndarray:
     """(n, c) -> (m, length, c) view of windows starting every ``hop`` samples."""
     if x.shape[0] < length:

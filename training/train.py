@@ -1,8 +1,8 @@
 """``python -m training.train --data DIR --out daemon/models``: retrain every shipped model.
 
 Runs the ECG dual-task model (training/train_ecg.py), the beat-morphology model fused with it
-(training/train_beats.py) and the IMU models
-(training/train_imu.py), each exporting int8 ``.tflite`` + manifest (and a float twin under
+(training/train_beats.py), the never-enrolled impostor set (training/impostors.py), the IMU models
+(training/train_imu.py) and the gait identity projections (training/train_gait.py), each exporting int8 ``.tflite`` + manifest (and a float twin under
 ``float/``), printing progress with elapsed time. Sized to finish within ~30 min on 2 CPU cores.
 """
 from __future__ import annotations
@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         from training.train_imu import train_imu
         say("IMU models: start")
         summary["imu"] = train_imu(args.data, args.out, say)
-        say("IMU models: done")
+        from training.train_gait import train as train_gait
+
+        say("gait identity models: start")
+        summary["gait"] = train_gait(Path(args.data), Path(args.out))
+        say("IMU models: done (and the gait identity models)")
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -188,6 +188,12 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print) -> dict:
     for p in (p8, pf):
         update_manifest(p, thresholds={"fusion_weight_cnn": FUSION_WEIGHT_CNN,
                                        "identity_cosine": float(threshold)})
+    # what the daemon serves is the fusion: its held-out numbers belong in this manifest
+    from training.eval.models import evaluate_ecg, manifest_metrics
+
+    _, fused = manifest_metrics(evaluate_ecg(Path(data_dir), out_dir, figures=None, progress=progress))
+    for p in (p8, pf):
+        update_manifest(p, metrics=fused or {})
     progress(f"beats: exported {p8} ({p8.stat().st_size} bytes) and {pf}; fused threshold "
              f"{threshold:.3f} ({time.time() - t0:.0f} s)")
     return {"int8": str(p8), "float": str(pf), "threshold": float(threshold),

@@ -346,7 +346,7 @@ def train_ecg(data_dir: Path, out_dir: Path, progress: Progress = print,
     """Train on the fixed training persons, export int8 + float, evaluate held-out persons,
     write the metrics into the manifest. Returns a summary dict."""
     from training.eval.identity import choose_threshold
-    from training.eval.models import evaluate_ecg
+    from training.eval.models import evaluate_ecg, manifest_metrics
     from training.export import update_manifest
 
     cfg = cfg or TrainConfig()
@@ -359,7 +359,7 @@ def train_ecg(data_dir: Path, out_dir: Path, progress: Progress = print,
     p8, pf = export_models(model, data, threshold, cfg, Path(out_dir))
     progress(f"ecg: exported {p8} ({p8.stat().st_size} bytes) and {pf}")
     res = evaluate_ecg(Path(data_dir), Path(out_dir), figures=None, progress=progress)
-    metrics = {k: {m: float(v) for m, v in res[k].items()} for k in ("float", "int8") if k in res}
+    metrics, _ = manifest_metrics(res)  # the CNN's own numbers, whatever beat model lies beside it
     update_manifest(p8, metrics=metrics)
     update_manifest(pf, metrics=metrics)
     return {"model": str(p8), "float_model": str(pf), "threshold": threshold,

@@ -200,6 +200,25 @@ def _baseline(fit_dir: Path, seen: set[str], ws: WindowSet, kw: dict, progress) 
         "fit_persons": float(base.persons)}
 
 
+def manifest_metrics(res: dict) -> tuple[dict, dict | None]:
+    """(metrics of the CNN alone, metrics of the fused embedding or None) per kind, from an
+    ``evaluate_ecg`` result, for the manifests: ``ecg_dualtask`` carries the CNN's own numbers,
+    ``ecg_beats`` those of the fusion the daemon serves."""
+    cnn: dict = {}
+    fused: dict = {}
+    for kind in ("float", "int8"):
+        if kind not in res:
+            continue
+        m = {k: float(v) for k, v in res[kind].items()}
+        own = {k.removeprefix("cnn_only_"): v for k, v in m.items() if k.startswith("cnn_only_")}
+        if own:  # evaluated fused: the CNN-alone keys are the CNN's numbers
+            fused[kind] = {k: v for k, v in m.items() if not k.startswith("cnn_only_")}
+            cnn[kind] = {**{k: v for k, v in m.items() if k.startswith("activity") or k == "ms_per_window_1core"}, **own}
+        else:
+            cnn[kind] = m
+    return cnn, (fused or None)
+
+
 def _lead_i_only(r: EcgRecord) -> EcgRecord:
     if r.dataset != "ludb":
         return r

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.dsp.ecg_pipeline import EcgUpdate, EcgWindow
+from daemon.dsp.imu import MOTION_CLASSES, motion_activity
 from daemon.dsp.imu_pipeline import ImuUpdate, ImuWindow
 from daemon.events import Observation
 from daemon.identity.engine import IdentityEngine, IdentityState
@@ -243,6 +244,13 @@ class Biometrics:
             if out is not None:
                 key = "activity" if "activity" in out else next(iter(out))
                 self._imu_activity = ActivityEstimate(np.asarray(out[key]), self.imu_models.labels("activity", key))
+                self._imu_at = now
+            elif (label := motion_activity(window.data[:, :3], window.gait)) is not None:
+                # no activity model for this placement: the movement rule, held at 0.7 so that
+                # a confident ECG can still outvote it in the sum rule
+                probs = np.full(len(MOTION_CLASSES), 0.15)
+                probs[MOTION_CLASSES.index(label)] = 0.7
+                self._imu_activity = ActivityEstimate(probs, MOTION_CLASSES)
                 self._imu_at = now
             gait: dict[str, object] = {"walking": bool(window.gait.walking), "cadence_spm": window.gait.cadence_spm}
             for task in ("age", "gender"):

@@ -223,6 +223,26 @@ def test_on_imu_feeds_gait_evidence_and_the_enrolment_sink(model, walking):
     assert bio.identity.wearer is None  # IMU evidence alone changes no identity
 
 
+def test_a_waist_imu_gets_activity_from_motion_not_from_the_thigh_model(model, walking):
+    """The shipped activity model is a thigh model; at the waist it is not loaded, and the
+    movement rule (daemon.dsp.imu.motion_activity) gives the IMU's activity instead."""
+    from daemon.dsp.imu import motion_activity
+
+    engine = IdentityEngine({}, IdentityConfig(), model=ECG)
+    waist = ImuModelSet.load_dir(MODELS_DIR, "waist")
+    assert "activity" not in waist.models
+    bio = Biometrics(None, engine, waist)
+    bio.on_imu(ImuUpdate(tuple(walking["SA01"]), 0), now=100.0)
+    assert bio.fused_activity(100.0).label == "walking"  # real SisFall walking at the waist
+    still = walking["SA01"][0]
+    g = np.zeros_like(still.data[:, :3])
+    g[:, 2] = 9.81
+    assert motion_activity(g + 0.01 * np.random.default_rng(0).standard_normal(g.shape), still.gait.__class__(False, None, 0.0)) == "rest"
+    jog = g.copy()
+    jog[:, 2] += 9.0 * np.sin(np.linspace(0, 2 * np.pi * 5.6, len(jog)))  # 2.8 Hz bounce, std ~6.4 m/s²
+    assert motion_activity(jog, still.gait) == "vigorous"
+
+
 # -------------------------------------------------------------------------------------- calibrate
 @pytest.mark.timeout(300)
 def test_calibrate_walking_phase_stores_a_gait_template(tmp_path):

@@ -225,6 +225,10 @@ def test_evaluate_imu_only_unseen_persons(tmp_path):
         assert {"int8", "float"} <= set(res[task])
     assert 0 <= res["activity"]["int8"]["top_macro_f1"] <= 100
     assert (tmp_path / "imu_activity_confusion.png").stat().st_size > 5000
+    motion = res["activity_from_motion"]  # the rule a waist IMU uses, on the same unseen persons
+    assert set(motion["sisfall_persons"]) == {"SA03", "SA10", "SE07"} and motion["windows"] > 50
+    assert motion["motion_rule_on_waist_accuracy"] > motion["thigh_model_on_waist_accuracy"] + 30
+    assert motion["per_class"]["rest"]["recall"] > 90
 
 
 def test_finetune_head_only(tmp_path):

@@ -307,3 +307,31 @@ def detect_gait(acc: np.ndarray, fs: float, stride_lags_s: tuple[float, float] =
     walking = std >= min_std_ms2 and periodicity >= min_periodicity
     cadence = 120.0 * fs / float(lags[j]) if walking else None
     return GaitState(bool(walking), cadence, periodicity)
+
+
+# ------------------------------------------------------------------------------ activity from motion
+#: std of |acc| (m/s², one 2 s window) from which movement is vigorous (jogging, running). Chosen
+#: on the SisFall training persons' waist trials: walking quickly reaches 4.3 at its 90th
+#: percentile, slow jogging starts at 5.5 (10th percentile); `python -m training.eval.imu` scores
+#: the rule on the held-out persons.
+VIGOROUS_ACC_STD_MS2 = 5.0
+#: below this nobody walks (``detect_gait``'s own energy floor; HuGaDB sitting/standing: 99 % < 0.38)
+REST_ACC_STD_MS2 = 0.6
+MOTION_CLASSES = ("rest", "walking", "vigorous")
+
+
+def motion_activity(acc_ms2: np.ndarray, gait: GaitState) -> str | None:
+    """Top-level activity from movement alone, for an IMU worn where no activity model was
+    trained (the shipped one is a thigh model: on SisFall's waist walking and jogging windows it
+    is right on 21 %, calling 89 % of the walking windows 'rest'). Vigorous = strong movement, walking = the gait
+    detector's periodic gait, rest = stillness; anything else (a transition, fidgeting) is None,
+    and the ECG alone speaks for that window."""
+    a = np.asarray(acc_ms2, dtype=np.float32)
+    std = float(np.linalg.norm(a, axis=1).std())
+    if std >= VIGOROUS_ACC_STD_MS2:
+        return "vigorous"
+    if gait.walking:
+        return "walking"
+    if std < REST_ACC_STD_MS2:
+        return "rest"
+    return None

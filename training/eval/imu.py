@@ -167,7 +167,73 @@ def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = DEFAUL
         if task == "activity" and figures is not None:
             entry["confusion_png"] = str(_confusion_figure(ws, outs["int8"], Path(figures)))
         res[task] = entry
+    res["activity_from_motion"] = evaluate_motion_rule(data_dir, models_dir)
     return res
+
+
+def _pipeline_windows(rec) -> list:
+    """The daemon's ImuPipeline windows of one record (what the hub computes, gait included)."""
+    from daemon.dsp.imu_pipeline import ImuPipeline
+
+    t = np.arange(len(rec.si)) / 100.0
+    return list(ImuPipeline().push(t, rec.si[:, :3] / 9.80665, np.degrees(rec.si[:, 3:])).windows)
+
+
+def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
+    """``daemon.dsp.imu.motion_activity`` (activity for an IMU worn where no activity model was
+    trained) on persons its thresholds were not chosen on: SisFall waist walking (D01, D02) and
+    jogging (D03, D04) trials of the persons the waist models did not train on, and, as the
+    stillness proxy (SisFall has no long rest trials), HuGaDB sitting/standing windows of the
+    persons the activity model did not train on. Also the thigh activity model on the same
+    waist windows, which is what a waist-worn IMU got before the placement check."""
+    from daemon.dsp.imu import MOTION_CLASSES, motion_activity
+
+    data_dir, models_dir = Path(data_dir), Path(models_dir)
+    age = load_model(models_dir / "imu_age.tflite").manifest
+    seen = set(age.training.persons.get("sisfall", []))
+    from daemon.dsp.imu import acf_features
+
+    act_model = load_model(models_dir / "imu_activity.tflite")
+    act = act_model.manifest
+    spec = act.inputs[0]
+    params = spec.features.params
+    truth, pred, thigh_model, persons = [], [], [], set()
+    for r in load_sisfall(data_dir / "sisfall", ("D01", "D02", "D03", "D04")):
+        if r.subject in seen:
+            continue
+        persons.add(r.subject)
+        for w in _pipeline_windows(r):
+            truth.append(2 if r.code in ("D03", "D04") else 1)
+            pred.append(motion_activity(w.data[:, :3], w.gait))
+            x = acf_features(w.data, max_lag=int(params["max_lag"]), variant=str(params["variant"]))
+            out = act_model.run(**{spec.name: x.reshape((1, *spec.shape)).astype(np.float32)})
+            thigh_model.append(int(np.argmax(out["top_level"][0])))
+    waist = np.array(truth)
+    thigh_acc = 100.0 * float(np.mean(np.array(thigh_model) == waist))
+    hseen = set(act.training.persons.get("hugadb", []))
+    recs, _ = load_hugadb(data_dir / "hugadb", "thigh")
+    for r in (r for r in recs if r.subject not in hseen):
+        for w in _pipeline_windows(r):
+            e = int(round(w.t_end_s * 100))
+            lab = r.labels[max(0, e - len(w.data) + 1):e + 1]
+            if len(lab) and (lab == lab[0]).all() and lab[0] in (5, 8):  # sitting, standing
+                truth.append(0)
+                pred.append(motion_activity(w.data[:, :3], w.gait))
+    y = np.array(truth)
+    decided = np.array([p is not None for p in pred])
+    p = np.array([MOTION_CLASSES.index(q) if q is not None else -1 for q in pred])
+    f1s, per_class = [], {}
+    for c, name in enumerate(MOTION_CLASSES):
+        tp = np.sum((p == c) & (y == c))
+        prec, rec = tp / max(np.sum(p == c), 1), tp / max(np.sum(y == c), 1)
+        f1s.append(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
+        per_class[name] = {"windows": int(np.sum(y == c)), "recall": 100.0 * float(rec)}
+    return {"windows": int(len(y)), "decided_pct": 100.0 * float(decided.mean()),
+            "accuracy": 100.0 * float(np.mean(p == y)), "macro_f1": 100.0 * float(np.mean(f1s)),
+            "per_class": per_class, "sisfall_persons": sorted(persons),
+            "thigh_model_on_waist_accuracy": thigh_acc,
+            "motion_rule_on_waist_accuracy": 100.0 * float(np.mean(p[: len(waist)] == waist)),
+            "note": "walking/vigorous: SisFall waist D01-D04; rest: HuGaDB thigh sitting/standing (proxy)"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,8 +72,15 @@ async def _run_until_signal(cfg) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int, frame: object) -> None:
+        # A Python-level handler, not loop.add_signal_handler: asyncio's own handler only
+        # writes the signal number into the loop's self-pipe and the signal is lost when that
+        # pipe is full (a loop far behind); this one runs in the main thread regardless.
+        loop.call_soon_threadsafe(stop.set)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        signal.signal(sig, on_signal)
     return await BiodApp(cfg).run(stop)
 
 

@@ -56,3 +56,37 @@ def test_ble_drop_and_serial_unplug_resume_by_themselves(tmp_path, mosquitto, ca
     last = stats[-1]
     assert last["imu"]["reconnects"] >= 1 and last["ecg"]["reconnects"] >= 1
     assert [p for t, p, _ in capture.messages if t == "biod/rec/availability"][-1] == "stopped"
+
+
+def test_thread_handoff_delivers_everything_in_order_with_few_wakeups() -> None:
+    """Source thread -> loop: every chunk, in order, and one self-pipe write per burst (one per
+    frame filled the pipe when the loop fell behind, and a SIGTERM sharing it was lost)."""
+    import asyncio
+    import threading
+
+    from daemon.app import ThreadHandoff
+
+    got: list[int] = []
+    wakeups = 0
+
+    async def main() -> None:
+        nonlocal wakeups
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(*args):
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        handoff = ThreadHandoff(loop, got.append)
+        t = threading.Thread(target=lambda: [handoff.put(i) for i in range(20000)])
+        t.start()
+        await asyncio.to_thread(t.join)
+        while len(got) < 20000:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert got == list(range(20000))
+    assert wakeups < 2000, wakeups  # bursts coalesce (one per call was 20000)

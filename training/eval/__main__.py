@@ -15,6 +15,7 @@ COMMANDS = {
     "latency": ("training.eval.latency", "daemon: first clean beat -> identity event, CPU, memory"),
     "gait_identity": ("training.eval.gait_identity", "gait identity, open set, held-out persons, cross-trial"),
     "household": ("training.eval.household", "the identity engine on unseen persons: enrol, stream, strangers"),
+    "soak": ("training.eval.soak", "daemon memory and CPU over hours of signal replayed fast"),
 }
 
 

@@ -5,7 +5,7 @@ ablation of loss balancing (fixed 0.65/0.35 vs DT4ECG Algorithm 1 vs Chen et al.
 ``python -m training.train_ecg --ablation --data DIR`` and writes its table into docs/MODELS.md.
 
 Budget: the shipped model trains in a few minutes on 2 CPU cores (TF limited to 2 threads) —
-small windows (3 s at 100 Hz), a ~110 k parameter network, a fixed number of steps.
+small windows (3 s at 100 Hz), a ~82 k parameter network (widths 16/32/48/56), a fixed number of steps.
 """
 from __future__ import annotations
 

@@ -108,8 +108,8 @@ class ScoreNorm:
 class FusionConfig:
     ecg_activity_weight: float = 0.4     # the IMU sees movement directly; ECG infers it from HR/morphology
     imu_activity_weight: float = 0.6
-    # Identity: gait is weak (waist, held-out cross-trial EER 22.7 % vs ECG ~8 %, docs/identity.md):
-    # the d'-proportional weight would be 0.35; halved to 0.15 because the gait numbers come
+    # Identity: gait is weak (waist, held-out cross-trial EER 22.7 % vs the served ECG's cross-date
+    # 9.6-10.4 %, docs/identity.md): the d'-proportional weight would be 0.37; 0.15 because the gait numbers come
     # from 5 held-out persons and a cross-speed protocol only, and no paired ECG+gait data exists.
     ecg_identity_weight: float = 0.85
     gait_identity_weight: float = 0.15

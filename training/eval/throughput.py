@@ -344,7 +344,7 @@ def write_markdown(path: Path, result: dict) -> None:
         "What is measured: the **ECG path** is `daemon.dsp.ecg_pipeline.EcgPipeline` — high-pass + mains notch, "
         "multi-lead R-peak detection, resampling 500 → 100 Hz, 3 s windows every 1 s with beat-centred groups, "
         "quality (flat, clipping, lead-off, mains, HF noise, template correlation, RR), heart rate and HRV — on 3 leads "
-        "at 500 Hz, pushed in 50 ms frames (a serial box's frame rate), in the 200 ms batches the daemon actually "
+        "at 500 Hz, pushed in 50 ms frames (small pushes; the serial box itself sends 20 ms frames, which the daemon gathers), in the 200 ms batches the daemon actually "
         "pushes, in 10 s chunks and whole. **neurokit2** `ecg_process` (clean + peaks + rate + delineation + quality) "
         "and `ecg_peaks` run in batch on lead II only (a third of the samples). The **IMU path** is "
         "`daemon.dsp.imu_pipeline.ImuPipeline` (SI units, resampling of jittered timestamps to 100 Hz, 2 s windows, "

@@ -85,8 +85,9 @@ class BeatMorphModel:
             raise ModelError(f"beat windows have {morph.shape[1]} samples, the beat model expects "
                              f"{self.length}: build the pipeline with this model's pipeline_kwargs()")
         feats = beat_features(morph[:, :, : self.n_leads])
-        per_lead = np.stack([self.model.run(**{self.input_name: f[None]})["embedding"][0]
-                             for f in feats])                       # (k, n_leads, K)
+        # all of the window's beats in one invoke: the same numbers as one call per beat, at
+        # about half the cost (the per-call overhead of the interpreter dominates a 15 KB model)
+        per_lead = np.asarray(self.model.run(**{self.input_name: feats})["embedding"])  # (k, n_leads, K)
         lead_vec = _unit(_unit(per_lead).mean(axis=0))              # (n_leads, K)
         lead_vec[~mask] = 0.0
         return _unit(lead_vec.reshape(-1))

@@ -88,7 +88,7 @@ def load_imu_models(cfg: BiodConfig) -> ImuModelSet | None:
         return None
     for why in models.skipped.values():  # a consequence of the placement chosen, not a fault
         log.info("imu: %s: not used", why)
-    return models if models.models else None
+    return models  # even with no model for this placement: walking, cadence, activity from motion
 
 
 def open_store(cfg: BiodConfig) -> TemplateStore:

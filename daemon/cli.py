@@ -77,11 +77,15 @@ async def _run_until_signal(cfg) -> int:
         # A Python-level handler, not loop.add_signal_handler: asyncio's own handler only
         # writes the signal number into the loop's self-pipe and the signal is lost when that
         # pipe is full (a loop far behind); this one runs in the main thread regardless.
-        loop.call_soon_threadsafe(stop.set)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    return await BiodApp(cfg).run(stop)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return await BiodApp(cfg).run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -101,19 +101,33 @@ class WfdbWriter:
             self._open_label = (self.n_samples, kind, value)
 
     def flush(self) -> None:
+        """Samples, header and labels on disk: a recording killed after this keeps its labels
+        (the open label counts up to the current sample)."""
         self._dat.flush()
         os.fsync(self._dat.fileno())
         self._write_header()
+        self._write_labels()
 
     def close(self) -> None:
         self.label("", None)
         self.flush()
         self._dat.close()
-        fd = os.open(self.dir / f"{self.record}.labels.csv", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def _write_labels(self) -> None:
+        rows = list(self._labels)
+        if self._open_label is not None and self.n_samples > self._open_label[0]:
+            start, kind, value = self._open_label
+            rows.append((start, self.n_samples, kind, value))
+        path = self.dir / f"{self.record}.labels.csv"
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", newline="") as f:  # labels are personal data like the samples
             w = csv.writer(f)
             w.writerow(["start_sample", "end_sample", "kind", "value"])
-            w.writerows(self._labels)
+            w.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def __enter__(self) -> "WfdbWriter":
         return self

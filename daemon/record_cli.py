@@ -2,15 +2,18 @@
 
 For a household's own fine-tuning data (``python -m training.finetune_imu --data DIR`` reads
 the IMU records back). The samples are stored as the devices deliver them: the ECG exactly
-(format 24 with the box's µV/LSB as gain), the IMU at the sensor's own resolution (format 16,
-32768 counts per configured full scale, i.e. the BMI160's LSB at its range). Nothing leaves the
+(format 24 with the box's µV/LSB as gain), the IMU in format 16 at 32768 counts per configured
+full scale (within 0.2 % of the BMI160's own LSB at its range: nothing measurable is lost). Nothing leaves the
 hub and the files are private (0600 in a 0700 folder). One record per stream, ``ecg_<time>``
-and ``imu_<time>``; ``--label`` labels the whole recording (``.labels.csv`` and the header).
+and ``imu_<time>``; ``--label`` (one of ``daemon.dsp.imu.RECORD_LABELS``, checked before
+anything is recorded) labels the whole recording (``.labels.csv`` and the header, written on
+every flush). SIGTERM/SIGHUP (a closed ssh session) end the recording cleanly.
 """
 from __future__ import annotations
 
 import datetime as dt
 import queue
+import signal
 import sys
 import threading
 import time
@@ -32,16 +35,22 @@ class _Stream:
     def __init__(self, out: Path, kind: str, stamp: str, comments: list[str], label: str | None) -> None:
         self.out, self.kind, self.stamp, self.comments, self.label = out, kind, stamp, comments, label
         self.writer: WfdbWriter | None = None
-        self.seconds = 0.0
+        self.samples = 0
+        self.fs = 1.0
         self._flushed_s = 0
+
+    @property
+    def seconds(self) -> float:  # from the sample count: summing 0.02 s steps drifts
+        return self.samples / self.fs
 
     def write(self, fs: float, signals: list[WfdbSignal], values: np.ndarray) -> None:
         if self.writer is None:
             self.writer = WfdbWriter(self.out, f"{self.kind}_{self.stamp}", fs, signals, self.comments)
+            self.fs = fs
             if self.label:
                 self.writer.label("activity", self.label)
         self.writer.write_physical(values)
-        self.seconds += len(values) / fs
+        self.samples += len(values)
         if int(self.seconds) > self._flushed_s:  # a power cut loses at most a second
             self._flushed_s = int(self.seconds)
             self.writer.flush()
@@ -56,6 +65,25 @@ class _Stream:
 
 
 def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None) -> int:
+    from daemon.dsp.imu import RECORD_LABELS
+
+    if label is not None and label not in RECORD_LABELS:
+        print(f"biod record: --label {label!r} is not an activity the models know; use one of "
+              f"{', '.join(RECORD_LABELS)}", file=sys.stderr)
+        return 2
+
+    def ended(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the finally below closes the records, labels included
+
+    previous = {sig: signal.signal(sig, ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _record(cfg, out, seconds, label, person)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None) -> int:
     stamp = f"{dt.datetime.now():%Y%m%d_%H%M%S}"
     common = [f"person {person}"] if person else []
     ecg_q: queue.Queue = queue.Queue(maxsize=10000)
@@ -102,6 +130,8 @@ def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, pe
                 if c.gap and imu_rec.writer is not None:  # WFDB has no gaps: say where one was
                     imu_rec.note(f"gap before sample {imu_rec.writer.n_samples} (~{c.lost_samples} samples lost)")
                 imu_rec.write(c.odr_hz, imu_sigs, np.concatenate([c.acc_g, c.gyro_dps], axis=1))
+    except KeyboardInterrupt:
+        print("biod record: stopped; keeping what was recorded", file=sys.stderr)
     finally:
         stop.set()
         if thread is not None:

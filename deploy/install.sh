@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install biod on Raspberry Pi OS (bookworm) or NVIDIA Jetson (Ubuntu/JetPack) as a systemd service.
 #   sudo deploy/install.sh            # from a checkout of biod
-# Idempotent: re-running upgrades the package and keeps /etc/biod and /var/lib/biod untouched.
+# Idempotent: re-running upgrades the package and keeps the config, the templates and the credentials'
+# contents (it re-applies their owner and mode).
 set -euo pipefail
 [ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root (sudo)" >&2; exit 1; }
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,7 +49,9 @@ cat > /usr/local/bin/biod <<'WRAPPER'
 #!/bin/sh
 # Installed by biod's deploy/install.sh: the biod CLI as the service user, with its config.
 [ "$(id -u)" -eq 0 ] || { echo "biod: run with sudo (it acts as the biod service user)" >&2; exit 1; }
-exec runuser -u biod -- env BIOD_CONFIG=/etc/biod/biod.yaml CREDENTIALS_DIRECTORY=/etc/biod/credentials \
+umask 077
+cd /var/lib/biod
+exec /usr/sbin/runuser -u biod -- env BIOD_CONFIG=/etc/biod/biod.yaml CREDENTIALS_DIRECTORY=/etc/biod/credentials \
     /opt/biod/venv/bin/biod "$@"
 WRAPPER
 chmod 0755 /usr/local/bin/biod

@@ -234,6 +234,15 @@ def test_a_waist_imu_gets_activity_from_motion_not_from_the_thigh_model(model, w
     bio = Biometrics(None, engine, waist)
     bio.on_imu(ImuUpdate(tuple(walking["SA01"]), 0), now=100.0)
     assert bio.fused_activity(100.0).label == "walking"  # real SisFall walking at the waist
+    # no model at all for a shin or wrist IMU: the daemon still runs the IMU path (gait, motion)
+    from daemon.app import load_imu_models
+    from daemon.config import parse_config
+
+    shin = load_imu_models(parse_config("imu:\n  enabled: true\n  source: emulator\n  placement: shin\n"))
+    assert shin is not None and not shin.models
+    bio = Biometrics(None, engine, shin)
+    bio.on_imu(ImuUpdate(tuple(walking["SA01"]), 0), now=100.0)
+    assert bio.fused_activity(100.0).label == "walking" and bio.gait["walking"] is True
     still = walking["SA01"][0]
     g = np.zeros_like(still.data[:, :3])
     g[:, 2] = 9.81

@@ -63,3 +63,52 @@ def test_bad_arguments_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"expected \(n, 1\)"):
         w.write_digital(np.zeros((3, 2)))
     w.close()
+
+
+def test_labels_are_on_disk_after_every_flush(tmp_path) -> None:
+    """A recording killed between flushes keeps its label up to the last flushed sample."""
+    w = WfdbWriter(tmp_path, "killed", 100, [WfdbSignal("ax", "g", 4096.0)])
+    w.label("activity", "walking")
+    w.write_digital(np.zeros((50, 1)))
+    w.flush()
+    assert (tmp_path / "killed.labels.csv").read_text().splitlines()[1:] == ["0,50,activity,walking"]
+    w.close()
+
+
+def test_record_refuses_an_unknown_label_before_recording(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "daemon.cli", "record", "--out", str(tmp_path / "r"),
+                          "--label", "jogging"], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "'jogging' is not an activity" in res.stderr and "running" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_sigterm_ends_a_recording_with_its_files_complete(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(f"hub:\n  id: r\nstate_dir: {tmp_path / 'state'}\n"
+                   "ecg:\n  source: emulator\n  emulator:\n    recording: ludb-16\n    speed: 1\n")
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "record", "--config", str(cfg), "--out",
+                             str(tmp_path / "r"), "--seconds", "60", "--label", "sitting"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((tmp_path / "r").glob("ecg_*.labels.csv")):
+        time.sleep(0.2)  # the first flush (after a second of ECG) writes the labels
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out + err
+    assert "stopped; keeping what was recorded" in err and "of ECG" in out
+    (hea,) = (tmp_path / "r").glob("ecg_*.hea")
+    rec = wfdb.rdrecord(str(hea.with_suffix("")))
+    labels = hea.with_name(hea.stem + ".labels.csv").read_text().splitlines()[1:]
+    assert labels == [f"0,{rec.sig_len},activity,sitting"] and rec.sig_len >= 500

@@ -62,7 +62,9 @@ def household_windows(data: Path, manifest, persons: tuple[str, ...] | None = No
     """Windows of the household recordings featurised as the base manifest states, plus the
     index of the recording each window comes from."""
     data = Path(data)
-    sensor = (manifest.inputs[0].placement or "right thigh").split()[1]
+    from daemon.biometrics import placement_of
+
+    sensor = placement_of(manifest.inputs[0].placement) or "thigh"
     if any(data.glob("imu_*.hea")):  # what `biod record` wrote on the hub
         recs, excluded = load_biod_imu(data), []
         other = sorted({r.placement for r in recs} - {sensor})

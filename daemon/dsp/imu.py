@@ -315,9 +315,14 @@ def detect_gait(acc: np.ndarray, fs: float, stride_lags_s: tuple[float, float] =
 #: percentile, slow jogging starts at 5.5 (10th percentile); `python -m training.eval.imu` scores
 #: the rule on the held-out persons.
 VIGOROUS_ACC_STD_MS2 = 5.0
-#: below this nobody walks (``detect_gait``'s own energy floor; HuGaDB sitting/standing: 99 % < 0.38)
+#: below this nobody walks: ``detect_gait``'s own energy floor, not chosen for this rule (a check
+#: on HuGaDB sitting/standing windows of all its persons: 99 % lie below 0.38)
 REST_ACC_STD_MS2 = 0.6
 MOTION_CLASSES = ("rest", "walking", "vigorous")
+#: the activity names ``biod record --label`` accepts: those the activity model is trained on
+#: (HuGaDB's, ``training.data.imu.BIOD_LABELS`` maps them to its ids)
+RECORD_LABELS = ("walking", "running", "going_up", "going_down", "sitting", "standing",
+                 "up_by_elevator", "down_by_elevator", "bicycling", "sitting_in_car")
 
 
 def motion_activity(acc_ms2: np.ndarray, gait: GaitState) -> str | None:

@@ -487,7 +487,13 @@ class TemplateStore:
         later save would silently drop the other's change. ``flock`` on a side file (the store
         itself is replaced by rename on every save, so it cannot carry the lock)."""
         directory = self._ensure_private_dir()
-        fd = os.open(directory / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock = directory / f".{self.path.name}.lock"
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"{lock}: cannot open the store's lock file ({exc.strerror}): fix: give the "
+                             "template directory and its files to the biod user (run biod commands as "
+                             "`sudo biod ...`, not as root)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.dsp.imu import acf_features_batch, clip_fraction, resample_irregular, to_si
+from daemon.dsp.imu import RECORD_LABELS, acf_features_batch, clip_fraction, resample_irregular, to_si
 
 MODEL_RATE_HZ = 100.0
 WINDOW_S = 2.0
@@ -230,6 +230,7 @@ def load_hugadb(data_dir: Path, sensor: str = "thigh") -> tuple[list[ImuRecord],
 #: ``biod record --label`` names of the activities the activity model knows -> HuGaDB ids
 BIOD_LABELS: dict[str, int] = {**{f: k for k, (f, _) in HUGADB_CLASSES.items() if f is not None},
                                "bicycling": 9, "sitting_in_car": 12}
+assert set(BIOD_LABELS) == set(RECORD_LABELS), "daemon.dsp.imu.RECORD_LABELS and BIOD_LABELS disagree"
 _IMU_SIGNALS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 
 

@@ -92,10 +92,17 @@ def soak(minutes: float, speed: float, tmp: Path, sample_s: float = 5.0, warmup_
         cpu = _proc_cpu_s(daemon.pid) - cpu0
     finally:
         daemon.terminate()
-        daemon.wait(20)
+        try:
+            daemon.wait(20)
+        except subprocess.TimeoutExpired:  # reported below as a failure to stop; never left running
+            daemon.kill()
+            daemon.wait(5)
+            samples.append((samples[-1][0] if samples else 0.0, float("nan")))
         log_file.close()
         box.close()
         broker.terminate()
+    if not samples:
+        raise RuntimeError(f"no RSS sample was taken; see {log_path}")
     log = log_path.read_text().splitlines()
     hours = np.array([h for h, _ in samples])
     rss = np.array([r for _, r in samples])

@@ -112,3 +112,23 @@ def test_sigterm_ends_a_recording_with_its_files_complete(tmp_path) -> None:
     rec = wfdb.rdrecord(str(hea.with_suffix("")))
     labels = hea.with_name(hea.stem + ".labels.csv").read_text().splitlines()[1:]
     assert labels == [f"0,{rec.sig_len},activity,sitting"] and rec.sig_len >= 500
+
+
+def test_training_splits_a_recording_at_the_gaps_it_notes(tmp_path) -> None:
+    """`biod record` notes where the IMU lost samples; the fine-tuning loader never lets a
+    window span one (the samples before and after are not contiguous in time)."""
+    from training.data.imu import load_biod_imu
+
+    sigs = [WfdbSignal(n, "g" if n.startswith("acc") else "deg/s", 4096.0 if n.startswith("acc") else 32.768)
+            for n in ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")]
+    w = WfdbWriter(tmp_path, "imu_1", 100, sigs, ["placement thigh", "person ann"])
+    w.label("activity", "walking")
+    x = np.zeros((300, 6))
+    x[:, 2] = 1.0  # 1 g on z
+    w.write_physical(x)
+    w.comments.append("gap before sample 300 (~40 samples lost)")
+    w.write_physical(x[:200])
+    w.close()
+    a, b = load_biod_imu(tmp_path)
+    assert (len(a.si), len(b.si)) == (300, 200) and a.file == "imu_1#0" and b.subject == "ann"
+    assert np.allclose(a.si[:, 2], 9.80665, atol=0.01) and set(b.labels.tolist()) == {1}

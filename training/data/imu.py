@@ -278,10 +278,17 @@ def load_biod_imu(folder: Path) -> list[ImuRecord]:
                         raise DataError(f"{label_file}: activity {row['value']!r} is not one the model knows; "
                                         f"use one of {', '.join(sorted(BIOD_LABELS))}")
                     labels[int(row["start_sample"]):int(row["end_sample"])] = BIOD_LABELS[row["value"]]
-        si, src = _to_model_rate(to_si(phys[:, :3], phys[:, 3:]), fs)
         placement = comments.get("placement", "unknown")
-        out.append(ImuRecord("biod", hea.stem, comments.get("person", "household"), "biod_record", si,
-                             labels[src], float("nan"), "?", placement))
+        # `biod record` notes where the board lost samples: no window may span such a gap
+        cuts = sorted({int(m.group(1)) for c in lines if (m := re.match(r"# gap before sample (\d+)", c))})
+        bounds = [0] + [c for c in cuts if 0 < c < n] + [n]
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b - a < 2:
+                continue
+            si, src = _to_model_rate(to_si(phys[a:b, :3], phys[a:b, 3:]), fs)
+            name = hea.stem if len(bounds) == 2 else f"{hea.stem}#{k}"
+            out.append(ImuRecord("biod", name, comments.get("person", "household"), "biod_record", si,
+                                 labels[a:b][src], float("nan"), "?", placement))
     return out
 
 

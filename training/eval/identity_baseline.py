@@ -60,23 +60,19 @@ def fit_baseline(ws: WindowSet) -> BeatLdaBaseline:
     from sklearn.decomposition import PCA
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
+    from training.train_beats import distinct_beats
+
     if ws.morph is None:
         raise ValueError("the windows carry no beats: build them with beat_fs set")
-    beats, person, seen = [], [], set()
-    for m, r in zip(ws.morph, ws.rec):
-        rec = ws.records[int(r)]
-        if rec.dataset != "ecgid":
-            continue
-        for b in m:
-            key = (int(r), b.tobytes())
-            if key not in seen:
-                seen.add(key)
-                beats.append(b)
-                person.append(rec.person)
+    if not any(len(m) for m in ws.morph):
+        raise ValueError("the baseline needs ECG-ID training persons to fit on; found 0")
+    beats, rec = distinct_beats(ws)
+    keep = np.array([ws.records[r].dataset == "ecgid" for r in rec], dtype=bool)
+    person = [ws.records[r].person for r in rec[keep]]
     if len(set(person)) < 3:
         raise ValueError(f"the baseline needs ECG-ID training persons to fit on; found "
                          f"{len(set(person))}")
-    x = _lead_i_beats(np.stack(beats))
+    x = _lead_i_beats(beats[keep])
     pca = PCA(min(N_PCA, x.shape[1]), random_state=0).fit(x)
     lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(pca.transform(x), person)
     k = min(len(set(person)) - 1, pca.n_components_)

@@ -173,10 +173,10 @@ def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = DEFAUL
 
 def _pipeline_windows(rec) -> list:
     """The daemon's ImuPipeline windows of one record (what the hub computes, gait included)."""
-    from daemon.dsp.imu_pipeline import ImuPipeline
+    from daemon.dsp.imu_pipeline import imu_windows_from_record
 
     t = np.arange(len(rec.si)) / 100.0
-    return list(ImuPipeline().push(t, rec.si[:, :3] / 9.80665, np.degrees(rec.si[:, 3:])).windows)
+    return imu_windows_from_record(t, rec.si[:, :3] / 9.80665, np.degrees(rec.si[:, 3:]))
 
 
 def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
@@ -186,18 +186,16 @@ def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
     stillness proxy (SisFall has no long rest trials), HuGaDB sitting/standing windows of the
     persons the activity model did not train on. Also the thigh activity model on the same
     waist windows, which is what a waist-worn IMU got before the placement check."""
-    from daemon.dsp.imu import MOTION_CLASSES, motion_activity
+    from daemon.dsp.imu import MOTION_CLASSES, acf_features_batch, motion_activity
 
     data_dir, models_dir = Path(data_dir), Path(models_dir)
     age = load_model(models_dir / "imu_age.tflite").manifest
     seen = set(age.training.persons.get("sisfall", []))
-    from daemon.dsp.imu import acf_features
-
     act_model = load_model(models_dir / "imu_activity.tflite")
     act = act_model.manifest
     spec = act.inputs[0]
     params = spec.features.params
-    truth, pred, thigh_model, persons = [], [], [], set()
+    truth, pred, data, persons = [], [], [], set()
     for r in load_sisfall(data_dir / "sisfall", ("D01", "D02", "D03", "D04")):
         if r.subject in seen:
             continue
@@ -205,11 +203,11 @@ def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
         for w in _pipeline_windows(r):
             truth.append(2 if r.code in ("D03", "D04") else 1)
             pred.append(motion_activity(w.data[:, :3], w.gait))
-            x = acf_features(w.data, max_lag=int(params["max_lag"]), variant=str(params["variant"]))
-            out = act_model.run(**{spec.name: x.reshape((1, *spec.shape)).astype(np.float32)})
-            thigh_model.append(int(np.argmax(out["top_level"][0])))
+            data.append(w.data)
     waist = np.array(truth)
-    thigh_acc = 100.0 * float(np.mean(np.array(thigh_model) == waist))
+    feats = acf_features_batch(np.stack(data), int(params["max_lag"]), str(params["variant"]))
+    thigh_model = run_batches(act_model, feats.reshape((-1, *spec.shape)))["top_level"].argmax(axis=1)
+    thigh_acc = 100.0 * float(np.mean(thigh_model == waist))
     hseen = set(act.training.persons.get("hugadb", []))
     recs, _ = load_hugadb(data_dir / "hugadb", "thigh")
     for r in (r for r in recs if r.subject not in hseen):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,16 +119,11 @@ class WfdbWriter:
         if self._open_label is not None and self.n_samples > self._open_label[0]:
             start, kind, value = self._open_label
             rows.append((start, self.n_samples, kind, value))
-        path = self.dir / f"{self.record}.labels.csv"
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", newline="") as f:  # labels are personal data like the samples
-            w = csv.writer(f)
-            w.writerow(["start_sample", "end_sample", "kind", "value"])
-            w.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(["start_sample", "end_sample", "kind", "value"])
+        w.writerows(rows)
+        _replace_private(self.dir / f"{self.record}.labels.csv", text.getvalue())
 
     def __enter__(self) -> "WfdbWriter":
         return self
@@ -143,10 +139,16 @@ class WfdbWriter:
                          f"{int(self._first[i])} {int(self._checksum[i])} 0 {s.name}")
         lines += [f"# {c}" for c in self.comments]
         lines += [f"# label {k}={v} samples {a}-{b}" for a, b, k, v in self._labels]
-        tmp = self.hea_path.with_suffix(".hea.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.hea_path)
+        _replace_private(self.hea_path, "\n".join(lines) + "\n")
+
+
+def _replace_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file, fsync, rename), mode 0600: a power cut
+    leaves the previous version or this one, and labels and headers are personal data too."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -43,8 +43,11 @@ class _Stream:
     def seconds(self) -> float:  # from the sample count: summing 0.02 s steps drifts
         return self.samples / self.fs
 
-    def write(self, fs: float, signals: list[WfdbSignal], values: np.ndarray) -> None:
+    def write(self, fs: float, signals: list[WfdbSignal] | None, values: np.ndarray) -> None:
+        """Append ``values``; ``signals`` (and ``comments``) only matter for the first chunk,
+        which creates the record."""
         if self.writer is None:
+            assert signals is not None
             self.writer = WfdbWriter(self.out, f"{self.kind}_{self.stamp}", fs, signals, self.comments)
             self.fs = fs
             if self.label:
@@ -117,13 +120,14 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
             except queue.Empty:
                 chunk = None
             if chunk is not None and ecg.seconds < seconds:
-                info = source.health.device
-                if ecg.writer is None:
+                ecg_sigs = None
+                if ecg.writer is None:  # the box's identity and gain, once
+                    info = source.health.device
                     ecg.comments = common + [f"biod record; device {info.model if info else '?'} "
                                              f"serial {info.serial if info else '?'}"]
-                gain = 1000.0 / info.uv_per_lsb if info else 1000.0
-                ecg.write(chunk.rate_hz, [WfdbSignal(n, "mV", gain, 24)
-                                          for n in LEAD_NAMES[: chunk.samples_mv.shape[1]]], chunk.samples_mv)
+                    gain = 1000.0 / info.uv_per_lsb if info else 1000.0
+                    ecg_sigs = [WfdbSignal(n, "mV", gain, 24) for n in LEAD_NAMES[: chunk.samples_mv.shape[1]]]
+                ecg.write(chunk.rate_hz, ecg_sigs, chunk.samples_mv)
             for c in imu.drain() if imu is not None else ():
                 if imu_rec.seconds >= seconds:
                     continue
@@ -142,10 +146,9 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
             emulator.close()
         ecg.close()
         imu_rec.close()
-    missing = [(name, why) for name, s, why in (
-        ("ECG", ecg if source is not None else None, source.health.last_error if source else None),
-        ("IMU", imu_rec if imu is not None else None, imu.source.health.last_error if imu else None))
-        if s is not None and s.writer is None]
+    streams = [(name, s, src.health) for name, s, src in (("ECG", ecg, source), ("IMU", imu_rec, imu.source if imu else None))
+               if src is not None]
+    missing = [(name, health.last_error) for name, s, health in streams if s.writer is None]
     for name, why in missing:
         print(f"biod record: no {name} arrived ({why or 'no data'})", file=sys.stderr)
     for name, s in (("ECG", ecg), ("IMU", imu_rec)):

@@ -25,6 +25,7 @@ from daemon.identity.fusion import ActivityEstimate, FusedActivity, FusionConfig
 from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.store import ModelRef
 from daemon.inference.beatmorph import BEATS_FILE, BeatMorphModel, fuse_embeddings
+from daemon.inference.manifest import ManifestError, load_manifest
 from daemon.inference.runtime import Model, ModelError, load_model
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,15 @@ class ImuModelSet:
         models, skipped = {}, {}
         for manifest in sorted(directory.glob("imu_*.json")):
             task = manifest.stem.removeprefix("imu_")
-            model = load_model(manifest.with_suffix(".tflite"))
-            trained_for = placement_of(model.manifest.inputs[0].placement)
+            try:  # read the placement before loading: a model that will not run is not loaded
+                trained_for = placement_of(load_manifest(manifest).inputs[0].placement)
+            except ManifestError as exc:
+                raise ModelError(str(exc)) from None
             if placement is not None and trained_for not in (None, placement):
                 skipped[task] = (f"imu_{task} is trained for an IMU at the {trained_for}, this one is worn "
                                  f"at the {placement} (imu.placement)")
                 continue
-            models[task] = model
+            models[task] = load_model(manifest.with_suffix(".tflite"))
         try:
             gait = load_gait_models(directory)
         except GaitModelError as exc:  # gait identity is optional: ECG identity goes on without it

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -27,8 +28,6 @@ def _config_path(args: argparse.Namespace) -> Path | None:
     """``--config``, else ``$BIOD_CONFIG`` (set by the hub's ``biod`` wrapper from install.sh, so
     that ``biod calibrate`` enrols into the store the service reads), else None: the embedded
     default (the ECG emulator), which is what a bare checkout wants."""
-    import os
-
     if args.config is not None:
         return args.config
     env = os.environ.get("BIOD_CONFIG")
@@ -42,8 +41,6 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     ``$CREDENTIALS_DIRECTORY``, which a login shell does not have: there they are checked in
     ``--credentials-dir`` (e.g. /etc/biod/credentials, where install.sh puts them) or, without
     it, only named, so that validating the shipped example from a shell does not fail."""
-    import os
-
     from daemon.identity.store import StoreError, key_from_credential
 
     cfg = load_config(args.file)

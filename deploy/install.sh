@@ -4,6 +4,7 @@
 # Idempotent: re-running upgrades the package and keeps the config, the templates and the credentials'
 # contents (it re-applies their owner and mode).
 set -euo pipefail
+trap 'echo "install.sh: failed at line $LINENO: $BASH_COMMAND - fix the cause above and run it again (it is idempotent)" >&2' ERR
 [ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root (sudo)" >&2; exit 1; }
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=/opt/biod

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Run deploy/install.sh for real on a fresh Debian bookworm (the base of Raspberry Pi OS bookworm)
+# made with debootstrap, and check what a household would then do with the hub.
+#
+#   sudo deploy/check-install.sh [ROOTFS]     # default ROOTFS: /var/tmp/biod-install-check
+#
+# Needs root, debootstrap and network access to deb.debian.org and PyPI. It never touches the
+# host: everything happens inside ROOTFS (kept afterwards for inspection; delete it by hand).
+# systemd does not run in a chroot, so the unit is checked with `systemd-analyze verify` and the
+# daemon is run the way the unit runs it (as user biod, the unit's environment), not started by
+# systemd; udev rules are installed but not triggered. Prints one PASS/FAIL line per check and
+# exits non-zero if any check failed. The results are written down in docs/deploy-check.md.
+set -uo pipefail
+[ "$(id -u)" -eq 0 ] || { echo "check-install.sh: run as root (sudo)" >&2; exit 1; }
+command -v debootstrap >/dev/null || { echo "check-install.sh: needs debootstrap (apt-get install debootstrap)" >&2; exit 1; }
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=${1:-/var/tmp/biod-install-check}
+FAILED=0
+# The host's environment (its pip index, certificates, PATH) must not leak into the fresh system.
+chroot() { command env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+    /usr/sbin/chroot "$@"; }
+
+pass() { echo "PASS  $*"; }
+fail() { echo "FAIL  $*"; FAILED=1; }
+check() {  # check "description" command...  (run inside the chroot)
+    local what=$1; shift
+    if out=$(chroot "$ROOT" "$@" 2>&1); then pass "$what"; else fail "$what"; echo "$out" | tail -n 20 | sed 's/^/      /'; fi
+}
+expect() {  # expect "description" "wanted output (grep -E)" command...
+    local what=$1 want=$2; shift 2
+    out=$(chroot "$ROOT" "$@" 2>&1)
+    if echo "$out" | grep -Eq -- "$want"; then pass "$what"; else fail "$what (wanted /$want/)"; echo "$out" | tail -n 20 | sed 's/^/      /'; fi
+}
+
+if [ ! -x "$ROOT/usr/bin/apt-get" ]; then
+    echo "check-install: debootstrap bookworm into $ROOT"
+    debootstrap --variant=minbase --include=ca-certificates,systemd,sudo bookworm "$ROOT" http://deb.debian.org/debian \
+        >"$ROOT.debootstrap.log" 2>&1 || { echo "debootstrap failed: $ROOT.debootstrap.log" >&2; exit 1; }
+fi
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# A host behind a TLS-intercepting proxy trusts its CA locally; the fresh system must too, or
+# it cannot reach PyPI. (A Pi on a home network needs nothing of the kind.)
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+    cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+    chroot "$ROOT" update-ca-certificates >/dev/null 2>&1
+fi
+for fs in proc sys dev dev/pts; do mountpoint -q "$ROOT/$fs" || mount --bind "/$fs" "$ROOT/$fs"; done
+trap 'for fs in dev/pts dev sys proc; do umount -l "$ROOT/$fs" 2>/dev/null; done' EXIT
+
+# The checkout as a household gets it: the committed files only.
+rm -rf "$ROOT/root/biod" && mkdir -p "$ROOT/root/biod"
+(cd "$SRC" && git archive HEAD) | tar -x -C "$ROOT/root/biod"
+
+echo "check-install: first install"
+t0=$(date +%s)
+if chroot "$ROOT" bash /root/biod/deploy/install.sh >"$ROOT/install1.log" 2>&1; then
+    pass "install.sh on a fresh bookworm ($(( $(date +%s) - t0 )) s)"
+else
+    fail "install.sh on a fresh bookworm"; tail -n 30 "$ROOT/install1.log" | sed 's/^/      /'
+fi
+
+check "service user biod exists, in groups dialout and bluetooth" sh -c 'id -nG biod | grep -qw dialout && id -nG biod | grep -qw bluetooth'
+expect "/etc/biod is 750 root:biod" '^750 root:biod$' stat -c '%a %U:%G' /etc/biod
+expect "config is 640 root:biod" '^640 root:biod$' stat -c '%a %U:%G' /etc/biod/biod.yaml
+expect "credentials are 640 root:biod" '^640 root:biod 640 root:biod$' sh -c 'echo $(stat -c "%a %U:%G" /etc/biod/credentials/mqtt_password /etc/biod/credentials/template_key)'
+expect "state directory /var/lib/biod is 700 biod:biod" '^700 biod:biod$' stat -c '%a %U:%G' /var/lib/biod
+expect "template key is 32 random bytes, base64" '^32$' sh -c 'base64 -d /etc/biod/credentials/template_key | wc -c'
+check "udev rule installed" test -s /etc/udev/rules.d/99-biod.rules
+check "systemd-analyze verify biod.service" systemd-analyze verify /etc/systemd/system/biod.service
+expect "sudo biod --version (wrapper, as user biod)" '^biod [0-9]' sudo biod --version
+expect "the wrapper refuses to run without sudo" 'run with sudo' runuser -u nobody -- /usr/local/bin/biod --version
+check "sudo biod check-config (the shipped example)" sudo biod check-config /etc/biod/biod.yaml
+expect "check-config names the line of an unknown key" 'line [0-9]+' sh -c 'sed "s/^hub:/hub:\n  colour: blue/" /etc/biod/biod.yaml > /tmp/bad.yaml && chmod 644 /tmp/bad.yaml && sudo biod check-config /tmp/bad.yaml'
+expect "sudo biod people list on an empty store" 'nobody is enrolled' sudo biod people list
+expect "sudo biod doctor reports the missing serial box with a fix" 'serial' sudo biod doctor
+check "the daemon never imports TensorFlow (not installed on the hub)" sh -c '! /opt/biod/venv/bin/python -c "import tensorflow" 2>/dev/null'
+
+# The installed package end to end, as the unit runs it (user biod, umask 077, the unit's
+# environment): the demo needs the embedded broker, which a hub does not install by default.
+chroot "$ROOT" /opt/biod/venv/bin/pip install -q amqtt >/dev/null 2>&1
+demo=$(chroot "$ROOT" sh -c 'cd /var/lib/biod && runuser -u biod -- sh -c "umask 077; HOME=/var/lib/biod timeout 900 /opt/biod/venv/bin/biod demo --speed 8 --log-level warning"' 2>&1)
+right=$(echo "$demo" | grep -cE ' -> .* correct$')
+if [ "$right" -eq 4 ] && echo "$demo" | grep -q 'daemon exit code 0'; then
+    pass "the installed package runs the demo end to end as user biod (4/4 right)"
+else
+    fail "the installed package runs the demo end to end as user biod ($right/4 right)"; echo "$demo" | tail -n 20 | sed 's/^/      /'
+fi
+
+echo "check-install: second install (idempotent: keeps config, key and templates)"
+key_before=$(cat "$ROOT/etc/biod/credentials/template_key")
+echo "# edited by the household" >> "$ROOT/etc/biod/biod.yaml"
+if chroot "$ROOT" bash /root/biod/deploy/install.sh >"$ROOT/install2.log" 2>&1; then pass "install.sh again"; else fail "install.sh again"; tail -n 30 "$ROOT/install2.log" | sed 's/^/      /'; fi
+[ "$(cat "$ROOT/etc/biod/credentials/template_key")" = "$key_before" ] && pass "template key kept" || fail "template key kept"
+grep -q "edited by the household" "$ROOT/etc/biod/biod.yaml" && pass "edited config kept" || fail "edited config kept"
+
+[ $FAILED -eq 0 ] && echo "check-install: all checks passed" || echo "check-install: some checks FAILED"
+exit $FAILED

@@ -38,6 +38,7 @@ if [ ! -x "$ROOT/usr/bin/apt-get" ]; then
         >"$ROOT.debootstrap.log" 2>&1 || { echo "debootstrap failed: $ROOT.debootstrap.log" >&2; exit 1; }
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+grep -q "$(hostname)" "$ROOT/etc/hosts" 2>/dev/null || echo "127.0.1.1 $(hostname)" >> "$ROOT/etc/hosts"  # sudo looks it up
 # A host behind a TLS-intercepting proxy trusts its CA locally; the fresh system must too, or
 # it cannot reach PyPI. (A Pi on a home network needs nothing of the kind.)
 if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
@@ -70,7 +71,7 @@ check "systemd-analyze verify biod.service" systemd-analyze verify /etc/systemd/
 expect "sudo biod --version (wrapper, as user biod)" '^biod [0-9]' sudo biod --version
 expect "the wrapper refuses to run without sudo" 'run with sudo' runuser -u nobody -- /usr/local/bin/biod --version
 check "sudo biod check-config (the shipped example)" sudo biod check-config /etc/biod/biod.yaml
-expect "check-config names the line of an unknown key" 'line [0-9]+' sh -c 'sed "s/^hub:/hub:\n  colour: blue/" /etc/biod/biod.yaml > /tmp/bad.yaml && chmod 644 /tmp/bad.yaml && sudo biod check-config /tmp/bad.yaml'
+expect "check-config names the file and line of an unknown key" 'bad.yaml:[0-9]+: hub.colour: unknown key' sh -c 'sed "s/^hub:/hub:\n  colour: blue/" /etc/biod/biod.yaml > /tmp/bad.yaml && chmod 644 /tmp/bad.yaml && sudo biod check-config /tmp/bad.yaml'
 expect "sudo biod people list on an empty store" 'nobody is enrolled' sudo biod people list
 expect "sudo biod doctor reports the missing serial box with a fix" 'serial' sudo biod doctor
 check "the daemon never imports TensorFlow (not installed on the hub)" sh -c '! /opt/biod/venv/bin/python -c "import tensorflow" 2>/dev/null'

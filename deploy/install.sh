@@ -61,7 +61,11 @@ install -m 0644 "$SRC/deploy/99-biod.rules" /etc/udev/rules.d/99-biod.rules
 udevadm control --reload-rules && udevadm trigger --subsystem-match=tty || true
 
 install -m 0644 "$SRC/deploy/biod.service" /etc/systemd/system/biod.service
-systemctl daemon-reload
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+else  # a chroot or an SD-card image being prepared: systemd reads the unit at the next boot
+    echo "biod: systemd is not running here; the unit takes effect at the next boot"
+fi
 /usr/local/bin/biod check-config /etc/biod/biod.yaml || echo "biod: fix /etc/biod/biod.yaml, then: systemctl enable --now biod"
 echo "biod: installed. Next: edit /etc/biod/biod.yaml, put the MQTT password in /etc/biod/credentials/mqtt_password,"
 echo "      then 'sudo systemctl enable --now biod' and 'journalctl -u biod -f'. Check with 'sudo biod doctor'."

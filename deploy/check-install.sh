@@ -87,6 +87,17 @@ else
     fail "the installed package runs the demo end to end as user biod ($right/4 right)"; echo "$demo" | tail -n 20 | sed 's/^/      /'
 fi
 
+# Enrolment as the household does it (`sudo biod calibrate`), with the service's config but the
+# emulated box (ECG-ID recording replayed 4x) in place of the serial device: the template store
+# must be the encrypted one, owned by biod, mode 0600, and list the person.
+sed -e 's/^  source: serial .*/  source: emulator\n  emulator: {recording: ecgid-p25-r1, speed: 4}/' \
+    -e 's/^  port: .*//' "$ROOT/etc/biod/biod.yaml" > "$ROOT/etc/biod/emulated.yaml"
+chown root:biod "$ROOT/etc/biod/emulated.yaml"; chmod 0640 "$ROOT/etc/biod/emulated.yaml"
+check "sudo biod calibrate --name alice (emulated box, rest only)" sudo biod calibrate --name alice -c /etc/biod/emulated.yaml --seconds 40 --no-walk
+expect "template store is 600 biod:biod" '^600 biod:biod$' sh -c 'stat -c "%a %U:%G" /var/lib/biod/identity/templates.json'
+check "template store is encrypted (no plaintext name or embedding in it)" sh -c '! grep -q alice /var/lib/biod/identity/templates.json'
+expect "sudo biod people list shows alice" 'alice' sudo biod people list -c /etc/biod/emulated.yaml
+
 echo "check-install: second install (idempotent: keeps config, key and templates)"
 key_before=$(cat "$ROOT/etc/biod/credentials/template_key")
 echo "# edited by the household" >> "$ROOT/etc/biod/biod.yaml"

@@ -38,7 +38,8 @@ if [ ! -x "$ROOT/usr/bin/apt-get" ]; then
         >"$ROOT.debootstrap.log" 2>&1 || { echo "debootstrap failed: $ROOT.debootstrap.log" >&2; exit 1; }
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-grep -q "$(hostname)" "$ROOT/etc/hosts" 2>/dev/null || echo "127.0.1.1 $(hostname)" >> "$ROOT/etc/hosts"  # sudo looks it up
+grep -qw localhost "$ROOT/etc/hosts" 2>/dev/null || echo "127.0.0.1 localhost" >> "$ROOT/etc/hosts"
+grep -qw "$(hostname)" "$ROOT/etc/hosts" || echo "127.0.1.1 $(hostname)" >> "$ROOT/etc/hosts"  # sudo looks it up
 # A host behind a TLS-intercepting proxy trusts its CA locally; the fresh system must too, or
 # it cannot reach PyPI. (A Pi on a home network needs nothing of the kind.)
 if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
@@ -92,10 +93,10 @@ fi
 # must be the encrypted one, owned by biod, mode 0600, and list the person.
 sed -e 's/^  source: serial .*/  source: emulator\n  emulator: {recording: ecgid-p25-r1, speed: 4}/' \
     -e 's/^  port: .*//' "$ROOT/etc/biod/biod.yaml" > "$ROOT/etc/biod/emulated.yaml"
-chown root:biod "$ROOT/etc/biod/emulated.yaml"; chmod 0640 "$ROOT/etc/biod/emulated.yaml"
+chroot "$ROOT" sh -c 'chown root:biod /etc/biod/emulated.yaml && chmod 0640 /etc/biod/emulated.yaml'
 check "sudo biod calibrate --name alice (emulated box, rest only)" sudo biod calibrate --name alice -c /etc/biod/emulated.yaml --seconds 40 --no-walk
 expect "template store is 600 biod:biod" '^600 biod:biod$' sh -c 'stat -c "%a %U:%G" /var/lib/biod/identity/templates.json'
-check "template store is encrypted (no plaintext name or embedding in it)" sh -c '! grep -q alice /var/lib/biod/identity/templates.json'
+check "template store is encrypted (no plaintext name or embedding in it)" sh -c 'test -s /var/lib/biod/identity/templates.json && ! grep -q alice /var/lib/biod/identity/templates.json'
 expect "sudo biod people list shows alice" 'alice' sudo biod people list -c /etc/biod/emulated.yaml
 
 echo "check-install: second install (idempotent: keeps config, key and templates)"
@@ -104,6 +105,7 @@ echo "# edited by the household" >> "$ROOT/etc/biod/biod.yaml"
 if chroot "$ROOT" bash /root/biod/deploy/install.sh >"$ROOT/install2.log" 2>&1; then pass "install.sh again"; else fail "install.sh again"; tail -n 30 "$ROOT/install2.log" | sed 's/^/      /'; fi
 [ "$(cat "$ROOT/etc/biod/credentials/template_key")" = "$key_before" ] && pass "template key kept" || fail "template key kept"
 grep -q "edited by the household" "$ROOT/etc/biod/biod.yaml" && pass "edited config kept" || fail "edited config kept"
+expect "enrolled persons kept (sudo biod people list)" 'alice' sudo biod people list -c /etc/biod/emulated.yaml
 
 [ $FAILED -eq 0 ] && echo "check-install: all checks passed" || echo "check-install: some checks FAILED"
 exit $FAILED

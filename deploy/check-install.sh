@@ -4,8 +4,9 @@
 #
 #   sudo deploy/check-install.sh [ROOTFS]     # default ROOTFS: /var/tmp/biod-install-check
 #
-# Needs root, debootstrap and network access to deb.debian.org and PyPI. It never touches the
-# host: everything happens inside ROOTFS (kept afterwards for inspection; delete it by hand).
+# Needs root, debootstrap and network access to deb.debian.org and PyPI. Everything is installed
+# inside ROOTFS (kept afterwards for inspection; delete it by hand); the host only lends it
+# /proc, /sys and /dev by bind mounts, unmounted at the end.
 # systemd does not run in a chroot, so the unit is checked with `systemd-analyze verify` and the
 # daemon is run the way the unit runs it (as user biod, the unit's environment), not started by
 # systemd; udev rules are installed but not triggered. Prints one PASS/FAIL line per check and

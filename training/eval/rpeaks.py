@@ -461,23 +461,21 @@ def main(argv: list[str] | None = None) -> int:
             if g.startswith("ludb_") and not s.paced:
                 # like MIT-BIH's paced records, LUDB's paced ones are also scored apart: their
                 # annotators marked the pacing spike in some records and the R wave in others
-                items += [(f"{g}_nonpaced", items[0][1]), ("ludb_I+II+III_nonpaced", items[0][1])]
+                items.append((f"{g}_nonpaced", items[0][1]))
         for g, v in items:
             for mode in ("raw", "corrected"):
                 rows.setdefault(g, {}).setdefault(r["detector"], {}).setdefault(mode, []).append(v[mode])
-                if "noise" not in g:
+                if "noise" not in g and not g.endswith("_nonpaced"):  # those repeat the record's rows
                     per_record.append({"group": g, "record": s.name, "detector": r["detector"], "mode": mode,
                                        **{k: v[mode][k] for k in ("tp", "fn", "fp")}})
-    for g in ("ludb_I", "ludb_II", "ludb_III"):
-        if g in rows:
+    pooled = {"ludb_I+II+III": ("ludb_I", "ludb_II", "ludb_III"),
+              "ludb_I+II+III_nonpaced": ("ludb_I_nonpaced", "ludb_II_nonpaced", "ludb_III_nonpaced"),
+              "overall": ("mitdb", "mitdb_paced", "ludb_I", "ludb_II", "ludb_III")}
+    for name, members in pooled.items():
+        for g in (m for m in members if m in rows):
             for d in rows[g]:
                 for mode in rows[g][d]:
-                    rows.setdefault("ludb_I+II+III", {}).setdefault(d, {}).setdefault(mode, []).extend(rows[g][d][mode])
-    overall_from = [g for g in ("mitdb", "mitdb_paced", "ludb_I", "ludb_II", "ludb_III") if g in rows]
-    for g in overall_from:
-        for d in rows[g]:
-            for mode in rows[g][d]:
-                rows.setdefault("overall", {}).setdefault(d, {}).setdefault(mode, []).extend(rows[g][d][mode])
+                    rows.setdefault(name, {}).setdefault(d, {}).setdefault(mode, []).extend(rows[g][d][mode])
     errors = [f"{r['detector']} on {series[r['series']].dataset} {series[r['series']].name}"
               f"{'' if r['snr'] is None else ' at %s dB' % r['snr']}: {r['error']}" for r in results if r["error"]]
     summ = {g: {d: {m: _summary(v) for m, v in dm.items()} for d, dm in gd.items()} for g, gd in rows.items()}
@@ -502,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         "MIT-BIH: beat annotations only; paced records separate; flutter/fibrillation episodes "
         "('[' .. ']') not scored. LUDB: per-lead cardiologist QRS marks, scored between the first and "
         "last mark of the lead +-0.5 s; 'fused' = biod on leads I+II+III together, scored against each "
-        "lead's marks; '_nonpaced' leaves out the LUDB records whose diagnoses mention pacing (for "
-        "information only). 'overall' = MIT-BIH (incl. paced) + LUDB I, II, III pooled.  ",
+        "lead's marks; '_nonpaced' leaves out the LUDB records whose diagnoses mention pacing (scored "
+        "apart, as MIT-BIH's paced records are). 'overall' = MIT-BIH (incl. paced) + LUDB I, II, III pooled.  ",
         f"Noise stress: first {noise_s:.0f} s of every non-paced MIT-BIH record + generated baseline "
         "wander, muscle-like and motion-like bursts in equal power (training/eval/noise.py, fixed seeds); "
         "generated because no noise-stress recordings are available.  ",

@@ -22,15 +22,20 @@ chroot() { command env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
     /usr/sbin/chroot "$@"; }
 
 pass() { echo "PASS  $*"; }
-fail() { echo "FAIL  $*"; FAILED=1; }
+fail() { echo "FAIL  $1"; FAILED=1; [ -z "${2-}" ] || echo "$2" | tail -n 30 | sed 's/^/      /'; }  # fail what [output]
 check() {  # check "description" command...  (run inside the chroot)
     local what=$1; shift
-    if out=$(chroot "$ROOT" "$@" 2>&1); then pass "$what"; else fail "$what"; echo "$out" | tail -n 20 | sed 's/^/      /'; fi
+    if out=$(chroot "$ROOT" "$@" 2>&1); then pass "$what"; else fail "$what" "$out"; fi
 }
 expect() {  # expect "description" "wanted output (grep -E)" command...
     local what=$1 want=$2; shift 2
     out=$(chroot "$ROOT" "$@" 2>&1)
-    if echo "$out" | grep -Eq -- "$want"; then pass "$what"; else fail "$what (wanted /$want/)"; echo "$out" | tail -n 20 | sed 's/^/      /'; fi
+    if echo "$out" | grep -Eq -- "$want"; then pass "$what"; else fail "$what (wanted /$want/)" "$out"; fi
+}
+install_biod() {  # install_biod "description" LOG: install.sh inside the chroot, timed, output in LOG
+    local t0; t0=$(date +%s)
+    if chroot "$ROOT" bash /root/biod/deploy/install.sh >"$2" 2>&1; then pass "$1 ($(( $(date +%s) - t0 )) s)"
+    else fail "$1" "$(cat "$2")"; fi
 }
 
 if [ ! -x "$ROOT/usr/bin/apt-get" ]; then
@@ -55,12 +60,7 @@ rm -rf "$ROOT/root/biod" && mkdir -p "$ROOT/root/biod"
 (cd "$SRC" && git archive HEAD) | tar -x -C "$ROOT/root/biod"
 
 echo "check-install: first install"
-t0=$(date +%s)
-if chroot "$ROOT" bash /root/biod/deploy/install.sh >"$ROOT/install1.log" 2>&1; then
-    pass "install.sh on a fresh bookworm ($(( $(date +%s) - t0 )) s)"
-else
-    fail "install.sh on a fresh bookworm"; tail -n 30 "$ROOT/install1.log" | sed 's/^/      /'
-fi
+install_biod "install.sh on a fresh bookworm" "$ROOT/install1.log"
 
 check "service user biod exists, in groups dialout and bluetooth" sh -c 'id -nG biod | grep -qw dialout && id -nG biod | grep -qw bluetooth'
 expect "/etc/biod is 750 root:biod" '^750 root:biod$' stat -c '%a %U:%G' /etc/biod
@@ -86,7 +86,7 @@ right=$(echo "$demo" | grep -cE ' -> .* correct$')
 if [ "$right" -eq 4 ] && echo "$demo" | grep -q 'daemon exit code 0'; then
     pass "the installed package runs the demo end to end as user biod (4/4 right)"
 else
-    fail "the installed package runs the demo end to end as user biod ($right/4 right)"; echo "$demo" | tail -n 20 | sed 's/^/      /'
+    fail "the installed package runs the demo end to end as user biod ($right/4 right)" "$demo"
 fi
 
 # Enrolment as the household does it (`sudo biod calibrate`), with the service's config but the
@@ -103,7 +103,7 @@ expect "sudo biod people list shows alice" 'alice' sudo biod people list -c /etc
 echo "check-install: second install (idempotent: keeps config, key and templates)"
 key_before=$(cat "$ROOT/etc/biod/credentials/template_key")
 echo "# edited by the household" >> "$ROOT/etc/biod/biod.yaml"
-if chroot "$ROOT" bash /root/biod/deploy/install.sh >"$ROOT/install2.log" 2>&1; then pass "install.sh again"; else fail "install.sh again"; tail -n 30 "$ROOT/install2.log" | sed 's/^/      /'; fi
+install_biod "install.sh again" "$ROOT/install2.log"
 [ "$(cat "$ROOT/etc/biod/credentials/template_key")" = "$key_before" ] && pass "template key kept" || fail "template key kept"
 grep -q "edited by the household" "$ROOT/etc/biod/biod.yaml" && pass "edited config kept" || fail "edited config kept"
 expect "enrolled persons kept (sudo biod people list)" 'alice' sudo biod people list -c /etc/biod/emulated.yaml

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import signal
-from scipy.ndimage import maximum_filter1d, median_filter, minimum_filter1d
+from scipy.ndimage import maximum_filter1d, minimum_filter1d
 
 from .filters import bandpass_sos, highpass_sos
-from .stats import median_axis0
+from .stats import median_axis0, median_filter_nearest
 
 try:  # the compiled kernel behind scipy.signal.sosfilt, without its ~50 us of argument checks
     from scipy.signal._sosfilt import _sosfilt as _sosfilt_kernel
@@ -374,54 +374,86 @@ class RPeakDetector:
         return out
 
     def _fuse(self, force: bool = False) -> None:
+        """Normalise each lead's slope by its block scale, average the usable leads, integrate.
+
+        The learning period (stream start, or after every lead was off) goes one block at a
+        time; otherwise every block from the fusion frontier to the newest sample is fused in
+        one vectorised pass: the scale of block k needs only the maxima of blocks < k, which
+        the feature itself gives, so they are recorded first."""
         B = self._block
         while self._fused_end < self._raw_end:
-            k = self._fused_end // B
-            blk_start, blk_end = k * B, (k + 1) * B
-            if blk_start < self._startup_end:
-                scale = self._startup_scale
-            else:
-                scale = self._scale_for_block(k)
+            a = self._fused_end
+            k = a // B
+            learning = k * B < self._startup_end
+            scale = self._startup_scale if learning else self._scale_for_block(k)
             if not np.isfinite(scale).any():
                 # No lead has history (stream start or all leads were off): normalise by the
                 # maxima of this and the next blocks (a learning period long enough to hold a
                 # beat even at 40 bpm), which delays the first decisions by that much.
-                span_end = blk_start + self._learn
+                span_end = k * B + self._learn
                 if self._raw_end < span_end and not force:
                     break
-                sl = slice(blk_start - self._buf0, min(span_end, self._raw_end) - self._buf0)
+                sl = slice(k * B - self._buf0, min(span_end, self._raw_end) - self._buf0)
                 fm = np.where(self._valid[sl], self._f[sl], -np.inf).max(axis=0)
                 scale = np.where(np.isfinite(fm), fm, np.nan)
                 self._startup_scale, self._startup_end = scale, span_end
-            a, b = self._fused_end, min(blk_end, self._raw_end)
-            sl = slice(a - self._buf0, b - self._buf0)
-            f, v = self._f[sl], self._valid[sl]
-            lead_ok, safe = self._scale_use(scale)
-            use = v & lead_ok
-            num = np.where(use, f / safe, 0.0).sum(axis=1)
-            cnt = use.sum(axis=1)
-            self._track_dead(a, cnt)
-            g = num / np.maximum(cnt, 1)
-            mwi, self._mwi_zi = _fir_stream(self._mwi_b, g, self._mwi_zi)
-            self._g_h.append(g)
-            self._mwi_h.append(mwi)
-            # Block maxima for later normalisation (only valid samples count); -inf inside
-            # the block, nan in the finished list.
-            fm = np.where(v, f, -np.inf).max(axis=0) if b > a else np.full(self.n_leads, -np.inf)
-            self._cur_blk_max = np.maximum(self._cur_blk_max, fm)
-            self._fused_end = b
-            if b == blk_end:
-                cur = self._cur_blk_max
-                self._blk_max.append(np.where(np.isfinite(cur), cur, np.nan))
-                self._cur_blk_max = np.full(self.n_leads, -np.inf)
-                if len(self._blk_max) > 4 * self._p.scale_blocks:  # bounded memory
-                    drop = len(self._blk_max) - 2 * self._p.scale_blocks
-                    self._blk_max = self._blk_max[drop:]
-                    self._blk_offset += drop
+                learning = True
+            last = min((k + 1) * B, self._raw_end) if learning else self._raw_end
+            sl = slice(a - self._buf0, last - self._buf0)
+            fv = np.where(self._valid[sl], self._f[sl], -np.inf)
+            if last <= (k + 1) * B:  # within one block (small pushes): no reduceat set-up
+                fms = fv.max(axis=0, keepdims=True)
+            else:
+                starts = np.arange(k * B, last, B)
+                starts[0] = a
+                fms = np.maximum.reduceat(fv, starts - a, axis=0)
+            ends, scales = [], []
+            for i, fm in enumerate(fms):  # one short step per 1 s block
+                blk_end = (k + i + 1) * B
+                ends.append(min(blk_end, last))
+                scales.append(scale)
+                self._cur_blk_max = np.maximum(self._cur_blk_max, fm)
+                if ends[-1] == blk_end:
+                    cur = self._cur_blk_max
+                    self._blk_max.append(np.where(np.isfinite(cur), cur, np.nan))
+                    self._cur_blk_max = np.full(self.n_leads, -np.inf)
+                    if len(self._blk_max) > 4 * self._p.scale_blocks:  # bounded memory
+                        drop = len(self._blk_max) - 2 * self._p.scale_blocks
+                        self._blk_max = self._blk_max[drop:]
+                        self._blk_offset += drop
+                if ends[-1] == last:
+                    break
+                scale = self._scale_for_block(k + i + 1)
+                if not np.isfinite(scale).any():  # every lead was off for scale_blocks
+                    break
+            self._fuse_span(a, ends, scales)
+
+    def _fuse_span(self, a: int, ends: list[int], scales: list[np.ndarray]) -> None:
+        """Fuse samples ``a`` .. ``ends[-1]``; block i (ending at ``ends[i]``) uses ``scales[i]``."""
+        b = ends[-1]
+        sl = slice(a - self._buf0, b - self._buf0)
+        f, v = self._f[sl], self._valid[sl]
+        if len(ends) == 1:
+            lead_ok, safe = self._scale_use(scales[0])
+        else:
+            sc = np.stack(scales)
+            lead_ok = np.isfinite(sc) & (sc > 0)
+            lens = np.diff(np.asarray([a] + ends))
+            safe = np.repeat(np.where(lead_ok, sc, 1.0), lens, axis=0)
+            lead_ok = np.repeat(lead_ok, lens, axis=0)
+        use = v & lead_ok
+        num = np.where(use, f / safe, 0.0).sum(axis=1)
+        cnt = use.sum(axis=1)
+        self._track_dead(a, cnt)
+        g = num / np.maximum(cnt, 1)
+        mwi, self._mwi_zi = _fir_stream(self._mwi_b, g, self._mwi_zi)
+        self._g_h.append(g)
+        self._mwi_h.append(mwi)
+        self._fused_end = b
 
     def _scale_use(self, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(leads with a usable scale (1, L), divisor (1, L)) for ``scale``; cached because the
-        scale changes once per block while ``_fuse`` runs on every chunk."""
+        scale changes once per block while small pushes fuse a piece of a block each."""
         c = self._scale_use_cache
         if c is not None and c[0] is scale:
             return c[1], c[2]
@@ -604,7 +636,7 @@ class RPeakDetector:
         whi = min(lim, q + self._base + 1)
         wide = self._xhp[wlo - b0: whi - b0].astype(np.float64)
         if self._despike > 1 and wide.shape[0] > self._despike:
-            wide = median_filter(wide, size=(self._despike, 1), mode="nearest")
+            wide = median_filter_nearest(wide, self._despike)
         base = median_axis0(wide)
         xs = wide[lo - wlo: hi - wlo] - base[None, :]
         vs = self._valid[lo - b0: hi - b0]

@@ -210,6 +210,7 @@ class WindowSegmenter:
         data = normalize(windows, self.norm, masks)
         bl = self.beat_len
         offs = np.arange(bl) - self.before
+        beats_all = []
         for k, end in enumerate(ends):
             start = int(end) - length
             sel = self._beats[(self._beats - self.before >= start)
@@ -218,8 +219,12 @@ class WindowSegmenter:
                 beats_k = windows[k][(sel - start)[:, None] + offs]
             else:
                 beats_k = np.zeros((0, bl, self.windower.n_channels), dtype=np.float32)
+            beats_all.append((sel, beats_k))
+        groups = self._group_windows([b for _, b in beats_all], masks)
+        for k, end in enumerate(ends):
+            sel, beats_k = beats_all[k]
             out.append(Segment(int(end), data[k], windows[k], masks[k].copy(), sel,
-                               beats_k, self.group_beats(beats_k, masks[k])))
+                               beats_k, groups[k]))
         # Beats that can no longer fall into any future window are forgotten.
         next_start = self.windower._next_end - length
         self._beats = self._beats[self._beats - self.before >= next_start]
@@ -228,13 +233,27 @@ class WindowSegmenter:
     def group_beats(self, beats: np.ndarray, lead_mask: np.ndarray | None = None) -> np.ndarray:
         """(k, bl, ch) consecutive beats -> (g, group*bl, ch) normalised groups (stride
         ``group_stride``)."""
-        k, bl, ch = beats.shape
-        if k < self.group:
-            return np.zeros((0, self.group * bl, ch), dtype=np.float32)
-        starts = np.arange(0, k - self.group + 1, self.group_stride)
-        idx = starts[:, None] + np.arange(self.group)
-        groups = beats[idx].reshape(len(starts), self.group * bl, ch)
-        return normalize(groups, self.norm, lead_mask)
+        mask = np.ones((1, beats.shape[2]), bool) if lead_mask is None else lead_mask[None]
+        return self._group_windows([beats], mask)[0]
+
+    def _group_windows(self, beats: list[np.ndarray], masks: np.ndarray) -> list[np.ndarray]:
+        """:meth:`group_beats` for several windows' beats (window i's lead mask ``masks[i]``),
+        normalised in one call: per window it was most of the segmenter's cost."""
+        g, stride = self.group, self.group_stride
+        parts, gmask, counts = [], [], []
+        for b, m in zip(beats, masks):
+            k = b.shape[0]
+            n = len(range(0, k - g + 1, stride)) if k >= g else 0
+            if n:
+                idx = np.arange(0, k - g + 1, stride)[:, None] + np.arange(g)
+                parts.append(b[idx].reshape(n, g * b.shape[1], b.shape[2]))
+                gmask.append(np.broadcast_to(m, (n, m.shape[0])))
+            counts.append(n)
+        bl, ch = self.beat_len, masks.shape[1]
+        if not parts:
+            return [np.zeros((0, g * bl, ch), dtype=np.float32) for _ in beats]
+        groups = normalize(np.concatenate(parts), self.norm, np.concatenate(gmask))
+        return np.split(groups, np.cumsum(counts)[:-1])
 
 
 def segment_record(x: np.ndarray, beats: np.ndarray, window_len: int, hop: int, before: int,

@@ -195,11 +195,23 @@ def _znorm(beats: np.ndarray) -> np.ndarray:
     return b / np.where(sd > 0, sd, np.float32(1.0))
 
 
+def _leads(z: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """(b, bl, ch) beats -> (b, bl * n_used) rows of the leads in ``use``, flattened the way
+    ``z[:, :, use].reshape(b, -1)`` does; a view, not a copy, when every lead is used."""
+    if use.all():
+        return z.reshape(z.shape[0], -1)
+    return z[:, :, use].reshape(z.shape[0], -1)
+
+
 def _corr_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row of a (m, d) with b (d,)."""
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean()
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b)
+    """Pearson correlation of each row of a (m, d) with b (d,).
+
+    ``np.add.reduce`` and ``dot`` are the sums ``mean`` and ``linalg.norm`` compute (hence the
+    same bits), without their wrappers: this runs several times per window on a handful of
+    beats, where the wrappers cost more than the arithmetic."""
+    a = a - np.add.reduce(a, axis=1, keepdims=True) / a.shape[1]
+    b = b - np.add.reduce(b) / b.shape[0]
+    den = np.sqrt(np.add.reduce(a * a, axis=1)) * np.sqrt(b.dot(b))
     return np.where(den > 0, a @ b / np.where(den > 0, den, 1.0), 0.0)
 
 
@@ -229,7 +241,7 @@ class QualityAssessor:
         if z.shape[0] < 2 or not usable.any():
             return False
         med = median_axis0(z)
-        intra = _corr_rows(z[:, :, usable].reshape(len(z), -1), med[:, usable].ravel())
+        intra = _corr_rows(_leads(z, usable), _leads(med[None], usable)[0])
         return bool(median(intra) >= self.cfg.template_update_corr)
 
     def assess(self, raw: np.ndarray, mask: np.ndarray, beats: list[np.ndarray],
@@ -290,20 +302,21 @@ class QualityAssessor:
             return scores
         if self.template is not None and (usable & self._template_ok).any():
             use = usable & self._template_ok
-            corr = _corr_rows(z[:, :, use].reshape(len(z), -1), self.template[:, use].ravel())
+            corr = _corr_rows(_leads(z, use), _leads(self.template[None], use)[0])
         elif len(z) > 1:
-            corr = _corr_rows(z[:, :, usable].reshape(len(z), -1),
-                              median_axis0(z[:, :, usable]).ravel())
+            corr = _corr_rows(_leads(z, usable), median_axis0(_leads(z, usable)))
         else:
             corr = np.ones(1)
-        scores["motion_artifact"] = float(_ramp(median(corr), cfg.corr_threshold, 0.15))
+        # _ramp's arithmetic on one float (same IEEE double operations, no array round trip)
+        r = 0.5 + 0.5 * (median(corr) - cfg.corr_threshold) / 0.15
+        scores["motion_artifact"] = min(1.0, max(0.0, r))
         return scores
 
     def _update_template(self, z: np.ndarray, usable: np.ndarray) -> None:
         if z.shape[0] < 2 or not usable.any():
             return
         med = median_axis0(z)
-        intra = _corr_rows(z[:, :, usable].reshape(len(z), -1), med[:, usable].ravel())
+        intra = _corr_rows(_leads(z, usable), _leads(med[None], usable)[0])
         if median(intra) < self.cfg.template_update_corr:
             return
         med = _znorm(med[None])[0]
@@ -311,6 +324,9 @@ class QualityAssessor:
             self.template = np.zeros_like(med)
         a = self.cfg.template_alpha
         new = usable & self._template_ok
+        if new.all():  # the usual case, without boolean-index copies (same arithmetic)
+            self.template = (1 - a) * self.template + a * med
+            return
         fresh = usable & ~self._template_ok
         self.template[:, new] = (1 - a) * self.template[:, new] + a * med[:, new]
         self.template[:, fresh] = med[:, fresh]

@@ -135,7 +135,10 @@ class SlidingWindower:
         if ends.size:
             idx = (ends[:, None] - self.length - self._buf_start) + np.arange(self.length)
             windows = self._buf[idx]
-            masks = self._valid[idx].all(axis=1)
+            if self._valid[idx[0, 0]:idx[-1, -1] + 1].all():  # the usual case: no gather
+                masks = np.ones((ends.size, self.n_channels), dtype=bool)
+            else:
+                masks = self._valid[idx].all(axis=1)
             self._next_end = int(ends[-1]) + self.hop
         else:
             windows = np.zeros((0, self.length, self.n_channels), dtype=np.float32)

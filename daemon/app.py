@@ -172,11 +172,31 @@ class BiodApp:
 
     def _engine(self) -> IdentityEngine:
         model = self.ecg_model.ref if self.ecg_model else None
+        # template adaptation re-derives thresholds against the shipped impostor set
+        impostors = load_impostors(self.cfg.models_dir or MODELS_DIR) if self.cfg.identity.adapt else None
+        if self.cfg.identity.adapt and impostors is None:
+            log.warning("identity: identity.adapt is on but the impostor set is missing: templates are not adapted")
         try:
-            return IdentityEngine(self.people, self.cfg.identity.engine_config(), model=model)
+            return IdentityEngine(self.people, self.cfg.identity.engine_config(), model=model, impostors=impostors)
         except StoreError as exc:
             log.error("identity: %s", exc)
             return IdentityEngine({}, self.cfg.identity.engine_config(), model=model)
+
+    def _save_adaptations(self) -> None:
+        """Persist the template adaptations the engine made when a wearing session ended
+        (``identity.adapt``), so a restart keeps them; the store watch then reloads the engine."""
+        for a in self.bio.engine.take_adaptations():
+            try:
+                saved = self.store.update_templates(a.person)
+            except StoreError as exc:
+                log.error("identity: cannot save %s's adapted templates: %s", a.person.name, exc)
+                continue
+            if saved is None:
+                log.info("identity: %s was removed or re-enrolled meanwhile; adaptation dropped", a.person.name)
+            else:
+                log.info("identity: adapted %s's templates from a %d-window session (score %.3f, runner-up %.3f); "
+                         "threshold %.3f -> %.3f", saved.name, a.n_windows, a.score, a.runner_up, a.old_threshold,
+                         saved.threshold)
 
     def reload_people(self) -> None:
         self.people = self._load_people()
@@ -289,6 +309,7 @@ class BiodApp:
                 self.stats.first_clean_beat_at = None
             for obs in self.bio.on_ecg(update, now):
                 self._observe(sessions, obs)
+            self._save_adaptations()
             await asyncio.sleep(self.BATCH_S)  # let ~0.2 s of frames gather for the next push
             if update.heart_rate_bpm is not None and update.live:
                 self.stats.heart_rate_bpm = update.heart_rate_bpm
@@ -344,6 +365,7 @@ class BiodApp:
                 self.stats.first_clean_beat_at = None
                 if obs is not None:
                     self._observe(sessions, obs)
+                self._save_adaptations()
             sessions.expire(now)
             self._watch_store(publisher)
             if self.enrolment is not None and self.enrolment.expired(now):

@@ -125,6 +125,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_people(args: argparse.Namespace) -> int:
     from daemon.app import open_store
+    from daemon.identity.engine import ADAPTED_PREFIX
     from daemon.identity.store import StoreError
 
     cfg = load_config(_config_path(args))
@@ -135,7 +136,9 @@ def _cmd_people(args: argparse.Namespace) -> int:
             if not people:
                 print("nobody is enrolled; enrol with: biod calibrate --name NAME")
             for p in people:
-                print(f"{p.name}\t(id {p.id}, enrolled {p.created}, {len(p.prototypes)} prototypes, threshold {p.threshold:.3f}, model {p.model})")
+                adapted = sum(lab.startswith(ADAPTED_PREFIX) for lab in p.prototype_labels)
+                print(f"{p.name}\t(id {p.id}, enrolled {p.created}, {len(p.prototypes)} prototypes"
+                      f"{f' ({adapted} adapted)' if adapted else ''}, threshold {p.threshold:.3f}, model {p.model})")
         elif args.action == "rename":
             if not args.new:
                 print("biod people rename OLD NEW: give the new name", file=sys.stderr)

@@ -119,6 +119,9 @@ class IdentitySection(_Strict):
     target_far: float = Field(0.01, gt=0, lt=1)
     min_enrol_windows: int = Field(20, ge=5, le=10000)
     enrol_seconds: float = Field(90.0, ge=10, le=1800, description="length of an enrolment started from Home Assistant")
+    adapt: bool = Field(False, description="add confidently identified wearing sessions as extra prototypes of the wearer "
+                        "(follows slow ECG drift; docs/identity.md 'Template adaptation' has the measured effect)")
+    adapt_max_prototypes: int = Field(3, ge=1, le=20, description="adapted prototypes kept per person, oldest dropped first")
 
     @model_validator(mode="after")
     def _consistent(self) -> "IdentitySection":
@@ -134,7 +137,8 @@ class IdentitySection(_Strict):
 
         return IdentityConfig(window=self.window, min_pool=self.min_pool, margin=self.margin, history=self.history,
                               confirm=self.confirm, unknown=self.unknown, switch=self.switch,
-                              target_far=self.target_far, min_enrol_windows=self.min_enrol_windows)
+                              target_far=self.target_far, min_enrol_windows=self.min_enrol_windows,
+                              adapt=self.adapt, adapt_max_prototypes=self.adapt_max_prototypes)
 
 
 class TlsConfig(_Strict):

@@ -27,6 +27,12 @@ def test_valid_config_parses_with_defaults() -> None:
     assert cfg.mqtt.qos == 1 and cfg.mqtt.discovery_prefix == "homeassistant"
 
 
+def test_template_adaptation_is_opt_in() -> None:
+    assert parse_config(GOOD).identity.engine_config().adapt is False
+    cfg = parse_config(GOOD + "identity:\n  adapt: true\n  adapt_max_prototypes: 2\n").identity.engine_config()
+    assert cfg.adapt is True and cfg.adapt_max_prototypes == 2
+
+
 def test_unknown_key_names_its_line_and_the_known_keys() -> None:
     text = GOOD.replace("  rate_hz: 500", "  rate_hz: 500\n  baudrate: 115200")
     with pytest.raises(ConfigError) as err:

@@ -11,7 +11,7 @@ from daemon.enrol import load_impostors
 from daemon.identity.engine import UNKNOWN, IdentityConfig, IdentityEngine
 from firmware_protocol.emulators.recordings import load_recording
 from training.data.ecg import EcgRecord
-from training.eval.household import enrol, sessions_of, stream
+from training.eval.household import Session, enrol, household_order, sessions_of, stream
 
 
 def _record(name: str) -> EcgRecord:
@@ -58,3 +58,17 @@ def test_stream_starts_each_session_from_scratch(runner, sessions) -> None:
     assert a == b  # no consensus carried over from the previous wearer
     s = sessions["ecgid-p02-r4"]
     assert s.emb.shape[0] == s.ok.shape[0] == s.lead_mask.shape[0] and np.all(s.lead_mask[:, 0])
+
+
+def test_household_order_keeps_each_persons_sessions_in_date_order() -> None:
+    """--adapt streams sessions as a household lives them: interleaved, each person's by date."""
+    def mk(person: str, date: str) -> Session:
+        return Session(person, date, np.zeros((1, 2), np.float32), np.ones(1, bool), np.ones((1, 3), bool))
+
+    lived = {"a": [mk("a", "12.05.2005"), mk("a", "07.12.2004"), mk("a", "28.12.2004")],
+             "mitdb:201": [mk("mitdb:201", "201-0"), mk("mitdb:201", "201-1")], "c": [mk("c", "21.05.2005")]}
+    order = household_order(lived, np.random.default_rng(0))
+    assert sorted(id(s) for _, s in order) == sorted(id(s) for ss in lived.values() for s in ss)
+    assert [s.session for p, s in order if p == "a"] == ["07.12.2004", "28.12.2004", "12.05.2005"]
+    assert [s.session for p, s in order if p == "mitdb:201"] == ["201-0", "201-1"]  # no date: record order
+    assert order != household_order(lived, np.random.default_rng(1)) or len(order) < 3

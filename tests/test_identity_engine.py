@@ -17,12 +17,19 @@ not easy: some strangers resemble a household member.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
 
-from daemon.identity.engine import UNKNOWN, IdentityConfig, IdentityEngine, build_prototypes, segment_scores
+from daemon.identity.engine import (
+    ADAPTED_PREFIX,
+    UNKNOWN,
+    IdentityConfig,
+    IdentityEngine,
+    build_prototypes,
+    segment_scores,
+)
 from daemon.identity.fusion import (
     ActivityEstimate,
     FusionConfig,
@@ -54,6 +61,7 @@ class Household:
     walk: float = 0.45
     noise: float = 1.5
     rho: float = 0.6
+    impostors: tuple[np.ndarray, np.ndarray] | None = None  # the impostor set enrol_household used
 
     def __post_init__(self) -> None:
         self.common = _unit(self.rng.normal(size=D))
@@ -114,6 +122,7 @@ def enrol_household(seed: int = 0, n: int = 5, config: IdentityConfig | None = N
     hh = Household(np.random.default_rng(seed))
     means = hh.persons(n)
     imp_x, imp_y = hh.impostor_set(60)
+    hh.impostors = (imp_x, imp_y)
     people: dict[str, Person] = {}
     for i, m in enumerate(means):
         x, acts = hh.enrolment(m)
@@ -347,6 +356,146 @@ def test_store_round_trip_gives_the_same_decisions(household, tmp_path):
     assert a == b and a[-1] == "P3"
 
 
+# ---- template adaptation -------------------------------------------------------------------
+@dataclass(frozen=True)
+class FixedImpostors:
+    """The impostor set as ``daemon.enrol.Impostors`` hands it out (same set for any leads)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def for_leads(self, n_leads_on: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.x, self.y
+
+
+ADAPT = dict(adapt=True, adapt_margin=0.05)  # synthetic scores: the guards' logic, not the shipped margin
+
+
+def adapting_engine(household, **knobs) -> IdentityEngine:
+    hh, _, people, cfg = household
+    return IdentityEngine(people, replace(cfg, **{**ADAPT, **knobs}), model=MODEL, impostors=FixedImpostors(*hh.impostors))
+
+
+def wear(engine: IdentityEngine, emb: np.ndarray, t0: float = 0.0) -> list:
+    """One wearing session: clean windows, then the electrodes come off (the session ends)."""
+    states = run_stream(engine, emb, t0)
+    engine.observe(t0 + len(emb), None, False, False)
+    return states
+
+
+def test_adaptation_is_off_by_default(household):
+    hh, means, people, cfg = household
+    engine = IdentityEngine(people, cfg, model=MODEL, impostors=FixedImpostors(*hh.impostors))
+    assert wear(engine, hh.same_session(means[0], 30))[-1].wearer == "P0"
+    assert engine.take_adaptations() == [] and engine.people == list(people.values())
+
+
+def test_strong_session_adds_a_prototype_and_rederives_the_threshold(household):
+    hh, means, people, _ = household
+    engine = adapting_engine(household)
+    assert wear(engine, hh.same_session(means[0], 30))[-1].wearer == "P0"
+    (a,) = engine.take_adaptations()
+    before, after = people["P0"], a.person
+    assert after.id == before.id and after.prototype_labels == before.prototype_labels + (f"{ADAPTED_PREFIX}1",)
+    assert np.array_equal(after.prototypes[:-1], before.prototypes)  # enrolment prototypes kept as they were
+    assert a.score >= before.threshold + engine.config.adapt_margin and a.score - a.runner_up >= engine.config.adapt_runner_up
+    assert after.stats["enrol_threshold"] == before.threshold and after.stats["n_adaptations"] == 1
+    # the threshold is the impostor quantile for the NEW prototype set (other members' prototypes
+    # count as impostors, P0's own do not): per-decision FAR stays at target
+    imp, _ = engine._impostor_scores(after.prototypes, *hh.impostors, exclude=0)
+    assert after.threshold == pytest.approx(float(np.quantile(imp, 1 - engine.config.target_far, method="higher")))
+    assert after.threshold >= before.threshold  # max over more prototypes: impostors score at least as high
+    assert np.mean(imp >= after.threshold) <= engine.config.target_far + 1 / imp.size  # the quantile score itself
+    assert after.stats["expected_far"] == pytest.approx(float(np.mean(imp >= after.threshold)))
+    assert engine.people[0] is after  # the engine scores with it from the next session on
+    assert engine.take_adaptations() == []  # handed out once
+
+
+@pytest.mark.parametrize("case", ["short", "weak", "ambiguous", "stranger", "split_vote", "unannounced"])
+def test_no_adaptation_without_strong_evidence(household, case):
+    hh, means, _, _ = household
+    emb = hh.same_session(means[1], 30)
+    knobs: dict = {}
+    if case == "short":          # announced, but too few clean windows to trust a session mean
+        emb = emb[:9]
+        knobs = {"adapt_min_windows": 10}
+    elif case == "weak":         # accepted, but not by the adaptation margin
+        knobs = {"adapt_margin": 1.0}
+    elif case == "ambiguous":    # another member scores too close
+        knobs = {"adapt_runner_up": 1.5}
+    elif case == "stranger":     # nobody accepted: unknown
+        emb = hh.stream(hh.persons(1)[0], 30)
+    elif case == "split_vote":   # too few of the session's decisions named the wearer
+        knobs = {"adapt_min_agreement": 1.0}
+        emb = np.concatenate([emb[:20], _unit(hh.rng.normal(size=(10, D))), emb[20:30]])
+    elif case == "unannounced":  # the electrodes came off before anybody was announced
+        emb = emb[:6]
+        knobs = {"adapt_min_windows": 1}
+    engine = adapting_engine(household, **knobs)
+    states = wear(engine, emb)
+    if case in ("weak", "ambiguous", "split_vote"):
+        assert states[-1].wearer == "P1"  # identified all the same: only the adaptation is withheld
+    assert engine.take_adaptations() == []
+
+
+def test_adapted_prototypes_are_capped_oldest_first(household):
+    hh, means, people, _ = household
+    engine = adapting_engine(household, adapt_max_prototypes=2)
+    for k in range(4):
+        wear(engine, hh.same_session(means[2], 25), t0=100.0 * k)
+    adaptations = engine.take_adaptations()
+    assert len(adaptations) == 4
+    last = adaptations[-1]
+    labels = people["P2"].prototype_labels
+    assert last.person.prototype_labels == labels + (f"{ADAPTED_PREFIX}3", f"{ADAPTED_PREFIX}4")
+    assert last.dropped == (f"{ADAPTED_PREFIX}2",)
+    assert np.array_equal(last.person.prototypes[:len(labels)], people["P2"].prototypes)
+
+
+def test_anchor_refuses_a_session_only_an_adapted_prototype_accepts(household):
+    """Poisoning by small steps: a look-alike whose session was adapted once must not add more
+    prototypes on the strength of that adapted one."""
+    hh, means, people, cfg = household
+    stranger = hh.persons(1)[0]
+    emb = hh.stream(stranger, 30)
+    poisoned = people["P0"]
+    poisoned = replace(poisoned, prototypes=np.vstack([poisoned.prototypes, _unit(emb.mean(axis=0))[None]]),
+                       prototype_labels=poisoned.prototype_labels + (f"{ADAPTED_PREFIX}1",),
+                       stats={**poisoned.stats, "enrol_threshold": poisoned.threshold})
+    household_p = {**people, "P0": poisoned}
+    imp = FixedImpostors(*hh.impostors)
+    for anchor, expected in ((True, 0), (False, 1)):
+        engine = IdentityEngine(household_p, replace(cfg, **ADAPT, adapt_anchor=anchor), model=MODEL, impostors=imp)
+        assert wear(engine, emb)[-1].wearer == "P0"
+        assert len(engine.take_adaptations()) == expected
+
+
+def test_no_adaptation_without_an_impostor_set(household):
+    hh, means, people, cfg = household
+    engine = IdentityEngine(people, replace(cfg, **ADAPT), model=MODEL)
+    wear(engine, hh.same_session(means[0], 30))
+    assert engine.take_adaptations() == []
+
+
+def test_adaptation_is_persisted_private_and_reloaded(household, tmp_path):
+    hh, means, people, cfg = household
+    store = TemplateStore(tmp_path / "identity" / "templates.json", model=MODEL)
+    store.save(people)
+    engine = adapting_engine(household)
+    wear(engine, hh.same_session(means[4], 30))
+    (a,) = engine.take_adaptations()
+    saved = store.update_templates(a.person)
+    assert saved == a.person
+    assert oct((tmp_path / "identity" / "templates.json").stat().st_mode & 0o777) == "0o600"
+    loaded = store.load()
+    assert loaded["P4"] == a.person and loaded["P0"] == people["P0"]
+    emb = hh.same_session(means[4], 20)
+    restarted = IdentityEngine(loaded, engine.config, model=MODEL, impostors=FixedImpostors(*hh.impostors))
+    assert [s.scores for s in run_stream(restarted, emb)] == [s.scores for s in run_stream(engine, emb)]
+    store.remove("P4")  # removed meanwhile: a late adaptation must not bring the template back
+    assert store.update_templates(a.person) is None and "P4" not in store.load()
+
+
 def test_observe_is_fast(household):
     hh, means, people, cfg = household
     engine = IdentityEngine(people, cfg, model=MODEL)
@@ -503,3 +652,34 @@ if __name__ == "__main__":
         print(f"  {name:32s} " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
     print("enrolment estimates vs held-out (60 impostor persons) and another day, 5 persons x 8 seeds:")
     print("  " + " ".join(f"{k}={v:.3f}" for k, v in measure_enrolment_estimates(range(8)).items()))
+
+
+def test_daemon_saves_the_engines_adaptations_privately(tmp_path, monkeypatch) -> None:
+    """The daemon's side: what the engine adapted reaches the template store (0600, atomic
+    save) without a restart, and an adaptation of a person removed meanwhile is dropped."""
+    from daemon.app import BiodApp
+    from daemon.config import parse_config
+    from daemon.identity.engine import Adaptation
+    from daemon.identity.store import new_person_id, slugify
+
+    cfg = parse_config(f"hub:\n  id: adapt\nstate_dir: {tmp_path / 'state'}\nidentity:\n  adapt: true\n"
+                       "ecg:\n  source: emulator\n")
+    app = BiodApp(cfg)
+    ref = app.ecg_model.ref
+    rng = np.random.default_rng(0)
+    protos = _unit(rng.standard_normal((2, ref.dim)))
+    ada = Person(new_person_id(), "Ada", slugify("Ada"), "2026-11-22T00:00:00Z", ref, protos[:1], ("rest",), 0.6)
+    app.store.add(ada)
+    adapted = replace(ada, prototypes=protos, prototype_labels=("rest", f"{ADAPTED_PREFIX}1"), threshold=0.65,
+                      stats={"enrol_threshold": 0.6, "n_adaptations": 1.0})
+    pending = [Adaptation(adapted, score=0.9, runner_up=-1.0, anchor_score=0.9, n_windows=12, old_threshold=0.6)]
+    monkeypatch.setattr(app.bio.engine, "take_adaptations", lambda: [pending.pop()] if pending else [])
+    app._save_adaptations()
+    path = tmp_path / "state" / "identity" / "templates.json"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    saved = TemplateStore(path, model=ref).load()["Ada"]
+    assert saved.prototype_labels == ("rest", f"{ADAPTED_PREFIX}1") and saved.threshold == pytest.approx(0.65)
+    app.store.remove("Ada")
+    pending.append(Adaptation(adapted, 0.9, -1.0, 0.9, 12, 0.6))
+    app._save_adaptations()  # a late adaptation must not bring a removed person back
+    assert not pending and TemplateStore(path, model=ref).load() == {}

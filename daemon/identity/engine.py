@@ -29,12 +29,20 @@ Pipeline per clean window (``quality_ok`` and an embedding):
    Z so the impostor spread is unchanged), mapped back onto that person's ECG cosine scale so the thresholds, margin and hysteresis apply unchanged. No
    gait (not walking, no template, no gait model): exactly the ECG-only behaviour. No live
    clean ECG: no identity, whatever the gait says.
+6. *Template adaptation (opt-in, ``adapt``).* When a wearing session ends (``live`` False)
+   after it was announced as person P with strong evidence -- enough clean windows, most of
+   its decisions for P, the session's mean embedding above P's threshold by ``adapt_margin``,
+   above every other member by ``adapt_runner_up`` and accepted by P's ENROLMENT prototypes
+   alone (the anchor) -- that mean becomes an extra prototype of P (at most
+   ``adapt_max_prototypes``, oldest dropped; enrolment prototypes are never dropped) and P's
+   threshold is re-derived against the impostor set, so P's per-decision FAR stays at
+   ``target_far``. The caller persists it (:meth:`IdentityEngine.take_adaptations`).
 """
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -51,7 +59,9 @@ from daemon.identity.store import (
 )
 
 __all__ = [
+    "ADAPTED_PREFIX",
     "UNKNOWN",
+    "Adaptation",
     "EnrolmentReport",
     "IdentityConfig",
     "IdentityEngine",
@@ -61,6 +71,9 @@ __all__ = [
 ]
 
 UNKNOWN = "unknown"
+#: ``prototype_labels`` of prototypes added by template adaptation start with this; all
+#: others are enrolment prototypes, which adaptation never removes.
+ADAPTED_PREFIX = "adapted-"
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,14 @@ class IdentityConfig:
     threshold_bounds: tuple[float, float] = (0.2, 0.98)
     cv_folds: int = 5
     seed: int = 0
+    # template adaptation (opt-in; docs/identity.md "Template adaptation")
+    adapt: bool = False             # add confidently identified sessions as extra prototypes
+    adapt_max_prototypes: int = 3   # adapted prototypes kept per person (oldest dropped first)
+    adapt_min_windows: int = 10     # clean windows (one lead set) the session needs
+    adapt_min_agreement: float = 0.8  # share of the session's decisions naming the wearer
+    adapt_margin: float = 0.15      # session-mean score above the wearer's threshold by this (set on training persons)
+    adapt_runner_up: float = 0.10   # ... and above every other member's score by this
+    adapt_anchor: bool = True       # ... and accepted by the wearer's enrolment prototypes alone
 
     def __post_init__(self) -> None:
         if self.scoring not in ("segment", "median"):
@@ -104,6 +125,8 @@ class IdentityConfig:
                 raise ValueError(f"identity.{knob}={value} must be between 1 and identity.history={self.history}")
         if not 0 < self.target_far < 1 or not 0 < self.max_frr < 1:
             raise ValueError("identity.target_far and identity.max_frr must be in (0, 1)")
+        if self.adapt_max_prototypes < 1 or self.adapt_min_windows < 1 or not 0 <= self.adapt_min_agreement <= 1:
+            raise ValueError("identity.adapt_max_prototypes and adapt_min_windows must be >= 1, adapt_min_agreement in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -159,6 +182,32 @@ class EnrolmentReport:
     min_margin: float = float("nan")
     accepted_by: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """One template adaptation made at the end of a wearing session.
+
+    ``person``: the updated Person (same id; prototypes, labels, threshold, stats changed) to
+    save with ``TemplateStore.update_templates``. ``score``: the session mean's score against
+    the person's prototypes before the update; ``runner_up``: the best other member's score
+    (-1 without others); ``anchor_score``: against the enrolment prototypes alone;
+    ``dropped``: labels of the adapted prototypes that made room (oldest first).
+    """
+
+    person: Person
+    score: float
+    runner_up: float
+    anchor_score: float
+    n_windows: int
+    old_threshold: float
+    dropped: tuple[str, ...] = ()
+
+
+class ImpostorSource(Protocol):
+    """The shipped impostor set seen through one lead or several (``daemon.enrol.Impostors``)."""
+
+    def for_leads(self, n_leads_on: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -270,11 +319,13 @@ class IdentityEngine:
     ``store_people``: ``TemplateStore.load()`` (name -> Person). ``model``: the embedding model
     loaded now; templates of another model are refused (:class:`StoreError`). Without it the
     model is taken from the templates (all must agree) and is required for :meth:`enrol`.
+    ``impostors``: the shipped impostor set; template adaptation (``config.adapt``) needs it to
+    re-derive thresholds and is off without it.
     """
 
     def __init__(self, store_people: dict[str, Person], config: IdentityConfig | None = None,
                  *, model: ModelRef | None = None, gait_model: GaitModel | None = None,
-                 fusion: FusionConfig | None = None) -> None:
+                 fusion: FusionConfig | None = None, impostors: ImpostorSource | None = None) -> None:
         self.config = config or IdentityConfig()
         people = list(store_people.values())
         models = {p.model for p in people}
@@ -283,17 +334,23 @@ class IdentityEngine:
         self.model = model or (next(iter(models)) if models else None)
         if self.model is not None:
             check_compatible(store_people, self.model)
-        self.people = people
-        self._names = [p.name for p in people]
-        self._thresholds = np.array([p.threshold for p in people], dtype=np.float32)
-        self._protos, self._starts = _stack(people)
+        self._set_people(people)
         self.fusion = fusion or FusionConfig()
-        self._ecg_norms = {p.name: n for p in people if (n := _ecg_norm(p)) is not None}
+        self.impostors = impostors
+        self._adaptations: list[Adaptation] = []
         self._gait: GaitScorer | None = None
         self._gait_attached = False
         if gait_model is not None:
             self.attach_gait({gait_model.placement: gait_model}, gait_model.placement)
         self._reset()
+
+    def _set_people(self, people: list[Person]) -> None:
+        """(Re)build the scoring arrays from ``people`` (at start and after an adaptation)."""
+        self.people = people
+        self._names = [p.name for p in people]
+        self._thresholds = np.array([p.threshold for p in people], dtype=np.float32)
+        self._protos, self._starts = _stack(people)
+        self._ecg_norms = {p.name: n for p in people if (n := _ecg_norm(p)) is not None}
 
     # ---- gait ----------------------------------------------------------------------------
     @property
@@ -347,6 +404,10 @@ class IdentityEngine:
     def _reset(self) -> None:
         self._pool: deque[tuple[float, np.ndarray]] = deque(maxlen=self.config.window)
         self._decisions: deque[str | None] = deque(maxlen=self.config.history)
+        # the whole wearing session's evidence, for template adaptation at its end
+        self._session_sum: np.ndarray | None = None   # running sum: sessions may last hours
+        self._session_n = 0
+        self._session_votes: Counter[str | None] = Counter()
         self._wearer: str | None = None
         self._scores: dict[str, float] = {}
         self._lead_mask: tuple[bool, ...] | None = None
@@ -366,10 +427,13 @@ class IdentityEngine:
         """
         mask = None if lead_mask is None else tuple(bool(v) for v in np.asarray(lead_mask).ravel())
         if not live or (mask is not None and not any(mask)):
+            self._end_session()
             self._reset()
             return IdentityState(wearer=None, confidence=1.0, decided=True, live=False)
         if mask != self._lead_mask:
             self._pool.clear()
+            self._session_sum, self._session_n = None, 0  # a session mean never mixes lead sets either
+            self._session_votes.clear()
             self._lead_mask = mask
         if quality_ok and embedding is not None:
             self._add_clean(float(t), embedding)
@@ -384,12 +448,17 @@ class IdentityEngine:
         while self._pool and t - self._pool[0][0] > self.config.max_age_s:
             self._pool.popleft()
         self._pool.append((t, _unit(e)))
+        if self.config.adapt:
+            unit = self._pool[-1][1]
+            self._session_sum = unit.astype(np.float64) if self._session_sum is None else self._session_sum + unit
+            self._session_n += 1
         seg = np.stack([v for _, v in self._pool])[None]
         scores = segment_scores(seg, self._protos, self._starts, self.config.scoring)[0]
         scores, self._fused = self._fuse(t, scores)
         self._scores = {n: float(s) for n, s in zip(self._names, scores)}
         if len(self._pool) >= self.config.min_pool:
             self._decisions.append(self._decide(scores) if self.people else UNKNOWN)
+            self._session_votes[self._decisions[-1]] += 1
             self._update_wearer()
 
     def _decide(self, scores: np.ndarray) -> str | None:
@@ -439,6 +508,81 @@ class IdentityEngine:
             candidate=candidate,
             fused=self._fused,
         )
+
+    # ---- template adaptation -------------------------------------------------------------
+    def take_adaptations(self) -> list[Adaptation]:
+        """Adaptations made since the last call, oldest first. The engine already scores with
+        them; the caller persists each ``Adaptation.person`` (``TemplateStore.update_templates``)
+        so a restart keeps them."""
+        out, self._adaptations = self._adaptations, []
+        return out
+
+    def _end_session(self) -> None:
+        """The wearing session ended (not live): adapt the wearer's templates if it qualifies."""
+        adaptation = self._adaptation()
+        if adaptation is not None:
+            people = list(self.people)
+            people[self._names.index(adaptation.person.name)] = adaptation.person
+            self._set_people(people)
+            self._adaptations.append(adaptation)
+
+    def _adaptation(self) -> Adaptation | None:
+        """The wearer's updated templates if this session is strong evidence of who it was.
+
+        WHY each guard (poisoning: a stranger once accepted must not take over a template):
+        an announced wearer and ``adapt_min_agreement`` of the session's decisions for them
+        (not a session that hovered between persons or ``unknown``); the session mean (all its
+        clean windows, one lead set: less noisy than any 5-window pool) ``adapt_margin`` above
+        the threshold and ``adapt_runner_up`` above every other member (a borderline accept
+        or a near-tie adds nothing); ``adapt_anchor``: the enrolment prototypes alone must
+        accept it too, so a prototype can never be added on the strength of an adapted one
+        (no chain of small steps walks a template towards a look-alike). Adapted prototypes
+        are capped (oldest dropped) and the enrolment ones always kept, so the person the
+        template was made from is always still accepted as at enrolment.
+        """
+        cfg = self.config
+        wearer = self._wearer
+        if not cfg.adapt or self.impostors is None or wearer is None or wearer == UNKNOWN:
+            return None
+        n_votes = sum(self._session_votes.values())
+        if (self._session_sum is None or self._session_n < cfg.adapt_min_windows or not n_votes
+                or self._session_votes[wearer] / n_votes < cfg.adapt_min_agreement):
+            return None
+        i = self._names.index(wearer)
+        person = self.people[i]
+        mean = _unit(self._session_sum)
+        scores = np.maximum.reduceat(self._protos @ mean, self._starts)
+        score = float(scores[i])
+        runner_up = float(np.delete(scores, i).max()) if len(scores) > 1 else -1.0
+        adapted = np.array([lab.startswith(ADAPTED_PREFIX) for lab in person.prototype_labels])
+        anchor = float(np.max(person.prototypes[~adapted] @ mean)) if (~adapted).any() else score
+        enrol_threshold = float(person.stats.get("enrol_threshold", person.threshold))
+        if (score < float(self._thresholds[i]) + cfg.adapt_margin or score - runner_up < cfg.adapt_runner_up
+                or (cfg.adapt_anchor and anchor < enrol_threshold)):
+            return None
+        # FIFO over the adapted prototypes: drift is followed by the most recent sessions
+        keep = np.ones(len(adapted), bool)
+        old = np.nonzero(adapted)[0]
+        keep[old[:max(0, len(old) - cfg.adapt_max_prototypes + 1)]] = False
+        count = int(person.stats.get("n_adaptations", 0)) + 1
+        protos = np.vstack([person.prototypes[keep], mean[None]])
+        labels = tuple(lab for lab, k in zip(person.prototype_labels, keep) if k) + (f"{ADAPTED_PREFIX}{count}",)
+        leads_on = 1 if self._lead_mask is None else max(1, sum(self._lead_mask))
+        imp, imp_labels = self.impostors.for_leads(leads_on)
+        impostor, impostor_person = self._impostor_scores(protos, imp, imp_labels, exclude=i)
+        if impostor.size == 0:
+            return None  # no way to keep the FAR at target with more prototypes: do not adapt
+        threshold, _ = self._choose_threshold(np.zeros(0, np.float32), impostor)
+        stats = {**person.stats, "enrol_threshold": enrol_threshold, "n_adaptations": float(count),
+                 "n_prototypes": float(len(protos)), "expected_far": float(np.mean(impostor >= threshold)),
+                 "expected_far_upper": _far_upper(impostor >= threshold, impostor_person, cfg.seed)}
+        if impostor.size >= 10:  # the ECG z-norm for gait fusion follows the new prototypes
+            stats["ecg_impostor_mean"] = float(impostor.mean())
+            stats["ecg_impostor_std"] = float(impostor.std())
+        updated = replace(person, prototypes=protos, prototype_labels=labels, threshold=threshold, stats=stats)
+        dropped = tuple(lab for lab, k in zip(person.prototype_labels, keep) if not k)
+        return Adaptation(person=updated, score=score, runner_up=runner_up, anchor_score=anchor,
+                          n_windows=self._session_n, old_threshold=float(person.threshold), dropped=dropped)
 
     # ---- enrolment -----------------------------------------------------------------------
     def enrol(self, name: str, embeddings: np.ndarray, activities: Sequence[str] | None = None,
@@ -568,15 +712,22 @@ class IdentityEngine:
         return np.concatenate(own), np.concatenate(other)
 
     def _impostor_scores(self, protos: np.ndarray, impostors: np.ndarray | None,
-                         labels: Sequence[object] | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                         labels: Sequence[object] | np.ndarray | None,
+                         exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Pooled scores of never-enrolled persons' segments and of the enrolled persons'
         prototypes (already segment-like means) against the new person's prototypes, with
-        the impostor person each score comes from (for the person-level bootstrap)."""
+        the impostor person each score comes from (for the person-level bootstrap).
+        ``exclude``: index of an enrolled person whose own prototypes are not impostors
+        (re-deriving that person's threshold after an adaptation)."""
         cfg = self.config
         start = np.zeros(1, np.intp)
         out: list[np.ndarray] = []
-        if self.people:
-            out.extend(segment_scores(self._protos[:, None, :], protos, start, cfg.scoring)[:, 0, None])
+        others = self._protos
+        if exclude is not None:
+            first = int(self._starts[exclude])
+            others = np.delete(others, np.s_[first:first + self.people[exclude].prototypes.shape[0]], axis=0)
+        if len(others):
+            out.extend(segment_scores(others[:, None, :], protos, start, cfg.scoring)[:, 0, None])
         if impostors is not None:
             imp = np.asarray(impostors, dtype=np.float32)
             if imp.ndim != 2 or imp.shape[1] != protos.shape[1]:
@@ -606,10 +757,11 @@ class IdentityEngine:
         (electrode placement, drift), so every bit of threshold above the impostor quantile
         is paid for in false rejects later. Without an impostor set only the genuine side is
         known and the ``max_frr`` quantile of it is used (stricter than needed: safe side).
+        ``genuine`` may be empty (re-deriving after an adaptation: the impostor side decides).
         """
         cfg = self.config
         warnings: list[str] = []
-        thr_frr = float(np.quantile(genuine, cfg.max_frr))
+        thr_frr = float(np.quantile(genuine, cfg.max_frr)) if genuine.size else float("inf")
         if impostor.size:
             thr = float(np.quantile(impostor, 1.0 - cfg.target_far, method="higher"))
             if thr > thr_frr:

@@ -30,6 +30,11 @@ Prototypes are stored as base64 of little-endian float32 (exact round trip, comp
 A person may also carry a ``gait`` template (``GaitTemplate``: the gait model it was made
 with and one unit prototype); the key is optional, so stores written before gait identity
 existed load unchanged (no gait template), and older biods ignore it.
+
+Template adaptation (``identity.adapt``) adds prototypes whose label starts with
+``adapted-`` and the stats ``enrol_threshold`` / ``n_adaptations``: no new key, so the
+container version is unchanged; an older biod reads such a file and simply scores with all
+prototypes (it never adds or drops adapted ones).
 """
 from __future__ import annotations
 
@@ -541,6 +546,26 @@ class TemplateStore:
             people[new] = renamed
             self.save(people)
             return renamed
+
+    def update_templates(self, person: Person) -> Person | None:
+        """Save an adapted ``person`` (same id: new prototypes, labels, threshold, stats).
+
+        Returns the stored person, or None when that enrolment is gone (removed or re-enrolled
+        meanwhile: an adaptation must never bring a template back). A rename made meanwhile is
+        kept. Holds the edit lock like every other edit.
+        """
+        if self.model is not None:
+            check_compatible({person.name: person}, self.model)
+        with self._edit_lock():
+            people = self.load()
+            current = next((p for p in people.values() if p.id == person.id), None)
+            if current is None:
+                return None
+            updated = replace(current, prototypes=person.prototypes, prototype_labels=person.prototype_labels,
+                              threshold=person.threshold, stats=dict(person.stats))
+            people[current.name] = updated
+            self.save(people)
+            return updated
 
     def remove(self, name: str) -> Person:
         with self._edit_lock():

@@ -21,15 +21,29 @@ threshold; what a household sees is the engine's per-person thresholds and conse
 Windows come from the daemon's own ``windows_from_record`` and embeddings from
 ``EcgModelRunner.infer``, exactly what ``biod run`` computes; unclean windows are fed as
 unclean (they change nothing), as in the daemon.
+
+``--adapt``: template adaptation (``identity.adapt``) needs sessions in the order a household
+lives them, so each household streams one seeded random interleaving of every session that
+keeps each person's recordings in date order (members from their enrolment on, strangers too:
+a guest who comes back), through two engines on the same order: the static one and one that
+adapts and saves every adaptation to a template store and reloads from it, as the daemon does.
+Reported: the usual table for both, adaptations by the true source of the session (the wearer,
+another member, a stranger = poisoning) and the sessions whose outcome adaptation changed.
+``--population training`` draws households from the ECG-ID persons the models WERE trained on
+(optimistic embeddings): for choosing adaptation knobs (``--identity KEY=VALUE``) without
+touching the held-out persons.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 from pathlib import Path
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -37,7 +51,7 @@ from daemon.biometrics import MODELS_DIR, EcgModelRunner
 from daemon.dsp.ecg_pipeline import windows_from_record
 from daemon.enrol import load_impostors
 from daemon.identity.engine import UNKNOWN, IdentityConfig, IdentityEngine
-from daemon.identity.store import Person
+from daemon.identity.store import Person, TemplateStore
 from daemon.inference.beatmorph import BEATS_FILE
 from daemon.inference.manifest import load_manifest
 from training.data.ecg import EcgRecord, load_all
@@ -71,7 +85,8 @@ def sessions_of(records: list[EcgRecord], runner: EcgModelRunner) -> list[Sessio
 
 def stream(engine: IdentityEngine, s: Session) -> tuple[str | None, str | None, int | None]:
     """(first name announced or None, any member ever announced, clean windows until the first
-    announcement) for one wearing session; the engine is reset by a not-live window first."""
+    announcement) for one wearing session; the engine is reset by a not-live window first, and
+    the session ends with one (the electrodes come off: where template adaptation happens)."""
     engine.observe(0.0, None, False, False)
     first, member, n_clean, at = None, None, 0, None
     for i in range(len(s.emb)):
@@ -81,7 +96,30 @@ def stream(engine: IdentityEngine, s: Session) -> tuple[str | None, str | None, 
             first, at = st.wearer, n_clean
         if st.wearer not in (None, UNKNOWN) and member is None:
             member = st.wearer
+    engine.observe(float(len(s.emb) + 1), None, False, False)
     return first, member, at
+
+
+def _date_key(s: Session) -> datetime:
+    """ECG-ID sessions are dates (dd.mm.yyyy); anything else sorts as one (stable) day."""
+    try:
+        return datetime.strptime(s.session, "%d.%m.%Y")
+    except ValueError:
+        return datetime.min
+
+
+def household_order(sessions: dict[str, list[Session]], rng: np.random.Generator) -> list[tuple[str, Session]]:
+    """A random interleaving of everybody's sessions that keeps each person's in date order
+    (stable for recordings of one day: their record order)."""
+    queues = {p: sorted(ss, key=_date_key) for p, ss in sessions.items()}
+    owners = [p for p, ss in queues.items() for _ in ss]
+    rng.shuffle(owners)
+    taken: dict[str, int] = defaultdict(int)
+    order = []
+    for p in owners:
+        order.append((p, queues[p][taken[p]]))
+        taken[p] += 1
+    return order
 
 
 def enrol(people_sessions: dict[str, Session], runner: EcgModelRunner, cfg: IdentityConfig,
@@ -97,8 +135,90 @@ def enrol(people_sessions: dict[str, Session], runner: EcgModelRunner, cfg: Iden
     return people
 
 
+Outcome = tuple[str | None, str | None, int | None]
+
+
+def _tally(counts: dict[str, int], to_name: list[int], p: str, s: Session, members: list[str],
+           enrol_session: dict[str, str], outcome: Outcome) -> None:
+    """Add one streamed session's outcome to the counts of the household table."""
+    first, member, at = outcome
+    if p in members:
+        cross = "cross_" if s.session != enrol_session[p] else ""
+        kind = ("correct" if first == p else "undecided" if first is None
+                else "unknown" if first == UNKNOWN else "wrong_person")
+        counts[f"member_{kind}"] += 1
+        counts[f"member_{cross}{kind}"] += bool(cross)
+        counts["member_sessions"] += 1
+        counts[f"member_{cross}sessions"] += bool(cross)
+        if first == p and at is not None:
+            to_name.append(at)
+    else:
+        src = "ecgid" if p.startswith("ecgid:") else "other"
+        counts[f"stranger_{src}_sessions"] += 1
+        counts[f"stranger_{src}_accepted"] += member is not None
+        counts[f"stranger_{src}_unknown"] += first == UNKNOWN
+
+
+def _summary(counts: dict[str, int], to_name: list[int]) -> dict:
+    pct = lambda a, b: 100.0 * counts[a] / max(counts[b], 1)  # noqa: E731
+    return {
+        "member_sessions": counts["member_sessions"], "member_cross_sessions": counts["member_cross_sessions"],
+        "member_correct_pct": pct("member_correct", "member_sessions"),
+        "member_wrong_person_pct": pct("member_wrong_person", "member_sessions"),
+        "member_unknown_pct": pct("member_unknown", "member_sessions"),
+        "member_undecided_pct": pct("member_undecided", "member_sessions"),
+        "member_cross_correct_pct": pct("member_cross_correct", "member_cross_sessions"),
+        "member_cross_wrong_person_pct": pct("member_cross_wrong_person", "member_cross_sessions"),
+        "stranger_ecgid_sessions": counts["stranger_ecgid_sessions"],
+        "stranger_ecgid_accepted_pct": pct("stranger_ecgid_accepted", "stranger_ecgid_sessions"),
+        "stranger_other_sessions": counts["stranger_other_sessions"],
+        "stranger_other_accepted_pct": pct("stranger_other_accepted", "stranger_other_sessions"),
+        "median_clean_windows_to_name": float(np.median(to_name)) if to_name else None,
+    }
+
+
+def _adaptive_run(order: list[tuple[str, Session]], people: dict[str, Person], cfg: IdentityConfig,
+                  runner: EcgModelRunner, impostors, poison: dict[str, int]) -> tuple[list[Outcome], list[bool]]:
+    """Stream ``order`` through an adapting engine that saves each adaptation to a template
+    store and is rebuilt from it (the daemon's save + reload). Returns the outcomes and, per
+    session, whether the member it named held a prototype made from someone else's session
+    (a poisoned template); counts into ``poison`` the adaptations by the session's true source
+    and, at the end, the adapted prototypes members hold by source."""
+    outcomes: list[Outcome] = []
+    poisoned: list[bool] = []
+    source: dict[tuple[str, str], str] = {}  # (member, prototype label) -> true person of the session
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TemplateStore(Path(tmp) / "identity" / "templates.json", model=runner.ref)
+        store.save(people)
+        engine = IdentityEngine(store.load(), cfg, model=runner.ref, impostors=impostors)
+        for p, s in order:
+            outcome = stream(engine, s)
+            outcomes.append(outcome)
+            held = {m.name: {source.get((m.name, lab), m.name) for lab in m.prototype_labels} for m in engine.people}
+            poisoned.append(outcome[1] is not None and bool(held[outcome[1]] - {outcome[1]}))
+            adaptations = engine.take_adaptations()
+            for a in adaptations:
+                q = a.person.name
+                source[(q, a.person.prototype_labels[-1])] = p
+                kind = "self" if p == q else "other_member" if p in people else (
+                    "stranger_ecgid" if p.startswith("ecgid:") else "stranger_other")
+                poison[f"adapt_from_{kind}"] += 1
+                poison["adaptations"] += 1
+                if store.update_templates(a.person) is None:
+                    raise RuntimeError(f"{q}'s adaptation could not be saved: the person is gone from the store")
+            if adaptations:
+                engine = IdentityEngine(store.load(), cfg, model=runner.ref, impostors=impostors)
+        for m in store.load().values():  # what the templates hold when the household's sessions are over
+            foreign = [source[(m.name, lab)] != m.name for lab in m.prototype_labels if (m.name, lab) in source]
+            poison["final_adapted_prototypes"] += len(foreign)
+            poison["final_adapted_foreign"] += sum(foreign)
+            poison["final_members_all_adapted_foreign"] += bool(foreign) and all(foreign)
+    return outcomes, poisoned
+
+
 def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int = 5, seed: int = 0,
-             target_far: float | None = None, progress=print) -> dict:
+             target_far: float | None = None, progress: Callable[[str], object] = print, adapt: bool = False,
+             population: Literal["heldout", "training"] = "heldout", overrides: dict | None = None) -> dict:
     runner = EcgModelRunner.load(models_dir / ECG_MODEL)
     seen = training_persons(load_manifest((models_dir / ECG_MODEL).with_suffix(".json")))
     if (models_dir / BEATS_FILE).exists():
@@ -107,11 +227,13 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
     in_impostor_set = set() if impostors is None else {
         str(v).replace("-", ":", 1) for v in np.concatenate([impostors.labels, impostors.labels_3lead])}
     records = [_lead_i_only(r) for r in load_all(Path(data_dir))
-               if r.person not in seen and r.person not in in_impostor_set]
+               if (r.person in seen) == (population == "training") and r.person not in in_impostor_set]
     if not records:
         raise ValueError(f"{data_dir}: no ECG persons left after excluding training and impostor-set persons")
     # one 20 s ECG-ID recording gives 15-18 clean windows
-    cfg = IdentityConfig(min_enrol_windows=12, **({} if target_far is None else {"target_far": target_far}))
+    knobs = {"min_enrol_windows": 12, **({} if target_far is None else {"target_far": target_far}), **(overrides or {})}
+    cfg = IdentityConfig(**knobs)
+    cfg_adapt = IdentityConfig(**{**knobs, "adapt": True})
     sessions = sessions_of(records, runner)
     by_person: dict[str, list[Session]] = defaultdict(list)
     for s in sessions:
@@ -124,53 +246,63 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
     rng = np.random.default_rng(seed)
     counts: dict[str, int] = defaultdict(int)
     to_name: list[int] = []
+    counts_a: dict[str, int] = defaultdict(int)
+    to_name_a: list[int] = []
+    poison: dict[str, int] = defaultdict(int)
+    refused = 0
     for h in range(n_households):
         members = [str(p) for p in rng.choice(eligible, size, replace=False)]
         people = enrol({p: by_person[p][0] for p in members}, runner, cfg, impostors)
-        counts["refused_enrolments"] += size - len(people)
-        engine = IdentityEngine(people, cfg, model=runner.ref)
-        for p in members:
-            if p not in people:
-                continue
-            for s in by_person[p][1:]:
-                first, _, at = stream(engine, s)
-                cross = "cross_" if s.session != by_person[p][0].session else ""
-                kind = ("correct" if first == p else "undecided" if first is None
-                        else "unknown" if first == UNKNOWN else "wrong_person")
-                counts[f"member_{kind}"] += 1
-                counts[f"member_{cross}{kind}"] += bool(cross)
-                counts["member_sessions"] += 1
-                counts[f"member_{cross}sessions"] += bool(cross)
-                if first == p and at is not None:
-                    to_name.append(at)
-        for p in [q for q in eligible if q not in members] + others:
-            for s in by_person[p]:
-                first, member, _ = stream(engine, s)
-                src = "ecgid" if p.startswith("ecgid:") else "other"
-                counts[f"stranger_{src}_sessions"] += 1
-                counts[f"stranger_{src}_accepted"] += member is not None
-                counts[f"stranger_{src}_unknown"] += first == UNKNOWN
+        refused += size - len(people)
+        enrol_session = {p: by_person[p][0].session for p in people}
+        strangers = [q for q in eligible if q not in members] + others
+        if not adapt:  # no state across sessions: the order does not matter
+            engine = IdentityEngine(people, cfg, model=runner.ref)
+            for p in [q for q in members if q in people] + strangers:
+                for s in (by_person[p][1:] if p in people else by_person[p]):
+                    _tally(counts, to_name, p, s, members, enrol_session, stream(engine, s))
+        else:
+            lived = {p: by_person[p][1:] for p in people} | {p: by_person[p] for p in strangers}
+            order = household_order(lived, np.random.default_rng([seed, h]))
+            engine = IdentityEngine(people, cfg, model=runner.ref)
+            static = [stream(engine, s) for _, s in order]
+            adaptive, poisoned = _adaptive_run(order, people, cfg_adapt, runner, impostors, poison)
+            for (p, s), o_s, o_a, bad in zip(order, static, adaptive, poisoned):
+                _tally(counts, to_name, p, s, members, enrol_session, o_s)
+                _tally(counts_a, to_name_a, p, s, members, enrol_session, o_a)
+                if p in people:
+                    poison["member_sessions_gained"] += o_a[0] == p and o_s[0] != p
+                    poison["member_sessions_lost"] += o_s[0] == p and o_a[0] != p
+                else:
+                    poison["stranger_sessions_newly_accepted"] += o_a[1] is not None and o_s[1] is None
+                    poison["stranger_sessions_newly_accepted_poisoned"] += o_a[1] is not None and o_s[1] is None and bad
+                    poison["stranger_sessions_accepted_poisoned"] += o_a[1] is not None and bad
+                    poison["stranger_sessions_newly_rejected"] += o_s[1] is not None and o_a[1] is None
         progress(f"household {h + 1}/{n_households}: {', '.join(members)}")
-    pct = lambda a, b: 100.0 * counts[a] / max(counts[b], 1)  # noqa: E731
     result = {
-        "households": n_households, "size": size, "target_far": cfg.target_far, "eligible_persons": len(eligible),
-        "stranger_persons_ecgid": len(eligible) - size, "stranger_persons_other": len(others),
-        "impostor_set_persons": len(in_impostor_set),
-        "member_sessions": counts["member_sessions"], "member_cross_sessions": counts["member_cross_sessions"],
-        "member_correct_pct": pct("member_correct", "member_sessions"),
-        "member_wrong_person_pct": pct("member_wrong_person", "member_sessions"),
-        "member_unknown_pct": pct("member_unknown", "member_sessions"),
-        "member_undecided_pct": pct("member_undecided", "member_sessions"),
-        "member_cross_correct_pct": pct("member_cross_correct", "member_cross_sessions"),
-        "member_cross_wrong_person_pct": pct("member_cross_wrong_person", "member_cross_sessions"),
-        "stranger_ecgid_sessions": counts["stranger_ecgid_sessions"],
-        "stranger_ecgid_accepted_pct": pct("stranger_ecgid_accepted", "stranger_ecgid_sessions"),
-        "stranger_other_sessions": counts["stranger_other_sessions"],
-        "stranger_other_accepted_pct": pct("stranger_other_accepted", "stranger_other_sessions"),
-        "refused_enrolments": counts["refused_enrolments"],
-        "median_clean_windows_to_name": float(np.median(to_name)) if to_name else None,
+        "households": n_households, "size": size, "target_far": cfg.target_far, "population": population,
+        "eligible_persons": len(eligible), "stranger_persons_ecgid": len(eligible) - size,
+        "stranger_persons_other": len(others), "impostor_set_persons": len(in_impostor_set),
+        "refused_enrolments": refused,
     }
-    return result
+    if not adapt:
+        return {**result, **_summary(counts, to_name)}
+    adapt_knobs = {f.name: getattr(cfg_adapt, f.name) for f in fields(IdentityConfig) if f.name.startswith("adapt")}
+    return {**result, "adapt_config": adapt_knobs, "static": _summary(counts, to_name),
+            "adaptive": _summary(counts_a, to_name_a), "adaptation": dict(poison)}
+
+
+def _identity_overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` -> IdentityConfig field values, typed like the field's default."""
+    defaults = IdentityConfig()
+    out: dict = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not hasattr(defaults, key) or not value:
+            raise ValueError(f"--identity {pair!r}: want KEY=VALUE with KEY an IdentityConfig field")
+        kind = type(getattr(defaults, key))
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,15 +314,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target-far", type=float, default=None,
                     help="identity.target_far for the enrolments (default: the daemon's default)")
+    ap.add_argument("--adapt", action="store_true",
+                    help="stream each household's sessions in date order through a static and an adapting engine")
+    ap.add_argument("--population", choices=("heldout", "training"), default="heldout",
+                    help="'training': households of persons the models were trained on (optimistic; for choosing knobs)")
+    ap.add_argument("--identity", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an IdentityConfig knob, e.g. adapt_margin=0.08 (repeatable)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     try:
-        res = evaluate(args.data, args.models, args.households, args.size, args.seed, args.target_far)
+        res = evaluate(args.data, args.models, args.households, args.size, args.seed, args.target_far,
+                       adapt=args.adapt, population=args.population, overrides=_identity_overrides(args.identity))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for k, v in res.items():
+        if isinstance(v, dict) and k in ("static", "adaptive"):
+            continue
         print(f"{k:<32} {v:.4g}" if isinstance(v, float) else f"{k:<32} {v}")
+    if args.adapt:
+        print(f"{'':<32} {'static':>10} {'adaptive':>10}")
+        for k, v in res["static"].items():
+            w = res["adaptive"][k]
+            fmt = lambda x: f"{x:>10.4g}" if isinstance(x, float) else f"{x!s:>10}"  # noqa: E731
+            print(f"{k:<32} {fmt(v)} {fmt(w)}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0

@@ -645,28 +645,36 @@ class RPeakDetector:
             lead_ok = vs.any(axis=0) if vs.size else np.ones(self.n_leads, bool)
             if not lead_ok.any():
                 lead_ok[:] = True
-        leads_used = int(sum(1 << l for l in range(self.n_leads) if lead_ok[l]))
-        pos = xs.max(axis=0)
-        neg = -xs.min(axis=0)
-        # +1 when R dominates, -1 when S/QS clearly dominates (neg > 1.5 pos).
-        vote = np.where(neg > self._p.qs_ratio * pos, -1.0, 1.0)
-        first = self._polarity == 0
-        self._polarity = np.where(
-            lead_ok, np.where(first, vote, 0.9 * self._polarity + 0.1 * vote), self._polarity
-        )
+        ok = lead_ok.tolist()
+        leads_used = sum(1 << l for l in range(self.n_leads) if ok[l])
+        pos = xs.max(axis=0).tolist()
+        neg = (-xs.min(axis=0)).tolist()
+        # Per lead in plain floats (the same IEEE double arithmetic as numpy's; a handful of
+        # leads per beat, where array calls cost more than the arithmetic).
+        qs, w = self._p.qs_ratio, self._p.polarity_weight
+        polarity = self._polarity
+        best, best_amp, best_pol = -1, -math.inf, 1.0
+        for l in range(self.n_leads):
+            if ok[l]:
+                # +1 when R dominates, -1 when S/QS clearly dominates (neg > 1.5 pos).
+                vote = -1.0 if neg[l] > qs * pos[l] else 1.0
+                polarity[l] = vote if polarity[l] == 0 else 0.9 * polarity[l] + 0.1 * vote
+                amp = max(pos[l], neg[l])
+                if amp > best_amp:  # first of equal amplitudes, as argmax
+                    best, best_amp = l, amp
+        if best < 0:  # cannot happen (some lead is always taken as ok); argmax of all -inf is 0
+            best = 0
         # The lead's polarity weighs this beat's two extrema: with a confident estimate the
         # opposite one must be (1 + k) / (1 - k) = 2x larger to win; with an uncertain one
         # (mixed ectopic/normal morphologies) the larger extremum wins.
-        k = self._p.polarity_weight * np.clip(self._polarity, -1.0, 1.0)
-        pol = np.where(pos * (1.0 + k) >= neg * (1.0 - k), 1.0, -1.0)
-        amp_lead = np.where(lead_ok, np.maximum(pos, neg), -np.inf)
-        best = int(np.argmax(amp_lead))
-        i = int(np.argmax(pol[best] * xs[:, best]))
+        k = w * min(1.0, max(-1.0, float(polarity[best])))
+        sign = 1.0 if pos[best] * (1.0 + k) >= neg[best] * (1.0 - k) else -1.0
+        i = int(np.argmax(sign * xs[:, best]))
         # The median flattens the very top of R: take the exact extremum of the unfiltered
         # signal within the filter's half width of the despiked one.
         d = self._despike // 2
         raw = self._xhp[max(lo, lo + i - d) - b0: min(hi, lo + i + d + 1) - b0, best]
-        j = max(lo, lo + i - d) + int(np.argmax(pol[best] * raw))
+        j = max(lo, lo + i - d) + int(np.argmax(sign * raw))
         return j, float(self._xhp[j - b0, best] - base[best]), leads_used
 
     def _trim(self) -> None:

@@ -145,3 +145,98 @@ def test_flat_lead_fast_path_equals_running_filters() -> None:
         got = np.concatenate([det._flat(x[i:i + step]) for i in range(0, x.shape[0], step)])
         assert np.array_equal(got, ref), step
     assert ref[1600, 0] and not ref[2800, 1] and ref[3519, 2]
+
+
+@pytest.mark.parametrize("size", sorted(_MEDIAN_NETWORKS) + [9])
+def test_median_filter_along_axis1_is_per_signal(size) -> None:
+    """The batched despiking (k signals along axis 1) gives each signal's own filter."""
+    rng = np.random.default_rng(7)
+    for t in range(200):
+        k, n, ch = int(rng.integers(1, 6)), int(rng.integers(1, 60)), int(rng.integers(1, 4))
+        x = _ties(rng, (k, n, ch)) if t % 2 else rng.standard_normal((k, n, ch))
+        got = median_filter_nearest(x, size, axis=1)
+        for i in range(k):
+            ref = median_filter_nearest(x[i], size)
+            assert np.array_equal(got[i], ref), (size, t, i)
+            assert np.array_equal(np.abs(got[i]), np.abs(median_filter(x[i], size=(size, 1),
+                                                                       mode="nearest")))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quality_fast_paths_match_reference(dtype) -> None:
+    from daemon.dsp import quality as qm
+
+    rng = np.random.default_rng(3)
+    for t in range(400):
+        b = (_ties(rng, (int(rng.integers(1, 8)), 70, 3)) if t % 3 == 0
+             else rng.standard_normal((int(rng.integers(1, 8)), 70, 3)) * 10.0 ** rng.integers(-3, 3))
+        b = b.astype(dtype)
+        if t % 4 == 0:
+            b[0, :, 1] = 0.25  # a flat beat-lead
+        got = qm._znorm(b)
+        # correlation from precomputed halves == _corr_rows
+        a = got.reshape(got.shape[0], -1)
+        tb = (got[0] if t % 5 else np.zeros_like(got[0])).reshape(-1)
+        ac = a - np.add.reduce(a, axis=1, keepdims=True) / a.shape[1]
+        an = np.sqrt(np.add.reduce(ac * ac, axis=1))
+        bc, bn = qm._centred(tb)
+        ref_c = qm._corr_rows(a, tb)
+        got_c = qm._corr_centred(ac, an, min(an.tolist()), bc, bn)
+        assert got_c.dtype == ref_c.dtype and got_c.tobytes() == ref_c.tobytes()
+        v = ref_c if t % 2 else np.round(ref_c * 2).astype(dtype) * np.sign(rng.standard_normal(ref_c.size)).astype(dtype)
+        assert np.float64(qm._median_list(v)).tobytes() == np.float64(median(v)).tobytes()
+
+
+def _rr_bad_numpy(times: np.ndarray, span: tuple[float, float], jump: float) -> int:
+    """The numpy implausible-RR count that quality._rr_bad replaced (the reference)."""
+    from daemon.dsp.hrv import RR_MAX_S, RR_MIN_S
+
+    rr = np.diff(times)
+    if times.size:
+        edges = (times[0] - span[0] > RR_MAX_S) + (span[1] - times[-1] > RR_MAX_S)
+    else:
+        edges = int(span[1] - span[0] > RR_MAX_S)
+    bad = int(np.count_nonzero(rr < RR_MIN_S) + np.count_nonzero(rr > RR_MAX_S) + edges)
+    if rr.size >= 2:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = rr[1:] / rr[:-1]
+        bad += int(np.count_nonzero((ratio > jump) | (ratio < 1 / jump)))
+    return bad
+
+
+def test_rr_checks_in_floats_match_numpy() -> None:
+    from daemon.dsp import quality as qm
+
+    rng = np.random.default_rng(5)
+    for t in range(5000):
+        n = int(rng.integers(0, 8))
+        times = np.sort(rng.uniform(0.0, 3.0, n))
+        if t % 3 == 0:
+            times = np.round(times, 1)  # repeated times: zero intervals
+        span = (0.0, 3.0) if t % 2 else (float(rng.uniform(-1, 1)), float(rng.uniform(2, 4)))
+        assert qm._rr_bad(times.tolist(), span, 1.8) == _rr_bad_numpy(times, span, 1.8), (times, span)
+
+
+def test_batched_refinement_equals_per_beat() -> None:
+    """Refining all beats of a call at once gives the beats of refining them one by one."""
+    z = np.load(FIX)
+    x = np.concatenate([z["signals"][r].astype(np.float32) / z["adc_gain"][r][None, :]
+                        for r in range(4)])
+    x[3000:3300, 2] = -x[3000:3300, 2] * 3
+    valid = np.ones(x.shape, bool)
+    valid[7000:7400, 0] = False   # a lead off for part of some beats
+    valid[9000:9800, :2] = False
+
+    def run(batched: bool, step: int):
+        det = RPeakDetector(500.0, 3)
+        if not batched:
+            det._refine_many = lambda cs: None
+        out = []
+        for i in range(0, x.shape[0], step):
+            out += det.process(x[i:i + step], valid[i:i + step])
+        out += det.flush()
+        return [(b.sample, b.amplitude_mv, b.leads_used, b.latency_s) for b in out]
+
+    for step in (5000, 20000):
+        ref = run(False, step)
+        assert len(ref) > 30 and run(True, step) == ref

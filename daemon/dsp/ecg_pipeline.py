@@ -183,31 +183,37 @@ class EcgPipeline:
                   if self._morph is not None
                   else [np.zeros((0, 0, self.n_leads), np.float32)] * len(segs))
         spans, times = [], []
-        for s in segs:
-            t1 = s.end / self.model_fs
-            t0 = t1 - self.window_len / self.model_fs
+        # The beat times are increasing (the detector emits each R peak once, in order): a
+        # window's beats are one slice, found by bisection for every window at once.
+        bt_all = self._beat_t
+        t1s = [s.end / self.model_fs for s in segs]
+        t0s = [t1 - self.window_len / self.model_fs for t1 in t1s]
+        i0s = np.searchsorted(bt_all, t0s, side="left").tolist()
+        i1s = np.searchsorted(bt_all, t1s, side="left").tolist()
+        for t0, t1, i0, i1 in zip(t0s, t1s, i0s, i1s):
             spans.append((t0, t1))
-            times.append(self._beat_t[(self._beat_t >= t0) & (self._beat_t < t1)])
+            times.append(bt_all[i0:i1])
         results = self._qa.assess(raw, masks, [s.beats for s in segs], times, spans,
                                   hop=self._raw.hop)
         out = []
         hr_t, hr_ok = [], []  # handed to the HR tracker in one call (same result, less work)
-        for s, (q, usable), (t0, t1), bt, mo in zip(segs, results, spans, times, morphs):
+        handed = int(np.searchsorted(bt_all, self._handed, side="right"))  # first beat > _handed
+        for s, (q, usable), (t0, t1), i0, i1, mo in zip(segs, results, spans, i0s, i1s, morphs):
             data, groups = s.data, s.groups
             if not usable.all():
                 data = np.where(usable[None, :], data, np.float32(0.0))
                 groups = np.where(usable[None, None, :], groups, np.float32(0.0))
-            new = bt[bt > self._handed]
-            if new.size:
-                hr_t.append(new)
-                hr_ok.append(np.full(new.size, q.ok))
-                self._handed = float(new[-1])
+            j = max(i0, handed)
+            if i1 > j:  # beats of this window not handed yet
+                hr_t.append(bt_all[j:i1])
+                hr_ok += [q.ok] * (i1 - j)
+                handed = i1
+                self._handed = float(bt_all[i1 - 1])
             if mo.size and not usable.all():
                 mo = np.where(usable[None, None, :], mo, np.float32(0.0))
-            out.append(EcgWindow(t1, data, usable, q, groups,
-                                 (s.beat_samples / self.model_fs).astype(np.float64), mo))
+            out.append(EcgWindow(t1, data, usable, q, groups, s.beat_samples / self.model_fs, mo))
         if hr_t:
-            self._hr.push(np.concatenate(hr_t), np.concatenate(hr_ok))
+            self._hr.push(np.concatenate(hr_t), np.array(hr_ok, dtype=bool))
         keep_from = spans[-1][0] + self.hop / self.model_fs
         self._beat_t = self._beat_t[self._beat_t >= keep_from]
         return tuple(out)

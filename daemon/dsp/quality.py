@@ -36,7 +36,7 @@ import numpy as np
 import scipy.fft
 
 from daemon.dsp.hrv import RR_MAX_S, RR_MIN_S
-from daemon.dsp.stats import median, median_axis0
+from daemon.dsp.stats import median_axis0
 
 REASONS = ("lead_off", "flat_line", "saturation", "mains_hum", "high_freq_noise",
            "motion_artifact", "implausible_rr", "no_beats")
@@ -215,6 +215,61 @@ def _corr_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, a @ b / np.where(den > 0, den, 1.0), 0.0)
 
 
+def _corr_centred(ac: np.ndarray, an: np.ndarray, an_min: float, bc: np.ndarray,
+                  bn: np.ndarray) -> np.ndarray:
+    """:func:`_corr_rows` from its intermediate values: ``ac`` the centred rows of a, ``an``
+    their norms (smallest ``an_min``), ``bc`` centred b and ``bn`` its norm. When every
+    product ``an * bn`` is clearly positive (no underflow to 0 even in float32), the masks of
+    :func:`_corr_rows` select everything and the quotient is all that is left."""
+    if an_min > 1e-18 and bn > 1e-18:
+        return ac @ bc / (an * bn)
+    den = an * bn
+    return np.where(den > 0, ac @ bc / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _centred(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The b half of :func:`_corr_rows` (1-d ``b``): centred b and its norm."""
+    b = b - np.add.reduce(b) / b.shape[0]
+    return b, np.sqrt(b.dot(b))
+
+
+def _median_list(c: np.ndarray) -> float:
+    """``stats.median(c)`` of a short 1-d float array, sorted as a Python list: the same
+    middle value(s) (equal values are interchangeable, and +0.0 is added as numpy's mean
+    does), the mean of two in ``c``'s own dtype as numpy computes it."""
+    v = c.tolist()
+    v.sort()
+    n = len(v)
+    if n % 2:
+        return v[n // 2] + 0.0
+    t = c.dtype.type
+    return float(((t(0.0) + t(v[n // 2 - 1])) + t(v[n // 2])) / t(2.0))
+
+
+def _rr_bad(t: list[float], span: tuple[float, float], jump: float) -> int:
+    """Implausible RR count of a window (see :meth:`QualityAssessor._beat_scores`): RR outside
+    30-220 bpm, a window edge farther than the longest RR from a beat (missed beats), and
+    successive RR ratios beyond ``jump``. In Python floats for a handful of beats: the same
+    IEEE double subtractions, divisions and comparisons as the numpy version it replaced
+    (tests/test_dsp_exact_fastpaths.py holds it to that one), including its inf/nan quotients
+    after a zero interval, which increasing beat times never give."""
+    n = len(t)
+    if n:  # numpy added the two edge flags as np.bool_: a logical or, not a count
+        bad = int((t[0] - span[0] > RR_MAX_S) or (span[1] - t[-1] > RR_MAX_S))
+    else:
+        bad = int(span[1] - span[0] > RR_MAX_S)
+    rr = [t[j + 1] - t[j] for j in range(n - 1)]
+    for r in rr:
+        bad += (r < RR_MIN_S) + (r > RR_MAX_S)
+    lo = 1 / jump
+    for a, b in zip(rr, rr[1:]):
+        if a == 0:  # b / 0 is +-inf (a jump either way) unless b is 0 too (nan: none)
+            bad += b != 0
+        else:
+            bad += (b / a > jump) or (b / a < lo)
+    return int(bad)
+
+
 class QualityAssessor:
     """Stateful (running beat template) quality of successive windows of one stream."""
 
@@ -227,6 +282,9 @@ class QualityAssessor:
         self.template: np.ndarray | None = None       # (beat_len, ch), per-lead z-scored
         self._template_ok = np.zeros(self.n_leads, dtype=bool)
         self._mismatch = 0  # consecutive self-consistent windows that disagree with the template
+        # (template it was computed from, centred flattened template, its norm): the b half of
+        # the template correlation, which changes only when the template does
+        self._tcache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     RESEED_AFTER = 5  # windows: a new wearer's steady beats replace the old template after ~5 s
 
@@ -236,13 +294,30 @@ class QualityAssessor:
         self.template = None
         self._template_ok[:] = False
         self._mismatch = 0
+        self._tcache = None
 
-    def _self_consistent(self, z: np.ndarray, usable: np.ndarray) -> bool:
+    def _template_centred(self) -> tuple[np.ndarray, np.ndarray]:
+        c = self._tcache
+        if c is None or c[0] is not self.template:
+            bc, bn = _centred(_leads(self.template[None], self._template_ok)[0])
+            c = self._tcache = (self.template, bc, bn)
+        return c[1], c[2]
+
+    @staticmethod
+    def _intra(z: np.ndarray, usable: np.ndarray, med: np.ndarray, rows=None) -> np.ndarray:
+        """Correlation of the window's beats with their median beat ``med`` (usable leads);
+        ``rows``: (centred rows, norms, smallest norm) of ``z`` over every lead, given when
+        every lead is usable."""
+        if rows is not None:
+            bc, bn = _centred(med.reshape(-1))
+            return _corr_centred(rows[0], rows[1], rows[2], bc, bn)
+        return _corr_rows(_leads(z, usable), _leads(med[None], usable)[0])
+
+    def _self_consistent(self, z: np.ndarray, usable: np.ndarray, rows=None) -> bool:
         if z.shape[0] < 2 or not usable.any():
             return False
-        med = median_axis0(z)
-        intra = _corr_rows(_leads(z, usable), _leads(med[None], usable)[0])
-        return bool(median(intra) >= self.cfg.template_update_corr)
+        intra = self._intra(z, usable, median_axis0(z), rows)
+        return bool(_median_list(intra) >= self.cfg.template_update_corr)
 
     def assess(self, raw: np.ndarray, mask: np.ndarray, beats: list[np.ndarray],
                beat_times: list[np.ndarray], spans_s: list[tuple[float, float]],
@@ -253,21 +328,38 @@ class QualityAssessor:
         usable, sig = signal_scores(raw, mask, self.fs, self.mains_hz, self.cfg, hop)
         # z-score all beats of the batch at once, then split per window
         counts = [b.shape[0] for b in beats]
-        zs = np.split(_znorm(np.concatenate(beats)), np.cumsum(counts)[:-1]) \
-            if sum(counts) else [b for b in beats]
+        total = sum(counts)
+        if total:
+            zall = _znorm(np.concatenate(beats))
+            zs = np.split(zall, np.cumsum(counts)[:-1])
+            # The a half of _corr_rows for rows over every lead (centred rows and their norms):
+            # row by row the same sums, so computed once for the batch and sliced per window.
+            flat = zall.reshape(total, -1)
+            ac = flat - np.add.reduce(flat, axis=1, keepdims=True) / flat.shape[1]
+            an = np.sqrt(np.add.reduce(ac * ac, axis=1))
+            an_l = an.tolist()
+        else:
+            zs = [b for b in beats]
+        sig_l = {name: v.tolist() for name, v in sig.items()}
+        use_l = usable.tolist()
         out = []
+        s0 = 0
         for i in range(raw.shape[0]):
-            if not usable[i].any():  # electrodes off: whoever comes next is judged afresh
+            u = use_l[i]
+            if not any(u):  # electrodes off: whoever comes next is judged afresh
                 self.reset_template()
-            scores = {name: float(v[i]) for name, v in sig.items()}
-            scores.update(self._beat_scores(zs[i], beat_times[i], spans_s[i], usable[i]))
+            s1 = s0 + counts[i]
+            rows = (ac[s0:s1], an[s0:s1], min(an_l[s0:s1])) if s1 > s0 and all(u) else None
+            s0 = s1
+            scores = {name: v[i] for name, v in sig_l.items()}
+            scores.update(self._beat_scores(zs[i], beat_times[i], spans_s[i], usable[i], rows))
             name = min(scores, key=scores.get)   # dict order = REASONS order on ties
             index = scores[name]
             ok = index >= 0.5
             if ok:
                 self._mismatch = 0
-                self._update_template(zs[i], usable[i])
-            elif name == "motion_artifact" and self.template is not None and self._self_consistent(zs[i], usable[i]):
+                self._update_template(zs[i], usable[i], rows)
+            elif name == "motion_artifact" and self.template is not None and self._self_consistent(zs[i], usable[i], rows):
                 # Steady, self-consistent beats that keep disagreeing with the template are a
                 # different heart, not motion: start a new template.
                 self._mismatch += 1
@@ -281,20 +373,11 @@ class QualityAssessor:
         return out
 
     def _beat_scores(self, z: np.ndarray, times: np.ndarray, span: tuple[float, float],
-                     usable: np.ndarray) -> dict[str, float]:
-        """``z``: the window's complete beats, z-scored per beat and lead (b, bl, ch)."""
+                     usable: np.ndarray, rows=None) -> dict[str, float]:
+        """``z``: the window's complete beats, z-scored per beat and lead (b, bl, ch);
+        ``rows``: see :meth:`_intra`."""
         cfg = self.cfg
-        times = np.asarray(times, dtype=np.float64)
-        rr = np.diff(times)
-        if times.size:
-            edges = (times[0] - span[0] > RR_MAX_S) + (span[1] - times[-1] > RR_MAX_S)
-        else:
-            edges = int(span[1] - span[0] > RR_MAX_S)
-        bad_rr = int(np.count_nonzero(rr < RR_MIN_S) + np.count_nonzero(rr > RR_MAX_S) + edges)
-        if rr.size >= 2:
-            ratio = rr[1:] / rr[:-1]
-            bad_rr += int(np.count_nonzero((ratio > cfg.rr_jump_ratio)
-                                           | (ratio < 1 / cfg.rr_jump_ratio)))
+        bad_rr = _rr_bad(np.asarray(times, dtype=np.float64).tolist(), span, cfg.rr_jump_ratio)
         scores = {"implausible_rr": 1.0 if bad_rr == 0 else 0.25 / bad_rr,
                   "no_beats": 1.0 if z.shape[0] else 0.0}
         if not z.shape[0] or not usable.any():
@@ -302,22 +385,25 @@ class QualityAssessor:
             return scores
         if self.template is not None and (usable & self._template_ok).any():
             use = usable & self._template_ok
-            corr = _corr_rows(_leads(z, use), _leads(self.template[None], use)[0])
+            if rows is not None and use.all():
+                bc, bn = self._template_centred()
+                corr = _corr_centred(rows[0], rows[1], rows[2], bc, bn)
+            else:
+                corr = _corr_rows(_leads(z, use), _leads(self.template[None], use)[0])
         elif len(z) > 1:
             corr = _corr_rows(_leads(z, usable), median_axis0(_leads(z, usable)))
         else:
             corr = np.ones(1)
         # _ramp's arithmetic on one float (same IEEE double operations, no array round trip)
-        r = 0.5 + 0.5 * (median(corr) - cfg.corr_threshold) / 0.15
+        r = 0.5 + 0.5 * (_median_list(corr) - cfg.corr_threshold) / 0.15
         scores["motion_artifact"] = min(1.0, max(0.0, r))
         return scores
 
-    def _update_template(self, z: np.ndarray, usable: np.ndarray) -> None:
+    def _update_template(self, z: np.ndarray, usable: np.ndarray, rows=None) -> None:
         if z.shape[0] < 2 or not usable.any():
             return
         med = median_axis0(z)
-        intra = _corr_rows(_leads(z, usable), _leads(med[None], usable)[0])
-        if median(intra) < self.cfg.template_update_corr:
+        if _median_list(self._intra(z, usable, med, rows)) < self.cfg.template_update_corr:
             return
         med = _znorm(med[None])[0]
         if self.template is None:
@@ -331,3 +417,4 @@ class QualityAssessor:
         self.template[:, new] = (1 - a) * self.template[:, new] + a * med[:, new]
         self.template[:, fresh] = med[:, fresh]
         self._template_ok |= usable
+        self._tcache = None  # the template changed in place

@@ -232,8 +232,10 @@ class RPeakDetector:
         self._raw_end = 0  # absolute index one past the last raw sample
         self._fused_end = 0  # one past the last fused sample
         # Block statistics for normalisation.
-        self._blk_max: list[np.ndarray] = []  # per completed block: max f per lead (nan = no valid)
-        self._cur_blk_max = np.full(L, -np.inf)  # running max of the block being fused
+        # Per completed block: max f per lead (nan = no valid sample), and the running max of
+        # the block being fused; Python floats (a few per second, read one by one).
+        self._blk_max: list[list[float]] = []
+        self._cur_blk_max = [-math.inf] * L
         self._blk_offset = 0  # absolute block index of _blk_max[0]
         self._startup_scale = np.full(L, np.nan)
         self._startup_end = 0
@@ -251,6 +253,7 @@ class RPeakDetector:
         self._default_rr = int(round(0.8 * fs))
         self._pending: list[tuple[int, float]] = []  # rejected candidates since the last beat
         self._last_r = -(10**12)
+        self._to_refine: list[int] = []  # accepted mwi peaks of this call, refined at its end
         self._polarity = np.zeros(L)  # running polarity vote per lead
         # Flat-lead detection and re-learning after every lead was off (electrodes put on).
         self._flat_w = s(p.flat_s) | 1
@@ -365,11 +368,9 @@ class RPeakDetector:
         hist = self._blk_max[max(0, kk - self._p.scale_blocks):max(0, kk)]
         if not hist:
             return np.full(self.n_leads, np.nan)
-        out = np.full(self.n_leads, np.nan)
-        for l in range(self.n_leads):
-            vals = [float(b[l]) for b in hist if math.isfinite(b[l])]
-            if vals:
-                out[l] = _percentile_linear(vals, self._p.scale_percentile)
+        q = self._p.scale_percentile
+        vals = [[b[l] for b in hist if math.isfinite(b[l])] for l in range(self.n_leads)]
+        out = np.array([_percentile_linear(v, q) if v else math.nan for v in vals])
         self._scale_cache = (k, out)
         return out
 
@@ -408,15 +409,17 @@ class RPeakDetector:
                 starts[0] = a
                 fms = np.maximum.reduceat(fv, starts - a, axis=0)
             ends, scales = [], []
-            for i, fm in enumerate(fms):  # one short step per 1 s block
+            for i, fm in enumerate(fms.tolist()):  # one short step per 1 s block
                 blk_end = (k + i + 1) * B
                 ends.append(min(blk_end, last))
                 scales.append(scale)
-                self._cur_blk_max = np.maximum(self._cur_blk_max, fm)
+                # np.maximum in floats (nan propagates), then non-finite -> nan
+                self._cur_blk_max = [u if u >= v or u != u else v
+                                     for u, v in zip(self._cur_blk_max, fm)]
                 if ends[-1] == blk_end:
                     cur = self._cur_blk_max
-                    self._blk_max.append(np.where(np.isfinite(cur), cur, np.nan))
-                    self._cur_blk_max = np.full(self.n_leads, -np.inf)
+                    self._blk_max.append([u if math.isfinite(u) else math.nan for u in cur])
+                    self._cur_blk_max = [-math.inf] * self.n_leads
                     if len(self._blk_max) > 4 * self._p.scale_blocks:  # bounded memory
                         drop = len(self._blk_max) - 2 * self._p.scale_blocks
                         self._blk_max = self._blk_max[drop:]
@@ -523,6 +526,7 @@ class RPeakDetector:
                 self._candidate(int(c), float(self._mwi[c - self._buf0]), beats)
             self._frontier = end
             self._searchback(end, beats)
+        self._emit(beats)
         self._trim()
         return beats
 
@@ -590,7 +594,6 @@ class RPeakDetector:
 
     def _accept(self, c: int, beats: list[Beat]) -> None:
         slope = self._slope(c)
-        r, amp, leads = self._refine_r(c)
         if self._last_c is not None:
             rr = c - self._last_c
             self._rr.append(rr)
@@ -600,18 +603,120 @@ class RPeakDetector:
         self._last_slope = slope
         self._pending = []
         self._sb_deadline = None
-        if r <= self._last_r:
+        # The refinement feeds no decision (only the reported sample, amplitude and the
+        # polarity votes, which only the refinement reads): it runs for every beat accepted in
+        # this call at once, in acceptance order, before the history is trimmed (_emit).
+        self._to_refine.append(c)
+
+    def _emit(self, beats: list[Beat]) -> None:
+        """Refine the beats accepted in this call and append them to ``beats`` (in order)."""
+        cs = self._to_refine
+        if not cs:
             return
-        self._last_r = r
-        beats.append(
-            Beat(
-                sample=int(r),
-                time_s=r / self.fs,
-                latency_s=(self._raw_end - 1 - r) / self.fs,
-                amplitude_mv=float(amp),
-                leads_used=leads,
+        self._to_refine = []
+        refined = self._refine_many(cs) if len(cs) > 1 else None
+        if refined is None:
+            refined = [self._refine_r(c) for c in cs]
+        for r, amp, leads in refined:
+            if r <= self._last_r:
+                continue
+            self._last_r = r
+            beats.append(
+                Beat(
+                    sample=int(r),
+                    time_s=r / self.fs,
+                    latency_s=(self._raw_end - 1 - r) / self.fs,
+                    amplitude_mv=float(amp),
+                    leads_used=leads,
+                )
             )
-        )
+
+    def _refine_many(self, cs: list[int]) -> list[tuple[int, float, int]] | None:
+        """:meth:`_refine_r` for several beats (in order) with one array call per step for all
+        of them instead of one per beat: the same elements through the same element-wise
+        operations (gathers, the despiking network along the beat axis, per-beat partitions,
+        max/min/argmax per row), so the same bits. None when some beat's windows are clipped by
+        the history or the decision limit (stream start, flush): then per beat."""
+        b0 = self._buf0
+        B, R, RA, SB, d = self._base, self._refine, self._refine_after, self._slope_back, self._despike
+        if R > B or RA > B or (self._despike > 1 and 2 * B + 1 <= self._despike):
+            return None
+        c = np.asarray(cs, dtype=np.int64)
+        if int(c[0]) - SB < b0:
+            return None
+        g = self._g[(c - SB - b0)[:, None] + np.arange(SB + 1)]
+        q = c - SB + g.argmax(axis=1)
+        lim = np.minimum(self._raw_end, c + self._h + 1)
+        if int(q.min()) - B < b0 or ((q + B + 1) > lim).any():
+            return None
+        xhp = self._xhp
+        wide = xhp[(q - B - b0)[:, None] + np.arange(2 * B + 1)].astype(np.float64)
+        if self._despike > 1:
+            wide = median_filter_nearest(wide, self._despike, axis=1)
+        n = wide.shape[1]
+        base = np.partition(wide, (n // 2, n - 1), axis=1)[:, n // 2] + 0.0
+        xs = wide[:, B - R: B + RA + 1] - base[:, None, :]
+        lo = q - R
+        hi = q + RA + 1
+        L = self.n_leads
+        lo0, hi0 = int(lo.min()), int(hi.max())
+        if self._valid[lo0 - b0: hi0 - b0].all():
+            oks = [[True] * L] * len(cs)
+        else:
+            vs = self._valid[(lo - b0)[:, None] + np.arange(R + RA + 1)]
+            all_ok, any_ok = vs.all(axis=1).tolist(), vs.any(axis=1).tolist()
+            oks = []
+            for a_ok, y_ok in zip(all_ok, any_ok):
+                oks.append(a_ok if any(a_ok) else (y_ok if any(y_ok) else [True] * L))
+        pos_all = xs.max(axis=1).tolist()
+        neg_all = (-xs.min(axis=1)).tolist()
+        bests, signs, used = [], [], []
+        for ok, pos, neg in zip(oks, pos_all, neg_all):  # beat after beat: the votes carry over
+            u, best, sign = self._pick_lead(ok, pos, neg)
+            used.append(u)
+            bests.append(best)
+            signs.append(sign)
+        nb = len(cs)
+        rows = np.arange(nb)
+        best_a = np.asarray(bests, dtype=np.intp)
+        sign_a = np.asarray(signs)
+        i = (sign_a[:, None] * xs[rows, :, best_a]).argmax(axis=1)
+        h = d // 2
+        # the unfiltered extremum within h samples, clipped to [lo, hi): repeated edge indices
+        # lie before (at lo) or after (at hi - 1) the samples they repeat, so the first maximum
+        # is the one argmax over the clipped span finds
+        idx = np.clip((lo + i)[:, None] + np.arange(-h, h + 1), lo[:, None], (hi - 1)[:, None])
+        raw = xhp[idx - b0, best_a[:, None]]
+        j = idx[rows, (sign_a[:, None] * raw).argmax(axis=1)]
+        amps = (xhp[j - b0, best_a] - base[rows, best_a]).tolist()
+        return list(zip(j.tolist(), amps, used))
+
+    def _pick_lead(self, ok: list[bool], pos: list[float], neg: list[float]) -> tuple[int, int, float]:
+        """One beat's refining lead and polarity, from each lead's largest positive (``pos``)
+        and negative (``neg``) deflection; updates the running polarity votes of the usable
+        leads (``ok``). Returns (bitmask of the leads used, best lead, +1 for R or -1 for S/QS).
+
+        Per lead in plain floats (the same IEEE double arithmetic as numpy's; a handful of
+        leads per beat, where array calls cost more than the arithmetic)."""
+        qs, w = self._p.qs_ratio, self._p.polarity_weight
+        polarity = self._polarity
+        best, best_amp = -1, -math.inf
+        for l in range(self.n_leads):
+            if ok[l]:
+                # +1 when R dominates, -1 when S/QS clearly dominates (neg > 1.5 pos).
+                vote = -1.0 if neg[l] > qs * pos[l] else 1.0
+                polarity[l] = vote if polarity[l] == 0 else 0.9 * polarity[l] + 0.1 * vote
+                amp = max(pos[l], neg[l])
+                if amp > best_amp:  # first of equal amplitudes, as argmax
+                    best, best_amp = l, amp
+        if best < 0:  # cannot happen (some lead is always taken as ok); argmax of all -inf is 0
+            best = 0
+        # The lead's polarity weighs this beat's two extrema: with a confident estimate the
+        # opposite one must be (1 + k) / (1 - k) = 2x larger to win; with an uncertain one
+        # (mixed ectopic/normal morphologies) the larger extremum wins.
+        k = w * min(1.0, max(-1.0, float(polarity[best])))
+        sign = 1.0 if pos[best] * (1.0 + k) >= neg[best] * (1.0 - k) else -1.0
+        return sum(1 << l for l in range(self.n_leads) if ok[l]), best, sign
 
     def _refine_r(self, c: int) -> tuple[int, float, int]:
         """Move the detection at mwi peak ``c`` to the R extremum of the high-passed signal.
@@ -645,30 +750,9 @@ class RPeakDetector:
             lead_ok = vs.any(axis=0) if vs.size else np.ones(self.n_leads, bool)
             if not lead_ok.any():
                 lead_ok[:] = True
-        ok = lead_ok.tolist()
-        leads_used = sum(1 << l for l in range(self.n_leads) if ok[l])
         pos = xs.max(axis=0).tolist()
         neg = (-xs.min(axis=0)).tolist()
-        # Per lead in plain floats (the same IEEE double arithmetic as numpy's; a handful of
-        # leads per beat, where array calls cost more than the arithmetic).
-        qs, w = self._p.qs_ratio, self._p.polarity_weight
-        polarity = self._polarity
-        best, best_amp, best_pol = -1, -math.inf, 1.0
-        for l in range(self.n_leads):
-            if ok[l]:
-                # +1 when R dominates, -1 when S/QS clearly dominates (neg > 1.5 pos).
-                vote = -1.0 if neg[l] > qs * pos[l] else 1.0
-                polarity[l] = vote if polarity[l] == 0 else 0.9 * polarity[l] + 0.1 * vote
-                amp = max(pos[l], neg[l])
-                if amp > best_amp:  # first of equal amplitudes, as argmax
-                    best, best_amp = l, amp
-        if best < 0:  # cannot happen (some lead is always taken as ok); argmax of all -inf is 0
-            best = 0
-        # The lead's polarity weighs this beat's two extrema: with a confident estimate the
-        # opposite one must be (1 + k) / (1 - k) = 2x larger to win; with an uncertain one
-        # (mixed ectopic/normal morphologies) the larger extremum wins.
-        k = w * min(1.0, max(-1.0, float(polarity[best])))
-        sign = 1.0 if pos[best] * (1.0 + k) >= neg[best] * (1.0 - k) else -1.0
+        leads_used, best, sign = self._pick_lead(lead_ok.tolist(), pos, neg)
         i = int(np.argmax(sign * xs[:, best]))
         # The median flattens the very top of R: take the exact extremum of the unfiltered
         # signal within the filter's half width of the despiked one.

@@ -184,7 +184,9 @@ class BiodApp:
 
     def _save_adaptations(self) -> None:
         """Persist the template adaptations the engine made when a wearing session ended
-        (``identity.adapt``), so a restart keeps them; the store watch then reloads the engine."""
+        (``identity.adapt``), so a restart keeps them. The engine already scores with them, so
+        the store watch that follows finds nothing new and keeps the engine (and a session that
+        started meanwhile) as it is, unless someone else edited the store in between."""
         for a in self.bio.engine.take_adaptations():
             try:
                 saved = self.store.update_templates(a.person)
@@ -194,12 +196,19 @@ class BiodApp:
             if saved is None:
                 log.info("identity: %s was removed or re-enrolled meanwhile; adaptation dropped", a.person.name)
             else:
+                if saved == a.person and saved.name in self.people:
+                    self.people[saved.name] = saved
                 log.info("identity: adapted %s's templates from a %d-window session (score %.3f, runner-up %.3f); "
                          "threshold %.3f -> %.3f", saved.name, a.n_windows, a.score, a.runner_up, a.old_threshold,
                          saved.threshold)
 
     def reload_people(self) -> None:
-        self.people = self._load_people()
+        people = self._load_people()
+        if people == self.people:
+            # what the engine already scores with (e.g. the adaptation it just made and we
+            # saved): rebuilding would only drop the current wearing session's evidence
+            return
+        self.people = people
         self.bio.engine = self._engine()
 
     def discovery_messages(self) -> list[Message]:

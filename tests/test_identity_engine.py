@@ -670,6 +670,8 @@ def test_daemon_saves_the_engines_adaptations_privately(tmp_path, monkeypatch) -
     protos = _unit(rng.standard_normal((2, ref.dim)))
     ada = Person(new_person_id(), "Ada", slugify("Ada"), "2026-11-22T00:00:00Z", ref, protos[:1], ("rest",), 0.6)
     app.store.add(ada)
+    app.reload_people()  # the store watch picks Ada up (as after `biod calibrate`)
+    assert list(app.people) == ["Ada"]
     adapted = replace(ada, prototypes=protos, prototype_labels=("rest", f"{ADAPTED_PREFIX}1"), threshold=0.65,
                       stats={"enrol_threshold": 0.6, "n_adaptations": 1.0})
     pending = [Adaptation(adapted, score=0.9, runner_up=-1.0, anchor_score=0.9, n_windows=12, old_threshold=0.6)]
@@ -679,7 +681,13 @@ def test_daemon_saves_the_engines_adaptations_privately(tmp_path, monkeypatch) -
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     saved = TemplateStore(path, model=ref).load()["Ada"]
     assert saved.prototype_labels == ("rest", f"{ADAPTED_PREFIX}1") and saved.threshold == pytest.approx(0.65)
+    engine = app.bio.engine
+    app.reload_people()  # the store watch after our own save: nothing new, the engine is kept
+    assert app.bio.engine is engine
     app.store.remove("Ada")
+    app.reload_people()  # someone else's edit: the engine is rebuilt from the store
+    assert app.bio.engine is not engine and app.people == {}
+    monkeypatch.setattr(app.bio.engine, "take_adaptations", lambda: [pending.pop()] if pending else [])
     pending.append(Adaptation(adapted, 0.9, -1.0, 0.9, 12, 0.6))
     app._save_adaptations()  # a late adaptation must not bring a removed person back
     assert not pending and TemplateStore(path, model=ref).load() == {}

@@ -163,7 +163,7 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
         if imp is None:
             yield Check("impostor set", False, f"{models_dir / IMPOSTORS_FILE} is missing: biod calibrate cannot "
                         "estimate false accepts of strangers", reinstall)
-        elif imp.embeddings.shape[1] != ref.dim or not imp.model_version.startswith(f"{ref.name} {ref.version}"):
+        elif not imp.made_with(ref):
             yield Check("impostor set", False, f"made with {imp.model_version!r} (D={imp.embeddings.shape[1]}), but the "
                         f"installed ECG model is {ref}", "rebuild it: python -m training.impostors --data DIR, or " + reinstall)
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
+from daemon.identity.store import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ class Impostors:
     embeddings_3lead: np.ndarray   # (k, D) float32, leads I, II, III
     labels_3lead: np.ndarray
     model_version: str
+
+    def made_with(self, ref: ModelRef) -> bool:
+        """Whether the set was made with the ECG model ``ref`` (same dimension and version):
+        scores of one model's templates against another model's embeddings mean nothing."""
+        return self.embeddings.shape[1] == ref.dim and self.model_version.startswith(f"{ref.name} {ref.version}")
 
     def for_leads(self, n_leads_on: int) -> tuple[np.ndarray, np.ndarray]:
         """The set seen through the same leads as the enrolment (one lead or several)."""

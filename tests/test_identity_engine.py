@@ -691,3 +691,22 @@ def test_daemon_saves_the_engines_adaptations_privately(tmp_path, monkeypatch) -
     pending.append(Adaptation(adapted, 0.9, -1.0, 0.9, 12, 0.6))
     app._save_adaptations()  # a late adaptation must not bring a removed person back
     assert not pending and TemplateStore(path, model=ref).load() == {}
+
+
+def test_daemon_adapts_only_with_an_impostor_set_of_the_installed_model(tmp_path, monkeypatch) -> None:
+    """A stale impostor set (another model's embeddings) would make every re-derived threshold
+    meaningless, or fail on the dimension: the daemon then does not adapt, and says why."""
+    import daemon.app as app_mod
+    from daemon.config import parse_config
+    from daemon.enrol import Impostors
+
+    cfg = parse_config(f"hub:\n  id: adapt\nstate_dir: {tmp_path / 'state'}\nidentity:\n  adapt: true\n"
+                       "ecg:\n  source: emulator\n")
+    app = app_mod.BiodApp(cfg)
+    ref = app.ecg_model.ref
+    assert app.bio.engine.impostors is not None and app.bio.engine.impostors.made_with(ref)
+    e = np.zeros((4, ref.dim), np.float32)
+    stale = Impostors(e, np.arange(4), e, np.arange(4), f"{ref.name} 0.0.1 0123")
+    assert not stale.made_with(ref)
+    monkeypatch.setattr(app_mod, "load_impostors", lambda models_dir: stale)
+    assert app._engine().impostors is None

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.fft
 
 from daemon.dsp.hrv import RR_MAX_S, RR_MIN_S
-from daemon.dsp.stats import median_axis0
+from daemon.dsp.stats import median, median_axis0
 
 REASONS = ("lead_off", "flat_line", "saturation", "mains_hum", "high_freq_noise",
            "motion_artifact", "implausible_rr", "no_beats")
@@ -203,28 +203,10 @@ def _leads(z: np.ndarray, use: np.ndarray) -> np.ndarray:
     return z[:, :, use].reshape(z.shape[0], -1)
 
 
-def _corr_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row of a (m, d) with b (d,).
-
-    ``np.add.reduce`` and ``dot`` are the sums ``mean`` and ``linalg.norm`` compute (hence the
-    same bits), without their wrappers: this runs several times per window on a handful of
-    beats, where the wrappers cost more than the arithmetic."""
-    a = a - np.add.reduce(a, axis=1, keepdims=True) / a.shape[1]
-    b = b - np.add.reduce(b) / b.shape[0]
-    den = np.sqrt(np.add.reduce(a * a, axis=1)) * np.sqrt(b.dot(b))
-    return np.where(den > 0, a @ b / np.where(den > 0, den, 1.0), 0.0)
-
-
-def _corr_centred(ac: np.ndarray, an: np.ndarray, an_min: float, bc: np.ndarray,
-                  bn: np.ndarray) -> np.ndarray:
-    """:func:`_corr_rows` from its intermediate values: ``ac`` the centred rows of a, ``an``
-    their norms (smallest ``an_min``), ``bc`` centred b and ``bn`` its norm. When every
-    product ``an * bn`` is clearly positive (no underflow to 0 even in float32), the masks of
-    :func:`_corr_rows` select everything and the quotient is all that is left."""
-    if an_min > 1e-18 and bn > 1e-18:
-        return ac @ bc / (an * bn)
-    den = an * bn
-    return np.where(den > 0, ac @ bc / np.where(den > 0, den, 1.0), 0.0)
+def _centred_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The a half of :func:`_corr_rows` ((m, d) ``a``): each row centred, and its norm."""
+    ac = a - np.add.reduce(a, axis=1, keepdims=True) / a.shape[1]
+    return ac, np.sqrt(np.add.reduce(ac * ac, axis=1))
 
 
 def _centred(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,17 +215,28 @@ def _centred(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b, np.sqrt(b.dot(b))
 
 
-def _median_list(c: np.ndarray) -> float:
-    """``stats.median(c)`` of a short 1-d float array, sorted as a Python list: the same
-    middle value(s) (equal values are interchangeable, and +0.0 is added as numpy's mean
-    does), the mean of two in ``c``'s own dtype as numpy computes it."""
-    v = c.tolist()
-    v.sort()
-    n = len(v)
-    if n % 2:
-        return v[n // 2] + 0.0
-    t = c.dtype.type
-    return float(((t(0.0) + t(v[n // 2 - 1])) + t(v[n // 2])) / t(2.0))
+def _corr_centred(ac: np.ndarray, an: np.ndarray, an_min: float, bc: np.ndarray,
+                  bn: np.ndarray) -> np.ndarray:
+    """Pearson correlation from the two halves: ``ac`` the centred rows of a, ``an`` their
+    norms (smallest ``an_min``), ``bc`` centred b and ``bn`` its norm; 0 where a norm product
+    is 0. When every product ``an * bn`` is clearly positive (no underflow to 0 even in
+    float32), the masks select everything and the quotient is all that is left."""
+    if an_min > 1e-18 and bn > 1e-18:
+        return ac @ bc / (an * bn)
+    den = an * bn
+    return np.where(den > 0, ac @ bc / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _corr_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of a (m, d) with b (d,).
+
+    ``np.add.reduce`` and ``dot`` are the sums ``mean`` and ``linalg.norm`` compute (hence the
+    same bits), without their wrappers: this runs several times per window on a handful of
+    beats, where the wrappers cost more than the arithmetic. The batch path of
+    :meth:`QualityAssessor.assess` computes the a half once per push and slices it."""
+    ac, an = _centred_rows(a)
+    bc, bn = _centred(b)
+    return _corr_centred(ac, an, float(an.min()), bc, bn)
 
 
 def _rr_bad(t: list[float], span: tuple[float, float], jump: float) -> int:
@@ -317,7 +310,7 @@ class QualityAssessor:
         if z.shape[0] < 2 or not usable.any():
             return False
         intra = self._intra(z, usable, median_axis0(z), rows)
-        return bool(_median_list(intra) >= self.cfg.template_update_corr)
+        return bool(median(intra) >= self.cfg.template_update_corr)
 
     def assess(self, raw: np.ndarray, mask: np.ndarray, beats: list[np.ndarray],
                beat_times: list[np.ndarray], spans_s: list[tuple[float, float]],
@@ -334,9 +327,7 @@ class QualityAssessor:
             zs = np.split(zall, np.cumsum(counts)[:-1])
             # The a half of _corr_rows for rows over every lead (centred rows and their norms):
             # row by row the same sums, so computed once for the batch and sliced per window.
-            flat = zall.reshape(total, -1)
-            ac = flat - np.add.reduce(flat, axis=1, keepdims=True) / flat.shape[1]
-            an = np.sqrt(np.add.reduce(ac * ac, axis=1))
+            ac, an = _centred_rows(zall.reshape(total, -1))
             an_l = an.tolist()
         else:
             zs = [b for b in beats]
@@ -395,7 +386,7 @@ class QualityAssessor:
         else:
             corr = np.ones(1)
         # _ramp's arithmetic on one float (same IEEE double operations, no array round trip)
-        r = 0.5 + 0.5 * (_median_list(corr) - cfg.corr_threshold) / 0.15
+        r = 0.5 + 0.5 * (median(corr) - cfg.corr_threshold) / 0.15
         scores["motion_artifact"] = min(1.0, max(0.0, r))
         return scores
 
@@ -403,7 +394,7 @@ class QualityAssessor:
         if z.shape[0] < 2 or not usable.any():
             return
         med = median_axis0(z)
-        if _median_list(self._intra(z, usable, med, rows)) < self.cfg.template_update_corr:
+        if median(self._intra(z, usable, med, rows)) < self.cfg.template_update_corr:
             return
         med = _znorm(med[None])[0]
         if self.template is None:

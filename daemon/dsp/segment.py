@@ -233,15 +233,11 @@ class WindowSegmenter:
         self._beats = self._beats[self._beats - self.before >= next_start]
         return out
 
-    def group_beats(self, beats: np.ndarray, lead_mask: np.ndarray | None = None) -> np.ndarray:
-        """(k, bl, ch) consecutive beats -> (g, group*bl, ch) normalised groups (stride
-        ``group_stride``)."""
-        mask = np.ones((1, beats.shape[2]), bool) if lead_mask is None else lead_mask[None]
-        return self._group_windows([beats], mask)[0]
-
     def _group_windows(self, beats: list[np.ndarray], masks: np.ndarray) -> list[np.ndarray]:
-        """:meth:`group_beats` for several windows' beats (window i's lead mask ``masks[i]``),
-        normalised in one call: per window it was most of the segmenter's cost."""
+        """Each window's (k, bl, ch) consecutive beats -> its (g, group*bl, ch) groups (stride
+        ``group_stride``), normalised per group and lead with window i's lead mask ``masks[i]``;
+        all windows of a push in one ``normalize`` call (per window it was most of the
+        segmenter's cost)."""
         g, stride = self.group, self.group_stride
         parts, gmask, counts = [], [], []
         for b, m in zip(beats, masks):

@@ -11,12 +11,18 @@ import numpy as np
 
 
 def median(v: np.ndarray) -> float:
-    """``float(np.median(v))`` of a short 1-d array."""
-    v = np.sort(v)
-    n = v.size
+    """``float(np.median(v))`` of a short 1-d array, sorted as a Python list (it runs for every
+    window's handful of beat correlations, where even ``np.sort`` costs more than the work):
+    the same middle value(s), +0.0 added as numpy's mean does (-0.0 -> +0.0), and the mean of
+    two computed in ``v``'s own dtype, as numpy does."""
+    v = np.asarray(v)
+    s = v.tolist()
+    s.sort()
+    n = len(s)
     if n % 2:
-        return float(v[n // 2] + 0.0)  # numpy's mean sums from +0.0 (-0.0 -> +0.0)
-    return float(((0.0 + v[n // 2 - 1]) + v[n // 2]) / 2.0)
+        return s[n // 2] + 0.0
+    t = v.dtype.type
+    return float(((t(0.0) + t(s[n // 2 - 1])) + t(s[n // 2])) / t(2.0))
 
 
 def median_axis0(a: np.ndarray) -> np.ndarray:

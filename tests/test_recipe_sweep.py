@@ -1,0 +1,70 @@
+"""The torch-free half of the GPU recipe search (training/experiments/ecg_recipe_sweep.py):
+its development folds must be subject-disjoint and spread the multi-date persons, and the
+report must average what the docs say it averages."""
+from __future__ import annotations
+
+import numpy as np
+
+from training.experiments.ecg_recipe_sweep import PLANS, VARS, folds_of, report
+
+
+def _meta() -> dict:
+    recs = []
+    # 6 multi-date persons, 5 single-date persons with 2 recordings, 2 with one recording
+    for p in range(6):
+        recs += [{"dataset": "ecgid", "person": f"ecgid:{p:02d}", "session": s, "dur": 20.0}
+                 for s in ("2005-01-01", "2005-03-01")]
+    for p in range(6, 11):
+        recs += [{"dataset": "ecgid", "person": f"ecgid:{p:02d}", "session": "d", "dur": 20.0}] * 2
+    recs += [{"dataset": "ecgid", "person": f"ecgid:{p:02d}", "session": "d", "dur": 20.0}
+             for p in (11, 12)]
+    recs += [{"dataset": "ludb", "person": "ludb:1", "session": "1", "dur": 10.0}]
+    return {"irecs": recs}
+
+
+def test_folds_are_disjoint_cover_testable_persons_and_spread_multi_date() -> None:
+    folds = folds_of(_meta(), k=4)
+    flat = [p for f in folds for p in f]
+    assert len(flat) == len(set(flat)) == 11                     # disjoint; 2-recording persons
+    assert not {"ecgid:11", "ecgid:12", "ludb:1"} & set(flat)   # untestable ones always train
+    multi = {f"ecgid:{p:02d}" for p in range(6)}
+    per_fold = [len(multi & set(f)) for f in folds]
+    assert max(per_fold) - min(per_fold) <= 1                   # multi-date spread evenly
+
+
+def test_report_means_over_folds_and_seeds_and_seed_spread() -> None:
+    rows = []
+    for seed, vals in ((0, (80.0, 90.0)), (1, (90.0, 100.0))):
+        for fold, v in enumerate(vals):
+            rows.append({"var": "base", "fold": fold, "seed": seed, "steps": 2000, "lr": 0.002,
+                         "emb": 64, "batch_id": 96, "wd": 0.0, "widths": [16, 32, 48, 56],
+                         "t10_rank1": v, "t10_eer": 5.0, "t10_frr_at_far1": 20.0,
+                         "t10_cross_rank1": v, "t3_rank1": v, "t3_eer": 8.0})
+    rows.append({**rows[0], "var": "base", "steps": 4000, "t10_rank1": 99.0})
+    table = report(rows).splitlines()
+    assert table[2].startswith("| base, 4000 steps | 99.0 |")          # best first
+    base = table[3].split("|")
+    assert base[1].strip() == "base"
+    # mean of 80, 90, 90, 100 = 90; fold-means per seed 85 and 95 -> std 5.0
+    assert base[2].strip() == "90.0 ± 5.0"
+    assert base[-2].strip() == "4"
+
+
+def test_plans_name_known_variants_and_the_shipped_recipe_is_the_base() -> None:
+    for plan, groups in PLANS.items():
+        for _, names in groups:
+            assert set(names) <= set(VARS), plan
+    from training.experiments.ecg_recipe_sweep import Group
+    g, v = Group(), VARS["base"]
+    # the base variant is what training/train_ecg.TrainConfig ships (kept in step by hand)
+    from training.train_ecg import STRIDES, TrainConfig
+    cfg = TrainConfig()
+    assert (g.steps, g.lr, g.batch_id, g.batch_act) == (cfg.steps, cfg.lr, cfg.batch_id, cfg.batch_act)
+    assert (v.margin, v.scale, v.dropout, v.sampling) == (cfg.margin, cfg.scale, cfg.dropout, cfg.sampling)
+    assert STRIDES == (1, 2, 2, 2)
+    import inspect
+
+    from training.models.ecg_dualtask import build_dualtask
+    d = {k: p.default for k, p in inspect.signature(build_dualtask).parameters.items()}
+    assert (d["widths"], d["kernels"], d["embedding_dim"]) == (g.widths, g.kernels, g.emb)
+    assert np.isclose(v.w_id, 0.65) and np.isclose(v.w_act, 0.35)  # FixedWeights' default

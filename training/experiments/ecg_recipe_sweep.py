@@ -1,0 +1,201 @@
+"""Recipe search for the ECG identity CNN on a GPU, on the training partition only (PyTorch).
+
+Why this exists: on the 2-core machine one training run of the shipped recipe takes ~7 min and
+two runs of the same recipe differ by several points, so single-run comparisons (the earlier
+ablations in docs/MODELS.md) cannot tell a 2-point improvement from luck. Here many models
+train at once as ONE grouped network (grouped convolutions and per-model einsums; BatchNorm
+channels are per model), so every variant gets 4 development folds x 3 seeds.
+
+This is an experiment tool, not the pipeline: it re-implements training/models/ecg_dualtask.py
+(stem, residual blocks with Sequence-Channel Attention, L2-normalised embedding, activity head;
+~81 k parameters per model, Keras' glorot init and BatchNorm momentum/epsilon), AM-Softmax,
+the fixed 0.65/0.35 loss weights, Adam with cosine decay and training/train_ecg.augment, in
+PyTorch because the GPU machines of this workplace carry PyTorch and no TensorFlow. Its numbers
+compare recipes with each other; they are not the shipped model's numbers.
+
+Development protocol (no held-out person is involved): the windows are the daemon's own
+(``export_ecg_windows.py``, training + calibration persons only). The 31 training ECG-ID persons
+with >= 2 recordings are split into 4 folds (the 8 multi-date persons spread over them); a
+fold's persons are removed from that model's identity classes and from its activity donors,
+and the model is scored with ``training.eval.identity`` (enrol from the first recording, 3 s
+and 10 s tests, cross-date subset) on the fold's persons plus the 8 calibration persons (never
+trained on): a 16-person gallery, like the 20-person held-out one.
+
+Commands (the results of docs/MODELS.md, "Recipe search"):
+
+    python -m training.experiments.export_ecg_windows --data ../shared/data --out .gpu/win.npz
+    # on a machine with PyTorch and a GPU, from the repository root; plans A, B1-B4, C1-C3
+    python -m training.experiments.ecg_recipe_sweep run A --windows .gpu/win.npz --out a.jsonl
+    python -m training.experiments.ecg_recipe_sweep report docs/models/ecg_recipe_sweep.jsonl
+
+Plan A ran as three processes (``--only`` subsets of its variants) at once on one H100; the
+other plans one process each, four at a time. A whole plan takes 1-4 min there.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Group:          # shared by all models of one grouped network
+    steps: int = 2000
+    lr: float = 2e-3
+    widths: tuple = (16, 32, 48, 56)
+    kernels: tuple = (5, 5, 3, 3)
+    emb: int = 64
+    batch_id: int = 96
+    batch_act: int = 48
+    wd: float = 0.0
+    ema: float = 0.0        # EMA decay of the weights (0: off); evaluated beside the raw model
+    kd_teachers: int = 0    # teachers per fold (base recipe, own seeds) for relational KD
+
+
+@dataclass(frozen=True)
+class Var:            # per model
+    name: str = "base"
+    margin: float = 0.3
+    scale: float = 30.0
+    dropout: float = 0.0
+    sampling: str = "window"
+    ecgid_share: float = -1.0
+    aug: float = 1.0
+    w_id: float = 0.65
+    w_act: float = 0.35
+    ldrop: float = 0.4
+    kd: float = 0.0         # weight of the relational KD loss (needs Group.kd_teachers)
+
+
+# ------------------------------------------------------------------ development folds
+def folds_of(meta: dict, k: int = 4) -> list[list[str]]:
+    """Development folds: the training ECG-ID persons with >= 2 recordings (only they can be
+    enrolled and tested), multi-date persons first so that each fold gets its share of them;
+    persons with one recording stay in every fold's training."""
+    by: dict[str, list[str]] = defaultdict(list)
+    for r in meta["irecs"]:
+        if r["dataset"] == "ecgid":
+            by[r["person"]].append(r["session"])
+    multi = sorted(p for p, s in by.items() if len(set(s)) >= 2)
+    single = sorted(p for p, s in by.items() if len(s) >= 2 and len(set(s)) < 2)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for i, p in enumerate(multi + single):
+        folds[i % k].append(p)
+    return folds
+
+
+VARS = {
+    "base": Var(),
+    "person": Var("person", sampling="person"),
+    "person_e5": Var("person_e5", sampling="person", ecgid_share=0.5),
+    "m02": Var("m02", margin=0.2),
+    "m04": Var("m04", margin=0.4),
+    "s16": Var("s16", scale=16.0),
+    "s48": Var("s48", scale=48.0),
+    "drop02": Var("drop02", dropout=0.2),
+    "drop04": Var("drop04", dropout=0.4),
+    "noact": Var("noact", w_id=1.0, w_act=0.0),
+    "aug0": Var("aug0", aug=0.0),
+    "aug2": Var("aug2", aug=2.0),
+    "person_drop02": Var("person_drop02", sampling="person", dropout=0.2),
+    "ecgid_only": Var("ecgid_only", sampling="person", ecgid_share=1.0),
+    "ecgid_08": Var("ecgid_08", sampling="person", ecgid_share=0.8),
+    "ldrop0": Var("ldrop0", ldrop=0.0),
+    "kd3": Var("kd3", kd=3.0),
+    "kd10": Var("kd10", kd=10.0),
+    "kd30": Var("kd30", kd=30.0),
+    "noact_e5": Var("noact_e5", sampling="person", ecgid_share=0.5, w_id=1.0, w_act=0.0),
+}
+
+
+PLANS: dict[str, list[tuple[Group, list[str]]]] = {
+    "A": [(Group(), list(VARS)[:13])],
+    "B1": [(Group(steps=4000), ["base", "noact"])],
+    "B2": [(Group(lr=1e-3), ["base"]), (Group(lr=4e-3), ["base"]), (Group(wd=1e-3), ["base"])],
+    "B3": [(Group(emb=128), ["base"]), (Group(batch_id=192), ["base"]),
+           (Group(widths=(24, 32, 48, 64), kernels=(5, 5, 5, 5)), ["base"])],
+    "B4": [(Group(), ["ecgid_only", "ecgid_08", "ldrop0", "noact_e5"]),
+           (Group(widths=(12, 24, 32, 40)), ["base"])],
+    "C1": [(Group(ema=0.998), ["base", "noact"])],
+    "C2": [(Group(steps=4000, ema=0.999), ["base"])],
+    "C3": [(Group(kd_teachers=3), ["base", "kd3", "kd10", "kd30"])],
+    "smoke": [(Group(steps=3, ema=0.9, kd_teachers=2), ["base", "kd3"])],
+}
+
+REPORT_METRICS = (("t10_rank1", "10 s rank-1"), ("t10_eer", "10 s EER"),
+                  ("t10_frr_at_far1", "10 s FRR@FAR1%"), ("t10_cross_rank1", "10 s cross-date rank-1"),
+                  ("t3_rank1", "3 s rank-1"), ("t3_eer", "3 s EER"))
+
+
+def report(rows: list[dict]) -> str:
+    """Markdown table: per recipe, the mean over folds and seeds and, after ±, the spread
+    (standard deviation over seeds of the fold-mean); seed ensembles have one value per fold."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        key = (r["var"], r["steps"], r["lr"], r["emb"], r["batch_id"], r["wd"], tuple(r["widths"]),
+               r.get("ema", 0.0))
+        groups[key].append(r)
+    base = (16, 32, 48, 56)
+    lines = ["| recipe | " + " | ".join(h for _, h in REPORT_METRICS) + " | models |",
+             "|---|" + "---|" * (len(REPORT_METRICS) + 1)]
+    order = sorted(groups.items(), key=lambda kv: -float(np.mean([r["t10_rank1"] for r in kv[1]])))
+    for (var, steps, lr, emb, bid, wd, widths, ema), rs in order:
+        name = [var]
+        for cond, txt in ((steps != 2000, f"{steps} steps"), (lr != 2e-3, f"lr {lr:g}"),
+                          (emb != 64, f"embedding {emb}"), (bid != 96, f"batch {bid}"),
+                          (wd, f"weight decay {wd:g}"), (widths != base, "widths " + "/".join(map(str, widths)))):
+            if cond:
+                name.append(txt)
+        cells = []
+        for k, _ in REPORT_METRICS:
+            by_seed = defaultdict(list)
+            for r in rs:
+                by_seed[r["seed"]].append(r[k])
+            fold_means = [float(np.mean(v)) for v in by_seed.values()]
+            spread = f" ± {np.std(fold_means):.1f}" if len(fold_means) > 1 else ""
+            cells.append(f"{np.mean([r[k] for r in rs]):.1f}{spread}")
+        lines.append(f"| {', '.join(name)} | " + " | ".join(cells) + f" | {len(rs)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(prog="python -m training.experiments.ecg_recipe_sweep")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train and score one plan's recipes (GPU)")
+    r.add_argument("plan", choices=sorted(PLANS))
+    r.add_argument("--windows", default=".gpu/win.npz", help="export_ecg_windows output")
+    r.add_argument("--out", required=True, help="JSON lines, appended")
+    r.add_argument("--only", default="", help="comma-separated subset of the plan's variants")
+    p = sub.add_parser("report", help="markdown table of result files")
+    p.add_argument("results", nargs="+")
+    args = ap.parse_args(argv)
+    if args.cmd == "report":
+        print(report([json.loads(line) for f in args.results for line in open(f) if line.strip()]))
+        return 0
+    from training.experiments.ecg_recipe_torch import load, run_group  # needs PyTorch
+
+    z, meta = load(args.windows)
+    only = [n for n in args.only.split(",") if n]
+    with open(args.out, "a") as fh:
+        for g, names in PLANS[args.plan]:
+            names = [n for n in names if not only or n in only]
+            seeds = SEEDS if args.plan != "smoke" else (0, 1)
+            models = [(VARS[n], f, s) for n in names for f in range(4) for s in seeds]
+            if not models:
+                continue
+            for res in run_group(g, models, z, meta, log=lambda m: print(m, flush=True)):
+                fh.write(json.dumps(res) + "\n")
+            fh.flush()
+    os.sync()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Export the training partition's ECG model windows for ``ecg_recipe_sweep`` (a GPU machine
+without TensorFlow cannot run the daemon-DSP data preparation of training/train_ecg.py).
+
+    python -m training.experiments.export_ecg_windows --data ../shared/data --out .gpu/win.npz
+
+Writes ``OUT`` (float16 windows, lead masks, record index, window end, class labels of the
+identity windows; the calibration persons' windows; the constructed activity windows with
+their donor person) and ``OUT.json`` (classes, per-record dataset/person/session/duration).
+Only training and calibration persons are exported (asserted), never a held-out one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.data.ecg import is_training_person, load_training_records, record_windows
+from training.data.ecg_activity import GUDB_TEST_SUBJECTS, construct_activity_records, load_gudb_rr
+from training.train_ecg import ACT_SECONDS, PIPELINE_KW, prepare
+
+
+def _records(ws) -> list[dict]:
+    return [{"dataset": r.dataset, "person": r.person, "session": r.session, "dur": r.duration_s}
+            for r in ws.records]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.experiments.export_ecg_windows")
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    data = prepare(args.data, print)
+    assert all(is_training_person(r.person) for r in data.ident.records + data.calib.records)
+    # the activity windows again, with the donor person of each (same seed and order as
+    # prepare), so that a development fold can drop its persons' beats from activity too
+    recs, _ = load_training_records(args.data)
+    donors = [r for r in recs if r.dataset in ("ludb", "ecgid")]
+    rr = [s for s in load_gudb_rr(args.data) if s.subject not in GUDB_TEST_SUBJECTS]
+    built = construct_activity_records(rr, donors, ACT_SECONDS, 3, 1)
+    aws = record_windows([r for r, _ in built], PIPELINE_KW)
+    if not np.array_equal(aws.x, data.act_x):
+        raise RuntimeError("activity windows differ from training.train_ecg.prepare's")
+    aperson = np.array([r.person for r, _ in built])[aws.rec]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        args.out, ix=data.ident.x.astype(np.float16), imask=data.ident.lead_mask,
+        irec=data.ident.rec, iend=data.ident.t_end_s, ilab=data.ident_labels,
+        cx=data.calib.x.astype(np.float16), cmask=data.calib.lead_mask, crec=data.calib.rec,
+        cend=data.calib.t_end_s, ax=data.act_x.astype(np.float16), amask=data.act_mask,
+        ay=data.act_y, aperson=aperson)
+    Path(f"{args.out}.json").write_text(json.dumps({
+        "classes": list(data.classes), "irecs": _records(data.ident),
+        "crecs": _records(data.calib)}))
+    print(f"{args.out}: {len(data.ident.x)} identity, {len(data.calib.x)} calibration, "
+          f"{len(data.act_x)} activity windows")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -68,3 +68,18 @@ def test_plans_name_known_variants_and_the_shipped_recipe_is_the_base() -> None:
     d = {k: p.default for k, p in inspect.signature(build_dualtask).parameters.items()}
     assert (d["widths"], d["kernels"], d["embedding_dim"]) == (g.widths, g.kernels, g.emb)
     assert np.isclose(v.w_id, 0.65) and np.isclose(v.w_act, 0.35)  # FixedWeights' default
+
+
+def test_seed_pick_keeps_the_seed_the_calibration_persons_prefer() -> None:
+    from training.experiments.ecg_recipe_sweep import seed_pick
+
+    def r(fold: int, seed: int, cal: float, fold_rank1: float) -> dict:
+        return {"var": "base", "steps": 2000, "fold": fold, "seed": seed,
+                "cal_t10_rank1": cal, "cal_t10_eer": 0.0,
+                "fold_t10_rank1": fold_rank1, "fold_t10_eer": 0.0}
+    # fold 0: calibration prefers the better seed (+5 over the mean); fold 1: the worse (-10)
+    rows = [r(0, 1, 90.0, 100.0), r(0, 2, 80.0, 90.0), r(1, 1, 70.0, 100.0), r(1, 2, 95.0, 80.0)]
+    (res,) = seed_pick(rows)
+    assert res["fold_gains"] == [5.0, -10.0]
+    assert res["rank1_gain"] == -2.5 and res["seeds"] == 2
+    assert np.allclose(res["correlations"], [1.0, -1.0])

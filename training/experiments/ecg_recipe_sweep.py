@@ -123,6 +123,9 @@ PLANS: dict[str, list[tuple[Group, list[str]]]] = {
     "C1": [(Group(ema=0.998), ["base", "noact"])],
     "C2": [(Group(steps=4000, ema=0.999), ["base"])],
     "C3": [(Group(kd_teachers=3), ["base", "kd3", "kd10", "kd30"])],
+    # seed selection: 8 seeds of the shipped recipe, scored on calibration and fold persons apart
+    "D": [(Group(), ["base"])],
+    "D4": [(Group(steps=4000), ["base"])],
     "smoke": [(Group(steps=3, ema=0.9, kd_teachers=2), ["base", "kd3"])],
 }
 
@@ -162,6 +165,28 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_pick(rows: list[dict]) -> list[dict]:
+    """Per recipe with calibration/fold scores apart (plans D, D4): the gain, on the fold's
+    persons, of keeping the seed that scores best (10 s rank-1 minus EER) on the calibration
+    persons, against the mean seed; and that score's correlation with the fold's rank-1 − EER."""
+    out = []
+    recipes: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if "cal_t10_rank1" in r and "_ens" not in r["var"]:
+            recipes[(r["var"], r["steps"])].append(r)
+    for (var, steps), rs in sorted(recipes.items()):
+        gains, corrs = [], []
+        for fold in sorted({r["fold"] for r in rs}):
+            f = [r for r in rs if r["fold"] == fold]
+            cal = np.array([r["cal_t10_rank1"] - r["cal_t10_eer"] for r in f])
+            rank1 = np.array([r["fold_t10_rank1"] for r in f])
+            gains.append(float(rank1[int(np.argmax(cal))] - rank1.mean()))
+            corrs.append(float(np.corrcoef(cal, rank1 - np.array([r["fold_t10_eer"] for r in f]))[0, 1]))
+        out.append({"var": var, "steps": steps, "seeds": len(rs) // max(len(gains), 1),
+                    "rank1_gain": float(np.mean(gains)), "fold_gains": gains, "correlations": corrs})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
@@ -175,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", default="", help="comma-separated subset of the plan's variants")
     p = sub.add_parser("report", help="markdown table of result files")
     p.add_argument("results", nargs="+")
+    q = sub.add_parser("seed-pick", help="can the calibration persons pick a good seed?")
+    q.add_argument("results", nargs="+")
     args = ap.parse_args(argv)
+    if args.cmd == "seed-pick":
+        for res in seed_pick([json.loads(line) for f in args.results for line in open(f) if line.strip()]):
+            print(json.dumps(res))
+        return 0
     if args.cmd == "report":
         print(report([json.loads(line) for f in args.results for line in open(f) if line.strip()]))
         return 0
@@ -186,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "a") as fh:
         for g, names in PLANS[args.plan]:
             names = [n for n in names if not only or n in only]
-            seeds = SEEDS if args.plan != "smoke" else (0, 1)
+            seeds = {"smoke": (0, 1), "D": tuple(range(10, 18)), "D4": tuple(range(10, 18))}.get(args.plan, SEEDS)
             models = [(VARS[n], f, s) for n in names for f in range(4) for s in seeds]
             if not models:
                 continue

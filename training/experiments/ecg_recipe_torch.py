@@ -331,19 +331,34 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log):
     recs_all = rec_objs(irecs) + rec_objs(meta["crecs"])
     rec_all = np.concatenate([irec, z["crec"] + len(irecs)])
     end_all = np.concatenate([z["iend"], z["cend"]])
+    win_person = np.array([recs_all[r].person for r in rec_all])
+    calib = {r["person"] for r in meta["crecs"]}
+
+    def score(emb_of_model, persons: set[str], lengths=(3, 10), prefix: str = "") -> dict:
+        """The identity protocol on the windows of ``persons`` only."""
+        idx = np.nonzero(np.isin(win_person, list(persons)))[0]
+        ws = WindowSet(np.zeros((len(idx), 1, 1), np.float32), em_np[idx], rec_all[idx],
+                       end_all[idx], recs_all)
+        out = {}
+        for L in lengths:
+            names, tmpl, tests = gallery_and_tests(ws, emb_of_model(idx), L)
+            out.update({f"{prefix}t{L}_{k}": val
+                        for k, val in identity_metrics(names, tmpl, tests).items()})
+        return out
+
+    def row(name: str, fold: int, seed: int) -> dict:
+        return {"var": name, "fold": fold, "seed": seed,
+                **{k: getattr(g, k) for k in ("steps", "lr", "emb", "batch_id", "wd")},
+                "widths": list(g.widths), "ema": g.ema if suffix else 0.0}
+
     res = []
     for m, (v, fold, seed) in enumerate(models):
-        keep_p = set(folds[fold]) | {r["person"] for r in meta["crecs"]}
-        sel = np.array([recs_all[r].person in keep_p for r in rec_all])
-        idx = np.nonzero(sel)[0]
-        ws = WindowSet(np.zeros((len(idx), 1, 1), np.float32), em_np[idx], rec_all[idx], end_all[idx],
-                       recs_all)
-        out = {"var": v.name + suffix, "fold": fold, "seed": seed, **{k: getattr(g, k) for k in ("steps", "lr", "emb", "batch_id", "wd")},
-               "widths": list(g.widths), "ema": g.ema if suffix else 0.0}
-        for L in (3, 10):
-            names, tmpl, tests = gallery_and_tests(ws, E[idx, m], L)
-            mm = identity_metrics(names, tmpl, tests)
-            out.update({f"t{L}_{k}": val for k, val in mm.items()})
+        one = lambda idx, m=m: E[idx, m]  # noqa: E731
+        out = row(v.name + suffix, fold, seed)
+        out.update(score(one, set(folds[fold]) | calib))
+        # the two halves apart: can the calibration persons pick a good seed?
+        out.update(score(one, calib, (10,), "cal_"))
+        out.update(score(one, set(folds[fold]), (10,), "fold_"))
         res.append(out)
     # seed ensembles: concatenated unit embeddings of all seeds of one (var, fold)
     from collections import defaultdict
@@ -354,18 +369,7 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log):
         if len(ms) < 2:
             continue
         for k in sorted({2, len(ms)}):
-            keep_p = set(folds[fold]) | {r["person"] for r in meta["crecs"]}
-            sel = np.array([recs_all[r].person in keep_p for r in rec_all])
-            idx = np.nonzero(sel)[0]
-            ws = WindowSet(np.zeros((len(idx), 1, 1), np.float32), em_np[idx], rec_all[idx],
-                           end_all[idx], recs_all)
-            Ek = np.concatenate([E[idx, m] for m in ms[:k]], axis=1) / np.sqrt(k)
-            out = {"var": f"{vn}{suffix}_ens{k}", "fold": fold, "seed": 0,
-                   **{kk: getattr(g, kk) for kk in ("steps", "lr", "emb", "batch_id", "wd")},
-                   "widths": list(g.widths), "ema": g.ema if suffix else 0.0}
-            for L in (3, 10):
-                names, tmpl, tests = gallery_and_tests(ws, Ek, L)
-                out.update({f"t{L}_{kk}": val for kk, val in identity_metrics(names, tmpl, tests).items()})
-            res.append(out)
+            cat = lambda idx, ms=ms[:k]: np.concatenate([E[idx, m] for m in ms], axis=1) / np.sqrt(len(ms))  # noqa: E731
+            res.append({**row(f"{vn}{suffix}_ens{k}", fold, 0), **score(cat, set(folds[fold]) | calib)})
     return res
 

@@ -327,7 +327,6 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log):
             xx = xx[:, None].expand(-1, M, -1, -1).permute(0, 1, 3, 2)
             embs.append(net(xx)[0].float().cpu().numpy())
         E = np.concatenate(embs)                                                 # (Ne, M, emb)
-        # activity on constructed windows of out-of-fold donors (dev only)
     recs_all = rec_objs(irecs) + rec_objs(meta["crecs"])
     rec_all = np.concatenate([irec, z["crec"] + len(irecs)])
     end_all = np.concatenate([z["iend"], z["cend"]])

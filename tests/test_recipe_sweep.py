@@ -83,3 +83,30 @@ def test_seed_pick_keeps_the_seed_the_calibration_persons_prefer() -> None:
     assert res["fold_gains"] == [5.0, -10.0]
     assert res["rank1_gain"] == -2.5 and res["seeds"] == 2
     assert np.allclose(res["correlations"], [1.0, -1.0])
+
+
+def test_beat_vectors_follow_the_served_beat_embedding() -> None:
+    """export_beat_embeddings.window_vectors = BeatMorphModel.embed with a float projection:
+    unit vector, zeros for an off lead, and zeros for a window without beats."""
+    from types import SimpleNamespace
+
+    from daemon.inference.beatmorph import beat_features
+    from training.experiments.export_beat_embeddings import window_vectors
+
+    rng = np.random.default_rng(0)
+    L, K = 87, 4
+    W = rng.normal(size=(3, L, K)).astype(np.float32)
+    b = rng.normal(size=(3, K)).astype(np.float32)
+    morph = rng.normal(size=(2, L, 3)).astype(np.float32)
+    ws = SimpleNamespace(morph=(morph, np.zeros((0, L, 3), np.float32)),
+                         lead_mask=np.array([[True, False, True], [True, True, True]]),
+                         rec=np.array([0, 0]))
+    v = window_vectors(ws, W, b)
+    assert v.shape == (2, 3 * K)
+    assert np.isclose(np.linalg.norm(v[0]), 1.0) and not v[0, K:2 * K].any()
+    assert not v[1].any()
+    # lead I block: mean of the unit beat projections, normalised, scaled with the others
+    p = np.einsum("bl,lk->bk", beat_features(morph)[:, 0], W[0]) + b[0]
+    p = (p / np.linalg.norm(p, axis=1, keepdims=True)).mean(0)
+    lead_i = p / np.linalg.norm(p)
+    assert np.allclose(v[0, :K] * np.sqrt(2), lead_i, atol=1e-5)

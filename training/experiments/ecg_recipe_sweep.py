@@ -126,6 +126,9 @@ PLANS: dict[str, list[tuple[Group, list[str]]]] = {
     # seed selection: 8 seeds of the shipped recipe, scored on calibration and fold persons apart
     "D": [(Group(), ["base"])],
     "D4": [(Group(steps=4000), ["base"])],
+    # the served fusion (CNN + beat model) on development folds: single CNN vs 2-3 seeds
+    "E": [(Group(), ["base"])],
+    "E4": [(Group(steps=4000), ["base"])],
     "smoke": [(Group(steps=3, ema=0.9, kd_teachers=2), ["base", "kd3"])],
 }
 
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--windows", default=".gpu/win.npz", help="export_ecg_windows output")
     r.add_argument("--out", required=True, help="JSON lines, appended")
     r.add_argument("--only", default="", help="comma-separated subset of the plan's variants")
+    r.add_argument("--beats", default="", help="export_beat_embeddings output: score the fused embedding too")
     p = sub.add_parser("report", help="markdown table of result files")
     p.add_argument("results", nargs="+")
     q = sub.add_parser("seed-pick", help="can the calibration persons pick a good seed?")
@@ -213,15 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     from training.experiments.ecg_recipe_torch import load, run_group  # needs PyTorch
 
     z, meta = load(args.windows)
+    beats = np.load(args.beats)["beats"].astype(np.float32) if args.beats else None
     only = [n for n in args.only.split(",") if n]
     with open(args.out, "a") as fh:
         for g, names in PLANS[args.plan]:
             names = [n for n in names if not only or n in only]
-            seeds = {"smoke": (0, 1), "D": tuple(range(10, 18)), "D4": tuple(range(10, 18))}.get(args.plan, SEEDS)
+            seeds = {"smoke": (0, 1), "D": tuple(range(10, 18)), "D4": tuple(range(10, 18)),
+                     "E": tuple(range(20, 26)), "E4": tuple(range(20, 26))}.get(args.plan, SEEDS)
             models = [(VARS[n], f, s) for n in names for f in range(4) for s in seeds]
             if not models:
                 continue
-            for res in run_group(g, models, z, meta, log=lambda m: print(m, flush=True)):
+            for res in run_group(g, models, z, meta, log=lambda m: print(m, flush=True), beats=beats):
                 fh.write(json.dumps(res) + "\n")
             fh.flush()
     os.sync()

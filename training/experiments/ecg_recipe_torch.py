@@ -158,8 +158,11 @@ def slice_copy(dst, src, Md, Ms, mapping):
                 pd[i * bd:(i + 1) * bd].copy_(ps[j * bs:(j + 1) * bs])
 
 
-def run_group(g: Group, models: list[tuple[Var, int, int]], z, meta, log=print, return_net=False):
-    """models: (var, fold, seed). Returns list of metric dicts."""
+def run_group(g: Group, models: list[tuple[Var, int, int]], z, meta, log=print, return_net=False,
+              beats: np.ndarray | None = None):
+    """models: (var, fold, seed). Returns list of metric dicts. ``beats`` (folds, windows, D):
+    the per-fold beat vectors of ``export_beat_embeddings``; with them the fused embedding of
+    what the daemon serves is scored too (``_fused`` rows)."""
     M = len(models)
     teacher = None
     if g.kd_teachers:
@@ -306,14 +309,14 @@ def run_group(g: Group, models: list[tuple[Var, int, int]], z, meta, log=print, 
                 xb = augment(ix[bi], imask[bi], aug, ldrop, gen)
                 xa = augment(ax[ba], amask[ba], aug, ldrop, gen)
                 ema(torch.cat([xb, xa]).permute(0, 1, 3, 2))
-    res = tres + evaluate(net, g, models, z, meta, irecs, irec, folds, "", log)
+    res = tres + evaluate(net, g, models, z, meta, irecs, irec, folds, "", log, beats)
     if ema is not None:
-        res += evaluate(ema, g, models, z, meta, irecs, irec, folds, "_ema", log)
+        res += evaluate(ema, g, models, z, meta, irecs, irec, folds, "_ema", log, beats)
     log(f"group {g} M={M} done in {time.time()-t0:.0f}s")
     return (res, net) if return_net else res
 
 
-def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log):
+def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log, beats=None):
     M = len(models)
     # evaluation: every training ECG-ID window + calibration windows through every model
     net.eval()
@@ -350,7 +353,19 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log):
                 **{k: getattr(g, k) for k in ("steps", "lr", "emb", "batch_id", "wd")},
                 "widths": list(g.widths), "ema": g.ema if suffix else 0.0}
 
+    def fused(cnn, fold: int):
+        """The served sum-rule fusion (weight 0.5) of a CNN embedding with the fold's beats."""
+        def emb(idx):
+            c = cnn(idx)
+            c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+            return np.concatenate([np.sqrt(0.5) * c, np.sqrt(0.5) * beats[fold][idx]], axis=1)
+        return emb
+
     res = []
+    if beats is not None and not suffix:
+        for fold in sorted({f for _, f, _ in models}):
+            res.append({**row("beats_only", fold, 0),
+                        **score(lambda idx, f=fold: beats[f][idx], set(folds[fold]) | calib)})
     for m, (v, fold, seed) in enumerate(models):
         one = lambda idx, m=m: E[idx, m]  # noqa: E731
         out = row(v.name + suffix, fold, seed)
@@ -359,6 +374,9 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log):
         out.update(score(one, calib, (10,), "cal_"))
         out.update(score(one, set(folds[fold]), (10,), "fold_"))
         res.append(out)
+        if beats is not None:
+            res.append({**row(v.name + suffix + "_fused", fold, seed),
+                        **score(fused(one, fold), set(folds[fold]) | calib)})
     # seed ensembles: concatenated unit embeddings of all seeds of one (var, fold)
     from collections import defaultdict
     ens = defaultdict(list)
@@ -370,5 +388,8 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log):
         for k in sorted({2, len(ms)}):
             cat = lambda idx, ms=ms[:k]: np.concatenate([E[idx, m] for m in ms], axis=1) / np.sqrt(len(ms))  # noqa: E731
             res.append({**row(f"{vn}{suffix}_ens{k}", fold, 0), **score(cat, set(folds[fold]) | calib)})
+            if beats is not None:
+                res.append({**row(f"{vn}{suffix}_ens{k}_fused", fold, 0),
+                             **score(fused(cat, fold), set(folds[fold]) | calib)})
     return res
 

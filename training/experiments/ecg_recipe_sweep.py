@@ -24,9 +24,13 @@ trained on): a 16-person gallery, like the 20-person held-out one.
 Commands (the results of docs/MODELS.md, "Recipe search"):
 
     python -m training.experiments.export_ecg_windows --data ../shared/data --out .gpu/win.npz
-    # on a machine with PyTorch and a GPU, from the repository root; plans A, B1-B4, C1-C3
+    python -m training.experiments.export_beat_embeddings --data ../shared/data \
+        --windows .gpu/win.npz --out .gpu/beats.npz      # per-fold beat model, for E/E4
+    # on a machine with PyTorch and a GPU, from the repository root; plans A, B1-B4, C1-C3,
+    # D, D4, and E, E4 with --beats .gpu/beats.npz
     python -m training.experiments.ecg_recipe_sweep run A --windows .gpu/win.npz --out a.jsonl
     python -m training.experiments.ecg_recipe_sweep report docs/models/ecg_recipe_sweep.jsonl
+    python -m training.experiments.ecg_recipe_sweep seed-pick docs/models/ecg_recipe_sweep.jsonl
 
 Plan A ran as three processes (``--only`` subsets of its variants) at once on one H100; the
 other plans one process each, four at a time. A whole plan takes 1-4 min there.
@@ -126,7 +130,7 @@ PLANS: dict[str, list[tuple[Group, list[str]]]] = {
     # seed selection: 8 seeds of the shipped recipe, scored on calibration and fold persons apart
     "D": [(Group(), ["base"])],
     "D4": [(Group(steps=4000), ["base"])],
-    # the served fusion (CNN + beat model) on development folds: single CNN vs 2-3 seeds
+    # the served fusion (CNN + beat model) on development folds: one CNN against 2 and 6 seeds
     "E": [(Group(), ["base"])],
     "E4": [(Group(steps=4000), ["base"])],
     "smoke": [(Group(steps=3, ema=0.9, kd_teachers=2), ["base", "kd3"])],

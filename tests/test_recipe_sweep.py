@@ -110,3 +110,18 @@ def test_beat_vectors_follow_the_served_beat_embedding() -> None:
     p = (p / np.linalg.norm(p, axis=1, keepdims=True)).mean(0)
     lead_i = p / np.linalg.norm(p)
     assert np.allclose(v[0, :K] * np.sqrt(2), lead_i, atol=1e-5)
+
+
+def test_sweep_fusion_is_the_served_fusion() -> None:
+    """The development-fold fusion must be exactly what the daemon serves (beatmorph)."""
+    from daemon.inference.beatmorph import fuse_embeddings
+    from training.experiments.ecg_recipe_sweep import fused_embedding
+
+    rng = np.random.default_rng(1)
+    cnn = rng.normal(size=(5, 64)).astype(np.float32)
+    beats = rng.normal(size=(5, 144)).astype(np.float32)
+    beats /= np.linalg.norm(beats, axis=1, keepdims=True)
+    for w in (0.3, 0.5, 0.8):
+        got = fused_embedding(lambda idx: cnn[idx], beats, w)(np.arange(5))
+        want = np.stack([fuse_embeddings(cnn[i], beats[i], w) for i in range(5)])
+        assert np.allclose(got, want, atol=1e-6)

@@ -31,6 +31,9 @@ Commands (the results of docs/MODELS.md, "Recipe search"):
     python -m training.experiments.ecg_recipe_sweep run A --windows .gpu/win.npz --out a.jsonl
     python -m training.experiments.ecg_recipe_sweep report docs/models/ecg_recipe_sweep.jsonl
     python -m training.experiments.ecg_recipe_sweep seed-pick docs/models/ecg_recipe_sweep.jsonl
+    # fusion weights: save a run's CNN embeddings (SWEEP_SAVE_EMB=FILE ... run E --beats ...)
+    python -m training.experiments.ecg_recipe_sweep fusion-weights --beats .gpu/beats.npz \
+        --emb FILE-2000-24.npz
 
 Plan A ran as three processes (``--only`` subsets of its variants) at once on one H100; the
 other plans one process each, four at a time. A whole plan takes 1-4 min there.
@@ -39,9 +42,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
+
+from training.data.ecg import WindowSet
+from training.eval.identity import gallery_and_tests, identity_metrics
 
 SEEDS = (0, 1, 2)
 
@@ -90,6 +98,66 @@ def folds_of(meta: dict, k: int = 4) -> list[list[str]]:
     for i, p in enumerate(multi + single):
         folds[i % k].append(p)
     return folds
+
+
+def load(path: str) -> tuple[np.lib.npyio.NpzFile, dict]:
+    """``export_ecg_windows`` output: (arrays, metadata)."""
+    return np.load(path), json.loads(open(f"{path}.json").read())
+
+
+class DevScorer:
+    """The identity protocol (training.eval.identity) on the exported windows of chosen persons.
+
+    Windows are indexed as exported: the training identity windows, then the calibration ones;
+    an embedding function maps window indices to embeddings, so any model (or fusion) scores."""
+
+    def __init__(self, z, meta: dict) -> None:
+        recs = meta["irecs"] + meta["crecs"]
+        self.records = tuple(SimpleNamespace(dataset=r["dataset"], person=r["person"],
+                                             session=r["session"], duration_s=r["dur"]) for r in recs)
+        self.rec = np.concatenate([z["irec"], z["crec"] + len(meta["irecs"])])
+        self.end = np.concatenate([z["iend"], z["cend"]])
+        self.mask = np.concatenate([z["imask"], z["cmask"]])
+        self.person = np.array([self.records[r].person for r in self.rec])
+        self.calib = {r["person"] for r in meta["crecs"]}
+        self.folds = folds_of(meta)
+
+    def score(self, emb_of: Callable[[np.ndarray], np.ndarray], persons: set[str],
+              lengths: tuple[int, ...] = (3, 10), prefix: str = "") -> dict[str, float]:
+        idx = np.nonzero(np.isin(self.person, list(persons)))[0]
+        ws = WindowSet(np.zeros((len(idx), 1, 1), np.float32), self.mask[idx], self.rec[idx],
+                       self.end[idx], self.records)
+        out: dict[str, float] = {}
+        for L in lengths:
+            names, tmpl, tests = gallery_and_tests(ws, emb_of(idx), L)
+            out.update({f"{prefix}t{L}_{k}": v for k, v in identity_metrics(names, tmpl, tests).items()})
+        return out
+
+
+def fused_embedding(cnn: Callable[[np.ndarray], np.ndarray], beats: np.ndarray, weight_cnn: float
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """The served sum-rule fusion (daemon/inference/beatmorph.fuse_embeddings) of a CNN
+    embedding function with a fold's beat vectors (unit, or zero without beats)."""
+    def emb(idx: np.ndarray) -> np.ndarray:
+        c = cnn(idx)
+        c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        return np.concatenate([np.sqrt(weight_cnn) * c, np.sqrt(1 - weight_cnn) * beats[idx]], axis=1)
+    return emb
+
+
+def fusion_weights(z, meta: dict, beats: np.ndarray, emb: np.ndarray, models: list[str],
+                   weights: tuple[float, ...]) -> list[dict]:
+    """Fused scores of saved CNN embeddings (``SWEEP_SAVE_EMB``) at several CNN weights."""
+    dev = DevScorer(z, meta)
+    rows = []
+    for m, name in enumerate(models):
+        var, fold, seed = name.split(":")
+        persons = set(dev.folds[int(fold)]) | dev.calib
+        for w in weights:
+            f = fused_embedding(lambda idx, m=m: emb[idx, m].astype(np.float32), beats[int(fold)], w)
+            rows.append({"var": var, "fold": int(fold), "seed": int(seed), "weight_cnn": w,
+                         **dev.score(f, persons, (10,))})
+    return rows
 
 
 VARS = {
@@ -210,7 +278,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", nargs="+")
     q = sub.add_parser("seed-pick", help="can the calibration persons pick a good seed?")
     q.add_argument("results", nargs="+")
+    fw = sub.add_parser("fusion-weights", help="fused scores of saved CNN embeddings per CNN weight")
+    fw.add_argument("--windows", default=".gpu/win.npz")
+    fw.add_argument("--beats", required=True)
+    fw.add_argument("--emb", required=True, help="a SWEEP_SAVE_EMB file of a run")
+    fw.add_argument("--weights", default="0.2,0.3,0.4,0.5,0.6,0.7,0.8")
     args = ap.parse_args(argv)
+    if args.cmd == "fusion-weights":
+        z, meta = load(args.windows)
+        saved = np.load(args.emb)
+        rows = fusion_weights(z, meta, np.load(args.beats)["beats"].astype(np.float32),
+                              saved["emb"], [str(m) for m in saved["models"]],
+                              tuple(float(w) for w in args.weights.split(",")))
+        for w in sorted({r["weight_cnn"] for r in rows}):
+            rs = [r for r in rows if r["weight_cnn"] == w]
+            print(json.dumps({"weight_cnn": w, "models": len(rs), **{
+                k: round(float(np.mean([r[k] for r in rs])), 2)
+                for k in ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1")}}))
+        return 0
     if args.cmd == "seed-pick":
         for res in seed_pick([json.loads(line) for f in args.results for line in open(f) if line.strip()]):
             print(json.dumps(res))
@@ -218,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "report":
         print(report([json.loads(line) for f in args.results for line in open(f) if line.strip()]))
         return 0
-    from training.experiments.ecg_recipe_torch import load, run_group  # needs PyTorch
+    from training.experiments.ecg_recipe_torch import run_group  # needs PyTorch
 
     z, meta = load(args.windows)
     beats = np.load(args.beats)["beats"].astype(np.float32) if args.beats else None

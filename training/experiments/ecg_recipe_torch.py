@@ -5,36 +5,21 @@ PyTorch; nothing in the pipeline or the daemon imports it.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.data.ecg import WindowSet
-from training.eval.identity import gallery_and_tests, identity_metrics
-from training.experiments.ecg_recipe_sweep import Group, Var, folds_of
+from training.experiments.ecg_recipe_sweep import DevScorer, Group, Var, folds_of, fused_embedding
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cudnn.benchmark = True
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-
-
-def load(path):
-    z = np.load(path)
-    meta = json.load(open(path + ".json"))
-    return z, meta
-
-
-def rec_objs(recs):
-    return tuple(SimpleNamespace(dataset=r["dataset"], person=r["person"], session=r["session"],
-                                 duration_s=r["dur"]) for r in recs)
 
 
 # ------------------------------------------------------------------ model
@@ -322,7 +307,6 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log, beats=Non
     net.eval()
     cx = z["cx"].astype(np.float32)
     ex_np = np.concatenate([z["ix"].astype(np.float32), cx])
-    em_np = np.concatenate([z["imask"], z["cmask"]])
     with torch.no_grad():
         embs = []
         for s in range(0, len(ex_np), 256):
@@ -330,23 +314,14 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log, beats=Non
             xx = xx[:, None].expand(-1, M, -1, -1).permute(0, 1, 3, 2)
             embs.append(net(xx)[0].float().cpu().numpy())
         E = np.concatenate(embs)                                                 # (Ne, M, emb)
-    recs_all = rec_objs(irecs) + rec_objs(meta["crecs"])
-    rec_all = np.concatenate([irec, z["crec"] + len(irecs)])
-    end_all = np.concatenate([z["iend"], z["cend"]])
-    win_person = np.array([recs_all[r].person for r in rec_all])
-    calib = {r["person"] for r in meta["crecs"]}
-
-    def score(emb_of_model, persons: set[str], lengths=(3, 10), prefix: str = "") -> dict:
-        """The identity protocol on the windows of ``persons`` only."""
-        idx = np.nonzero(np.isin(win_person, list(persons)))[0]
-        ws = WindowSet(np.zeros((len(idx), 1, 1), np.float32), em_np[idx], rec_all[idx],
-                       end_all[idx], recs_all)
-        out = {}
-        for L in lengths:
-            names, tmpl, tests = gallery_and_tests(ws, emb_of_model(idx), L)
-            out.update({f"{prefix}t{L}_{k}": val
-                        for k, val in identity_metrics(names, tmpl, tests).items()})
-        return out
+    save = __import__("os").environ.get("SWEEP_SAVE_EMB")
+    if save and not suffix:
+        # the CNN embeddings of every exported window (training, then calibration), per model,
+        # for analyses that need no GPU (fusion weights): one file per group
+        np.savez_compressed(f"{save}-{g.steps}-{M}.npz", emb=E.astype(np.float16),
+                            models=np.array([f"{v.name}:{f}:{s}" for v, f, s in models]))
+    dev = DevScorer(z, meta)
+    score, calib = dev.score, dev.calib
 
     def row(name: str, fold: int, seed: int) -> dict:
         return {"var": name, "fold": fold, "seed": seed,
@@ -354,12 +329,7 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log, beats=Non
                 "widths": list(g.widths), "ema": g.ema if suffix else 0.0}
 
     def fused(cnn, fold: int):
-        """The served sum-rule fusion (weight 0.5) of a CNN embedding with the fold's beats."""
-        def emb(idx):
-            c = cnn(idx)
-            c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-            return np.concatenate([np.sqrt(0.5) * c, np.sqrt(0.5) * beats[fold][idx]], axis=1)
-        return emb
+        return fused_embedding(cnn, beats[fold], 0.5)
 
     res = []
     if beats is not None and not suffix:

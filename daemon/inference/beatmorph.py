@@ -88,9 +88,16 @@ class BeatMorphModel:
         # all of the window's beats in one invoke: the same numbers as one call per beat, at
         # about half the cost (the per-call overhead of the interpreter dominates a 15 KB model)
         per_lead = np.asarray(self.model.run(**{self.input_name: feats})["embedding"])  # (k, n_leads, K)
-        lead_vec = _unit(_unit(per_lead).mean(axis=0))              # (n_leads, K)
-        lead_vec[~mask] = 0.0
-        return _unit(lead_vec.reshape(-1))
+        return pool_beats(per_lead, mask)
+
+
+def pool_beats(per_lead: np.ndarray, lead_mask: np.ndarray) -> np.ndarray:
+    """A window's beat vector from its beats' projections (k, n_leads, K): per lead the mean of
+    the unit beat projections, normalised; zeros for a lead that is off; then normalised as one
+    (n_leads * K,) vector, so every lead that is on weighs the same."""
+    lead_vec = _unit(_unit(per_lead).mean(axis=0))              # (n_leads, K)
+    lead_vec[~np.asarray(lead_mask, dtype=bool)] = 0.0
+    return _unit(lead_vec.reshape(-1))
 
 
 def fuse_embeddings(cnn: np.ndarray, beats: np.ndarray | None, weight_cnn: float) -> np.ndarray:

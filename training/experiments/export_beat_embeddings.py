@@ -19,22 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.inference.beatmorph import _unit, beat_features
+from daemon.inference.beatmorph import beat_features, pool_beats
 from training.data.ecg import load_training_records, record_windows
 from training.experiments.ecg_recipe_sweep import folds_of
 from training.train_beats import PIPELINE_KW, distinct_beats, fit_projections
 
 
 def window_vectors(ws, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``BeatMorphModel.embed`` with the float projection (W, b) for every window of ``ws``."""
+    """``BeatMorphModel.embed`` with the float projection (W, b) for every window of ``ws``
+    (the same ``pool_beats``; the shipped model runs the int8 projection instead)."""
     out = np.zeros((len(ws.rec), W.shape[0] * W.shape[2]), np.float32)
     for i, (m, mask) in enumerate(zip(ws.morph, ws.lead_mask)):
         if m.ndim != 3 or m.shape[0] == 0 or not mask.any():
             continue
-        per_lead = np.einsum("bld,ldk->blk", beat_features(m[:, :, :3]), W) + b
-        lead_vec = _unit(_unit(per_lead).mean(axis=0))
-        lead_vec[~np.asarray(mask, bool)] = 0.0
-        out[i] = _unit(lead_vec.reshape(-1))
+        out[i] = pool_beats(np.einsum("bld,ldk->blk", beat_features(m[:, :, :3]), W) + b, mask)
     return out
 
 

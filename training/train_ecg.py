@@ -61,19 +61,21 @@ class EcgTrainingData:
     act_mask: np.ndarray
     act_y: np.ndarray
     calib: WindowSet          # ECG-ID calibration persons (threshold only, never trained on)
+    act_person: np.ndarray    # (m,) the person whose beats each activity window re-times
 
 
 def activity_windows(data_dir: Path, donors: list[EcgRecord], test: bool, seed: int,
-                     per_series: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Constructed activity windows; ``test`` picks the held-out gudb subjects."""
+                     per_series: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Constructed activity windows (x, lead mask, label, donor person); ``test`` picks the
+    held-out gudb subjects."""
     rr = [s for s in load_gudb_rr(data_dir) if (s.subject in GUDB_TEST_SUBJECTS) == test]
     if not rr or not donors:
         return (np.zeros((0, INPUT_LEN, 3), np.float32), np.zeros((0, 3), bool),
-                np.zeros(0, np.int64))
+                np.zeros(0, np.int64), np.zeros(0, str))
     built = construct_activity_records(rr, donors, ACT_SECONDS, per_series, seed)
     ws = record_windows([r for r, _ in built], PIPELINE_KW)
     labels = np.array([lab for _, lab in built])[ws.rec]
-    return ws.x, ws.lead_mask, labels
+    return ws.x, ws.lead_mask, labels, ws.persons()
 
 
 def prepare(data_dir: Path, progress: Progress, act_per_series: int = 3) -> EcgTrainingData:
@@ -91,10 +93,10 @@ def prepare(data_dir: Path, progress: Progress, act_per_series: int = 3) -> EcgT
     classes = tuple(sorted(set(persons)))
     labels = np.searchsorted(np.array(classes), persons)
     donors = [r for r in recs if r.dataset in ("ludb", "ecgid")]
-    ax, am, ay = activity_windows(data_dir, donors, test=False, seed=1, per_series=act_per_series)
+    ax, am, ay, ap = activity_windows(data_dir, donors, test=False, seed=1, per_series=act_per_series)
     progress(f"ecg: {len(ws.x)} identity windows, {len(classes)} classes; "
              f"{len(ax)} constructed activity windows {np.bincount(ay, minlength=3).tolist()}")
-    return EcgTrainingData(ws, labels, classes, ax, am, ay, record_windows(calib, PIPELINE_KW))
+    return EcgTrainingData(ws, labels, classes, ax, am, ay, record_windows(calib, PIPELINE_KW), ap)
 
 
 # ---------------------------------------------------------------- augmentation (numpy, batch)
@@ -383,7 +385,7 @@ def ablation(data_dir: Path, steps: int, progress: Progress = print,
     held = [r for r in load_all(Path(data_dir)) if not is_training_person(r.person)]
     ws = record_windows([r for r in held if r.dataset == "ecgid"], PIPELINE_KW)
     donors = [r for r in held if r.dataset in ("ludb", "ecgid")]
-    ax, _, ay = activity_windows(Path(data_dir), donors, test=True, seed=7, per_series=4)
+    ax, _, ay, _ = activity_windows(Path(data_dir), donors, test=True, seed=7, per_series=4)
     rows = []
     for bal in ("fixed", "dt4ecg", "chen"):
         cfg = TrainConfig(steps=steps, balancing=bal)

@@ -142,7 +142,7 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     ws = record_windows(records, kw)
     donors = [r for r in load_all(Path(data_dir)) if r.person not in seen
               and r.dataset in ("ludb", "ecgid")]
-    ax, _, ay = activity_windows(Path(data_dir), donors, test=True, seed=ACTIVITY_SEED,
+    ax, _, ay, _ = activity_windows(Path(data_dir), donors, test=True, seed=ACTIVITY_SEED,
                                  per_series=ACTIVITY_PER_SERIES)
     models = {"int8": load_model(int8_path)}
     fpath = float_twin(int8_path)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.ecg import is_training_person, load_training_records, record_windows
-from training.data.ecg_activity import GUDB_TEST_SUBJECTS, construct_activity_records, load_gudb_rr
-from training.train_ecg import ACT_SECONDS, PIPELINE_KW, prepare
+from training.data.ecg import is_training_person
+from training.train_ecg import prepare
 
 
 def _records(ws) -> list[dict]:
@@ -33,23 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     data = prepare(args.data, print)
     assert all(is_training_person(r.person) for r in data.ident.records + data.calib.records)
-    # the activity windows again, with the donor person of each (same seed and order as
-    # prepare), so that a development fold can drop its persons' beats from activity too
-    recs, _ = load_training_records(args.data)
-    donors = [r for r in recs if r.dataset in ("ludb", "ecgid")]
-    rr = [s for s in load_gudb_rr(args.data) if s.subject not in GUDB_TEST_SUBJECTS]
-    built = construct_activity_records(rr, donors, ACT_SECONDS, 3, 1)
-    aws = record_windows([r for r, _ in built], PIPELINE_KW)
-    if not np.array_equal(aws.x, data.act_x):
-        raise RuntimeError("activity windows differ from training.train_ecg.prepare's")
-    aperson = np.array([r.person for r, _ in built])[aws.rec]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         args.out, ix=data.ident.x.astype(np.float16), imask=data.ident.lead_mask,
         irec=data.ident.rec, iend=data.ident.t_end_s, ilab=data.ident_labels,
         cx=data.calib.x.astype(np.float16), cmask=data.calib.lead_mask, crec=data.calib.rec,
         cend=data.calib.t_end_s, ax=data.act_x.astype(np.float16), amask=data.act_mask,
-        ay=data.act_y, aperson=aperson)
+        ay=data.act_y, aperson=data.act_person)
     Path(f"{args.out}.json").write_text(json.dumps({
         "classes": list(data.classes), "irecs": _records(data.ident),
         "crecs": _records(data.calib)}))

@@ -122,6 +122,10 @@ class DevScorer:
         self.calib = {r["person"] for r in meta["crecs"]}
         self.folds = folds_of(meta)
 
+    def gallery(self, fold: int) -> set[str]:
+        """Who a fold's models are scored on: the fold's persons and the calibration persons."""
+        return set(self.folds[fold]) | self.calib
+
     def score(self, emb_of: Callable[[np.ndarray], np.ndarray], persons: set[str],
               lengths: tuple[int, ...] = (3, 10), prefix: str = "") -> dict[str, float]:
         idx = np.nonzero(np.isin(self.person, list(persons)))[0]
@@ -152,11 +156,10 @@ def fusion_weights(z, meta: dict, beats: np.ndarray, emb: np.ndarray, models: li
     rows = []
     for m, name in enumerate(models):
         var, fold, seed = name.split(":")
-        persons = set(dev.folds[int(fold)]) | dev.calib
         for w in weights:
             f = fused_embedding(lambda idx, m=m: emb[idx, m].astype(np.float32), beats[int(fold)], w)
             rows.append({"var": var, "fold": int(fold), "seed": int(seed), "weight_cnn": w,
-                         **dev.score(f, persons, (10,))})
+                         **dev.score(f, dev.gallery(int(fold)), (10,))})
     return rows
 
 

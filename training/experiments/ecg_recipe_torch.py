@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
 from dataclasses import replace
 
 import numpy as np
@@ -294,14 +295,16 @@ def run_group(g: Group, models: list[tuple[Var, int, int]], z, meta, log=print, 
                 xb = augment(ix[bi], imask[bi], aug, ldrop, gen)
                 xa = augment(ax[ba], amask[ba], aug, ldrop, gen)
                 ema(torch.cat([xb, xa]).permute(0, 1, 3, 2))
-    res = tres + evaluate(net, g, models, z, meta, irecs, irec, folds, "", log, beats)
+    res = tres + evaluate(net, g, models, z, meta, "", beats)
     if ema is not None:
-        res += evaluate(ema, g, models, z, meta, irecs, irec, folds, "_ema", log, beats)
+        res += evaluate(ema, g, models, z, meta, "_ema", beats)
     log(f"group {g} M={M} done in {time.time()-t0:.0f}s")
     return (res, net) if return_net else res
 
 
-def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log, beats=None):
+def evaluate(net, g, models, z, meta, suffix: str, beats: np.ndarray | None = None) -> list[dict]:
+    """Score every model of the grouped ``net`` on its fold's gallery (``DevScorer``): alone,
+    persons apart (``cal_``/``fold_``), fused with the fold's beats, and as seed ensembles."""
     M = len(models)
     # evaluation: every training ECG-ID window + calibration windows through every model
     net.eval()
@@ -321,7 +324,7 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log, beats=Non
         np.savez_compressed(f"{save}-{g.steps}-{M}.npz", emb=E.astype(np.float16),
                             models=np.array([f"{v.name}:{f}:{s}" for v, f, s in models]))
     dev = DevScorer(z, meta)
-    score, calib = dev.score, dev.calib
+    score = dev.score
 
     def row(name: str, fold: int, seed: int) -> dict:
         return {"var": name, "fold": fold, "seed": seed,
@@ -335,20 +338,19 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log, beats=Non
     if beats is not None and not suffix:
         for fold in sorted({f for _, f, _ in models}):
             res.append({**row("beats_only", fold, 0),
-                        **score(lambda idx, f=fold: beats[f][idx], set(folds[fold]) | calib)})
+                        **score(lambda idx, f=fold: beats[f][idx], dev.gallery(fold))})
     for m, (v, fold, seed) in enumerate(models):
         one = lambda idx, m=m: E[idx, m]  # noqa: E731
         out = row(v.name + suffix, fold, seed)
-        out.update(score(one, set(folds[fold]) | calib))
+        out.update(score(one, dev.gallery(fold)))
         # the two halves apart: can the calibration persons pick a good seed?
-        out.update(score(one, calib, (10,), "cal_"))
-        out.update(score(one, set(folds[fold]), (10,), "fold_"))
+        out.update(score(one, dev.calib, (10,), "cal_"))
+        out.update(score(one, set(dev.folds[fold]), (10,), "fold_"))
         res.append(out)
         if beats is not None:
             res.append({**row(v.name + suffix + "_fused", fold, seed),
-                        **score(fused(one, fold), set(folds[fold]) | calib)})
+                        **score(fused(one, fold), dev.gallery(fold))})
     # seed ensembles: concatenated unit embeddings of all seeds of one (var, fold)
-    from collections import defaultdict
     ens = defaultdict(list)
     for m, (v, fold, seed) in enumerate(models):
         ens[(v.name, fold)].append(m)
@@ -357,9 +359,9 @@ def evaluate(net, g, models, z, meta, irecs, irec, folds, suffix, log, beats=Non
             continue
         for k in sorted({2, len(ms)}):
             cat = lambda idx, ms=ms[:k]: np.concatenate([E[idx, m] for m in ms], axis=1) / np.sqrt(len(ms))  # noqa: E731
-            res.append({**row(f"{vn}{suffix}_ens{k}", fold, 0), **score(cat, set(folds[fold]) | calib)})
+            res.append({**row(f"{vn}{suffix}_ens{k}", fold, 0), **score(cat, dev.gallery(fold))})
             if beats is not None:
                 res.append({**row(f"{vn}{suffix}_ens{k}_fused", fold, 0),
-                             **score(fused(cat, fold), set(folds[fold]) | calib)})
+                             **score(fused(cat, fold), dev.gallery(fold))})
     return res
 

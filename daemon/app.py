@@ -173,13 +173,15 @@ class BiodApp:
     def _engine(self) -> IdentityEngine:
         model = self.ecg_model.ref if self.ecg_model else None
         # template adaptation re-derives thresholds against the shipped impostor set
-        impostors = load_impostors(self.cfg.models_dir or MODELS_DIR) if self.cfg.identity.adapt else None
-        if impostors is not None and model is not None and not impostors.made_with(model):
-            log.warning("identity: the impostor set was made with %r, not the installed ECG model %s: templates "
-                        "are not adapted (biod doctor says how to fix it)", impostors.model_version, model)
-            impostors = None
-        if self.cfg.identity.adapt and impostors is None:
-            log.warning("identity: identity.adapt is on but there is no usable impostor set: templates are not adapted")
+        impostors = None
+        if self.cfg.identity.adapt:
+            impostors = load_impostors(self.cfg.models_dir or MODELS_DIR)
+            if impostors is None:
+                log.warning("identity: identity.adapt is on but there is no usable impostor set: templates are not adapted")
+            elif model is not None and not impostors.made_with(model):
+                log.warning("identity: the impostor set was made with %r, not the installed ECG model %s: templates "
+                            "are not adapted (biod doctor says how to fix it)", impostors.model_version, model)
+                impostors = None
         try:
             return IdentityEngine(self.people, self.cfg.identity.engine_config(), model=model, impostors=impostors)
         except StoreError as exc:

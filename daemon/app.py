@@ -136,6 +136,7 @@ class BiodApp:
     SENSOR_STATE_INTERVAL_S = 10.0
     ECG_LOST_AFTER_S = 3.0
     BATCH_S = 0.2
+    READY_GRACE_S = 30.0  # READY=1 at the latest this long after start, streaming or not (see _ready_fallback)
 
     def __init__(self, cfg: BiodConfig, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
@@ -159,6 +160,8 @@ class BiodApp:
         self.ecg_source: EcgSource | None = None
         self.imu_source = None
         self._last_ecg_at = 0.0
+        self._ready = False
+        self._rate_mark = (0, 0, time.monotonic())
         self._store_seen = self._store_mtime()
 
     # -- identity ---------------------------------------------------------------------------------
@@ -249,23 +252,24 @@ class BiodApp:
             thread = threading.Thread(target=self.ecg_source.run, args=(thread_stop,), name="ecg-source", daemon=True)
             thread.start()
             threads.append(thread)
-            tasks.append(asyncio.create_task(self._consume_ecg(publisher, sessions)))
+            tasks.append(asyncio.create_task(self._consume_ecg(publisher, sessions), name="ecg-pipeline"))
         if self.cfg.imu.enabled:
             from daemon.sources.metawear_ble import MetaWearSource
 
             self.imu_source = MetaWearSource(self.cfg.imu, lambda c: self._enqueue(self._imu_queue, c, "imu"))
-            tasks.append(asyncio.create_task(self.imu_source.run(stop)))
-            tasks.append(asyncio.create_task(self._consume_imu()))
-        tasks.append(asyncio.create_task(self._tick(publisher, sessions)))
-        tasks.append(asyncio.create_task(self._watchdog(threads, tasks)))
+            tasks.append(asyncio.create_task(self.imu_source.run(stop), name="imu-source"))
+            tasks.append(asyncio.create_task(self._consume_imu(), name="imu-pipeline"))
+        tasks.append(asyncio.create_task(self._tick(publisher, sessions), name="tick"))
+        tasks.append(asyncio.create_task(self._watchdog(threads, tasks), name="watchdog"))
+        ready_fallback = asyncio.create_task(self._ready_fallback(), name="ready-fallback")  # ends: not watched
         try:
             await stop.wait()
         finally:
             log.info("biod: stopping")
             self.notifier.stopping()
-            for task in tasks:
+            for task in tasks + [ready_fallback]:
                 task.cancel()
-            for task in tasks:
+            for task in tasks + [ready_fallback]:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             thread_stop.set()
@@ -295,7 +299,6 @@ class BiodApp:
         assert self._ecg_queue is not None
         pipeline: EcgPipeline | None = None
         last_hr_publish = 0.0
-        ready = False
         kwargs = self.ecg_model.pipeline_kwargs() if self.ecg_model else {}
         connects = -1
         while True:
@@ -308,9 +311,7 @@ class BiodApp:
                 connects = self.ecg_source.health.connects
             if pipeline is None or reconnected or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads or chunk.lost_frames_before > 50:
                 pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=n_leads, mains_hz=self.cfg.ecg.mains_hz, **kwargs)
-            if not ready:
-                self.notifier.ready("streaming ECG")
-                ready = True
+            self._mark_ready("streaming ECG")
             now = time.time()
             self._last_ecg_at = now
             self.stats.ecg_chunks += 1
@@ -364,6 +365,7 @@ class BiodApp:
         pipeline = ImuPipeline(acc_range_g=self.cfg.imu.acc_range_g, gyro_range_dps=self.cfg.imu.gyro_range_dps)
         while True:
             chunk = await self._imu_queue.get()
+            self._mark_ready("streaming IMU")
             self.stats.imu_chunks += 1
             self.stats.imu_samples += len(chunk.t_s)
             self.bio.on_imu(pipeline.push(chunk.t_s, chunk.acc_g, chunk.gyro_dps))
@@ -399,18 +401,50 @@ class BiodApp:
                     publisher.publish(sensor_state_message(self.topics, SensorState(
                         "imu", ih.state == "streaming", ih.battery_percent, None, imu_rate)))
 
+    def _mark_ready(self, status: str) -> None:
+        if not self._ready:
+            self._ready = True
+            self.notifier.ready(status)
+
+    def _waiting_for(self) -> str:
+        parts = []
+        if self.ecg_source is not None:
+            h = self.ecg_source.health
+            parts.append(f"ECG {self.ecg_source.describe} ({h.state}{': ' + h.last_error if h.last_error else ''})")
+        if self.imu_source is not None:
+            ih = self.imu_source.health
+            parts.append(f"{self.imu_source.describe} ({ih.state}{': ' + ih.last_error if ih.last_error else ''})")
+        return "; ".join(parts) or "no sensor enabled"
+
+    async def _ready_fallback(self) -> None:
+        """READY=1 even when no sensor streams within READY_GRACE_S. WHY: a box unplugged at boot
+        (or a board out of range) is not a failed start: the sources keep retrying by themselves,
+        MQTT and Home Assistant stay served, and a restart by systemd would not bring the device
+        back. Without this, systemd would kill and restart the daemon every start timeout.
+        STATUS= says what is missing (``systemctl status biod`` shows it)."""
+        await asyncio.sleep(self.READY_GRACE_S)
+        if not self._ready:
+            waiting = self._waiting_for()
+            log.warning("biod: no sensor streams after %.0f s; running and retrying: %s", self.READY_GRACE_S, waiting)
+            self._mark_ready(f"running; waiting for {waiting}")
+
     async def _watchdog(self, threads: list[threading.Thread], tasks: list[asyncio.Task]) -> None:
         """WATCHDOG=1 only while healthy: loop responsive, source threads and consumers alive, and
         not wedged (claiming to stream with no frame for three stall timeouts). An unplugged
         device is not unhealthy: the source is retrying and a restart would not help."""
         interval = self.notifier.watchdog_interval_s or 5.0
         wedge_s = self.cfg.ecg.stall_timeout_s * 3
+        reported: set[str] = set()
         while True:
             await asyncio.sleep(interval)
             h = self.ecg_source.health if self.ecg_source else None
             wedged = bool(h and h.state == "streaming" and h.last_frame_at and time.time() - h.last_frame_at > wedge_s)
             dead = [t.name for t in threads if not t.is_alive()] + [
                 t.get_name() for t in tasks if t.done() and t is not asyncio.current_task()]
+            for t in tasks:
+                if t.done() and not t.cancelled() and t.get_name() not in reported and t.exception() is not None:
+                    reported.add(t.get_name())
+                    log.error("biod: %s stopped on an error", t.get_name(), exc_info=t.exception())
             if not dead and not wedged:
                 self.notifier.watchdog()
             else:
@@ -482,19 +516,30 @@ class BiodApp:
             publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name, reason=report.reason))
 
     # -- stats ------------------------------------------------------------------------------------
+    def _rates_since_last_report(self) -> tuple[float, float]:
+        """Samples per second that arrived since the previous stats report (or the start): what
+        the devices really deliver, so a box streaming 250 Hz instead of 500, or a BLE link
+        losing packets, shows as a number and not only as a count."""
+        now = time.monotonic()
+        ecg0, imu0, t0 = self._rate_mark
+        self._rate_mark = (self.stats.ecg_samples, self.stats.imu_samples, now)
+        dt = max(now - t0, 1e-3)
+        return round((self.stats.ecg_samples - ecg0) / dt, 1), round((self.stats.imu_samples - imu0) / dt, 1)
+
     def stats_snapshot(self, publisher: MqttPublisher, spool: EventSpool) -> dict:
         h = self.ecg_source.health if self.ecg_source else None
         ih = self.imu_source.health if self.imu_source else None
         ms = self.bio.stats.inference_ms_median()
+        ecg_rate, imu_rate = self._rates_since_last_report()
         return {
             "version": VERSION,
             "uptime_s": round(time.time() - self.stats.started_at, 1),
             "ecg": None if h is None else {
-                "state": h.state, "frames": h.frames, "lost_frames": h.lost_frames, "crc_errors": h.crc_errors,
+                "state": h.state, "rate_hz": ecg_rate, "frames": h.frames, "lost_frames": h.lost_frames, "crc_errors": h.crc_errors,
                 "resyncs": h.resyncs, "reconnects": max(h.connects - 1, 0), "samples": self.stats.ecg_samples,
                 "dropped_chunks": self.stats.dropped_chunks, "last_error": h.last_error},
             "imu": None if ih is None else {
-                "state": ih.state, "samples": self.stats.imu_samples, "lost_samples": ih.lost_samples,
+                "state": ih.state, "rate_hz": imu_rate, "samples": self.stats.imu_samples, "lost_samples": ih.lost_samples,
                 "reconnects": ih.reconnects, "battery_pct": ih.battery_percent, "dropped_chunks": self.stats.dropped_imu_chunks},
             "beats": self.stats.beats,
             "windows": self.bio.stats.ecg_windows,
@@ -502,6 +547,7 @@ class BiodApp:
             "inference_ms_median": None if ms is None else round(ms, 3),
             "enrolled": len(self.people),
             "spool_pending": len(spool),
+            "spool_dropped": spool.stats.dropped_full,
             "mqtt_dropped_offline": publisher.stats.dropped_offline,
         }
 

@@ -55,6 +55,11 @@ def test_ble_drop_and_serial_unplug_resume_by_themselves(tmp_path, mosquitto, ca
     assert stats, "no stats were published"
     last = stats[-1]
     assert last["imu"]["reconnects"] >= 1 and last["ecg"]["reconnects"] >= 1
+    # measured arrival rates, not configured ones: the box plays 500 Hz at 2x, the board 100 Hz at 2x,
+    # both with an outage in between, so each lies between zero and the emulated rate
+    assert 0 < last["ecg"]["rate_hz"] <= 1000 * 1.1, last["ecg"]
+    assert 0 < last["imu"]["rate_hz"] <= 200 * 1.1, last["imu"]
+    assert last["spool_dropped"] == 0 and last["spool_pending"] == 0
     assert [p for t, p, _ in capture.messages if t == "biod/rec/availability"][-1] == "stopped"
 
 

@@ -1,5 +1,6 @@
-"""systemd integration: the unit verifies, and `biod run` speaks sd_notify: READY=1 once the
-ECG streams, WATCHDOG=1 while healthy, STOPPING=1 on SIGTERM."""
+"""systemd integration: the unit verifies, and `biod run` speaks sd_notify: READY=1 once a sensor
+streams (or after a grace period, saying what is missing), WATCHDOG=1 only while healthy,
+STOPPING=1 on SIGTERM."""
 from __future__ import annotations
 
 import shutil
@@ -80,3 +81,114 @@ def test_ready_watchdog_and_stopping_over_notify_socket(tmp_path, mosquitto) -> 
             proc.kill()
         emu.close()
         sock.close()
+
+
+class _NotifySocket:
+    """The receiving end of sd_notify, as systemd holds it: one datagram per notification."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.lines: list[str] = []
+
+    def read(self) -> list[str]:
+        while True:
+            try:
+                self.lines += self.sock.recv(4096).decode().splitlines()
+            except BlockingIOError:
+                return self.lines
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_ready_comes_without_a_device_and_says_what_is_missing(tmp_path, mosquitto, caplog) -> None:
+    """A box unplugged at boot is not a failed start: READY=1 after the grace period with STATUS=
+    naming the missing device, and the watchdog keeps coming (the source retries by itself)."""
+    import asyncio
+    import logging
+
+    from daemon.app import BiodApp
+    from daemon.config import parse_config
+    from daemon.systemd import Notifier
+    from tests.conftest import until
+
+    missing = tmp_path / "no-such-box"
+    cfg = parse_config(f"hub:\n  id: sd\necg:\n  source: serial\n  port: {missing}\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\nstate_dir: {tmp_path / 'state'}\n")
+    ns = _NotifySocket(tmp_path / "notify.sock")
+    notifier = Notifier(str(ns.path))
+    notifier.watchdog_interval_s = 0.2
+    app = BiodApp(cfg, notifier)
+    app.READY_GRACE_S = 1.0
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(lambda: "READY=1" in ns.read(), 20, "READY=1 without a device")
+            n = ns.read().count("WATCHDOG=1")
+            await until(lambda: ns.read().count("WATCHDOG=1") >= n + 3, 10, "the watchdog while the box is missing")
+        finally:
+            stop.set()
+            await task
+
+    with caplog.at_level(logging.WARNING, logger="daemon.app"):
+        asyncio.run(scenario())
+    ns.close()
+    status = [l for l in ns.lines if l.startswith("STATUS=")]
+    assert status and "waiting for ECG" in status[0] and str(missing) in status[0], status
+    assert app.stats.ecg_samples == 0
+    assert any("no sensor streams" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+def test_watchdog_is_withheld_once_the_pipeline_dies(tmp_path, mosquitto, caplog) -> None:
+    """WATCHDOG=1 only while healthy: when a stage of the pipeline crashes, the daemon stops
+    petting the watchdog (so systemd restarts it) and logs why."""
+    import asyncio
+    import logging
+    import time as _time
+
+    from daemon.app import BiodApp
+    from daemon.config import parse_config
+    from daemon.systemd import Notifier
+    from tests.conftest import until
+
+    cfg = parse_config(f"hub:\n  id: sd\necg:\n  source: emulator\n  emulator:\n    speed: 2\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\nstate_dir: {tmp_path / 'state'}\n")
+    ns = _NotifySocket(tmp_path / "notify.sock")
+    notifier = Notifier(str(ns.path))
+    notifier.watchdog_interval_s = 0.2
+    app = BiodApp(cfg, notifier)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a pipeline stage")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(lambda: "READY=1" in ns.read() and ns.read().count("WATCHDOG=1") >= 2, 20, "healthy streaming")
+            app.bio.on_ecg = broken  # the next ECG push kills the consumer task
+            await until(lambda: any("withholding the watchdog" in r.getMessage() for r in caplog.records), 10,
+                        "the unhealthy verdict")
+            n = ns.read().count("WATCHDOG=1")
+            t0 = _time.monotonic()
+            while _time.monotonic() - t0 < 1.5:  # 7 watchdog intervals
+                await asyncio.sleep(0.1)
+            assert ns.read().count("WATCHDOG=1") == n, "the watchdog was petted while the pipeline was dead"
+        finally:
+            stop.set()
+            await task
+
+    with caplog.at_level(logging.ERROR, logger="daemon.app"):
+        asyncio.run(scenario())
+    ns.close()
+    assert ns.lines[ns.lines.index("READY=1") + 1] == "STATUS=streaming ECG"
+    causes = [r for r in caplog.records if r.getMessage() == "biod: ecg-pipeline stopped on an error"]
+    assert len(causes) == 1 and "a bug in a pipeline stage" in str(causes[0].exc_info[1])  # logged once, with why
+    assert any("'ecg-pipeline'" in r.getMessage() for r in caplog.records if "withholding" in r.getMessage())

@@ -30,7 +30,7 @@ from daemon.enrol import Enrolment, load_impostors
 from daemon.events import EventTracker
 from daemon.identity.engine import IdentityEngine
 from daemon.identity.fusion import ACTIVITY_CLASSES
-from daemon.identity.store import StoreError, TemplateStore, key_from_credential
+from daemon.identity.store import StoreError, TemplateStore, key_from_credential, slugify
 from daemon.inference.runtime import ModelError
 from daemon.publish import homeassistant as ha
 from daemon.publish.mqtt import Message, MqttPublisher
@@ -238,6 +238,11 @@ class BiodApp:
                                        lambda req: loop.call_soon_threadsafe(self._start_enrolment, req, publisher),
                                        default_seconds=self.cfg.identity.enrol_seconds)
         stats = StatsReporter(publisher, self.topics, lambda: self.stats_snapshot(publisher, spool))
+        # retained per-person topics of persons removed while the daemon was not running
+        sweep = lambda topic, payload: self._sweep_stale_person(publisher, topic, payload)  # noqa: E731
+        if self.cfg.mqtt.discovery:
+            publisher.subscribe(self.discovery.person_config_pattern, sweep)
+        publisher.subscribe(self.topics.person_state_pattern, sweep)
         sender.start()
         enrol_commands.start()
         publisher.start()
@@ -474,6 +479,21 @@ class BiodApp:
             log.info("identity: %s was enrolled", name)
             for msg in self.discovery.person_messages(name):
                 publisher.publish(msg)
+
+    def _sweep_stale_person(self, publisher: MqttPublisher, topic: str, payload: bytes) -> None:
+        """Clear a retained per-person topic (discovery config or state) of someone no longer
+        enrolled. WHY: `biod people remove` while the daemon is stopped (or a store restored
+        from a backup) leaves that person's Home Assistant entity and last state retained on the
+        broker for ever; the running daemon's own removal path (``_watch_store``) never sees it.
+        The broker hands every retained message over on (re)subscribe, so each connect sweeps.
+        Runs on paho's thread: it only reads the current names (replaced whole, never mutated)."""
+        if not payload:
+            return  # already cleared
+        slug = self.discovery.person_slug_of(topic) or self.topics.person_slug_of(topic)
+        if slug is None or slug in {slugify(name) for name in self.people}:
+            return
+        log.info("mqtt: %s belongs to %r, who is not enrolled on this hub; clearing it", topic, slug)
+        publisher.publish(Message(topic, "", retain=True, qos=1))
 
     # -- enrolment from Home Assistant ------------------------------------------------------------
     def _start_enrolment(self, req: EnrolRequest, publisher: MqttPublisher) -> None:

@@ -318,3 +318,88 @@ def test_tls_with_good_credentials_connects_and_bad_ones_are_logged_and_retried(
     lines = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
     assert len(lines) >= 2 and all("\n" not in line for line in lines)
     assert "Not authorized" in lines[0] and "check mqtt.username" in lines[0] and "retrying" in lines[0]
+
+
+# -- the daemon's retained per-person topics ------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_path, mosquitto: Broker) -> None:
+    """`biod people remove` with the daemon stopped: on the next start the removed person's
+    retained Home Assistant entity and state are deleted, the enrolled person's are kept."""
+    import asyncio
+
+    import numpy as np
+
+    from daemon.app import BiodApp
+    from daemon.biometrics import MODELS_DIR, EcgModelRunner
+    from daemon.config import parse_config
+    from daemon.identity.store import Person, TemplateStore, slugify
+    from tests.conftest import until
+
+    cfg = parse_config(f"hub:\n  id: {HUB}\necg:\n  enabled: false\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\nstate_dir: {tmp_path / 'state'}\n")
+    ref = EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite").ref
+    rng = np.random.default_rng(0)
+    for name in ("Ann", "Zoë Ghost"):
+        TemplateStore(cfg.store_path).add(Person(
+            id=f"id-{slugify(name)}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00", model=ref,
+            prototypes=rng.normal(size=(2, ref.dim)).astype(np.float32), prototype_labels=("rest", "walking"),
+            threshold=0.6, stats={}))
+    disc = _discovery([])
+    ghost_cfg = disc.person_messages("Zoë Ghost")[0].topic
+    ann_cfg = disc.person_messages("Ann")[0].topic
+    other_hub = ha.HubDiscovery("homeassistant", "hub2", "hub", Topics("biod/hub2"), ACTIVITIES).person_messages("Max")[0].topic
+
+    async def run_once(until_pred, what: str) -> None:
+        app = BiodApp(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(until_pred, 20, what)
+        finally:
+            stop.set()
+            await task
+
+    # a first run publishes both persons' entities; the person state is what a session left behind
+    asyncio.run(run_once(lambda: {ghost_cfg, ann_cfg} <= set(_retained_snapshot(mosquitto.port, "homeassistant/#", 0.3)),
+                         "both persons' entities"))
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="seed")
+    c.connect("127.0.0.1", mosquitto.port)
+    c.loop_start()
+    for topic in (TOPICS.person_state("zoe_ghost"), TOPICS.person_state("ann"), other_hub):
+        c.publish(topic, '{"wearing": false}', qos=1, retain=True).wait_for_publish(5)
+    c.loop_stop()
+    c.disconnect()
+    # removed while the daemon is stopped: no running daemon sees the change
+    TemplateStore(cfg.store_path).remove("Zoë Ghost")
+    asyncio.run(run_once(lambda: ghost_cfg not in _retained_snapshot(mosquitto.port, "homeassistant/#", 0.3),
+                         "the removed person's entity to be cleared"))
+    retained = _retained_snapshot(mosquitto.port, "#")
+    assert ghost_cfg not in retained and TOPICS.person_state("zoe_ghost") not in retained
+    assert ann_cfg in retained and TOPICS.person_state("ann") in retained
+    assert other_hub in retained  # another hub's people are not ours to remove
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_daemon_is_offline_by_its_last_will(tmp_path, mosquitto: Broker) -> None:
+    """SIGKILL (or a power cut) sends no `stopped`: the broker publishes the last will `offline`,
+    retained, so Home Assistant greys the hub's entities out."""
+    import signal as _signal
+    import sys
+
+    conf = tmp_path / "biod.yaml"
+    conf.write_text(f"hub:\n  id: lw\necg:\n  enabled: false\n"
+                    f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n  keepalive_s: 5\nstate_dir: {tmp_path / 'state'}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(conf)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while _retained_snapshot(mosquitto.port, "biod/lw/availability", 0.3).get("biod/lw/availability") != "online":
+            assert time.monotonic() < deadline and proc.poll() is None, "the daemon never came online"
+        proc.send_signal(_signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15  # the socket closes with the process: the broker sends the will at once
+        while (state := _retained_snapshot(mosquitto.port, "biod/lw/availability", 0.3).get("biod/lw/availability")) != "offline":
+            assert time.monotonic() < deadline, f"availability stayed {state!r}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -175,6 +175,23 @@ class HubDiscovery:
         """Empty retained configs: Home Assistant deletes the person's entities."""
         return [removal(m) for m in self.person_messages(name)]
 
+    @property
+    def person_config_pattern(self) -> str:
+        """MQTT subscription matching this hub's per-person config topics (and its other
+        binary sensors, which :meth:`person_slug_of` tells apart)."""
+        return f"{self.discovery_prefix}/binary_sensor/biod_{self.hub_id}/+/config"
+
+    def person_slug_of(self, topic: str) -> str | None:
+        """The person slug of one of this hub's per-person config topics, else None."""
+        parts = topic.split("/")
+        if (len(parts) != 5 or parts[0] != self.discovery_prefix or parts[1] != "binary_sensor"
+                or parts[2] != f"biod_{self.hub_id}" or parts[4] != "config"):
+            return None
+        key = parts[3]
+        if not (key.startswith("person_") and key.endswith("_wearing")) or len(key) <= len("person__wearing"):
+            return None
+        return key[len("person_"):-len("_wearing")]
+
     def rename(self, old: str, new: str) -> list[Message]:
         """A rename is a removal plus a new entity (the unique_id derives from the name)."""
         return self.person_removal(old) + self.person_messages(new)

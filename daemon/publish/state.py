@@ -83,6 +83,17 @@ class Topics:
     def person_state(self, slug: str) -> str:
         return f"{self.prefix}/person/{slug}/state"
 
+    @property
+    def person_state_pattern(self) -> str:
+        return f"{self.prefix}/person/+/state"
+
+    def person_slug_of(self, topic: str) -> str | None:
+        """The slug in a ``<prefix>/person/<slug>/state`` topic, else None."""
+        head, sep, rest = topic.partition(f"{self.prefix}/person/")
+        if head or not sep or not rest.endswith("/state") or "/" in rest[:-len("/state")]:
+            return None
+        return rest[:-len("/state")] or None
+
 
 # -- retained state ------------------------------------------------------------------------------
 @dataclass(frozen=True)

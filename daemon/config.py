@@ -55,9 +55,17 @@ class EmulatorConfig(_Strict):
     loop: bool = True
 
 
+class ReplayConfig(_Strict):
+    """A recorded file played through the emulated device (``source: replay``)."""
+
+    path: Path = Field(description="WFDB record written by `biod record` (the .hea file)")
+    speed: float = Field(1.0, gt=0, le=1000, description="1 = real time")
+    loop: bool = False
+
+
 class EcgConfig(_Strict):
     enabled: bool = True
-    source: Literal["emulator", "serial", "tcp"] = "emulator"
+    source: Literal["emulator", "serial", "tcp", "replay"] = "emulator"
     port: str | None = Field(None, description="serial device, e.g. /dev/biod-ecg (udev symlink) or /dev/ttyACM0")
     host: str = "127.0.0.1"
     tcp_port: int | None = Field(None, ge=1, le=65535)
@@ -67,6 +75,7 @@ class EcgConfig(_Strict):
     mains_hz: Literal[50, 60] | None = 50
     stall_timeout_s: float = Field(3.0, gt=0)
     emulator: EmulatorConfig = EmulatorConfig()
+    replay: ReplayConfig | None = None
 
     @model_validator(mode="after")
     def _source_needs_address(self) -> "EcgConfig":
@@ -74,6 +83,8 @@ class EcgConfig(_Strict):
             raise ValueError("ecg.source is 'serial' but ecg.port is not set: give the device path, e.g. port: /dev/biod-ecg")
         if self.enabled and self.source == "tcp" and not self.tcp_port:
             raise ValueError("ecg.source is 'tcp' but ecg.tcp_port is not set")
+        if self.enabled and self.source == "replay" and self.replay is None:
+            raise ValueError("ecg.source is 'replay' but there is no ecg.replay section: give replay: {path: <record>.hea}")
         return self
 
 
@@ -85,7 +96,7 @@ class ImuEmulatorConfig(_Strict):
 
 class ImuSourceConfig(_Strict):
     enabled: bool = False
-    source: Literal["ble", "emulator"] = "ble"
+    source: Literal["ble", "emulator", "replay"] = "ble"
     address: str | None = Field(None, description="BLE MAC (Linux) of the MetaMotion; or give name")
     name: str | None = Field(None, description="advertised name to scan for, e.g. MetaWear")
     odr_hz: Literal[25, 50, 100, 200, 400, 800] = 100
@@ -96,11 +107,15 @@ class ImuSourceConfig(_Strict):
     scan_timeout_s: float = Field(10.0, gt=0)
     stall_timeout_s: float = Field(3.0, gt=0)
     emulator: ImuEmulatorConfig = ImuEmulatorConfig()
+    replay: ReplayConfig | None = Field(None, description="a `biod record` IMU record played by the emulated board "
+                                        "(model from imu.emulator.model)")
 
     @model_validator(mode="after")
     def _ble_needs_target(self) -> "ImuSourceConfig":
         if self.enabled and self.source == "ble" and not (self.address or self.name):
             raise ValueError("imu.source is 'ble' but neither imu.address nor imu.name is set: give the board's MAC address (biod doctor lists nearby boards)")
+        if self.enabled and self.source == "replay" and self.replay is None:
+            raise ValueError("imu.source is 'replay' but there is no imu.replay section: give replay: {path: <record>.hea}")
         return self
 
 

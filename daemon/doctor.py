@@ -50,6 +50,18 @@ def check_serial(cfg: BiodConfig) -> Iterator[Check]:
     if e.source == "emulator":
         yield Check("ECG source", True, f"emulator (recording {e.emulator.recording!r})")
         return
+    if e.source == "replay":
+        from daemon.sources.replay import ecg_recording
+
+        assert e.replay is not None
+        try:
+            rec = ecg_recording(e.replay.path)
+        except ConfigError as exc:
+            yield Check("ECG source", False, str(exc), "give ecg.replay.path an ECG record written by `biod record`")
+            return
+        yield Check("ECG source", True, f"replay of {e.replay.path} ({rec.duration_s:.0f} s at {rec.fs_hz} Hz, "
+                    f"leads {', '.join(l for l, p in zip(('I', 'II', 'III'), rec.lead_present) if p)})")
+        return
     if e.source == "tcp":
         try:
             with socket.create_connection((e.host, int(e.tcp_port or 0)), timeout=2):

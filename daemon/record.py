@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["WfdbSignal", "WfdbWriter"]
+__all__ = ["WfdbError", "WfdbRecord", "WfdbSignal", "WfdbWriter", "read_wfdb"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,83 @@ class WfdbWriter:
         lines += [f"# {c}" for c in self.comments]
         lines += [f"# label {k}={v} samples {a}-{b}" for a, b, k, v in self._labels]
         _replace_private(self.hea_path, "\n".join(lines) + "\n")
+
+
+class WfdbError(ValueError):
+    """A WFDB record biod cannot read, phrased for the person who gave its path."""
+
+
+@dataclass(frozen=True)
+class WfdbRecord:
+    """A record read back: physical values (float64, (n, channels)), its signals and comments."""
+
+    path: Path  # the .hea
+    fs_hz: float
+    signals: tuple[WfdbSignal, ...]
+    physical: np.ndarray
+    comments: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.signals)
+
+    def comment_fields(self) -> dict[str, str]:
+        """``# key value`` comments as a dict (``person``, ``placement`` ...)."""
+        return dict(c.split(" ", 1) for c in self.comments if " " in c)
+
+
+def read_wfdb(hea: Path) -> WfdbRecord:
+    """Read a single-file WFDB record in format 16 or 24: what :class:`WfdbWriter` (``biod
+    record``) writes, and what most tools can convert to. Other formats (212, 80, multi-file
+    records) are refused with the reason rather than misread."""
+    hea = Path(hea)
+    if hea.suffix != ".hea":
+        hea = hea.with_name(hea.name + ".hea")
+    try:
+        lines = [l.strip() for l in hea.read_text().splitlines()]
+    except OSError as exc:
+        raise WfdbError(f"{hea}: cannot read the WFDB header ({exc.strerror})") from None
+    try:
+        head = lines[0].split()
+        nsig, fs, n = int(head[1]), float(head[2].split("/")[0]), int(head[3])
+        fields = [l.split() for l in lines[1:1 + nsig]]
+        signals, files, baselines = [], set(), []
+        for f in fields:
+            if f[1] not in ("16", "24"):
+                raise WfdbError(f"{hea}: signal format {f[1]}; biod reads formats 16 and 24 (what `biod record` "
+                                "writes): convert the record with the wfdb package (rdrecord, then wrsamp with fmt 16)")
+            gain_field, _, unit = f[2].partition("/")
+            gain, _, base = gain_field.partition("(")
+            adc_zero = int(f[4]) if len(f) > 4 else 0
+            baselines.append(int(base.rstrip(")")) if base else adc_zero)
+            signals.append(WfdbSignal(f[8] if len(f) > 8 else f"ch{len(signals)}", unit or "mV",
+                                      float(gain) or 200.0, int(f[1])))  # gain 0 means WFDB's default, 200
+            files.add(f[0])
+    except WfdbError:
+        raise
+    except (IndexError, ValueError) as exc:
+        raise WfdbError(f"{hea}: not a WFDB header biod can read ({exc})") from None
+    if len(files) != 1 or len({s.fmt for s in signals}) != 1:
+        raise WfdbError(f"{hea}: signals spread over several files or formats; biod reads single-file records")
+    dat = hea.with_name(files.pop())
+    try:
+        raw = np.fromfile(dat, dtype=np.uint8)
+    except OSError as exc:
+        raise WfdbError(f"{dat}: cannot read the samples ({exc.strerror}); copy the .dat beside the .hea") from None
+    width = signals[0].fmt // 8
+    if raw.size < n * nsig * width:
+        raise WfdbError(f"{dat} holds {raw.size // (nsig * width)} samples, the header says {n}: copy the record whole")
+    raw = raw[: n * nsig * width]
+    if width == 2:
+        digital = raw.view("<i2").astype(np.int64)
+    else:
+        b = raw.reshape(-1, 3).astype(np.int64)
+        digital = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        digital = np.where(digital >= 1 << 23, digital - (1 << 24), digital)
+    gains = np.array([s.gain for s in signals])
+    physical = (digital.reshape(n, nsig) - np.array(baselines)) / gains
+    comments = tuple(l[1:].strip() for l in lines[1 + nsig:] if l.startswith("#"))
+    return WfdbRecord(hea, fs, tuple(signals), physical, comments)
 
 
 def _replace_private(path: Path, text: str) -> None:

@@ -132,3 +132,42 @@ def test_training_splits_a_recording_at_the_gaps_it_notes(tmp_path) -> None:
     a, b = load_biod_imu(tmp_path)
     assert (len(a.si), len(b.si)) == (300, 200) and a.file == "imu_1#0" and b.subject == "ann"
     assert np.allclose(a.si[:, 2], 9.80665, atol=0.01) and set(b.labels.tolist()) == {1}
+
+
+@pytest.mark.parametrize("fmt", [16, 24])
+def test_read_wfdb_reads_back_what_biod_record_writes(tmp_path, fmt) -> None:
+    from daemon.record import read_wfdb
+
+    rng = np.random.default_rng(3)
+    mv = rng.normal(scale=1.5, size=(777, 3))
+    with WfdbWriter(tmp_path, "ecg_x", 500, [WfdbSignal(n, "mV", 1000.0, fmt) for n in ("I", "II", "III")],
+                    comments=["person ann", "placement waist"]) as w:
+        w.write_physical(mv[:300])
+        w.write_physical(mv[300:])
+    rec = read_wfdb(tmp_path / "ecg_x.hea")
+    assert rec.fs_hz == 500 and rec.names == ("I", "II", "III") and rec.signals[0].fmt == fmt
+    ref = wfdb.rdrecord(str(tmp_path / "ecg_x")).p_signal  # the reference reader agrees
+    np.testing.assert_allclose(rec.physical, ref, atol=1e-12)
+    top = (2 ** (fmt - 1) - 1) / 1000.0  # within the format's range the values are exact to 1 LSB
+    np.testing.assert_allclose(rec.physical, np.clip(np.rint(mv * 1000) / 1000, -top, top), atol=1e-12)
+    assert rec.comment_fields() == {"person": "ann", "placement": "waist"}
+
+
+def test_read_wfdb_handles_baselines_and_refuses_what_it_cannot_read(tmp_path) -> None:
+    from daemon.record import WfdbError, read_wfdb
+
+    x = np.random.default_rng(0).normal(size=(400, 2))
+    wfdb.wrsamp("b", fs=250, units=["mV", "uV"], sig_name=["I", "II"], p_signal=x, fmt=["16", "16"],
+                adc_gain=[200, 400], baseline=[10, -5], write_dir=str(tmp_path))
+    rec = read_wfdb(tmp_path / "b")  # the .hea suffix may be left out
+    np.testing.assert_allclose(rec.physical, wfdb.rdrecord(str(tmp_path / "b")).p_signal, atol=1e-12)
+    assert [s.unit for s in rec.signals] == ["mV", "uV"]
+    wfdb.wrsamp("c", fs=250, units=["mV", "mV"], sig_name=["I", "II"], p_signal=x, fmt=["212", "212"],
+                write_dir=str(tmp_path))
+    with pytest.raises(WfdbError, match="format 212.*formats 16 and 24"):
+        read_wfdb(tmp_path / "c.hea")
+    (tmp_path / "b.dat").write_bytes((tmp_path / "b.dat").read_bytes()[:100])
+    with pytest.raises(WfdbError, match="holds 25 samples, the header says 400"):
+        read_wfdb(tmp_path / "b.hea")
+    with pytest.raises(WfdbError, match="cannot read the WFDB header"):
+        read_wfdb(tmp_path / "missing.hea")

@@ -1,5 +1,6 @@
 """Build the ECG source the configuration asks for: the real box over serial or TCP, or the
-emulated box on a pseudo-terminal (the demo, tests, and ``biod calibrate`` without hardware).
+emulated box on a pseudo-terminal playing a shipped recording (the demo, tests, and ``biod
+calibrate`` without hardware) or a household's own ``biod record`` file (``source: replay``).
 One place, so ``biod run``, ``biod calibrate`` and ``biod record`` open devices the same way."""
 from __future__ import annotations
 
@@ -17,19 +18,27 @@ def open_ecg_source(cfg: BiodConfig, on_chunk: Callable[[EcgChunk], None]) -> tu
     the emulator when done."""
     e = cfg.ecg
     common = dict(rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s)
-    if e.source == "emulator":
+    if e.source in ("emulator", "replay"):
         from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
         from firmware_protocol.emulators.recordings import list_recordings, load_recording
 
-        try:
-            recording = load_recording(e.emulator.recording)
-        except (KeyError, FileNotFoundError, ValueError):
-            raise ConfigError(f"ecg.emulator.recording: no recording {e.emulator.recording!r}; "
-                              f"choose one of {', '.join(list_recordings())}") from None
-        emulator = EcgBoxEmulator(recording, rate_hz=e.rate_hz, speed=e.emulator.speed, loop=e.emulator.loop)
+        if e.source == "replay":
+            from daemon.sources.replay import ecg_recording
+
+            assert e.replay is not None  # the config validator guarantees it
+            recording, speed, loop = ecg_recording(e.replay.path), e.replay.speed, e.replay.loop
+        else:
+            try:
+                recording = load_recording(e.emulator.recording)
+            except (KeyError, FileNotFoundError, ValueError):
+                raise ConfigError(f"ecg.emulator.recording: no recording {e.emulator.recording!r}; "
+                                  f"choose one of {', '.join(list_recordings())}") from None
+            speed, loop = e.emulator.speed, e.emulator.loop
+        emulator = EcgBoxEmulator(recording, rate_hz=e.rate_hz, speed=speed, loop=loop)
         path = emulator.open_pty()
         emulator.start()
-        log.info("ecg: emulated box streaming recording %r on %s", e.emulator.recording, path)
+        log.info("ecg: emulated box streaming %s %r on %s at %gx", e.source if e.source == "replay" else "recording",
+                 recording.source if e.source == "replay" else recording.name, path, speed)
         return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, baud=e.baud, **common), emulator
     if e.source == "serial":
         port = str(e.port)

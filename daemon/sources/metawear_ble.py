@@ -266,11 +266,17 @@ class MetaWearSource:
         self._on_samples = on_samples
         self.emulator: Any = None
         speed = 1.0
-        if cfg.source == "emulator":
+        if cfg.source in ("emulator", "replay"):
             from firmware_protocol.emulators.metamotion import EmulatedBleakClient, MetaMotionEmulator
 
-            speed = cfg.emulator.speed
-            self.emulator = MetaMotionEmulator(cfg.emulator.model, recording=cfg.emulator.recording,
+            recording: Any = cfg.emulator.recording
+            speed, loop = cfg.emulator.speed, True
+            if cfg.source == "replay":  # a household's own `biod record` file, played by the emulated board
+                from daemon.sources.replay import imu_recording
+
+                assert cfg.replay is not None
+                recording, speed, loop = imu_recording(cfg.replay.path), cfg.replay.speed, cfg.replay.loop
+            self.emulator = MetaMotionEmulator(cfg.emulator.model, recording=recording, loop=loop,
                                                **({"mac": cfg.address} if cfg.address else {}))
             emu = self.emulator
             client_factory = client_factory or (

@@ -152,7 +152,7 @@ class MetaMotionEmulator:
     """Device-side MetaWear state machine for a MetaMotionR (BMI160) or MetaMotionS (BMI270)."""
 
     def __init__(self, model: str = "MetaMotionR", recording: str | ImuRecording = "SA01_D01_walking",
-                 mac: str = "EE:51:C0:DE:00:01", *, battery_percent: int = 99,
+                 mac: str = "EE:51:C0:DE:00:01", *, loop: bool = True, battery_percent: int = 99,
                  battery_mv: int = 4148, device_info: dict[str, str] | None = None) -> None:
         key = _ALIASES.get(model.lower().replace("_", " ").replace("-", " "), model)
         if key not in BOARD_PROFILES:
@@ -162,6 +162,7 @@ class MetaMotionEmulator:
         if self.recording.n_samples < 2:
             raise ValueError("the IMU recording needs at least 2 samples to be streamed")
         self.mac = mac
+        self.loop = loop  # False: the board goes quiet at the recording's end (a replay that ends)
         self.battery_percent = battery_percent
         self.battery_mv = battery_mv
         self.device_info = {**_DEFAULT_DEVICE_INFO, mw.MODEL_NUMBER_UUID: self.profile.model_number,
@@ -368,9 +369,12 @@ class MetaMotionEmulator:
         rec = self.recording
         src = rec.acc_g if s.module == mw.Module.ACCELEROMETER else rec.gyro_dps
         pos = s.rec_pos0 + k * (rec.fs_hz / odr)
+        n = rec.n_samples
+        if not self.loop:
+            keep = pos <= n - 1
+            k, pos = k[keep], pos[keep]
         i0 = np.floor(pos).astype(np.int64)
         frac = (pos - i0)[:, None]
-        n = rec.n_samples
         a = src[i0 % n].astype(np.float64)
         b = src[(i0 + 1) % n].astype(np.float64)
         values = a + (b - a) * frac

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.dsp.imu import RECORD_LABELS, acf_features_batch, clip_fraction, resample_irregular, to_si
+from daemon.record import WfdbError, read_wfdb
 
 MODEL_RATE_HZ = 100.0
 WINDOW_S = 2.0
@@ -250,23 +251,17 @@ def load_biod_imu(folder: Path) -> list[ImuRecord]:
         raise DataError(f"{folder}: no imu_*.hea records (write them with `biod record` on a hub with an IMU)")
     out = []
     for hea in heads:
-        lines = hea.read_text().splitlines()
-        head = lines[0].split()
-        nsig, fs, n = int(head[1]), float(head[2]), int(head[3])
-        sig = [line.split() for line in lines[1:1 + nsig]]
-        names = tuple(f[-1] for f in sig)
-        if names != _IMU_SIGNALS or any(f[1] != "16" for f in sig):
-            raise DataError(f"{hea}: expected signals {_IMU_SIGNALS} in format 16, got {names}")
-        gains = np.array([float(f[2].split("/", 1)[0]) for f in sig])
-        units = [f[2].split("/", 1)[1] for f in sig]
+        try:
+            rec = read_wfdb(hea)
+        except WfdbError as exc:
+            raise DataError(str(exc)) from None
+        if rec.names != _IMU_SIGNALS or any(sg.fmt != 16 for sg in rec.signals):
+            raise DataError(f"{hea}: expected signals {_IMU_SIGNALS} in format 16, got {rec.names}")
+        units = [sg.unit for sg in rec.signals]
         if units != ["g"] * 3 + ["deg/s"] * 3:
             raise DataError(f"{hea}: units {units}, expected g and deg/s")
-        raw = np.fromfile(hea.with_suffix(".dat"), dtype="<i2")
-        if raw.size < n * 6:
-            raise DataError(f"{hea}: {hea.with_suffix('.dat').name} holds {raw.size // 6} samples, "
-                            f"the header says {n}: copy the record whole")
-        phys = raw[: n * 6].reshape(n, 6) / gains
-        comments = dict(c[2:].split(" ", 1) for c in lines[1 + nsig:] if c.startswith("# ") and " " in c[2:])
+        fs, phys, n = rec.fs_hz, rec.physical, rec.physical.shape[0]
+        comments = rec.comment_fields()
         labels = np.zeros(n, np.int64)
         label_file = hea.with_name(hea.stem + ".labels.csv")
         if label_file.exists():
@@ -280,7 +275,7 @@ def load_biod_imu(folder: Path) -> list[ImuRecord]:
                     labels[int(row["start_sample"]):int(row["end_sample"])] = BIOD_LABELS[row["value"]]
         placement = comments.get("placement", "unknown")
         # `biod record` notes where the board lost samples: no window may span such a gap
-        cuts = sorted({int(m.group(1)) for c in lines if (m := re.match(r"# gap before sample (\d+)", c))})
+        cuts = sorted({int(m.group(1)) for c in rec.comments if (m := re.match(r"gap before sample (\d+)", c))})
         bounds = [0] + [c for c in cuts if 0 < c < n] + [n]
         for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             if b - a < 2:

@@ -1,0 +1,67 @@
+"""The household-facing commands, run as a person runs them: `biod people rename|remove|list`
+and a `biod calibrate` that refuses bad data with the reason."""
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.identity.store import ModelRef, Person, TemplateStore, slugify
+from daemon.record import WfdbSignal, WfdbWriter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _biod(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_people_rename_remove_and_their_errors(tmp_path) -> None:
+    cfg = tmp_path / "biod.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    store_path = tmp_path / "state" / "identity" / "templates.json"
+    rng = np.random.default_rng(0)
+    for name in ("ann", "bob"):
+        TemplateStore(store_path).add(Person(
+            id=f"id-{name}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00",
+            model=ModelRef("ecg_dualtask", "1.0.0", 8), prototypes=rng.normal(size=(1, 8)).astype(np.float32),
+            prototype_labels=("rest",), threshold=0.6, stats={}))
+
+    res = _biod("people", "rename", "ann", "Anna Maria", "--config", str(cfg))
+    assert res.returncode == 0 and "renamed 'ann' to 'Anna Maria'" in res.stdout, res.stderr
+    res = _biod("people", "rename", "bob", "--config", str(cfg))
+    assert res.returncode == 2 and "give the new name" in res.stderr
+    res = _biod("people", "rename", "bob", "Anna Maria", "--config", str(cfg))
+    assert res.returncode == 1 and "Anna Maria" in res.stderr  # names stay unique
+    res = _biod("people", "remove", "nobody", "--config", str(cfg))
+    assert res.returncode == 1 and "nobody" in res.stderr
+    res = _biod("people", "remove", "bob", "--config", str(cfg))
+    assert res.returncode == 0 and "removed 'bob'" in res.stdout
+
+    listing = _biod("people", "list", "--config", str(cfg)).stdout
+    assert listing.startswith("Anna Maria\t") and "bob" not in listing
+    kept = TemplateStore(store_path).load()
+    assert list(kept) == ["Anna Maria"] and kept["Anna Maria"].id == "id-ann"  # same person, new name
+    assert stat.S_IMODE(store_path.stat().st_mode) == 0o600
+
+
+@pytest.mark.timeout(120)
+def test_calibrate_refuses_a_flat_line_and_says_why(tmp_path) -> None:
+    """Electrodes connected to nothing (a flat line, as a box gives with the cable unplugged at
+    the far end): no template is stored, the exit code is 1, and the reason is the flat line."""
+    with WfdbWriter(tmp_path, "ecg_flat", 500, [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")]) as w:
+        w.write_physical(np.zeros((500 * 30, 3)))
+    cfg = tmp_path / "biod.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\n"
+                   f"ecg:\n  source: replay\n  replay:\n    path: {tmp_path / 'ecg_flat.hea'}\n    speed: 10\n")
+    res = _biod("calibrate", "--name", "ann", "--seconds", "20", "--no-walk", "--config", str(cfg))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "REFUSED: no clean ECG window (most common problem: flat" in res.stdout, res.stdout
+    assert "run biod calibrate again" in res.stdout
+    assert not (tmp_path / "state" / "identity" / "templates.json").exists() or not TemplateStore(
+        tmp_path / "state" / "identity" / "templates.json").list()

@@ -106,14 +106,19 @@ class ThreadHandoff:
     thread appends to a deque and wakes the loop only when no wakeup is pending.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deliver) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver, maxlen: int = QUEUE_CHUNKS, on_drop=None) -> None:
         self._loop, self._deliver = loop, deliver
-        self._items: collections.deque = collections.deque()
+        # bounded like the queues behind it: a loop that stops draining (wedged, or so loaded the
+        # watchdog is about to fire) must not grow memory without limit; the oldest item goes
+        self._items: collections.deque = collections.deque(maxlen=maxlen)
+        self._on_drop = on_drop
         self._lock = threading.Lock()
         self._pending = False
 
     def put(self, item) -> None:  # source thread
         with self._lock:
+            if len(self._items) == self._items.maxlen and self._on_drop is not None:
+                self._on_drop()
             self._items.append(item)
             if self._pending:
                 return
@@ -252,7 +257,8 @@ class BiodApp:
         threads: list[threading.Thread] = []
         tasks: list[asyncio.Task] = []
         if self.cfg.ecg.enabled:
-            handoff = ThreadHandoff(loop, lambda c: self._enqueue(self._ecg_queue, c, "ecg"))
+            handoff = ThreadHandoff(loop, lambda c: self._enqueue(self._ecg_queue, c, "ecg"),
+                                    on_drop=self._count_handoff_drop)
             self.ecg_source, self._emulator = open_ecg_source(self.cfg, handoff.put)
             thread = threading.Thread(target=self.ecg_source.run, args=(thread_stop,), name="ecg-source", daemon=True)
             thread.start()
@@ -290,6 +296,9 @@ class BiodApp:
             await asyncio.to_thread(publisher.close)
             spool.close()
         return 0
+
+    def _count_handoff_drop(self) -> None:  # source thread; a plain int increment
+        self.stats.dropped_chunks += 1
 
     def _enqueue(self, queue: asyncio.Queue, chunk, kind: str) -> None:
         if queue.full():  # keep the newest data: a live biometric stream has no use for stale samples

@@ -85,7 +85,7 @@ def test_thread_handoff_delivers_everything_in_order_with_few_wakeups() -> None:
             return real(*args)
 
         loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-        handoff = ThreadHandoff(loop, got.append)
+        handoff = ThreadHandoff(loop, got.append, maxlen=20000)  # the bound is tested below
         t = threading.Thread(target=lambda: [handoff.put(i) for i in range(20000)])
         t.start()
         await asyncio.to_thread(t.join)
@@ -95,3 +95,28 @@ def test_thread_handoff_delivers_everything_in_order_with_few_wakeups() -> None:
     asyncio.run(main())
     assert got == list(range(20000))
     assert wakeups < 2000, wakeups  # bursts coalesce (one per call was 20000)
+
+
+def test_thread_handoff_is_bounded_and_counts_what_it_drops() -> None:
+    """A loop that stops draining must not let a source thread grow memory without limit: the
+    oldest items go, each counted."""
+    import asyncio
+
+    from daemon.app import ThreadHandoff
+
+    got: list[int] = []
+    dropped = 0
+
+    def count() -> None:
+        nonlocal dropped
+        dropped += 1
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handoff = ThreadHandoff(loop, got.append, maxlen=100, on_drop=count)
+        for i in range(250):  # the loop does not run in between: nothing is drained
+            handoff.put(i)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert got == list(range(150, 250)) and dropped == 150

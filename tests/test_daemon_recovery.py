@@ -61,6 +61,21 @@ def test_ble_drop_and_serial_unplug_resume_by_themselves(tmp_path, mosquitto, ca
     assert 0 < last["imu"]["rate_hz"] <= 200 * 1.1, last["imu"]
     assert last["spool_dropped"] == 0 and last["spool_pending"] == 0
     assert [p for t, p, _ in capture.messages if t == "biod/rec/availability"][-1] == "stopped"
+    # privacy: no raw biosignal leaves the hub; nothing published carries a run of samples
+    def longest_number_list(node) -> int:
+        if isinstance(node, list):
+            own = len(node) if node and all(isinstance(v, (int, float)) for v in node) else 0
+            return max([own] + [longest_number_list(v) for v in node])
+        if isinstance(node, dict):
+            return max([0] + [longest_number_list(v) for v in node.values()])
+        return 0
+
+    for topic, payload, _ in capture.messages:
+        try:
+            doc = json.loads(payload) if payload else None
+        except ValueError:
+            doc = payload
+        assert longest_number_list(doc) <= 8 and len(payload) < 4096, (topic, payload[:200])
 
 
 def test_thread_handoff_delivers_everything_in_order_with_few_wakeups() -> None:

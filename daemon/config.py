@@ -66,7 +66,8 @@ class ReplayConfig(_Strict):
 class EcgConfig(_Strict):
     enabled: bool = True
     source: Literal["emulator", "serial", "tcp", "replay"] = "emulator"
-    port: str | None = Field(None, description="serial device, e.g. /dev/biod-ecg (udev symlink) or /dev/ttyACM0")
+    port: str | None = Field(None, description="serial device, e.g. /dev/biod-ecg (udev symlink) or /dev/ttyACM0; "
+                             "leave out to find a USB box by match_serial in /dev/serial/by-id")
     host: str = "127.0.0.1"
     tcp_port: int | None = Field(None, ge=1, le=65535)
     match_serial: str | None = Field(None, description="only accept a box reporting this serial number")
@@ -79,8 +80,9 @@ class EcgConfig(_Strict):
 
     @model_validator(mode="after")
     def _source_needs_address(self) -> "EcgConfig":
-        if self.enabled and self.source == "serial" and not self.port:
-            raise ValueError("ecg.source is 'serial' but ecg.port is not set: give the device path, e.g. port: /dev/biod-ecg")
+        if self.enabled and self.source == "serial" and not (self.port or self.match_serial):
+            raise ValueError("ecg.source is 'serial' but neither ecg.port nor ecg.match_serial is set: give the device "
+                             "path (e.g. port: /dev/biod-ecg) or the USB box's serial number (match_serial: ...)")
         if self.enabled and self.source == "tcp" and not self.tcp_port:
             raise ValueError("ecg.source is 'tcp' but ecg.tcp_port is not set")
         if self.enabled and self.source == "replay" and self.replay is None:

@@ -69,7 +69,19 @@ def check_serial(cfg: BiodConfig) -> Iterator[Check]:
         except OSError as exc:
             yield Check("ECG source", False, f"tcp://{e.host}:{e.tcp_port}: {exc}", "check the box's network and ecg.host/tcp_port")
         return
-    port = Path(str(e.port))
+    if e.port is None:
+        from daemon.sources.serial_ecg import SourceError, find_by_serial
+
+        assert e.match_serial is not None
+        try:
+            port = find_by_serial(e.match_serial)
+        except SourceError as exc:
+            yield Check("ECG serial device", False, str(exc),
+                        "plug the box in; a box behind a USB-UART bridge reports the bridge's serial: use ecg.port "
+                        "with the udev symlink of deploy/99-biod.rules instead")
+            return
+    else:
+        port = Path(str(e.port))
     if not port.exists():
         yield Check("ECG serial device", False, f"{port} does not exist",
                     "plug the box in; check deploy/99-biod.rules matches its idVendor/idProduct (udevadm info -a -n /dev/ttyACM0)")

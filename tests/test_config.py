@@ -49,7 +49,7 @@ def test_bad_value_names_its_line() -> None:
 
 
 def test_serial_source_without_port_explains_the_fix() -> None:
-    with pytest.raises(ConfigError, match="ecg.port is not set"):
+    with pytest.raises(ConfigError, match="neither ecg.port nor ecg.match_serial is set: give the device path"):
         parse_config("ecg:\n  source: serial\n")
 
 

@@ -187,3 +187,42 @@ def test_silent_box_is_reopened(box) -> None:
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_a_usb_box_is_found_by_its_serial_number_across_replugs(tmp_path) -> None:
+    """No udev rule: with only ecg.match_serial, the source looks the box up in
+    /dev/serial/by-id at every open, so a replug under a new tty path is followed."""
+    from daemon.config import parse_config
+    from daemon.sources.serial_ecg import SourceError, find_by_serial, serial_by_id_opener
+
+    by_id = tmp_path / "by-id"
+    by_id.mkdir()
+    (by_id / "usb-Other_Thing_XYZ123-if00").symlink_to("/dev/null")  # someone else's device
+    with pytest.raises(SourceError, match="no serial device with serial number 'BIOD-EMU-0001'.*is the box plugged in"):
+        find_by_serial("BIOD-EMU-0001", by_id)
+    emu = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, speed=2.0, serial="BIOD-EMU-0001")
+    emu.open_pty(link=str(by_id / "usb-biod_ECG_box_BIOD-EMU-0001-if00"))
+    emu.start()
+    got = Collector()
+    source = EcgSource(serial_by_id_opener("BIOD-EMU-0001", 460800, by_id), "box BIOD-EMU-0001", got,
+                       rate_hz=500, match_serial="BIOD-EMU-0001", stall_timeout_s=1.0)
+    source.BACKOFF_S = (0.5,)
+    thread, stop = _start(source)
+    try:
+        got.wait(20, 15)
+        first = source.health.device
+        emu.unplug()
+        deadline = time.monotonic() + 10
+        while source.health.state == "streaming" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        n = got.count()
+        emu.replug()
+        got.wait(n + 20, 10)
+        assert source.health.state == "streaming" and source.health.connects == 2
+        assert first is not None and first.serial == "BIOD-EMU-0001"
+    finally:
+        stop.set()
+        thread.join(5)
+        emu.close()
+    cfg = parse_config("ecg:\n  source: serial\n  match_serial: BIOD-EMU-0001\n")
+    assert cfg.ecg.port is None

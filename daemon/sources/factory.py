@@ -8,7 +8,14 @@ import logging
 from collections.abc import Callable
 
 from daemon.config import BiodConfig, ConfigError
-from daemon.sources.serial_ecg import EcgChunk, EcgSource, serial_opener, tcp_opener
+from daemon.sources.serial_ecg import (
+    SERIAL_BY_ID,
+    EcgChunk,
+    EcgSource,
+    serial_by_id_opener,
+    serial_opener,
+    tcp_opener,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ def open_ecg_source(cfg: BiodConfig, on_chunk: Callable[[EcgChunk], None]) -> tu
                  recording.source if e.source == "replay" else recording.name, path, speed)
         return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, baud=e.baud, **common), emulator
     if e.source == "serial":
+        if e.port is None:  # found by its USB serial number at every (re)open
+            assert e.match_serial is not None  # the config validator guarantees one of them
+            return EcgSource(serial_by_id_opener(e.match_serial, e.baud), f"box {e.match_serial} in {SERIAL_BY_ID}",
+                             on_chunk, baud=e.baud, **common), None
         port = str(e.port)
         return EcgSource(serial_opener(port, e.baud), port, on_chunk, baud=e.baud, **common), None
     return EcgSource(tcp_opener(e.host, int(e.tcp_port or 0)), f"tcp://{e.host}:{e.tcp_port}", on_chunk, **common), None

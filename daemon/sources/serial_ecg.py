@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -136,6 +137,32 @@ class _TcpTransport:
 
 def serial_opener(port: str, baud: int) -> Callable[[], Transport]:
     return lambda: _SerialTransport(port, baud)
+
+
+SERIAL_BY_ID = Path("/dev/serial/by-id")
+
+
+def find_by_serial(serial: str, by_id: Path = SERIAL_BY_ID) -> Path:
+    """The one ``/dev/serial/by-id`` entry whose name carries ``serial`` (udev names USB serial
+    devices ``usb-<vendor>_<product>_<serial>-if<NN>``). Looked up again at every open, so a box
+    replugged into another port, or enumerated as another ttyACM, is found under its serial
+    number without any udev rule. A box behind a USB-UART bridge reports the bridge's serial
+    here: give such a box a udev symlink (deploy/99-biod.rules) and ``ecg.port`` instead."""
+    try:
+        names = sorted(p.name for p in by_id.iterdir())
+    except OSError:
+        names = []
+    hits = [n for n in names if f"_{serial}-" in n or n.endswith(f"_{serial}")]
+    if len(hits) == 1:
+        return by_id / hits[0]
+    if not hits:
+        raise SourceError(f"no serial device with serial number {serial!r} in {by_id} "
+                          f"({', '.join(names) or 'empty'}): is the box plugged in? (ecg.match_serial)")
+    raise SourceError(f"several serial devices carry serial number {serial!r}: {', '.join(hits)}; set ecg.port")
+
+
+def serial_by_id_opener(serial: str, baud: int, by_id: Path = SERIAL_BY_ID) -> Callable[[], Transport]:
+    return lambda: _SerialTransport(str(find_by_serial(serial, by_id)), baud)
 
 
 def tcp_opener(host: str, port: int) -> Callable[[], Transport]:

@@ -91,13 +91,30 @@ def check_serial(cfg: BiodConfig) -> Iterator[Check]:
     yield Check("ECG serial device", ok, f"{port} -> {real}, read/write={ok}", "add the biod user to the dialout group")
 
 
-def check_ble_adapter() -> Iterator[Check]:
-    adapters = sorted(p.name for p in Path("/sys/class/bluetooth").glob("hci*")) if Path("/sys/class/bluetooth").exists() else []
-    if adapters:
-        yield Check("BLE adapter", True, ", ".join(adapters))
-    else:
-        yield Check("BLE adapter", False, "no Bluetooth adapter found in /sys/class/bluetooth",
+def check_ble_adapter(sys_class: Path = Path("/sys/class")) -> Iterator[Check]:
+    """A Bluetooth adapter exists and rfkill does not block it (a blocked adapter is the usual
+    reason a Pi 'has Bluetooth' yet bleak finds nothing)."""
+    bt = sys_class / "bluetooth"
+    adapters = sorted(p.name for p in bt.glob("hci*")) if bt.exists() else []
+    if not adapters:
+        yield Check("BLE adapter", False, f"no Bluetooth adapter found in {bt}",
                     "enable Bluetooth (Pi: dtoverlay, rfkill unblock bluetooth) and install bluez")
+        return
+    blocked = []
+    for kill in sorted((sys_class / "rfkill").glob("rfkill*")):
+        try:
+            if (kill / "type").read_text().strip() != "bluetooth":
+                continue
+            how = [k for k in ("soft", "hard") if (kill / k).read_text().strip() == "1"]
+        except OSError:
+            continue
+        if how:
+            blocked.append(f"{kill.name} ({' and '.join(how)})")
+    if blocked:
+        yield Check("BLE adapter", False, f"{', '.join(adapters)} blocked by rfkill: {', '.join(blocked)}",
+                    "sudo rfkill unblock bluetooth (a hard block is a switch or the firmware)")
+    else:
+        yield Check("BLE adapter", True, ", ".join(adapters))
 
 
 def check_broker(cfg: BiodConfig, timeout: float = 5.0) -> Iterator[Check]:

@@ -91,3 +91,25 @@ def test_identity_assets_in_step_with_the_installed_model(tmp_path) -> None:
     assert not stale.ok and "0.9.0" in stale.detail and "training.impostors" in (stale.fix or "")
     (models / "ecg_impostors.npz").unlink()
     assert "missing" in _identity_checks(cfg)["impostor set"].detail
+
+
+def test_ble_adapter_check_finds_missing_and_blocked_adapters(tmp_path) -> None:
+    from daemon.doctor import check_ble_adapter
+
+    sys_class = tmp_path / "class"
+    (sys_class / "bluetooth").mkdir(parents=True)
+    (missing,) = check_ble_adapter(sys_class)
+    assert not missing.ok and "no Bluetooth adapter" in missing.detail and "bluez" in (missing.fix or "")
+    (sys_class / "bluetooth" / "hci0").mkdir()
+    wifi, bt = sys_class / "rfkill" / "rfkill0", sys_class / "rfkill" / "rfkill1"
+    for d, kind, soft in ((wifi, "wlan", "1"), (bt, "bluetooth", "1")):
+        d.mkdir(parents=True)
+        (d / "type").write_text(kind + "\n")
+        (d / "soft").write_text(soft + "\n")
+        (d / "hard").write_text("0\n")
+    (blocked,) = check_ble_adapter(sys_class)
+    assert not blocked.ok and "rfkill1 (soft)" in blocked.detail and "rfkill0" not in blocked.detail
+    assert "rfkill unblock bluetooth" in (blocked.fix or "")
+    (bt / "soft").write_text("0\n")
+    (ok,) = check_ble_adapter(sys_class)
+    assert ok.ok and ok.detail == "hci0"

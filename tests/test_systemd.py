@@ -3,6 +3,8 @@ streams (or after a grace period, saying what is missing), WATCHDOG=1 only while
 STOPPING=1 on SIGTERM."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 import signal
 import socket
@@ -13,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.app import BiodApp
+from daemon.config import parse_config
+from daemon.systemd import Notifier
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
+from tests.conftest import until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,40 +110,46 @@ class _NotifySocket:
         self.sock.close()
 
 
-@pytest.mark.timeout(60)
-def test_ready_comes_without_a_device_and_says_what_is_missing(tmp_path, mosquitto, caplog) -> None:
-    """A box unplugged at boot is not a failed start: READY=1 after the grace period with STATUS=
-    naming the missing device, and the watchdog keeps coming (the source retries by itself)."""
-    import asyncio
-    import logging
-
-    from daemon.app import BiodApp
-    from daemon.config import parse_config
-    from daemon.systemd import Notifier
-    from tests.conftest import until
-
-    missing = tmp_path / "no-such-box"
-    cfg = parse_config(f"hub:\n  id: sd\necg:\n  source: serial\n  port: {missing}\n"
-                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\nstate_dir: {tmp_path / 'state'}\n")
+def _notified_app(tmp_path: Path, ecg_yaml: str, broker_port: int) -> tuple[BiodApp, _NotifySocket]:
+    """A daemon in this process whose sd_notify datagrams land on a socket the test reads, with
+    a 0.2 s watchdog interval."""
+    cfg = parse_config(f"hub:\n  id: sd\necg:\n{ecg_yaml}"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {broker_port}\nstate_dir: {tmp_path / 'state'}\n")
     ns = _NotifySocket(tmp_path / "notify.sock")
     notifier = Notifier(str(ns.path))
     notifier.watchdog_interval_s = 0.2
-    app = BiodApp(cfg, notifier)
-    app.READY_GRACE_S = 1.0
+    return BiodApp(cfg, notifier), ns
 
-    async def scenario() -> None:
+
+def _drive(app: BiodApp, scenario) -> None:
+    """Run the daemon until ``await scenario()`` returns (or fails), then stop it cleanly."""
+    async def main() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(app.run(stop))
         try:
-            await until(lambda: "READY=1" in ns.read(), 20, "READY=1 without a device")
-            n = ns.read().count("WATCHDOG=1")
-            await until(lambda: ns.read().count("WATCHDOG=1") >= n + 3, 10, "the watchdog while the box is missing")
+            await scenario()
         finally:
             stop.set()
             await task
 
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_ready_comes_without_a_device_and_says_what_is_missing(tmp_path, mosquitto, caplog) -> None:
+    """A box unplugged at boot is not a failed start: READY=1 after the grace period with STATUS=
+    naming the missing device, and the watchdog keeps coming (the source retries by itself)."""
+    missing = tmp_path / "no-such-box"
+    app, ns = _notified_app(tmp_path, f"  source: serial\n  port: {missing}\n", mosquitto.port)
+    app.READY_GRACE_S = 1.0
+
+    async def scenario() -> None:
+        await until(lambda: "READY=1" in ns.read(), 20, "READY=1 without a device")
+        n = ns.read().count("WATCHDOG=1")
+        await until(lambda: ns.read().count("WATCHDOG=1") >= n + 3, 10, "the watchdog while the box is missing")
+
     with caplog.at_level(logging.WARNING, logger="daemon.app"):
-        asyncio.run(scenario())
+        _drive(app, scenario)
     ns.close()
     status = [l for l in ns.lines if l.startswith("STATUS=")]
     assert status and "waiting for ECG" in status[0] and str(missing) in status[0], status
@@ -149,44 +161,22 @@ def test_ready_comes_without_a_device_and_says_what_is_missing(tmp_path, mosquit
 def test_watchdog_is_withheld_once_the_pipeline_dies(tmp_path, mosquitto, caplog) -> None:
     """WATCHDOG=1 only while healthy: when a stage of the pipeline crashes, the daemon stops
     petting the watchdog (so systemd restarts it) and logs why."""
-    import asyncio
-    import logging
-    import time as _time
-
-    from daemon.app import BiodApp
-    from daemon.config import parse_config
-    from daemon.systemd import Notifier
-    from tests.conftest import until
-
-    cfg = parse_config(f"hub:\n  id: sd\necg:\n  source: emulator\n  emulator:\n    speed: 2\n"
-                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\nstate_dir: {tmp_path / 'state'}\n")
-    ns = _NotifySocket(tmp_path / "notify.sock")
-    notifier = Notifier(str(ns.path))
-    notifier.watchdog_interval_s = 0.2
-    app = BiodApp(cfg, notifier)
+    app, ns = _notified_app(tmp_path, "  source: emulator\n  emulator:\n    speed: 2\n", mosquitto.port)
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in a pipeline stage")
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
-            await until(lambda: "READY=1" in ns.read() and ns.read().count("WATCHDOG=1") >= 2, 20, "healthy streaming")
-            app.bio.on_ecg = broken  # the next ECG push kills the consumer task
-            await until(lambda: any("withholding the watchdog" in r.getMessage() for r in caplog.records), 10,
-                        "the unhealthy verdict")
-            n = ns.read().count("WATCHDOG=1")
-            t0 = _time.monotonic()
-            while _time.monotonic() - t0 < 1.5:  # 7 watchdog intervals
-                await asyncio.sleep(0.1)
-            assert ns.read().count("WATCHDOG=1") == n, "the watchdog was petted while the pipeline was dead"
-        finally:
-            stop.set()
-            await task
+        await until(lambda: "READY=1" in ns.read() and ns.read().count("WATCHDOG=1") >= 2, 20, "healthy streaming")
+        app.bio.on_ecg = broken  # the next ECG push kills the consumer task
+        await until(lambda: any("withholding the watchdog" in r.getMessage() for r in caplog.records), 10,
+                    "the unhealthy verdict")
+        n = ns.read().count("WATCHDOG=1")
+        await asyncio.sleep(1.5)  # 7 watchdog intervals
+        assert ns.read().count("WATCHDOG=1") == n, "the watchdog was petted while the pipeline was dead"
 
     with caplog.at_level(logging.ERROR, logger="daemon.app"):
-        asyncio.run(scenario())
+        _drive(app, scenario)
     ns.close()
     assert ns.lines[ns.lines.index("READY=1") + 1] == "STATUS=streaming ECG"
     causes = [r for r in caplog.records if r.getMessage() == "biod: ecg-pipeline stopped on an error"]

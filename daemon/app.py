@@ -495,7 +495,8 @@ class BiodApp:
         from a backup) leaves that person's Home Assistant entity and last state retained on the
         broker for ever; the running daemon's own removal path (``_watch_store``) never sees it.
         The broker hands every retained message over on (re)subscribe, so each connect sweeps.
-        Runs on paho's thread: it only reads the current names (replaced whole, never mutated)."""
+        Runs on paho's thread and only reads the enrolled names (the loop thread replaces the
+        dict or updates existing entries, never resizes it in place)."""
         if not payload:
             return  # already cleared
         slug = self.discovery.person_slug_of(topic) or self.topics.person_slug_of(topic)

@@ -44,8 +44,8 @@ def open_ecg_source(cfg: BiodConfig, on_chunk: Callable[[EcgChunk], None]) -> tu
         emulator = EcgBoxEmulator(recording, rate_hz=e.rate_hz, speed=speed, loop=loop)
         path = emulator.open_pty()
         emulator.start()
-        log.info("ecg: emulated box streaming %s %r on %s at %gx", e.source if e.source == "replay" else "recording",
-                 recording.source if e.source == "replay" else recording.name, path, speed)
+        what = f"a replay of {recording.source}" if e.source == "replay" else f"recording {recording.name!r}"
+        log.info("ecg: emulated box streaming %s on %s at %gx", what, path, speed)
         return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, baud=e.baud, **common), emulator
     if e.source == "serial":
         if e.port is None:  # found by its USB serial number at every (re)open

@@ -52,6 +52,7 @@ def check_serial(cfg: BiodConfig) -> Iterator[Check]:
         return
     if e.source == "replay":
         from daemon.sources.replay import ecg_recording
+        from firmware_protocol.ecg_serial import LEAD_NAMES
 
         assert e.replay is not None
         try:
@@ -60,7 +61,7 @@ def check_serial(cfg: BiodConfig) -> Iterator[Check]:
             yield Check("ECG source", False, str(exc), "give ecg.replay.path an ECG record written by `biod record`")
             return
         yield Check("ECG source", True, f"replay of {e.replay.path} ({rec.duration_s:.0f} s at {rec.fs_hz} Hz, "
-                    f"leads {', '.join(l for l, p in zip(('I', 'II', 'III'), rec.lead_present) if p)})")
+                    f"leads {', '.join(l for l, p in zip(LEAD_NAMES, rec.lead_present) if p)})")
         return
     if e.source == "tcp":
         try:

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["WfdbError", "WfdbRecord", "WfdbSignal", "WfdbWriter", "read_wfdb"]
+__all__ = ["IMU_SIGNALS", "WfdbError", "WfdbRecord", "WfdbSignal", "WfdbWriter", "imu_record_problem",
+           "imu_signals", "read_wfdb"]
+
+# An IMU record of `biod record`: six channels in chip units, accelerometer first.
+IMU_SIGNALS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
+IMU_UNITS = ("g", "g", "g", "deg/s", "deg/s", "deg/s")
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,23 @@ class WfdbWriter:
         lines += [f"# {c}" for c in self.comments]
         lines += [f"# label {k}={v} samples {a}-{b}" for a, b, k, v in self._labels]
         _replace_private(self.hea_path, "\n".join(lines) + "\n")
+
+
+def imu_signals(acc_range_g: float, gyro_range_dps: float) -> list["WfdbSignal"]:
+    """The six IMU channels at 32768 counts per configured full scale (format 16)."""
+    return [WfdbSignal(n, u, 32768.0 / (acc_range_g if u == "g" else gyro_range_dps))
+            for n, u in zip(IMU_SIGNALS, IMU_UNITS)]
+
+
+def imu_record_problem(rec: "WfdbRecord") -> str | None:
+    """Why ``rec`` is not an IMU record as ``biod record`` writes it (channel names and units),
+    or None when it is."""
+    if rec.names != IMU_SIGNALS:
+        return f"expected signals {', '.join(IMU_SIGNALS)} (an IMU record of `biod record`), got {', '.join(rec.names)}"
+    units = tuple(s.unit for s in rec.signals)
+    if units != IMU_UNITS:
+        return f"units {', '.join(units)}; expected g and deg/s"
+    return None
 
 
 class WfdbError(ValueError):

@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from daemon.config import BiodConfig
-from daemon.record import WfdbSignal, WfdbWriter
+from daemon.record import WfdbSignal, WfdbWriter, imu_signals
 from daemon.sources.factory import open_ecg_source
 from firmware_protocol.ecg_serial import LEAD_NAMES
-
-IMU_SIGNALS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 
 
 class _Stream:
@@ -107,9 +105,7 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
         return 2
     ecg = _Stream(out, "ecg", stamp, [], label)
     imu_rec = _Stream(out, "imu", stamp, common + [f"placement {cfg.imu.placement}"], label)
-    acc_gain, gyro_gain = 32768.0 / cfg.imu.acc_range_g, 32768.0 / cfg.imu.gyro_range_dps
-    imu_sigs = [WfdbSignal(n, "g" if n.startswith("acc") else "deg/s", acc_gain if n.startswith("acc") else gyro_gain)
-                for n in IMU_SIGNALS]
+    imu_sigs = imu_signals(cfg.imu.acc_range_g, cfg.imu.gyro_range_dps)
     deadline = time.monotonic() + seconds + 30  # allow the devices 30 s to appear
     try:
         while time.monotonic() < deadline:

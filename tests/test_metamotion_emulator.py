@@ -361,3 +361,20 @@ def test_notification_queue_and_async_callback() -> None:
         await client.disconnect()
 
     asyncio.run(scenario())
+
+
+def test_a_replay_that_does_not_loop_ends_with_the_recording() -> None:
+    """loop=False (a replay of a household recording): the board streams the recording once,
+    sample for sample at its own rate, then goes quiet."""
+    rec = load_imu_recording("SA01_D01_walking")
+    short = replace(rec, acc_g=rec.acc_g[:250], gyro_dps=rec.gyro_dps[:250])
+    emu = MetaMotionEmulator("MetaMotionR", recording=short, loop=False)
+    got: list[bytes] = []
+    emu.add_notification_listener(got.append)
+    emu.connect()
+    emu.enable_notifications()
+    cfg = ImuConfig(Chip.BMI160, 100, 16.0, 2000.0)  # the recording's own rate: one sample per sample
+    _send(emu, mw.configure_commands(cfg) + mw.start_commands(cfg))
+    acc, gyro, _ = _decode(cfg, emu.pump(400) + emu.advance(2.0))
+    assert len(acc) == len(gyro) == 250
+    assert np.abs(acc - short.acc_g).max() <= 1 / 2048 and np.abs(gyro - short.gyro_dps).max() <= 1 / 16.4

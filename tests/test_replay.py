@@ -10,7 +10,7 @@ import pytest
 from daemon.app import BiodApp
 from daemon.config import ConfigError, parse_config
 from daemon.dsp.rpeaks import detect_rpeaks
-from daemon.record import WfdbSignal, WfdbWriter
+from daemon.record import WfdbSignal, WfdbWriter, imu_signals
 from firmware_protocol.emulators.imu_recordings import load_imu_recording
 from firmware_protocol.emulators.recordings import load_recording
 from tests.conftest import until
@@ -24,9 +24,7 @@ def _write_records(folder) -> tuple[str, str, np.ndarray]:
                     comments=["person ann"]) as w:
         w.write_physical(ecg.leads_mv)
     imu = load_imu_recording("SA01_D01_walking")
-    sigs = [WfdbSignal(n, "g", 32768 / 8) for n in ("acc_x", "acc_y", "acc_z")]
-    sigs += [WfdbSignal(n, "deg/s", 32768 / 1000) for n in ("gyro_x", "gyro_y", "gyro_z")]
-    with WfdbWriter(folder, "imu_20261122_100000", imu.fs_hz, sigs, comments=["placement waist"]) as w:
+    with WfdbWriter(folder, "imu_20261122_100000", imu.fs_hz, imu_signals(8, 1000), comments=["placement waist"]) as w:
         w.write_physical(np.concatenate([imu.acc_g, imu.gyro_dps], axis=1))
     return str(folder / "ecg_20261122_100000.hea"), str(folder / "imu_20261122_100000.hea"), ecg.leads_mv
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from daemon.config import ConfigError
-from daemon.record import WfdbError, read_wfdb
+from daemon.record import WfdbError, imu_record_problem, read_wfdb
 from firmware_protocol.ecg_serial import LEAD_NAMES
 from firmware_protocol.emulators.imu_recordings import ImuRecording
 from firmware_protocol.emulators.recordings import Recording
 
-IMU_SIGNALS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 _TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3}
 
 
@@ -57,12 +56,9 @@ def ecg_recording(path: Path, key: str = "ecg.replay.path") -> Recording:
 def imu_recording(path: Path, key: str = "imu.replay.path") -> ImuRecording:
     """Accelerometer (g) and gyroscope (deg/s) of an IMU record made by ``biod record``."""
     rec = _read(path, key)
-    if rec.names != IMU_SIGNALS:
-        raise ConfigError(f"{key}: {rec.path}: expected signals {', '.join(IMU_SIGNALS)} (an IMU record of "
-                          f"`biod record`), got {', '.join(rec.names)}")
-    units = [s.unit for s in rec.signals]
-    if units != ["g"] * 3 + ["deg/s"] * 3:
-        raise ConfigError(f"{key}: {rec.path}: units {units}; expected g and deg/s")
+    problem = imu_record_problem(rec)
+    if problem:
+        raise ConfigError(f"{key}: {rec.path}: {problem}")
     if rec.physical.shape[0] < 2:
         raise ConfigError(f"{key}: {rec.path} holds fewer than 2 samples")
     x = rec.physical.astype(np.float32)

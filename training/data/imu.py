@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.dsp.imu import RECORD_LABELS, acf_features_batch, clip_fraction, resample_irregular, to_si
-from daemon.record import WfdbError, read_wfdb
+from daemon.record import WfdbError, imu_record_problem, read_wfdb
 
 MODEL_RATE_HZ = 100.0
 WINDOW_S = 2.0
@@ -232,7 +232,6 @@ def load_hugadb(data_dir: Path, sensor: str = "thigh") -> tuple[list[ImuRecord],
 BIOD_LABELS: dict[str, int] = {**{f: k for k, (f, _) in HUGADB_CLASSES.items() if f is not None},
                                "bicycling": 9, "sitting_in_car": 12}
 assert set(BIOD_LABELS) == set(RECORD_LABELS), "daemon.dsp.imu.RECORD_LABELS and BIOD_LABELS disagree"
-_IMU_SIGNALS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 
 
 def load_biod_imu(folder: Path) -> list[ImuRecord]:
@@ -255,11 +254,10 @@ def load_biod_imu(folder: Path) -> list[ImuRecord]:
             rec = read_wfdb(hea)
         except WfdbError as exc:
             raise DataError(str(exc)) from None
-        if rec.names != _IMU_SIGNALS or any(sg.fmt != 16 for sg in rec.signals):
-            raise DataError(f"{hea}: expected signals {_IMU_SIGNALS} in format 16, got {rec.names}")
-        units = [sg.unit for sg in rec.signals]
-        if units != ["g"] * 3 + ["deg/s"] * 3:
-            raise DataError(f"{hea}: units {units}, expected g and deg/s")
+        problem = imu_record_problem(rec) or (None if all(sg.fmt == 16 for sg in rec.signals) else
+                                              "signals in format 24; `biod record` writes IMU records in format 16")
+        if problem:
+            raise DataError(f"{hea}: {problem}")
         fs, phys, n = rec.fs_hz, rec.physical, rec.physical.shape[0]
         comments = rec.comment_fields()
         labels = np.zeros(n, np.int64)

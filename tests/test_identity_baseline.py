@@ -7,8 +7,10 @@ import pytest
 
 from firmware_protocol.emulators.recordings import load_recording
 from training.data.ecg import EcgRecord, record_windows
-from training.eval.identity_baseline import fit_baseline
-from training.train_beats import PIPELINE_KW
+from training.eval.identity_baseline import fit_baseline, plain_beat_kwargs
+from training.train_beats import PIPELINE_KW as SERVED_KW
+
+PIPELINE_KW = plain_beat_kwargs(SERVED_KW)  # BASELINES.md's beats: not heart-rate normalised
 
 PERSONS = {"04": ("ecgid-p04-r1", "ecgid-p04-r2"), "25": ("ecgid-p25-r1", "ecgid-p25-r4"),
            "46": ("ecgid-p46-r1", "ecgid-p46-r3"), "53": ("ecgid-p53-r1", "ecgid-p53-r4")}

@@ -7,7 +7,8 @@ to new persons better than anything with more parameters we measured, and fused 
 CNN (``daemon/inference/beatmorph.py``) it lifts held-out identity clearly (docs/MODELS.md).
 
 * Beats: the daemon's own ``EcgPipeline`` with ``beat_fs`` (conditioned signal, causal 40 Hz
-  low-pass, 125 Hz, 0.25 s before to 0.45 s after R), every distinct beat of the training
+  low-pass, 125 Hz, 0.25 s before to 0.45 s after R, the part after the QRS on a time axis
+  normalised to RR = 1 s by Fridericia's RR^(1/3)), every distinct beat of the training
   persons' records (windows overlap, so each beat is taken once), z-scored per beat and lead.
 * Per lead (morphology differs per lead, a shared projection measured worse): lead I from
   ECG-ID + LUDB, lead II from LUDB + MIT-BIH (its first lead), lead III from LUDB; classes are
@@ -30,15 +31,21 @@ from training.data.ecg import (
     ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, EcgRecord, WindowSet,
     load_training_records, record_windows)
 
-VERSION = "1.0.0"
+VERSION = "2.0.0"   # 2.0.0: beats heart-rate normalised (RR_EXPONENT); 1.0.0 templates are refused
 NAME = "ecg_beats"
 BEAT_FS = 125.0
 LOWPASS_HZ = 40.0
+# Fridericia's QT correction (QT ~ RR^(1/3)) applied to the beat's time axis after the QRS
+# (daemon.dsp.segment.RrWarp): chosen from physiology and on development folds of the training
+# persons, where it measured better than Bazett's sqrt (docs/MODELS.md)
+RR_EXPONENT = 1.0 / 3.0
+RR_REF_S = 1.0
 N_PCA = 60
 N_DIM = 48
 FUSION_WEIGHT_CNN = 0.5   # plain sum rule, not tuned on held-out persons
 PIPELINE_KW = {"model_fs": 100, "window_s": 3, "hop_s": 1, "norm": "zscore",
-               "beat_fs": BEAT_FS, "beat_lowpass_hz": LOWPASS_HZ}
+               "beat_fs": BEAT_FS, "beat_lowpass_hz": LOWPASS_HZ,
+               "beat_rr_exponent": RR_EXPONENT, "beat_rr_ref_s": RR_REF_S}
 LEADS = ("I", "II", "III")
 
 
@@ -123,11 +130,15 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
             "channels": list(LEADS), "units": "z-score per beat and lead (dimensionless)",
             "normalisation": {"kind": "in_model", "description": (
                 "The caller feeds one beat: EcgWindow.morph of an EcgPipeline built with "
-                f"beat_fs={BEAT_FS}, beat_lowpass_hz={LOWPASS_HZ} (0.25 s before to 0.45 s after "
-                "R), transposed to (leads, samples) and z-scored per lead "
+                f"beat_fs={BEAT_FS}, beat_lowpass_hz={LOWPASS_HZ}, beat_rr_exponent={RR_EXPONENT}, "
+                f"beat_rr_ref_s={RR_REF_S} (0.25 s before to 0.45 s after R, the part after the "
+                "QRS read on a time axis scaled by (RR / rr_ref_s) ** rr_exponent, RR from the "
+                "previous beat), transposed to (leads, samples) and z-scored per lead "
                 "(daemon.inference.beatmorph.beat_features); an off lead is zeros.")},
             "features": {"kind": "ecg_beat", "params": {"lowpass_hz": LOWPASS_HZ,
-                                                         "before_s": 0.25, "after_s": 0.45},
+                                                         "before_s": 0.25, "after_s": 0.45,
+                                                         "rr_exponent": RR_EXPONENT,
+                                                         "rr_ref_s": RR_REF_S},
                          "source_shape": [length, 3], "source_channels": list(LEADS),
                          "source_units": "mV"},
             "description": "one heartbeat, Einthoven I, II, III, at 125 Hz",

@@ -25,7 +25,7 @@ from daemon.dsp.filters import EcgConditioner, SosFilter, StreamResampler
 from daemon.dsp.hrv import HeartRateTracker, Hrv
 from daemon.dsp.quality import Quality, QualityAssessor, QualityConfig
 from daemon.dsp.rpeaks import Beat, RPeakDetector
-from daemon.dsp.segment import SlidingWindower, WindowSegmenter, check_norm
+from daemon.dsp.segment import RrWarp, SlidingWindower, WindowSegmenter, check_norm, warp_beats
 
 __all__ = ["EcgPipeline", "EcgUpdate", "EcgWindow", "RecordWindows", "windows_from_record"]
 
@@ -77,7 +77,8 @@ class EcgPipeline:
                  norm: str = "zscore", beat_before_s: float = 0.25, beat_after_s: float = 0.45,
                  beat_group: int = 3, beat_horizon_s: float = 2.5, live_s: float = 8.0,
                  quality: QualityConfig | None = None, beat_fs: float | None = None,
-                 beat_lowpass_hz: float = 40.0) -> None:
+                 beat_lowpass_hz: float = 40.0, beat_rr_exponent: float = 0.0,
+                 beat_rr_ref_s: float = 1.0) -> None:
         self.fs = float(fs)
         self.n_leads = int(n_leads)
         self.model_fs = float(model_fs)
@@ -101,8 +102,10 @@ class EcgPipeline:
         self.beat_fs = None if beat_fs is None else float(beat_fs)
         self._morph: _MorphPath | None = None
         if beat_fs is not None:
+            warp = (RrWarp(float(beat_rr_exponent), float(beat_rr_ref_s))
+                    if beat_rr_exponent else None)
             self._morph = _MorphPath(fs, float(beat_fs), n_leads, window_s, hop_s, beat_before_s,
-                                     beat_after_s, beat_lowpass_hz)
+                                     beat_after_s, beat_lowpass_hz, warp)
         self._pending_raw: list[tuple[np.ndarray, np.ndarray]] = []  # (windows, masks) FIFO
         self._pending_n = 0
         self._beat_t = np.zeros(0)          # detected beat times (s), recent
@@ -224,10 +227,16 @@ class _MorphPath:
     a second :class:`WindowSegmenter` with the same window timing in seconds, whose single
     beats are handed to the model windows, paired by window end time. Its windows are released by the
     same detector horizon (whole-second window ends, so both segmenters release together) and
-    at flush whatever the data allows; a model window without its morph twin gets none."""
+    at flush whatever the data allows; a model window without its morph twin gets none.
+
+    With ``warp`` (:class:`RrWarp`) each beat is read on a heart-rate-normalised time axis
+    (:func:`warp_beats`) with the RR from its previous beat; the first beat of a stream, or one
+    more than ``warp.rr_max_s`` after the previous (a gap, a missed beat), has no RR and is left
+    out of the window's beats."""
 
     def __init__(self, fs: float, beat_fs: float, n_leads: int, window_s: float, hop_s: float,
-                 before_s: float, after_s: float, lowpass_hz: float) -> None:
+                 before_s: float, after_s: float, lowpass_hz: float,
+                 warp: RrWarp | None = None) -> None:
         from scipy.signal import butter
 
         if not 0 < lowpass_hz < beat_fs / 2:
@@ -235,19 +244,49 @@ class _MorphPath:
         self.fs, self.beat_fs = fs, beat_fs
         self._rs = StreamResampler(fs, beat_fs, n_leads)
         self._lp = SosFilter(butter(4, lowpass_hz, fs=beat_fs, output="sos"), n_leads)
-        self._seg = WindowSegmenter(n_leads, _samples(window_s, beat_fs, "window_s"),
-                                    _samples(hop_s, beat_fs, "hop_s"),
-                                    int(round(before_s * beat_fs)), int(round(after_s * beat_fs)),
-                                    group=1, norm="zscore")
+        self.before = int(round(before_s * beat_fs))
+        self.after = int(round(after_s * beat_fs))
+        self.warp = warp
+        self._hop = _samples(hop_s, beat_fs, "hop_s")
+        # with a warp the segmenter only has to find the beats: each one's own span is checked
+        # when it is read, so select with the shortest span any RR can give
+        sel_after = self.after if warp is None else int(np.ceil(
+            warp.offsets(self.before, self.after, beat_fs, np.array([warp.rr_min_s]))[0, -1])) + 1
+        self._seg = WindowSegmenter(n_leads, _samples(window_s, beat_fs, "window_s"), self._hop,
+                                    self.before, sel_after, group=1, norm="zscore")
         self._pending: dict[int, np.ndarray] = {}  # window end (ms) -> beats
+        # recent beats (at beat_fs, and their exact sample at fs) for each beat's RR
+        self._hist_b = np.zeros(0, np.int64)
+        self._hist_fs = np.zeros(0, np.float64)
 
     def push(self, cond: np.ndarray, beats: list[Beat], final_until_fs: int | None) -> None:
         yb = self._lp.process(self._rs.process(cond))
-        bm = (np.round(np.array([b.sample for b in beats], dtype=np.float64)
-                       * (self.beat_fs / self.fs)).astype(np.int64) if beats else None)
+        at_fs = np.array([b.sample for b in beats], dtype=np.float64)
+        bm = np.round(at_fs * (self.beat_fs / self.fs)).astype(np.int64) if beats else None
+        if bm is not None and self.warp is not None:
+            new = bm > (self._hist_b[-1] if self._hist_b.size else -1)
+            self._hist_b = np.concatenate([self._hist_b, bm[new]])
+            self._hist_fs = np.concatenate([self._hist_fs, at_fs[new]])
         fu = None if final_until_fs is None else int(np.floor(final_until_fs * self.beat_fs / self.fs))
-        for s in self._seg.push(yb, bm, None, fu):
-            self._pending[int(round(s.end * 1000 / self.beat_fs))] = s.beats
+        segs = self._seg.push(yb, bm, None, fu)
+        for s in segs:
+            self._pending[int(round(s.end * 1000 / self.beat_fs))] = (
+                s.beats if self.warp is None else self._warped(s))
+        if segs and self.warp is not None:
+            # a later window starts at least one hop later; its first beat's RR looks back rr_max
+            next_start = segs[-1].end - segs[-1].raw.shape[0] + self._hop
+            keep = self._hist_b >= next_start + self.before - self.warp.rr_max_s * self.beat_fs - 1
+            self._hist_b, self._hist_fs = self._hist_b[keep], self._hist_fs[keep]
+
+    def _warped(self, s) -> np.ndarray:
+        assert self.warp is not None
+        i = np.searchsorted(self._hist_b, s.beat_samples)
+        prev = np.maximum(i - 1, 0)
+        rr = (self._hist_fs[i] - self._hist_fs[prev]) / self.fs
+        rr = np.where((i > 0) & (rr <= self.warp.rr_max_s), rr, np.nan)
+        beats, _ = warp_beats(s.raw, s.end - s.raw.shape[0], s.beat_samples, rr, self.before,
+                              self.after, self.beat_fs, self.warp)
+        return beats
 
     def take(self, ends_s: list[float], n_leads: int) -> list[np.ndarray]:
         """The beats of the windows ending at ``ends_s``, paired by end time (never by count,

@@ -277,3 +277,58 @@ def segment_record(x: np.ndarray, beats: np.ndarray, window_len: int, hop: int, 
         v = valid[s:e] if per_sample else valid
         out += seg.push(x[s:e], beats[(beats >= s) & (beats < e)], v)
     return out
+
+
+@dataclass(frozen=True)
+class RrWarp:
+    """Heart-rate normalisation of single beats: the part after the QRS is resampled on a time
+    axis scaled by ``(RR / rr_ref_s) ** exponent``, RR being the interval from the previous beat.
+
+    WHY: the ST segment and T wave come later at a slow heart rate and earlier at a fast one (QT
+    grows about as sqrt(RR), Bazett 1920), so without it the same person's beats change shape
+    between a resting enrolment and a test after climbing the stairs, and an identity model
+    mistakes heart rate for person. ``exponent=0.5, rr_ref_s=1.0`` is Bazett's correction; the
+    QRS itself (``qrs_s`` after R) and everything before R keep their timing, since QRS width
+    and the PR interval hardly change with rate. Measured gain: docs/MODELS.md.
+    """
+
+    exponent: float
+    rr_ref_s: float = 1.0
+    qrs_s: float = 0.064
+    rr_min_s: float = 0.3
+    rr_max_s: float = 2.0   # a beat whose previous beat is farther back has no known RR
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.exponent <= 1.0:
+            raise ValueError(f"RR warp exponent={self.exponent} must be in (0, 1]")
+        if not 0 < self.rr_min_s < self.rr_ref_s < self.rr_max_s:
+            raise ValueError("RR warp needs 0 < rr_min_s < rr_ref_s < rr_max_s")
+
+    def offsets(self, before: int, after: int, fs: float, rr_s: np.ndarray) -> np.ndarray:
+        """(k, before+after) sample offsets from R at which beat k is read."""
+        n = np.arange(-before, after, dtype=np.float64)
+        q = self.qrs_s * fs
+        f = (np.clip(rr_s, self.rr_min_s, self.rr_max_s) / self.rr_ref_s) ** self.exponent
+        return np.where(n > q, q + (n - q) * f[:, None], n)
+
+
+def warp_beats(raw: np.ndarray, start: int, beat_samples: np.ndarray, rr_s: np.ndarray,
+               before: int, after: int, fs: float, warp: RrWarp) -> tuple[np.ndarray, np.ndarray]:
+    """Beats read out of one un-normalised window ``raw`` (n, ch) that begins at absolute sample
+    ``start``, at :meth:`RrWarp.offsets` around each R (linear interpolation between samples).
+
+    Returns (beats (k', before+after, ch) float32, kept (k,) bool): a beat is kept when its RR
+    is known (finite) and the whole warped span lies inside the window, so a window's beats
+    never depend on samples outside it, as for the unwarped beats.
+    """
+    ch = raw.shape[1]
+    if not len(beat_samples):
+        return np.zeros((0, before + after, ch), np.float32), np.zeros(0, bool)
+    pos = (np.asarray(beat_samples, np.int64) - start)[:, None] + warp.offsets(
+        before, after, fs, np.nan_to_num(np.asarray(rr_s, np.float64), nan=warp.rr_ref_s))
+    kept = np.isfinite(rr_s) & (pos[:, 0] >= 0) & (pos[:, -1] <= raw.shape[0] - 1)
+    pos = pos[kept]
+    i0 = np.minimum(np.floor(pos).astype(np.int64), raw.shape[0] - 2)
+    frac = (pos - i0)[..., None]
+    beats = raw[i0] * (1.0 - frac) + raw[i0 + 1] * frac
+    return beats.astype(np.float32), kept

@@ -41,6 +41,16 @@ def beat_features(morph: np.ndarray, stride: int = 1) -> np.ndarray:
     return ((x - mu) / np.maximum(sd, 1e-6)).astype(np.float32)
 
 
+def pipeline_kwargs_of(beat_fs: float, lowpass_hz: float, rr_exponent: float = 0.0,
+                      rr_ref_s: float = 1.0) -> dict[str, float]:
+    """``EcgPipeline`` arguments for a beat model's stated input (one place maps the manifest's
+    features to the pipeline, for the runtime and for the benchmarks)."""
+    kw = {"beat_fs": float(beat_fs), "beat_lowpass_hz": float(lowpass_hz)}
+    if rr_exponent:
+        kw.update(beat_rr_exponent=float(rr_exponent), beat_rr_ref_s=float(rr_ref_s))
+    return kw
+
+
 @dataclass(frozen=True)
 class BeatMorphModel:
     """The projection model and the pipeline settings its manifest states."""
@@ -52,6 +62,10 @@ class BeatMorphModel:
     beat_fs: float
     lowpass_hz: float
     weight: float          # share of the CNN score in the fused score (sum rule)
+    #: heart-rate normalisation of the beats (``daemon.dsp.segment.RrWarp``); 0: none (models
+    #: before 2.0.0, whose manifests do not state it)
+    rr_exponent: float = 0.0
+    rr_ref_s: float = 1.0
 
     @classmethod
     def load(cls, path: Path) -> "BeatMorphModel":
@@ -64,8 +78,12 @@ class BeatMorphModel:
         w = float(model.manifest.thresholds.get("fusion_weight_cnn", 0.5))
         if not 0.0 <= w <= 1.0:
             raise ModelError(f"{path}: thresholds.fusion_weight_cnn={w} must lie in [0, 1]")
+        rr_exp, rr_ref = float(fp.get("rr_exponent", 0.0)), float(fp.get("rr_ref_s", 1.0))
+        if not 0.0 <= rr_exp <= 1.0 or rr_ref <= 0:
+            raise ModelError(f"{path}: features.params rr_exponent={rr_exp} must lie in [0, 1] "
+                             f"and rr_ref_s={rr_ref} be positive")
         return cls(model, spec.name, int(spec.shape[0]), int(spec.shape[1]), float(spec.rate_hz),
-                   float(fp["lowpass_hz"]), w)
+                   float(fp["lowpass_hz"]), w, rr_exp, rr_ref)
 
     @property
     def dim(self) -> int:
@@ -73,7 +91,7 @@ class BeatMorphModel:
         return int(out.shape[0] * out.shape[1])
 
     def pipeline_kwargs(self) -> dict[str, float]:
-        return {"beat_fs": self.beat_fs, "beat_lowpass_hz": self.lowpass_hz}
+        return pipeline_kwargs_of(self.beat_fs, self.lowpass_hz, self.rr_exponent, self.rr_ref_s)
 
     def embed(self, morph: np.ndarray, lead_mask: np.ndarray) -> np.ndarray:
         """(n_leads * K,) unit vector from a window's beats; zeros when it has none."""

@@ -8,7 +8,8 @@ models --baseline-fit DIR`` fits this baseline on the TRAINING persons of ``DIR`
 person it evaluates) and scores it with exactly the protocol of the shipped models.
 
 The baseline, as BASELINES.md states it and no more: the beats the daemon's pipeline cuts
-(0.25 s before to 0.45 s after R, 125 Hz, 40 Hz low-pass), in mV minus their median, PCA (60)
+(0.25 s before to 0.45 s after R, 125 Hz, 40 Hz low-pass; NOT the heart-rate normalised beats
+the shipped beat model reads, see ``plain_beat_kwargs``), in mV minus their median, PCA (60)
 then shrinkage LDA (Ledoit-Wolf) over the ECG-ID training persons (lead I), a window's embedding
 the normalised mean of its beats' unit projections, cosine scores.
 """
@@ -21,6 +22,12 @@ import numpy as np
 from training.data.ecg import WindowSet
 
 N_PCA = 60
+
+
+def plain_beat_kwargs(pipeline_kw: dict) -> dict:
+    """``pipeline_kw`` without the heart-rate normalisation of the beats (``beat_rr_*``): the
+    baseline is BASELINES.md's method as stated, on the pipeline's plain beats."""
+    return {k: v for k, v in pipeline_kw.items() if not k.startswith("beat_rr_")}
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

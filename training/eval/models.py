@@ -184,15 +184,20 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
 def _baseline(fit_dir: Path, seen: set[str], ws: WindowSet, kw: dict, progress) -> dict:
     """PCA + LDA on beats, fitted on the ECG-ID persons of ``fit_dir`` that the shipped models
     were trained on (so never on an evaluated person), scored like the models."""
-    from training.eval.identity_baseline import fit_baseline
+    from training.eval.identity_baseline import fit_baseline, plain_beat_kwargs
 
     fit_recs = [r for r in load_all(fit_dir) if r.dataset == "ecgid" and r.person in seen]
     evaluated = {ws.records[i].person for i in np.unique(ws.rec)}
     if not fit_recs or evaluated & {r.person for r in fit_recs}:
         raise ValueError(f"--baseline-fit {fit_dir}: needs ECG-ID persons the models were "
                          "trained on, none of them evaluated")
-    base = fit_baseline(record_windows(fit_recs, kw))
-    emb = base.embed_windows(ws)
+    plain = plain_beat_kwargs(kw)
+    base = fit_baseline(record_windows(fit_recs, plain))
+    # the same windows with the plain beats (the shipped beat model reads warped ones)
+    ws_plain = ws if plain == kw else record_windows(list(ws.records), plain)
+    if not (np.array_equal(ws_plain.rec, ws.rec) and np.array_equal(ws_plain.t_end_s, ws.t_end_s)):
+        raise RuntimeError("internal: the baseline's windows differ from the models' windows")
+    emb = base.embed_windows(ws_plain)
     metrics, _ = identity_eval(ws, emb, threshold=1.0)
     progress(f"baseline: PCA+LDA fitted on {base.beats} beats of {base.persons} ECG-ID persons")
     keep = ("rank1", "eer", "frr_at_far1", "n_tests")

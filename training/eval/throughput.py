@@ -81,10 +81,13 @@ def imu_signal(data: str | None, minutes: float) -> tuple[np.ndarray, np.ndarray
 def served_ecg_kwargs(models: Path = ROOT / "daemon" / "models") -> dict[str, float]:
     """The extra EcgPipeline arguments the shipped beat-morphology model asks for (its 125 Hz
     beat path), read from its manifest without loading the model: what `biod run` adds."""
+    from daemon.inference.beatmorph import pipeline_kwargs_of
+
     m = json.loads((models / "ecg_beats.json").read_text())
     spec = m["inputs"][0]
-    return {"beat_fs": float(spec["rate_hz"]),
-            "beat_lowpass_hz": float(spec["features"]["params"]["lowpass_hz"])}
+    fp = spec["features"]["params"]
+    return pipeline_kwargs_of(spec["rate_hz"], fp["lowpass_hz"], fp.get("rr_exponent", 0.0),
+                              fp.get("rr_ref_s", 1.0))
 
 
 def _run_ecg(x: np.ndarray, chunk: int, served: bool = False) -> int:

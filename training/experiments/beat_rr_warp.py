@@ -1,0 +1,81 @@
+"""How much heart-rate normalisation the beat-morphology model's beats should get, measured on
+development folds of the TRAINING persons only (never on held-out persons).
+
+    python -m training.experiments.beat_rr_warp --data ../shared/data [--exponents 0 0.25 0.333 0.5]
+
+For each exponent of ``daemon.dsp.segment.RrWarp`` (0 = the beats as before), the beats come
+from the daemon's own pipeline (``training.train_beats.PIPELINE_KW`` with that exponent), and
+for each of ``ecg_recipe_sweep``'s 4 development folds the per-lead PCA + LDA is fitted exactly
+as ``train_beats.fit_projections`` fits the shipped one, on the training records WITHOUT the
+fold's persons, and scored with the identity protocol (``training.eval.identity``: enrol from
+the first recording, 10 s and 3 s tests) on a gallery of the fold's persons plus the ECG-ID
+calibration persons. Prints the mean over folds of the beat model alone (no CNN: the CNN was
+trained on these persons, so a fused score here would flatter it).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from training.data.ecg import WindowSet, load_training_records, record_windows
+from training.eval.identity import gallery_and_tests, identity_metrics
+from training.eval.identity_baseline import plain_beat_kwargs
+from training.experiments.ecg_recipe_sweep import folds_of
+from training.experiments.export_beat_embeddings import window_vectors
+from training.train_beats import PIPELINE_KW, RR_REF_S, distinct_beats, fit_projections
+
+KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1", "t3_rank1", "t3_eer",
+        "t3_frr_at_far1")
+
+
+def dev_scores(data: Path, exponent: float, progress=print) -> dict[str, float]:
+    """Mean over the development folds of the beat model's identity metrics."""
+    kw = plain_beat_kwargs(PIPELINE_KW)
+    if exponent:
+        kw.update(beat_rr_exponent=exponent, beat_rr_ref_s=RR_REF_S)
+    recs, calib = load_training_records(data)
+    ws, cws = record_windows(recs, kw), record_windows(calib, kw)
+    meta = {"irecs": [{"dataset": r.dataset, "person": r.person, "session": r.session}
+                      for r in ws.records]}
+    beats, brec = distinct_beats(ws)
+    person = np.array([ws.records[r].person for r in brec])
+    records = ws.records + cws.records
+    rec = np.concatenate([ws.rec, cws.rec + len(ws.records)])
+    end = np.concatenate([ws.t_end_s, cws.t_end_s])
+    mask = np.concatenate([ws.lead_mask, cws.lead_mask])
+    who = np.array([records[r].person for r in rec])
+    scores: dict[str, list[float]] = defaultdict(list)
+    for fold in folds_of(meta):
+        keep = ~np.isin(person, fold)
+        W, b = fit_projections(beats[keep], brec[keep], ws.records, progress=lambda m: None)
+        vec = np.concatenate([window_vectors(ws, W, b), window_vectors(cws, W, b)])
+        idx = np.nonzero(np.isin(who, list(set(fold) | {r.person for r in calib})))[0]
+        sub = WindowSet(np.zeros((len(idx), 1, 1), np.float32), mask[idx], rec[idx], end[idx], records)
+        for length in (3, 10):
+            names, tmpl, tests = gallery_and_tests(sub, vec[idx], length)
+            for k, v in identity_metrics(names, tmpl, tests).items():
+                scores[f"t{length}_{k}"].append(v)
+    return {k: float(np.mean(scores[k])) for k in KEYS if k in scores}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.experiments.beat_rr_warp",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--exponents", type=float, nargs="+", default=[0.0, 0.15, 0.25, 1 / 3, 0.4, 0.5])
+    args = ap.parse_args(argv)
+    print("exponent  " + "  ".join(f"{k:>16}" for k in KEYS), flush=True)
+    for e in args.exponents:
+        t0 = time.time()
+        s = dev_scores(args.data, e)
+        print(f"{e:8.3f}  " + "  ".join(f"{s.get(k, float('nan')):16.1f}" for k in KEYS)
+              + f"  ({time.time() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

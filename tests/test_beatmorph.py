@@ -118,3 +118,25 @@ def test_throughput_benchmark_runs_the_pipeline_the_daemon_serves(runner: EcgMod
     assert runner.beats is not None
     assert served == runner.beats.pipeline_kwargs()
     assert set(served) <= set(runner.pipeline_kwargs())
+
+
+def test_shipped_beat_model_reads_heart_rate_normalised_beats(runner: EcgModelRunner) -> None:
+    """Beat model 2.0.0 was fitted on beats read on Fridericia's RR^(1/3) time axis: the runner
+    must build the pipeline that way, or it would feed plain beats to a warped-beat model."""
+    assert runner.beats is not None
+    assert runner.beats.rr_exponent == pytest.approx(1 / 3)
+    kw = runner.pipeline_kwargs()
+    assert kw["beat_rr_exponent"] == pytest.approx(1 / 3) and kw["beat_rr_ref_s"] == 1.0
+    assert runner.ref.version.endswith("+2.0.0")  # templates of the plain-beat model are refused
+
+
+def test_beat_model_with_an_impossible_warp_is_refused(tmp_path) -> None:
+    import json
+
+    for f in ("ecg_beats.tflite", "ecg_beats.json"):
+        shutil.copy(MODELS_DIR / f, tmp_path / f)
+    m = json.loads((tmp_path / "ecg_beats.json").read_text())
+    m["inputs"][0]["features"]["params"]["rr_exponent"] = 1.5
+    (tmp_path / "ecg_beats.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="rr_exponent=1.5"):
+        BeatMorphModel.load(tmp_path / "ecg_beats.tflite")

@@ -25,7 +25,8 @@ from daemon.dsp.filters import EcgConditioner, SosFilter, StreamResampler
 from daemon.dsp.hrv import HeartRateTracker, Hrv
 from daemon.dsp.quality import Quality, QualityAssessor, QualityConfig
 from daemon.dsp.rpeaks import Beat, RPeakDetector
-from daemon.dsp.segment import RrWarp, SlidingWindower, WindowSegmenter, check_norm, warp_beats
+from daemon.dsp.segment import (RrWarp, Segment, SlidingWindower, WindowSegmenter, check_norm,
+                                warp_beats)
 
 __all__ = ["EcgPipeline", "EcgUpdate", "EcgWindow", "RecordWindows", "windows_from_record"]
 
@@ -278,7 +279,8 @@ class _MorphPath:
             keep = self._hist_b >= next_start + self.before - self.warp.rr_max_s * self.beat_fs - 1
             self._hist_b, self._hist_fs = self._hist_b[keep], self._hist_fs[keep]
 
-    def _warped(self, s) -> np.ndarray:
+    def _warped(self, s: Segment) -> np.ndarray:
+        """The window's beats read by :func:`warp_beats` with each beat's RR from the history."""
         assert self.warp is not None
         i = np.searchsorted(self._hist_b, s.beat_samples)
         prev = np.maximum(i - 1, 0)

@@ -285,11 +285,12 @@ class RrWarp:
     axis scaled by ``(RR / rr_ref_s) ** exponent``, RR being the interval from the previous beat.
 
     WHY: the ST segment and T wave come later at a slow heart rate and earlier at a fast one (QT
-    grows about as sqrt(RR), Bazett 1920), so without it the same person's beats change shape
-    between a resting enrolment and a test after climbing the stairs, and an identity model
-    mistakes heart rate for person. ``exponent=0.5, rr_ref_s=1.0`` is Bazett's correction; the
-    QRS itself (``qrs_s`` after R) and everything before R keep their timing, since QRS width
-    and the PR interval hardly change with rate. Measured gain: docs/MODELS.md.
+    grows with RR: as RR^(1/3) in Fridericia's correction, RR^(1/2) in Bazett's), so without it
+    the same person's beats change shape between a resting enrolment and a test after climbing
+    the stairs, and an identity model mistakes heart rate for person. ``exponent=1/3,
+    rr_ref_s=1.0`` (what the shipped beat model asks for) is Fridericia's correction; the QRS
+    itself (``qrs_s`` after R) and everything before R keep their timing, since QRS width and the
+    PR interval hardly change with rate. Measured gain: docs/MODELS.md.
     """
 
     exponent: float

@@ -9,7 +9,7 @@ for each of ``ecg_recipe_sweep``'s 4 development folds the per-lead PCA + LDA is
 as ``train_beats.fit_projections`` fits the shipped one, on the training records WITHOUT the
 fold's persons, and scored with the identity protocol (``training.eval.identity``: enrol from
 the first recording, 10 s and 3 s tests) on a gallery of the fold's persons plus the ECG-ID
-calibration persons. Prints the mean over folds of the beat model alone (no CNN: the CNN was
+calibration persons (``ecg_recipe_sweep.DevScorer``). Prints the mean over folds of the beat model alone (no CNN: the CNN was
 trained on these persons, so a fused score here would flatter it).
 """
 from __future__ import annotations
@@ -21,44 +21,37 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.ecg import WindowSet, load_training_records, record_windows
-from training.eval.identity import gallery_and_tests, identity_metrics
+from training.data.ecg import load_training_records, record_windows
 from training.eval.identity_baseline import plain_beat_kwargs
-from training.experiments.ecg_recipe_sweep import folds_of
+from training.experiments.ecg_recipe_sweep import DevScorer
 from training.experiments.export_beat_embeddings import window_vectors
+from training.experiments.export_ecg_windows import records_meta
 from training.train_beats import PIPELINE_KW, RR_REF_S, distinct_beats, fit_projections
 
 KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1", "t3_rank1", "t3_eer",
         "t3_frr_at_far1")
 
 
-def dev_scores(data: Path, exponent: float, progress=print) -> dict[str, float]:
+def dev_scores(data: Path, exponent: float) -> dict[str, float]:
     """Mean over the development folds of the beat model's identity metrics."""
     kw = plain_beat_kwargs(PIPELINE_KW)
     if exponent:
         kw.update(beat_rr_exponent=exponent, beat_rr_ref_s=RR_REF_S)
     recs, calib = load_training_records(data)
     ws, cws = record_windows(recs, kw), record_windows(calib, kw)
-    meta = {"irecs": [{"dataset": r.dataset, "person": r.person, "session": r.session}
-                      for r in ws.records]}
+    # the windows in the layout export_ecg_windows writes, so DevScorer scores them
+    dev = DevScorer({"irec": ws.rec, "crec": cws.rec, "iend": ws.t_end_s, "cend": cws.t_end_s,
+                     "imask": ws.lead_mask, "cmask": cws.lead_mask},
+                    {"irecs": records_meta(ws), "crecs": records_meta(cws)})
     beats, brec = distinct_beats(ws)
     person = np.array([ws.records[r].person for r in brec])
-    records = ws.records + cws.records
-    rec = np.concatenate([ws.rec, cws.rec + len(ws.records)])
-    end = np.concatenate([ws.t_end_s, cws.t_end_s])
-    mask = np.concatenate([ws.lead_mask, cws.lead_mask])
-    who = np.array([records[r].person for r in rec])
     scores: dict[str, list[float]] = defaultdict(list)
-    for fold in folds_of(meta):
+    for k, fold in enumerate(dev.folds):
         keep = ~np.isin(person, fold)
         W, b = fit_projections(beats[keep], brec[keep], ws.records, progress=lambda m: None)
         vec = np.concatenate([window_vectors(ws, W, b), window_vectors(cws, W, b)])
-        idx = np.nonzero(np.isin(who, list(set(fold) | {r.person for r in calib})))[0]
-        sub = WindowSet(np.zeros((len(idx), 1, 1), np.float32), mask[idx], rec[idx], end[idx], records)
-        for length in (3, 10):
-            names, tmpl, tests = gallery_and_tests(sub, vec[idx], length)
-            for k, v in identity_metrics(names, tmpl, tests).items():
-                scores[f"t{length}_{k}"].append(v)
+        for key, v in dev.score(lambda idx: vec[idx], dev.gallery(k)).items():
+            scores[key].append(v)
     return {k: float(np.mean(scores[k])) for k in KEYS if k in scores}
 
 

@@ -20,7 +20,8 @@ from training.data.ecg import is_training_person
 from training.train_ecg import prepare
 
 
-def _records(ws) -> list[dict]:
+def records_meta(ws) -> list[dict]:
+    """Per record of ``ws`` what ``ecg_recipe_sweep.DevScorer`` needs to know of it."""
     return [{"dataset": r.dataset, "person": r.person, "session": r.session, "dur": r.duration_s}
             for r in ws.records]
 
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         cend=data.calib.t_end_s, ax=data.act_x.astype(np.float16), amask=data.act_mask,
         ay=data.act_y, aperson=data.act_person)
     Path(f"{args.out}.json").write_text(json.dumps({
-        "classes": list(data.classes), "irecs": _records(data.ident),
-        "crecs": _records(data.calib)}))
+        "classes": list(data.classes), "irecs": records_meta(data.ident),
+        "crecs": records_meta(data.calib)}))
     print(f"{args.out}: {len(data.ident.x)} identity, {len(data.calib.x)} calibration, "
           f"{len(data.act_x)} activity windows")
     return 0

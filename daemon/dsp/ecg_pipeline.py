@@ -256,18 +256,15 @@ class _MorphPath:
         self._seg = WindowSegmenter(n_leads, _samples(window_s, beat_fs, "window_s"), self._hop,
                                     self.before, sel_after, group=1, norm="zscore")
         self._pending: dict[int, np.ndarray] = {}  # window end (ms) -> beats
-        # recent beats (at beat_fs, and their exact sample at fs) for each beat's RR
-        self._hist_b = np.zeros(0, np.int64)
+        # recent beats (their sample at fs) for each beat's RR
         self._hist_fs = np.zeros(0, np.float64)
 
     def push(self, cond: np.ndarray, beats: list[Beat], final_until_fs: int | None) -> None:
         yb = self._lp.process(self._rs.process(cond))
         at_fs = np.array([b.sample for b in beats], dtype=np.float64)
-        bm = np.round(at_fs * (self.beat_fs / self.fs)).astype(np.int64) if beats else None
-        if bm is not None and self.warp is not None:
-            new = bm > (self._hist_b[-1] if self._hist_b.size else -1)
-            self._hist_b = np.concatenate([self._hist_b, bm[new]])
-            self._hist_fs = np.concatenate([self._hist_fs, at_fs[new]])
+        bm = self._at_beat_fs(at_fs) if beats else None
+        if beats and self.warp is not None:
+            self._hist_fs = np.concatenate([self._hist_fs, at_fs])
         fu = None if final_until_fs is None else int(np.floor(final_until_fs * self.beat_fs / self.fs))
         segs = self._seg.push(yb, bm, None, fu)
         for s in segs:
@@ -276,13 +273,18 @@ class _MorphPath:
         if segs and self.warp is not None:
             # a later window starts at least one hop later; its first beat's RR looks back rr_max
             next_start = segs[-1].end - segs[-1].raw.shape[0] + self._hop
-            keep = self._hist_b >= next_start + self.before - self.warp.rr_max_s * self.beat_fs - 1
-            self._hist_b, self._hist_fs = self._hist_b[keep], self._hist_fs[keep]
+            keep = (self._at_beat_fs(self._hist_fs)
+                    >= next_start + self.before - self.warp.rr_max_s * self.beat_fs - 1)
+            self._hist_fs = self._hist_fs[keep]
+
+    def _at_beat_fs(self, samples_fs: np.ndarray) -> np.ndarray:
+        """Beat sample indices at fs -> at beat_fs (what the segmenter is given)."""
+        return np.round(samples_fs * (self.beat_fs / self.fs)).astype(np.int64)
 
     def _warped(self, s: Segment) -> np.ndarray:
         """The window's beats read by :func:`warp_beats` with each beat's RR from the history."""
         assert self.warp is not None
-        i = np.searchsorted(self._hist_b, s.beat_samples)
+        i = np.searchsorted(self._at_beat_fs(self._hist_fs), s.beat_samples)
         prev = np.maximum(i - 1, 0)
         rr = (self._hist_fs[i] - self._hist_fs[prev]) / self.fs
         rr = np.where((i > 0) & (rr <= self.warp.rr_max_s), rr, np.nan)

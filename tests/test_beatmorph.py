@@ -121,13 +121,34 @@ def test_throughput_benchmark_runs_the_pipeline_the_daemon_serves(runner: EcgMod
 
 
 def test_shipped_beat_model_reads_heart_rate_normalised_beats(runner: EcgModelRunner) -> None:
-    """Beat model 2.0.0 was fitted on beats read on Fridericia's RR^(1/3) time axis: the runner
+    """Beat model 2.x was fitted on beats read on Fridericia's RR^(1/3) time axis: the runner
     must build the pipeline that way, or it would feed plain beats to a warped-beat model."""
     assert runner.beats is not None
     assert runner.beats.rr_exponent == pytest.approx(1 / 3)
     kw = runner.pipeline_kwargs()
     assert kw["beat_rr_exponent"] == pytest.approx(1 / 3) and kw["beat_rr_ref_s"] == 1.0
-    assert runner.ref.version.endswith("+2.0.0")  # templates of the plain-beat model are refused
+    assert runner.ref.version.endswith("+2.1.0")  # templates of the plain-beat model are refused
+
+
+def test_int8_beat_model_matches_its_float_twin(runner: EcgModelRunner) -> None:
+    """The int8 file must compute the float map it was exported from: a window's pooled beat
+    vector (what is fused and scored) close to the float model's on real 1- and 3-lead recordings.
+    Beat model 2.0.0 (one weight scale for all directions) gave median / min cosine 0.975 / 0.960
+    on these windows and fails this; 2.1.0, which quantises each direction on its own, 0.998 /
+    0.985."""
+    assert runner.beats is not None
+    assert (MODELS_DIR / "ecg_beats.tflite").stat().st_size <= 150 * 1024  # the per-model budget
+    twin = BeatMorphModel.load(MODELS_DIR / "float" / "ecg_beats.tflite")
+    cos = []
+    for name in ("ecgid-p04-r1", "ludb-16"):
+        x, fs = _record(name)
+        for w in windows_from_record(x, fs, **runner.pipeline_kwargs()).windows:
+            a, b = runner.beats.embed(w.morph, w.lead_mask), twin.embed(w.morph, w.lead_mask)
+            if np.linalg.norm(b) > 0:
+                cos.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    assert len(cos) > 10
+    assert np.median(cos) > 0.99 and min(cos) > 0.975, (
+        f"int8 beat vectors drift from float: median / min cosine {np.median(cos):.4f} / {min(cos):.4f}")
 
 
 def test_beat_model_with_an_impossible_warp_is_refused(tmp_path) -> None:

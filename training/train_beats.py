@@ -13,8 +13,8 @@ CNN (``daemon/inference/beatmorph.py``) it lifts held-out identity clearly (docs
 * Per lead (morphology differs per lead, a shared projection measured worse): lead I from
   ECG-ID + LUDB, lead II from LUDB + MIT-BIH (its first lead), lead III from LUDB; classes are
   persons; PCA to ``N_PCA`` then shrinkage LDA (Ledoit-Wolf) to ``N_DIM`` directions.
-* The three projections are one Keras layer (einsum over leads) exported full-integer int8 with
-  float32 output, like every shipped model; the manifest carries the fusion weight and the open-set
+* The three projections are one dense layer with a block-diagonal kernel (so the int8 weights
+  get one scale per direction, ``keras_model``) exported full-integer int8 with float32 output, like every shipped model; the manifest carries the fusion weight and the open-set
   threshold of the FUSED embedding, chosen at FAR 1 % on the ECG-ID calibration persons (training
   partition, never fitted on) with the ECG model found in ``--out``.
 """
@@ -31,7 +31,9 @@ from training.data.ecg import (
     ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, EcgRecord, WindowSet,
     load_training_records, record_windows)
 
-VERSION = "2.0.0"   # 2.0.0: beats heart-rate normalised (RR_EXPONENT); 1.0.0 templates are refused
+# 2.0.0: beats heart-rate normalised (RR_EXPONENT); 2.1.0: the same float map, int8 weights
+# quantised per direction (keras_model). Templates of other versions are refused: re-enrol
+VERSION = "2.1.0"
 NAME = "ecg_beats"
 BEAT_FS = 125.0
 LOWPASS_HZ = 40.0
@@ -96,23 +98,26 @@ def fit_projections(beats: np.ndarray, recs: np.ndarray, records: tuple[EcgRecor
 
 
 def keras_model(W: np.ndarray, b: np.ndarray):
+    """The three per-lead maps as ONE dense layer with a block-diagonal kernel (3L, 3K).
+
+    WHY not an einsum over leads (1.0.0 and 2.0.0 did that): the converter turns it into a
+    BATCH_MATMUL whose int8 weights share one asymmetric scale across all 3 x K directions, and
+    the discriminant directions differ a lot in norm, so the small ones were quantised coarsely
+    (a beat's int8 projection had median cosine 0.978 with the float one, a window's pooled beat
+    vector 0.958). A dense layer is quantised per output channel, symmetric, and every column of
+    the block-diagonal kernel holds one lead's direction only, so each direction gets its own
+    scale; the off-diagonal zeros stay exact. Same map, same float outputs.
+    """
     import keras
-    import tensorflow as tf
 
-    class PerLeadProjection(keras.layers.Layer):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.w = self.add_weight(shape=W.shape, initializer="zeros", trainable=False, name="w")
-            self.bias = self.add_weight(shape=b.shape, initializer="zeros", trainable=False, name="b")
-
-        def call(self, x):
-            return tf.einsum("bld,ldk->blk", x, self.w) + self.bias
-
-    inp = keras.Input((W.shape[0], W.shape[1]), name="beat")
-    layer = PerLeadProjection()
-    out = layer(inp)
-    layer.w.assign(W)
-    layer.bias.assign(b)
+    n_leads, length, k = W.shape
+    kernel = np.zeros((n_leads * length, n_leads * k), np.float32)
+    for lead in range(n_leads):
+        kernel[lead * length:(lead + 1) * length, lead * k:(lead + 1) * k] = W[lead]
+    inp = keras.Input((n_leads, length), name="beat")
+    dense = keras.layers.Dense(n_leads * k, name="per_lead_projection")
+    out = keras.layers.Reshape((n_leads, k))(dense(keras.layers.Flatten()(inp)))
+    dense.set_weights([kernel, np.asarray(b, np.float32).reshape(-1)])
     return keras.Model(inp, {"embedding": out})
 
 

@@ -336,6 +336,9 @@ def export_models(model, data: EcgTrainingData, threshold: float, cfg: TrainConf
                           data.act_x[rng.permutation(len(data.act_x))[:100]]])
     p8 = export_int8(model, rep, out_dir, MODEL_NAME, fields)
     pf = export_float(model, Path(out_dir) / "float", MODEL_NAME, fields)
+    # the trained Keras model beside the float twin (like the IMU models'): the int8 file can be
+    # re-exported or its quantisation examined without retraining
+    model.save(pf.with_suffix(".keras"))
     return p8, pf
 
 

@@ -104,7 +104,7 @@ class BeatMorphModel:
                              f"{self.length}: build the pipeline with this model's pipeline_kwargs()")
         feats = beat_features(morph[:, :, : self.n_leads])
         # all of the window's beats in one invoke: the same numbers as one call per beat, at
-        # about half the cost (the per-call overhead of the interpreter dominates a 15 KB model)
+        # about half the cost (the per-call overhead of the interpreter dominates a 44 KB model)
         per_lead = np.asarray(self.model.run(**{self.input_name: feats})["embedding"])  # (k, n_leads, K)
         return pool_beats(per_lead, mask)
 

@@ -90,6 +90,22 @@ def test_beat_features_are_zscored_per_beat_and_lead() -> None:
     assert np.all(f[:, 2] == 0.0)
 
 
+def test_beat_features_with_slope_append_the_zscored_first_difference() -> None:
+    rng = np.random.default_rng(3)
+    morph = rng.normal(3.0, 2.0, size=(4, 87, 3)).astype(np.float32)
+    morph[:, :, 2] = 0.0
+    f = beat_features(morph, slope=True)
+    assert f.shape == (4, 3, 174)
+    np.testing.assert_array_equal(f[:, :, :87], beat_features(morph))  # the beat half unchanged
+    d = np.diff(morph[:, :, :2].transpose(0, 2, 1), axis=2)
+    d = np.concatenate([np.zeros((4, 2, 1), np.float32), d], axis=2)  # first sample: no slope
+    want = (d - d.mean(axis=2, keepdims=True)) / d.std(axis=2, keepdims=True)
+    np.testing.assert_allclose(f[:, :2, 87:], want, atol=1e-4)
+    # amplitude and offset do not matter, only shape
+    np.testing.assert_allclose(beat_features(5.0 * morph + 1.0, slope=True)[:, :2], f[:, :2], atol=1e-4)
+    assert np.all(f[:, 2] == 0.0)
+
+
 def test_off_lead_and_no_beats(runner: EcgModelRunner) -> None:
     x, fs = _record("ludb-16")
     w = windows_from_record(x, fs, **runner.pipeline_kwargs()).windows[1]
@@ -121,13 +137,16 @@ def test_throughput_benchmark_runs_the_pipeline_the_daemon_serves(runner: EcgMod
 
 
 def test_shipped_beat_model_reads_heart_rate_normalised_beats(runner: EcgModelRunner) -> None:
-    """Beat model 2.x was fitted on beats read on Fridericia's RR^(1/3) time axis: the runner
+    """Beat models from 2.0.0 on were fitted on beats read on Fridericia's RR^(1/3) time axis: the runner
     must build the pipeline that way, or it would feed plain beats to a warped-beat model."""
     assert runner.beats is not None
     assert runner.beats.rr_exponent == pytest.approx(1 / 3)
     kw = runner.pipeline_kwargs()
     assert kw["beat_rr_exponent"] == pytest.approx(1 / 3) and kw["beat_rr_ref_s"] == 1.0
-    assert runner.ref.version.endswith("+2.1.0")  # templates of the plain-beat model are refused
+    assert runner.ref.version.endswith("+2.1.0")  # templates of older beat models are refused
+    # the shipped model reads the beats without the slope channel: (3, 87) inputs
+    assert not runner.beats.slope and runner.beats.length == 87
+    assert list(runner.beats.model.manifest.inputs[0].shape) == [3, 87]
 
 
 def test_int8_beat_model_matches_its_float_twin(runner: EcgModelRunner) -> None:

@@ -110,6 +110,12 @@ def test_beat_vectors_follow_the_served_beat_embedding() -> None:
     p = (p / np.linalg.norm(p, axis=1, keepdims=True)).mean(0)
     lead_i = p / np.linalg.norm(p)
     assert np.allclose(v[0, :K] * np.sqrt(2), lead_i, atol=1e-5)
+    # a projection twice as wide as the beats reads each beat with its slope (beat model 3.x)
+    W2 = rng.normal(size=(3, 2 * L, K)).astype(np.float32)
+    v2 = window_vectors(ws, W2, b)
+    p2 = np.einsum("bl,lk->bk", beat_features(morph, slope=True)[:, 0], W2[0]) + b[0]
+    p2 = (p2 / np.linalg.norm(p2, axis=1, keepdims=True)).mean(0)
+    assert np.allclose(v2[0, :K] * np.sqrt(2), p2 / np.linalg.norm(p2), atol=1e-5)
 
 
 def test_sweep_fusion_is_the_served_fusion() -> None:

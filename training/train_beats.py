@@ -9,7 +9,8 @@ CNN (``daemon/inference/beatmorph.py``) it lifts held-out identity clearly (docs
 * Beats: the daemon's own ``EcgPipeline`` with ``beat_fs`` (conditioned signal, causal 40 Hz
   low-pass, 125 Hz, 0.25 s before to 0.45 s after R, the part after the QRS on a time axis
   normalised to RR = 1 s by Fridericia's RR^(1/3)), every distinct beat of the training
-  persons' records (windows overlap, so each beat is taken once), z-scored per beat and lead.
+  persons' records (windows overlap, so each beat is taken once), z-scored per beat and lead
+  (``SLOPE`` would add each beat's z-scored first difference: measured, not shipped).
 * Per lead (morphology differs per lead, a shared projection measured worse): lead I from
   ECG-ID + LUDB, lead II from LUDB + MIT-BIH (its first lead), lead III from LUDB; classes are
   persons; PCA to ``N_PCA`` then shrinkage LDA (Ledoit-Wolf) to ``N_DIM`` directions.
@@ -42,6 +43,12 @@ LOWPASS_HZ = 40.0
 # persons, where it measured better than Bazett's sqrt (docs/MODELS.md)
 RR_EXPONENT = 1.0 / 3.0
 RR_REF_S = 1.0
+# SLOPE: each beat's z-scored first difference beside it (daemon.inference.beatmorph.beat_features)
+# with PCA to 100 of the 174 inputs. Better on development folds and on the held-out persons'
+# rank-1 and FRR, but the identity engine's decisions got worse with it (more strangers named,
+# also on training persons), so it is not shipped: docs/MODELS.md, "A slope channel: measured,
+# not shipped" (python -m training.experiments.beat_features)
+SLOPE = False
 N_PCA = 60
 N_DIM = 48
 FUSION_WEIGHT_CNN = 0.5   # plain sum rule, not tuned on held-out persons
@@ -66,12 +73,14 @@ def distinct_beats(ws: WindowSet) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_projections(beats: np.ndarray, recs: np.ndarray, records: tuple[EcgRecord, ...],
-                    progress=print) -> tuple[np.ndarray, np.ndarray]:
-    """Per lead PCA + shrinkage LDA folded into one affine map: W (3, L, K), b (3, K)."""
+                    progress=print, *, slope: bool = SLOPE, n_pca: int = N_PCA
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per lead PCA + shrinkage LDA folded into one affine map on ``beat_features(beats,
+    slope=slope)``: W (3, F, K), b (3, K), F = 2 x samples with ``slope``."""
     from sklearn.decomposition import PCA
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-    feats = beat_features(beats)                       # (n, 3, L)
+    feats = beat_features(beats, slope=slope)          # (n, 3, F)
     person = np.array([records[r].person for r in recs])
     valid = np.stack([records[r].lead_valid for r in recs])
     length = feats.shape[2]
@@ -81,8 +90,8 @@ def fit_projections(beats: np.ndarray, recs: np.ndarray, records: tuple[EcgRecor
         sel = valid[:, lead]
         x, y = feats[sel, lead], person[sel]
         n_cls = len(set(y))
-        k = min(N_DIM, n_cls - 1, N_PCA)
-        pca = PCA(N_PCA, random_state=0).fit(x)
+        k = min(N_DIM, n_cls - 1, n_pca)
+        pca = PCA(n_pca, random_state=0).fit(x)
         lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(pca.transform(x), y)
         # both steps are affine: read the map off the transform of 0 and of the unit vectors
         b[lead, :k] = lda.transform(pca.transform(np.zeros((1, length))))[0, :k]
@@ -122,7 +131,9 @@ def keras_model(W: np.ndarray, b: np.ndarray):
 
 
 def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], length: int,
-                    threshold: float) -> dict:
+                    threshold: float, slope: bool = SLOPE) -> dict:
+    """``length``: samples per beat (the model's input is twice that with ``slope``)."""
+    width = 2 * length if slope else length
     persons: dict[str, list[str]] = {}
     for p in sorted({r.person for r in records} | {r.person for r in calib}):
         ds, pid = p.split(":", 1)
@@ -131,19 +142,23 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
         "version": VERSION,
         "tasks": ["ecg_identity_embedding"],
         "inputs": [{
-            "name": "beat", "shape": [3, length], "rate_hz": BEAT_FS,
+            "name": "beat", "shape": [3, width], "rate_hz": BEAT_FS,
             "channels": list(LEADS), "units": "z-score per beat and lead (dimensionless)",
             "normalisation": {"kind": "in_model", "description": (
                 "The caller feeds one beat: EcgWindow.morph of an EcgPipeline built with "
                 f"beat_fs={BEAT_FS}, beat_lowpass_hz={LOWPASS_HZ}, beat_rr_exponent={RR_EXPONENT}, "
                 f"beat_rr_ref_s={RR_REF_S} (0.25 s before to 0.45 s after R, the part after the "
                 "QRS read on a time axis scaled by (RR / rr_ref_s) ** rr_exponent, RR from the "
-                "previous beat), transposed to (leads, samples) and z-scored per lead "
-                "(daemon.inference.beatmorph.beat_features); an off lead is zeros.")},
+                "previous beat), transposed to (leads, samples) and z-scored per lead"
+                + (", followed by its first difference (the first sample's taken as 0), "
+                   "z-scored on its own (daemon.inference.beatmorph.beat_features with slope)"
+                   if slope else " (daemon.inference.beatmorph.beat_features)")
+                + "; an off lead is zeros.")},
             "features": {"kind": "ecg_beat", "params": {"lowpass_hz": LOWPASS_HZ,
                                                          "before_s": 0.25, "after_s": 0.45,
                                                          "rr_exponent": RR_EXPONENT,
-                                                         "rr_ref_s": RR_REF_S},
+                                                         "rr_ref_s": RR_REF_S,
+                                                         "slope": slope},
                          "source_shape": [length, 3], "source_channels": list(LEADS),
                          "source_units": "mV"},
             "description": "one heartbeat, Einthoven I, II, III, at 125 Hz",
@@ -187,10 +202,10 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print) -> dict:
              f"({time.time() - t0:.0f} s)")
     W, b = fit_projections(beats, brec, ws.records, progress)
     model = keras_model(W, b)
-    feats = beat_features(beats)
+    feats = beat_features(beats, slope=SLOPE)
     rng = np.random.default_rng(0)
     rep = feats[rng.permutation(len(feats))[:500]]
-    fields = manifest_fields(ws.records, calib, W.shape[1], threshold=0.0)
+    fields = manifest_fields(ws.records, calib, beats.shape[1], threshold=0.0)
     out_dir = Path(out_dir)
     p8 = export_int8(model, rep, out_dir, NAME, fields)
     pf = export_float(model, out_dir / "float", NAME, fields)

@@ -29,16 +29,27 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return np.where(n > 1e-12, v / np.maximum(n, 1e-12), 0.0).astype(np.float32)
 
 
-def beat_features(morph: np.ndarray, stride: int = 1) -> np.ndarray:
-    """(k, L, n_leads) beats in mV -> (k, n_leads, L') z-scored per beat and lead.
-
-    Per-beat z-scoring removes amplitude (electrode contact and placement change it from day to
-    day) and keeps shape, which is what stays personal across sessions.
-    """
-    x = np.asarray(morph, dtype=np.float32)[:, ::stride, :].transpose(0, 2, 1)
+def _zscore_last(x: np.ndarray) -> np.ndarray:
     mu = x.mean(axis=2, keepdims=True)
     sd = x.std(axis=2, keepdims=True)
     return ((x - mu) / np.maximum(sd, 1e-6)).astype(np.float32)
+
+
+def beat_features(morph: np.ndarray, stride: int = 1, slope: bool = False) -> np.ndarray:
+    """(k, L, n_leads) beats in mV -> (k, n_leads, L) z-scored per beat and lead; with
+    ``slope``, (k, n_leads, 2L): the z-scored beat followed by its z-scored first difference.
+
+    Per-beat z-scoring removes amplitude (electrode contact and placement change it from day to
+    day) and keeps shape, which is what stays personal across sessions. The slope half is
+    z-scored on its own, which no linear map of the beat can do: it gives the QRS's and the T
+    wave's slopes their own scale beside their heights (beat model 3.0.0, docs/MODELS.md).
+    """
+    x = np.asarray(morph, dtype=np.float32)[:, ::stride, :].transpose(0, 2, 1)
+    z = _zscore_last(x)
+    if not slope:
+        return z
+    d = np.diff(z, axis=2, prepend=z[:, :, :1])
+    return np.concatenate([z, _zscore_last(d)], axis=2)
 
 
 def pipeline_kwargs_of(beat_fs: float, lowpass_hz: float, rr_exponent: float = 0.0,
@@ -58,7 +69,7 @@ class BeatMorphModel:
     model: Model
     input_name: str
     n_leads: int
-    length: int
+    length: int            # samples per beat (the model's input is 2x that with ``slope``)
     beat_fs: float
     lowpass_hz: float
     weight: float          # share of the CNN score in the fused score (sum rule)
@@ -66,6 +77,8 @@ class BeatMorphModel:
     #: before 2.0.0, whose manifests do not state it)
     rr_exponent: float = 0.0
     rr_ref_s: float = 1.0
+    #: the input carries each beat's z-scored first difference after it (3.0.0; False before)
+    slope: bool = False
 
     @classmethod
     def load(cls, path: Path) -> "BeatMorphModel":
@@ -82,8 +95,13 @@ class BeatMorphModel:
         if not 0.0 <= rr_exp <= 1.0 or rr_ref <= 0:
             raise ModelError(f"{path}: features.params rr_exponent={rr_exp} must lie in [0, 1] "
                              f"and rr_ref_s={rr_ref} be positive")
-        return cls(model, spec.name, int(spec.shape[0]), int(spec.shape[1]), float(spec.rate_hz),
-                   float(fp["lowpass_hz"]), w, rr_exp, rr_ref)
+        slope = bool(fp.get("slope", False))
+        width = int(spec.shape[1])
+        if slope and width % 2:
+            raise ModelError(f"{path}: features.params.slope needs an even input width "
+                             f"(beat + its slope), the manifest states {width}")
+        return cls(model, spec.name, int(spec.shape[0]), width // 2 if slope else width,
+                   float(spec.rate_hz), float(fp["lowpass_hz"]), w, rr_exp, rr_ref, slope)
 
     @property
     def dim(self) -> int:
@@ -102,7 +120,7 @@ class BeatMorphModel:
         if morph.shape[1] != self.length:
             raise ModelError(f"beat windows have {morph.shape[1]} samples, the beat model expects "
                              f"{self.length}: build the pipeline with this model's pipeline_kwargs()")
-        feats = beat_features(morph[:, :, : self.n_leads])
+        feats = beat_features(morph[:, :, : self.n_leads], slope=self.slope)
         # all of the window's beats in one invoke: the same numbers as one call per beat, at
         # about half the cost (the per-call overhead of the interpreter dominates a 44 KB model)
         per_lead = np.asarray(self.model.run(**{self.input_name: feats})["embedding"])  # (k, n_leads, K)

@@ -32,7 +32,9 @@ def window_vectors(ws, W: np.ndarray, b: np.ndarray) -> np.ndarray:
     for i, (m, mask) in enumerate(zip(ws.morph, ws.lead_mask)):
         if m.ndim != 3 or m.shape[0] == 0 or not mask.any():
             continue
-        out[i] = pool_beats(np.einsum("bld,ldk->blk", beat_features(m[:, :, :3]), W) + b, mask)
+        # a projection twice as wide as the beats reads each beat with its slope (beat model 3.x)
+        feats = beat_features(m[:, :, :3], slope=W.shape[1] == 2 * m.shape[1])
+        out[i] = pool_beats(np.einsum("bld,ldk->blk", feats, W) + b, mask)
     return out
 
 

@@ -1,0 +1,88 @@
+"""What the beat-morphology model should read of each beat, measured on development folds of
+the TRAINING persons only (never on held-out persons).
+
+    python -m training.experiments.beat_features --data ../shared/data [--variants 60:0 60:1 100:1]
+
+A variant is ``N_PCA:SLOPE``: the number of PCA components kept before the LDA, and whether
+each beat's z-scored first difference goes in beside the z-scored beat
+(``daemon.inference.beatmorph.beat_features``). The beats are the shipped ones
+(``training.train_beats.PIPELINE_KW``: heart-rate normalised); for each of
+``ecg_recipe_sweep``'s 4 development folds the per-lead PCA + LDA is fitted with
+``train_beats.fit_projections`` on the training records WITHOUT the fold's persons and scored
+with the identity protocol on a gallery of the fold's persons plus the ECG-ID calibration
+persons (``ecg_recipe_sweep.DevScorer``), beat model alone, as in ``beat_rr_warp``.
+
+WHY a slope channel: per-beat z-scoring keeps shape and drops amplitude; the first difference,
+z-scored on its own, gives the steep QRS edges and the slow T-wave slopes a scale of their own,
+a non-linear view of the beat that the linear PCA + LDA cannot form from the beat alone. With
+twice the input dimensions PCA has to keep more components to keep what separates persons.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from training.data.ecg import load_training_records, record_windows
+from training.experiments.ecg_recipe_sweep import DevScorer
+from training.experiments.export_beat_embeddings import window_vectors
+from training.experiments.export_ecg_windows import records_meta
+from training.train_beats import PIPELINE_KW, distinct_beats, fit_projections
+
+KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1", "t3_rank1", "t3_eer",
+        "t3_frr_at_far1", "t3_cross_rank1")
+
+
+def parse_variant(text: str) -> tuple[int, bool]:
+    """``"100:1"`` -> (100, True)."""
+    try:
+        n_pca, slope = text.split(":")
+        return int(n_pca), bool(int(slope))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: want N_PCA:SLOPE, e.g. 100:1") from None
+
+
+def dev_scores(data: Path, variants: list[tuple[int, bool]]) -> list[dict[str, float]]:
+    """Per variant, the mean over the development folds of the beat model's identity metrics."""
+    recs, calib = load_training_records(data)
+    ws, cws = record_windows(recs, PIPELINE_KW), record_windows(calib, PIPELINE_KW)
+    dev = DevScorer({"irec": ws.rec, "crec": cws.rec, "iend": ws.t_end_s, "cend": cws.t_end_s,
+                     "imask": ws.lead_mask, "cmask": cws.lead_mask},
+                    {"irecs": records_meta(ws), "crecs": records_meta(cws)})
+    beats, brec = distinct_beats(ws)
+    person = np.array([ws.records[r].person for r in brec])
+    out = []
+    for n_pca, slope in variants:
+        scores: dict[str, list[float]] = defaultdict(list)
+        for k, fold in enumerate(dev.folds):
+            keep = ~np.isin(person, fold)
+            W, b = fit_projections(beats[keep], brec[keep], ws.records, progress=lambda m: None,
+                                   slope=slope, n_pca=n_pca)
+            vec = np.concatenate([window_vectors(ws, W, b), window_vectors(cws, W, b)])
+            for key, v in dev.score(lambda idx: vec[idx], dev.gallery(k)).items():
+                scores[key].append(v)
+        out.append({k: float(np.mean(scores[k])) for k in KEYS if k in scores})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.experiments.beat_features",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--variants", type=parse_variant, nargs="+",
+                    default=[parse_variant(v) for v in ("40:0", "60:0", "60:1", "80:1", "100:1", "120:1")])
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    rows = dev_scores(args.data, args.variants)
+    print("n_pca slope  " + "  ".join(f"{k:>15}" for k in KEYS))
+    for (n_pca, slope), s in zip(args.variants, rows):
+        print(f"{n_pca:5d} {int(slope):5d}  " + "  ".join(f"{s.get(k, float('nan')):15.1f}" for k in KEYS))
+    print(f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

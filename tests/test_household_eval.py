@@ -72,3 +72,23 @@ def test_household_order_keeps_each_persons_sessions_in_date_order() -> None:
     assert [s.session for p, s in order if p == "a"] == ["07.12.2004", "28.12.2004", "12.05.2005"]
     assert [s.session for p, s in order if p == "mitdb:201"] == ["201-0", "201-1"]  # no date: record order
     assert order != household_order(lived, np.random.default_rng(1)) or len(order) < 3
+
+
+def test_pool_acceptance_scores_pooled_clean_windows_against_the_members_threshold(runner, sessions) -> None:
+    """The threshold-calibration numbers of the household report: real sessions, a real
+    enrolment; the member's own later session passes far more pools than a stranger's, pools
+    come only from clean windows, and a threshold above every score accepts nothing."""
+    from dataclasses import replace
+
+    from training.eval.household import pool_acceptance
+
+    cfg = IdentityConfig(min_enrol_windows=12)
+    alice = enrol({"alice": sessions["ecgid-p02-r1"]}, runner, cfg, load_impostors(MODELS_DIR))["alice"]
+    own, n_own = pool_acceptance(alice, sessions["ecgid-p02-r4"], cfg.window)
+    other, n_other = pool_acceptance(alice, sessions["ecgid-p05-r1"], cfg.window)
+    s = sessions["ecgid-p02-r4"]
+    assert n_own == int(s.ok.sum()) - cfg.window + 1 > 0 and n_other > 0
+    assert own / n_own > 0.5 > other / n_other
+    assert pool_acceptance(replace(alice, threshold=1.01), s, cfg.window)[0] == 0
+    dirty = replace(s, ok=np.zeros_like(s.ok))
+    assert pool_acceptance(alice, dirty, cfg.window) == (0, 0)

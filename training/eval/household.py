@@ -50,7 +50,7 @@ import numpy as np
 from daemon.biometrics import MODELS_DIR, EcgModelRunner
 from daemon.dsp.ecg_pipeline import windows_from_record
 from daemon.enrol import load_impostors
-from daemon.identity.engine import UNKNOWN, IdentityConfig, IdentityEngine
+from daemon.identity.engine import UNKNOWN, IdentityConfig, IdentityEngine, segment_scores
 from daemon.identity.store import Person, TemplateStore
 from daemon.inference.beatmorph import BEATS_FILE
 from daemon.inference.manifest import load_manifest
@@ -159,6 +159,41 @@ def _tally(counts: dict[str, int], to_name: list[int], p: str, s: Session, membe
         counts[f"stranger_{src}_unknown"] += first == UNKNOWN
 
 
+def pool_acceptance(person: Person, s: Session, window: int) -> tuple[int, int]:
+    """(pools accepted, pools) of one session against one member: every run of ``window``
+    consecutive clean windows pooled and scored as the engine scores (``segment_scores`` against
+    the member's prototypes) and compared with the member's own threshold."""
+    x = s.emb[s.ok]
+    if len(x) < window:
+        return 0, 0
+    pools = np.lib.stride_tricks.sliding_window_view(x, window, axis=0).transpose(0, 2, 1)
+    scores = segment_scores(pools, np.asarray(person.prototypes, np.float32), np.array([0]), "segment")[:, 0]
+    return int(np.sum(scores >= person.threshold)), len(scores)
+
+
+def _calibrate(calib: dict[str, int], people: dict[str, Person], by_person: dict[str, list[Session]],
+               strangers: list[str], window: int) -> None:
+    """WHY: each member's threshold is the impostor-set quantile for ``target_far`` per decision;
+    whether the shipped impostor set stands for real strangers shows in the rate at which the
+    strangers' own pooled decisions pass it (and the members' later sessions, the other side)."""
+    for p, person in people.items():
+        for kind, ss in [("genuine", by_person[p][1:])] + [
+                ("stranger_ecgid" if q.startswith("ecgid:") else "stranger_other", by_person[q]) for q in strangers]:
+            for s in ss:
+                a, n = pool_acceptance(person, s, window)
+                calib[f"{kind}_accepted"] += a
+                calib[f"{kind}_pools"] += n
+
+
+def _calibration_summary(calib: dict[str, int], target_far: float) -> dict:
+    pct = lambda k: 100.0 * calib[f"{k}_accepted"] / max(calib[f"{k}_pools"], 1)  # noqa: E731
+    return {"target_far_pct": 100.0 * target_far,
+            "stranger_ecgid_pools_accepted_pct": pct("stranger_ecgid"),
+            "stranger_other_pools_accepted_pct": pct("stranger_other"),
+            "genuine_pools_accepted_pct": pct("genuine"),
+            "pools": {k: calib[f"{k}_pools"] for k in ("genuine", "stranger_ecgid", "stranger_other")}}
+
+
 def _summary(counts: dict[str, int], to_name: list[int]) -> dict:
     pct = lambda a, b: 100.0 * counts[a] / max(counts[b], 1)  # noqa: E731
     return {
@@ -249,6 +284,7 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
     counts_a: dict[str, int] = defaultdict(int)
     to_name_a: list[int] = []
     poison: dict[str, int] = defaultdict(int)
+    calib: dict[str, int] = defaultdict(int)
     refused = 0
     for h in range(n_households):
         members = [str(p) for p in rng.choice(eligible, size, replace=False)]
@@ -256,6 +292,7 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
         refused += size - len(people)
         enrol_session = {p: by_person[p][0].session for p in people}
         strangers = [q for q in eligible if q not in members] + others
+        _calibrate(calib, people, by_person, strangers, cfg.window)
         if not adapt:  # no state across sessions: the order does not matter
             engine = IdentityEngine(people, cfg, model=runner.ref)
             for p in [q for q in members if q in people] + strangers:
@@ -284,6 +321,8 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
         "eligible_persons": len(eligible), "stranger_persons_ecgid": len(eligible) - size,
         "stranger_persons_other": len(others), "impostor_set_persons": len(in_impostor_set),
         "refused_enrolments": refused,
+        # per decision, at the enrolment thresholds: what target_far promised vs what happened
+        "threshold_calibration": _calibration_summary(calib, cfg.target_far),
     }
     if not adapt:
         return {**result, **_summary(counts, to_name)}

@@ -29,7 +29,6 @@ import numpy as np
 from training.data.ecg import load_training_records, record_windows
 from training.experiments.ecg_recipe_sweep import DevScorer
 from training.experiments.export_beat_embeddings import window_vectors
-from training.experiments.export_ecg_windows import records_meta
 from training.train_beats import PIPELINE_KW, distinct_beats, fit_projections
 
 KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1", "t3_rank1", "t3_eer",
@@ -49,9 +48,7 @@ def dev_scores(data: Path, variants: list[tuple[int, bool]]) -> list[dict[str, f
     """Per variant, the mean over the development folds of the beat model's identity metrics."""
     recs, calib = load_training_records(data)
     ws, cws = record_windows(recs, PIPELINE_KW), record_windows(calib, PIPELINE_KW)
-    dev = DevScorer({"irec": ws.rec, "crec": cws.rec, "iend": ws.t_end_s, "cend": cws.t_end_s,
-                     "imask": ws.lead_mask, "cmask": cws.lead_mask},
-                    {"irecs": records_meta(ws), "crecs": records_meta(cws)})
+    dev = DevScorer.from_windows(ws, cws)
     beats, brec = distinct_beats(ws)
     person = np.array([ws.records[r].person for r in brec])
     out = []

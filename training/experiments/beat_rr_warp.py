@@ -26,7 +26,6 @@ from training.data.ecg import load_training_records, record_windows
 from training.eval.identity_baseline import plain_beat_kwargs
 from training.experiments.ecg_recipe_sweep import DevScorer
 from training.experiments.export_beat_embeddings import window_vectors
-from training.experiments.export_ecg_windows import records_meta
 from training.train_beats import PIPELINE_KW, RR_REF_S, distinct_beats, fit_projections
 
 KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1", "t3_rank1", "t3_eer",
@@ -40,10 +39,7 @@ def dev_scores(data: Path, exponent: float) -> dict[str, float]:
         kw.update(beat_rr_exponent=exponent, beat_rr_ref_s=RR_REF_S)
     recs, calib = load_training_records(data)
     ws, cws = record_windows(recs, kw), record_windows(calib, kw)
-    # the windows in the layout export_ecg_windows writes, so DevScorer scores them
-    dev = DevScorer({"irec": ws.rec, "crec": cws.rec, "iend": ws.t_end_s, "cend": cws.t_end_s,
-                     "imask": ws.lead_mask, "cmask": cws.lead_mask},
-                    {"irecs": records_meta(ws), "crecs": records_meta(cws)})
+    dev = DevScorer.from_windows(ws, cws)
     beats, brec = distinct_beats(ws)
     person = np.array([ws.records[r].person for r in brec])
     scores: dict[str, list[float]] = defaultdict(list)

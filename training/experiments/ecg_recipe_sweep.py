@@ -111,6 +111,16 @@ class DevScorer:
     Windows are indexed as exported: the training identity windows, then the calibration ones;
     an embedding function maps window indices to embeddings, so any model (or fusion) scores."""
 
+    @classmethod
+    def from_windows(cls, ws: WindowSet, cws: WindowSet) -> "DevScorer":
+        """From the training and calibration WindowSets in memory, laid out as
+        ``export_ecg_windows`` writes them (for experiments that cut their own windows)."""
+        from training.experiments.export_ecg_windows import records_meta
+
+        return cls({"irec": ws.rec, "crec": cws.rec, "iend": ws.t_end_s, "cend": cws.t_end_s,
+                    "imask": ws.lead_mask, "cmask": cws.lead_mask},
+                   {"irecs": records_meta(ws), "crecs": records_meta(cws)})
+
     def __init__(self, z, meta: dict) -> None:
         recs = meta["irecs"] + meta["crecs"]
         self.records = tuple(SimpleNamespace(dataset=r["dataset"], person=r["person"],

@@ -42,7 +42,8 @@ def beat_features(morph: np.ndarray, stride: int = 1, slope: bool = False) -> np
     Per-beat z-scoring removes amplitude (electrode contact and placement change it from day to
     day) and keeps shape, which is what stays personal across sessions. The slope half is
     z-scored on its own, which no linear map of the beat can do: it gives the QRS's and the T
-    wave's slopes their own scale beside their heights (beat model 3.0.0, docs/MODELS.md).
+    wave's slopes their own scale beside their heights (measured as beat model 3.0.0 and not
+    shipped: docs/MODELS.md, "A slope channel for the beat model").
     """
     x = np.asarray(morph, dtype=np.float32)[:, ::stride, :].transpose(0, 2, 1)
     z = _zscore_last(x)
@@ -77,7 +78,8 @@ class BeatMorphModel:
     #: before 2.0.0, whose manifests do not state it)
     rr_exponent: float = 0.0
     rr_ref_s: float = 1.0
-    #: the input carries each beat's z-scored first difference after it (3.0.0; False before)
+    #: the input carries each beat's z-scored first difference after it (manifest's
+    #: features.params.slope; False for the shipped model and when a manifest does not say)
     slope: bool = False
 
     @classmethod

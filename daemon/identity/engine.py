@@ -68,6 +68,7 @@ __all__ = [
     "IdentityState",
     "build_prototypes",
     "segment_scores",
+    "sliding_segments",
 ]
 
 UNKNOWN = "unknown"
@@ -305,8 +306,9 @@ def _far_upper(accepted: np.ndarray, person: np.ndarray, seed: int, n_boot: int 
     return float(np.quantile(hits[idx].sum(axis=1) / totals[idx].sum(axis=1), 0.95))
 
 
-def _sliding_segments(x: np.ndarray, w: int, stride: int = 1) -> np.ndarray:
-    """(s, w, D) runs of w consecutive rows; a run shorter than w gives one (1, len, D)."""
+def sliding_segments(x: np.ndarray, w: int, stride: int = 1) -> np.ndarray:
+    """(s, w, D) runs of w consecutive rows; a run shorter than w gives one (1, len, D).
+    The engine's pools (enrolment, impostor set) and the household evaluation's are cut here."""
     if len(x) < w:
         return x[None]
     view = np.lib.stride_tricks.sliding_window_view(x, w, axis=0)  # (n-w+1, D, w)
@@ -706,7 +708,7 @@ class IdentityEngine:
         for a, b in zip(bounds[:-1], bounds[1:]):
             train = np.r_[0:a, b:n]
             protos, _ = build_prototypes(x[train], None if acts is None else list(acts[train]), cfg)
-            segs = _sliding_segments(x[a:b], cfg.window)
+            segs = sliding_segments(x[a:b], cfg.window)
             own.append(segment_scores(segs, protos, np.zeros(1, np.intp), cfg.scoring)[:, 0])
             other.append(segment_scores(segs, self._protos, self._starts, cfg.scoring))
         return np.concatenate(own), np.concatenate(other)
@@ -743,7 +745,7 @@ class IdentityEngine:
                 groups = [np.nonzero(lab == u)[0] for u in np.unique(lab)]
                 stride = max(1, cfg.window // 2)
             for g in groups:
-                segs = _sliding_segments(imp[g], cfg.window, stride)
+                segs = sliding_segments(imp[g], cfg.window, stride)
                 out.append(segment_scores(segs, protos, start, cfg.scoring)[:, 0])
         if not out:
             return np.zeros(0, np.float32), np.zeros(0, np.intp)

@@ -50,7 +50,7 @@ import numpy as np
 from daemon.biometrics import MODELS_DIR, EcgModelRunner
 from daemon.dsp.ecg_pipeline import windows_from_record
 from daemon.enrol import load_impostors
-from daemon.identity.engine import UNKNOWN, IdentityConfig, IdentityEngine, segment_scores
+from daemon.identity.engine import UNKNOWN, IdentityConfig, IdentityEngine, segment_scores, sliding_segments
 from daemon.identity.store import Person, TemplateStore
 from daemon.inference.beatmorph import BEATS_FILE
 from daemon.inference.manifest import load_manifest
@@ -166,7 +166,7 @@ def pool_acceptance(person: Person, s: Session, window: int) -> tuple[int, int]:
     x = s.emb[s.ok]
     if len(x) < window:
         return 0, 0
-    pools = np.lib.stride_tricks.sliding_window_view(x, window, axis=0).transpose(0, 2, 1)
+    pools = sliding_segments(x, window)
     scores = segment_scores(pools, np.asarray(person.prototypes, np.float32), np.array([0]), "segment")[:, 0]
     return int(np.sum(scores >= person.threshold)), len(scores)
 

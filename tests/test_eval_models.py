@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.eval.__main__ import main as eval_main
@@ -65,3 +66,21 @@ def _only_training_person(tmp: Path) -> Path:
              ann_symbol=np.zeros(0, "<U1"))
     (d / "metadata.json").write_text(json.dumps({**meta, "records": [rec]}))
     return tmp / "data"
+
+
+def test_int8_fidelity_compares_each_window_with_its_float_twin() -> None:
+    from training.eval.models import int8_fidelity
+
+    rng = np.random.default_rng(0)
+    cnn = rng.normal(size=(20, 4))
+    beats = rng.normal(size=(20, 6))
+    emb = np.concatenate([cnn, beats], axis=1)
+    same = int8_fidelity(cnn, emb, cnn, emb)
+    assert same["cnn_cos_median"] == pytest.approx(1.0) and same["beats_cos_median"] == pytest.approx(1.0)
+    flipped = emb.copy()
+    flipped[:, 4:] *= -1  # int8 beat part pointing the other way: cosine -1
+    flipped[:3, 4:] = 0.0  # windows without beats are left out, not counted as 0
+    res = int8_fidelity(cnn, flipped, cnn, emb)
+    assert res["beats_cos_median"] == pytest.approx(-1.0) and res["beats_cos_p5"] == pytest.approx(-1.0)
+    assert res["cnn_cos_median"] == pytest.approx(1.0)
+    assert set(int8_fidelity(cnn, cnn, cnn, cnn)) == {"cnn_cos_median", "cnn_cos_p5"}  # CNN alone

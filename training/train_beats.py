@@ -50,6 +50,7 @@ RR_REF_S = 1.0
 # not shipped" (python -m training.experiments.beat_features)
 SLOPE = False
 N_PCA = 60
+SLOPE_N_PCA, SLOPE_VERSION = 100, "3.0.0"   # what `--slope` fits: the measured variant
 N_DIM = 48
 FUSION_WEIGHT_CNN = 0.5   # plain sum rule, not tuned on held-out persons
 PIPELINE_KW = {"model_fs": 100, "window_s": 3, "hop_s": 1, "norm": "zscore",
@@ -112,10 +113,11 @@ def keras_model(W: np.ndarray, b: np.ndarray):
     WHY not an einsum over leads (1.0.0 and 2.0.0 did that): the converter turns it into a
     BATCH_MATMUL whose int8 weights share one asymmetric scale across all 3 x K directions, and
     the discriminant directions differ a lot in norm, so the small ones were quantised coarsely
-    (a beat's int8 projection had median cosine 0.978 with the float one, a window's pooled beat
-    vector 0.958). A dense layer is quantised per output channel, symmetric, and every column of
-    the block-diagonal kernel holds one lead's direction only, so each direction gets its own
-    scale; the off-diagonal zeros stay exact. Same map, same float outputs.
+    (a window's pooled beat vector had median cosine 0.958 with the float one; ``training.eval
+    models`` prints it as ``int8_vs_float``). A dense layer is quantised per output channel,
+    symmetric, and every column of the block-diagonal kernel holds one lead's direction only, so
+    each direction gets its own scale; the off-diagonal zeros stay exact. Same map, same float
+    outputs.
     """
     import keras
 
@@ -139,7 +141,7 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
         ds, pid = p.split(":", 1)
         persons.setdefault(ds, []).append(pid)
     return {
-        "version": VERSION,
+        "version": SLOPE_VERSION if slope else VERSION,
         "tasks": ["ecg_identity_embedding"],
         "inputs": [{
             "name": "beat", "shape": [3, width], "rate_hz": BEAT_FS,
@@ -186,7 +188,10 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
     }
 
 
-def train_beats(data_dir: Path, out_dir: Path, progress=print) -> dict:
+def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLOPE) -> dict:
+    """Fit, export int8 + float, set the fused threshold and write the held-out metrics.
+    ``slope``: the measured, unshipped variant (beat + slope, PCA ``SLOPE_N_PCA``, version
+    ``SLOPE_VERSION``), for re-running docs/MODELS.md's comparison."""
     from daemon.biometrics import EcgModelRunner
     from training.eval.identity import choose_threshold, fused_embeddings
     from training.eval.models import run_batches
@@ -200,12 +205,13 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print) -> dict:
     beats, brec = distinct_beats(ws)
     progress(f"beats: {len(beats)} distinct beats of {len({r.person for r in fit_recs})} persons "
              f"({time.time() - t0:.0f} s)")
-    W, b = fit_projections(beats, brec, ws.records, progress)
+    W, b = fit_projections(beats, brec, ws.records, progress, slope=slope,
+                           n_pca=SLOPE_N_PCA if slope else N_PCA)
     model = keras_model(W, b)
-    feats = beat_features(beats, slope=SLOPE)
+    feats = beat_features(beats, slope=slope)
     rng = np.random.default_rng(0)
     rep = feats[rng.permutation(len(feats))[:500]]
-    fields = manifest_fields(ws.records, calib, beats.shape[1], threshold=0.0)
+    fields = manifest_fields(ws.records, calib, beats.shape[1], threshold=0.0, slope=slope)
     out_dir = Path(out_dir)
     p8 = export_int8(model, rep, out_dir, NAME, fields)
     pf = export_float(model, out_dir / "float", NAME, fields)
@@ -237,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.train_beats", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=MODELS_DIR)
+    ap.add_argument("--slope", action="store_true",
+                    help=f"fit the measured, unshipped variant {SLOPE_VERSION} (each beat's slope beside it, "
+                         f"PCA {SLOPE_N_PCA}; docs/MODELS.md) into --out")
     args = ap.parse_args(argv)
-    train_beats(args.data, args.out)
+    train_beats(args.data, args.out, slope=args.slope)
     return 0
 
 

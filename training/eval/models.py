@@ -149,12 +149,14 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     if fpath.exists():
         models["float"] = load_model(fpath)
     curves, confs = {}, {}
+    embs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # kind -> (CNN embeddings, served ones)
     runners = {"int8": EcgModelRunner.load(int8_path)}
     if fpath.exists():
         runners["float"] = EcgModelRunner.load(fpath)
     for kind, model in models.items():
         cnn = run_batches(model, ws.x)["embedding"]
         emb = fused_embeddings(runners[kind], ws, cnn) if ws.morph is not None else cnn
+        embs[kind] = (cnn, emb)
         metrics, curves[kind] = identity_eval(ws, emb, threshold)
         if ws.morph is not None:  # the CNN alone, for the record of what the fusion adds
             cnn_only, _ = identity_eval(ws, cnn, float(manifest.thresholds["identity_cosine"]))
@@ -174,11 +176,34 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
             metrics["beats_ms_per_window_1core"] = 1000.0 * float(np.median(ts))
         result[kind] = metrics
         progress(f"ecg {kind}: evaluated {len(ws.x)} identity windows, {len(ay)} activity windows")
+    if "float" in embs:
+        result["int8_vs_float"] = int8_fidelity(*embs["int8"], *embs["float"])
     if baseline_fit is not None:
         result["baseline"] = _baseline(Path(baseline_fit), seen, ws, kw, progress)
     if figures is not None:
         _figures(Path(figures), curves, confs, list(manifest.labels.get("activity", [])))
     return result
+
+
+def int8_fidelity(cnn8: np.ndarray, emb8: np.ndarray, cnnf: np.ndarray, embf: np.ndarray) -> dict:
+    """Cosine of each window's int8 output with its float twin's (median and 5th percentile):
+    the CNN embedding, and, when the beat model is fused, the beat part of the served embedding
+    (windows with beats only). Shows which model the int8 loss comes from."""
+    def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        ok = (na > 0) & (nb > 0)
+        return np.sum(a[ok] * b[ok], axis=1) / (na[ok] * nb[ok])
+
+    out = {}
+    parts = [("cnn", cos(cnn8, cnnf))]
+    if emb8.shape[1] > cnn8.shape[1]:
+        d = cnn8.shape[1]
+        parts.append(("beats", cos(emb8[:, d:], embf[:, d:])))
+    for name, c in parts:
+        if c.size:
+            out[f"{name}_cos_median"] = float(np.median(c))
+            out[f"{name}_cos_p5"] = float(np.percentile(c, 5))
+    return out
 
 
 def _baseline(fit_dir: Path, seen: set[str], ws: WindowSet, kw: dict, progress) -> dict:
@@ -298,6 +323,9 @@ def print_report(res: dict) -> None:
     print(f"  {'metric':<40}" + "".join(f"{k:>10}" for k in kinds))
     for key in keys:
         print(f"  {key:<40}" + "".join(f"{_fmt(ecg[k].get(key, float('nan'))):>10}" for k in kinds))
+    if "int8_vs_float" in ecg:
+        print("  int8 vs float, cosine per window: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in ecg["int8_vs_float"].items()))
     imu = res.get("imu", {})
     print("IMU")
     for key, val in _flatten(imu).items():

@@ -308,6 +308,52 @@ def _summary(rows: list[dict]) -> dict:
     }
 
 
+PAIRED_GROUPS = ("mitdb", "ludb_I", "ludb_II", "ludb_III", "ludb_I_nonpaced", "ludb_II_nonpaced",
+                 "ludb_III_nonpaced", "noise_12dB", "noise_6dB", "noise_0dB")
+
+
+def paired_f1(by_record: dict[str, dict[str, dict]], a: str, b: str, n_boot: int = 2000,
+              seed: int = 0) -> dict[str, float] | None:
+    """F1 of detector ``a`` minus detector ``b`` over the same records, with a 95 % interval
+    from resampling RECORDS (both detectors scored on each draw's records, pooled as the
+    tables pool them). WHY records: errors cluster in records (one odd morphology, one noisy
+    stretch), so beats are not independent; the interval says whether a difference of a few
+    tenths of a point is more than which records happen to be in the folder.
+    ``by_record[detector][record] = {"tp", "fn", "fp"}``; None when a record lacks one of them."""
+    names = sorted(by_record.get(a, {}))
+    if len(names) < 2 or any(n not in by_record.get(b, {}) for n in names):
+        return None
+    counts = {d: np.array([[by_record[d][n][k] for k in ("tp", "fn", "fp")] for n in names], float)
+              for d in (a, b)}
+
+    def f1(c: np.ndarray) -> np.ndarray:  # c: (..., 3) summed counts
+        den = 2 * c[..., 0] + c[..., 1] + c[..., 2]
+        return 100.0 * np.divide(2 * c[..., 0], den, out=np.full(den.shape, np.nan), where=den > 0)
+
+    draws = np.random.default_rng(seed).integers(0, len(names), (n_boot, len(names)))
+    diff = f1(counts[a][draws].sum(1)) - f1(counts[b][draws].sum(1))
+    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+    return {"diff": float(f1(counts[a].sum(0)) - f1(counts[b].sum(0))), "lo": float(lo),
+            "hi": float(hi), "records": len(names)}
+
+
+def _paired_table(paired: dict) -> list[str]:
+    if not paired:
+        return []
+    peers = [p for p in PEERS if any(p in v for v in paired.values())]
+    lines = ["### biod minus each peer: F1 difference (raw), 95 % interval over records", "",
+             "Record bootstrap (2000 draws, fixed seed): records are resampled with replacement and "
+             "both detectors scored on the same draw. An interval that excludes 0 is a difference "
+             "these records can tell apart.", "",
+             "| group | records | " + " | ".join(f"vs {LABELS[p]}" for p in peers) + " |",
+             "|---|---|" + "---|" * len(peers)]
+    for g, v in paired.items():
+        n = next(iter(v.values()))["records"]
+        cells = [f"{v[p]['diff']:+.2f} [{v[p]['lo']:+.2f}, {v[p]['hi']:+.2f}]" if p in v else "-" for p in peers]
+        lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 # ----------------------------------------------------------------------------- report
 def _table(title: str, summ: dict, groups: list[str], mode: str) -> list[str]:
     lines = [f"### {title} ({mode})", "",
@@ -467,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, dict[str, list]]] = {}
     speed: dict[str, list[float]] = {}
     per_record = []
+    by_record: dict[str, dict[str, dict]] = {}  # group -> detector -> record -> raw counts
     for r in results:
         s = series[r["series"]]
         if r["snr"] is None:
@@ -481,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                 # annotators marked the pacing spike in some records and the R wave in others
                 items.append((f"{g}_nonpaced", items[0][1]))
         for g, v in items:
+            by_record.setdefault(g, {}).setdefault(r["detector"], {})[s.name] = v["raw"]
             for mode in ("raw", "corrected"):
                 rows.setdefault(g, {}).setdefault(r["detector"], {}).setdefault(mode, []).append(v[mode])
                 if "noise" not in g and not g.endswith("_nonpaced"):  # those repeat the record's rows
@@ -497,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     errors = [f"{r['detector']} on {series[r['series']].dataset} {series[r['series']].name}"
               f"{'' if r['snr'] is None else ' at %s dB' % r['snr']}: {r['error']}" for r in results if r["error"]]
     summ = {g: {d: {m: _summary(v) for m, v in dm.items()} for d, dm in gd.items()} for g, gd in rows.items()}
+    paired = {}
+    for g in (g for g in PAIRED_GROUPS if g in by_record and "biod" in by_record[g]):
+        cells = {p: paired_f1(by_record[g], "biod", p) for p in PEERS if p in by_record[g]}
+        if any(cells.values()):
+            paired[g] = {p: c for p, c in cells.items() if c}
 
     order = ["mitdb", "mitdb_paced", "ludb_I", "ludb_II", "ludb_III", "ludb_I+II+III",
              "ludb_I_nonpaced", "ludb_II_nonpaced", "ludb_III_nonpaced", "ludb_I+II+III_nonpaced",
@@ -538,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     md += _table("Clean recordings", summ, groups, "corrected")
     md += _table("Clean recordings", summ, groups, "raw")
     md += _noise_table(summ)
+    md += _paired_table(paired)
     if errors:
         md += ["Peer failures (scored as no detections on that signal):", ""]
         md += [f"- {e}" for e in errors] + [""]
@@ -555,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": cmd, "data": str(args.data.resolve()), "date": _dt.date.today().isoformat(),
             "wall_s": wall, "tolerance_ms": TOL_S * 1000, "snr_db": list(SNRS_DB), "noise_seconds": noise_s,
             "ludb_records_with_unmarked_edges": list(unmarked),
-            "summary": summ, "per_record": per_record, "peer_errors": errors,
+            "summary": summ, "paired_f1_biod_minus_peer": paired, "per_record": per_record, "peer_errors": errors,
             "speed_x_realtime": {d: float(np.median(v)) for d, v in speed.items()},
         }, separators=(",", ":")))
     return 0

@@ -32,6 +32,13 @@ def test_eval_models_on_fixture_prints_metrics(tmp_path, capsys):
         assert 0.0 <= ecg[kind]["id10s_rank1"] <= 100.0
         assert ecg[kind]["activity_n"] > 0
     assert 0 < ecg["int8"]["ms_per_window_1core"] < 50
+    # person-bootstrap intervals (default 2000 draws): the paired int8 - float difference's
+    # point is the difference of the two columns, and every interval is ordered
+    boot = ecg["bootstrap"]
+    assert boot["id10s_int8_minus_float_rank1"] == pytest.approx(
+        ecg["int8"]["id10s_rank1"] - ecg["float"]["id10s_rank1"])
+    assert boot["id10s_int8_rank1_lo"] <= boot["id10s_int8_rank1_hi"]
+    assert "95 % intervals over test persons" in text
     assert (tmp_path / "fig" / "ecg_identity_det.png").stat().st_size > 1000
     assert (tmp_path / "fig" / "ecg_activity_confusion.png").stat().st_size > 1000
 

@@ -145,26 +145,33 @@ def frr_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float = 0.01) -> 
     return float(np.mean(genuine < threshold_at_far(impostor, far)))
 
 
+def _per_test(names: list[str], templates: np.ndarray, tests: Tests
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rank-1 correct, genuine score, impostor scores (n, G-1)) of every test."""
+    scores = tests.emb @ templates.T
+    n = len(tests.person)
+    truth = np.searchsorted(np.array(names), tests.person)
+    gen = scores[np.arange(n), truth]
+    mask = np.ones_like(scores, bool)
+    mask[np.arange(n), truth] = False
+    return scores.argmax(1) == truth, gen, scores[mask].reshape(n, -1)
+
+
 def identity_metrics(names: list[str], templates: np.ndarray, tests: Tests,
                      threshold: float | None = None, prefix: str = "") -> dict[str, float]:
     """rank-1, EER, FRR@FAR1% (percent) for all tests and the cross-session subset."""
     out: dict[str, float] = {}
     if not len(names) or not len(tests.person):
         return out
-    scores = tests.emb @ templates.T
-    truth = np.searchsorted(np.array(names), tests.person)
-    for sub, sel in (("", np.ones(len(truth), bool)), ("cross_", tests.cross)):
+    correct, gen_all, imp_all = _per_test(names, templates, tests)
+    for sub, sel in (("", np.ones(len(correct), bool)), ("cross_", tests.cross)):
         if not sel.any():
             continue
-        s, t = scores[sel], truth[sel]
-        gen = s[np.arange(len(t)), t]
-        mask = np.ones_like(s, bool)
-        mask[np.arange(len(t)), t] = False
-        imp = s[mask]
-        out[f"{prefix}{sub}rank1"] = 100.0 * float(np.mean(s.argmax(1) == t))
+        gen, imp = gen_all[sel], imp_all[sel].ravel()
+        out[f"{prefix}{sub}rank1"] = 100.0 * float(np.mean(correct[sel]))
         out[f"{prefix}{sub}eer"] = 100.0 * eer(gen, imp)
         out[f"{prefix}{sub}frr_at_far1"] = 100.0 * frr_at_far(gen, imp)
-        out[f"{prefix}{sub}n_tests"] = float(len(t))
+        out[f"{prefix}{sub}n_tests"] = float(sel.sum())
         if threshold is not None:
             out[f"{prefix}{sub}frr_at_thr"] = 100.0 * float(np.mean(gen < threshold))
             out[f"{prefix}{sub}far_at_thr"] = 100.0 * float(np.mean(imp >= threshold))
@@ -174,12 +181,8 @@ def identity_metrics(names: list[str], templates: np.ndarray, tests: Tests,
 
 def genuine_impostor(names: list[str], templates: np.ndarray, tests: Tests
                      ) -> tuple[np.ndarray, np.ndarray]:
-    scores = tests.emb @ templates.T
-    truth = np.searchsorted(np.array(names), tests.person)
-    gen = scores[np.arange(len(truth)), truth]
-    mask = np.ones_like(scores, bool)
-    mask[np.arange(len(truth)), truth] = False
-    return gen, scores[mask]
+    _, gen, imp = _per_test(names, templates, tests)
+    return gen, imp.ravel()
 
 
 def choose_threshold(ws: WindowSet, emb: np.ndarray, far: float = 0.01,
@@ -197,3 +200,72 @@ def fused_embeddings(runner, ws: WindowSet, cnn: np.ndarray) -> np.ndarray:
         raise ValueError("the windows carry no beats: build them with the runner's pipeline_kwargs()")
     return np.stack([runner.identity_embedding(cnn[i], ws.morph[i], ws.lead_mask[i])
                      for i in range(len(cnn))]).astype(np.float32)
+
+
+BOOT_METRICS = ("rank1", "eer", "frr_at_far1")
+
+
+def _metrics_of(per_test: tuple[np.ndarray, np.ndarray, np.ndarray], idx: np.ndarray
+                ) -> np.ndarray:
+    correct, gen, imp = per_test
+    g, im = gen[idx], imp[idx].ravel()
+    return 100.0 * np.array([np.mean(correct[idx]), eer(g, im), frr_at_far(g, im)])
+
+
+def person_bootstrap(names: list[str], runs: dict[str, tuple[np.ndarray, Tests]],
+                     pairs: tuple[tuple[str, str], ...] = (), *, n_boot: int = 2000,
+                     seed: int = 0, level: float = 0.95, prefix: str = "") -> dict[str, float]:
+    """Confidence intervals of rank-1, EER and FRR@FAR1% by resampling test *persons*.
+
+    WHY persons and not tests: a person's tests share their enrolment, electrodes and drift,
+    so they fail together (ECG-ID person 2 alone gives a third of the 10 s tests); resampling
+    tests as if independent would give intervals far too narrow. The gallery stays fixed (the
+    enrolled household is given); each bootstrap draw takes as many persons as there are,
+    with replacement, and all their tests. ``runs`` maps a name ("int8", "float", ...) to
+    (templates, tests) of the SAME protocol (same persons and tests in the same order, as
+    :func:`gallery_and_tests` gives for two embeddings of the same windows); ``pairs`` names
+    differences ``a - b`` whose interval comes from the same draws for both (paired), e.g. the
+    int8 loss. Keys: ``{prefix}{run}_{sub}{metric}_lo`` / ``_hi`` and, per pair,
+    ``{prefix}{a}_minus_{b}_{sub}{metric}`` (point) with ``_lo`` / ``_hi``, ``sub`` being ""
+    or "cross_"; plus ``{prefix}{run}_{sub}rank1_person_mean`` (rank-1 averaged per person,
+    every person weighing the same). Fixed ``seed``: the same numbers on every run.
+    """
+    if not runs:
+        return {}
+    ref = next(iter(runs.values()))[1]
+    for name, (_, t) in runs.items():
+        if not (np.array_equal(t.person, ref.person) and np.array_equal(t.cross, ref.cross)):
+            raise ValueError(f"person_bootstrap: run {name!r} has other tests than the first run")
+    per = {name: _per_test(names, tmpl, t) for name, (tmpl, t) in runs.items()}
+    out: dict[str, float] = {}
+    alpha = 100.0 * (1.0 - level) / 2.0
+    rng = np.random.default_rng(seed)
+    for sub, sel in (("", np.ones(len(ref.person), bool)), ("cross_", ref.cross)):
+        persons = sorted(set(ref.person[sel]))
+        if len(persons) < 2:
+            continue
+        of = [np.flatnonzero(sel & (ref.person == p)) for p in persons]
+        for name, pt in per.items():
+            out[f"{prefix}{name}_{sub}rank1_person_mean"] = 100.0 * float(
+                np.mean([pt[0][ix].mean() for ix in of]))
+        draws = {name: np.empty((n_boot, len(BOOT_METRICS))) for name in per}
+        for b in range(n_boot):
+            idx = np.concatenate([of[k] for k in rng.integers(0, len(of), len(of))])
+            for name, pt in per.items():
+                draws[name][b] = _metrics_of(pt, idx)
+        every = np.flatnonzero(sel)
+        point = {name: _metrics_of(pt, every) for name, pt in per.items()}
+        for name, d in draws.items():
+            lo, hi = np.percentile(d, [alpha, 100.0 - alpha], axis=0)
+            for j, m in enumerate(BOOT_METRICS):
+                out[f"{prefix}{name}_{sub}{m}_lo"] = float(lo[j])
+                out[f"{prefix}{name}_{sub}{m}_hi"] = float(hi[j])
+        for a, b_ in pairs:
+            diff = draws[a] - draws[b_]
+            lo, hi = np.percentile(diff, [alpha, 100.0 - alpha], axis=0)
+            for j, m in enumerate(BOOT_METRICS):
+                key = f"{prefix}{a}_minus_{b_}_{sub}{m}"
+                out[key] = float(point[a][j] - point[b_][j])
+                out[f"{key}_lo"] = float(lo[j])
+                out[f"{key}_hi"] = float(hi[j])
+    return out

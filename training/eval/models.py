@@ -31,7 +31,7 @@ from daemon.inference.runtime import load_model
 from training.data.ecg import EcgRecord, WindowSet, load_all, record_windows
 from training.eval.identity import (
     TEST_LENGTHS_S, fused_embeddings, gallery_and_tests, genuine_impostor, identity_metrics,
-    impostor_tests)
+    impostor_tests, person_bootstrap)
 
 ECG_MODEL = "ecg_dualtask"
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "daemon" / "models"
@@ -114,10 +114,11 @@ def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 
 def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
-                 progress=print, baseline_fit: Path | None = None) -> dict:
+                 progress=print, baseline_fit: Path | None = None, n_boot: int = 0) -> dict:
     """Float and int8 ECG metrics on the non-training persons of ``data_dir``; with
     ``baseline_fit``, also the BASELINES.md PCA + LDA baseline fitted on that folder's training
-    persons (training/eval/identity_baseline.py) and scored on the same tests."""
+    persons (training/eval/identity_baseline.py) and scored on the same tests; with ``n_boot``,
+    person-bootstrap intervals of the served embedding's metrics (:func:`identity_bootstrap`)."""
     from training.train_ecg import activity_windows
 
     int8_path = Path(models_dir) / f"{ECG_MODEL}.tflite"
@@ -178,11 +179,34 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
         progress(f"ecg {kind}: evaluated {len(ws.x)} identity windows, {len(ay)} activity windows")
     if "float" in embs:
         result["int8_vs_float"] = int8_fidelity(*embs["int8"], *embs["float"])
+    served = {kind: emb for kind, (_, emb) in embs.items()}
     if baseline_fit is not None:
-        result["baseline"] = _baseline(Path(baseline_fit), seen, ws, kw, progress)
+        result["baseline"], served["baseline"] = _baseline(Path(baseline_fit), seen, ws, kw, progress)
+    if n_boot:
+        result["bootstrap"] = identity_bootstrap(ws, served, n_boot)
+        progress(f"bootstrap: {n_boot} draws of the test persons")
     if figures is not None:
         _figures(Path(figures), curves, confs, list(manifest.labels.get("activity", [])))
     return result
+
+
+def identity_bootstrap(ws: WindowSet, served: dict[str, np.ndarray], n_boot: int) -> dict:
+    """95 % person-bootstrap intervals of rank-1 / EER / FRR@FAR1% for each served embedding
+    ("int8", "float", "baseline" where present) and of the paired differences int8 - float
+    (the quantisation loss) and int8 - baseline, per test length and subset
+    (:func:`training.eval.identity.person_bootstrap`). WHY: 20 gallery persons, one of whom
+    gives a third of the tests, leave every cell uncertain by several points; the intervals say
+    which differences the data can tell apart."""
+    out: dict[str, float] = {}
+    pairs = tuple((a, b) for a, b in (("int8", "float"), ("int8", "baseline")) if a in served and b in served)
+    for length in TEST_LENGTHS_S:
+        runs = {}
+        for kind, emb in served.items():
+            names, templates, tests = gallery_and_tests(ws, emb, length)
+            runs[kind] = (templates, tests)
+        if names:
+            out.update(person_bootstrap(names, runs, pairs, n_boot=n_boot, prefix=f"id{length}s_"))
+    return out
 
 
 def int8_fidelity(cnn8: np.ndarray, emb8: np.ndarray, cnnf: np.ndarray, embf: np.ndarray) -> dict:
@@ -206,9 +230,11 @@ def int8_fidelity(cnn8: np.ndarray, emb8: np.ndarray, cnnf: np.ndarray, embf: np
     return out
 
 
-def _baseline(fit_dir: Path, seen: set[str], ws: WindowSet, kw: dict, progress) -> dict:
+def _baseline(fit_dir: Path, seen: set[str], ws: WindowSet, kw: dict, progress
+              ) -> tuple[dict, np.ndarray]:
     """PCA + LDA on beats, fitted on the ECG-ID persons of ``fit_dir`` that the shipped models
-    were trained on (so never on an evaluated person), scored like the models."""
+    were trained on (so never on an evaluated person), scored like the models; also its window
+    embeddings (for the paired bootstrap)."""
     from training.eval.identity_baseline import fit_baseline, plain_beat_kwargs
 
     fit_recs = [r for r in load_all(fit_dir) if r.dataset == "ecgid" and r.person in seen]
@@ -227,7 +253,7 @@ def _baseline(fit_dir: Path, seen: set[str], ws: WindowSet, kw: dict, progress) 
     progress(f"baseline: PCA+LDA fitted on {base.beats} beats of {base.persons} ECG-ID persons")
     keep = ("rank1", "eer", "frr_at_far1", "n_tests")
     return {k: v for k, v in metrics.items() if k.split("_", 1)[1].replace("cross_", "") in keep} | {
-        "fit_persons": float(base.persons)}
+        "fit_persons": float(base.persons)}, emb
 
 
 def manifest_metrics(res: dict) -> tuple[dict, dict | None]:
@@ -326,6 +352,15 @@ def print_report(res: dict) -> None:
     if "int8_vs_float" in ecg:
         print("  int8 vs float, cosine per window: " + ", ".join(
             f"{k} {v:.4f}" for k, v in ecg["int8_vs_float"].items()))
+    boot = ecg.get("bootstrap", {})
+    if boot:
+        print("  95 % intervals over test persons (person bootstrap; a - b: paired difference)")
+        for key in sorted(k for k in boot if not k.endswith(("_lo", "_hi"))):
+            lo, hi = boot.get(f"{key}_lo"), boot.get(f"{key}_hi")
+            ci = f"  [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+            print(f"    {key:<52} {boot[key]:8.2f}{ci}")
+        for key in sorted(k[:-3] for k in boot if k.endswith("_lo") and k[:-3] not in boot):
+            print(f"    {key:<52} {'':>8}  [{boot[key + '_lo']:.2f}, {boot[key + '_hi']:.2f}]")
     imu = res.get("imu", {})
     print("IMU")
     for key, val in _flatten(imu).items():
@@ -352,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-fit", type=Path, metavar="DIR",
                     help="also score the BASELINES.md PCA+LDA beat baseline, fitted on the ECG-ID "
                     "persons of DIR that the models were trained on (e.g. ../shared/data)")
+    ap.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                    help="person-bootstrap draws for the identity intervals (default 2000; 0: none)")
     ap.add_argument("--out-figures", type=Path, default=DEFAULT_FIGURES,
                     help="where DET curve and confusion matrix PNGs go (default docs/models)")
     args = ap.parse_args(argv)
@@ -366,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res = {"ecg": evaluate_ecg(args.data, args.models, args.out_figures,
                                progress=lambda m: print(m, file=sys.stderr),
-                               baseline_fit=args.baseline_fit),
+                               baseline_fit=args.baseline_fit, n_boot=args.bootstrap),
            "imu": _evaluate_imu(args.data, args.models, args.out_figures)}
     print_report(res)
     if args.json:

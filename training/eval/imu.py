@@ -35,12 +35,35 @@ DEFAULT_FIGURES = Path(__file__).resolve().parents[2] / "docs" / "models"
 
 
 # ------------------------------------------------------------------------------- metrics
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval (percent) for k successes in n: with 5 held-out persons, "5 of
+    5 right" only says the rate is probably above 48 %, and the report should say so."""
+    from scipy.stats import beta
+
+    a = (1.0 - level) / 2.0
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1.0 - a, k + 1, n - k))
+    return 100.0 * lo, 100.0 * hi
+
+
+def person_bootstrap_mean(per_person: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                          level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of per-person values, persons drawn with replacement."""
+    draws = np.random.default_rng(seed).integers(0, len(per_person), (n_boot, len(per_person)))
+    a = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(np.asarray(per_person, float)[draws].mean(1), [a, 100.0 - a])
+    return float(lo), float(hi)
+
+
 def gender_metrics(subject: np.ndarray, female: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    """Subject-level: a person is called female when most of their windows have p > 0.5."""
+    """Subject-level: a person is called female when most of their windows have p > 0.5;
+    ``subject_accuracy_lo`` / ``_hi``: its exact 95 % interval over the persons."""
     subs = np.unique(subject)
     votes = np.array([(p[subject == s] > 0.5).mean() > 0.5 for s in subs])
     truth = np.array([female[subject == s][0] == 1 for s in subs])
+    lo, hi = clopper_pearson(int((votes == truth).sum()), len(subs))
     return {"subject_accuracy": float((votes == truth).mean() * 100),
+            "subject_accuracy_lo": lo, "subject_accuracy_hi": hi,
             "window_accuracy": float(((p > 0.5) == (female == 1)).mean() * 100),
             "persons": float(len(subs))}
 
@@ -51,13 +74,16 @@ def age_metrics(subject: np.ndarray, age: np.ndarray, pred: np.ndarray,
 
     Why the median: a few windows (a stumble, a turn) must not move a person's age; the mean is
     reported beside it (``subject_mae_years_mean``, the protocol of the first models).
-    ``subject_group_accuracy``: young/elderly (``split_years``) called right, per person.
+    ``subject_group_accuracy``: young/elderly (``split_years``) called right, per person;
+    ``subject_mae_years_lo`` / ``_hi``: 95 % person-bootstrap interval of the subject MAE.
     """
     subs = np.unique(subject)
     truth = np.array([age[subject == s][0] for s in subs])
     med = np.array([np.median(pred[subject == s]) for s in subs])
     mean = np.array([pred[subject == s].mean() for s in subs])
+    lo, hi = person_bootstrap_mean(np.abs(med - truth))
     return {"subject_mae_years": float(np.abs(med - truth).mean()),
+            "subject_mae_years_lo": lo, "subject_mae_years_hi": hi,
             "subject_mae_years_mean": float(np.abs(mean - truth).mean()),
             "subject_group_accuracy": float(((med >= split_years) == (truth >= split_years)).mean()
                                             * 100),

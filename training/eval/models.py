@@ -8,7 +8,9 @@ of shared/data, never training anything:
   persons (LUDB, MIT-BIH) at the manifest's operating threshold;
 * ECG activity on constructed windows (training/data/ecg_activity.py, held-out gudb subjects);
 * IMU metrics from ``training.eval.imu.evaluate_imu``;
-* int8 inference time per window on one core.
+* int8 inference time per window on one core;
+* 95 % person-bootstrap intervals of the identity metrics and of the paired int8 - float and
+  int8 - baseline differences, and rank-1 averaged per person (``--bootstrap N``).
 
 Persons listed in a model manifest's ``training.persons`` are dropped first, so the numbers are
 subject-disjoint on shared/data (held-out persons) and on a folder of unseen persons (all).

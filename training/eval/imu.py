@@ -36,14 +36,13 @@ DEFAULT_FIGURES = Path(__file__).resolve().parents[2] / "docs" / "models"
 
 # ------------------------------------------------------------------------------- metrics
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact binomial interval (percent) for k successes in n: with 5 held-out persons, "5 of
-    5 right" only says the rate is probably above 48 %, and the report should say so."""
-    from scipy.stats import beta
+    """Exact (Clopper-Pearson) binomial interval, percent, for k successes in n: with 5
+    held-out persons, "5 of 5 right" only says the rate is probably above 48 %, and the report
+    should say so."""
+    from scipy.stats import binomtest
 
-    a = (1.0 - level) / 2.0
-    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1.0 - a, k + 1, n - k))
-    return 100.0 * lo, 100.0 * hi
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
+    return 100.0 * float(ci.low), 100.0 * float(ci.high)
 
 
 def person_bootstrap_mean(per_person: np.ndarray, n_boot: int = 2000, seed: int = 0,

@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from training.data.ecg import load_training_records, record_windows
+from training.data.ecg import WindowSet, load_training_records, record_windows
 from training.experiments.ecg_recipe_sweep import DevScorer
 from training.experiments.export_beat_embeddings import window_vectors
 from training.train_beats import PIPELINE_KW, distinct_beats, fit_projections
@@ -44,25 +45,45 @@ def parse_variant(text: str) -> tuple[int, bool]:
         raise argparse.ArgumentTypeError(f"variant {text!r}: want N_PCA:SLOPE, e.g. 100:1") from None
 
 
+@dataclass(frozen=True)
+class BeatDevFolds:
+    """The training persons' windows cut with one pipeline setting, their distinct beats and
+    ``ecg_recipe_sweep``'s development folds: what the beat-model experiments (this one and
+    ``beat_rr_warp``) fit and score on."""
+
+    ws: WindowSet
+    cws: WindowSet
+    dev: DevScorer
+    beats: np.ndarray
+    brec: np.ndarray
+    person: np.ndarray
+
+    @classmethod
+    def load(cls, data: Path, pipeline_kw: dict) -> "BeatDevFolds":
+        recs, calib = load_training_records(data)
+        ws, cws = record_windows(recs, pipeline_kw), record_windows(calib, pipeline_kw)
+        beats, brec = distinct_beats(ws)
+        return cls(ws, cws, DevScorer.from_windows(ws, cws), beats, brec,
+                   np.array([ws.records[r].person for r in brec]))
+
+    def mean_scores(self, *, slope: bool, n_pca: int, keys: tuple[str, ...]) -> dict[str, float]:
+        """Mean over the folds of the beat model's identity metrics, the per-lead PCA + LDA
+        fitted on the beats of the persons outside each fold."""
+        scores: dict[str, list[float]] = defaultdict(list)
+        for k, fold in enumerate(self.dev.folds):
+            keep = ~np.isin(self.person, fold)
+            W, b = fit_projections(self.beats[keep], self.brec[keep], self.ws.records,
+                                   progress=lambda m: None, slope=slope, n_pca=n_pca)
+            vec = np.concatenate([window_vectors(self.ws, W, b), window_vectors(self.cws, W, b)])
+            for key, v in self.dev.score(lambda idx: vec[idx], self.dev.gallery(k)).items():
+                scores[key].append(v)
+        return {k: float(np.mean(scores[k])) for k in keys if k in scores}
+
+
 def dev_scores(data: Path, variants: list[tuple[int, bool]]) -> list[dict[str, float]]:
     """Per variant, the mean over the development folds of the beat model's identity metrics."""
-    recs, calib = load_training_records(data)
-    ws, cws = record_windows(recs, PIPELINE_KW), record_windows(calib, PIPELINE_KW)
-    dev = DevScorer.from_windows(ws, cws)
-    beats, brec = distinct_beats(ws)
-    person = np.array([ws.records[r].person for r in brec])
-    out = []
-    for n_pca, slope in variants:
-        scores: dict[str, list[float]] = defaultdict(list)
-        for k, fold in enumerate(dev.folds):
-            keep = ~np.isin(person, fold)
-            W, b = fit_projections(beats[keep], brec[keep], ws.records, progress=lambda m: None,
-                                   slope=slope, n_pca=n_pca)
-            vec = np.concatenate([window_vectors(ws, W, b), window_vectors(cws, W, b)])
-            for key, v in dev.score(lambda idx: vec[idx], dev.gallery(k)).items():
-                scores[key].append(v)
-        out.append({k: float(np.mean(scores[k])) for k in KEYS if k in scores})
-    return out
+    folds = BeatDevFolds.load(data, PIPELINE_KW)
+    return [folds.mean_scores(slope=slope, n_pca=n_pca, keys=KEYS) for n_pca, slope in variants]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from training.data.ecg import load_training_records, record_windows
 from training.eval.identity_baseline import plain_beat_kwargs
-from training.experiments.ecg_recipe_sweep import DevScorer
-from training.experiments.export_beat_embeddings import window_vectors
-from training.train_beats import PIPELINE_KW, RR_REF_S, distinct_beats, fit_projections
+from training.experiments.beat_features import BeatDevFolds
+from training.train_beats import PIPELINE_KW, RR_REF_S
 
 KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1", "t3_rank1", "t3_eer",
         "t3_frr_at_far1")
@@ -37,22 +32,9 @@ def dev_scores(data: Path, exponent: float) -> dict[str, float]:
     kw = plain_beat_kwargs(PIPELINE_KW)
     if exponent:
         kw.update(beat_rr_exponent=exponent, beat_rr_ref_s=RR_REF_S)
-    recs, calib = load_training_records(data)
-    ws, cws = record_windows(recs, kw), record_windows(calib, kw)
-    dev = DevScorer.from_windows(ws, cws)
-    beats, brec = distinct_beats(ws)
-    person = np.array([ws.records[r].person for r in brec])
-    scores: dict[str, list[float]] = defaultdict(list)
-    for k, fold in enumerate(dev.folds):
-        keep = ~np.isin(person, fold)
-        # the beat model as it was when the exponent was chosen (2.x: no slope channel, PCA 60),
-        # so this command reproduces its table in docs/MODELS.md
-        W, b = fit_projections(beats[keep], brec[keep], ws.records, progress=lambda m: None,
-                               slope=False, n_pca=60)
-        vec = np.concatenate([window_vectors(ws, W, b), window_vectors(cws, W, b)])
-        for key, v in dev.score(lambda idx: vec[idx], dev.gallery(k)).items():
-            scores[key].append(v)
-    return {k: float(np.mean(scores[k])) for k in KEYS if k in scores}
+    # the beat model as it was when the exponent was chosen (2.x: no slope channel, PCA 60),
+    # so this command reproduces its table in docs/MODELS.md
+    return BeatDevFolds.load(data, kw).mean_scores(slope=False, n_pca=60, keys=KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -421,13 +421,14 @@ class BiodApp:
             self.notifier.ready(status)
 
     def _waiting_for(self) -> str:
+        def state(h) -> str:
+            return h.state + (f": {h.last_error}" if h.last_error else "")
+
         parts = []
         if self.ecg_source is not None:
-            h = self.ecg_source.health
-            parts.append(f"ECG {self.ecg_source.describe} ({h.state}{': ' + h.last_error if h.last_error else ''})")
+            parts.append(f"ECG {self.ecg_source.describe} ({state(self.ecg_source.health)})")
         if self.imu_source is not None:
-            ih = self.imu_source.health
-            parts.append(f"{self.imu_source.describe} ({ih.state}{': ' + ih.last_error if ih.last_error else ''})")
+            parts.append(f"{self.imu_source.describe} ({state(self.imu_source.health)})")
         return "; ".join(parts) or "no sensor enabled"
 
     async def _ready_fallback(self) -> None:

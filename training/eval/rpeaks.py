@@ -312,7 +312,10 @@ PAIRED_GROUPS = ("mitdb", "ludb_I", "ludb_II", "ludb_III", "ludb_I_nonpaced", "l
                  "ludb_III_nonpaced", "noise_12dB", "noise_6dB", "noise_0dB")
 
 
-def paired_f1(by_record: dict[str, dict[str, dict]], a: str, b: str, n_boot: int = 2000,
+PAIRED_DRAWS = 2000
+
+
+def paired_f1(by_record: dict[str, dict[str, dict]], a: str, b: str, n_boot: int = PAIRED_DRAWS,
               seed: int = 0) -> dict[str, float] | None:
     """F1 of detector ``a`` minus detector ``b`` over the same records, with a 95 % interval
     from resampling RECORDS (both detectors scored on each draw's records, pooled as the
@@ -342,7 +345,7 @@ def _paired_table(paired: dict) -> list[str]:
         return []
     peers = [p for p in PEERS if any(p in v for v in paired.values())]
     lines = ["### biod minus each peer: F1 difference (raw), 95 % interval over records", "",
-             "Record bootstrap (2000 draws, fixed seed): records are resampled with replacement and "
+             f"Record bootstrap ({PAIRED_DRAWS} draws, fixed seed): records are resampled with replacement and "
              "both detectors scored on the same draw. An interval that excludes 0 is a difference "
              "these records can tell apart.", "",
              "| group | records | " + " | ".join(f"vs {LABELS[p]}" for p in peers) + " |",

@@ -237,8 +237,11 @@ def test_batched_refinement_equals_per_beat() -> None:
         for i in range(0, x.shape[0], step):
             out += det.process(x[i:i + step], valid[i:i + step])
         out += det.flush()
-        return [(b.sample, b.amplitude_mv, b.leads_used, b.latency_s) for b in out]
+        return [(b.sample, b.amplitude_mv, b.leads_used, b.latency_s, b.lead_samples) for b in out]
 
     for step in (5000, 20000):
         ref = run(False, step)
         assert len(ref) > 30 and run(True, step) == ref
+        # some beats lose lead 0 (-1 there) and the others have a sample per lead
+        assert any(b[4][0] == -1 and b[4][2] >= 0 for b in ref)
+        assert all(len(b[4]) == 3 and b[0] in b[4] for b in ref)

@@ -86,6 +86,31 @@ def test_ludb_three_leads_fused():
         assert all(b.leads_used == 0b111 for b in beats)
 
 
+def test_ludb_three_leads_fused_report_each_leads_own_r():
+    """Each lead's marks against that lead's own R of every fused beat: every beat found on
+    every lead, at the lead's peak (the common R alone is up to tens of ms off on some leads)."""
+    errs_own, errs_common = [], []
+    for i in range(LUDB["signals"].shape[0]):
+        x, refs = ludb(i)
+        beats = stream(RPeakDetector(LUDB_FS, 3), x, [250])
+        per_lead = np.array([b.lead_samples for b in beats])
+        assert per_lead.shape == (len(beats), 3) and (per_lead >= 0).all()
+        assert all(b.sample in b.lead_samples for b in beats)  # the refining lead's is the R
+        assert (np.abs(per_lead - np.array([b.sample for b in beats])[:, None]) <= 0.05 * LUDB_FS).all()
+        for lead in range(3):
+            s = in_span(per_lead[:, lead], refs[lead], LUDB_FS)
+            tp, err = match(refs[lead], s, int(0.075 * LUDB_FS))
+            assert tp == refs[lead].size == s.size, (i, lead)
+            errs_own.append(err)
+            _, err_c = match(refs[lead], in_span(np.array([b.sample for b in beats]), refs[lead], LUDB_FS),
+                             int(0.075 * LUDB_FS))
+            errs_common.append(err_c)
+    own = np.abs(np.concatenate(errs_own)) * 1000 / LUDB_FS
+    common = np.abs(np.concatenate(errs_common)) * 1000 / LUDB_FS
+    assert np.median(own) <= 3.0
+    assert np.percentile(own, 90) < np.percentile(common, 90)
+
+
 def test_any_chunking_gives_the_same_beats():
     x, _ = mit("208")  # PVCs and fusion beats: search-back and T-wave logic are exercised
     whole = detect_rpeaks(x, MIT_FS, chunk=x.shape[0])
@@ -118,6 +143,8 @@ def test_lead_going_off_mid_stream_keeps_beats_from_the_others():
     assert tp == refs[2].size and s.size == tp
     late = [b for b in beats if b.sample > off + LUDB_FS * 0.3]
     assert len(late) >= 4 and all(b.leads_used == 0b100 for b in late)
+    # no R is reported for the leads that are off
+    assert all(b.lead_samples[:2] == (-1, -1) and b.lead_samples[2] == b.sample for b in late)
     # The same garbage without the mask would not be fused silently into the result.
     assert all(b.leads_used == 0b111 for b in beats if b.sample < off - LUDB_FS * 0.3)
 

@@ -69,6 +69,11 @@ class Beat:
     latency_s: float  # how long after the R peak the detector emitted it
     amplitude_mv: float  # high-passed signal at the R peak in the refining lead (signed)
     leads_used: int  # bitmask of the leads that contributed to the detection
+    # Each lead's own R (or QS) extremum near ``sample``, one per lead, -1 for a lead that was off.
+    # The beat's ``sample`` is the R of the lead with the largest deflection; on the others the
+    # peak comes a few to tens of ms earlier or later (the QRS axis), which is what a lead's own
+    # annotation marks.
+    lead_samples: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class _Params:
     slope_back_s: float = 0.250  # steepest slope is searched in [c - this, c]
     refine_s: float = 0.090  # R extremum searched from this before the steepest slope ...
     refine_after_s: float = 0.060  # ... to this after it
+    lead_peak_s: float = 0.050  # each lead's own extremum is searched within +- this of the R
     despike_s: float = 0.012  # median filter width against pacemaker spikes (refinement only)
     qs_ratio: float = 1.5  # a lead is 'negative' when its S/QS is this much deeper than R
     polarity_weight: float = 1.0 / 3.0  # opposite extremum wins when 2x larger (ectopics)
@@ -212,6 +218,7 @@ class RPeakDetector:
         self._slope_back = s(p.slope_back_s)
         self._refine = s(p.refine_s)
         self._refine_after = s(p.refine_after_s)
+        self._lead_peak = s(p.lead_peak_s)
         self._keep = s(p.keep_s)
         self._base = s(p.baseline_s)
         self._twave_g = p.twave_ratio ** p.power  # in feature units (slope ** power)
@@ -617,7 +624,7 @@ class RPeakDetector:
         refined = self._refine_many(cs) if len(cs) > 1 else None
         if refined is None:
             refined = [self._refine_r(c) for c in cs]
-        for r, amp, leads in refined:
+        for r, amp, leads, per_lead in refined:
             if r <= self._last_r:
                 continue
             self._last_r = r
@@ -628,10 +635,11 @@ class RPeakDetector:
                     latency_s=(self._raw_end - 1 - r) / self.fs,
                     amplitude_mv=float(amp),
                     leads_used=leads,
+                    lead_samples=per_lead,
                 )
             )
 
-    def _refine_many(self, cs: list[int]) -> list[tuple[int, float, int]] | None:
+    def _refine_many(self, cs: list[int]) -> list[tuple[int, float, int, tuple[int, ...]]] | None:
         """:meth:`_refine_r` for several beats (in order) with one array call per step for all
         of them instead of one per beat: the same elements through the same element-wise
         operations (gathers, the despiking network along the beat axis, per-beat partitions,
@@ -672,14 +680,15 @@ class RPeakDetector:
         neg_all = (-xs.min(axis=1)).tolist()
         bests, signs, used = [], [], []
         for ok, pos, neg in zip(oks, pos_all, neg_all):  # beat after beat: the votes carry over
-            u, best, sign = self._pick_lead(ok, pos, neg)
+            u, best, lead_signs = self._pick_lead(ok, pos, neg)
             used.append(u)
             bests.append(best)
-            signs.append(sign)
+            signs.append(lead_signs)
         nb = len(cs)
         rows = np.arange(nb)
         best_a = np.asarray(bests, dtype=np.intp)
-        sign_a = np.asarray(signs)
+        signs_a = np.asarray(signs)
+        sign_a = signs_a[rows, best_a]
         i = (sign_a[:, None] * xs[rows, :, best_a]).argmax(axis=1)
         h = d // 2
         # the unfiltered extremum within h samples, clipped to [lo, hi): repeated edge indices
@@ -689,12 +698,14 @@ class RPeakDetector:
         raw = xhp[idx - b0, best_a[:, None]]
         j = idx[rows, (sign_a[:, None] * raw).argmax(axis=1)]
         amps = (xhp[j - b0, best_a] - base[rows, best_a]).tolist()
-        return list(zip(j.tolist(), amps, used))
+        per_lead = self._lead_samples(j, base, signs_a, np.asarray(oks, dtype=bool), best_a, lim)
+        return list(zip(j.tolist(), amps, used, per_lead))
 
-    def _pick_lead(self, ok: list[bool], pos: list[float], neg: list[float]) -> tuple[int, int, float]:
-        """One beat's refining lead and polarity, from each lead's largest positive (``pos``)
+    def _pick_lead(self, ok: list[bool], pos: list[float], neg: list[float]) -> tuple[int, int, list[float]]:
+        """One beat's refining lead and polarities, from each lead's largest positive (``pos``)
         and negative (``neg``) deflection; updates the running polarity votes of the usable
-        leads (``ok``). Returns (bitmask of the leads used, best lead, +1 for R or -1 for S/QS).
+        leads (``ok``). Returns (bitmask of the leads used, best lead, per lead +1 for R or -1
+        for S/QS).
 
         Per lead in plain floats (the same IEEE double arithmetic as numpy's; a handful of
         leads per beat, where array calls cost more than the arithmetic)."""
@@ -714,11 +725,36 @@ class RPeakDetector:
         # The lead's polarity weighs this beat's two extrema: with a confident estimate the
         # opposite one must be (1 + k) / (1 - k) = 2x larger to win; with an uncertain one
         # (mixed ectopic/normal morphologies) the larger extremum wins.
-        k = w * min(1.0, max(-1.0, float(polarity[best])))
-        sign = 1.0 if pos[best] * (1.0 + k) >= neg[best] * (1.0 - k) else -1.0
-        return sum(1 << l for l in range(self.n_leads) if ok[l]), best, sign
+        signs = []
+        for l in range(self.n_leads):
+            k = w * min(1.0, max(-1.0, float(polarity[l])))
+            signs.append(1.0 if pos[l] * (1.0 + k) >= neg[l] * (1.0 - k) else -1.0)
+        return sum(1 << l for l in range(self.n_leads) if ok[l]), best, signs
 
-    def _refine_r(self, c: int) -> tuple[int, float, int]:
+    def _lead_samples(self, j: np.ndarray, base: np.ndarray, signs: np.ndarray, ok: np.ndarray,
+                      best: np.ndarray, lim: np.ndarray) -> list[tuple[int, ...]]:
+        """Each lead's own R for beats whose R (of lead ``best``) is at ``j`` (nb,): the
+        extremum in the lead's polarity ``signs`` (nb, L) within +-lead_peak_s of ``j``, despiked
+        and then exact on the unfiltered signal as in the refinement; ``base`` (nb, L) is the
+        isoelectric level. -1 for leads not ``ok``; the best lead's is ``j`` itself. Samples at
+        or past ``lim`` (the decision point) are never read, so chunking cannot change it."""
+        b0, P, d = self._buf0, self._lead_peak, self._despike
+        h = d // 2
+        lo = np.maximum(b0, j - P - h)
+        hi = np.minimum(lim, j + P + h + 1)
+        idx = np.clip(j[:, None] + np.arange(-P - h, P + h + 1), lo[:, None], (hi - 1)[:, None])
+        seg = self._xhp[idx - b0].astype(np.float64)  # (nb, 2(P + h) + 1, L)
+        ds = median_filter_nearest(seg, d, axis=1) if d > 1 else seg
+        core = (ds[:, h: h + 2 * P + 1] - base[:, None, :]) * signs[:, None, :]
+        i = core.argmax(axis=1) + h  # (nb, L), in seg's index
+        raw = np.take_along_axis(seg, i[:, None, :] + np.arange(-h, h + 1)[None, :, None], axis=1)
+        k = (raw * signs[:, None, :]).argmax(axis=1) + i - h
+        out = np.take_along_axis(idx, k, axis=1)  # idx is the same for every lead
+        out = np.where(ok, out, -1)
+        out[np.arange(j.size), best] = j
+        return [tuple(r) for r in out.tolist()]
+
+    def _refine_r(self, c: int) -> tuple[int, float, int, tuple[int, ...]]:
         """Move the detection at mwi peak ``c`` to the R extremum of the high-passed signal.
 
         The steepest fused slope before ``c`` locates the QRS; within +-refine_s of it the R
@@ -752,14 +788,17 @@ class RPeakDetector:
                 lead_ok[:] = True
         pos = xs.max(axis=0).tolist()
         neg = (-xs.min(axis=0)).tolist()
-        leads_used, best, sign = self._pick_lead(lead_ok.tolist(), pos, neg)
+        leads_used, best, signs = self._pick_lead(lead_ok.tolist(), pos, neg)
+        sign = signs[best]
         i = int(np.argmax(sign * xs[:, best]))
         # The median flattens the very top of R: take the exact extremum of the unfiltered
         # signal within the filter's half width of the despiked one.
         d = self._despike // 2
         raw = self._xhp[max(lo, lo + i - d) - b0: min(hi, lo + i + d + 1) - b0, best]
         j = max(lo, lo + i - d) + int(np.argmax(sign * raw))
-        return j, float(self._xhp[j - b0, best] - base[best]), leads_used
+        per_lead = self._lead_samples(np.array([j]), base[None, :], np.asarray([signs]), lead_ok[None, :],
+                                      np.array([best]), np.array([lim]))[0]
+        return j, float(self._xhp[j - b0, best] - base[best]), leads_used, per_lead
 
     def _trim(self) -> None:
         """Drop history no decision can need any more (bounded memory on endless streams)."""
@@ -777,13 +816,15 @@ class RPeakDetector:
 
 
 def detect_rpeaks(
-    x: np.ndarray, fs: float, lead_valid: np.ndarray | None = None, chunk: int | None = None
+    x: np.ndarray, fs: float, lead_valid: np.ndarray | None = None, chunk: int | None = None,
+    per_lead: bool = False,
 ) -> np.ndarray:
     """Batch convenience: run the streaming detector over a whole recording.
 
     ``x`` is (n,) or (n, n_leads) in mV; ``lead_valid`` is None, (n_leads,) or (n, n_leads);
     ``chunk`` is the chunk size fed to the detector (None: one second). Returns R-peak sample
-    indices (int64, increasing).
+    indices (int64, increasing), or with ``per_lead`` each beat's R in every lead
+    (``Beat.lead_samples``, shape (n_beats, n_leads), -1 where a lead was off).
     """
     x = np.asarray(x)
     if x.ndim == 1:
@@ -796,4 +837,6 @@ def detect_rpeaks(
         lv = np.asarray(lead_valid)[i:i + step] if per_sample else lead_valid
         out.extend(det.process(x[i:i + step], lv))
     out.extend(det.flush())
+    if per_lead:
+        return np.array([b.lead_samples for b in out], dtype=np.int64).reshape(len(out), x.shape[1])
     return np.array([b.sample for b in out], dtype=np.int64)

@@ -18,7 +18,8 @@ Scoring (stated in the output too):
   tolerance): in many records the cardiologists left the first or last complex of the 10 s
   unmarked (the report counts them: ``ludb_unmarked_edges``), so a detection outside the marked stretch cannot be judged either way (scored
   +-0.5 s until 2026-11-22, which counted such real, unmarked complexes as false positives for
-  every detector); biod also on the three leads fused, scored against each lead's marks;
+  every detector); biod also on the three leads fused (one detection per beat), each lead's
+  marks scored against that lead's own R of each beat (``Beat.lead_samples``);
 - noise stress: MIT-BIH non-paced records (first ``--noise-seconds``) plus generated baseline
   wander, muscle-like and motion-like noise in equal power at 12, 6 and 0 dB SNR (see
   training/eval/noise.py; generated because no noise-stress recordings are available).
@@ -44,6 +45,7 @@ from .noise import add_noise
 
 TOL_S = 0.075
 SNRS_DB = (12, 6, 0)
+LUDB_LEADS = ("I", "II", "III")  # Einthoven leads, in the column order of fused LUDB series
 PEERS = ("neurokit2", "pan_tompkins", "engzee", "two_average")
 DETECTORS = ("biod",) + PEERS
 LABELS = {
@@ -137,7 +139,7 @@ def load_ludb(folder: Path, selected: set[str] | None) -> list[Series]:
         paced = bool(rec.get("paced", False)) or any("pacing" in str(c).lower() for c in rec.get("comments", []))
         x3 = (sig[ri][:, idx] / gain[ri][idx][None, :]).astype(np.float32)
         refs, spans = {}, {}
-        for k, (lead_name, li) in enumerate(zip(("I", "II", "III"), idx)):
+        for k, (lead_name, li) in enumerate(zip(LUDB_LEADS, idx)):
             ref = np.sort(asamp[(ar == ri) & (al == li) & (asym == "N")]).astype(np.int64)
             if ref.size == 0:
                 continue
@@ -167,8 +169,8 @@ def ludb_unmarked_edges(series: list[Series]) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- detectors
 def run_detector(name: str, x: np.ndarray, fs: float) -> np.ndarray:
     """Raw detector output (sample indices) on the raw mV signal ``x`` (n, n_leads)."""
-    if name == "biod":
-        return detect_rpeaks(x, fs, chunk=int(round(fs)))
+    if name == "biod":  # on several leads: each beat's R in every lead, (n_beats, n_leads)
+        return detect_rpeaks(x, fs, chunk=int(round(fs)), per_lead=x.shape[1] > 1)
     x1 = np.asarray(x[:, 0], dtype=np.float64)
     if name == "neurokit2":
         import neurokit2 as nk
@@ -185,8 +187,8 @@ def run_detector(name: str, x: np.ndarray, fs: float) -> np.ndarray:
 
 
 def bandpass_correct(x: np.ndarray, fs: float, det: np.ndarray, tol_s: float = TOL_S) -> np.ndarray:
-    """Move each detection to the largest |5-20 Hz zero-phase band-pass| within +-tol (lead 0
-    for single leads, the sum of |band-pass| over leads for fused input)."""
+    """Move each detection to the largest |5-20 Hz zero-phase band-pass| within +-tol (the sum
+    of |band-pass| over the columns of ``x``; the scoring passes one lead)."""
     if det.size == 0:
         return det
     sos = signal.butter(2, [5.0, 20.0], btype="bandpass", fs=fs, output="sos")
@@ -279,16 +281,20 @@ def _job(args: tuple[int, str, float | None, float]) -> dict:
         secs = time.perf_counter() - t0
         if cache is not None:
             np.savez(cache, det=det, seconds=secs, error=error or "")
-    cor = bandpass_correct(x, s.fs, det)
     out = {"series": i, "detector": det_name, "snr": snr, "seconds": secs, "n_samples": int(x.shape[0]),
            "error": error}
     if s.refs_by_lead is not None:
-        out["by_lead"] = {
-            lead: {"raw": score(r, det, s.scored_by_lead[lead], s.fs),
-                   "corrected": score(r, cor, s.scored_by_lead[lead], s.fs)}
-            for lead, r in s.refs_by_lead.items()
-        }
+        # Fused leads: each lead's marks against that lead's own R of every beat (biod reports
+        # one per lead), the correction on that lead alone.
+        out["by_lead"] = {}
+        for lead, r in s.refs_by_lead.items():
+            k = LUDB_LEADS.index(lead)
+            d = np.unique(det[:, k][det[:, k] >= 0]) if det.ndim == 2 else det
+            cor = bandpass_correct(x[:, k:k + 1], s.fs, d)
+            out["by_lead"][lead] = {"raw": score(r, d, s.scored_by_lead[lead], s.fs),
+                                    "corrected": score(r, cor, s.scored_by_lead[lead], s.fs)}
     else:
+        cor = bandpass_correct(x, s.fs, det)
         out["raw"] = score(ref, det, spans, s.fs)
         out["corrected"] = score(ref, cor, spans, s.fs)
     return out
@@ -390,6 +396,10 @@ def _headline(summ: dict) -> list[str]:
             ludb_err = " / ".join(cell(f"ludb_{l}", d, mode, "median_err_ms") for l in ("I", "II", "III"))
             lines.append(f"| {LABELS[d]} | {mode} | {cell('mitdb', d, mode, 'se')} | {cell('mitdb', d, mode, 'ppv')} | "
                          f"{ludb_f1} | {ludb_err} | {cell('noise_0dB', d, mode, 'f1')} |")
+    if "biod" in summ.get("ludb_fused_vs_I", {}):  # LUDB has 3 leads; MIT-BIH and the noise test 1 here
+        ludb_f1 = " / ".join(cell(f"ludb_fused_vs_{l}", "biod", "raw", "f1") for l in LUDB_LEADS)
+        ludb_err = " / ".join(cell(f"ludb_fused_vs_{l}", "biod", "raw", "median_err_ms") for l in LUDB_LEADS)
+        lines.append(f"| biod, leads I+II+III fused, each lead's own R | raw | - | - | {ludb_f1} | {ludb_err} | - |")
     return lines + [""]
 
 
@@ -434,7 +444,7 @@ def _plot(series: list[Series], path: Path, noise_seconds: float) -> None:
     for ax, (s, snr) in zip(axes[:, 0], panels):
         x, ref, _ = _noisy(s, snr, noise_seconds)
         n = min(x.shape[0], int(10 * s.fs))
-        det = detect_rpeaks(x, s.fs, chunk=int(round(s.fs)))
+        det = run_detector("biod", x, s.fs)
         t = np.arange(n) / s.fs
         for k in range(x.shape[1]):
             ax.plot(t, x[:n, k] - 1.5 * k, lw=0.7, color=f"C{k}")
@@ -442,13 +452,15 @@ def _plot(series: list[Series], path: Path, noise_seconds: float) -> None:
         if s.refs_by_lead is not None:  # show lead II's marks on lead II's trace
             lead = 1 if "II" in s.refs_by_lead and x.shape[1] > 1 else 0
             ref = s.refs_by_lead.get("II", next(iter(s.refs_by_lead.values())))
+        if det.ndim == 2:  # the R of the lead shown
+            det = det[:, lead][det[:, lead] >= 0]
         r = ref[ref < n]
         d = det[det < n]
         y = x[:, lead] - 1.5 * lead
         ax.plot(r / s.fs, y[r], "o", mfc="none", ms=9, color="green", label="annotated")
         ax.plot(d / s.fs, y[d], "x", ms=7, color="red", label="biod")
         what = f"{s.dataset} {s.name}" + ("" if snr is None else f" + noise {snr} dB SNR")
-        ax.set_title(what + (" (leads I, II, III fused; marks of lead II)" if x.shape[1] > 1 else ""))
+        ax.set_title(what + (" (leads I, II, III fused; lead II's marks and R)" if x.shape[1] > 1 else ""))
         ax.set_xlabel("s")
         ax.set_ylabel("mV")
         ax.legend(loc="upper right")
@@ -577,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         f"last mark of the lead +-75 ms (LUDB leaves complexes at the record edges unmarked: here the first lead-I mark "
         f"comes more than one median RR + 100 ms after the start in {unmarked[0]} of {unmarked[2]} records, and the "
         f"last mark as long before the end in {unmarked[1]}); "
-        "'fused' = biod on leads I+II+III together, scored against each "
-        "lead's marks; '_nonpaced' leaves out the LUDB records whose diagnoses mention pacing (scored "
+        "'fused' = biod on leads I+II+III together (one detection per beat), each lead's marks against "
+        "that lead's own R of each beat (its extremum within +-50 ms of the beat's R, in the lead's "
+        "running polarity); '_nonpaced' leaves out the LUDB records whose diagnoses mention pacing (scored "
         "apart, as MIT-BIH's paced records are). 'overall' = MIT-BIH (incl. paced) + LUDB I, II, III pooled.  ",
         f"Noise stress: first {noise_s:.0f} s of every non-paced MIT-BIH record + generated baseline "
         "wander, muscle-like and motion-like bursts in equal power (training/eval/noise.py, fixed seeds); "

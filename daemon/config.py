@@ -134,6 +134,9 @@ class IdentitySection(_Strict):
     unknown: int = Field(5, ge=1, le=100, description="rejecting decisions before 'unknown' is announced")
     switch: int = Field(8, ge=1, le=100)
     target_far: float = Field(0.01, gt=0, lt=1)
+    far_confidence: float = Field(0.95, ge=0, lt=1, description=(
+        "target_far must hold at this percentile of a bootstrap over the impostor persons "
+        "(0: the plain impostor quantile); docs/identity.md 'Per-person open-set thresholds'"))
     min_enrol_windows: int = Field(20, ge=5, le=10000)
     enrol_seconds: float = Field(90.0, ge=10, le=1800, description="length of an enrolment started from Home Assistant")
     adapt: bool = Field(False, description="add confidently identified wearing sessions as extra prototypes of the wearer "
@@ -154,7 +157,8 @@ class IdentitySection(_Strict):
 
         return IdentityConfig(window=self.window, min_pool=self.min_pool, margin=self.margin, history=self.history,
                               confirm=self.confirm, unknown=self.unknown, switch=self.switch,
-                              target_far=self.target_far, min_enrol_windows=self.min_enrol_windows,
+                              target_far=self.target_far, far_confidence=self.far_confidence,
+                              min_enrol_windows=self.min_enrol_windows,
                               adapt=self.adapt, adapt_max_prototypes=self.adapt_max_prototypes)
 
 

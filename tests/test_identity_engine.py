@@ -27,6 +27,7 @@ from daemon.identity.engine import (
     UNKNOWN,
     IdentityConfig,
     IdentityEngine,
+    _confident_threshold,
     build_prototypes,
     segment_scores,
 )
@@ -178,7 +179,9 @@ def test_unclean_windows_do_not_count_towards_consensus(household):
     assert next(i for i, s in enumerate(states) if s.decided) + 1 >= cfg.min_pool - 1 + cfg.confirm
 
 
-def test_correct_wearer_across_sessions(household):
+def _wearers_and_strangers(household) -> tuple[float, float, int]:
+    """(windows naming the right member, windows naming a wrong one, of 60 strangers how many
+    were announced as a member), each member streamed 3 times for 60 windows on another day."""
     hh, means, people, cfg = household
     wrong = correct = 0
     for rep in range(3):
@@ -189,8 +192,30 @@ def test_correct_wearer_across_sessions(household):
             correct += sum(w == f"P{p}" for w in decided)
             wrong += sum(w not in (f"P{p}", UNKNOWN) for w in decided)
     total = 3 * len(means) * 60
-    assert wrong / total <= 0.02, f"{wrong} windows announced the wrong person"
-    assert correct / total >= 0.7, correct / total  # at most 0.88: 7 of 60 windows are the consensus delay
+    named = 0
+    for m in hh.persons(60):
+        states = run_stream(IdentityEngine(people, cfg, model=MODEL), hh.stream(m, 40))
+        named += any(s.wearer not in (None, UNKNOWN) for s in states)
+    return correct / total, wrong / total, named
+
+
+def test_correct_wearer_across_sessions():
+    # own households (not the shared fixture, whose random stream earlier tests advance), the
+    # same persons enrolled with the plain impostor quantile and with the default; 3 seeds
+    def over_seeds(config: IdentityConfig | None) -> tuple[float, float, int]:
+        runs = [_wearers_and_strangers(enrol_household(seed=seed, config=config)) for seed in (1, 2, 3)]
+        for correct, wrong, _ in runs:
+            assert wrong <= 0.02, f"{wrong:.1%} of windows announced the wrong person"
+        return (float(np.mean([r[0] for r in runs])), float(np.mean([r[1] for r in runs])), sum(r[2] for r in runs))
+
+    plain = over_seeds(IdentityConfig(far_confidence=0.0))
+    conf = over_seeds(None)
+    assert plain[0] >= 0.7, plain  # at most 0.88: 7 of 60 windows are the consensus delay
+    # The confident thresholds (default) trade members for strangers in this simulator, whose
+    # 60 impostor persons already pin the 1 % quantile (docs/identity.md): fewer strangers
+    # named, and members later or `unknown` more often, never named wrongly.
+    assert conf[0] >= 0.5, conf
+    assert conf[2] < plain[2], (conf, plain)
 
 
 def test_impostor_is_unknown_not_a_household_member(household):
@@ -321,7 +346,9 @@ def test_reported_far_matches_held_out_impostors_and_frr_is_sensible(household):
         assert frr_rep <= frr_meas + 0.05  # the same-session FRR is the optimistic one
     assert abs(np.mean(r["far_meas"]) - np.mean(r["far_rep"])) <= 0.02, r
     assert np.mean(r["far_meas"]) <= np.mean(r["far_upper"]) + 0.01, r
-    assert np.mean(r["frr_meas"]) <= 0.4, r  # per decision, another day; consensus turns it into a late announcement
+    # per decision, another day; consensus turns it into a late announcement (the default
+    # confident thresholds pay for their lower FAR here: 0.41 on this household, plain quantile 0.24)
+    assert np.mean(r["frr_meas"]) <= 0.5, r
 
 
 def test_enrolment_reports_margins_to_each_enrolled_person(household):
@@ -402,8 +429,10 @@ def test_strong_session_adds_a_prototype_and_rederives_the_threshold(household):
     assert after.stats["enrol_threshold"] == before.threshold and after.stats["n_adaptations"] == 1
     # the threshold is the impostor quantile for the NEW prototype set (other members' prototypes
     # count as impostors, P0's own do not): per-decision FAR stays at target
-    imp, _ = engine._impostor_scores(after.prototypes, *hh.impostors, exclude=0)
-    assert after.threshold == pytest.approx(float(np.quantile(imp, 1 - engine.config.target_far, method="higher")))
+    imp, who = engine._impostor_scores(after.prototypes, *hh.impostors, exclude=0)
+    cfg = engine.config
+    assert after.threshold == pytest.approx(_confident_threshold(imp, who, cfg.target_far, cfg.far_confidence, cfg.seed))
+    assert after.threshold >= float(np.quantile(imp, 1 - cfg.target_far, method="higher"))
     assert after.threshold >= before.threshold  # max over more prototypes: impostors score at least as high
     assert np.mean(imp >= after.threshold) <= engine.config.target_far + 1 / imp.size  # the quantile score itself
     assert after.stats["expected_far"] == pytest.approx(float(np.mean(imp >= after.threshold)))
@@ -642,12 +671,14 @@ if __name__ == "__main__":
             eer, frr = pooling_det(scoring, outliers, range(30, 36))
             print(f"  outliers={outliers:.2f} scoring={scoring:8s} EER={eer:.3f} FRR@FAR1%={frr:.3f}")
     print("whole engine, 5-person households x 4 seeds, 90-window other-day sessions, 5 % outliers:")
-    base = IdentityConfig()
-    for name, cfg in (("defaults", base),
-                      ("scoring=median", IdentityConfig(scoring="median")),
-                      ("target_far=0.005", IdentityConfig(target_far=0.005)),
-                      ("switch=5 stay_hysteresis=0.03", IdentityConfig(switch=5, stay_hysteresis=0.03)),
-                      ("window=min_pool=8", IdentityConfig(window=8, min_pool=8))):
+    plain = dict(far_confidence=0.0)  # the variants below against the plain impostor quantile
+    for name, cfg in (("defaults", IdentityConfig()),
+                      ("far_confidence=0", IdentityConfig(**plain)),
+                      ("far_confidence=0 scoring=median", IdentityConfig(**plain, scoring="median")),
+                      ("far_confidence=0 target_far=0.005", IdentityConfig(**plain, target_far=0.005)),
+                      ("far_confidence=0 switch=5 stay_hysteresis=0.03",
+                       IdentityConfig(**plain, switch=5, stay_hysteresis=0.03)),
+                      ("far_confidence=0 window=min_pool=8", IdentityConfig(**plain, window=8, min_pool=8))):
         r = measure_engine(cfg, range(20, 24))
         print(f"  {name:32s} " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
     print("enrolment estimates vs held-out (60 impostor persons) and another day, 5 persons x 8 seeds:")

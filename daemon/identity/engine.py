@@ -311,8 +311,8 @@ def _far_upper(accepted: np.ndarray, person: np.ndarray, seed: int, n_boot: int 
         return float("nan")
     hits = np.bincount(person, weights=accepted.astype(np.float64))
     totals = np.bincount(person).astype(np.float64)
-    idx = np.random.default_rng(seed).integers(len(totals), size=(n_boot, len(totals)))
-    return float(np.quantile(hits[idx].sum(axis=1) / totals[idx].sum(axis=1), 0.95))
+    draws = _person_draws(len(totals), seed, n_boot)
+    return float(np.quantile((draws @ hits) / (draws @ totals), 0.95))
 
 
 def _confident_threshold(impostor: np.ndarray, person: np.ndarray, target_far: float, confidence: float,
@@ -786,7 +786,8 @@ class IdentityEngine:
 
     def _choose_threshold(self, genuine: np.ndarray, impostor: np.ndarray,
                           impostor_person: np.ndarray) -> tuple[float, list[str]]:
-        """Neyman-Pearson: the lowest threshold keeping false accepts at ``target_far``.
+        """Neyman-Pearson: the lowest threshold keeping false accepts at ``target_far`` (with
+        ``far_confidence`` > 0: at that percentile of a bootstrap over ``impostor_person``).
 
         WHY not also push it up towards the genuine scores: the genuine scores come from the
         enrolment session itself and are optimistic; another day's windows score lower

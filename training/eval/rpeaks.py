@@ -186,6 +186,16 @@ def run_detector(name: str, x: np.ndarray, fs: float) -> np.ndarray:
     return np.asarray(fn(x1), dtype=np.int64)
 
 
+def lead_detections(det: np.ndarray, lead: int) -> np.ndarray:
+    """One lead's beats from :func:`run_detector`'s output: for biod on several leads (one row
+    per beat, each lead's own R, -1 where the lead was off) that lead's column, sorted; a 1-D
+    output is the same for every lead."""
+    if det.ndim == 1:
+        return det
+    col = det[:, lead]
+    return np.unique(col[col >= 0])
+
+
 def bandpass_correct(x: np.ndarray, fs: float, det: np.ndarray, tol_s: float = TOL_S) -> np.ndarray:
     """Move each detection to the largest |5-20 Hz zero-phase band-pass| within +-tol (the sum
     of |band-pass| over the columns of ``x``; the scoring passes one lead)."""
@@ -289,7 +299,7 @@ def _job(args: tuple[int, str, float | None, float]) -> dict:
         out["by_lead"] = {}
         for lead, r in s.refs_by_lead.items():
             k = LUDB_LEADS.index(lead)
-            d = np.unique(det[:, k][det[:, k] >= 0]) if det.ndim == 2 else det
+            d = lead_detections(det, k)
             cor = bandpass_correct(x[:, k:k + 1], s.fs, d)
             out["by_lead"][lead] = {"raw": score(r, d, s.scored_by_lead[lead], s.fs),
                                     "corrected": score(r, cor, s.scored_by_lead[lead], s.fs)}
@@ -452,8 +462,7 @@ def _plot(series: list[Series], path: Path, noise_seconds: float) -> None:
         if s.refs_by_lead is not None:  # show lead II's marks on lead II's trace
             lead = 1 if "II" in s.refs_by_lead and x.shape[1] > 1 else 0
             ref = s.refs_by_lead.get("II", next(iter(s.refs_by_lead.values())))
-        if det.ndim == 2:  # the R of the lead shown
-            det = det[:, lead][det[:, lead] >= 0]
+        det = lead_detections(det, lead)  # the R of the lead shown
         r = ref[ref < n]
         d = det[det < n]
         y = x[:, lead] - 1.5 * lead

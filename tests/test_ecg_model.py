@@ -113,16 +113,48 @@ def test_shipped_manifest_sha_size_and_contract():
         set(range(15)) - set(GUDB_TEST_SUBJECTS))
 
 
+def _unit(e: np.ndarray) -> np.ndarray:
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
 def test_shipped_int8_matches_float_twin_on_real_windows():
+    """The int8 file must compute the network it was exported from. Cosine of unit embeddings
+    (the int8 UnitNormalization leaves norms of 0.84-1.04; every consumer re-normalises) over
+    the fixture recordings' windows. CNN 1.0.0 (min/max activation ranges) gave median / 5th
+    percentile 0.986 / 0.967 here and fails this; 1.1.0 (percentile ranges) 0.995 / 0.984."""
     int8 = load_model(SHIPPED)
     flt = load_model(SHIPPED.parent / "float" / SHIPPED.name)
-    rec = load_ecgid(MINIDATA)[0]
-    w = windows_from_record(rec.x_mv, rec.fs, lead_valid=rec.lead_valid, **PIPELINE_KW).data
-    a, b = int8.run(ecg=w), flt.run(ecg=w)
-    cos = np.sum(a["embedding"] * b["embedding"], axis=1)
-    assert cos.mean() > 0.98 and cos.min() > 0.9
-    assert np.mean(a["activity"].argmax(1) == b["activity"].argmax(1)) >= 0.9
+    cos, agree = [], []
+    for rec in load_ecgid(MINIDATA) + load_ludb(MINIDATA):
+        w = windows_from_record(rec.x_mv, rec.fs, lead_valid=rec.lead_valid, **PIPELINE_KW).data
+        a, b = int8.run(ecg=w), flt.run(ecg=w)
+        cos.extend(np.sum(_unit(a["embedding"]) * _unit(b["embedding"]), axis=1))
+        agree.extend(a["activity"].argmax(1) == b["activity"].argmax(1))
+    assert len(cos) > 100
+    assert np.median(cos) > 0.99 and np.percentile(cos, 5) > 0.975, (
+        f"int8 embeddings drift from float: median / p5 cosine {np.median(cos):.4f} / "
+        f"{np.percentile(cos, 5):.4f}")
+    assert np.mean(agree) >= 0.9
     single = int8.run(ecg=w[0])                                # no batch axis in, none out
     np.testing.assert_allclose(single["embedding"], a["embedding"][0], atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         int8.run(ecg=w[:, :100])
+
+
+def test_keras_model_rebuilt_from_the_float_twin_is_the_same_network():
+    """training.requantize_ecg re-exports the shipped CNN from the Keras model rebuilt out of its
+    float twin (BatchNormalization folded into the convolutions): it must compute the twin's
+    outputs on real windows, and the saved Keras model beside the twin must be that model."""
+    import keras
+
+    from training.models.ecg_dualtask import keras_from_float_twin
+
+    twin_path = SHIPPED.parent / "float" / SHIPPED.name
+    rec = load_ecgid(MINIDATA)[0]
+    w = windows_from_record(rec.x_mv, rec.fs, lead_valid=rec.lead_valid, **PIPELINE_KW).data
+    want = load_model(twin_path).run(ecg=w)
+    for model in (keras_from_float_twin(twin_path),
+                  keras.models.load_model(twin_path.with_suffix(".keras"))):
+        got = model.predict(w, verbose=0)
+        np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
+        np.testing.assert_allclose(got["activity"], want["activity"], atol=1e-5)

@@ -192,9 +192,6 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLO
     """Fit, export int8 + float, set the fused threshold and write the held-out metrics.
     ``slope``: the measured, unshipped variant (beat + slope, PCA ``SLOPE_N_PCA``, version
     ``SLOPE_VERSION``), for re-running docs/MODELS.md's comparison."""
-    from daemon.biometrics import EcgModelRunner
-    from training.eval.identity import choose_threshold, fused_embeddings
-    from training.eval.models import run_batches
     from training.export import export_float, export_int8
 
     t0 = time.time()
@@ -215,26 +212,36 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLO
     out_dir = Path(out_dir)
     p8 = export_int8(model, rep, out_dir, NAME, fields)
     pf = export_float(model, out_dir / "float", NAME, fields)
-    # threshold of the fused embedding, on persons never fitted on
-    runner = EcgModelRunner.load(out_dir / "ecg_dualtask.tflite")
-    cws = record_windows(calib, PIPELINE_KW)
-    cnn = run_batches(runner.model, cws.x)["embedding"]
-    threshold = choose_threshold(cws, fused_embeddings(runner, cws, cnn))
-    from training.export import update_manifest
-
-    for p in (p8, pf):
-        update_manifest(p, thresholds={"fusion_weight_cnn": FUSION_WEIGHT_CNN,
-                                       "identity_cosine": float(threshold)})
-    # what the daemon serves is the fusion: its held-out numbers belong in this manifest
-    from training.eval.models import evaluate_ecg, manifest_metrics
-
-    _, fused = manifest_metrics(evaluate_ecg(Path(data_dir), out_dir, figures=None, progress=progress))
-    for p in (p8, pf):
-        update_manifest(p, metrics=fused or {})
+    threshold = fused_threshold_and_metrics(Path(data_dir), out_dir, calib, progress)
     progress(f"beats: exported {p8} ({p8.stat().st_size} bytes) and {pf}; fused threshold "
              f"{threshold:.3f} ({time.time() - t0:.0f} s)")
     return {"int8": str(p8), "float": str(pf), "threshold": float(threshold),
             "seconds": time.time() - t0}
+
+
+def fused_threshold_and_metrics(data_dir: Path, out_dir: Path, calib: list[EcgRecord],
+                                progress=print) -> float:
+    """Set the fused embedding's threshold (FAR 1 % on the calibration persons ``calib``, never
+    fitted on) and the held-out fused metrics in both beat manifests of ``out_dir``. Depends on
+    the CNN's int8 file as much as on the beat model: re-run when either changes."""
+    from daemon.biometrics import EcgModelRunner
+    from training.eval.identity import choose_threshold, fused_embeddings
+    from training.eval.models import evaluate_ecg, manifest_metrics, run_batches
+    from training.export import update_manifest
+
+    runner = EcgModelRunner.load(out_dir / "ecg_dualtask.tflite")
+    cws = record_windows(calib, PIPELINE_KW)
+    cnn = run_batches(runner.model, cws.x)["embedding"]
+    threshold = choose_threshold(cws, fused_embeddings(runner, cws, cnn))
+    paths = (out_dir / f"{NAME}.tflite", out_dir / "float" / f"{NAME}.tflite")
+    for p in paths:
+        update_manifest(p, thresholds={"fusion_weight_cnn": FUSION_WEIGHT_CNN,
+                                       "identity_cosine": float(threshold)})
+    # what the daemon serves is the fusion: its held-out numbers belong in this manifest
+    _, fused = manifest_metrics(evaluate_ecg(data_dir, out_dir, figures=None, progress=progress))
+    for p in paths:
+        update_manifest(p, metrics=fused or {})
+    return float(threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

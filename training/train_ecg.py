@@ -38,7 +38,10 @@ PIPELINE_KW = {"model_fs": int(os.environ.get("BIOD_ECG_FS", 100)), "window_s": 
 INPUT_LEN = 3 * PIPELINE_KW["model_fs"]
 STRIDES = (1, 2, 2, 2) if INPUT_LEN <= 300 else (2, 2, 2, 2)
 MODEL_NAME = "ecg_dualtask"
-VERSION = "1.0.0"
+# 1.1.0: the same network as 1.0.0 (float twin unchanged), int8 activation ranges from the
+# CLIP_PERCENTILE-th percentiles of the calibration windows instead of their min/max
+VERSION = "1.1.0"
+CLIP_PERCENTILE = 99.99
 ACT_SECONDS = 20.0
 
 Progress = Callable[[str], None]
@@ -326,15 +329,21 @@ def manifest_fields(data: EcgTrainingData, threshold: float, cfg: TrainConfig) -
     }
 
 
+def representative_windows(data: EcgTrainingData) -> np.ndarray:
+    """The int8 calibration windows: 400 identity and 100 constructed activity windows of the
+    training persons, drawn with a fixed seed (the same 500 for every export of one data folder)."""
+    rng = np.random.default_rng(0)
+    return np.concatenate([data.ident.x[rng.permutation(len(data.ident.x))[:400]],
+                           data.act_x[rng.permutation(len(data.act_x))[:100]]])
+
+
 def export_models(model, data: EcgTrainingData, threshold: float, cfg: TrainConfig,
                   out_dir: Path) -> tuple[Path, Path]:
     from training.export import export_float, export_int8
 
     fields = manifest_fields(data, threshold, cfg)
-    rng = np.random.default_rng(0)
-    rep = np.concatenate([data.ident.x[rng.permutation(len(data.ident.x))[:400]],
-                          data.act_x[rng.permutation(len(data.act_x))[:100]]])
-    p8 = export_int8(model, rep, out_dir, MODEL_NAME, fields)
+    p8 = export_int8(model, representative_windows(data), out_dir, MODEL_NAME, fields,
+                     clip_percentile=CLIP_PERCENTILE)
     pf = export_float(model, Path(out_dir) / "float", MODEL_NAME, fields)
     # the trained Keras model beside the float twin (like the IMU models'): the int8 file can be
     # re-exported or its quantisation examined without retraining

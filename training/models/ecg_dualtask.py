@@ -91,7 +91,7 @@ def build_dualtask(input_len: int = 300, n_leads: int = 3, embedding_dim: int = 
                    dropout: float = 0.0) -> keras.Model:
     """Return the dual-task model: input (B, input_len, n_leads) -> {embedding, activity}.
 
-    Default size (~82 k parameters) keeps the int8 file (143 KB) under the 150 KB budget.
+    Default size (~82 k parameters) keeps the int8 file (138 KB) under the 150 KB budget.
     ``dropout`` (training only, no weights, nothing exported) on the pooled shared features
     before the identity head: with ~120 training persons the head otherwise memorises them."""
     inp = keras.Input((input_len, n_leads), name="ecg")
@@ -114,3 +114,63 @@ def shared_last_layer(model: keras.Model) -> list[tf.Variable]:
     """Weights of the last shared conv: where GradNorm measures the per-task gradient norms."""
     convs = [layer for layer in model.layers if layer.name.endswith("_conv2")]
     return list(convs[-1].trainable_weights)
+
+
+def keras_from_float_twin(path) -> keras.Model:
+    """Rebuild the dual-task Keras model from its float32 LiteRT twin (``float/<name>.tflite``).
+
+    WHY: re-quantising a shipped network (a better int8 calibration, a newer converter) needs
+    the Keras model, and the first shipped CNN was exported before ``training.train_ecg`` kept
+    it. The float twin holds every weight: the converter folded each BatchNormalization into
+    the convolution before it (kernel scaled per output channel, a bias added), so the rebuilt
+    model gets the folded kernels and identity BatchNormalization layers carrying the bias
+    (gamma 1, mean 0, variance 1 - epsilon, beta = bias). The same function, not an
+    approximation: ``training.requantize_ecg`` checks it against the twin before using it.
+    Tensors are found by the layer names ``build_dualtask`` gives them.
+    """
+    from daemon.inference.runtime import _Interpreter
+
+    interp = _Interpreter(model_path=str(path), num_threads=1)
+    interp.allocate_tensors()
+    tensors: dict[str, np.ndarray] = {}
+    for t in interp.get_tensor_details():
+        try:
+            tensors[t["name"]] = interp.get_tensor(t["index"])
+        except ValueError:  # activations have no data before an invoke
+            continue
+
+    def unique(part: str, ndim: int) -> np.ndarray:
+        """The one constant of ``ndim`` dimensions whose (fused) name contains ``part``."""
+        hits = [k for k in tensors if part in k.split(";") or any(
+            seg.startswith(part) for seg in k.split(";")) if tensors[k].ndim == ndim]
+        if len(hits) != 1:
+            raise ValueError(f"{path}: expected one {ndim}-d tensor named {part}, found {len(hits)}")
+        return tensors[hits[0]]
+
+    stem_bn = [("stem", "stem_bn")]
+    blocks = [(f"res{i}_conv{j}", f"res{i}_bn{j}") for i in range(4) for j in (1, 2)]
+    blocks += [(f"res{i}_proj", f"res{i}_bnp") for i in range(4)]
+    model = build_dualtask()
+    names = {layer.name for layer in model.layers}
+    for conv, bn in stem_bn + blocks:
+        if conv not in names:
+            continue  # a block without a projection shortcut
+        base = f"ecg_dualtask_1/{bn}_1/batchnorm/"
+        kernel = unique(base + "mul_1", 4)  # (out, 1, k, in)
+        bias = unique(base + "add_1", 1)
+        model.get_layer(conv).set_weights([np.transpose(kernel[:, 0], (1, 2, 0))])
+        bn_layer = model.get_layer(bn)
+        n = len(bias)
+        bn_layer.set_weights([np.ones(n, np.float32), bias.astype(np.float32),
+                              np.zeros(n, np.float32), np.full(n, 1.0 - bn_layer.epsilon, np.float32)])
+    for i in range(4):
+        sca = model.get_layer(f"res{i}_sca")
+        base = f"ecg_dualtask_1/res{i}_sca_1/"
+        kernel = tensors[base + "channel_conv_1/convolution"]  # (1, 1, k, 1)
+        sca.channel_conv.set_weights([kernel[0, 0].reshape(-1, 1, 1)])
+        sca.sequence_fc.set_weights([tensors[base + "sequence_fc_1/MatMul"].T,
+                                     tensors[base + "sequence_fc_1/BiasAdd"]])
+    for name in ("embedding_dense", "activity_hidden", "activity"):
+        base = f"ecg_dualtask_1/{name}_1/"
+        model.get_layer(name).set_weights([tensors[base + "MatMul"].T, unique(base + "BiasAdd", 1)])
+    return model

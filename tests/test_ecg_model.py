@@ -158,3 +158,23 @@ def test_keras_model_rebuilt_from_the_float_twin_is_the_same_network():
         got = model.predict(w, verbose=0)
         np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
         np.testing.assert_allclose(got["activity"], want["activity"], atol=1e-5)
+
+
+def test_requantize_keeps_the_manifest_but_the_version():
+    """training.requantize_ecg replaces only the int8 file: the manifest it exports with keeps the
+    persons, held-out lists, thresholds and input contract of the file it replaces, takes the new
+    version and says how it was made, and leaves out what export fills in."""
+    from training.requantize_ecg import int8_fields
+
+    old = load_manifest(SHIPPED.with_suffix(".json"))
+    fields = int8_fields(SHIPPED, "9.9.9", 99.5)
+    assert fields["version"] == "9.9.9"
+    assert fields["training"]["persons"] == old.training.persons
+    assert fields["training"]["held_out"] == old.training.held_out
+    assert fields["thresholds"] == old.thresholds
+    assert "99.5th percentiles" in fields["notes"] and old.version in fields["notes"]
+    assert not {"sha256", "size_bytes", "file", "created", "name"} & set(fields)
+    spec = fields["inputs"][0]
+    assert spec["name"] == "ecg" and spec["shape"] == [INPUT_LEN, 3]
+    assert "quantisation" not in spec and "dtype" not in spec
+    assert [o["name"] for o in fields["outputs"]] == ["embedding", "activity"]

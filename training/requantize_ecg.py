@@ -103,6 +103,7 @@ def requantize(data_dir: Path, models: Path, clip_percentile: float, progress=pr
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.train import _progress  # the same elapsed-time progress lines as training.train
     from training.train_ecg import CLIP_PERCENTILE
 
     ap = argparse.ArgumentParser(prog="python -m training.requantize_ecg", description=__doc__,
@@ -115,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if not folder.is_dir():
             print(f"error: {what} {folder} is not a folder", file=sys.stderr)
             return 2
-    t0 = time.time()
-
-    def say(msg: str) -> None:
-        print(f"[{time.time() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    requantize(args.data, args.models, args.clip_percentile, say)
+    requantize(args.data, args.models, args.clip_percentile, _progress(time.time()))
     return 0
 
 

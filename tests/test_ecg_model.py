@@ -8,6 +8,7 @@ import pytest
 
 from daemon.dsp.ecg_pipeline import windows_from_record
 from daemon.dsp.rpeaks import detect_rpeaks
+from daemon.inference.beatmorph import _unit  # what the daemon normalises embeddings with
 from daemon.inference.manifest import load_manifest, sha256_file
 from daemon.inference.runtime import load_model
 from training.data.ecg import is_training_person, load_ecgid, load_ludb
@@ -111,10 +112,6 @@ def test_shipped_manifest_sha_size_and_contract():
     assert all(is_training_person(p) for p in trained if not p.startswith("gudb_rpeaks:"))
     assert {int(p.split(":")[1]) for p in trained if p.startswith("gudb_rpeaks:")} == (
         set(range(15)) - set(GUDB_TEST_SUBJECTS))
-
-
-def _unit(e: np.ndarray) -> np.ndarray:
-    return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
 def test_shipped_int8_matches_float_twin_on_real_windows():

@@ -32,6 +32,7 @@ import numpy as np
 from daemon.inference.manifest import load_manifest, manifest_path_for
 
 _RESERVED = {"dtype", "quantisation", "sha256", "size_bytes", "created", "file", "name"}
+_NOTE = "int8 re-exported"
 TWIN_TOLERANCE = 1e-4  # max |embedding difference| between the rebuilt model and its float twin
 
 
@@ -69,14 +70,16 @@ def int8_fields(int8_path: Path, version: str, clip_percentile: float) -> dict:
                         for s in m["inputs"]]
     fields["outputs"] = [{"name": o["name"], "meaning": o["meaning"]} for o in m["outputs"]]
     fields["version"] = version
-    note = (f"int8 re-exported from the {m['version']} float network by training.requantize_ecg "
+    note = (f"{_NOTE} from the {m['version']} float network by training.requantize_ecg "
             f"(activation ranges: {clip_percentile}th percentiles of the calibration windows)")
-    fields["notes"] = f"{m.get('notes', '')}; {note}".lstrip("; ")
+    # a second re-export replaces the first one's note instead of adding to it
+    kept = m.get("notes", "").split(f"; {_NOTE}")[0]
+    fields["notes"] = f"{kept}; {note}".lstrip("; ")
     return fields
 
 
 def requantize(data_dir: Path, models: Path, clip_percentile: float, progress=print) -> Path:
-    from training.eval.models import evaluate_ecg, manifest_metrics
+    from training.eval.models import manifest_metrics
     from training.export import export_int8, update_manifest
     from training.impostors import build as build_impostors
     from training.data.ecg import load_training_records
@@ -91,12 +94,12 @@ def requantize(data_dir: Path, models: Path, clip_percentile: float, progress=pr
     p8 = export_int8(model, rep, models, MODEL_NAME, fields, clip_percentile=clip_percentile)
     update_manifest(models / "float" / f"{MODEL_NAME}.tflite", version=VERSION)
     progress(f"requantize: wrote {p8} ({p8.stat().st_size} bytes), version {VERSION}")
-    threshold = fused_threshold_and_metrics(data_dir, models, load_training_records(data_dir)[1],
-                                            progress)
+    threshold, evaluation = fused_threshold_and_metrics(
+        data_dir, models, load_training_records(data_dir)[1], progress)
     progress(f"requantize: fused threshold {threshold:.3f} (FAR 1 % on the calibration persons)")
     build_impostors(data_dir, models)
     progress("requantize: impostor set rebuilt")
-    metrics, _ = manifest_metrics(evaluate_ecg(data_dir, models, figures=None, progress=progress))
+    metrics, _ = manifest_metrics(evaluation)  # the CNN alone, from the same held-out run
     update_manifest(p8, metrics=metrics)
     update_manifest(models / "float" / f"{MODEL_NAME}.tflite", metrics=metrics)
     return p8

@@ -212,7 +212,7 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLO
     out_dir = Path(out_dir)
     p8 = export_int8(model, rep, out_dir, NAME, fields)
     pf = export_float(model, out_dir / "float", NAME, fields)
-    threshold = fused_threshold_and_metrics(Path(data_dir), out_dir, calib, progress)
+    threshold, _ = fused_threshold_and_metrics(Path(data_dir), out_dir, calib, progress)
     progress(f"beats: exported {p8} ({p8.stat().st_size} bytes) and {pf}; fused threshold "
              f"{threshold:.3f} ({time.time() - t0:.0f} s)")
     return {"int8": str(p8), "float": str(pf), "threshold": float(threshold),
@@ -220,10 +220,12 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLO
 
 
 def fused_threshold_and_metrics(data_dir: Path, out_dir: Path, calib: list[EcgRecord],
-                                progress=print) -> float:
+                                progress=print) -> tuple[float, dict]:
     """Set the fused embedding's threshold (FAR 1 % on the calibration persons ``calib``, never
     fitted on) and the held-out fused metrics in both beat manifests of ``out_dir``. Depends on
-    the CNN's int8 file as much as on the beat model: re-run when either changes."""
+    the CNN's int8 file as much as on the beat model: re-run when either changes. Returns the
+    threshold and the held-out evaluation (``evaluate_ecg``), whose CNN-alone metrics a caller
+    that changed the CNN writes into the CNN's manifests without evaluating again."""
     from daemon.biometrics import EcgModelRunner
     from training.eval.identity import choose_threshold, fused_embeddings
     from training.eval.models import evaluate_ecg, manifest_metrics, run_batches
@@ -238,10 +240,11 @@ def fused_threshold_and_metrics(data_dir: Path, out_dir: Path, calib: list[EcgRe
         update_manifest(p, thresholds={"fusion_weight_cnn": FUSION_WEIGHT_CNN,
                                        "identity_cosine": float(threshold)})
     # what the daemon serves is the fusion: its held-out numbers belong in this manifest
-    _, fused = manifest_metrics(evaluate_ecg(data_dir, out_dir, figures=None, progress=progress))
+    evaluation = evaluate_ecg(data_dir, out_dir, figures=None, progress=progress)
+    _, fused = manifest_metrics(evaluation)
     for p in paths:
         update_manifest(p, metrics=fused or {})
-    return float(threshold)
+    return float(threshold), evaluation
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,8 +141,8 @@ def keras_from_float_twin(path) -> keras.Model:
 
     def unique(part: str, ndim: int) -> np.ndarray:
         """The one constant of ``ndim`` dimensions whose (fused) name contains ``part``."""
-        hits = [k for k in tensors if part in k.split(";") or any(
-            seg.startswith(part) for seg in k.split(";")) if tensors[k].ndim == ndim]
+        hits = [k for k in tensors if tensors[k].ndim == ndim
+                and any(seg.startswith(part) for seg in k.split(";"))]
         if len(hits) != 1:
             raise ValueError(f"{path}: expected one {ndim}-d tensor named {part}, found {len(hits)}")
         return tensors[hits[0]]

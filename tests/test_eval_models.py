@@ -1,6 +1,7 @@
 """`python -m training.eval models` on the tiny real-data fixture folder."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def test_eval_models_on_fixture_prints_metrics(tmp_path, capsys):
         assert 0.0 <= ecg[kind]["id10s_rank1"] <= 100.0
         assert ecg[kind]["activity_n"] > 0
     assert 0 < ecg["int8"]["ms_per_window_1core"] < 50
+    # The daemon enrols and identifies from quality-ok windows only: the eval scores that too.
+    # The fixture's noisy stretches lose 10 of 207 windows, and with them 2 of the 35 3 s tests.
+    assert 0 < ecg["windows_quality_rejected"] < ecg["windows"]
+    for kind in ("float", "int8"):
+        assert ecg[kind]["gated_id3s_n_tests"] < ecg[kind]["id3s_n_tests"]
+        assert 0.0 <= ecg[kind]["gated_id10s_rank1"] <= 100.0
     # person-bootstrap intervals (default 2000 draws): the paired int8 - float difference's
     # point is the difference of the two columns, and every interval is ordered
     boot = ecg["bootstrap"]
@@ -91,3 +98,31 @@ def test_int8_fidelity_compares_each_window_with_its_float_twin() -> None:
     assert res["beats_cos_median"] == pytest.approx(-1.0) and res["beats_cos_p5"] == pytest.approx(-1.0)
     assert res["cnn_cos_median"] == pytest.approx(1.0)
     assert set(int8_fidelity(cnn, cnn, cnn, cnn)) == {"cnn_cos_median", "cnn_cos_p5"}  # CNN alone
+
+
+def test_window_set_keeps_the_quality_verdict_aligned_when_cut() -> None:
+    """record_windows carries the pipeline's per-window quality verdict, and select() cuts it,
+    the beats and every other per-window field alike (the gated evaluation relies on it)."""
+    from daemon.dsp.ecg_pipeline import windows_from_record
+    from training.data.ecg import load_ecgid, record_windows
+    from training.eval.models import DEFAULT_MODELS, ECG_MODEL, pipeline_kwargs
+    from daemon.biometrics import EcgModelRunner
+    from daemon.inference.manifest import load_manifest
+
+    path = DEFAULT_MODELS / f"{ECG_MODEL}.tflite"
+    kw = pipeline_kwargs(load_manifest(path.with_suffix(".json")))
+    kw.update(EcgModelRunner.load(path).pipeline_kwargs())
+    rec = load_ecgid(MINIDATA)[0]
+    x = rec.x_mv.copy()
+    x[2000:4500] += 3.0 * np.random.default_rng(0).standard_normal((2500, x.shape[1]))  # a burst
+    rec = dataclasses.replace(rec, x_mv=x)
+    ws = record_windows([rec], kw)
+    rw = windows_from_record(rec.x_mv, rec.fs, lead_valid=rec.lead_valid, **kw)
+    assert ws.ok.tolist() == [bool(o) for o in rw.ok]
+    assert ws.ok.any() and not ws.ok.all()
+    sub = ws.select(ws.ok)
+    kept = np.flatnonzero(ws.ok)
+    assert sub.ok.all() and len(sub.x) == len(sub.morph) == len(sub.rec) == kept.size
+    np.testing.assert_array_equal(sub.x, ws.x[kept])
+    np.testing.assert_array_equal(sub.t_end_s, ws.t_end_s[kept])
+    assert all(a is ws.morph[k] for a, k in zip(sub.morph, kept))

@@ -181,16 +181,28 @@ class WindowSet:
     #: per window, its single beats at the pipeline's ``beat_fs`` ((k, L, 3) mV) when the
     #: pipeline was asked for them (``beat_fs`` in ``pipeline_kw``), else None
     morph: tuple[np.ndarray, ...] | None = None
+    #: per window, the pipeline's quality verdict (``Quality.ok``): the daemon identifies and
+    #: enrols from ok windows only, so an evaluation of what it serves drops the others
+    ok: np.ndarray | None = None
 
     def persons(self) -> np.ndarray:
         return np.array([self.records[i].person for i in self.rec])
+
+    def select(self, keep: np.ndarray) -> "WindowSet":
+        """The windows where ``keep`` (bool, one per window) holds, every per-window field
+        cut alike; ``records`` (which ``rec`` indexes) unchanged."""
+        keep = np.asarray(keep, dtype=bool)
+        return WindowSet(self.x[keep], self.lead_mask[keep], self.rec[keep], self.t_end_s[keep],
+                         self.records,
+                         None if self.morph is None else tuple(m for m, k in zip(self.morph, keep) if k),
+                         None if self.ok is None else self.ok[keep])
 
 
 def record_windows(records: list[EcgRecord], pipeline_kw: dict) -> WindowSet:
     """Cut model windows from every record with the daemon's ``windows_from_record``."""
     from daemon.dsp.ecg_pipeline import windows_from_record
 
-    xs, masks, recs, ends, morph = [], [], [], [], []
+    xs, masks, recs, ends, morph, oks = [], [], [], [], [], []
     for i, r in enumerate(records):
         rw = windows_from_record(r.x_mv, r.fs, lead_valid=r.lead_valid, **pipeline_kw)
         # a window with no usable lead is all zeros: nothing to learn or to identify from
@@ -201,9 +213,10 @@ def record_windows(records: list[EcgRecord], pipeline_kw: dict) -> WindowSet:
         masks.append(np.asarray(rw.lead_mask, dtype=bool)[keep])
         recs.append(np.full(int(keep.sum()), i))
         ends.append(np.asarray(rw.t_end_s, dtype=np.float32)[keep])
+        oks.append(np.asarray(rw.ok, dtype=bool)[keep])
         morph += [w.morph for w, k in zip(rw.windows, keep) if k]
     if not xs:
         raise ValueError("no record was long enough for one model window")
     return WindowSet(np.concatenate(xs), np.concatenate(masks), np.concatenate(recs),
                      np.concatenate(ends), tuple(records),
-                     tuple(morph) if pipeline_kw.get("beat_fs") else None)
+                     tuple(morph) if pipeline_kw.get("beat_fs") else None, np.concatenate(oks))

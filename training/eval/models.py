@@ -5,7 +5,9 @@ of shared/data, never training anything:
 
 * ECG identity (training/eval/identity.py protocol): rank-1, EER, FRR at FAR = 1 % for 3 s,
   10 s and 30 s tests, the cross-session subset, and the false-accept rate of never-enrolled
-  persons (LUDB, MIT-BIH) at the manifest's operating threshold;
+  persons (LUDB, MIT-BIH) at the manifest's operating threshold; every window scored, and again
+  (``gated_*``) with only the windows the pipeline's quality gate passes, as the daemon enrols
+  and identifies;
 * ECG activity on constructed windows (training/data/ecg_activity.py, held-out gudb subjects);
 * IMU metrics from ``training.eval.imu.evaluate_imu``;
 * int8 inference time per window on one core;
@@ -143,6 +145,8 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
         raise ValueError(f"{data_dir}: no ECG persons left after excluding the model's "
                          "training persons: nothing to evaluate")
     ws = record_windows(records, kw)
+    result["windows"] = len(ws.x)
+    result["windows_quality_rejected"] = int((~ws.ok).sum())
     donors = [r for r in load_all(Path(data_dir)) if r.person not in seen
               and r.dataset in ("ludb", "ecgid")]
     ax, _, ay, _ = activity_windows(Path(data_dir), donors, test=True, seed=ACTIVITY_SEED,
@@ -161,6 +165,11 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
         emb = fused_embeddings(runners[kind], ws, cnn) if ws.morph is not None else cnn
         embs[kind] = (cnn, emb)
         metrics, curves[kind] = identity_eval(ws, emb, threshold)
+        if ws.ok is not None and not ws.ok.all():
+            # What the daemon serves: `biod calibrate` and the identity engine use only windows
+            # whose quality is ok, so templates and tests are built from those alone.
+            gated, _ = identity_eval(ws.select(ws.ok), emb[ws.ok], threshold)
+            metrics.update({f"gated_{k}": v for k, v in gated.items()})
         if ws.morph is not None:  # the CNN alone, for the record of what the fusion adds
             cnn_only, _ = identity_eval(ws, cnn, float(manifest.thresholds["identity_cosine"]))
             metrics.update({f"cnn_only_{k}": v for k, v in cnn_only.items()})

@@ -179,7 +179,7 @@ def test_requantize_keeps_the_manifest_but_the_version():
 
 def test_training_is_repeatable_with_the_same_seed():
     """Two runs of the training loop with one seed give the same weights bit for bit (on one
-    machine: TensorFlow's CPU kernels differ between CPU types), so a retrain reproduces a
+    machine: TensorFlow's CPU kernels may differ between CPU types), so a retrain reproduces a
     model and a recipe change is measured against the same baseline, not against noise from
     an unseeded draw. Real fixture windows, a few steps of the shipped recipe."""
     import dataclasses

@@ -13,7 +13,9 @@ CNN (``daemon/inference/beatmorph.py``) it lifts held-out identity clearly (docs
   (``SLOPE`` would add each beat's z-scored first difference: measured, not shipped).
 * Per lead (morphology differs per lead, a shared projection measured worse): lead I from
   ECG-ID + LUDB, lead II from LUDB + MIT-BIH (its first lead), lead III from LUDB; classes are
-  persons; PCA to ``N_PCA`` then shrinkage LDA (Ledoit-Wolf) to ``N_DIM`` directions.
+  persons; PCA to ``N_PCA`` then shrinkage LDA (Ledoit-Wolf) to ``N_DIM`` directions
+  (``--session-weight`` would raise the between-recording scatter in what the LDA whitens:
+  measured, not shipped, docs/MODELS.md).
 * The three projections are one dense layer with a block-diagonal kernel (so the int8 weights
   get one scale per direction, ``keras_model``) exported full-integer int8 with float32 output, like every shipped model; the manifest carries the fusion weight and the open-set
   threshold of the FUSED embedding, chosen at FAR 1 % on the ECG-ID calibration persons (training
@@ -52,6 +54,7 @@ SLOPE = False
 N_PCA = 60
 SLOPE_N_PCA, SLOPE_VERSION = 100, "3.0.0"   # what `--slope` fits: the measured variant
 N_DIM = 48
+SESSION_WEIGHT = 0.0
 FUSION_WEIGHT_CNN = 0.5   # plain sum rule, not tuned on held-out persons
 PIPELINE_KW = {"model_fs": 100, "window_s": 3, "hop_s": 1, "norm": "zscore",
                "beat_fs": BEAT_FS, "beat_lowpass_hz": LOWPASS_HZ,
@@ -73,11 +76,46 @@ def distinct_beats(ws: WindowSet) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(beats).astype(np.float32), np.array(recs)
 
 
+def record_scatter(z: np.ndarray, rec: np.ndarray, person: np.ndarray) -> np.ndarray:
+    """Scatter of each recording's mean beat around its person's mean beat, per beat (the
+    between-recording part of the within-person covariance). Persons with one recording add
+    nothing. WHY: the pooled within-person covariance LDA whitens is dominated by beat-to-beat
+    variation inside one recording, while what breaks cross-session identification is the
+    shift of a whole recording (electrode placement, days, months); this is that shift."""
+    s = np.zeros((z.shape[1], z.shape[1]))
+    for p in np.unique(person):
+        sel = person == p
+        mu_p = z[sel].mean(axis=0)
+        for r in np.unique(rec[sel]):
+            zr = z[sel & (rec == r)]
+            d = zr.mean(axis=0) - mu_p
+            s += len(zr) * np.outer(d, d)
+    return s / len(z)
+
+
+def session_lda_scalings(lda, z: np.ndarray, rec: np.ndarray, person: np.ndarray,
+                         weight: float) -> np.ndarray:
+    """The eigen-solver LDA of ``lda`` (already fitted on ``z``) with the within-person
+    covariance it whitens raised by ``weight`` x the between-recording scatter
+    (``record_scatter``): directions that move with the recording are penalised more than
+    those that move from beat to beat. As in within-class covariance normalisation (WCCN) and
+    nuisance attribute projection in speaker verification. Returns the scalings, best first."""
+    from scipy import linalg
+    from sklearn.discriminant_analysis import _cov   # the total scatter exactly as the LDA had it
+
+    sw = lda.covariance_
+    sb = _cov(z, lda.shrinkage) - sw
+    evals, evecs = linalg.eigh(sb, sw + weight * record_scatter(z, rec, person))
+    return evecs[:, np.argsort(evals)[::-1]]
+
+
 def fit_projections(beats: np.ndarray, recs: np.ndarray, records: tuple[EcgRecord, ...],
-                    progress=print, *, slope: bool = SLOPE, n_pca: int = N_PCA
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    progress=print, *, slope: bool = SLOPE, n_pca: int = N_PCA,
+                    session_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Per lead PCA + shrinkage LDA folded into one affine map on ``beat_features(beats,
-    slope=slope)``: W (3, F, K), b (3, K), F = 2 x samples with ``slope``."""
+    slope=slope)``: W (3, F, K), b (3, K), F = 2 x samples with ``slope``. ``session_weight``
+    > 0: the LDA whitens ``session_lda_scalings``' recording-raised covariance (measured by
+    ``training.experiments.beat_features``)."""
     from sklearn.decomposition import PCA
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
@@ -94,6 +132,8 @@ def fit_projections(beats: np.ndarray, recs: np.ndarray, records: tuple[EcgRecor
         k = min(N_DIM, n_cls - 1, n_pca)
         pca = PCA(n_pca, random_state=0).fit(x)
         lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(pca.transform(x), y)
+        if session_weight > 0:
+            lda.scalings_ = session_lda_scalings(lda, pca.transform(x), recs[sel], y, session_weight)
         # both steps are affine: read the map off the transform of 0 and of the unit vectors
         b[lead, :k] = lda.transform(pca.transform(np.zeros((1, length))))[0, :k]
         W[lead, :, :k] = lda.transform(pca.transform(np.eye(length)))[:, :k] - b[lead, :k]
@@ -188,7 +228,8 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
     }
 
 
-def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLOPE) -> dict:
+def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLOPE,
+                session_weight: float = SESSION_WEIGHT) -> dict:
     """Fit, export int8 + float, set the fused threshold and write the held-out metrics.
     ``slope``: the measured, unshipped variant (beat + slope, PCA ``SLOPE_N_PCA``, version
     ``SLOPE_VERSION``), for re-running docs/MODELS.md's comparison."""
@@ -203,7 +244,7 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLO
     progress(f"beats: {len(beats)} distinct beats of {len({r.person for r in fit_recs})} persons "
              f"({time.time() - t0:.0f} s)")
     W, b = fit_projections(beats, brec, ws.records, progress, slope=slope,
-                           n_pca=SLOPE_N_PCA if slope else N_PCA)
+                           n_pca=SLOPE_N_PCA if slope else N_PCA, session_weight=session_weight)
     model = keras_model(W, b)
     feats = beat_features(beats, slope=slope)
     rng = np.random.default_rng(0)
@@ -256,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slope", action="store_true",
                     help=f"fit the measured, unshipped variant {SLOPE_VERSION} (each beat's slope beside it, "
                          f"PCA {SLOPE_N_PCA}; docs/MODELS.md) into --out")
+    ap.add_argument("--session-weight", type=float, default=SESSION_WEIGHT,
+                    help="weight of the between-recording scatter added to the covariance the LDA "
+                         f"whitens (session_lda_scalings; default {SESSION_WEIGHT})")
     args = ap.parse_args(argv)
-    train_beats(args.data, args.out, slope=args.slope)
+    train_beats(args.data, args.out, slope=args.slope, session_weight=args.session_weight)
     return 0
 
 

@@ -3,9 +3,11 @@ the TRAINING persons only (never on held-out persons).
 
     python -m training.experiments.beat_features --data ../shared/data [--variants 60:0 60:1 100:1]
 
-A variant is ``N_PCA:SLOPE``: the number of PCA components kept before the LDA, and whether
-each beat's z-scored first difference goes in beside the z-scored beat
-(``daemon.inference.beatmorph.beat_features``). The beats are the shipped ones
+A variant is ``N_PCA:SLOPE[:SESSION_WEIGHT]``: the number of PCA components kept before the
+LDA, whether each beat's z-scored first difference goes in beside the z-scored beat
+(``daemon.inference.beatmorph.beat_features``), and how much of the between-recording scatter
+the LDA adds to the covariance it whitens (``train_beats.session_lda_scalings``; 0, the
+default, is the shipped fit). The beats are the shipped ones
 (``training.train_beats.PIPELINE_KW``: heart-rate normalised); for each of
 ``ecg_recipe_sweep``'s 4 development folds the per-lead PCA + LDA is fitted with
 ``train_beats.fit_projections`` on the training records WITHOUT the fold's persons and scored
@@ -36,13 +38,16 @@ KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1", "t3_rank1"
         "t3_frr_at_far1", "t3_cross_rank1")
 
 
-def parse_variant(text: str) -> tuple[int, bool]:
-    """``"100:1"`` -> (100, True)."""
+def parse_variant(text: str) -> tuple[int, bool, float]:
+    """``"100:1"`` -> (100, True, 0.0); ``"60:0:3"`` -> (60, False, 3.0)."""
     try:
-        n_pca, slope = text.split(":")
-        return int(n_pca), bool(int(slope))
+        n_pca, slope, *rest = text.split(":")
+        if len(rest) > 1:
+            raise ValueError
+        return int(n_pca), bool(int(slope)), float(rest[0]) if rest else 0.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: want N_PCA:SLOPE, e.g. 100:1") from None
+        raise argparse.ArgumentTypeError(
+            f"variant {text!r}: want N_PCA:SLOPE[:SESSION_WEIGHT], e.g. 100:1 or 60:0:3") from None
 
 
 @dataclass(frozen=True)
@@ -66,24 +71,27 @@ class BeatDevFolds:
         return cls(ws, cws, DevScorer.from_windows(ws, cws), beats, brec,
                    np.array([ws.records[r].person for r in brec]))
 
-    def mean_scores(self, *, slope: bool, n_pca: int, keys: tuple[str, ...]) -> dict[str, float]:
+    def mean_scores(self, *, slope: bool, n_pca: int, keys: tuple[str, ...],
+                    session_weight: float = 0.0) -> dict[str, float]:
         """Mean over the folds of the beat model's identity metrics, the per-lead PCA + LDA
         fitted on the beats of the persons outside each fold."""
         scores: dict[str, list[float]] = defaultdict(list)
         for k, fold in enumerate(self.dev.folds):
             keep = ~np.isin(self.person, fold)
             W, b = fit_projections(self.beats[keep], self.brec[keep], self.ws.records,
-                                   progress=lambda m: None, slope=slope, n_pca=n_pca)
+                                   progress=lambda m: None, slope=slope, n_pca=n_pca,
+                                   session_weight=session_weight)
             vec = np.concatenate([window_vectors(self.ws, W, b), window_vectors(self.cws, W, b)])
             for key, v in self.dev.score(lambda idx: vec[idx], self.dev.gallery(k)).items():
                 scores[key].append(v)
         return {k: float(np.mean(scores[k])) for k in keys if k in scores}
 
 
-def dev_scores(data: Path, variants: list[tuple[int, bool]]) -> list[dict[str, float]]:
+def dev_scores(data: Path, variants: list[tuple[int, bool, float]]) -> list[dict[str, float]]:
     """Per variant, the mean over the development folds of the beat model's identity metrics."""
     folds = BeatDevFolds.load(data, PIPELINE_KW)
-    return [folds.mean_scores(slope=slope, n_pca=n_pca, keys=KEYS) for n_pca, slope in variants]
+    return [folds.mean_scores(slope=slope, n_pca=n_pca, keys=KEYS, session_weight=w)
+            for n_pca, slope, w in variants]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     rows = dev_scores(args.data, args.variants)
-    print("n_pca slope  " + "  ".join(f"{k:>15}" for k in KEYS))
-    for (n_pca, slope), s in zip(args.variants, rows):
-        print(f"{n_pca:5d} {int(slope):5d}  " + "  ".join(f"{s.get(k, float('nan')):15.1f}" for k in KEYS))
+    print("n_pca slope session  " + "  ".join(f"{k:>15}" for k in KEYS))
+    for (n_pca, slope, w), s in zip(args.variants, rows):
+        print(f"{n_pca:5d} {int(slope):5d} {w:7g}  "
+              + "  ".join(f"{s.get(k, float('nan')):15.1f}" for k in KEYS))
     print(f"({time.time() - t0:.0f} s)")
     return 0
 

@@ -54,6 +54,8 @@ SLOPE = False
 N_PCA = 60
 SLOPE_N_PCA, SLOPE_VERSION = 100, "3.0.0"   # what `--slope` fits: the measured variant
 N_DIM = 48
+# between-recording scatter added to what the LDA whitens (session_lda_scalings): measured with
+# 5, not shipped (household cross-date sessions got worse; docs/MODELS.md)
 SESSION_WEIGHT = 0.0
 FUSION_WEIGHT_CNN = 0.5   # plain sum rule, not tuned on held-out persons
 PIPELINE_KW = {"model_fs": 100, "window_s": 3, "hop_s": 1, "norm": "zscore",
@@ -173,7 +175,7 @@ def keras_model(W: np.ndarray, b: np.ndarray):
 
 
 def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], length: int,
-                    threshold: float, slope: bool = SLOPE) -> dict:
+                    threshold: float, slope: bool = SLOPE, session_weight: float = SESSION_WEIGHT) -> dict:
     """``length``: samples per beat (the model's input is twice that with ``slope``)."""
     width = 2 * length if slope else length
     persons: dict[str, list[str]] = {}
@@ -220,7 +222,10 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
             },
             "description": (
                 "PCA (60) + shrinkage LDA per lead over the listed persons' beats: lead I ECG-ID + "
-                "LUDB, lead II LUDB + MIT-BIH, lead III LUDB. Threshold (of the fused embedding): "
+                "LUDB, lead II LUDB + MIT-BIH, lead III LUDB"
+                + (f" (LDA whitening the within-person covariance plus {session_weight:g} x the "
+                   "between-recording scatter)" if session_weight else "")
+                + ". Threshold (of the fused embedding): "
                 "FAR 1 % on 10 s tests of the ECG-ID calibration persons "
                 f"{', '.join(f'{p:02d}' for p in ECGID_CALIBRATION)}, never fitted on."),
         },
@@ -249,7 +254,8 @@ def train_beats(data_dir: Path, out_dir: Path, progress=print, slope: bool = SLO
     feats = beat_features(beats, slope=slope)
     rng = np.random.default_rng(0)
     rep = feats[rng.permutation(len(feats))[:500]]
-    fields = manifest_fields(ws.records, calib, beats.shape[1], threshold=0.0, slope=slope)
+    fields = manifest_fields(ws.records, calib, beats.shape[1], threshold=0.0, slope=slope,
+                             session_weight=session_weight)
     out_dir = Path(out_dir)
     p8 = export_int8(model, rep, out_dir, NAME, fields)
     pf = export_float(model, out_dir / "float", NAME, fields)

@@ -50,7 +50,8 @@ from daemon.inference.runtime import ModelError, load_model
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402  (after the log level is set)
 
-_RESERVED = {"dtype", "quantisation", "sha256", "size_bytes", "created", "file", "name"}
+# manifest fields that export fills in (an input spec may, and must, carry its "name")
+RESERVED_FIELDS = frozenset({"dtype", "quantisation", "sha256", "size_bytes", "created", "file", "name"})
 _MAX_CALIBRATION = 500
 _CLIP_SAMPLES_PER_WINDOW = 1024  # values per tensor and window kept for the percentile ranges
 
@@ -64,7 +65,7 @@ def _input_specs(fields: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not inputs:
         raise ExportError("manifest_fields['inputs'] must list the model inputs (name, shape)")
     for spec in inputs:
-        bad = set(spec) & _RESERVED - {"name"}
+        bad = set(spec) & RESERVED_FIELDS - {"name"}
         if bad:
             raise ExportError(f"input {spec.get('name')!r}: {sorted(bad)} are filled in by export")
     return [dict(spec) for spec in inputs]
@@ -232,7 +233,7 @@ def _write(
     fields: Mapping[str, Any],
     int8: bool,
 ) -> Path:
-    bad = set(fields) & _RESERVED
+    bad = set(fields) & RESERVED_FIELDS
     if bad:
         raise ExportError(f"manifest_fields must not set {sorted(bad)}: export fills them in")
     in_details, out_details = _inspect(content)

@@ -3,8 +3,9 @@ ECG CNN's int8 file from the same float network, then refresh what depends on it
 
 WHY: the int8 file is a function of the float network *and* of how its activations were
 calibrated. A better calibration (``training.export``'s ``clip_percentile``) should reach the
-hubs without retraining, which on this CPU is not reproducible (docs/MODELS.md): the network,
-its float twin and the threshold chosen in float stay exactly as they are.
+hubs without retraining: a retrain here gives another network than the shipped one, which an
+earlier machine trained (docs/MODELS.md), so the network, its float twin and the threshold
+chosen in float stay exactly as they are.
 
 Steps, each printed:
 1. the Keras model: ``float/ecg_dualtask.keras`` if it is there, else rebuilt from the float
@@ -31,7 +32,6 @@ import numpy as np
 
 from daemon.inference.manifest import load_manifest, manifest_path_for
 
-_RESERVED = {"dtype", "quantisation", "sha256", "size_bytes", "created", "file", "name"}
 _NOTE = "int8 re-exported"
 TWIN_TOLERANCE = 1e-4  # max |embedding difference| between the rebuilt model and its float twin
 
@@ -64,9 +64,11 @@ def keras_model(float_dir: Path, check_windows: np.ndarray, progress=print):
 
 def int8_fields(int8_path: Path, version: str, clip_percentile: float) -> dict:
     """The replaced file's manifest, minus what export fills in, with the new version."""
+    from training.export import RESERVED_FIELDS
+
     m = load_manifest(manifest_path_for(int8_path)).model_dump(mode="json", exclude_none=True)
-    fields = {k: v for k, v in m.items() if k not in _RESERVED}
-    fields["inputs"] = [{k: v for k, v in s.items() if k not in _RESERVED - {"name"}}
+    fields = {k: v for k, v in m.items() if k not in RESERVED_FIELDS}
+    fields["inputs"] = [{k: v for k, v in s.items() if k not in RESERVED_FIELDS - {"name"}}
                         for s in m["inputs"]]
     fields["outputs"] = [{"name": o["name"], "meaning": o["meaning"]} for o in m["outputs"]]
     fields["version"] = version

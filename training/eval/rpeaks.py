@@ -402,8 +402,8 @@ def _headline(summ: dict) -> list[str]:
         for mode in ("raw", "corrected"):
             if d not in summ.get("mitdb", {}) and d not in summ.get("ludb_I", {}):
                 continue
-            ludb_f1 = " / ".join(cell(f"ludb_{l}", d, mode, "f1") for l in ("I", "II", "III"))
-            ludb_err = " / ".join(cell(f"ludb_{l}", d, mode, "median_err_ms") for l in ("I", "II", "III"))
+            ludb_f1 = " / ".join(cell(f"ludb_{l}", d, mode, "f1") for l in LUDB_LEADS)
+            ludb_err = " / ".join(cell(f"ludb_{l}", d, mode, "median_err_ms") for l in LUDB_LEADS)
             lines.append(f"| {LABELS[d]} | {mode} | {cell('mitdb', d, mode, 'se')} | {cell('mitdb', d, mode, 'ppv')} | "
                          f"{ludb_f1} | {ludb_err} | {cell('noise_0dB', d, mode, 'f1')} |")
     if "biod" in summ.get("ludb_fused_vs_I", {}):  # LUDB has 3 leads; MIT-BIH and the noise test 1 here

@@ -209,7 +209,8 @@ class Biometrics:
             self.stats.ecg_windows += 1
             self.quality = float(window.quality.index)
             embedding = None
-            if window.quality.ok and self.ecg_model is not None and window.lead_mask.any():
+            usable = window.quality.ok_for_identity
+            if usable and self.ecg_model is not None and window.lead_mask.any():
                 t0 = time.perf_counter()
                 embedding, activity = self.ecg_model.infer(window)
                 self.stats.inference_ms.append((time.perf_counter() - t0) * 1e3)
@@ -220,7 +221,7 @@ class Biometrics:
                 if self.embeddings_sink is not None:
                     self.embeddings_sink.append((now, np.asarray(embedding, dtype=np.float32), self.activity(),
                                                  int(window.lead_mask.sum())))
-            self.identity = self.engine.observe(now, embedding, bool(window.quality.ok), update.live, window.lead_mask)
+            self.identity = self.engine.observe(now, embedding, usable, update.live, window.lead_mask)
             observations.append(self._observation(now, update.live))
         if not update.live and self.identity.live:
             self.identity = self.engine.observe(now, None, False, False)

@@ -158,7 +158,7 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                 hr = update.heart_rate_bpm or hr
                 for window in update.windows:
                     quality = window.quality.index
-                    if window.quality.ok and window.lead_mask.any():
+                    if window.quality.ok_for_identity and window.lead_mask.any():
                         emb, _ = model.infer(window)
                         embeddings.append(np.asarray(emb, dtype=np.float32))
                         leads.append(int(window.lead_mask.sum()))

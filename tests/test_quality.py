@@ -8,7 +8,7 @@ import pytest
 from scipy import signal
 
 from daemon.dsp.ecg_pipeline import windows_from_record
-from daemon.dsp.quality import QualityConfig, signal_scores
+from daemon.dsp.quality import REASONS, Quality, QualityConfig, identity_ok, signal_scores
 
 FIX = np.load(Path(__file__).parent / "fixtures" / "ecg_pipeline" / "ludb_3lead.npz")
 FS = 500.0
@@ -110,6 +110,44 @@ def test_emg_noise_rejected():
     assert set(_reasons(x)) == {"high_freq_noise"}
 
 
+def test_identity_reads_through_emg_and_motion_but_nothing_else():
+    """The identity gate drops only high_freq_noise and motion_artifact from the checks."""
+    rng = np.random.default_rng(7)
+    emg = windows_from_record((record(1) + 0.1 * rng.standard_normal((5000, 3))).astype(np.float32), FS)
+    assert not emg.ok.any() and emg.identity_ok.all()
+    x = record(2)
+    sos = signal.butter(2, [1.0, 12.0], "bandpass", fs=FS, output="sos")
+    motion = signal.sosfilt(sos, rng.standard_normal(x.shape), axis=0)
+    moved = windows_from_record((x + 0.8 * motion / motion.std()).astype(np.float32), FS)
+    # a motion window is used unless its RR is implausible too (noise beats), which still gates
+    assert (moved.reason == "motion_artifact").any()
+    for w, used in zip(moved.windows, moved.identity_ok):
+        rr = dict(w.quality.scores)["implausible_rr"]
+        assert used == (rr >= 0.5), (w.quality.reason, rr)
+    t = np.arange(len(x)) / FS
+    for bad in (x + 1.5 * np.sin(2 * np.pi * 50 * t)[:, None],    # mains hum
+                np.full_like(x, x[0]),                            # flat
+                np.clip(x, *np.percentile(x, [8, 92], axis=0))):  # saturated
+        rw = windows_from_record(bad.astype(np.float32), FS)
+        assert not rw.identity_ok.any(), set(rw.reason)
+    off = windows_from_record(x, FS, lead_valid=np.zeros(3, bool))
+    assert not off.identity_ok.any()
+    clean = windows_from_record(x, FS)
+    assert clean.identity_ok.all()
+
+
+def test_identity_ok_by_hand():
+    rows = np.ones((len(REASONS) + 1, len(REASONS)), np.float32)
+    for j in range(len(REASONS)):
+        rows[j, j] = 0.49   # one check just fails
+    got = identity_ok(rows)
+    assert got[-1]  # all pass
+    assert [REASONS[j] for j in range(len(REASONS)) if got[j]] == ["high_freq_noise", "motion_artifact"]
+    q = Quality(0.2, False, "high_freq_noise", (("lead_off", 1.0), ("high_freq_noise", 0.2)))
+    assert q.ok_for_identity and q.score_row()[REASONS.index("mains_hum")] == 1.0
+    assert not Quality(0.3, False, "mains_hum", (("mains_hum", 0.3),)).ok_for_identity
+
+
 def test_signal_scores_vectorised_and_bounded():
     x = record(0)
     wins = np.stack([x[s:s + 1500] for s in range(0, 3501, 500)])
@@ -147,3 +185,45 @@ def test_a_different_heart_without_lead_off_gets_a_new_template():
     rw = windows_from_record(x, 500, lead_valid=v)
     late = rw.t_end_s > 20.0 + 3.0 + 8.0  # after the re-seed (5 windows) has had time
     assert rw.ok[late].mean() > 0.9
+
+
+def test_identity_gate_experiment_gates_as_the_daemon_does():
+    """training.experiments.identity_gate's 'shipped' gate is Quality.ok and the served
+    identity gate is its high_freq_noise=0,motion_artifact=0, window by window."""
+    from training.experiments.identity_gate import parse_gate, passes
+
+    rng = np.random.default_rng(3)
+    x = record(0).copy()
+    x[1500:3500] += 0.12 * rng.standard_normal((2000, 3))   # EMG in the first half
+    rw = windows_from_record(x.astype(np.float32), FS)
+    qs = np.stack([w.quality.score_row() for w in rw.windows])
+    assert not rw.ok.all() and rw.ok.any() and rw.identity_ok.all()
+    assert np.array_equal(passes(qs, parse_gate("shipped")), rw.ok)
+    assert np.array_equal(passes(qs, parse_gate("high_freq_noise=0,motion_artifact=0")), rw.identity_ok)
+    assert passes(qs, parse_gate("all")).all()
+    with pytest.raises(Exception, match="not a quality check"):
+        parse_gate("hum=0")
+
+
+def test_the_daemon_identifies_through_emg_but_not_through_hum():
+    """Biometrics runs the identity model on every window that passes quality for identity:
+    an EMG-laden stream (full gate: all rejected) is identified from, a humming one is not."""
+    from daemon.biometrics import MODELS_DIR, Biometrics, EcgModelRunner
+    from daemon.dsp.ecg_pipeline import EcgPipeline
+    from daemon.identity.engine import IdentityConfig, IdentityEngine
+
+    runner = EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite")
+    x = record(1)
+    t = np.arange(len(x)) / FS
+    emg = x + 0.1 * np.random.default_rng(7).standard_normal(x.shape)
+    hum = x + 1.5 * np.sin(2 * np.pi * 50 * t)[:, None]
+    seen = {}
+    for name, sig in (("emg", emg), ("hum", hum)):
+        bio = Biometrics(runner, IdentityEngine({}, IdentityConfig(), model=runner.ref))
+        pipe = EcgPipeline(FS, n_leads=3, mains_hz=50.0, **runner.pipeline_kwargs())
+        update = pipe.push(sig.astype(np.float32))
+        bio.on_ecg(update, now=10.0)
+        seen[name] = ([w.quality.ok for w in update.windows], bio.stats.inferences)
+    (ok, n), (ok_hum, n_hum) = seen["emg"], seen["hum"]
+    assert len(ok) >= 5 and not any(ok) and n == len(ok)
+    assert len(ok_hum) >= 5 and not any(ok_hum) and n_hum == 0

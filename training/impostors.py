@@ -51,7 +51,7 @@ def build(data: Path, models: Path) -> Path:
     def add(key: str, label: str, x: np.ndarray, fs: float, valid: np.ndarray) -> None:
         xv = np.where(valid[None, :], x, 0.0).astype(np.float32)
         rw = windows_from_record(xv, fs, valid, **runner.pipeline_kwargs())
-        for i in np.flatnonzero(rw.ok):
+        for i in np.flatnonzero(rw.identity_ok):  # the windows the daemon would use
             e, _ = runner.infer(rw.windows[i])  # exactly the daemon's identity embedding
             sets[key][0].append(e.astype(np.float32))
             sets[key][1].append(label)

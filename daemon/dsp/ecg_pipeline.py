@@ -313,6 +313,7 @@ class RecordWindows:
     lead_mask: np.ndarray        # (k, n_leads) bool
     quality_index: np.ndarray    # (k,) float32
     ok: np.ndarray               # (k,) bool
+    identity_ok: np.ndarray      # (k,) bool: what enrolment and identification use
     reason: np.ndarray           # (k,) str
     beats: np.ndarray            # (b,) R-peak sample indices at fs
     beat_groups: np.ndarray      # (G, 3*beat_len, n_leads): each group once (first window)
@@ -366,6 +367,7 @@ def windows_from_record(x_mv: np.ndarray, fs: float, lead_valid: np.ndarray | No
                    else np.zeros((0, n), bool)),
         quality_index=np.array([w.quality.index for w in wins], dtype=np.float32),
         ok=np.array([w.quality.ok for w in wins], dtype=bool),
+        identity_ok=np.array([w.quality.ok_for_identity for w in wins], dtype=bool),
         reason=np.array([w.quality.reason for w in wins], dtype=str),
         beats=np.array(beats, dtype=np.int64),
         beat_groups=(np.stack(groups) if groups else np.zeros((0, glen, n), np.float32)),

@@ -42,12 +42,41 @@ REASONS = ("lead_off", "flat_line", "saturation", "mains_hum", "high_freq_noise"
            "motion_artifact", "implausible_rr", "no_beats")
 
 
+#: The checks identification does without (``Quality.ok_for_identity``). WHY: they reject
+#: EMG (``high_freq_noise``) and beats unlike the running template (``motion_artifact``), which
+#: spoil heart rate and the template, but the identity models read such windows well enough,
+#: and a template or test cut from fewer windows is noisier: on development folds of the
+#: training persons (``python -m training.experiments.identity_gate``) ignoring both for
+#: identity lowered the beat model's 10 s EER from 7.0 to 6.2 % and 3 s EER from 7.8 to 7.3 %
+#: at equal rank-1 (docs/MODELS.md). Lead-off, flat, saturated, hum, implausible-RR and
+#: beatless windows are still never identified from.
+IDENTITY_TOLERATES = ("high_freq_noise", "motion_artifact")
+OK_AT = 0.5  # a check passes, and a window is ok, at a sub-score of at least this
+
+
+def identity_ok(scores: np.ndarray) -> np.ndarray:
+    """Per window, whether every check identification needs passes: ``scores`` (k, len(REASONS))
+    sub-scores in ``REASONS`` order (1.0 for a check that did not run)."""
+    need = np.array([r not in IDENTITY_TOLERATES for r in REASONS])
+    return (np.asarray(scores)[:, need] >= OK_AT).all(axis=1)
+
+
 @dataclass(frozen=True)
 class Quality:
     index: float                           # [0, 1], min of the sub-scores
     ok: bool                               # index >= 0.5
     reason: str                            # "ok", or the worst check's name (see REASONS)
     scores: tuple[tuple[str, float], ...] = ()  # every sub-score, for diagnostics
+
+    def score_row(self) -> np.ndarray:
+        """The sub-scores in ``REASONS`` order, 1.0 for a check that did not run."""
+        got = dict(self.scores)
+        return np.array([got.get(r, 1.0) for r in REASONS], dtype=np.float32)
+
+    @property
+    def ok_for_identity(self) -> bool:
+        """Whether enrolment and identification may use this window (``IDENTITY_TOLERATES``)."""
+        return bool(identity_ok(self.score_row()[None])[0])
 
 
 @dataclass(frozen=True)
@@ -346,7 +375,7 @@ class QualityAssessor:
             scores.update(self._beat_scores(zs[i], beat_times[i], spans_s[i], usable[i], rows))
             name = min(scores, key=scores.get)   # dict order = REASONS order on ties
             index = scores[name]
-            ok = index >= 0.5
+            ok = index >= OK_AT
             if ok:
                 self._mismatch = 0
                 self._update_template(zs[i], usable[i], rows)

@@ -184,9 +184,22 @@ class WindowSet:
     #: per window, the pipeline's quality verdict (``Quality.ok``): the daemon identifies and
     #: enrols from ok windows only, so an evaluation of what it serves drops the others
     ok: np.ndarray | None = None
+    #: per window, every quality sub-score (``daemon.dsp.quality.REASONS`` order, 1.0 for a
+    #: check that did not run): lets an evaluation ask what another gate would have passed
+    qscores: np.ndarray | None = None
 
     def persons(self) -> np.ndarray:
         return np.array([self.records[i].person for i in self.rec])
+
+    @property
+    def identity_ok(self) -> np.ndarray:
+        """Per window, whether the daemon enrols and identifies from it
+        (``daemon.dsp.quality.identity_ok`` of the sub-scores)."""
+        from daemon.dsp.quality import identity_ok
+
+        if self.qscores is None:
+            raise ValueError("these windows carry no quality scores (cut them with record_windows)")
+        return identity_ok(self.qscores)
 
     def select(self, keep: np.ndarray) -> "WindowSet":
         """The windows where ``keep`` (bool, one per window) holds, every per-window field
@@ -195,14 +208,16 @@ class WindowSet:
         return WindowSet(self.x[keep], self.lead_mask[keep], self.rec[keep], self.t_end_s[keep],
                          self.records,
                          None if self.morph is None else tuple(m for m, k in zip(self.morph, keep) if k),
-                         None if self.ok is None else self.ok[keep])
+                         None if self.ok is None else self.ok[keep],
+                         None if self.qscores is None else self.qscores[keep])
 
 
 def record_windows(records: list[EcgRecord], pipeline_kw: dict) -> WindowSet:
     """Cut model windows from every record with the daemon's ``windows_from_record``."""
     from daemon.dsp.ecg_pipeline import windows_from_record
+    from daemon.dsp.quality import REASONS
 
-    xs, masks, recs, ends, morph, oks = [], [], [], [], [], []
+    xs, masks, recs, ends, morph, oks, qs = [], [], [], [], [], [], []
     for i, r in enumerate(records):
         rw = windows_from_record(r.x_mv, r.fs, lead_valid=r.lead_valid, **pipeline_kw)
         # a window with no usable lead is all zeros: nothing to learn or to identify from
@@ -215,8 +230,10 @@ def record_windows(records: list[EcgRecord], pipeline_kw: dict) -> WindowSet:
         ends.append(np.asarray(rw.t_end_s, dtype=np.float32)[keep])
         oks.append(np.asarray(rw.ok, dtype=bool)[keep])
         morph += [w.morph for w, k in zip(rw.windows, keep) if k]
+        qs += [w.quality.score_row() for w, k in zip(rw.windows, keep) if k]
     if not xs:
         raise ValueError("no record was long enough for one model window")
     return WindowSet(np.concatenate(xs), np.concatenate(masks), np.concatenate(recs),
                      np.concatenate(ends), tuple(records),
-                     tuple(morph) if pipeline_kw.get("beat_fs") else None, np.concatenate(oks))
+                     tuple(morph) if pipeline_kw.get("beat_fs") else None, np.concatenate(oks),
+                     np.asarray(qs, dtype=np.float32).reshape(-1, len(REASONS)))

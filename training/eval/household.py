@@ -67,7 +67,7 @@ class Session:
     person: str
     session: str               # recording date (ECG-ID) or record id
     emb: np.ndarray            # (n, D) identity embeddings, every window
-    ok: np.ndarray             # (n,) the pipeline's quality verdict
+    ok: np.ndarray             # (n,) the pipeline's quality verdict for identity
     lead_mask: np.ndarray      # (n, 3)
 
 
@@ -78,7 +78,7 @@ def sessions_of(records: list[EcgRecord], runner: EcgModelRunner) -> list[Sessio
         if not len(rw.windows):
             continue
         emb = np.stack([runner.infer(w)[0] for w in rw.windows]).astype(np.float32)
-        out.append(Session(r.person, r.session or r.record, emb, np.asarray(rw.ok, bool),
+        out.append(Session(r.person, r.session or r.record, emb, np.asarray(rw.identity_ok, bool),
                            np.asarray(rw.lead_mask, bool)))
     return out
 

@@ -147,9 +147,12 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     ws = record_windows(records, kw)
     result["windows"] = len(ws.x)
     result["windows_quality_rejected"] = int((~ws.ok).sum())
-    # What the daemon serves: `biod calibrate` and the identity engine use only windows whose
-    # quality is ok, so the gated_* metrics build templates and tests from those alone.
-    gated_ws = None if ws.ok.all() else ws.select(ws.ok)
+    # What the daemon serves: `biod calibrate` and the identity engine use only windows that
+    # pass quality for identity (Quality.ok_for_identity), so the gated_* metrics build
+    # templates and tests from those alone.
+    id_ok = ws.identity_ok
+    result["windows_identity_rejected"] = int((~id_ok).sum())
+    gated_ws = None if id_ok.all() else ws.select(id_ok)
     donors = [r for r in load_all(Path(data_dir)) if r.person not in seen
               and r.dataset in ("ludb", "ecgid")]
     ax, _, ay, _ = activity_windows(Path(data_dir), donors, test=True, seed=ACTIVITY_SEED,
@@ -169,7 +172,7 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
         embs[kind] = (cnn, emb)
         metrics, curves[kind] = identity_eval(ws, emb, threshold)
         if gated_ws is not None:
-            gated, _ = identity_eval(gated_ws, emb[ws.ok], threshold)
+            gated, _ = identity_eval(gated_ws, emb[id_ok], threshold)
             metrics.update({f"gated_{k}": v for k, v in gated.items()})
         if ws.morph is not None:  # the CNN alone, for the record of what the fusion adds
             cnn_only, _ = identity_eval(ws, cnn, float(manifest.thresholds["identity_cosine"]))

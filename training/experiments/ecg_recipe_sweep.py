@@ -137,8 +137,12 @@ class DevScorer:
         return set(self.folds[fold]) | self.calib
 
     def score(self, emb_of: Callable[[np.ndarray], np.ndarray], persons: set[str],
-              lengths: tuple[int, ...] = (3, 10), prefix: str = "") -> dict[str, float]:
-        idx = np.nonzero(np.isin(self.person, list(persons)))[0]
+              lengths: tuple[int, ...] = (3, 10), prefix: str = "",
+              keep: np.ndarray | None = None) -> dict[str, float]:
+        """The identity metrics over ``persons``' windows; ``keep`` (bool per window, as
+        indexed here) restricts templates and tests to those windows, as a quality gate does."""
+        sel = np.isin(self.person, list(persons))
+        idx = np.nonzero(sel if keep is None else sel & keep)[0]
         ws = WindowSet(np.zeros((len(idx), 1, 1), np.float32), self.mask[idx], self.rec[idx],
                        self.end[idx], self.records)
         out: dict[str, float] = {}

@@ -188,7 +188,7 @@ def test_a_different_heart_without_lead_off_gets_a_new_template():
 
 
 def test_identity_gate_experiment_gates_as_the_daemon_does():
-    """training.experiments.identity_gate's 'shipped' gate is Quality.ok and the served
+    """training.experiments.identity_gate's 'full' gate is Quality.ok and the served
     identity gate is its high_freq_noise=0,motion_artifact=0, window by window."""
     from training.experiments.identity_gate import parse_gate, passes
 
@@ -198,7 +198,7 @@ def test_identity_gate_experiment_gates_as_the_daemon_does():
     rw = windows_from_record(x.astype(np.float32), FS)
     qs = np.stack([w.quality.score_row() for w in rw.windows])
     assert not rw.ok.all() and rw.ok.any() and rw.identity_ok.all()
-    assert np.array_equal(passes(qs, parse_gate("shipped")), rw.ok)
+    assert np.array_equal(passes(qs, parse_gate("full")), rw.ok)
     assert np.array_equal(passes(qs, parse_gate("high_freq_noise=0,motion_artifact=0")), rw.identity_ok)
     assert passes(qs, parse_gate("all")).all()
     with pytest.raises(Exception, match="not a quality check"):

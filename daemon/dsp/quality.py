@@ -48,7 +48,7 @@ REASONS = ("lead_off", "flat_line", "saturation", "mains_hum", "high_freq_noise"
 #: and a template or test cut from fewer windows is noisier: on development folds of the
 #: training persons (``python -m training.experiments.identity_gate``) ignoring both for
 #: identity lowered the beat model's 10 s EER from 7.0 to 6.2 % and 3 s EER from 7.8 to 7.3 %
-#: at equal rank-1 (docs/MODELS.md). Lead-off, flat, saturated, hum, implausible-RR and
+#: with rank-1 within 0.1 (docs/MODELS.md). Lead-off, flat, saturated, hum, implausible-RR and
 #: beatless windows are still never identified from.
 IDENTITY_TOLERATES = ("high_freq_noise", "motion_artifact")
 OK_AT = 0.5  # a check passes, and a window is ok, at a sub-score of at least this

@@ -94,6 +94,14 @@ def dev_scores(data: Path, variants: list[tuple[int, bool, float]]) -> list[dict
             for n_pca, slope, w in variants]
 
 
+def print_table(head: str, labels: list[str], rows: list[dict[str, float]], keys: tuple[str, ...]) -> None:
+    """One line per row: its label, then each key's value (nan where a row lacks it)."""
+    width = max(len(head), *(len(s) for s in labels))
+    print(f"{head:<{width}}  " + "  ".join(f"{k:>15}" for k in keys))
+    for label, s in zip(labels, rows):
+        print(f"{label:<{width}}  " + "  ".join(f"{s.get(k, float('nan')):15.1f}" for k in keys))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.experiments.beat_features",
                                  description=__doc__.split("\n\n")[0])
@@ -103,10 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     rows = dev_scores(args.data, args.variants)
-    print("n_pca slope session  " + "  ".join(f"{k:>15}" for k in KEYS))
-    for (n_pca, slope, w), s in zip(args.variants, rows):
-        print(f"{n_pca:5d} {int(slope):5d} {w:7g}  "
-              + "  ".join(f"{s.get(k, float('nan')):15.1f}" for k in KEYS))
+    print_table("n_pca slope session", [f"{n:5d} {int(sl):5d} {w:7g}" for n, sl, w in args.variants],
+                rows, KEYS)
     print(f"({time.time() - t0:.0f} s)")
     return 0
 

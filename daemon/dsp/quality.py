@@ -51,14 +51,14 @@ REASONS = ("lead_off", "flat_line", "saturation", "mains_hum", "high_freq_noise"
 #: with rank-1 within 0.1 (docs/MODELS.md). Lead-off, flat, saturated, hum, implausible-RR and
 #: beatless windows are still never identified from.
 IDENTITY_TOLERATES = ("high_freq_noise", "motion_artifact")
+_IDENTITY_NEEDS = np.array([r not in IDENTITY_TOLERATES for r in REASONS])  # columns that gate
 OK_AT = 0.5  # a check passes, and a window is ok, at a sub-score of at least this
 
 
 def identity_ok(scores: np.ndarray) -> np.ndarray:
     """Per window, whether every check identification needs passes: ``scores`` (k, len(REASONS))
     sub-scores in ``REASONS`` order (1.0 for a check that did not run)."""
-    need = np.array([r not in IDENTITY_TOLERATES for r in REASONS])
-    return (np.asarray(scores)[:, need] >= OK_AT).all(axis=1)
+    return (np.asarray(scores)[:, _IDENTITY_NEEDS] >= OK_AT).all(axis=1)
 
 
 @dataclass(frozen=True)

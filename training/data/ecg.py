@@ -181,8 +181,8 @@ class WindowSet:
     #: per window, its single beats at the pipeline's ``beat_fs`` ((k, L, 3) mV) when the
     #: pipeline was asked for them (``beat_fs`` in ``pipeline_kw``), else None
     morph: tuple[np.ndarray, ...] | None = None
-    #: per window, the pipeline's quality verdict (``Quality.ok``): the daemon identifies and
-    #: enrols from ok windows only, so an evaluation of what it serves drops the others
+    #: per window, the pipeline's full quality verdict (``Quality.ok``: what heart rate and the
+    #: quality template use; identity uses the laxer ``identity_ok`` below)
     ok: np.ndarray | None = None
     #: per window, every quality sub-score (``daemon.dsp.quality.REASONS`` order, 1.0 for a
     #: check that did not run): lets an evaluation ask what another gate would have passed

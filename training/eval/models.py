@@ -6,8 +6,8 @@ of shared/data, never training anything:
 * ECG identity (training/eval/identity.py protocol): rank-1, EER, FRR at FAR = 1 % for 3 s,
   10 s and 30 s tests, the cross-session subset, and the false-accept rate of never-enrolled
   persons (LUDB, MIT-BIH) at the manifest's operating threshold; every window scored, and again
-  (``gated_*``) with only the windows the pipeline's quality gate passes, as the daemon enrols
-  and identifies;
+  (``gated_*``) with only the windows that pass quality for identity
+  (``Quality.ok_for_identity``), as the daemon enrols and identifies;
 * ECG activity on constructed windows (training/data/ecg_activity.py, held-out gudb subjects);
 * IMU metrics from ``training.eval.imu.evaluate_imu``;
 * int8 inference time per window on one core;

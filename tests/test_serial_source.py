@@ -226,3 +226,94 @@ def test_a_usb_box_is_found_by_its_serial_number_across_replugs(tmp_path) -> Non
         emu.close()
     cfg = parse_config("ecg:\n  source: serial\n  match_serial: BIOD-EMU-0001\n")
     assert cfg.ecg.port is None
+
+
+class _ScriptedBox:
+    """A box behind a transport (the source's I/O seam): answers the handshake by the protocol,
+    then streams DATA frames that ``frame(seq, t_us)`` encodes. For frames the emulator, which
+    keeps to the spec, never sends."""
+
+    def __init__(self, frame, channels: int = 3) -> None:
+        from firmware_protocol import ecg_serial as proto
+
+        self._proto, self._frame = proto, frame
+        self._info = proto.DeviceInfo("scripted", "SCRIPT-1", "fw-test", (250, 500, 1000), 500, 6.0, channels,
+                                      proto.DEFAULT_UV_PER_LSB)
+        self._dec, self._out = proto.Decoder(), bytearray()
+        self._streaming, self._seq, self._t = False, 0, 0
+
+    def write(self, data: bytes) -> int:
+        p = self._proto
+        for ev in self._dec.feed(data):
+            if isinstance(ev, p.HostCommand):
+                if ev.command == p.Command.GET_INFO:
+                    self._out += p.encode_device_info(self._info, ev.seq)
+                else:
+                    self._out += p.encode_ack(ev.command, ev.seq)
+                    self._streaming = self._streaming or ev.command == p.Command.START
+        return len(data)
+
+    def read(self, n: int) -> bytes:
+        time.sleep(0.02)
+        if self._streaming:
+            self._out += self._frame(self._seq, self._t)
+            self._seq, self._t = (self._seq + 1) & 0xFFFF, self._t + 20_000
+        data, self._out[:] = bytes(self._out[:n]), self._out[n:]
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_lead_I_only_box_gives_three_leads_with_II_and_III_invalid() -> None:
+    """The spec allows 1..3 channels; the DSP and the models read three leads with a validity
+    each. A 1-channel box used to reach the models as a (300, 1) window and end the ECG task at
+    the first clean window."""
+    from firmware_protocol import ecg_serial as proto
+
+    counts = np.arange(10, dtype=np.int32)[:, None] * 100
+    got = Collector()
+    source = EcgSource(lambda: _ScriptedBox(lambda seq, t: proto.encode_data_frame(seq, t, proto.Electrode(0), counts),
+                                            channels=1), "scripted", got, rate_hz=500)
+    thread, stop = _start(source)
+    try:
+        got.wait(5, 10)
+    finally:
+        stop.set()
+        thread.join(5)
+    chunk = got.chunks[0]
+    assert chunk.samples_mv.shape == (10, 3) and chunk.lead_valid.tolist() == [True, False, False]
+    lsb_mv = proto.DEFAULT_UV_PER_LSB / 1000
+    np.testing.assert_allclose(chunk.samples_mv[:, 0], counts[:, 0] * lsb_mv, rtol=1e-6)
+    assert not chunk.samples_mv[:, 1:].any()
+
+
+def test_frames_that_break_the_spec_are_logged_with_the_reason_and_counted(caplog) -> None:
+    """CRC-valid frames with a reserved lead-off bit set (spec: bits 4-7 MUST be 0) carry no
+    usable samples. The host must say why, not only that the box 'stopped sending data'."""
+    import struct
+
+    from firmware_protocol import ecg_serial as proto
+
+    def bad(seq: int, t: int) -> bytes:
+        head = struct.pack("<IBBBBf", t, 0x10, 3, 10, 0, proto.DEFAULT_UV_PER_LSB)
+        return proto.encode_frame(proto.FrameType.DATA, seq, head + bytes(3 * 10 * 3))
+
+    got = Collector()
+    source = EcgSource(lambda: _ScriptedBox(bad), "scripted", got, rate_hz=500, stall_timeout_s=1.0)
+    source.BACKOFF_S = (5.0,)
+    caplog.set_level("ERROR", logger="daemon.sources.serial_ecg")
+    thread, stop = _start(source)
+    try:
+        deadline = time.monotonic() + 10
+        while not source.health.errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert got.count() == 0
+    assert source.health.protocol_errors >= 10
+    stall = source.health.errors[0]
+    assert "stopped sending data" in stall and "broke the protocol" in stall and "reserved lead-off bits" in stall
+    lines = [r.getMessage() for r in caplog.records if "breaks biod ECG protocol v1" in r.getMessage()]
+    assert len(lines) == 1, "one line per minute, not one per frame"

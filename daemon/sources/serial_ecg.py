@@ -31,8 +31,8 @@ class EcgChunk:
 
     seq: int
     t_device_s: float
-    samples_mv: np.ndarray  # float32 (n, channels)
-    lead_valid: np.ndarray  # bool (channels,)
+    samples_mv: np.ndarray  # float32 (n, 3): Einthoven I, II, III, whatever the box's channel count
+    lead_valid: np.ndarray  # bool (3,): a lead the box does not measure is invalid
     rate_hz: int
     lost_frames_before: int = 0
 
@@ -46,6 +46,7 @@ class EcgHealth:
     connects: int = 0
     frames: int = 0
     crc_errors: int = 0
+    protocol_errors: int = 0
     lost_frames: int = 0
     duplicates: int = 0
     resyncs: int = 0
@@ -169,6 +170,27 @@ def tcp_opener(host: str, port: int) -> Callable[[], Transport]:
     return lambda: _TcpTransport(host, port)
 
 
+N_LEADS = 3
+
+
+def three_leads(samples_mv: np.ndarray, lead_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A frame's channels as Einthoven I, II, III: channel c is lead c (spec section 4), and a
+    lead the box does not measure is zero and invalid.
+
+    WHY here: the spec lets a box send 1 or 2 channels, but the DSP and the models read three
+    leads with a validity flag each. A lead-I-only box is then exactly a 3-lead box whose LL
+    electrode is off, a case every stage downstream already handles, instead of a narrower
+    array that the models refuse at the first clean window."""
+    n, ch = samples_mv.shape
+    if ch == N_LEADS:
+        return samples_mv, lead_valid
+    samples = np.zeros((n, N_LEADS), np.float32)
+    samples[:, :ch] = samples_mv
+    valid = np.zeros(N_LEADS, bool)
+    valid[:ch] = lead_valid
+    return samples, valid
+
+
 class EcgSource:
     """Runs in its own thread (``run``); hands chunks to ``on_chunk`` from that thread."""
 
@@ -196,6 +218,8 @@ class EcgSource:
         self.health = EcgHealth()
         self._last_seq: int | None = None
         self._pending: list[proto.DataFrame] = []
+        self._protocol_error: str | None = None  # the latest spec violation of this session
+        self._protocol_error_logged_at = float("-inf")
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -228,6 +252,7 @@ class EcgSource:
 
     def _session(self, stop: threading.Event) -> None:
         self.health.state = "connecting"
+        self._protocol_error = None
         transport = self._open()
         try:
             decoder = proto.Decoder()
@@ -250,6 +275,8 @@ class EcgSource:
         transport.write(proto.encode_command(proto.Command.STOP))  # the box may still stream from before
         info = self._request(transport, decoder, proto.Command.GET_INFO, 0, proto.DeviceInfo, stop)
         if info is None:
+            if self._protocol_error is not None:  # it answers, in frames that break the spec
+                raise SourceError(f"{self.describe} answers but breaks biod ECG protocol v1: {self._protocol_error}")
             baud = f" at {self.baud} baud" if self.baud else ""
             raise SourceError(f"no DEVICE_INFO from {self.describe}{baud}: check that the box is on, that ecg.baud matches it and that it speaks biod ECG protocol v1")
         assert isinstance(info, proto.DeviceInfo)
@@ -275,6 +302,8 @@ class EcgSource:
             while time.monotonic() < deadline and not stop.is_set():
                 events = decoder.feed(transport.read(4096))
                 for i, event in enumerate(events):
+                    if isinstance(event, proto.ProtocolError):
+                        self._report_protocol_error(event)
                     if isinstance(event, wanted):
                         # Frames that arrived in the same read as the reply are data, not noise.
                         self._pending = [e for e in events[i:] if isinstance(e, proto.DataFrame)]
@@ -294,10 +323,27 @@ class EcgSource:
                 if isinstance(event, proto.DataFrame):
                     last_data = now
                     self._emit(event)
+                elif isinstance(event, proto.ProtocolError):
+                    self._report_protocol_error(event)
             self._account(decoder.stats, base)
             if now - last_data > self.stall_timeout_s:
                 self.health.state = "stalled"
-                raise SourceError(f"box {info.serial} stopped sending data for {self.stall_timeout_s:.0f} s; re-opening {self.describe}")
+                why = f" (its last frames broke the protocol: {self._protocol_error})" if self._protocol_error else ""
+                raise SourceError(f"box {info.serial} stopped sending data for {self.stall_timeout_s:.0f} s{why}; re-opening {self.describe}")
+
+    PROTOCOL_ERROR_LOG_EVERY_S = 60.0
+
+    def _report_protocol_error(self, event: proto.ProtocolError) -> None:
+        """A CRC-valid frame that breaks the spec is a misbehaving box, not line noise: say why
+        (the spec asks the host to log the reason), but at most once a minute, because a box
+        that gets it wrong gets it wrong in every frame. The decoder counts them all."""
+        self._protocol_error = event.reason
+        self.health.last_error = f"protocol error: {event.reason}"
+        now = time.monotonic()
+        if now - self._protocol_error_logged_at >= self.PROTOCOL_ERROR_LOG_EVERY_S:
+            self._protocol_error_logged_at = now
+            log.error("ecg: %s sent a frame that breaks biod ECG protocol v1 (type 0x%02x, seq %d): %s",
+                      self.describe, event.frame_type, event.seq, event.reason)
 
     def _emit(self, frame: proto.DataFrame) -> None:
         lost = 0
@@ -305,16 +351,17 @@ class EcgSource:
             lost = (frame.seq - self._last_seq - 1) % 65536
         self._last_seq = frame.seq
         self.health.last_frame_at = time.time()
+        samples, valid = three_leads(frame.millivolts(), frame.lead_valid())
         self._on_chunk(EcgChunk(
             seq=frame.seq,
             t_device_s=frame.timestamp_us / 1e6,
-            samples_mv=frame.millivolts(),
-            lead_valid=frame.lead_valid(),
+            samples_mv=samples,
+            lead_valid=valid,
             rate_hz=self.rate_hz,
             lost_frames_before=lost,
         ))
 
-    _COUNTERS = ("frames", "crc_errors", "lost_frames", "duplicates", "resyncs", "discarded_bytes")
+    _COUNTERS = ("frames", "crc_errors", "protocol_errors", "lost_frames", "duplicates", "resyncs", "discarded_bytes")
 
     def _account(self, stats: proto.DecoderStats, base: dict[str, int]) -> None:
         """Totals across reconnects: each session has a fresh decoder, so add its counts to the

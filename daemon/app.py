@@ -140,6 +140,10 @@ class BiodApp:
     HR_PUBLISH_INTERVAL_S = 1.0
     SENSOR_STATE_INTERVAL_S = 10.0
     ECG_LOST_AFTER_S = 3.0
+    # Frames missing for up to this long are joined over (one odd RR at most, which the quality
+    # gate's RR check rejects); a longer hole restarts the DSP, whose windows and beat times
+    # assume one unbroken sample clock.
+    ECG_MAX_SPLICE_S = 1.0
     BATCH_S = 0.2
     READY_GRACE_S = 30.0  # READY=1 at the latest this long after start, streaming or not (see _ready_fallback)
 
@@ -315,15 +319,20 @@ class BiodApp:
         last_hr_publish = 0.0
         kwargs = self.ecg_model.pipeline_kwargs() if self.ecg_model else {}
         connects = -1
+        last_seq: int | None = None
         while True:
-            chunk = self._batch(await self._ecg_queue.get())
+            first = await self._ecg_queue.get()
+            gap_s = self.gap_s(last_seq, first)
+            chunk = self._batch(first)
+            last_seq = chunk.seq
             n_leads = chunk.samples_mv.shape[1]
             # A reconnect may bring another box (or another person); a long loss breaks the
             # sample clock the detector and windows rely on: start the DSP afresh in both cases.
             reconnected = self.ecg_source is not None and self.ecg_source.health.connects != connects
             if reconnected:
                 connects = self.ecg_source.health.connects
-            if pipeline is None or reconnected or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads or chunk.lost_frames_before > 50:
+            if (pipeline is None or reconnected or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads
+                    or gap_s > self.ECG_MAX_SPLICE_S):
                 pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=n_leads, mains_hz=self.cfg.ecg.mains_hz, **kwargs)
             self._mark_ready("streaming ECG")
             now = time.time()
@@ -347,16 +356,28 @@ class BiodApp:
                     publisher.publish(Message(self.topics.sensor_state("heart_rate"), f"{update.heart_rate_bpm:.1f}"))
                     last_hr_publish = now
 
+    @staticmethod
+    def gap_s(last_seq: int | None, first: EcgChunk) -> float:
+        """Seconds of signal missing between the frame ``last_seq`` and ``first``: frames lost on
+        the wire, or dropped here when the loop fell behind (the hand-off keeps the newest). The
+        device's sequence number counts both; the source's ``lost_frames_before`` sees only the
+        first. Frames, not seconds, would let a box with long frames splice 10 s unnoticed."""
+        if last_seq is None:
+            return 0.0
+        missing = (first.seq - last_seq - 1) % 65536
+        return missing * len(first.samples_mv) / first.rate_hz
+
     def _batch(self, first: EcgChunk) -> EcgChunk:
         """Join the frames already waiting into one chunk. The DSP's cost is mostly per call,
         so pushing ~0.2 s at a time instead of every 20 ms frame cuts CPU several-fold for
-        ~0.2 s more latency. Frames join only when nothing was lost between them and the lead
-        validity is unchanged, so the result is exactly what frame-by-frame pushing gives."""
+        ~0.2 s more latency. Frames join only when their sequence numbers follow on (nothing lost
+        on the wire or dropped in the hand-off between them) and the lead validity is unchanged,
+        so the result is exactly what frame-by-frame pushing gives."""
         assert self._ecg_queue is not None
         parts = [first]
         while not self._ecg_queue.empty():
             nxt = self._ecg_queue._queue[0]  # peek: stop at a gap or a lead change
-            if (nxt.lost_frames_before or nxt.rate_hz != first.rate_hz
+            if (nxt.seq != (parts[-1].seq + 1) % 65536 or nxt.rate_hz != first.rate_hz
                     or nxt.samples_mv.shape[1] != first.samples_mv.shape[1]
                     or not np.array_equal(nxt.lead_valid, first.lead_valid)):
                 break
@@ -567,7 +588,7 @@ class BiodApp:
             "uptime_s": round(time.time() - self.stats.started_at, 1),
             "ecg": None if h is None else {
                 "state": h.state, "rate_hz": ecg_rate, "frames": h.frames, "lost_frames": h.lost_frames, "crc_errors": h.crc_errors,
-                "resyncs": h.resyncs, "reconnects": max(h.connects - 1, 0), "samples": self.stats.ecg_samples,
+                "protocol_errors": h.protocol_errors, "resyncs": h.resyncs, "reconnects": max(h.connects - 1, 0), "samples": self.stats.ecg_samples,
                 "dropped_chunks": self.stats.dropped_chunks, "last_error": h.last_error},
             "imu": None if ih is None else {
                 "state": ih.state, "rate_hz": imu_rate, "samples": self.stats.imu_samples, "lost_samples": ih.lost_samples,

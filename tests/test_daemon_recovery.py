@@ -135,3 +135,47 @@ def test_thread_handoff_is_bounded_and_counts_what_it_drops() -> None:
 
     asyncio.run(main())
     assert got == list(range(150, 250)) and dropped == 150
+
+
+def test_frames_dropped_in_the_hand_off_are_a_gap_not_a_splice(tmp_path) -> None:
+    """When the loop falls behind, the hand-off drops the oldest frames; the next frame still
+    says nothing was lost on the wire. Sequence numbers tell: the batch must stop at the hole,
+    and the consumer must see the hole in seconds (it restarts the DSP past ECG_MAX_SPLICE_S)."""
+    import numpy as np
+
+    from daemon.app import QUEUE_CHUNKS
+    from daemon.sources.serial_ecg import EcgChunk
+
+    def frame(seq: int, n: int = 10) -> EcgChunk:
+        return EcgChunk(seq=seq % 65536, t_device_s=seq * n / 500, samples_mv=np.full((n, 3), float(seq), np.float32),
+                        lead_valid=np.ones(3, bool), rate_hz=500)
+
+    app = BiodApp(parse_config(f"hub:\n  id: gap\nstate_dir: {tmp_path / 'state'}\n"))
+
+    async def scenario() -> None:
+        app._ecg_queue = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+        for seq in range(1, QUEUE_CHUNKS + 601):  # 600 more than the queue holds: the oldest 600 go
+            app._enqueue(app._ecg_queue, frame(seq), "ecg")
+        assert app.stats.dropped_chunks == 600
+        first = await app._ecg_queue.get()
+        assert first.seq == 601 and first.lost_frames_before == 0
+        assert app.gap_s(0, first) == pytest.approx(600 * 10 / 500)  # 12 s missing after frame 0
+        assert app.gap_s(0, first) > app.ECG_MAX_SPLICE_S
+        # a hole inside the queue ends a batch there
+        while not app._ecg_queue.empty():
+            app._ecg_queue.get_nowait()
+        for seq in (5, 6, 7, 9, 10):
+            app._ecg_queue.put_nowait(frame(seq))
+        batch = app._batch(await app._ecg_queue.get())
+        assert batch.seq == 7 and batch.samples_mv.shape == (30, 3)
+        nxt = await app._ecg_queue.get()
+        assert app.gap_s(batch.seq, nxt) == pytest.approx(10 / 500)  # frame 8, 20 ms: joined over
+        assert app._batch(nxt).seq == 10
+        # the u16 counter wraps without a gap
+        assert app.gap_s(65535, frame(65536)) == 0.0
+        # long frames: 112 samples a frame at 250 Hz, 20 frames missing is 9 s, not '20 frames'
+        long = EcgChunk(seq=21, t_device_s=0.0, samples_mv=np.zeros((112, 3), np.float32), lead_valid=np.ones(3, bool),
+                        rate_hz=250)
+        assert app.gap_s(0, long) == pytest.approx(20 * 112 / 250)
+
+    asyncio.run(scenario())

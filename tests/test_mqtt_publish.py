@@ -254,7 +254,41 @@ def test_non_retained_messages_are_not_queued_while_offline() -> None:
     info = pub.publish(Message(f"{PREFIX}/sensor/heart_rate/state", "70.0"))
     assert info.rc == mqtt.MQTT_ERR_NO_CONN and pub.stats.dropped_offline == 1 and pub.stats.published == 0
     pub.publish(Message(TOPICS.wearer, "{}", retain=True))
-    assert pub.stats.published == 1, "retained state is queued: the newest state must arrive"
+    assert pub.stats.dropped_offline == 1, "retained state is held, not dropped: the newest state must arrive"
+
+
+@pytest.mark.timeout(60)
+def test_a_long_outage_ends_with_the_newest_retained_states_not_a_stale_wearer(tmp_path: Path) -> None:
+    """A day offline is ~800 retained sensor states an hour. Queued in paho, they filled its
+    10 000-message queue, every later publish failed (the session's final ``wearer: null``
+    among them) and the broker kept the stale wearer. Only the newest state per topic is held."""
+    broker = Broker(port=free_port(), workdir=tmp_path)
+    broker.start()
+    pub = _publisher(broker.port)
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        pub.publish(Message(TOPICS.wearer, '{"wearer":"Alice"}', retain=True))
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while pub.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pub.connected
+        sent_before = pub.stats.published
+        for i in range(12_000):  # more than paho's queue holds
+            pub.publish(Message(TOPICS.sensor_state("ecg"), f'{{"n":{i}}}', retain=True))
+        pub.publish(Message(TOPICS.wearer, '{"wearer":null}', retain=True))
+        assert pub.stats.published == sent_before and pub.stats.superseded_offline == 11_999
+        broker.start()  # no persistence: it lost its retained messages, ours must bring them back
+        assert pub.wait_connected(40)
+        snap = _retained_snapshot(broker.port, f"{PREFIX}/#")
+        assert snap[TOPICS.wearer] == '{"wearer":null}'
+        assert snap[TOPICS.sensor_state("ecg")] == '{"n":11999}'
+        assert snap[f"{PREFIX}/availability"] == "online"
+        assert pub.stats.published == sent_before + 2
+    finally:
+        pub.close()
+        broker.stop()
 
 
 # -- TLS and authentication ----------------------------------------------------------------------

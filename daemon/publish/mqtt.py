@@ -43,6 +43,7 @@ class PublisherStats:
     published: int = 0
     refused: int = 0
     dropped_offline: int = 0  # non-retained messages not queued while the broker was away (stale on arrival)
+    superseded_offline: int = 0  # retained states replaced by a newer one of the same topic while away
     last_error: str | None = None
     connected_since: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -54,6 +55,12 @@ _CONNACK_FIXES = {
     "Client identifier not valid": "the broker refused the client id: set mqtt.client_id to something unique",
     "Unsupported protocol version": "the broker does not speak MQTT 3.1.1/5: upgrade it",
 }
+
+
+def _not_sent() -> mqtt.MQTTMessageInfo:
+    info = mqtt.MQTTMessageInfo(0)
+    info.rc = mqtt.MQTT_ERR_NO_CONN
+    return info
 
 
 class MqttPublisher:
@@ -76,6 +83,8 @@ class MqttPublisher:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._handlers: dict[str, Callable[[str, bytes], None]] = {}
+        # retained states published while the broker is away, newest per topic (see ``publish``)
+        self._held: dict[str, Message] = {}
         self._closing = False
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -132,17 +141,28 @@ class MqttPublisher:
 
     # -- publishing ----------------------------------------------------------------------------
     def publish(self, msg: Message, *, queue_if_offline: bool | None = None) -> mqtt.MQTTMessageInfo:
-        """Hand ``msg`` to paho. While the broker is away, retained messages are queued (the newest
-        state must arrive) but non-retained ones are dropped and counted (a heart rate from an hour
-        ago is noise, and thousands of them would sit in front of the spooled events); pass
-        ``queue_if_offline=True`` to queue anyway. The event spool does: paho owns what it was given."""
+        """Hand ``msg`` to paho. While the broker is away, a retained message is held, only the
+        newest per topic, and sent on reconnect (the newest state must arrive); a non-retained one
+        is dropped and counted (a heart rate from an hour ago is noise, and thousands of them
+        would sit in front of the spooled events). Pass ``queue_if_offline=True`` to hand it to
+        paho anyway: the event spool does, and paho owns what it was given.
+
+        WHY hold retained states here rather than in paho's queue: the sensor states alone are
+        ~800 retained messages an hour; queued in paho, a day-long outage filled its 10 000-slot
+        queue, after which every publish failed, the session's final ``wearer`` state among them,
+        and the broker kept the stale wearer after the reconnect."""
         qos = self.cfg.qos if msg.qos is None else msg.qos
-        queue = msg.retain if queue_if_offline is None else queue_if_offline
-        if not queue and not self._connected.is_set():
-            self.stats.dropped_offline += 1
-            info = mqtt.MQTTMessageInfo(0)
-            info.rc = mqtt.MQTT_ERR_NO_CONN
-            return info
+        if not self._connected.is_set():
+            with self._lock:  # _on_connect sends what is held and sets _connected under this lock
+                if not self._connected.is_set():
+                    if queue_if_offline is None and msg.retain:
+                        if msg.topic in self._held:
+                            self.stats.superseded_offline += 1
+                        self._held[msg.topic] = msg
+                        return _not_sent()
+                    if not queue_if_offline:
+                        self.stats.dropped_offline += 1
+                        return _not_sent()
         info = self._client.publish(msg.topic, msg.payload, qos=qos, retain=msg.retain)
         self.stats.published += 1
         return info
@@ -190,8 +210,19 @@ class MqttPublisher:
         for topic in topics:
             client.subscribe(topic, qos=1)
         self._send_discovery()
-        self._connected.set()
+        # The hooks first: the event spool's hook marks a new connection, and its sender (another
+        # thread) must not see us connected before that, or new events would overtake those paho
+        # re-sends from the last connection.
         self._call_connection_hooks(True)
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+            for msg in held:  # the newest state of each topic, before anything published after
+                qos = self.cfg.qos if msg.qos is None else msg.qos
+                client.publish(msg.topic, msg.payload, qos=qos, retain=True)
+                self.stats.published += 1
+            self._connected.set()
+        if held:
+            log.info("mqtt: sent the %d retained states that changed while the broker was away", len(held))
         if self._on_connected_hook:
             self._on_connected_hook()
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 if TYPE_CHECKING:
     from daemon.identity.engine import IdentityConfig
@@ -162,12 +164,42 @@ class IdentitySection(_Strict):
                               adapt=self.adapt, adapt_max_prototypes=self.adapt_max_prototypes)
 
 
+_TLS_FILE_ROLES = {
+    "ca_file": "the CA certificate (PEM) that signed the broker's certificate",
+    "cert_file": "this hub's client certificate (PEM)",
+    "key_file": "the private key (PEM) of the client certificate",
+}
+
+
 class TlsConfig(_Strict):
+    # ``enabled`` must stay declared before the file fields: their validator reads it from info.data.
     enabled: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     insecure: bool = Field(False, description="skip hostname verification (testing only)")
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _file_is_readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Check the TLS files here, at the key's line, rather than let paho's tls_set crash ``biod run`` later.
+
+        Only when TLS is enabled: a commented-out broker setup may keep paths that do not exist on this
+        machine. A relative path is opened from the daemon's working directory, so the error says which one.
+        """
+        if value is None or not info.data.get("enabled"):
+            return value
+        role = _TLS_FILE_ROLES[info.field_name or ""]
+        where = f"{value} (relative to the working directory {Path.cwd()})" if not value.is_absolute() else str(value)
+        if not value.exists():
+            raise ValueError(f"{where} does not exist; give the path of {role}, "
+                             "or set mqtt.tls.enabled: false")
+        if not value.is_file():
+            raise ValueError(f"{where} is not a file; give the path of {role} itself")
+        if not os.access(value, os.R_OK):
+            raise ValueError(f"{where} is not readable by this user; fix its permissions so the user biod "
+                             "runs as can read it (e.g. chgrp biod + chmod g+r)")
+        return value
 
 
 class MqttConfig(_Strict):
@@ -263,11 +295,70 @@ def _locate(node: yaml.Node, path: tuple[str | int, ...], out: dict[tuple[str | 
             _locate(item, path + (i,), out)
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice; carries the dotted key and both 1-based lines."""
+
+    def __init__(self, key: str, first_line: int, second_line: int) -> None:
+        super().__init__(f"duplicate key {key}")
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys at any depth.
+
+    Plain YAML keeps the last of two equal keys, so a second ``mqtt:`` block would silently drop the
+    first one's credentials; in a config file a repeated key is always a mistake. Keys merged in with
+    ``<<: *anchor`` are exempt: overriding them is what the merge key is for.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_duplicates(node, (), set())
+        return super().construct_document(node)
+
+    def _check_duplicates(self, node: yaml.Node, path: tuple[str, ...], seen_nodes: set[int]) -> None:
+        if id(node) in seen_nodes:  # an alias (possibly recursive) was already checked where it was defined
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    child = path
+                elif isinstance(key_node, yaml.ScalarNode):
+                    key = self.construct_object(key_node)  # so that `yes` and `true` are one key, `1` and '1' two
+                    child = path + (str(key),)
+                    try:
+                        earlier = first.setdefault(key, key_node)
+                    except TypeError:  # unhashable: SafeConstructor reports it with its own message
+                        earlier = key_node
+                    if earlier is not key_node:
+                        raise _DuplicateKeyError(".".join(child), earlier.start_mark.line + 1,
+                                                 key_node.start_mark.line + 1)
+                else:
+                    child = path + (str(key_node.value),)
+                self._check_duplicates(value_node, child, seen_nodes)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_duplicates(item, path + (str(i),), seen_nodes)
+
+
+def _load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """Compose and construct in one pass, so that line numbers and data come from the same parse."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
+
+
 def parse_config(text: str, source: str = "<config>") -> BiodConfig:
     """Validate YAML text; raise ConfigError with one line per problem: ``file:line: key: message``."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = _load_yaml(text)
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{source}:{exc.second_line}: {exc.key}: duplicate key, already given on line {exc.first_line}; "
+                          "YAML would silently keep only the last one, so merge the two into one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -301,14 +392,25 @@ def _describe(err: dict[str, Any], located: _Located, source: str) -> str:
 
 
 def _fields_at(path: tuple[str | int, ...]) -> list[str]:
+    """The keys allowed at ``path``, for the "known keys here" hint; [] where that is not a section."""
     model: type[BaseModel] = BiodConfig
     for part in path:
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        annotation = _section_model(getattr(field, "annotation", None))
+        if annotation is None:
             return []
         model = annotation
     return list(model.model_fields)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model behind a field's annotation, seeing through ``X | None`` (optional sections such as ecg.replay)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        models = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = models[0] if len(models) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
 
 
 def load_config(path: str | os.PathLike[str] | None) -> BiodConfig:
@@ -317,9 +419,24 @@ def load_config(path: str | os.PathLike[str] | None) -> BiodConfig:
         return default_config()
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found; copy deploy/biod.example.yaml there or pass --config") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config ({exc.strerror}); check permissions") from None
-    return parse_config(text, str(p))
+    return parse_config(_decode_utf8(raw, p), str(p))
+
+
+def _decode_utf8(raw: bytes, path: Path) -> str:
+    """Decode as UTF-8 whatever the locale says (a service's locale is often C), with a fixable error.
+
+    A file saved in Latin-1 or cp1252 (a name like "Küche") would otherwise surface as a raw traceback.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} "
+                          f"(column {column}) is not valid UTF-8; save it as UTF-8 (the editor's encoding setting, or "
+                          f"iconv -f <its encoding, e.g. LATIN1> -t UTF-8)") from None

@@ -128,3 +128,99 @@ def test_commands_take_the_config_from_biod_config_when_no_flag_is_given(tmp_pat
     monkeypatch.setenv("BIOD_CONFIG", str(tmp_path / "missing.yaml"))
     assert main(["people", "list"]) == 2
     assert "missing.yaml: config file not found" in capsys.readouterr().err
+
+
+def test_a_config_that_is_not_utf8_names_the_byte_and_the_fix(tmp_path) -> None:
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes(b"hub:\n  id: kitchen\n  name: K\xfcche\n")  # "Küche" saved as Latin-1
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"{cfg}:3: not UTF-8")
+    assert "0xfc" in msg and "byte offset 28" in msg and "save it as UTF-8" in msg
+
+
+def test_a_utf8_config_is_read_as_utf8_whatever_the_locale(tmp_path) -> None:
+    cfg = tmp_path / "utf8.yaml"
+    cfg.write_bytes("hub:\n  id: kitchen\n  name: Küche\n".encode())
+    assert load_config(cfg).hub.name == "Küche"
+
+
+def test_a_section_given_twice_is_rejected_with_both_lines() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config("hub:\n  id: x\nhub:\n  id: y\n", "biod.yaml")
+    assert str(err.value).startswith("biod.yaml:3: hub: duplicate key, already given on line 1")
+
+
+def test_a_second_mqtt_block_cannot_silently_drop_the_credentials() -> None:
+    text = GOOD + "mqtt:\n  host: other.local\n"
+    with pytest.raises(ConfigError, match=r"biod.yaml:11: mqtt: duplicate key, already given on line 7"):
+        parse_config(text, "biod.yaml")
+
+
+def test_a_duplicate_key_deep_down_is_named_by_its_full_path() -> None:
+    text = "ecg:\n  source: replay\n  replay:\n    path: a.hea\n    speed: 2\n    speed: 3\n"
+    with pytest.raises(ConfigError, match=r"x.yaml:6: ecg.replay.speed: duplicate key, already given on line 5"):
+        parse_config(text, "x.yaml")
+
+
+def test_keys_that_yaml_reads_as_the_same_value_are_duplicates() -> None:
+    # `yes` and `true` are both the boolean true in YAML 1.1, so one would silently replace the other.
+    with pytest.raises(ConfigError, match="duplicate key"):
+        parse_config("identity:\n  adapt: false\nfoo:\n  yes: 1\n  true: 2\n")
+
+
+def test_merge_keys_may_still_be_overridden() -> None:
+    # Overriding a key brought in by `<<:` is what merge keys are for, not a duplicate.
+    text = "ecg:\n  source: replay\n  replay:\n    <<: {path: a.hea, speed: 2}\n    speed: 3\n"
+    replay = parse_config(text).ecg.replay
+    assert replay is not None and replay.speed == 3 and str(replay.path) == "a.hea"
+
+
+def test_unknown_key_in_an_optional_section_lists_the_known_keys() -> None:
+    text = "ecg:\n  source: replay\n  replay:\n    path: a.hea\n    bogus: 1\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "biod.yaml")
+    msg = str(err.value)
+    assert "biod.yaml:5: ecg.replay.bogus: unknown key (typo?); known keys here: loop, path, speed" in msg
+    with pytest.raises(ConfigError, match=r"imu.replay.spede: unknown key \(typo\?\); known keys here: loop, path, speed"):
+        parse_config("imu:\n  replay:\n    path: a.hea\n    spede: 2\n")
+
+
+def _tls_config(**files: object) -> str:
+    lines = "".join(f"    {key}: {value}\n" for key, value in files.items())
+    return f"mqtt:\n  host: broker.local\n  tls:\n    enabled: true\n{lines}"
+
+
+@pytest.mark.parametrize("key", ["ca_file", "cert_file", "key_file"])
+def test_enabled_tls_with_a_missing_file_is_a_config_error_at_its_line(tmp_path, key: str) -> None:
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError) as err:
+        parse_config(_tls_config(insecure="false", **{key: str(missing)}), "biod.yaml")
+    msg = str(err.value)
+    assert msg.startswith(f"biod.yaml:6: mqtt.tls.{key}: {missing} does not exist; give the path of ")
+    assert "mqtt.tls.enabled: false" in msg
+
+
+def test_enabled_tls_with_existing_files_passes_and_disabled_tls_is_not_checked(tmp_path) -> None:
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = parse_config(_tls_config(ca_file=tmp_path / "ca.pem", cert_file=tmp_path / "client.pem",
+                                   key_file=tmp_path / "client.key"))
+    assert cfg.mqtt.tls.ca_file == tmp_path / "ca.pem"
+    off = parse_config(f"mqtt:\n  tls:\n    enabled: false\n    ca_file: {tmp_path / 'missing.pem'}\n")
+    assert off.mqtt.tls.ca_file == tmp_path / "missing.pem"
+
+
+def test_enabled_tls_with_a_directory_instead_of_a_file_says_so(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"biod.yaml:5: mqtt.tls.ca_file: .* is not a file"):
+        parse_config(_tls_config(ca_file=tmp_path), "biod.yaml")
+
+
+def test_check_config_reports_a_missing_tls_file_instead_of_crashing(tmp_path, capsys) -> None:
+    from daemon.cli import main
+
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(_tls_config(ca_file=tmp_path / "ca.pem"))
+    assert main(["check-config", str(cfg)]) == 2
+    assert f"{cfg}:5: mqtt.tls.ca_file: {tmp_path / 'ca.pem'} does not exist" in capsys.readouterr().err

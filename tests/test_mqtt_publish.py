@@ -437,3 +437,22 @@ def test_a_killed_daemon_is_offline_by_its_last_will(tmp_path, mosquitto: Broker
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.timeout(30)
+def test_a_broker_that_is_not_there_is_reported_once_with_the_fix(caplog: pytest.LogCaptureFixture) -> None:
+    """paho retries in silence: without this line a hub whose broker is down looked healthy."""
+    port = free_port()  # nothing listens there
+    pub = _publisher(port)
+    caplog.set_level(logging.ERROR, logger="daemon.publish.mqtt")
+    pub.start()
+    try:
+        deadline = time.monotonic() + 15
+        while pub.stats.connect_failures < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pub.stats.connect_failures >= 2 and not pub.connected
+        lines = [r.getMessage() for r in caplog.records if "cannot reach the broker" in r.getMessage()]
+        assert len(lines) == 1, "reported at once, then only every few minutes"
+        assert f"127.0.0.1:{port}" in lines[0] and "refused" in lines[0].lower() and "mqtt.host/port" in lines[0]
+    finally:
+        pub.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ class PublisherStats:
     disconnects: int = 0
     published: int = 0
     refused: int = 0
+    connect_failures: int = 0  # attempts that reached no broker (nothing listening, no route, DNS)
     dropped_offline: int = 0  # non-retained messages not queued while the broker was away (stale on arrival)
     superseded_offline: int = 0  # retained states replaced by a newer one of the same topic while away
     last_error: str | None = None
@@ -107,6 +109,8 @@ class MqttPublisher:
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.max_queued_messages_set(10000)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._fail_logged_at = float("-inf")
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
@@ -201,6 +205,7 @@ class MqttPublisher:
             return
         self.stats.connects += 1
         self.stats.connected_since = time.time()
+        self._fail_logged_at = float("-inf")  # the next outage is reported at once
         log.info("mqtt: connected to %s:%d", self.cfg.host, self.cfg.port)
         client.publish(self.availability_topic, ONLINE, qos=1, retain=True)
         with self._lock:
@@ -225,6 +230,22 @@ class MqttPublisher:
             log.info("mqtt: sent the %d retained states that changed while the broker was away", len(held))
         if self._on_connected_hook:
             self._on_connected_hook()
+
+    CONNECT_FAIL_LOG_EVERY_S = 300.0
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """No broker answered. paho retries with back-off by itself but says nothing, so a hub
+        whose broker is down, or whose mqtt.host is wrong, looked healthy in the journal. Say so
+        at once, then every few minutes while it lasts (paho calls this inside its except)."""
+        exc = sys.exc_info()[1]
+        cause = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) if exc else "no answer"
+        self.stats.connect_failures += 1
+        self.stats.last_error = f"cannot reach the broker at {self.cfg.host}:{self.cfg.port} ({cause})"
+        now = time.monotonic()
+        if now - self._fail_logged_at >= self.CONNECT_FAIL_LOG_EVERY_S:
+            self._fail_logged_at = now
+            log.error("mqtt: cannot reach the broker at %s:%d (%s): is it running, and are mqtt.host/port right? "
+                      "retrying with back-off; events are spooled on disk meanwhile", self.cfg.host, self.cfg.port, cause)
 
     def _call_connection_hooks(self, connected: bool) -> None:
         for hook in self._connection_hooks:

@@ -26,7 +26,7 @@ from daemon.biometrics import MODELS_DIR, Biometrics, EcgModelRunner, ImuModelSe
 from daemon.config import BiodConfig
 from daemon.dsp.ecg_pipeline import EcgPipeline
 from daemon.dsp.imu_pipeline import ImuPipeline
-from daemon.enrol import Enrolment, load_impostors
+from daemon.enrol import Enrolment, ImpostorsError, load_impostors
 from daemon.events import EventTracker
 from daemon.identity.engine import IdentityEngine
 from daemon.identity.fusion import ACTIVITY_CLASSES
@@ -187,7 +187,11 @@ class BiodApp:
         # template adaptation re-derives thresholds against the shipped impostor set
         impostors = None
         if self.cfg.identity.adapt:
-            impostors = load_impostors(self.cfg.models_dir or MODELS_DIR)
+            try:
+                impostors = load_impostors(self.cfg.models_dir or MODELS_DIR)
+            except ImpostorsError as exc:
+                log.error("identity: %s", exc)
+                impostors = None
             if impostors is None:
                 log.warning("identity: identity.adapt is on but there is no usable impostor set: templates are not adapted")
             elif model is not None and not impostors.made_with(model):
@@ -537,8 +541,17 @@ class BiodApp:
         if self.enrolment is not None:
             log.warning("enrol: already enrolling %s; ignoring the request for %s", self.enrolment.name, req.name)
             return
-        self.enrolment = Enrolment(req.name, self.bio.engine, load_impostors(self.cfg.models_dir or MODELS_DIR),
-                                   seconds=req.seconds, started=time.time())
+        # what would refuse the enrolment at its end is said now, before anyone wears the electrodes for it
+        problem = self.bio.engine.name_problem(req.name)
+        try:
+            impostors = load_impostors(self.cfg.models_dir or MODELS_DIR)
+        except ImpostorsError as exc:
+            problem = problem or f"{exc}"
+        if problem is not None:
+            log.warning("enrol: %s refused: %s", req.name, problem)
+            publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=problem))
+            return
+        self.enrolment = Enrolment(req.name, self.bio.engine, impostors, seconds=req.seconds, started=time.time())
         self.bio.embeddings_sink = self.enrolment.sink
         self.bio.gait_sink = self.enrolment.gait_sink
         log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)

@@ -28,7 +28,7 @@ from daemon.biometrics import MODELS_DIR
 from daemon.config import BiodConfig, ConfigError
 from daemon.dsp.ecg_pipeline import EcgPipeline
 from daemon.dsp.imu_pipeline import ImuPipeline
-from daemon.enrol import load_impostors
+from daemon.enrol import ImpostorsError, load_impostors
 from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
 from daemon.identity.store import StoreError
@@ -214,8 +214,9 @@ def describe(report: EnrolmentReport, out: TextIO = sys.stdout) -> None:
 
 
 def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True, out: TextIO = sys.stdout) -> int:
-    store = open_store(cfg)
+    # Everything that can refuse the enrolment is checked before the person is asked to record.
     try:
+        store = open_store(cfg)
         people = store.load()
     except StoreError as exc:
         print(f"biod calibrate: {exc}", file=sys.stderr)
@@ -223,6 +224,18 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     model = load_ecg_model(cfg)
     if model is None:
         print("biod calibrate: no usable ECG model; re-install biod or run python -m training.train", file=sys.stderr)
+        return 2
+    try:
+        impostors = load_impostors(cfg.models_dir or MODELS_DIR)
+    except ImpostorsError as exc:
+        print(f"biod calibrate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        problem = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref).name_problem(name)
+    except StoreError as exc:  # templates of another ECG model: they must be re-enrolled first
+        problem = str(exc)
+    if problem is not None:
+        print(f"biod calibrate: {problem}", file=sys.stderr)
         return 2
     imu = open_imu_collector(cfg, out) if walk else None
     engine = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref,
@@ -237,7 +250,6 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         print(f"\nREFUSED: no clean ECG window (most common problem: {worst}); check the electrodes' contact "
               "and keep still, then run biod calibrate again", file=out)
         return 1
-    impostors = load_impostors(cfg.models_dir or MODELS_DIR)
     imp = impostors.for_leads(leads_on) if impostors else (None, None)
     report = engine.enrol(name, embeddings, labels if len(set(labels)) > 1 else None,
                           impostor_embeddings=imp[0], impostor_labels=imp[1],
@@ -245,6 +257,10 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     describe(report, out)
     if not report.accepted or report.person is None:
         return 1
-    store.add(report.person)
+    try:
+        store.add(report.person)
+    except StoreError as exc:  # e.g. the same name enrolled from Home Assistant meanwhile
+        print(f"biod calibrate: not saved: {exc}", file=sys.stderr)
+        return 2
     print(f"saved to {cfg.store_path} (mode 0600); the running daemon picks it up within seconds", file=out)
     return 0

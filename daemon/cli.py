@@ -89,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args))
     _setup_logging(args.log_level or cfg.log_level)
     try:
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # it holds the templates and the spool
     except OSError as exc:
         raise ConfigError(f"state_dir: cannot create {cfg.state_dir} ({exc.strerror}); run biod as its service "
                           "(sudo systemctl start biod) or set state_dir to a folder this user can write") from None
@@ -129,8 +129,11 @@ def _cmd_people(args: argparse.Namespace) -> int:
     from daemon.identity.store import StoreError
 
     cfg = load_config(_config_path(args))
-    store = open_store(cfg)
+    if args.action != "list" and not args.name:
+        print(f"biod people {args.action}: give the person's name (biod people list shows them)", file=sys.stderr)
+        return 2
     try:
+        store = open_store(cfg)  # an encrypted store without its key is a StoreError too
         if args.action == "list":
             people = store.list()
             if not people:

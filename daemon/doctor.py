@@ -183,7 +183,7 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
     placement the IMU is worn at, and enrolled templates that the installed model can score.
     A model update without these in step fails silently otherwise: every wearer 'unknown'."""
     from daemon.biometrics import MODELS_DIR, EcgModelRunner, ImuModelSet
-    from daemon.enrol import IMPOSTORS_FILE, load_impostors
+    from daemon.enrol import IMPOSTORS_FILE, ImpostorsError, load_impostors
     from daemon.identity.gait import GaitModelError, load_gait_models
     from daemon.identity.store import StoreError, check_compatible
     from daemon.inference.runtime import ModelError
@@ -198,9 +198,9 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
     ref = runner.ref
     try:
         imp = load_impostors(models_dir)
-    except (OSError, ValueError, KeyError) as exc:
+    except ImpostorsError as exc:
         imp = None
-        yield Check("impostor set", False, f"{models_dir / IMPOSTORS_FILE} is unreadable: {exc}", reinstall)
+        yield Check("impostor set", False, str(exc), reinstall)
     else:
         if imp is None:
             yield Check("impostor set", False, f"{models_dir / IMPOSTORS_FILE} is missing: biod calibrate cannot "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,14 +44,24 @@ class Impostors:
         return (self.embeddings, self.labels) if n_leads_on <= 1 else (self.embeddings_3lead, self.labels_3lead)
 
 
+class ImpostorsError(Exception):
+    """The shipped impostor set exists but cannot be read (truncated, corrupt, wrong layout)."""
+
+
 def load_impostors(models_dir: Path) -> Impostors | None:
+    """The shipped impostor set, None if there is none; ``ImpostorsError`` naming the file and the
+    fix if it is there but unreadable (a half-copied install must not surface as a zip traceback)."""
     path = Path(models_dir) / IMPOSTORS_FILE
     if not path.exists():
         log.warning("enrol: %s is missing; false-accept rates are estimated from enrolled persons only", path)
         return None
-    with np.load(path, allow_pickle=False) as z:
-        return Impostors(z["embeddings"].astype(np.float32), z["labels"], z["embeddings_3lead"].astype(np.float32),
-                         z["labels_3lead"], str(z["model_version"]))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Impostors(z["embeddings"].astype(np.float32), z["labels"], z["embeddings_3lead"].astype(np.float32),
+                             z["labels_3lead"], str(z["model_version"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ImpostorsError(f"{path} is unreadable ({type(exc).__name__}: {exc}): re-install biod's models "
+                             "(pip install --force-reinstall biod) or rebuild it with python -m training.impostors") from None
 
 
 @dataclass

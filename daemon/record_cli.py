@@ -73,6 +73,13 @@ def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, pe
               f"{', '.join(RECORD_LABELS)}", file=sys.stderr)
         return 2
 
+    try:  # a bad --out is said before the devices are opened, not as a traceback at the first sample
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        print(f"biod record: cannot use --out {out} as the recordings folder ({exc.strerror or exc}): "
+              "give a folder that exists or can be created", file=sys.stderr)
+        return 2
+
     def ended(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # the finally below closes the records, labels included
 

@@ -65,3 +65,47 @@ def test_calibrate_refuses_a_flat_line_and_says_why(tmp_path) -> None:
     assert "run biod calibrate again" in res.stdout
     assert not (tmp_path / "state" / "identity" / "templates.json").exists() or not TemplateStore(
         tmp_path / "state" / "identity" / "templates.json").list()
+
+
+@pytest.mark.timeout(120)
+def test_calibrate_says_what_would_refuse_it_before_anyone_records(tmp_path) -> None:
+    """A taken name, a name with no letters or digits, or a broken impostor set used to be found
+    only after the whole recording (or as a traceback): now the command stops at once, exit 2,
+    without opening the ECG device (the configured port does not exist)."""
+    import shutil
+
+    from daemon.app import load_ecg_model
+    from daemon.config import parse_config
+    from daemon.biometrics import MODELS_DIR
+
+    cfg = tmp_path / "biod.yaml"
+    models = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, models)
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n"
+                   f"ecg:\n  source: serial\n  port: {tmp_path / 'no-such-box'}\n")
+    ref = load_ecg_model(parse_config(f"models_dir: {models}\n")).ref
+    TemplateStore(tmp_path / "state" / "identity" / "templates.json").add(Person(
+        id="id-ann", name="Ann", slug="ann", created="2026-01-01T00:00:00+00:00", model=ref,
+        prototypes=np.ones((1, ref.dim), np.float32), prototype_labels=("rest",), threshold=0.6, stats={}))
+    for name, why in (("ann", "'Ann' is already enrolled"), ("!!!", "no letters or digits")):
+        res = _biod("calibrate", "--name", name, "--no-walk", "--config", str(cfg), timeout=60)
+        assert res.returncode == 2 and why in res.stderr, res.stdout + res.stderr
+        assert "attach the electrodes" not in res.stdout and "Traceback" not in res.stderr
+    (models / "ecg_impostors.npz").write_bytes((models / "ecg_impostors.npz").read_bytes()[:2000])
+    res = _biod("calibrate", "--name", "Bea", "--no-walk", "--config", str(cfg), timeout=60)
+    assert res.returncode == 2 and "ecg_impostors.npz is unreadable" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_people_and_record_errors_are_messages_not_tracebacks(tmp_path) -> None:
+    cfg = tmp_path / "biod.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    res = _biod("people", "remove", "--config", str(cfg))
+    assert res.returncode == 2 and "give the person's name" in res.stderr and "Traceback" not in res.stderr
+    enc = tmp_path / "enc.yaml"  # an encrypted store whose key credential is not there
+    enc.write_text(f"state_dir: {tmp_path / 'state'}\nidentity:\n  store_key_credential: biod-store-key\n")
+    res = _biod("people", "list", "--config", str(enc))
+    assert res.returncode == 1 and "CREDENTIALS_DIRECTORY" in res.stderr and "Traceback" not in res.stderr
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    res = _biod("record", "--out", str(afile), "--seconds", "1", "--config", str(cfg))
+    assert res.returncode == 2 and "cannot use --out" in res.stderr and "Traceback" not in res.stderr

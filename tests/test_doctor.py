@@ -89,6 +89,9 @@ def test_identity_assets_in_step_with_the_installed_model(tmp_path) -> None:
     np.savez(models / "ecg_impostors.npz", **z)
     stale = _identity_checks(cfg)["impostor set"]
     assert not stale.ok and "0.9.0" in stale.detail and "training.impostors" in (stale.fix or "")
+    (models / "ecg_impostors.npz").write_bytes((models / "ecg_impostors.npz").read_bytes()[:2000])  # a half copy
+    broken = _identity_checks(cfg)["impostor set"]
+    assert not broken.ok and "unreadable" in broken.detail and "BadZipFile" in broken.detail
     (models / "ecg_impostors.npz").unlink()
     assert "missing" in _identity_checks(cfg)["impostor set"].detail
 

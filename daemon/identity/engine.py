@@ -620,6 +620,19 @@ class IdentityEngine:
                           n_windows=self._session_n, old_threshold=float(person.threshold), dropped=dropped)
 
     # ---- enrolment -----------------------------------------------------------------------
+    def name_problem(self, name: str) -> str | None:
+        """Why ``name`` cannot be enrolled (no letters or digits to build its id from, or the name
+        or its id is taken), else None. ``biod calibrate`` asks before it records, so nobody wears
+        the electrodes for a minute and a half to be told the name was wrong."""
+        try:
+            slug = slugify(name)
+        except StoreError as exc:
+            return str(exc)
+        for p in self.people:
+            if p.name == name or p.slug == slug:
+                return f"{p.name!r} is already enrolled: choose another name, or remove {p.name!r} first to re-enrol"
+        return None
+
     def enrol(self, name: str, embeddings: np.ndarray, activities: Sequence[str] | None = None,
               impostor_embeddings: np.ndarray | None = None,
               impostor_labels: Sequence[object] | np.ndarray | None = None,
@@ -653,10 +666,9 @@ class IdentityEngine:
         def refuse(reason: str, selfsim: float = float("nan")) -> EnrolmentReport:
             return EnrolmentReport(accepted=False, reason=reason, person=None, n_windows=n, median_self_similarity=selfsim)
 
-        slug = slugify(name)
-        for p in self.people:
-            if p.name == name or p.slug == slug:
-                return refuse(f"{p.name!r} is already enrolled: choose another name, or remove {p.name!r} first to re-enrol")
+        problem = self.name_problem(name)
+        if problem is not None:
+            return refuse(problem)
         if n < cfg.min_enrol_windows:
             return refuse(
                 f"only {n} clean ECG windows, need at least {cfg.min_enrol_windows}: record longer "
@@ -722,7 +734,7 @@ class IdentityEngine:
                 **report_args,  # type: ignore[arg-type]
             )
         person = Person(
-            id=new_person_id(), name=name, slug=slug, created=utc_now(), model=self.model,
+            id=new_person_id(), name=name, slug=slugify(name), created=utc_now(), model=self.model,
             prototypes=protos, prototype_labels=labels, threshold=threshold, stats=stats, gait=gait,
         )
         return EnrolmentReport(accepted=True, reason="ok", person=person, **report_args)  # type: ignore[arg-type]

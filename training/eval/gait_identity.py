@@ -200,6 +200,9 @@ def evaluate_gait_identity(data_dir: Path, models_dir: Path = MODELS_DIR) -> dic
         dataset = DATASET_OF.get(placement)
         if dataset is None:
             continue
+        if not ((Path(data_dir) / dataset).is_dir() or (Path(data_dir) / f"{dataset}.npz").is_file()):
+            out[placement] = {"skipped": f"no {dataset}/ folder in {data_dir}"}
+            continue
         training = model.info.get("training", {})
         trained_on = set(str(p) for p in training.get("persons", [])) if isinstance(training, dict) else set()
         out[placement] = evaluate_model(model, load_gait_windows(data_dir, dataset), dataset, trained_on)
@@ -212,8 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, default=MODELS_DIR)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args(argv)
-    res = evaluate_gait_identity(args.data, args.models)
+    if not args.data.is_dir():
+        print(f"error: --data {args.data} is not a folder (expected e.g. ../shared/data)", file=sys.stderr)
+        return 2
+    try:
+        res = evaluate_gait_identity(args.data, args.models)
+    except (OSError, ValueError, KeyError) as exc:  # DataError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if res and all("skipped" in r for r in res.values()):
+        print(f"error: {args.data}: nothing to evaluate: " + "; ".join(r["skipped"] for r in res.values()),
+              file=sys.stderr)
+        return 2
     for placement, r in res.items():
+        if "skipped" in r:
+            print(f"skipped: {placement}: {r['skipped']}")
+            continue
         print(f"{placement} ({r['dataset']}, {len(r['persons'])} persons {', '.join(r['persons'])}; {r['walking_windows']} walking windows)")
         for key in sorted(k for k in r if k.startswith("pool_")):
             m = r[key]

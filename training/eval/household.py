@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = evaluate(args.data, args.models, args.households, args.size, args.seed, args.target_far,
                        adapt=args.adapt, population=args.population, overrides=_identity_overrides(args.identity))
-    except (ValueError, FileNotFoundError) as exc:
+    except (OSError, ValueError, KeyError) as exc:  # the data loaders' errors, named
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for k, v in res.items():

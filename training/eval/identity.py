@@ -147,19 +147,26 @@ def frr_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float = 0.01) -> 
 
 def _per_test(names: list[str], templates: np.ndarray, tests: Tests
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rank-1 correct, genuine score, impostor scores (n, G-1)) of every test."""
+    """(rank-1 correct, genuine score, impostor scores (n, G-1)) of every test; no tests, or
+    a gallery of one (no impostor score), give empty arrays of those shapes."""
     scores = tests.emb @ templates.T
     n = len(tests.person)
+    if n == 0:
+        return np.zeros(0, bool), np.zeros(0), np.zeros((0, max(len(names) - 1, 0)))
     truth = np.searchsorted(np.array(names), tests.person)
     gen = scores[np.arange(n), truth]
     mask = np.ones_like(scores, bool)
     mask[np.arange(n), truth] = False
-    return scores.argmax(1) == truth, gen, scores[mask].reshape(n, -1)
+    return scores.argmax(1) == truth, gen, scores[mask].reshape(n, max(len(names) - 1, 0))
 
 
 def identity_metrics(names: list[str], templates: np.ndarray, tests: Tests,
                      threshold: float | None = None, prefix: str = "") -> dict[str, float]:
-    """rank-1, EER, FRR@FAR1% (percent) for all tests and the cross-session subset."""
+    """rank-1, EER, FRR@FAR1% (percent) for all tests and the cross-session subset.
+
+    With a gallery of one person there is no impostor comparison: rank-1 (always right), EER,
+    FRR@FAR1% and FAR at the threshold would be numbers measured on nothing, so they are left
+    out (the genuine-only FRR at the threshold and the counts stay)."""
     out: dict[str, float] = {}
     if not len(names) or not len(tests.person):
         return out
@@ -168,13 +175,15 @@ def identity_metrics(names: list[str], templates: np.ndarray, tests: Tests,
         if not sel.any():
             continue
         gen, imp = gen_all[sel], imp_all[sel].ravel()
-        out[f"{prefix}{sub}rank1"] = 100.0 * float(np.mean(correct[sel]))
-        out[f"{prefix}{sub}eer"] = 100.0 * eer(gen, imp)
-        out[f"{prefix}{sub}frr_at_far1"] = 100.0 * frr_at_far(gen, imp)
+        if imp.size:
+            out[f"{prefix}{sub}rank1"] = 100.0 * float(np.mean(correct[sel]))
+            out[f"{prefix}{sub}eer"] = 100.0 * eer(gen, imp)
+            out[f"{prefix}{sub}frr_at_far1"] = 100.0 * frr_at_far(gen, imp)
         out[f"{prefix}{sub}n_tests"] = float(sel.sum())
         if threshold is not None:
             out[f"{prefix}{sub}frr_at_thr"] = 100.0 * float(np.mean(gen < threshold))
-            out[f"{prefix}{sub}far_at_thr"] = 100.0 * float(np.mean(imp >= threshold))
+            if imp.size:
+                out[f"{prefix}{sub}far_at_thr"] = 100.0 * float(np.mean(imp >= threshold))
     out[f"{prefix}n_gallery"] = float(len(names))
     return out
 
@@ -236,6 +245,8 @@ def person_bootstrap(names: list[str], runs: dict[str, tuple[np.ndarray, Tests]]
     for name, (_, t) in runs.items():
         if not (np.array_equal(t.person, ref.person) and np.array_equal(t.cross, ref.cross)):
             raise ValueError(f"person_bootstrap: run {name!r} has other tests than the first run")
+    if len(names) < 2:  # a gallery of one: no impostor score, nothing to resample
+        return {}
     per = {name: _per_test(names, tmpl, t) for name, (tmpl, t) in runs.items()}
     out: dict[str, float] = {}
     alpha = 100.0 * (1.0 - level) / 2.0

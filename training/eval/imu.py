@@ -8,10 +8,16 @@ format all persons count), computes the features the manifest names with the dae
 runs the int8 model and its float twin (``<models>/float/``) through the daemon runtime.
 Subject-level metrics: gender by vote over a person's windows, age as the median of a person's
 window estimates, activity macro-F1 over windows (top-level and fine).
+
+A model whose dataset folder (``sisfall/`` or ``hugadb/``) is not in ``data_dir``, or whose
+persons there all trained it, is skipped with the reason (``{"skipped": ...}``; printed as a
+``skipped:`` line by ``main``); the confusion figure is drawn only into a folder that is given
+(``--figures DIR``; the committed one: ``--figures docs/models``).
 """
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +28,7 @@ from training.data.imu import (
     FINE_CLASSES,
     SISFALL_GAIT_CODES,
     TOP_LEVEL,
+    DataError,
     WindowSet,
     fine_index,
     load_hugadb,
@@ -31,7 +38,16 @@ from training.data.imu import (
 )
 
 MODELS = {"gender": "imu_gender", "age": "imu_age", "activity": "imu_activity"}
-DEFAULT_FIGURES = Path(__file__).resolve().parents[2] / "docs" / "models"
+IMU_DATASETS = ("sisfall", "hugadb")
+
+
+class Skip(Exception):
+    """This model or measurement cannot be evaluated on the folder (the message says why)."""
+
+
+def _need_dataset(data_dir: Path, dataset: str) -> None:
+    if not (Path(data_dir) / dataset).is_dir():
+        raise Skip(f"no {dataset}/ folder in {data_dir}")
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -145,6 +161,8 @@ def _windows(data_dir: Path, manifest: Manifest) -> tuple[str, WindowSet]:
         raise ValueError(f"{manifest.name}: manifest states no ACF feature spec")
     params = spec.features.params
     dataset = manifest.training.datasets[0]
+    if dataset in IMU_DATASETS:
+        _need_dataset(data_dir, dataset)
     if dataset == "sisfall":
         recs = load_sisfall(data_dir / "sisfall", SISFALL_GAIT_CODES)
     elif dataset == "hugadb":
@@ -157,21 +175,25 @@ def _windows(data_dir: Path, manifest: Manifest) -> tuple[str, WindowSet]:
     seen = set(manifest.training.persons.get(dataset, []))
     recs = [r for r in recs if r.subject not in seen]
     if not recs:
-        raise ValueError(f"{manifest.name}: every person in {data_dir / dataset} was used for "
-                         "training; evaluate on a folder with other persons")
+        raise Skip(f"every person in {data_dir / dataset} was used for training "
+                   f"{manifest.name}; evaluate on a folder with other persons")
     ws = window_set(recs, str(params["variant"]), int(params["max_lag"]),
                     window_s=float(spec.window_s or 2.0))
     return dataset, ws
 
 
-def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = DEFAULT_FIGURES
-                 ) -> dict:
+def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = None) -> dict:
     """Metrics of the shipped IMU models (int8 and float twin) on unseen persons.
 
     Writes ``imu_activity_confusion.png`` (int8, top-level and fine) into ``figures`` unless
-    it is None.
+    it is None. Raises :class:`~training.data.imu.DataError` when neither dataset is there.
     """
     data_dir, models_dir = Path(data_dir), Path(models_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir} is not a folder")
+    if not any((data_dir / d).is_dir() for d in IMU_DATASETS):
+        raise DataError(f"{data_dir}: no {' or '.join(d + '/' for d in IMU_DATASETS)} folder: "
+                        "nothing to evaluate (the format of ../shared/data)")
     res: dict = {}
     for task, name in MODELS.items():
         path = models_dir / f"{name}.tflite"
@@ -180,7 +202,11 @@ def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = DEFAUL
                                   f"--data DIR --out {models_dir}`"}
             continue
         model = load_model(path)
-        dataset, ws = _windows(data_dir, model.manifest)
+        try:
+            dataset, ws = _windows(data_dir, model.manifest)
+        except Skip as exc:
+            res[task] = {"skipped": str(exc)}
+            continue
         entry: dict = {"dataset": dataset, "persons": sorted(set(ws.subject.tolist())),
                        "placement": model.manifest.inputs[0].placement}
         outs = {"int8": run_batches(model, ws.features)}
@@ -192,8 +218,17 @@ def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = DEFAUL
         if task == "activity" and figures is not None:
             entry["confusion_png"] = str(_confusion_figure(ws, outs["int8"], Path(figures)))
         res[task] = entry
-    res["activity_from_motion"] = evaluate_motion_rule(data_dir, models_dir)
+    try:
+        res["activity_from_motion"] = evaluate_motion_rule(data_dir, models_dir)
+    except Skip as exc:
+        res["activity_from_motion"] = {"skipped": str(exc)}
     return res
+
+
+def skipped_lines(res: dict) -> list[str]:
+    """``skipped: <what>: <why>`` for every part of an :func:`evaluate_imu` result left out."""
+    return [f"skipped: {task}: {entry['skipped']}" for task, entry in res.items()
+            if isinstance(entry, dict) and "skipped" in entry]
 
 
 def _pipeline_windows(rec) -> list:
@@ -214,6 +249,8 @@ def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
     from daemon.dsp.imu import MOTION_CLASSES, acf_features_batch, motion_activity
 
     data_dir, models_dir = Path(data_dir), Path(models_dir)
+    for dataset in IMU_DATASETS:  # walking/jogging from SisFall, rest from HuGaDB: both needed
+        _need_dataset(data_dir, dataset)
     age = load_model(models_dir / "imu_age.tflite").manifest
     seen = set(age.training.persons.get("sisfall", []))
     act_model = load_model(models_dir / "imu_activity.tflite")
@@ -229,6 +266,9 @@ def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
             truth.append(2 if r.code in ("D03", "D04") else 1)
             pred.append(motion_activity(w.data[:, :3], w.gait))
             data.append(w.data)
+    if not data:
+        raise Skip(f"no SisFall D01-D04 windows of persons the waist models did not train on "
+                   f"in {data_dir / 'sisfall'}")
     waist = np.array(truth)
     feats = acf_features_batch(np.stack(data), int(params["max_lag"]), str(params["variant"]))
     thigh_model = run_batches(act_model, feats.reshape((-1, *spec.shape)))["top_level"].argmax(axis=1)
@@ -267,12 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.eval.imu", description=__doc__)
     ap.add_argument("--data", type=Path, required=True, help="folder in the shared/data format")
     ap.add_argument("--models", type=Path, default=Path("daemon/models"))
-    ap.add_argument("--figures", type=Path, default=DEFAULT_FIGURES)
+    ap.add_argument("--figures", type=Path, default=None, metavar="DIR",
+                    help="also draw imu_activity_confusion.png into DIR (the committed one: "
+                    "docs/models); default: no figure")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    res = evaluate_imu(args.data, args.models, args.figures)
+    try:
+        res = evaluate_imu(args.data, args.models, args.figures)
+    except (OSError, ValueError, KeyError) as exc:  # DataError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(res, indent=2, default=float)
     print(text)
+    for line in skipped_lines(res):  # stderr: stdout stays one JSON document
+        print(line, file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")

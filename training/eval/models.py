@@ -16,7 +16,13 @@ of shared/data, never training anything:
 
 Persons listed in a model manifest's ``training.persons`` are dropped first, so the numbers are
 subject-disjoint on shared/data (held-out persons) and on a folder of unseen persons (all).
-DET curves and the activity confusion matrix go to ``--out-figures`` (default docs/models).
+DET curves and the activity confusion matrix are drawn only when ``--out-figures DIR`` is given
+(the committed ones: ``--out-figures docs/models``); without it nothing is written but ``--json``.
+
+A folder without ECG persons to evaluate (e.g. only ``hugadb/`` + ``sisfall/``) skips the ECG part
+with a printed ``skipped:`` line, a folder without IMU data skips the IMU part alike; identity
+metrics that need impostor comparisons (EER, FRR at FAR 1 %, FAR at the threshold) and rank-1
+are left out, with a printed note, when fewer than 2 persons are enrolled.
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ from training.eval.identity import (
 
 ECG_MODEL = "ecg_dualtask"
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "daemon" / "models"
-DEFAULT_FIGURES = Path(__file__).resolve().parents[2] / "docs" / "models"
+#: the dataset folders of the ECG part (training/data/ecg.py)
+ECG_DATASETS = ("ecgid", "ludb", "mitdb")
 ACTIVITY_SEED = 7
 ACTIVITY_PER_SERIES = 4
 
@@ -80,6 +87,22 @@ def time_per_window_ms(model, x: np.ndarray, n: int = 200) -> float:
     return 1000.0 * float(np.median(ts))
 
 
+class NoEcgPersons(ValueError):
+    """The folder holds no ECG person the models were not trained on: nothing to evaluate."""
+
+
+def check_ecg_folders(data_dir: Path) -> None:
+    """A dataset folder that is there but incomplete is an error, not an absent dataset (the
+    loaders skip a folder without its .npz silently)."""
+    for name in ECG_DATASETS:
+        d = Path(data_dir) / name
+        if d.is_dir():
+            for f in (d / "metadata.json", d / f"{name}.npz"):
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f} is missing: a {name}/ folder needs metadata.json "
+                                            f"and {name}.npz (the format of shared/data)")
+
+
 def identity_eval(ws: WindowSet, emb: np.ndarray, threshold: float) -> tuple[dict, dict]:
     """All identity numbers for one model; also the 10 s genuine/impostor scores for the DET."""
     out: dict[str, float] = {}
@@ -93,7 +116,7 @@ def identity_eval(ws: WindowSet, emb: np.ndarray, threshold: float) -> tuple[dic
             best = (imp @ templates.T).max(1)
             out[f"id{length}s_never_enrolled_far_at_thr"] = 100.0 * float(np.mean(best >= threshold))
             out[f"id{length}s_never_enrolled_n"] = float(len(imp))
-        if length == 10 and len(names):
+        if length == 10 and len(names) >= 2 and len(tests.person):  # a DET needs impostor scores
             curves["genuine"], curves["impostor"] = genuine_impostor(names, templates, tests)
     return out, curves
 
@@ -142,9 +165,12 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     result: dict = {"persons_evaluated": len({r.person for r in records}),
                     "persons_excluded_as_training": len(seen), "threshold": threshold}
     if not records:
-        raise ValueError(f"{data_dir}: no ECG persons left after excluding the model's "
-                         "training persons: nothing to evaluate")
+        raise NoEcgPersons(f"{data_dir}: no ECG persons left after excluding the model's "
+                           "training persons: nothing to evaluate")
     ws = record_windows(records, kw)
+    result["notes"] = _gallery_notes(ws)
+    for note in result["notes"]:
+        progress(f"note: {note}")
     result["windows"] = len(ws.x)
     result["windows_quality_rejected"] = int((~ws.ok).sum())
     # What the daemon serves: `biod calibrate` and the identity engine use only windows that
@@ -199,10 +225,29 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
         result["baseline"], served["baseline"] = _baseline(Path(baseline_fit), seen, ws, kw, progress)
     if n_boot:
         result["bootstrap"] = identity_bootstrap(ws, served, n_boot)
-        progress(f"bootstrap: {n_boot} draws of the test persons")
+        if result["bootstrap"]:
+            progress(f"bootstrap: {n_boot} draws of the test persons")
+        else:
+            result["notes"].append("no person-bootstrap intervals: fewer than 2 enrolled persons "
+                                   "with tests")
+            progress(f"note: {result['notes'][-1]}")
     if figures is not None:
         _figures(Path(figures), curves, confs, list(manifest.labels.get("activity", [])))
+    if not result["notes"]:  # the JSON of a complete folder stays as it was
+        del result["notes"]
     return result
+
+
+def _gallery_notes(ws: WindowSet) -> list[str]:
+    """What the identity protocol cannot measure on these windows, said in words."""
+    names, _, _ = gallery_and_tests(ws, np.zeros((len(ws.rec), 1), np.float32), 10)
+    if not names:
+        return ["no ECG-ID person with >= 2 recordings: no identity metrics (rank-1, EER, FRR); "
+                "only the never-enrolled and timing numbers"]
+    if len(names) < 2:
+        return [f"only {len(names)} enrolled person ({names[0]}): no impostor comparisons, so "
+                "rank-1, EER, FRR at FAR 1 % and FAR at the threshold are not available (left out)"]
+    return []
 
 
 def identity_bootstrap(ws: WindowSet, served: dict[str, np.ndarray], n_boot: int) -> dict:
@@ -219,7 +264,7 @@ def identity_bootstrap(ws: WindowSet, served: dict[str, np.ndarray], n_boot: int
         for kind, emb in served.items():
             names, templates, tests = gallery_and_tests(ws, emb, length)
             runs[kind] = (templates, tests)
-        if names:
+        if len(names) >= 2:
             out.update(person_bootstrap(names, runs, pairs, n_boot=n_boot, prefix=f"id{length}s_"))
     return out
 
@@ -342,8 +387,10 @@ def _figures(out: Path, curves: dict, confs: dict, labels: list[str]) -> None:
 
 def _evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None) -> dict:
     """IMU metrics (training/eval/imu.py); a folder without IMU data is reported, not fatal."""
-    from training.eval.imu import evaluate_imu
+    from training.eval.imu import IMU_DATASETS, evaluate_imu
 
+    if not any((Path(data_dir) / d).is_dir() for d in IMU_DATASETS):
+        return {"skipped": f"no {' or '.join(d + '/' for d in IMU_DATASETS)} in {data_dir}"}
     try:
         return evaluate_imu(Path(data_dir), Path(models_dir), figures)
     except (FileNotFoundError, ValueError, KeyError) as exc:
@@ -356,6 +403,25 @@ def _fmt(v) -> str:
 
 def print_report(res: dict) -> None:
     ecg = res.get("ecg", {})
+    if "skipped" in ecg:
+        print(f"skipped: ECG part: {ecg['skipped']}")
+    else:
+        _print_ecg(ecg)
+    imu = res.get("imu", {})
+    if "skipped" in imu:
+        print(f"skipped: IMU part: {imu['skipped']}")
+        return
+    print("IMU")
+    for task, entry in imu.items():
+        if isinstance(entry, dict) and "skipped" in entry:
+            print(f"  skipped: {task}: {entry['skipped']}")
+    flat = {k: v for k, v in _flatten({t: e for t, e in imu.items()
+                                       if not (isinstance(e, dict) and "skipped" in e)}).items()}
+    for key, val in flat.items():
+        print(f"  {key:<50} {_fmt(val)}")
+
+
+def _print_ecg(ecg: dict) -> None:
     print(f"ECG identity ({ecg.get('persons_evaluated', 0)} persons evaluated, "
           f"{ecg.get('persons_excluded_as_training', 0)} training persons excluded, "
           f"threshold cosine {ecg.get('threshold', float('nan')):.3f})")
@@ -376,10 +442,8 @@ def print_report(res: dict) -> None:
             print(f"    {key:<52} {boot[key]:8.2f}{ci}")
         for key in sorted(k[:-3] for k in boot if k.endswith("_lo") and k[:-3] not in boot):
             print(f"    {key:<52} {'':>8}  [{boot[key + '_lo']:.2f}, {boot[key + '_hi']:.2f}]")
-    imu = res.get("imu", {})
-    print("IMU")
-    for key, val in _flatten(imu).items():
-        print(f"  {key:<50} {_fmt(val)}")
+    for note in ecg.get("notes", []):
+        print(f"  note: {note}")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -404,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                     "persons of DIR that the models were trained on (e.g. ../shared/data)")
     ap.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                     help="person-bootstrap draws for the identity intervals (default 2000; 0: none)")
-    ap.add_argument("--out-figures", type=Path, default=DEFAULT_FIGURES,
-                    help="where DET curve and confusion matrix PNGs go (default docs/models)")
+    ap.add_argument("--out-figures", type=Path, default=None, metavar="DIR",
+                    help="also draw the DET curve and confusion matrix PNGs into DIR (the "
+                    "committed ones: docs/models); default: no figures")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"error: --data {args.data} is not a folder (expected the shared/data format)",
@@ -416,10 +481,23 @@ def main(argv: list[str] | None = None) -> int:
               "`python -m training.train --data DIR --out daemon/models` or pass --models",
               file=sys.stderr)
         return 2
-    res = {"ecg": evaluate_ecg(args.data, args.models, args.out_figures,
-                               progress=lambda m: print(m, file=sys.stderr),
-                               baseline_fit=args.baseline_fit, n_boot=args.bootstrap),
-           "imu": _evaluate_imu(args.data, args.models, args.out_figures)}
+    progress = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    try:
+        check_ecg_folders(args.data)
+        try:
+            ecg = evaluate_ecg(args.data, args.models, args.out_figures, progress=progress,
+                               baseline_fit=args.baseline_fit, n_boot=args.bootstrap)
+        except NoEcgPersons as exc:
+            ecg = {"skipped": str(exc)}
+        imu = _evaluate_imu(args.data, args.models, args.out_figures)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if "skipped" in ecg and ("skipped" in imu or "error" in imu):
+        why = imu.get("error") or f"no IMU data ({imu['skipped']})"
+        print(f"error: {args.data}: nothing to evaluate: {ecg['skipped']}; {why}", file=sys.stderr)
+        return 2
+    res = {"ecg": ecg, "imu": imu}
     print_report(res)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,12 @@ Measures, on one pinned CPU core with BLAS/OpenMP limited to one thread:
 
 Each measurement runs in its own subprocess (so ru_maxrss is that path's, and no import or
 cache of one path helps another). Data: with ``--data DIR`` LUDB leads I, II, III (records
-concatenated to ``--minutes``) and SisFall waist recordings; without it, the test fixtures
-tiled to the same length.
+concatenated to ``--minutes``) and SisFall waist recordings (a folder holding only one of
+``ludb/``, ``sisfall/`` measures that path and skips the other with a ``skipped:`` line);
+without it, the test fixtures tiled to the same length.
+
+Prints the table; writes the page only where asked (``--md FILE``; the committed one:
+``--md docs/benchmarks/throughput.md``) and the numbers with ``--json FILE``.
 """
 from __future__ import annotations
 
@@ -245,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="folder in the format of ../shared/data (ludb/, sisfall/); "
                     "default: the test fixtures, tiled")
     ap.add_argument("--json", help="write all numbers to this JSON file")
-    ap.add_argument("--md", default="docs/benchmarks/throughput.md", help="markdown page to (re)write; '' for none")
+    ap.add_argument("--md", default=None, metavar="FILE",
+                    help="also (re)write this markdown page (the committed one: "
+                    "docs/benchmarks/throughput.md); default: print only")
     ap.add_argument("--minutes", type=float, default=10.0, help="signal length (default 10)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats, best kept (default 3)")
     ap.add_argument("--cpu", type=int, default=None, help="core to pin to (default: last)")
@@ -265,14 +271,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(json.dumps(worker(spec)))
         return 0
-    if args.data and not (Path(args.data) / "ludb" / "ludb.npz").exists():
-        print(f"error: {args.data}/ludb/ludb.npz not found; pass a folder in the format of "
-              "../shared/data or omit --data to use the test fixtures", file=sys.stderr)
-        return 2
+    has_ecg = has_imu = True
+    if args.data:
+        if not Path(args.data).is_dir():
+            print(f"error: --data {args.data} is not a folder (omit --data to use the test "
+                  "fixtures)", file=sys.stderr)
+            return 2
+        has_ecg = (Path(args.data) / "ludb" / "ludb.npz").is_file()
+        has_imu = (Path(args.data) / "sisfall" / "sisfall.npz").is_file()
+        if not (has_ecg or has_imu):
+            print(f"error: neither {args.data}/ludb/ludb.npz nor {args.data}/sisfall/sisfall.npz "
+                  "found; pass a folder in the format of ../shared/data or omit --data to use "
+                  "the test fixtures", file=sys.stderr)
+            return 2
+        if not has_ecg:
+            print(f"skipped: ECG path and neurokit2: no {args.data}/ludb/ludb.npz", flush=True)
+        if not has_imu:
+            print(f"skipped: IMU path: no {args.data}/sisfall/sisfall.npz", flush=True)
     cpu = args.cpu
     if cpu is None:
         cpu = sorted(os.sched_getaffinity(0))[-1] if hasattr(os, "sched_getaffinity") else 0
-    base = {"minutes": args.minutes, "data": args.data, "repeats": args.repeats, "cpu": cpu}
+    # the workers run in the repository root: they get the folder as an absolute path
+    base = {"minutes": args.minutes, "data": str(Path(args.data).resolve()) if args.data else None,
+            "repeats": args.repeats, "cpu": cpu}
     frame_ecg = max(1, int(round(args.frame_ms / 1000 * ECG_FS)))
     frame_imu = max(1, int(round(args.frame_ms / 1000 * IMU_FS)))
     plan = [
@@ -289,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         ("ECG path as served (+ 125 Hz beat path of ecg_beats)", f"{args.large_s:g} s chunks",
          dict(kind="ecg", chunk=int(args.large_s * ECG_FS), served=True)),
     ]
-    if not args.no_neurokit:
+    if not has_ecg:
+        plan = []
+    if not args.no_neurokit and has_ecg:
         plan += [("neurokit2 ecg_process, lead II only", "whole record (batch)",
                   dict(kind="nk_ecg_process")),
                  ("neurokit2 ecg_peaks, lead II only", "whole record (batch)",
@@ -299,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
          dict(kind="imu", chunk=frame_imu)),
         ("IMU path, 6 axes @ 100 Hz", f"{args.large_s:g} s chunks",
          dict(kind="imu", chunk=int(args.large_s * IMU_FS))),
-    ]
+    ] if has_imu else []
     rows = []
     for label, chunking, spec in plan:
         r = _spawn({**base, **spec})
@@ -309,14 +332,16 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['wall_s']:.3f} s, tracemalloc {r['tracemalloc_peak_mib']:.1f} MiB, "
               f"maxrss {r['ru_maxrss_mib']:.0f} MiB)", flush=True)
     profile = None
-    if args.profile:
+    if args.profile and not has_ecg:
+        print("skipped: --profile of the ECG path: no ECG data", flush=True)
+    elif args.profile:
         profile = _spawn({**base, "kind": "profile", "chunk": int(args.large_s * ECG_FS)})
         whole = profile[-1][1] or 1.0
         print(f"\nprofile of the ECG path ({args.large_s:g} s chunks, cProfile, cumulative s):")
         for label, sec in profile:
             print(f"  {label:<75} {sec:7.3f} s  {100 * sec / whole:5.1f} %")
-    _, ecg_src = ecg_signal(args.data, 0.01)
-    *_, imu_src = imu_signal(args.data, 0.01)
+    ecg_src = ecg_signal(args.data, 0.01)[1] if has_ecg else "none (skipped)"
+    imu_src = imu_signal(args.data, 0.01)[-1] if has_imu else "none (skipped)"
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m training.eval throughput " + " ".join(argv or sys.argv[1:]),
               "machine": machine(), "pinned_cpu": cpu, "ecg_data": ecg_src, "imu_data": imu_src,
@@ -324,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(result["table_markdown"])
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         write_markdown(Path(args.md), result)
     return 0
 

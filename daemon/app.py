@@ -49,6 +49,7 @@ from daemon.publish.state import (
 from daemon.sources.factory import open_ecg_source
 from daemon.sources.serial_ecg import EcgChunk, EcgSource
 from daemon.systemd import Notifier
+from firmware_protocol.ecg_serial import frames_missing
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +369,7 @@ class BiodApp:
         first. Frames, not seconds, would let a box with long frames splice 10 s unnoticed."""
         if last_seq is None:
             return 0.0
-        missing = (first.seq - last_seq - 1) % 65536
-        return missing * len(first.samples_mv) / first.rate_hz
+        return frames_missing(last_seq, first.seq) * len(first.samples_mv) / first.rate_hz
 
     def _batch(self, first: EcgChunk) -> EcgChunk:
         """Join the frames already waiting into one chunk. The DSP's cost is mostly per call,
@@ -381,7 +381,7 @@ class BiodApp:
         parts = [first]
         while not self._ecg_queue.empty():
             nxt = self._ecg_queue._queue[0]  # peek: stop at a gap or a lead change
-            if (nxt.seq != (parts[-1].seq + 1) % 65536 or nxt.rate_hz != first.rate_hz
+            if (frames_missing(parts[-1].seq, nxt.seq) or nxt.rate_hz != first.rate_hz
                     or nxt.samples_mv.shape[1] != first.samples_mv.shape[1]
                     or not np.array_equal(nxt.lead_valid, first.lead_valid)):
                 break
@@ -546,7 +546,7 @@ class BiodApp:
         try:
             impostors = load_impostors(self.cfg.models_dir or MODELS_DIR)
         except ImpostorsError as exc:
-            problem = problem or f"{exc}"
+            problem = problem or str(exc)
         if problem is not None:
             log.warning("enrol: %s refused: %s", req.name, problem)
             publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=problem))

@@ -231,15 +231,16 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         print(f"biod calibrate: {exc}", file=sys.stderr)
         return 2
     try:
-        problem = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref).name_problem(name)
+        engine = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref)
+        problem = engine.name_problem(name)
     except StoreError as exc:  # templates of another ECG model: they must be re-enrolled first
         problem = str(exc)
     if problem is not None:
         print(f"biod calibrate: {problem}", file=sys.stderr)
         return 2
     imu = open_imu_collector(cfg, out) if walk else None
-    engine = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref,
-                            gait_model=imu.model if imu is not None else None)
+    if imu is not None:
+        engine.attach_gait({imu.model.placement: imu.model}, imu.model.placement)
     print(f"Enrolling {name!r}: attach the electrodes (RA, LA, LL), then follow the steps. "
           f"{len(people)} person(s) already enrolled.", file=out)
     embeddings, labels, rejected, leads_on = collect(cfg, phases(seconds, walk), out, imu=imu)

@@ -57,6 +57,7 @@ __all__ = [
     "Pong",
     "ProtocolError",
     "encode_ack",
+    "frames_missing",
     "encode_command",
     "encode_data_frame",
     "encode_device_info",
@@ -292,6 +293,12 @@ class DecoderStats:
     resyncs: int = 0
     discarded_bytes: int = 0
     protocol_errors: int = 0
+
+
+def frames_missing(last_seq: int, seq: int) -> int:
+    """DATA frames the device produced between the frame ``last_seq`` and the frame ``seq``
+    (section 5: the u16 counter wraps 65535 -> 0; 0 means ``seq`` follows on)."""
+    return (seq - last_seq - 1) & 0xFFFF
 
 
 # ------------------------------------------------------------------------------------- encoders

@@ -155,7 +155,6 @@ class MqttPublisher:
         ~800 retained messages an hour; queued in paho, a day-long outage filled its 10 000-slot
         queue, after which every publish failed, the session's final ``wearer`` state among them,
         and the broker kept the stale wearer after the reconnect."""
-        qos = self.cfg.qos if msg.qos is None else msg.qos
         if not self._connected.is_set():
             with self._lock:  # _on_connect sends what is held and sets _connected under this lock
                 if not self._connected.is_set():
@@ -167,9 +166,12 @@ class MqttPublisher:
                     if not queue_if_offline:
                         self.stats.dropped_offline += 1
                         return _not_sent()
-        info = self._client.publish(msg.topic, msg.payload, qos=qos, retain=msg.retain)
+        info = self._client.publish(msg.topic, msg.payload, qos=self._qos(msg), retain=msg.retain)
         self.stats.published += 1
         return info
+
+    def _qos(self, msg: Message) -> int:
+        return self.cfg.qos if msg.qos is None else msg.qos
 
     def publish_json(self, topic: str, payload: Any, retain: bool = False) -> mqtt.MQTTMessageInfo:
         return self.publish(Message(topic, json.dumps(payload, separators=(",", ":")), retain))
@@ -222,8 +224,7 @@ class MqttPublisher:
         with self._lock:
             held, self._held = list(self._held.values()), {}
             for msg in held:  # the newest state of each topic, before anything published after
-                qos = self.cfg.qos if msg.qos is None else msg.qos
-                client.publish(msg.topic, msg.payload, qos=qos, retain=True)
+                client.publish(msg.topic, msg.payload, qos=self._qos(msg), retain=True)
                 self.stats.published += 1
             self._connected.set()
         if held:

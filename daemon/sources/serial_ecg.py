@@ -348,7 +348,7 @@ class EcgSource:
     def _emit(self, frame: proto.DataFrame) -> None:
         lost = 0
         if self._last_seq is not None:
-            lost = (frame.seq - self._last_seq - 1) % 65536
+            lost = proto.frames_missing(self._last_seq, frame.seq)
         self._last_seq = frame.seq
         self.health.last_frame_at = time.time()
         samples, valid = three_leads(frame.millivolts(), frame.lead_valid())

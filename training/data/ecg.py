@@ -55,7 +55,8 @@ class EcgRecord:
         return self.x_mv.shape[0] / self.fs
 
 
-def _need(path: Path) -> Path:
+def need_file(path: Path) -> Path:
+    """``path``, or the error that says what a dataset folder must hold."""
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: --data must point to a folder in the format of shared/data "
@@ -64,11 +65,12 @@ def _need(path: Path) -> Path:
 
 
 def _open(data_dir: Path, name: str) -> tuple[dict, np.lib.npyio.NpzFile] | None:
-    """(metadata, npz) of ``<data_dir>/<name>/``, or None when the dataset is absent."""
+    """(metadata, npz) of ``<data_dir>/<name>/``, or None when the dataset is absent. A folder
+    that is there but lacks either file is an error, not an absent dataset."""
     d = Path(data_dir) / name
-    if not (d / f"{name}.npz").exists():
+    if not d.is_dir():
         return None
-    return json.loads(_need(d / "metadata.json").read_text()), np.load(d / f"{name}.npz")
+    return json.loads(need_file(d / "metadata.json").read_text()), np.load(need_file(d / f"{name}.npz"))
 
 
 def _three_leads(cols: dict[int, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -45,6 +45,7 @@ import numpy as np
 from scipy import signal
 
 from daemon.dsp.rpeaks import detect_rpeaks
+from training.data.ecg import need_file
 
 from .noise import add_noise
 
@@ -79,14 +80,9 @@ class Series:
 
 
 def _read_meta(folder: Path) -> dict:
-    path = folder / "metadata.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: --data must point to a folder like shared/data")
-    npz = folder / f"{folder.name}.npz"
-    if not npz.is_file():
-        raise FileNotFoundError(f"{npz} is missing: a {folder.name}/ folder needs metadata.json and "
-                                f"{folder.name}.npz (the format of shared/data)")
-    return json.loads(path.read_text())
+    meta = json.loads(need_file(folder / "metadata.json").read_text())
+    need_file(folder / f"{folder.name}.npz")
+    return meta
 
 
 def _wanted(selected: set[str] | None, dataset: str, name: str) -> bool:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from daemon.biometrics import MODELS_DIR, Biometrics, EcgModelRunner, ImuModelSet
+from daemon.clock import to_epoch
 from daemon.config import BiodConfig
 from daemon.dsp.ecg_pipeline import EcgPipeline
 from daemon.dsp.imu_pipeline import ImuPipeline
@@ -59,7 +60,7 @@ VERSION = "0.1.0"
 
 @dataclass
 class AppStats:
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.monotonic)  # monotonic: uptime
     ecg_chunks: int = 0
     ecg_samples: int = 0
     dropped_chunks: int = 0
@@ -247,7 +248,7 @@ class BiodApp:
                                   discovery=self.discovery_messages)
         spool = EventSpool(self.cfg.state_dir / "spool")
         sender = SpoolSender(spool, publisher)
-        sessions = SessionPublisher(EventTracker(), sender, publisher, self.topics)
+        sessions = SessionPublisher(EventTracker(), sender, publisher, self.topics, epoch=to_epoch)
         enrol_commands = EnrolCommands(publisher, self.topics,
                                        lambda req: loop.call_soon_threadsafe(self._start_enrolment, req, publisher),
                                        default_seconds=self.cfg.identity.enrol_seconds)
@@ -297,7 +298,7 @@ class BiodApp:
                 await asyncio.to_thread(thread.join, 5.0)
             if self._emulator is not None:
                 self._emulator.close()
-            sessions.close(time.time())
+            sessions.close(time.monotonic())
             await asyncio.to_thread(sender.flush, 2.0)
             sender.stop()
             stats.stop()
@@ -340,7 +341,7 @@ class BiodApp:
                     or gap_s > self.ECG_MAX_SPLICE_S):
                 pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=n_leads, mains_hz=self.cfg.ecg.mains_hz, **kwargs)
             self._mark_ready("streaming ECG")
-            now = time.time()
+            now = time.monotonic()  # durations only; daemon.clock says why
             self._last_ecg_at = now
             self.stats.ecg_chunks += 1
             self.stats.ecg_samples += len(chunk.samples_mv)
@@ -415,7 +416,7 @@ class BiodApp:
         last = (self.stats.ecg_samples, self.stats.imu_samples, time.monotonic())
         while True:
             await asyncio.sleep(1.0)
-            now = time.time()
+            now = time.monotonic()
             if self._last_ecg_at and now - self._last_ecg_at > self.ECG_LOST_AFTER_S:
                 obs = self.bio.ecg_lost(now)
                 self.stats.first_clean_beat_at = None
@@ -478,7 +479,7 @@ class BiodApp:
         while True:
             await asyncio.sleep(interval)
             h = self.ecg_source.health if self.ecg_source else None
-            wedged = bool(h and h.state == "streaming" and h.last_frame_at and time.time() - h.last_frame_at > wedge_s)
+            wedged = bool(h and h.state == "streaming" and h.last_frame_at and time.monotonic() - h.last_frame_at > wedge_s)
             dead = [t.name for t in threads if not t.is_alive()] + [
                 t.get_name() for t in tasks if t.done() and t is not asyncio.current_task()]
             for t in tasks:
@@ -551,11 +552,11 @@ class BiodApp:
             log.warning("enrol: %s refused: %s", req.name, problem)
             publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=problem))
             return
-        self.enrolment = Enrolment(req.name, self.bio.engine, impostors, seconds=req.seconds, started=time.time())
+        self.enrolment = Enrolment(req.name, self.bio.engine, impostors, seconds=req.seconds, started=time.monotonic())
         self.bio.embeddings_sink = self.enrolment.sink
         self.bio.gait_sink = self.enrolment.gait_sink
         log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)
-        publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, self.enrolment.deadline))
+        publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, to_epoch(self.enrolment.deadline)))
 
     def _finish_enrolment(self, publisher: MqttPublisher) -> None:
         enrolment, self.enrolment = self.enrolment, None
@@ -598,7 +599,7 @@ class BiodApp:
         ecg_rate, imu_rate = self._rates_since_last_report()
         return {
             "version": VERSION,
-            "uptime_s": round(time.time() - self.stats.started_at, 1),
+            "uptime_s": round(time.monotonic() - self.stats.started_at, 1),
             "ecg": None if h is None else {
                 "state": h.state, "rate_hz": ecg_rate, "frames": h.frames, "lost_frames": h.lost_frames, "crc_errors": h.crc_errors,
                 "protocol_errors": h.protocol_errors, "resyncs": h.resyncs, "reconnects": max(h.connects - 1, 0), "samples": self.stats.ecg_samples,

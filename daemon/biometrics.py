@@ -202,7 +202,7 @@ class Biometrics:
 
     # -- ECG ----------------------------------------------------------------------------------------
     def on_ecg(self, update: EcgUpdate, now: float | None = None) -> list[Observation]:
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         self.heart_rate_bpm = update.heart_rate_bpm if update.live else None
         observations: list[Observation] = []
         for window in update.windows:
@@ -230,7 +230,7 @@ class Biometrics:
 
     def ecg_lost(self, now: float | None = None) -> Observation | None:
         """The ECG stream stopped (unplugged, silent): identity ends at once."""
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         if not self.identity.live and self.identity.wearer is None:
             return None
         self.identity = self.engine.observe(now, None, False, False)
@@ -239,7 +239,7 @@ class Biometrics:
 
     # -- IMU ----------------------------------------------------------------------------------------
     def on_imu(self, update: ImuUpdate, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         if self.imu_models is None:
             return
         for window in update.windows:
@@ -284,7 +284,7 @@ class Biometrics:
 
     # -- fusion ---------------------------------------------------------------------------------------
     def fused_activity(self, now: float | None = None) -> FusedActivity | None:
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         ecg = self._ecg_activity if now - self._ecg_at < 10 else None  # stale modality drops out
         imu = self._imu_activity if now - self._imu_at < 10 else None
         return fuse_activity(ecg, imu, self.fusion)

@@ -70,7 +70,7 @@ class Enrolment:
     engine: IdentityEngine
     impostors: Impostors | None
     seconds: float
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)  # monotonic (daemon.clock)
     sink: list[tuple[float, np.ndarray, str | None, int]] = field(default_factory=list)
     gait_sink: list[np.ndarray] = field(default_factory=list)  # Biometrics.gait_sink while enrolling
 

@@ -37,8 +37,9 @@ EventType = Literal["new", "update", "end"]
 
 @dataclass(frozen=True)
 class Observation:
-    """What the identity engine concluded at time ``t`` (seconds, epoch or monotonic: only differences matter
-    to the tracker, but epoch seconds make ``start_time``/``end_time`` meaningful to consumers)."""
+    """What the identity engine concluded at time ``t`` (seconds; only differences matter to the
+    tracker). The daemon gives monotonic seconds and converts the session's times to epoch seconds
+    as they are published (``SessionPublisher(epoch=...)``, ``daemon.clock``)."""
 
     t: float
     wearer: str | None  # a person's name, "unknown", or None: no verdict in this observation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -179,3 +180,50 @@ def test_frames_dropped_in_the_hand_off_are_a_gap_not_a_splice(tmp_path) -> None
         assert app.gap_s(0, long) == pytest.approx(20 * 112 / 250)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(120)
+def test_a_wall_clock_step_neither_ends_the_session_nor_dates_it_wrong(tmp_path, mosquitto, capture, monkeypatch) -> None:
+    """NTP steps the clock of a Pi (no RTC) by hours once the network is up. The session, the
+    identity pools and an enrolment's deadline run on the monotonic clock, so the step changes
+    nothing but the epoch times published after it, which follow the corrected clock."""
+    link = tmp_path / "ecg"
+    cfg = parse_config(
+        f"hub:\n  id: clk\nstate_dir: {tmp_path / 'state'}\n"
+        f"ecg:\n  source: serial\n  port: {link}\n"
+        f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
+    step_s = 3 * 3600.0
+    real_time = time.time
+
+    def events() -> list[dict]:
+        return [json.loads(p) for t, p, _ in capture.messages if t == "biod/clk/events"]
+
+    async def scenario() -> tuple[float, float]:
+        box = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, speed=2.0, loop=True)
+        box.open_pty(link=str(link))
+        box.start()
+        app = BiodApp(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(lambda: any(e["type"] == "new" for e in events()), 60, "a wearing session")
+            stepped_at = real_time()
+            monkeypatch.setattr(time, "time", lambda: real_time() + step_s)  # the NTP step, forward
+            await asyncio.sleep(4.0)  # four ticks: each would have expired the session on the wall clock
+        finally:
+            stop.set()
+            await task
+            box.close()
+        return stepped_at, real_time()
+
+    stepped_at, stopped_at = asyncio.run(scenario())
+    evs = events()
+    assert [e["type"] for e in evs if e["type"] != "update"] == ["new", "end"], evs
+    new, end = evs[0], evs[-1]
+    assert end["id"] == new["id"]
+    # the end is dated by the stepped clock, the start as it was published before the step
+    assert stopped_at + step_s - 5 <= end["after"]["end_time"] <= stopped_at + step_s + 1
+    assert new["after"]["start_time"] <= stepped_at
+    # and its duration is what really elapsed, not three hours more
+    lasted = end["after"]["end_time"] - end["after"]["start_time"]
+    assert abs(lasted - (stopped_at - new["after"]["start_time"])) < 3, end["after"]

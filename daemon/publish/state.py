@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -191,13 +191,18 @@ class SessionPublisher:
     disk before anything is sent), and publish the retained state they change.
 
     ``sender`` is a ``SpoolSender`` (anything with ``submit(topic, event_dict)``), ``publisher`` an
-    ``MqttPublisher``. ``observe`` fsyncs once per event (rare), so calling it on the event loop is fine."""
+    ``MqttPublisher``. ``observe`` fsyncs once per event (rare), so calling it on the event loop is fine.
 
-    def __init__(self, tracker: EventTracker, sender: Any, publisher: Any, topics: Topics) -> None:
+    ``epoch`` turns the tracker's times into the epoch seconds consumers read: the daemon tracks on
+    the monotonic clock (``daemon.clock.to_epoch``); without it the times go out as given."""
+
+    def __init__(self, tracker: EventTracker, sender: Any, publisher: Any, topics: Topics,
+                 epoch: Callable[[float], float] | None = None) -> None:
         self.tracker = tracker
         self._sender = sender
         self._publisher = publisher
         self._topics = topics
+        self._epoch = epoch
 
     def observe(self, obs: Observation) -> list[Event]:
         return self._emit(self.tracker.observe(obs))
@@ -212,10 +217,25 @@ class SessionPublisher:
 
     def _emit(self, events: list[Event]) -> list[Event]:
         for event in events:
-            self._sender.submit(self._topics.events, event.to_dict())
-            for msg in messages_for_event(self._topics, event):
+            stamped = self._stamped(event)
+            self._sender.submit(self._topics.events, stamped.to_dict())
+            for msg in messages_for_event(self._topics, stamped):
                 self._publisher.publish(msg)
         return events
+
+    def _stamped(self, event: Event) -> Event:
+        """The event with its times in epoch seconds, converted now, as it leaves the process."""
+        epoch = self._epoch
+        if epoch is None:
+            return event
+
+        def stamp(s: SessionState | None) -> SessionState | None:
+            if s is None:
+                return None
+            return replace(s, start_time=epoch(s.start_time), last_seen=epoch(s.last_seen),
+                           end_time=None if s.end_time is None else epoch(s.end_time))
+
+        return replace(event, before=stamp(event.before), after=stamp(event.after))
 
 
 # -- enrol command -------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class EcgHealth:
     duplicates: int = 0
     resyncs: int = 0
     discarded_bytes: int = 0
-    last_frame_at: float | None = None
+    last_frame_at: float | None = None  # time.monotonic(): the watchdog takes differences of it
     last_error: str | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -350,7 +350,7 @@ class EcgSource:
         if self._last_seq is not None:
             lost = proto.frames_missing(self._last_seq, frame.seq)
         self._last_seq = frame.seq
-        self.health.last_frame_at = time.time()
+        self.health.last_frame_at = time.monotonic()
         samples, valid = three_leads(frame.millivolts(), frame.lead_valid())
         self._on_chunk(EcgChunk(
             seq=frame.seq,

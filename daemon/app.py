@@ -280,7 +280,7 @@ class BiodApp:
             self.imu_source = MetaWearSource(self.cfg.imu, lambda c: self._enqueue(self._imu_queue, c, "imu"))
             tasks.append(asyncio.create_task(self.imu_source.run(stop), name="imu-source"))
             tasks.append(asyncio.create_task(self._consume_imu(), name="imu-pipeline"))
-        tasks.append(asyncio.create_task(self._tick(publisher, sessions), name="tick"))
+        tasks.append(asyncio.create_task(self._tick(publisher, sessions, spool), name="tick"))
         tasks.append(asyncio.create_task(self._watchdog(threads, tasks), name="watchdog"))
         ready_fallback = asyncio.create_task(self._ready_fallback(), name="ready-fallback")  # ends: not watched
         try:
@@ -410,9 +410,11 @@ class BiodApp:
             self.stats.imu_samples += len(chunk.t_s)
             self.bio.on_imu(pipeline.push(chunk.t_s, chunk.acc_g, chunk.gyro_dps))
 
-    async def _tick(self, publisher: MqttPublisher, sessions: SessionPublisher) -> None:
-        """Time-driven work: end identity when the ECG stream stops, expire sessions, sensor state."""
+    async def _tick(self, publisher: MqttPublisher, sessions: SessionPublisher, spool: EventSpool) -> None:
+        """Time-driven work: end identity when the ECG stream stops, expire sessions, sensor state,
+        and systemd's STATUS= line when it changes."""
         last_sensor = 0.0
+        status = ""
         last = (self.stats.ecg_samples, self.stats.imu_samples, time.monotonic())
         while True:
             await asyncio.sleep(1.0)
@@ -424,6 +426,9 @@ class BiodApp:
                     self._observe(sessions, obs)
                 self._save_adaptations()
             sessions.expire(now)
+            if self._ready and (line := self.status_line(publisher, spool)) != status:
+                status = line
+                self.notifier.status(line)
             self._watch_store(publisher)
             if self.enrolment is not None and self.enrolment.expired(now):
                 self._finish_enrolment(publisher)
@@ -445,6 +450,27 @@ class BiodApp:
         if not self._ready:
             self._ready = True
             self.notifier.ready(status)
+
+    def status_line(self, publisher: MqttPublisher, spool: EventSpool) -> str:
+        """What ``systemctl status biod`` shows: each sensor's state and the broker's. WHY the
+        broker: with it away the daemon is healthy (events are spooled, nothing is lost) but Home
+        Assistant hears nothing, and the person looking needs to see that, and where, at a glance."""
+        def sensor(name: str, h) -> str:
+            return f"{name} {h.state}" + (f" ({h.last_error})" if h.state != "streaming" and h.last_error else "")
+
+        parts = []
+        if self.ecg_source is not None:
+            parts.append(sensor("ECG", self.ecg_source.health))
+        if self.imu_source is not None:
+            parts.append(sensor("IMU", self.imu_source.health))
+        broker = f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}"
+        if publisher.connected:
+            parts.append(f"MQTT connected to {broker}")
+        else:
+            parts.append(f"MQTT not connected ({publisher.stats.last_error or f'connecting to {broker}'})")
+        if pending := len(spool):
+            parts.append(f"{pending} event{'s' if pending != 1 else ''} spooled until the broker takes them")
+        return "; ".join(parts)
 
     def _waiting_for(self) -> str:
         def state(h) -> str:

@@ -182,3 +182,26 @@ def test_watchdog_is_withheld_once_the_pipeline_dies(tmp_path, mosquitto, caplog
     causes = [r for r in caplog.records if r.getMessage() == "biod: ecg-pipeline stopped on an error"]
     assert len(causes) == 1 and "a bug in a pipeline stage" in str(causes[0].exc_info[1])  # logged once, with why
     assert any("'ecg-pipeline'" in r.getMessage() for r in caplog.records if "withholding" in r.getMessage())
+
+
+@pytest.mark.timeout(90)
+def test_status_shows_the_broker_going_away_and_coming_back(tmp_path, mosquitto) -> None:
+    """``systemctl status biod`` names the broker: with it away the daemon is healthy and spools,
+    but Home Assistant hears nothing, and STATUS= must say so with host:port, then say connected."""
+    app, ns = _notified_app(tmp_path, "  source: emulator\n  emulator:\n    speed: 2\n", mosquitto.port)
+    broker = f"127.0.0.1:{mosquitto.port}"
+
+    def statuses() -> list[str]:
+        return [l.removeprefix("STATUS=") for l in ns.read() if l.startswith("STATUS=")]
+
+    async def scenario() -> None:
+        await until(lambda: any(f"MQTT connected to {broker}" in s for s in statuses()), 20, "a status with the broker")
+        assert any(s.startswith("ECG streaming") for s in statuses()), statuses()
+        mosquitto.stop()
+        await until(lambda: "MQTT not connected" in statuses()[-1], 20, "the broker's loss in STATUS=")
+        assert broker in statuses()[-1], statuses()[-1]
+        mosquitto.start()
+        await until(lambda: statuses()[-1].endswith(f"MQTT connected to {broker}"), 60, "the broker back in STATUS=")
+
+    _drive(app, scenario)
+    ns.close()

@@ -261,6 +261,8 @@ class MqttPublisher:
         self._call_connection_hooks(False)
         if was and not self._closing:
             self.stats.disconnects += 1
+            why = "" if str(reason) == "Unspecified error" else f" ({reason})"  # paho's word for a dropped link
+            self.stats.last_error = f"lost the broker at {self.cfg.host}:{self.cfg.port}{why}"
             log.warning("mqtt: lost the broker %s:%d (%s); reconnecting with back-off, events are spooled meanwhile",
                         self.cfg.host, self.cfg.port, reason)
 

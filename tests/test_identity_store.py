@@ -62,6 +62,20 @@ def test_existing_permissive_directory_is_tightened(tmp_path):
     assert mode(d) == 0o700 and mode(d / "t.json") == 0o600
 
 
+def test_a_store_others_can_read_is_restricted_on_load_and_said_so(store_path, caplog):
+    store = TemplateStore(store_path)
+    store.save({"A": person("A")})
+    os.chmod(store_path, 0o644)  # copied in with cp, restored from a backup under umask 022
+    with caplog.at_level("WARNING", logger="daemon.identity.store"):
+        assert list(store.load()) == ["A"]
+    assert mode(store_path) == 0o600
+    assert [r.getMessage() for r in caplog.records if "mode 0644" in r.getMessage() and "0600" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="daemon.identity.store"):
+        store.load()
+    assert not caplog.records  # said once, when it was so
+
+
 def test_missing_file_is_empty_but_corrupt_file_is_an_error(store_path):
     store = TemplateStore(store_path)
     assert store.load() == {}

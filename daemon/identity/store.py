@@ -43,6 +43,7 @@ import binascii
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import stat
@@ -74,6 +75,8 @@ __all__ = [
 FORMAT = "biod-templates"
 CONTAINER_VERSION = 1
 CIPHER = "AES-256-GCM"
+log = logging.getLogger(__name__)
+
 _RESTORE = "restore it from a backup, or move it aside and re-enrol everybody with `biod calibrate`"
 
 
@@ -361,6 +364,7 @@ class TemplateStore:
             return {}
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot read the template store ({exc.strerror}): fix: check the file and its directory belong to the biod user") from None
+        self._restrict()
         payload = self._decode(raw)
         try:
             people = [Person.from_json(d) for d in payload["people"]]
@@ -374,6 +378,20 @@ class TemplateStore:
         if self.model is not None:
             check_compatible(out, self.model)
         return out
+
+    def _restrict(self) -> None:
+        """Templates are personal data: a store that other users of the hub can read (copied in
+        with ``cp``, restored from a backup, a umask of 022) is set back to 0600, and said so."""
+        try:
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+            if not mode & 0o077:
+                return
+            os.chmod(self.path, 0o600)
+            log.warning("%s: the template store was mode %04o, readable by other users of the hub; set it to 0600",
+                        self.path, mode)
+        except OSError as exc:
+            log.warning("%s: the template store is readable by other users of the hub and cannot be restricted (%s): "
+                        "fix: chown it to the biod user and chmod 0600 it", self.path, exc.strerror)
 
     def _decode(self, raw: bytes) -> dict[str, Any]:
         try:

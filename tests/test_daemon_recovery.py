@@ -1,10 +1,13 @@
 """The assembled daemon recovers by itself: a BLE drop of the MetaMotion and an unplugged ECG box
-both resume streaming without a restart, with the losses counted in the published stats."""
+both resume streaming without a restart, with the losses counted in the published stats; a
+wall-clock step leaves the wearing session alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,6 +16,24 @@ from daemon.config import parse_config
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
 from tests.conftest import until
+
+
+@contextlib.asynccontextmanager
+async def daemon_on_box(cfg, link, **box_kwargs) -> AsyncIterator[tuple[BiodApp, EcgBoxEmulator]]:
+    """An emulated ECG box (ludb-16, 500 Hz) on a pty behind ``link`` and the daemon reading it,
+    in this process; both stopped on the way out."""
+    box = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, **box_kwargs)
+    box.open_pty(link=str(link))
+    box.start()
+    app = BiodApp(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(stop))
+    try:
+        yield app, box
+    finally:
+        stop.set()
+        await task
+        box.close()
 
 
 @pytest.mark.timeout(120)
@@ -25,13 +46,7 @@ def test_ble_drop_and_serial_unplug_resume_by_themselves(tmp_path, mosquitto, ca
         f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
 
     async def scenario() -> None:
-        box = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, speed=2.0)
-        box.open_pty(link=str(link))
-        box.start()
-        app = BiodApp(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with daemon_on_box(cfg, link, speed=2.0) as (app, box):
             await until(lambda: app.stats.imu_samples > 200 and app.stats.ecg_samples > 2000, 30, "both streams")
             # BLE drop: the board goes out of range for a moment
             app.imu_source.emulator.drop()
@@ -46,10 +61,6 @@ def test_ble_drop_and_serial_unplug_resume_by_themselves(tmp_path, mosquitto, ca
             box.replug()
             await until(lambda: app.stats.ecg_samples > m + 2000, 30, "ECG samples after the replug")
             assert app.ecg_source.health.connects >= 2
-        finally:
-            stop.set()
-            await task
-            box.close()
 
     asyncio.run(scenario())
     stats = [json.loads(p) for t, p, _ in capture.messages if t == "biod/rec/stats"]
@@ -199,21 +210,11 @@ def test_a_wall_clock_step_neither_ends_the_session_nor_dates_it_wrong(tmp_path,
         return [json.loads(p) for t, p, _ in capture.messages if t == "biod/clk/events"]
 
     async def scenario() -> tuple[float, float]:
-        box = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, speed=2.0, loop=True)
-        box.open_pty(link=str(link))
-        box.start()
-        app = BiodApp(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with daemon_on_box(cfg, link, speed=2.0, loop=True):
             await until(lambda: any(e["type"] == "new" for e in events()), 60, "a wearing session")
             stepped_at = real_time()
             monkeypatch.setattr(time, "time", lambda: real_time() + step_s)  # the NTP step, forward
             await asyncio.sleep(4.0)  # four ticks: each would have expired the session on the wall clock
-        finally:
-            stop.set()
-            await task
-            box.close()
         return stepped_at, real_time()
 
     stepped_at, stopped_at = asyncio.run(scenario())

@@ -160,7 +160,9 @@ class BiodApp:
         self.ecg_model = load_ecg_model(cfg)
         self.imu_models = load_imu_models(cfg)
         self.store = open_store(cfg)
-        self.people = self._load_people()
+        loaded = self._load_people()
+        self._store_ok = loaded is not None  # False: unreadable; nothing is removed from Home Assistant for it
+        self.people = loaded or {}
         self.bio = Biometrics(self.ecg_model, self._engine(), self.imu_models)
         self.bio.gait_placement = cfg.imu.placement
         self.discovery = ha.HubDiscovery(cfg.mqtt.discovery_prefix, cfg.hub.id, cfg.hub.name, self.topics,
@@ -176,13 +178,15 @@ class BiodApp:
         self._store_seen = self._store_mtime()
 
     # -- identity ---------------------------------------------------------------------------------
-    def _load_people(self):
+    def _load_people(self) -> dict | None:
+        """The enrolled persons, or None when the store cannot be read: not the same as nobody
+        enrolled, which removes persons' entities (a backup copied in with ``cp`` is unreadable
+        for a moment, and must not delete the household from Home Assistant)."""
         try:
             return self.store.load()
         except StoreError as exc:
-            # Refuse to guess: an unreadable store means nobody is identified, said loudly, until fixed.
             log.error("identity: %s", exc)
-            return {}
+            return None
 
     def _engine(self) -> IdentityEngine:
         model = self.ecg_model.ref if self.ecg_model else None
@@ -227,7 +231,16 @@ class BiodApp:
                          saved.threshold)
 
     def reload_people(self) -> None:
+        """Follow the store. While it cannot be read, the persons loaded before stay (at start:
+        nobody is identified, said loudly, until it is fixed)."""
         people = self._load_people()
+        if people is None:
+            if self._store_ok and self.people:
+                log.error("identity: keeping the %d person(s) loaded before until the template store reads again",
+                          len(self.people))
+            self._store_ok = False
+            return
+        self._store_ok = True
         if people == self.people:
             # what the engine already scores with (e.g. the adaptation it just made and we
             # saved): rebuilding would only drop the current wearing session's evidence
@@ -532,6 +545,8 @@ class BiodApp:
         self._store_seen = mtime
         before = set(self.people)
         self.reload_people()
+        if not self._store_ok:
+            return  # unreadable (being written, damaged): nobody was removed
         after = set(self.people)
         for name in sorted(before - after):
             log.info("identity: %s was removed; deleting their Home Assistant entities", name)
@@ -550,8 +565,8 @@ class BiodApp:
         The broker hands every retained message over on (re)subscribe, so each connect sweeps.
         Runs on paho's thread and only reads the enrolled names (the loop thread replaces the
         dict or updates existing entries, never resizes it in place)."""
-        if not payload:
-            return  # already cleared
+        if not payload or not self._store_ok:
+            return  # already cleared, or we cannot know who is enrolled
         slug = self.discovery.person_slug_of(topic) or self.topics.person_slug_of(topic)
         if slug is None or slug in {slugify(name) for name in self.people}:
             return

@@ -416,6 +416,40 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
     assert ann_cfg in retained and TOPICS.person_state("ann") in retained
     assert other_hub in retained  # another hub's people are not ours to remove
 
+    # An unreadable store (a backup half copied in with cp, a damaged card) is not an empty
+    # household: neither the running daemon nor a start with it removes anybody's entity.
+    good = cfg.store_path.read_bytes()
+
+    async def run_with(scenario) -> None:
+        app = BiodApp(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(lambda: ann_cfg in _retained_snapshot(mosquitto.port, "homeassistant/#", 0.2), 20, "Ann's entity")
+            await scenario(app)
+        finally:
+            stop.set()
+            await task
+
+    async def torn_copy_while_running(app) -> None:
+        cfg.store_path.write_bytes(good[:200])
+        await asyncio.sleep(2.5)  # two store checks
+        assert list(app.people) == ["Ann"]  # still identified with what was loaded
+        cfg.store_path.write_bytes(good)
+        await asyncio.sleep(1.5)
+
+    asyncio.run(run_with(torn_copy_while_running))
+    assert ann_cfg in _retained_snapshot(mosquitto.port, "homeassistant/#", 0.3)
+    cfg.store_path.write_bytes(good[:200])
+
+    async def start_unreadable(app) -> None:
+        assert app.people == {}  # nobody is identified until it is fixed
+        await asyncio.sleep(2.0)  # the start-up sweep has seen every retained config by now
+
+    asyncio.run(run_with(start_unreadable))
+    retained = _retained_snapshot(mosquitto.port, "#")
+    assert ann_cfg in retained and TOPICS.person_state("ann") in retained
+
 
 @pytest.mark.timeout(60)
 def test_a_killed_daemon_is_offline_by_its_last_will(tmp_path, mosquitto: Broker) -> None:

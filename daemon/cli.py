@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from daemon.config import ConfigError, load_config
+from daemon.publish.spool import SpoolError
 
 log = logging.getLogger("biod")
 CONFIG_HELP = ("YAML config (deploy/biod.example.yaml); default: $BIOD_CONFIG, else the embedded default "
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"biod: configuration error:\n{exc}", file=sys.stderr)
         return 2
+    except SpoolError as exc:  # the state directory is not usable: its message names the path and the fix
+        print(f"biod: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

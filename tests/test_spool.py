@@ -72,11 +72,25 @@ def test_full_spool_drops_the_oldest_and_warns(tmp_path: Path, caplog: pytest.Lo
     assert small.size_bytes <= 1024 and small.pending()[-1].seq == 40
 
 
-def test_a_corrupt_spool_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_corrupt_spool_is_moved_aside_and_replaced(tmp_path: Path, caplog) -> None:
+    """Not a crash at every start (systemd would restart the daemon for ever): the damaged file
+    is kept aside, said so, and a fresh spool takes the events."""
     d = tmp_path / "spool"
     d.mkdir()
-    (d / "events.sqlite3").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(SpoolError, match="move it aside"):
+    junk = b"this is not sqlite" * 100
+    (d / "events.sqlite3").write_bytes(junk)
+    with caplog.at_level("ERROR", logger="daemon.publish.spool"):
+        spool = EventSpool(d)
+    assert len(spool) == 0 and spool.append(TOPIC, {"event_id": "e1"}) == 1
+    aside = [p for p in d.iterdir() if p.name.startswith("events.sqlite3.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == junk
+    assert any("moved it aside" in r.getMessage() and aside[0].name in r.getMessage() for r in caplog.records)
+
+
+def test_an_unwritable_spool_directory_is_a_clear_error(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    d.write_text("a file where the spool directory should be")
+    with pytest.raises(SpoolError, match="make state_dir writable"):
         EventSpool(d)
 
 

@@ -94,18 +94,40 @@ class EventSpool:
         except OSError as exc:
             raise SpoolError(f"spool: cannot create {self.path} ({exc.strerror}); make state_dir writable by the biod user") from exc
         try:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
+            db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            # A corrupt file (SD-card damage, a stray copy) would stop the daemon at every start,
+            # and systemd would restart it for ever: nobody is around to move it aside, so do it
+            # here and keep the file for whoever wants to look. Its events cannot be read anyway.
+            aside = self.path.with_name(f"{DB_NAME}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                for suffix in ("", "-wal", "-shm"):
+                    if Path(f"{self.path}{suffix}").exists():
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+                db = self._connect()
+            except (OSError, sqlite3.DatabaseError) as again:
+                raise SpoolError(f"spool: {self.path} is not a usable spool ({exc}) and could not be replaced ({again}); "
+                                 "move it aside (its undelivered events are lost) and restart") from again
+            log.error("spool: %s was not a usable spool (%s); moved it aside to %s (the undelivered events in it are "
+                      "lost) and started an empty one", self.path, exc, aside.name)
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{self.path}{suffix}")
+            if side.exists():
+                os.chmod(side, 0o600)
+        return db
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit: an appended event survives a power cut
             db.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created REAL NOT NULL)")
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
-        except sqlite3.DatabaseError as exc:
-            raise SpoolError(f"spool: {self.path} is not a usable spool ({exc}); move it aside (its undelivered events are lost) and restart") from exc
-        for suffix in ("-wal", "-shm"):
-            side = Path(f"{self.path}{suffix}")
-            if side.exists():
-                os.chmod(side, 0o600)
+            db.execute("SELECT COUNT(*) FROM events").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
         return db
 
     def __len__(self) -> int:

@@ -217,6 +217,22 @@ class MqttConfig(_Strict):
     keepalive_s: int = Field(30, ge=5, le=3600)
     client_id: str | None = None
 
+    @field_validator("topic_prefix", "discovery_prefix")
+    @classmethod
+    def _topic_levels(cls, v: str | None) -> str | None:
+        """A prefix is where every topic starts: a wildcard in it makes the last-will topic
+        invalid (the broker drops every connect) and a '/' at either end or an empty level makes
+        topics that differ from those given to Home Assistant, so say so here, not at run time."""
+        if v is None:
+            return v
+        if not v or v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError(f"{v!r}: topic levels separated by single '/', none empty, "
+                             "no '/' at the start or end (e.g. biod/kitchen)")
+        if any(c in v for c in "+#\0"):
+            raise ValueError(f"{v!r}: '+' and '#' are subscription wildcards, not allowed in a "
+                             "topic that is published to")
+        return v
+
     @model_validator(mode="after")
     def _one_password_source(self) -> "MqttConfig":
         given = [n for n in ("password", "password_env", "password_credential") if getattr(self, n)]

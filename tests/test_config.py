@@ -63,6 +63,22 @@ def test_hub_id_must_be_topic_safe() -> None:
         parse_config("hub:\n  id: 'a/b'\n")
 
 
+@pytest.mark.parametrize("key,value,why", [
+    ("topic_prefix", "biod/kitchen/", "no '/' at the start or end"),
+    ("topic_prefix", "home//biod", "none empty"),
+    ("topic_prefix", "home/+/biod", "wildcards"),
+    ("discovery_prefix", "homeassistant/#", "wildcards"),
+    ("discovery_prefix", "", "none empty"),
+])
+def test_mqtt_prefixes_must_be_publishable_topics(key: str, value: str, why: str) -> None:
+    """Passed check-config before, then gave Home Assistant topics with '//' (every entity
+    unavailable) or a will topic the broker refuses (no connection at all)."""
+    with pytest.raises(ConfigError, match=why) as err:
+        parse_config(f"hub:\n  id: k\nmqtt:\n  {key}: '{value}'\n")
+    assert f"<config>:4: mqtt.{key}: '{value}'" in str(err.value)
+    assert parse_config(f"hub:\n  id: k\nmqtt:\n  {key}: home/hub-1\n").mqtt.model_dump()[key] == "home/hub-1"
+
+
 def test_two_password_sources_are_rejected() -> None:
     with pytest.raises(ConfigError, match="only one of"):
         parse_config("mqtt:\n  password: x\n  password_env: Y\n")

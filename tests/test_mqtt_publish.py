@@ -358,6 +358,28 @@ def test_tls_with_good_credentials_connects_and_bad_ones_are_logged_and_retried(
     assert "Not authorized" in lines[0] and "check mqtt.username" in lines[0] and "retrying" in lines[0]
 
 
+@pytest.mark.timeout(40)
+def test_a_broker_that_drops_the_link_before_accepting_it_is_reported(secure_broker: Broker,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """TCP connects but the broker closes before its CONNACK (here: plain MQTT to its TLS port;
+    on hubs: a client certificate it requires). paho calls neither on_connect nor
+    on_connect_fail for that, and used to retry for ever without a word."""
+    port = secure_broker.tls_port  # type: ignore[attr-defined]
+    plain = _publisher(port, username="biod", password="s3cret")
+    with caplog.at_level(logging.ERROR, logger="daemon.publish.mqtt"):
+        plain.start()
+        try:
+            deadline = time.monotonic() + 15
+            while plain.stats.connect_failures < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            plain.close()
+    assert not plain.connected and plain.stats.connect_failures >= 2
+    assert plain.stats.last_error and "closed the connection before accepting it" in plain.stats.last_error
+    lines = [r.getMessage() for r in caplog.records if "closed the connection before accepting it" in r.getMessage()]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "mqtt.tls" in lines[0]  # once, with the fix
+
+
 # -- the daemon's retained per-person topics ------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_path, mosquitto: Broker) -> None:

@@ -240,13 +240,17 @@ class MqttPublisher:
         at once, then every few minutes while it lasts (paho calls this inside its except)."""
         exc = sys.exc_info()[1]
         cause = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) if exc else "no answer"
+        self._connect_failed(f"cannot reach the broker at {self.cfg.host}:{self.cfg.port} ({cause})",
+                             "is it running, and are mqtt.host/port right?")
+
+    def _connect_failed(self, what: str, fix: str) -> None:
+        """Count, keep for the stats and STATUS=, and log at once and then every few minutes."""
         self.stats.connect_failures += 1
-        self.stats.last_error = f"cannot reach the broker at {self.cfg.host}:{self.cfg.port} ({cause})"
+        self.stats.last_error = what
         now = time.monotonic()
         if now - self._fail_logged_at >= self.CONNECT_FAIL_LOG_EVERY_S:
             self._fail_logged_at = now
-            log.error("mqtt: cannot reach the broker at %s:%d (%s): is it running, and are mqtt.host/port right? "
-                      "retrying with back-off; events are spooled on disk meanwhile", self.cfg.host, self.cfg.port, cause)
+            log.error("mqtt: %s: %s retrying with back-off; events are spooled on disk meanwhile", what, fix)
 
     def _call_connection_hooks(self, connected: bool) -> None:
         for hook in self._connection_hooks:
@@ -265,6 +269,14 @@ class MqttPublisher:
             self.stats.last_error = f"lost the broker at {self.cfg.host}:{self.cfg.port}{why}"
             log.warning("mqtt: lost the broker %s:%d (%s); reconnecting with back-off, events are spooled meanwhile",
                         self.cfg.host, self.cfg.port, reason)
+        elif not was and not self._closing:
+            # The link came up but the broker dropped it before its CONNACK: a TLS client
+            # certificate it wants, a client id or will topic it refuses. paho retries for ever
+            # and, unlike a refused CONNACK, nothing else would ever say so.
+            self._connect_failed(f"the broker at {self.cfg.host}:{self.cfg.port} closed the connection before "
+                                 f"accepting it ({reason})",
+                                 "check mqtt.tls (a client certificate it requires: cert_file/key_file), "
+                                 "mqtt.client_id and the broker's log;")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self.cfg.discovery and msg.topic == f"{self.cfg.discovery_prefix}/status":

@@ -550,12 +550,20 @@ class BiodApp:
         after = set(self.people)
         for name in sorted(before - after):
             log.info("identity: %s was removed; deleting their Home Assistant entities", name)
-            for msg in self.discovery.person_removal(name) + [person_state_removal(self.topics, name)]:
+            for msg in self._person_entities(name, remove=True) + [person_state_removal(self.topics, name)]:
                 publisher.publish(msg)
         for name in sorted(after - before):
             log.info("identity: %s was enrolled", name)
-            for msg in self.discovery.person_messages(name):
+            for msg in self._person_entities(name):
                 publisher.publish(msg)
+
+    def _person_entities(self, name: str, remove: bool = False) -> list[Message]:
+        """A person's Home Assistant discovery configs, or their removal; none with
+        ``mqtt.discovery: false`` (Home Assistant would create entities nobody asked for, and
+        nothing would ever remove them)."""
+        if not self.cfg.mqtt.discovery:
+            return []
+        return self.discovery.person_removal(name) if remove else self.discovery.person_messages(name)
 
     def _sweep_stale_person(self, publisher: MqttPublisher, topic: str, payload: bytes) -> None:
         """Clear a retained per-person topic (discovery config or state) of someone no longer
@@ -613,7 +621,7 @@ class BiodApp:
                 publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name, reason=str(exc)))
                 return
             self.reload_people()
-            for msg in self.discovery.person_messages(enrolment.name):
+            for msg in self._person_entities(enrolment.name):
                 publisher.publish(msg)
             log.info("enrol: %s enrolled (threshold %.3f, expected FAR %.2f%%, FRR %.2f%%)", enrolment.name,
                      report.threshold, 100 * report.expected_far, 100 * report.expected_frr)

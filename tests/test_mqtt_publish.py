@@ -57,6 +57,22 @@ def _retained_snapshot(port: int, pattern: str, settle: float = 0.7) -> dict[str
 
 # -- discovery -----------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
+def _ha_available(cfg: dict, payload: str) -> bool | None:
+    """Home Assistant's rule for an availability message (components/mqtt/entity.py): render
+    ``availability_template`` (Jinja2, ``value`` = the payload) if there is one, then compare with
+    ``payload_available``/``payload_not_available``; anything else leaves availability as it was (None)."""
+    import jinja2
+
+    value = payload
+    if template := cfg.get("availability_template"):
+        value = jinja2.Environment().from_string(template).render(value=payload)
+    if value == cfg.get("payload_available", "online"):
+        return True
+    if value == cfg.get("payload_not_available", "offline"):
+        return False
+    return None
+
+
 def test_discovery_is_complete_retained_resent_and_removable(mosquitto: Broker, capture: Capture) -> None:
     persons = ["Alice", "Bob"]
     disc = _discovery(persons)
@@ -74,6 +90,8 @@ def test_discovery_is_complete_retained_resent_and_removable(mosquitto: Broker, 
             assert cfg["unique_id"].startswith(f"biod_{HUB}_") and cfg["device"]["identifiers"] == [f"biod_{HUB}"], topic
             assert cfg["origin"]["name"] == "biod" and cfg["origin"]["sw_version"], topic
             assert cfg["availability_topic"] == f"{PREFIX}/availability", topic
+            assert _ha_available(cfg, "online") is True and _ha_available(cfg, "offline") is False, topic
+            assert _ha_available(cfg, "stopped") is False, f"{topic}: a clean stop must make the entity unavailable"
             assert cfg["default_entity_id"].startswith(f"{component}.biod_{HUB}_"), topic
             assert "object_id" not in cfg, "object_id stops working in Home Assistant 2026.4"
             if component != "button":
@@ -471,6 +489,43 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
     asyncio.run(run_with(start_unreadable))
     retained = _retained_snapshot(mosquitto.port, "#")
     assert ann_cfg in retained and TOPICS.person_state("ann") in retained
+
+
+@pytest.mark.timeout(60)
+def test_with_discovery_off_no_person_entity_is_published(tmp_path, mosquitto: Broker) -> None:
+    """``mqtt.discovery: false``: a person enrolled while the daemon runs gets a state topic but
+    no Home Assistant config (that used to be published, retained, and never removed)."""
+    import asyncio
+
+    import numpy as np
+
+    from daemon.app import BiodApp
+    from daemon.biometrics import MODELS_DIR, EcgModelRunner
+    from daemon.config import parse_config
+    from daemon.identity.store import Person, TemplateStore
+    from tests.conftest import until
+
+    cfg = parse_config(f"hub:\n  id: nodisc\necg:\n  enabled: false\nstate_dir: {tmp_path / 'state'}\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n  discovery: false\n")
+    ref = EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite").ref
+
+    async def scenario() -> None:
+        app = BiodApp(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(lambda: _retained_snapshot(mosquitto.port, "biod/nodisc/availability", 0.2), 20, "online")
+            TemplateStore(cfg.store_path).add(Person(
+                id="id-ann", name="Ann", slug="ann", created="2026-01-01T00:00:00+00:00", model=ref,
+                prototypes=np.ones((1, ref.dim), np.float32), prototype_labels=("rest",), threshold=0.6, stats={}))
+            await until(lambda: "Ann" in app.people, 10, "the daemon to follow the store")
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    assert _retained_snapshot(mosquitto.port, "homeassistant/#", 0.5) == {}
 
 
 @pytest.mark.timeout(60)

@@ -28,6 +28,9 @@ SUPPORT_URL = "https://github.com/biod/biod"
 EVENT_TYPES = ("new", "update", "end")
 
 
+
+AVAILABILITY_TEMPLATE = "{{ 'online' if value == 'online' else 'offline' }}"
+
 def device_block(hub_id: str, hub_name: str) -> dict[str, Any]:
     return {
         "identifiers": [f"biod_{hub_id}"],
@@ -66,6 +69,9 @@ def sensor_config(
         "unique_id": f"biod_{hub_id}_{key}",
         "default_entity_id": f"{component}.biod_{hub_id}_{key}".replace("-", "_"),
         "availability_topic": topics.availability,
+        # biod says `stopped` on a clean exit (`offline` is the last will of a crash); Home
+        # Assistant ignores any payload but these two, so map everything else to offline
+        "availability_template": AVAILABILITY_TEMPLATE,
         "payload_available": "online",
         "payload_not_available": "offline",
         "device": device_block(hub_id, hub_name),

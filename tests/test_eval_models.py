@@ -131,3 +131,26 @@ def test_window_set_keeps_the_quality_verdict_aligned_when_cut() -> None:
     np.testing.assert_array_equal(sub.qscores, ws.qscores[kept])
     assert ws.identity_ok.tolist() == [bool(o) for o in rw.identity_ok]
     assert ws.identity_ok[ws.ok].all()  # identity asks less than the full gate, never more
+
+
+def test_long_cross_date_tests_hold_no_window_of_the_enrolment_date() -> None:
+    """A 30 s test is longer than an ECG-ID recording (20 s) and pools two test recordings; a
+    cross-date test must not be topped up with a recording from the enrolment date (it was, for
+    five held-out persons), nor a same-date test with one from another date."""
+    from training.data.ecg import EcgRecord, WindowSet
+    from training.eval.identity import gallery_and_tests
+
+    dates = ["A", "A", "B", "B", "C"]  # recording 0 enrols; C has a single recording
+    recs = tuple(EcgRecord("ecgid", "ecgid:1", f"rec_{i}", d, 500.0, np.zeros((10_000, 3), np.float32),
+                           np.array([True, False, False])) for i, d in enumerate(dates))
+    rec = np.repeat(np.arange(len(recs)), 18)
+    ends = np.tile(np.arange(3.0, 21.0), len(recs))
+    ws = WindowSet(np.zeros((len(rec), 300, 3), np.float32), np.ones((len(rec), 3), bool), rec, ends, recs)
+    emb = np.eye(3, dtype=np.float32)[["ABC".index(recs[i].session) for i in rec]]  # one-hot date of each window
+    _, _, tests = gallery_and_tests(ws, emb, 30)
+    dates_in = tests.emb > 1e-6  # which dates each test's windows come from
+    assert dates_in.sum(1).max() == 1, "a test mixes dates"
+    assert not dates_in[tests.cross, 0].any(), "a cross-date test holds enrolment-date windows"
+    assert tests.cross.sum() == 2 and (~tests.cross).sum() == 0  # B+B twice; A and C have no partner
+    _, _, short = gallery_and_tests(ws, emb, 10)
+    assert len(short.cross) == 8 and short.cross.sum() == 6  # 10 s pieces are unchanged: 2 per recording

@@ -28,6 +28,8 @@ from daemon.dsp.rpeaks import Beat, RPeakDetector
 from daemon.dsp.segment import (RrWarp, Segment, SlidingWindower, WindowSegmenter, check_norm,
                                 warp_beats)
 
+_NEVER = np.iinfo(np.int64).min // 2  # "no lead-off yet" for the last-off sample index
+
 __all__ = ["EcgPipeline", "EcgUpdate", "EcgWindow", "RecordWindows", "windows_from_record"]
 
 
@@ -79,7 +81,7 @@ class EcgPipeline:
                  beat_group: int = 3, beat_horizon_s: float = 2.5, live_s: float = 8.0,
                  quality: QualityConfig | None = None, beat_fs: float | None = None,
                  beat_lowpass_hz: float = 40.0, beat_rr_exponent: float = 0.0,
-                 beat_rr_ref_s: float = 1.0) -> None:
+                 beat_rr_ref_s: float = 1.0, settle_s: float = 2.0) -> None:
         self.fs = float(fs)
         self.n_leads = int(n_leads)
         self.model_fs = float(model_fs)
@@ -113,6 +115,10 @@ class EcgPipeline:
         self._handed = -np.inf              # beats up to this time went to the HR tracker
         self._n_in = 0
         self._lead_on = np.ones(self.n_leads, dtype=bool)
+        # lead-off bookkeeping (see _hold): last valid sample per lead, last invalid sample index
+        self.settle = int(round(settle_s * self.fs))
+        self._held = np.zeros(self.n_leads, dtype=np.float32)
+        self._last_off = np.full(self.n_leads, _NEVER, dtype=np.int64)
 
     # ----------------------------------------------------------------------------- input
     def _check(self, x: np.ndarray, lead_valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -137,14 +143,43 @@ class EcgPipeline:
         x, v = self._check(samples_mv, lead_valid)
         if x.shape[0]:
             self._lead_on = v[-1].copy()
-        beats = self._det.process_checked(x, v)
+        held, v_windows = self._hold(x, v)
+        beats = self._det.process_checked(held, v)
         self._n_in += x.shape[0]
-        cond = self._cond.process(x)
+        cond = self._cond.process(held)
         y = self._rs.process(cond)
         if self._morph is not None:
             self._morph.push(cond, beats, self._n_in - self.horizon)
         final_until = (self._n_in - self.horizon) * self.model_fs / self.fs
-        return self._advance(x, v, y, beats, int(np.floor(final_until)))
+        return self._advance(x, v_windows, y, beats, int(np.floor(final_until)))
+
+    def _hold(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(filter input, validity for the windows). WHY: while an electrode is off the box
+        still sends that lead, at a rail or a new offset; filtered as it comes, the step back to
+        the body rang through the 0.5 Hz high-pass and the detector for seconds after the lead
+        came back, in windows that looked clean (measured: served embeddings at cosine 0.1-0.5
+        of the undisturbed ones, a false beat at the reconnection). So the filters see each
+        lead's last valid sample held while it is off, and a lead's windows count as off for
+        ``settle_s`` after it comes back (what an electrode's new contact still does). When
+        every lead is off, the heart rate forgets the beats before: the next wearer is not the
+        last. Chunk-invariant: the held value and the last off sample carry over."""
+        n = x.shape[0]
+        if n == 0 or (v.all() and (self._n_in - self._last_off).min() > self.settle):
+            if n:
+                self._held = x[-1].copy()
+            return x, v
+        at = self._n_in + np.arange(n)
+        valid_idx = np.maximum.accumulate(np.where(v, np.arange(n)[:, None], -1), axis=0)
+        held = np.where(valid_idx >= 0, np.take_along_axis(x, np.maximum(valid_idx, 0), axis=0),
+                        self._held[None, :]).astype(np.float32)
+        self._held = held[-1].copy()
+        last_off = np.maximum.accumulate(
+            np.maximum(np.where(v, _NEVER, at[:, None]), self._last_off[None, :]), axis=0)
+        self._last_off = last_off[-1].copy()
+        all_off = ~v.any(axis=1)
+        if all_off.any():
+            self._hr.forget_until(float(at[np.flatnonzero(all_off)[-1]]) / self.fs)
+        return held, v & (at[:, None] - last_off > self.settle)
 
     def flush(self) -> EcgUpdate:
         """End of stream: decide pending beats and release every window the data allows."""

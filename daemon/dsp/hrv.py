@@ -86,12 +86,25 @@ class HeartRateTracker:
         self._t = np.zeros(0)
         self._clean = np.zeros(0, dtype=bool)
         self._cache: dict[str, object] = {}  # answers until the next push (streams poll often)
+        self._forgotten_until = -np.inf
+
+    def forget_until(self, t_s: float) -> None:
+        """Drop every beat up to ``t_s`` and refuse later pushes of such beats. WHY: when every
+        electrode is off, the next person may put them on within seconds; their heart rate
+        must not be the previous wearer's, nor their session live on the previous beats."""
+        self._forgotten_until = max(self._forgotten_until, float(t_s))
+        keep = self._t > self._forgotten_until
+        self._t, self._clean = self._t[keep], self._clean[keep]
+        self._cache = {}
 
     def push(self, times_s: np.ndarray, clean: np.ndarray | bool) -> None:
         t = np.asarray(times_s, dtype=np.float64).reshape(-1)
+        c = np.broadcast_to(np.asarray(clean, dtype=bool), t.shape)
+        if t.size and t[0] <= self._forgotten_until:  # decided late, from before the leads came off
+            keep = t > self._forgotten_until
+            t, c = t[keep], c[keep]
         if t.size == 0:
             return
-        c = np.broadcast_to(np.asarray(clean, dtype=bool), t.shape)
         if self._t.size and t[0] <= self._t[-1]:
             raise ValueError("beats must be pushed in increasing time order, each once")
         self._t = np.concatenate([self._t, t])

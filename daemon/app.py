@@ -44,6 +44,7 @@ from daemon.publish.state import (
     StatsReporter,
     Topics,
     enrol_state_message,
+    iso8601,
     person_state_removal,
     sensor_state_message,
 )
@@ -273,6 +274,10 @@ class BiodApp:
         publisher.subscribe(self.topics.person_state_pattern, sweep)
         sender.start()
         enrol_commands.start()
+        # No enrolment runs in a process that just started: say so, replacing an ``enrolling``
+        # state left retained by a daemon that crashed or lost power mid-enrolment (nothing else
+        # would ever clear it). Held until the broker connects, and sent before anything newer.
+        publisher.publish(enrol_state_message(self.topics, "idle"))
         publisher.start()
         stats.start()
 
@@ -316,6 +321,8 @@ class BiodApp:
             sender.stop()
             stats.stop()
             stats.publish_once()  # the final numbers, retained, for whoever looks after we stopped
+            self._abort_enrolment(publisher, "the daemon stopped during the enrolment; nothing was saved: "
+                                             "start the enrolment again once biod runs")
             await asyncio.to_thread(publisher.close)
             spool.close()
         return 0
@@ -589,7 +596,12 @@ class BiodApp:
                 "no usable ECG model on the hub: run biod doctor, re-install biod")))
             return
         if self.enrolment is not None:
-            log.warning("enrol: already enrolling %s; ignoring the request for %s", self.enrolment.name, req.name)
+            # Answered, so whoever asked is not left waiting; NOT retained, so the retained state
+            # keeps saying whose enrolment runs (a retained refusal would hide it until it ends).
+            busy = (f"already enrolling {self.enrolment.name} until {iso8601(to_epoch(self.enrolment.deadline))}: "
+                    f"send the request for {req.name} again after that")
+            log.warning("enrol: %s refused: %s", req.name, busy)
+            publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=busy, retain=False))
             return
         # what would refuse the enrolment at its end is said now, before anyone wears the electrodes for it
         problem = self.bio.engine.name_problem(req.name)
@@ -606,6 +618,18 @@ class BiodApp:
         self.bio.gait_sink = self.enrolment.gait_sink
         log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)
         publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, to_epoch(self.enrolment.deadline)))
+
+    def _abort_enrolment(self, publisher: MqttPublisher, reason: str) -> None:
+        """End an open enrolment without saving it, and say so (retained). WHY: its retained
+        ``enrolling`` state would otherwise outlive the daemon, and Home Assistant (or an
+        automation waiting for ``done``/``refused``) would wait for an enrolment nobody runs."""
+        enrolment, self.enrolment = self.enrolment, None
+        if enrolment is None:
+            return
+        self.bio.embeddings_sink = None
+        self.bio.gait_sink = None
+        log.warning("enrol: %s refused: %s", enrolment.name, reason)
+        publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name, reason=reason))
 
     def _finish_enrolment(self, publisher: MqttPublisher) -> None:
         enrolment, self.enrolment = self.enrolment, None

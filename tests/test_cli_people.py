@@ -109,3 +109,39 @@ def test_people_and_record_errors_are_messages_not_tracebacks(tmp_path) -> None:
     afile.write_text("not a folder")
     res = _biod("record", "--out", str(afile), "--seconds", "1", "--config", str(cfg))
     assert res.returncode == 2 and "cannot use --out" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_rename_and_calibrate_refuse_the_names_home_assistant_refuses(tmp_path) -> None:
+    """`biod people rename Alice unknown` (and to a name with a newline, or 300 characters) used
+    to succeed, and `biod calibrate --name unknown` to start recording: an enrolled "unknown"
+    cannot be told from a stranger in events. Now both refuse, with one line saying why."""
+    import shutil
+
+    from daemon.app import load_ecg_model
+    from daemon.biometrics import MODELS_DIR
+    from daemon.config import parse_config
+
+    cfg = tmp_path / "biod.yaml"
+    models = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, models)
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n"
+                   f"ecg:\n  source: serial\n  port: {tmp_path / 'no-such-box'}\n")
+    ref = load_ecg_model(parse_config(f"models_dir: {models}\n")).ref
+    store_path = tmp_path / "state" / "identity" / "templates.json"
+    TemplateStore(store_path).add(Person(
+        id="id-alice", name="Alice", slug="alice", created="2026-01-01T00:00:00+00:00", model=ref,
+        prototypes=np.ones((1, ref.dim), np.float32), prototype_labels=("rest",), threshold=0.6, stats={}))
+
+    for new, why in (("unknown", "reserved"), ("Unknown", "reserved"), ("Bob\nSmith", "control character"),
+                     ("x" * 300, "300 characters")):
+        res = _biod("people", "rename", "Alice", new, "--config", str(cfg))
+        assert res.returncode == 1 and why in res.stderr, res.stdout + res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr  # one line, not a traceback
+    assert [(p.name, p.slug) for p in TemplateStore(store_path).list()] == [("Alice", "alice")]
+
+    for name, why in (("unknown", "reserved"), ("x" * 65, "65 characters"), ("Bob\nSmith", "control character")):
+        res = _biod("calibrate", "--name", name, "--no-walk", "--config", str(cfg), timeout=60)
+        assert res.returncode == 2 and why in res.stderr, res.stdout + res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+        assert "attach the electrodes" not in res.stdout  # refused before anyone records

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import time
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from daemon.app import BiodApp
@@ -56,9 +58,96 @@ def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
     finally:
         box.close()
     states = [json.loads(p) for t, p, _ in capture.messages if t == "biod/ha/enrol/state"]
-    assert [s["state"] for s in states][:2] == ["enrolling", "done"]
+    assert [s["state"] for s in states][:3] == ["idle", "enrolling", "done"]  # idle: said at every start
     assert states[-1]["state"] == "refused" and states[-1]["name"] == "Dana" and len(states[-1]["reason"]) > 10
     assert any(t.endswith("/person_dana_wearing/config") and p for t, p, _ in capture.messages)
     store_path = tmp_path / "state" / "identity" / "templates.json"
     assert [p.name for p in TemplateStore(store_path).list()] == ["Dana"]
     assert stat.S_IMODE(store_path.stat().st_mode) == 0o600
+
+
+def _retained(port: int, topic: str, settle: float = 0.7) -> str | None:
+    """The retained payload a subscriber arriving now gets on ``topic`` (Home Assistant after a restart)."""
+    got: list[str] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"snap-{time.monotonic_ns()}")
+    c.on_message = lambda cl, u, m: got.append(m.payload.decode()) if m.retain else None
+    c.on_connect = lambda cl, u, f, r, p=None: cl.subscribe(topic, qos=1)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    time.sleep(settle)
+    c.loop_stop()
+    c.disconnect()
+    return got[-1] if got else None
+
+
+def _no_sensor_cfg(tmp_path, port: int):
+    """A hub with no sensor: enrolments open and close, nobody's ECG arrives (no template is made)."""
+    return parse_config(f"hub:\n  id: ha\nstate_dir: {tmp_path / 'state'}\necg:\n  enabled: false\n"
+                        f"mqtt:\n  host: 127.0.0.1\n  port: {port}\n")
+
+
+@pytest.mark.timeout(60)
+def test_an_overlapping_request_is_answered_and_a_stop_ends_the_enrolment(tmp_path, mosquitto, capture) -> None:
+    """Alice's 60 s enrolment runs; Bob's request used to get nothing on enrol/state (a log line
+    only), and stopping the daemon left ``enrolling Alice`` retained for ever."""
+    cfg = _no_sensor_cfg(tmp_path, mosquitto.port)
+    state_topic = "biod/ha/enrol/state"
+
+    def states() -> list[dict]:
+        return [json.loads(p) for t, p, _ in capture.messages if t == state_topic]
+
+    async def scenario() -> None:
+        app = BiodApp(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
+                        20, "availability online")
+            capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Alice", "seconds": 60}), qos=1)
+            await until(lambda: any(s["state"] == "enrolling" for s in states()), 10, "Alice enrolling")
+            capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Bob", "seconds": 60}), qos=1)
+            await until(lambda: any(s.get("name") == "Bob" for s in states()), 10, "an answer to Bob's request")
+            # the refusal is an answer, not the state: whoever looks now still sees Alice's enrolment
+            assert json.loads(await asyncio.to_thread(_retained, mosquitto.port, state_topic))["name"] == "Alice"
+            await asyncio.sleep(4)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    alice = next(s for s in states() if s["state"] == "enrolling")
+    bob = next(s for s in states() if s.get("name") == "Bob")
+    assert alice["name"] == "Alice" and alice["until"]
+    assert bob["state"] == "refused" and bob["until"] is None
+    assert bob["reason"].startswith(f"already enrolling Alice until {alice['until']}"), bob["reason"]
+    final = json.loads(_retained(mosquitto.port, state_topic))  # what Home Assistant finds while biod is down
+    assert final["state"] == "refused" and final["name"] == "Alice"
+    assert "the daemon stopped during the enrolment" in final["reason"] and "again" in final["reason"]
+    assert not (tmp_path / "state" / "identity" / "templates.json").exists()  # nothing was enrolled
+
+
+@pytest.mark.timeout(60)
+def test_an_enrolling_state_left_by_a_crash_is_cleared_at_start(tmp_path, mosquitto, capture) -> None:
+    """A hub killed (or unplugged) mid-enrolment cannot say anything: its retained ``enrolling``
+    stayed on the broker, also after the daemon came back. Every start says idle."""
+    cfg = _no_sensor_cfg(tmp_path, mosquitto.port)
+    state_topic = "biod/ha/enrol/state"
+    capture.client.publish(state_topic, json.dumps({"state": "enrolling", "name": "Alice",
+                                                    "until": "2026-01-01T00:01:00+00:00"}), qos=1, retain=True).wait_for_publish(5)
+    assert json.loads(_retained(mosquitto.port, state_topic))["state"] == "enrolling"
+
+    async def scenario() -> None:
+        app = BiodApp(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
+                        20, "availability online")
+            assert await asyncio.to_thread(_retained, mosquitto.port, state_topic) == \
+                '{"state":"idle","name":null,"until":null}'  # the payload docs/mqtt.md gives
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    assert _retained(mosquitto.port, state_topic) == '{"state":"idle","name":null,"until":null}'  # a clean stop keeps it

@@ -1,6 +1,7 @@
 """The template store: private file modes, atomic replace, encryption, clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ from daemon.identity.store import (
     TemplateMismatchError,
     TemplateStore,
     key_from_credential,
+    name_problem,
     parse_key,
     slugify,
 )
@@ -209,6 +211,35 @@ def test_add_rename_remove(store_path):
     with pytest.raises(StoreError, match="no enrolled person named 'Carol'.*Alice Smith"):
         store.remove("Carol")
     assert [p.name for p in store.list()] == ["Alice Smith"]
+
+
+def test_one_name_rule_for_every_way_a_person_is_named(store_path):
+    """``biod calibrate`` and ``biod people rename`` took "unknown" (what events call a stranger),
+    a name with a newline and a 300-character one, which only an enrolment from Home Assistant
+    refused: the store now refuses them on add and rename, by the rule the MQTT path uses."""
+    from daemon.publish.state import EnrolCommandError, parse_enrol_command
+
+    bad = {"unknown": "reserved", "UNKNOWN": "reserved", " Unknown! ": "reserved", "Bob\nSmith": "control character",
+           "tab\there": "control character", "x" * 300: "300 characters", "!!!": "no letters or digits",
+           "   ": "empty", "a\u2028b": "control character"}
+    for name, why in bad.items():
+        assert why in (name_problem(name) or ""), name
+        with pytest.raises(EnrolCommandError, match=why):  # the MQTT path refuses the same names for the same reason
+            parse_enrol_command(json.dumps({"name": name}), None)
+    for good in ("Alice", "Zoë O'Neil", "x" * 64, "  Ann  "):
+        assert name_problem(good) is None, good
+
+    store = TemplateStore(store_path)
+    store.add(person("Alice"))
+    for name, why in bad.items():
+        with pytest.raises(StoreError, match=why):
+            store.rename("Alice", name)
+        with pytest.raises(StoreError, match=why):
+            store.add(dataclasses.replace(person("Bea", 1), name=name))
+    assert [(p.name, p.slug) for p in store.list()] == [("Alice", "alice")]  # nothing changed
+    assert store.rename("Alice", "  Alice Smith ").name == "Alice Smith"  # stripped, as from Home Assistant
+    store.add(person(" Bob ", 2))
+    assert [p.name for p in store.list()] == ["Alice Smith", "Bob"]
 
 
 def test_person_validates_its_prototypes():

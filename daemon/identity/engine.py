@@ -57,6 +57,7 @@ from daemon.identity.store import (
     slugify,
     utc_now,
 )
+from daemon.identity.store import name_problem as _name_rule_problem  # IdentityEngine.name_problem adds "not taken"
 
 __all__ = [
     "ADAPTED_PREFIX",
@@ -621,13 +622,14 @@ class IdentityEngine:
 
     # ---- enrolment -----------------------------------------------------------------------
     def name_problem(self, name: str) -> str | None:
-        """Why ``name`` cannot be enrolled (no letters or digits to build its id from, or the name
-        or its id is taken), else None. ``biod calibrate`` asks before it records, so nobody wears
-        the electrodes for a minute and a half to be told the name was wrong."""
-        try:
-            slug = slugify(name)
-        except StoreError as exc:
-            return str(exc)
+        """Why ``name`` cannot be enrolled (the store's one name rule, ``store.name_problem``,
+        refuses it, or the name or its id is taken), else None. ``biod calibrate`` and an
+        enrolment from Home Assistant ask before anyone records, so nobody wears the electrodes
+        for a minute and a half to be told the name was wrong."""
+        if (problem := _name_rule_problem(name)) is not None:
+            return problem
+        name = name.strip()
+        slug = slugify(name)
         for p in self.people:
             if p.name == name or p.slug == slug:
                 return f"{p.name!r} is already enrolled: choose another name, or remove {p.name!r} first to re-enrol"
@@ -669,6 +671,7 @@ class IdentityEngine:
         problem = self.name_problem(name)
         if problem is not None:
             return refuse(problem)
+        name = name.strip()  # as the store keeps it (an enrolment from Home Assistant arrives stripped)
         if n < cfg.min_enrol_windows:
             return refuse(
                 f"only {n} clean ECG windows, need at least {cfg.min_enrol_windows}: record longer "

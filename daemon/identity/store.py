@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from daemon.events import UNKNOWN
+
 __all__ = [
     "CONTAINER_VERSION",
     "GaitTemplate",
@@ -68,6 +70,7 @@ __all__ = [
     "TemplateStore",
     "check_compatible",
     "key_from_credential",
+    "name_problem",
     "new_person_id",
     "slugify",
 ]
@@ -250,6 +253,40 @@ def slugify(name: str) -> str:
     if not slug:
         raise StoreError(f"name {name!r} has no letters or digits to build an id from; use a name with at least one of A-Z, 0-9")
     return slug[:48]
+
+
+NAME_MAX = 64  # characters; Home Assistant's enrol-name text entity allows the same (homeassistant.py)
+# Unicode categories refused in a name: C0/C1 controls (newline, tab, escape), lone surrogates
+# (cannot be encoded for MQTT), line/paragraph separators (break a log line like a newline)
+_NAME_BAD_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` (before stripping) cannot be a person's name, else None.
+
+    THE one name rule, for every way a person gets or changes a name (``biod calibrate``, an
+    enrolment from Home Assistant, ``biod people rename``): the stripped name is 1-64
+    characters, has no control characters, has a letter or digit (its slug is the person's id
+    in topics and entity ids) and is not ``unknown`` in any spelling. WHY each: a newline in a
+    name splits log lines and the tab-separated ``biod people list``; ``unknown`` is what events
+    and the ``wearer`` topic say for a stranger (its slug, ``unknown``, too), so an enrolled
+    "Unknown" could not be told from one. Callers strip the name before they store it."""
+    if not isinstance(name, str):
+        return f"a name must be text, got {type(name).__name__} {name!r:.80}"
+    name = name.strip()
+    if not name:
+        return f"the name is empty: give the person's name (1-{NAME_MAX} characters)"
+    if any(unicodedata.category(c) in _NAME_BAD_CATEGORIES for c in name):
+        return f"the name {name!r:.100} contains a control character (a newline, tab or similar): give it on one line"
+    if len(name) > NAME_MAX:
+        return f"the name {name[:20]!r}... is {len(name)} characters long: use at most {NAME_MAX}"
+    try:
+        slug = slugify(name)
+    except StoreError as exc:
+        return str(exc)
+    if slug == UNKNOWN:
+        return f"{name!r} is reserved: '{UNKNOWN}' is what biod calls a wearer it does not recognise; choose another name"
+    return None
 
 
 def new_person_id() -> str:
@@ -528,7 +565,12 @@ class TemplateStore:
         return sorted(self.load().values(), key=lambda p: p.name.casefold())
 
     def add(self, person: Person) -> None:
-        """Add a new person; refuses a name/slug already taken (remove or rename first)."""
+        """Add a new person; refuses a name/slug already taken (remove or rename first) and a
+        name the one name rule refuses (``name_problem``)."""
+        if (problem := name_problem(person.name)) is not None:
+            raise StoreError(f"cannot enrol {person.name!r:.100}: {problem}")
+        if person.name != person.name.strip():
+            person = replace(person, name=person.name.strip())
         if self.model is not None:
             check_compatible({person.name: person}, self.model)
         with self._edit_lock():
@@ -553,6 +595,11 @@ class TemplateStore:
         raise StoreError(f"no enrolled person named {name!r} (enrolled: {known})")
 
     def rename(self, old: str, new: str) -> Person:
+        """Give ``old`` (a name or its slug) the name ``new``, stripped; refuses a name the one
+        name rule refuses (``name_problem``) or one already enrolled."""
+        if (problem := name_problem(new)) is not None:
+            raise StoreError(f"cannot rename {old!r:.100} to {new!r:.100}: {problem}")
+        new = new.strip()
         with self._edit_lock():
             people = self.load()
             person = self._find(people, old)

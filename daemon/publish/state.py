@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from daemon.events import UNKNOWN, Event, EventTracker, Observation, SessionState
-from daemon.identity.store import slugify  # one slug rule for the template store, topics and entity ids
+from daemon.identity.store import name_problem, slugify  # one name rule, one slug rule: store, topics, entity ids
 from daemon.publish.mqtt import Message
 
 log = logging.getLogger(__name__)
@@ -276,16 +276,13 @@ def parse_enrol_command(payload: bytes | str, current_name: str | None, default_
 
 
 def _valid_name(name: Any) -> str:
-    if not isinstance(name, str) or not name.strip() or len(name.strip()) > 64:
-        raise EnrolCommandError(f"enrol name must be 1-64 characters (got {name!r})")
-    name = name.strip()
-    if name.lower() == UNKNOWN:
-        raise EnrolCommandError("'unknown' is reserved for unrecognised wearers; choose another name")
-    try:
-        slugify(name)
-    except Exception as exc:  # the store's error says what is wrong with the name
-        raise EnrolCommandError(str(exc)) from None
-    return name
+    """The enrol name, stripped, if the store's one name rule (``store.name_problem``) takes it.
+    WHY the store's: a name this topic accepted and ``biod people rename`` or ``biod calibrate``
+    refused (or the reverse) made "unknown" enrollable by one path and not the other."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise EnrolCommandError(f"enrol name: {problem}")
+    return name.strip()
 
 
 class EnrolCommands:
@@ -336,13 +333,16 @@ class EnrolCommands:
 
 
 def enrol_state_message(topics: Topics, state: str, name: str | None = None, until: float | None = None,
-                        reason: str | None = None) -> Message:
-    """``<prefix>/enrol/state``: ``{"state": "enrolling"|"done"|"refused", "name", "until",
-    "reason"}`` (retained); ``reason`` says why an enrolment was refused and what to do."""
+                        reason: str | None = None, retain: bool = True) -> Message:
+    """``<prefix>/enrol/state``: ``{"state": "idle"|"enrolling"|"done"|"refused", "name", "until",
+    "reason"}``; ``reason`` says why an enrolment was refused and what to do. Retained, so a
+    restarted Home Assistant sees the enrolment in progress or the last outcome; ``idle`` (no
+    enrolment since the daemon started) replaces an ``enrolling`` left by a crash. ``retain=False``
+    answers a request without replacing that state (a request refused while another runs)."""
     payload = {"state": state, "name": name, "until": iso8601(until)}
     if reason is not None:
         payload["reason"] = reason
-    return Message(topics.enrol_state, _json(payload), retain=True, qos=1)
+    return Message(topics.enrol_state, _json(payload), retain=retain, qos=1)
 
 
 # -- stats ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import stat
 import threading
 from collections.abc import Iterator
@@ -119,7 +120,12 @@ def check_ble_adapter(sys_class: Path = Path("/sys/class")) -> Iterator[Check]:
 
 
 def check_broker(cfg: BiodConfig, timeout: float = 5.0) -> Iterator[Check]:
+    """Connect as the daemon does: same credentials, and TLS set by the daemon's own
+    ``configure_tls`` (client certificate and ``insecure`` included), so a PASS here is a
+    connection the daemon gets and a FAIL one it does not."""
     import paho.mqtt.client as mqtt
+
+    from daemon.publish.mqtt import configure_tls
 
     m = cfg.mqtt
     try:
@@ -132,8 +138,15 @@ def check_broker(cfg: BiodConfig, timeout: float = 5.0) -> Iterator[Check]:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"biod-doctor-{os.getpid()}")
     if m.username:
         client.username_pw_set(m.username, password)
-    if m.tls.enabled:
-        client.tls_set(ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None)
+    tls_fix = ("check mqtt.tls: ca_file must be the CA that signed the broker's certificate, the certificate must "
+               "name mqtt.host (tls.insecure skips that, for testing only), and a broker with require_certificate "
+               "needs cert_file/key_file")
+    try:
+        configure_tls(client, m.tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a certificate and key that do not match
+        yield Check("MQTT broker", False, f"cannot use the TLS files of mqtt.tls: {exc}",
+                    "give cert_file and key_file of the same client certificate (PEM), and ca_file the CA's certificate")
+        return
 
     def on_connect(c, userdata, flags, reason, props=None) -> None:
         result["reason"] = str(reason)
@@ -144,14 +157,16 @@ def check_broker(cfg: BiodConfig, timeout: float = 5.0) -> Iterator[Check]:
     try:
         client.connect(m.host, m.port, keepalive=10)
     except OSError as exc:
-        yield Check("MQTT broker", False, f"{m.host}:{m.port}: {exc}", "start the broker or fix mqtt.host/mqtt.port")
+        fix = tls_fix if m.tls.enabled and isinstance(exc, ssl.SSLError) else "start the broker or fix mqtt.host/mqtt.port"
+        yield Check("MQTT broker", False, f"{m.host}:{m.port}: {exc}", fix)
         return
     client.loop_start()
     done.wait(timeout)
     client.loop_stop()
     client.disconnect()
     if not done.is_set():
-        yield Check("MQTT broker", False, f"{m.host}:{m.port} did not answer CONNECT within {timeout:.0f} s", "check TLS settings and the port")
+        yield Check("MQTT broker", False, f"{m.host}:{m.port} did not answer CONNECT within {timeout:.0f} s",
+                    tls_fix if m.tls.enabled else "check the port: is it a TLS listener (then set mqtt.tls)?")
     elif result.get("ok"):
         yield Check("MQTT broker", True, f"{m.host}:{m.port} accepted the connection")
     else:

@@ -1,13 +1,18 @@
 """`biod doctor` names each problem with its fix and changes nothing."""
 from __future__ import annotations
 
+import getpass
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from daemon.config import parse_config
 from daemon.doctor import check_models, check_serial, check_state_dir
+from tests.conftest import Broker, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,3 +121,71 @@ def test_ble_adapter_check_finds_missing_and_blocked_adapters(tmp_path) -> None:
     (bt / "soft").write_text("0\n")
     (ok,) = check_ble_adapter(sys_class)
     assert ok.ok and ok.detail == "hci0"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def client_cert_broker(tmp_path: Path) -> Iterator[Broker]:
+    """Mosquitto with a TLS listener that requires a client certificate signed by its own CA,
+    and whose server certificate names ``broker.invalid``, not 127.0.0.1 (so only
+    ``tls.insecure`` reaches it by address). Files in ``broker.tls_dir``: ca.crt, client.crt/.key."""
+    assert shutil.which("openssl"), "openssl is needed to make test certificates: apt-get install openssl"
+    d = tmp_path / "tls"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+             "-subj", "/CN=biod test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
+    for name, ext in (("server", "subjectAltName=DNS:broker.invalid\nextendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN=biod {name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        (d / f"{name}.cnf").write_text(ext)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", f"{name}.cnf", "-out", f"{name}.crt", cwd=d)
+    tls_port = free_port()
+    broker = Broker(port=free_port(), workdir=tmp_path, extra_conf=(
+        f"user {getpass.getuser()}\nlistener {tls_port} 127.0.0.1\ncafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\n"
+        f"keyfile {d / 'server.key'}\nrequire_certificate true\n"))
+    broker.start()
+    broker.tls_port = tls_port  # type: ignore[attr-defined]
+    broker.tls_dir = d  # type: ignore[attr-defined]
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_broker_check_connects_as_the_daemon_does_with_a_client_certificate(client_cert_broker: Broker) -> None:
+    """doctor set only the CA: it reported FAIL for a broker that requires the client certificate
+    the daemon sends (mqtt.tls.cert_file/key_file) and ignored mqtt.tls.insecure, so it told
+    people to fix a setup that worked. Now it connects with the daemon's own TLS setup."""
+    from daemon.doctor import check_broker
+    from daemon.publish.mqtt import MqttPublisher
+
+    d = client_cert_broker.tls_dir  # type: ignore[attr-defined]
+
+    def cfg(client_cert: bool = True, insecure: bool = True):
+        tls = f"    enabled: true\n    ca_file: {d / 'ca.crt'}\n    insecure: {str(insecure).lower()}\n"
+        if client_cert:
+            tls += f"    cert_file: {d / 'client.crt'}\n    key_file: {d / 'client.key'}\n"
+        return parse_config(f"mqtt:\n  host: 127.0.0.1\n  port: {client_cert_broker.tls_port}\n"  # type: ignore[attr-defined]
+                            f"  tls:\n{tls}")
+
+    good = cfg()
+    (check,) = check_broker(good, timeout=5)
+    assert check.ok, check.line()
+    daemon = MqttPublisher(good.mqtt, "biod/doctor-test", client_id="biod-doctor-test")  # and the daemon agrees
+    daemon.start()
+    try:
+        assert daemon.wait_connected(10), daemon.stats.last_error
+    finally:
+        daemon.close()
+
+    (no_cert,) = check_broker(cfg(client_cert=False), timeout=3)  # the broker requires one: a real FAIL
+    assert not no_cert.ok and "cert_file/key_file" in (no_cert.fix or ""), no_cert.line()
+    (no_insecure,) = check_broker(cfg(insecure=False), timeout=3)  # the certificate names broker.invalid
+    assert not no_insecure.ok and "insecure" in (no_insecure.fix or ""), no_insecure.line()

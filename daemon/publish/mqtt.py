@@ -20,7 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from daemon.config import MqttConfig
+from daemon.config import MqttConfig, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,24 @@ def _not_sent() -> mqtt.MQTTMessageInfo:
     return info
 
 
+def configure_tls(client: mqtt.Client, tls: TlsConfig) -> None:
+    """Set ``mqtt.tls`` on a paho client (nothing when it is off): the CA, the client certificate
+    and key, and ``insecure``. WHY one function: ``biod doctor`` connects with its own client, and
+    when it set only the CA it reported FAIL for a broker that requires the client certificate the
+    daemon sends (or that ``insecure`` lets it reach). Both use this, so the check tests the
+    connection the daemon makes. paho raises ``ssl.SSLError`` (an ``OSError``) for a certificate
+    and key that do not belong together."""
+    if not tls.enabled:
+        return
+    client.tls_set(
+        ca_certs=str(tls.ca_file) if tls.ca_file else None,
+        certfile=str(tls.cert_file) if tls.cert_file else None,
+        keyfile=str(tls.key_file) if tls.key_file else None,
+        cert_reqs=ssl.CERT_REQUIRED,
+    )
+    client.tls_insecure_set(tls.insecure)
+
+
 class MqttPublisher:
     """Owns the paho client. Thread-safe: ``publish`` may be called from any thread."""
 
@@ -97,14 +115,7 @@ class MqttPublisher:
         password = cfg.resolve_password()
         if cfg.username:
             self._client.username_pw_set(cfg.username, password)
-        if cfg.tls.enabled:
-            self._client.tls_set(
-                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            self._client.tls_insecure_set(cfg.tls.insecure)
+        configure_tls(self._client, cfg.tls)
         self._client.will_set(self.availability_topic, OFFLINE, qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.max_queued_messages_set(10000)

@@ -1,6 +1,7 @@
 """Shared test fixtures: a real Mosquitto broker on a free port, MQTT capture, free ports."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,21 @@ async def until(predicate, timeout: float, what: str, poll: float = 0.05) -> Non
     while not predicate():
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         await asyncio.sleep(poll)
+
+
+@contextlib.asynccontextmanager
+async def running(app):
+    """``app`` (a ``BiodApp``) running in this event loop for the ``async with`` body, then
+    stopped cleanly as ``biod run`` stops on SIGTERM."""
+    import asyncio
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(stop))
+    try:
+        yield app
+    finally:
+        stop.set()
+        await task
 
 
 def free_port() -> int:

@@ -21,6 +21,28 @@ def _biod(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _hub_with(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """(config, template store) of a hub whose ECG box is not there (a command that opened it
+    would fail), with its own copy of the shipped models and ``name`` enrolled."""
+    import shutil
+
+    from daemon.app import load_ecg_model
+    from daemon.biometrics import MODELS_DIR
+    from daemon.config import parse_config
+
+    cfg = tmp_path / "biod.yaml"
+    models = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, models)
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n"
+                   f"ecg:\n  source: serial\n  port: {tmp_path / 'no-such-box'}\n")
+    ref = load_ecg_model(parse_config(f"models_dir: {models}\n")).ref
+    store_path = tmp_path / "state" / "identity" / "templates.json"
+    TemplateStore(store_path).add(Person(
+        id=f"id-{slugify(name)}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00", model=ref,
+        prototypes=np.ones((1, ref.dim), np.float32), prototype_labels=("rest",), threshold=0.6, stats={}))
+    return cfg, store_path
+
+
 def test_people_rename_remove_and_their_errors(tmp_path) -> None:
     cfg = tmp_path / "biod.yaml"
     cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
@@ -72,21 +94,8 @@ def test_calibrate_says_what_would_refuse_it_before_anyone_records(tmp_path) -> 
     """A taken name, a name with no letters or digits, or a broken impostor set used to be found
     only after the whole recording (or as a traceback): now the command stops at once, exit 2,
     without opening the ECG device (the configured port does not exist)."""
-    import shutil
-
-    from daemon.app import load_ecg_model
-    from daemon.config import parse_config
-    from daemon.biometrics import MODELS_DIR
-
-    cfg = tmp_path / "biod.yaml"
+    cfg, _ = _hub_with(tmp_path, "Ann")
     models = tmp_path / "models"
-    shutil.copytree(MODELS_DIR, models)
-    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n"
-                   f"ecg:\n  source: serial\n  port: {tmp_path / 'no-such-box'}\n")
-    ref = load_ecg_model(parse_config(f"models_dir: {models}\n")).ref
-    TemplateStore(tmp_path / "state" / "identity" / "templates.json").add(Person(
-        id="id-ann", name="Ann", slug="ann", created="2026-01-01T00:00:00+00:00", model=ref,
-        prototypes=np.ones((1, ref.dim), np.float32), prototype_labels=("rest",), threshold=0.6, stats={}))
     for name, why in (("ann", "'Ann' is already enrolled"), ("!!!", "no letters or digits")):
         res = _biod("calibrate", "--name", name, "--no-walk", "--config", str(cfg), timeout=60)
         assert res.returncode == 2 and why in res.stderr, res.stdout + res.stderr
@@ -116,22 +125,7 @@ def test_rename_and_calibrate_refuse_the_names_home_assistant_refuses(tmp_path) 
     """`biod people rename Alice unknown` (and to a name with a newline, or 300 characters) used
     to succeed, and `biod calibrate --name unknown` to start recording: an enrolled "unknown"
     cannot be told from a stranger in events. Now both refuse, with one line saying why."""
-    import shutil
-
-    from daemon.app import load_ecg_model
-    from daemon.biometrics import MODELS_DIR
-    from daemon.config import parse_config
-
-    cfg = tmp_path / "biod.yaml"
-    models = tmp_path / "models"
-    shutil.copytree(MODELS_DIR, models)
-    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n"
-                   f"ecg:\n  source: serial\n  port: {tmp_path / 'no-such-box'}\n")
-    ref = load_ecg_model(parse_config(f"models_dir: {models}\n")).ref
-    store_path = tmp_path / "state" / "identity" / "templates.json"
-    TemplateStore(store_path).add(Person(
-        id="id-alice", name="Alice", slug="alice", created="2026-01-01T00:00:00+00:00", model=ref,
-        prototypes=np.ones((1, ref.dim), np.float32), prototype_labels=("rest",), threshold=0.6, stats={}))
+    cfg, store_path = _hub_with(tmp_path, "Alice")
 
     for new, why in (("unknown", "reserved"), ("Unknown", "reserved"), ("Bob\nSmith", "control character"),
                      ("x" * 300, "300 characters")):

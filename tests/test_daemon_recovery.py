@@ -15,7 +15,7 @@ from daemon.app import BiodApp
 from daemon.config import parse_config
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
-from tests.conftest import until
+from tests.conftest import running, until
 
 
 @contextlib.asynccontextmanager
@@ -25,14 +25,10 @@ async def daemon_on_box(cfg, link, **box_kwargs) -> AsyncIterator[tuple[BiodApp,
     box = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, **box_kwargs)
     box.open_pty(link=str(link))
     box.start()
-    app = BiodApp(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(app.run(stop))
     try:
-        yield app, box
+        async with running(BiodApp(cfg)) as app:
+            yield app, box
     finally:
-        stop.set()
-        await task
         box.close()
 
 

@@ -16,7 +16,7 @@ from daemon.config import parse_config
 from daemon.identity.store import TemplateStore
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
-from tests.conftest import until
+from tests.conftest import running, until
 
 
 @pytest.mark.timeout(120)
@@ -30,10 +30,7 @@ def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
     box.open_pty(link=str(link))
 
     async def scenario() -> None:
-        app = BiodApp(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with running(BiodApp(cfg)) as app:
             await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
                         20, "availability online")
             capture.client.publish("biod/ha/enrol/name/set", "Dana", qos=1)
@@ -49,9 +46,6 @@ def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
             capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Dana", "seconds": 10}), qos=1)
             await until(lambda: [p for t, p, _ in capture.messages if t == "biod/ha/enrol/state" and '"refused"' in p],
                         40, "second enrolment refused", poll=0.1)
-        finally:
-            stop.set()
-            await task
 
     try:
         asyncio.run(scenario())
@@ -97,10 +91,7 @@ def test_an_overlapping_request_is_answered_and_a_stop_ends_the_enrolment(tmp_pa
         return [json.loads(p) for t, p, _ in capture.messages if t == state_topic]
 
     async def scenario() -> None:
-        app = BiodApp(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with running(BiodApp(cfg)) as app:
             await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
                         20, "availability online")
             capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Alice", "seconds": 60}), qos=1)
@@ -110,9 +101,6 @@ def test_an_overlapping_request_is_answered_and_a_stop_ends_the_enrolment(tmp_pa
             # the refusal is an answer, not the state: whoever looks now still sees Alice's enrolment
             assert json.loads(await asyncio.to_thread(_retained, mosquitto.port, state_topic))["name"] == "Alice"
             await asyncio.sleep(4)
-        finally:
-            stop.set()
-            await task
 
     asyncio.run(scenario())
     alice = next(s for s in states() if s["state"] == "enrolling")
@@ -137,17 +125,11 @@ def test_an_enrolling_state_left_by_a_crash_is_cleared_at_start(tmp_path, mosqui
     assert json.loads(_retained(mosquitto.port, state_topic))["state"] == "enrolling"
 
     async def scenario() -> None:
-        app = BiodApp(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with running(BiodApp(cfg)) as app:
             await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
                         20, "availability online")
             assert await asyncio.to_thread(_retained, mosquitto.port, state_topic) == \
                 '{"state":"idle","name":null,"until":null}'  # the payload docs/mqtt.md gives
-        finally:
-            stop.set()
-            await task
 
     asyncio.run(scenario())
     assert _retained(mosquitto.port, state_topic) == '{"state":"idle","name":null,"until":null}'  # a clean stop keeps it

@@ -24,7 +24,7 @@ from daemon.publish.state import (
     EnrolCommandError, EnrolCommands, EnrolRequest, PersonState, SensorState, SessionPublisher, StatsReporter, Topics,
     messages_for_event, parse_enrol_command, person_state_message, person_state_removal, sensor_state_message, slugify,
 )
-from tests.conftest import Broker, Capture, free_port
+from tests.conftest import Broker, Capture, free_port, running
 
 HUB = "hub1"
 PREFIX = f"biod/{HUB}"
@@ -428,14 +428,8 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
     other_hub = ha.HubDiscovery("homeassistant", "hub2", "hub", Topics("biod/hub2"), ACTIVITIES).person_messages("Max")[0].topic
 
     async def run_once(until_pred, what: str) -> None:
-        app = BiodApp(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with running(BiodApp(cfg)) as app:
             await until(until_pred, 20, what)
-        finally:
-            stop.set()
-            await task
 
     # a first run publishes both persons' entities; the person state is what a session left behind
     asyncio.run(run_once(lambda: {ghost_cfg, ann_cfg} <= set(_retained_snapshot(mosquitto.port, "homeassistant/#", 0.3)),
@@ -461,15 +455,9 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
     good = cfg.store_path.read_bytes()
 
     async def run_with(scenario) -> None:
-        app = BiodApp(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with running(BiodApp(cfg)) as app:
             await until(lambda: ann_cfg in _retained_snapshot(mosquitto.port, "homeassistant/#", 0.2), 20, "Ann's entity")
             await scenario(app)
-        finally:
-            stop.set()
-            await task
 
     async def torn_copy_while_running(app) -> None:
         cfg.store_path.write_bytes(good[:200])
@@ -510,19 +498,13 @@ def test_with_discovery_off_no_person_entity_is_published(tmp_path, mosquitto: B
     ref = EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite").ref
 
     async def scenario() -> None:
-        app = BiodApp(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with running(BiodApp(cfg)) as app:
             await until(lambda: _retained_snapshot(mosquitto.port, "biod/nodisc/availability", 0.2), 20, "online")
             TemplateStore(cfg.store_path).add(Person(
                 id="id-ann", name="Ann", slug="ann", created="2026-01-01T00:00:00+00:00", model=ref,
                 prototypes=np.ones((1, ref.dim), np.float32), prototype_labels=("rest",), threshold=0.6, stats={}))
             await until(lambda: "Ann" in app.people, 10, "the daemon to follow the store")
             await asyncio.sleep(0.5)
-        finally:
-            stop.set()
-            await task
 
     asyncio.run(scenario())
     assert _retained_snapshot(mosquitto.port, "homeassistant/#", 0.5) == {}

@@ -20,7 +20,7 @@ from daemon.config import parse_config
 from daemon.systemd import Notifier
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
-from tests.conftest import until
+from tests.conftest import running, until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,13 +124,8 @@ def _notified_app(tmp_path: Path, ecg_yaml: str, broker_port: int) -> tuple[Biod
 def _drive(app: BiodApp, scenario) -> None:
     """Run the daemon until ``await scenario()`` returns (or fails), then stop it cleanly."""
     async def main() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.run(stop))
-        try:
+        async with running(app):
             await scenario()
-        finally:
-            stop.set()
-            await task
 
     asyncio.run(main())
 

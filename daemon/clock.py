@@ -16,9 +16,6 @@ from __future__ import annotations
 import time
 
 
-def to_epoch(t: float, *, mono_now: float | None = None, wall_now: float | None = None) -> float:
-    """Epoch seconds of the monotonic reading ``t``, by today's wall clock: ``wall_now`` minus
-    the monotonic time elapsed since ``t``. ``mono_now``/``wall_now`` are for tests."""
-    mono_now = time.monotonic() if mono_now is None else mono_now
-    wall_now = time.time() if wall_now is None else wall_now
-    return wall_now - (mono_now - t)
+def to_epoch(t: float) -> float:
+    """Epoch seconds of the monotonic reading ``t``, by the wall clock of this moment."""
+    return time.time() - (time.monotonic() - t)

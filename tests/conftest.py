@@ -42,6 +42,43 @@ async def running(app):
         await task
 
 
+def retained_snapshot(port: int, pattern: str, settle: float = 0.7) -> dict[str, str]:
+    """What a subscriber arriving now gets (Home Assistant after a restart): only retained
+    messages, the last one per topic (a fresh client sees nothing else)."""
+    got: dict[str, str] = {}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"snap-{time.monotonic_ns()}")
+    c.on_message = lambda cl, u, m: got.__setitem__(m.topic, m.payload.decode()) if m.retain else None
+    c.on_connect = lambda cl, u, f, r, p=None: cl.subscribe(pattern, qos=1)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    time.sleep(settle)
+    c.loop_stop()
+    c.disconnect()
+    return got
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def make_test_ca(d: Path) -> None:
+    """A throw-away CA in ``d`` (ca.crt, ca.key) for the TLS brokers of the tests."""
+    assert shutil.which("openssl"), "openssl is needed to make test certificates: apt-get install openssl"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+             "-subj", "/CN=biod test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
+
+
+def sign_test_cert(d: Path, name: str, extensions: str) -> None:
+    """``<name>.crt``/``<name>.key`` in ``d``, signed by :func:`make_test_ca`'s CA, with the given
+    X.509 extension lines (e.g. subjectAltName for a server, extendedKeyUsage=clientAuth)."""
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN=biod {name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    (d / f"{name}.cnf").write_text(extensions)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-extfile", f"{name}.cnf", "-out", f"{name}.crt", cwd=d)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

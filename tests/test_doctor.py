@@ -12,7 +12,7 @@ import pytest
 
 from daemon.config import parse_config
 from daemon.doctor import check_models, check_serial, check_state_dir
-from tests.conftest import Broker, free_port
+from tests.conftest import Broker, free_port, make_test_ca, sign_test_cert
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,28 +123,16 @@ def test_ble_adapter_check_finds_missing_and_blocked_adapters(tmp_path) -> None:
     assert ok.ok and ok.detail == "hci0"
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def client_cert_broker(tmp_path: Path) -> Iterator[Broker]:
     """Mosquitto with a TLS listener that requires a client certificate signed by its own CA,
     and whose server certificate names ``broker.invalid``, not 127.0.0.1 (so only
     ``tls.insecure`` reaches it by address). Files in ``broker.tls_dir``: ca.crt, client.crt/.key."""
-    assert shutil.which("openssl"), "openssl is needed to make test certificates: apt-get install openssl"
     d = tmp_path / "tls"
     d.mkdir()
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-             "-subj", "/CN=biod test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
-    for name, ext in (("server", "subjectAltName=DNS:broker.invalid\nextendedKeyUsage=serverAuth\n"),
-                      ("client", "extendedKeyUsage=clientAuth\n")):
-        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN=biod {name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
-        (d / f"{name}.cnf").write_text(ext)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", f"{name}.cnf", "-out", f"{name}.crt", cwd=d)
+    make_test_ca(d)
+    sign_test_cert(d, "server", "subjectAltName=DNS:broker.invalid\nextendedKeyUsage=serverAuth\n")
+    sign_test_cert(d, "client", "extendedKeyUsage=clientAuth\n")
     tls_port = free_port()
     broker = Broker(port=free_port(), workdir=tmp_path, extra_conf=(
         f"user {getpass.getuser()}\nlistener {tls_port} 127.0.0.1\ncafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\n"

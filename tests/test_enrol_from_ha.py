@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
-import time
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from daemon.app import BiodApp
@@ -16,7 +14,7 @@ from daemon.config import parse_config
 from daemon.identity.store import TemplateStore
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
-from tests.conftest import running, until
+from tests.conftest import retained_snapshot, running, until
 
 
 @pytest.mark.timeout(120)
@@ -60,20 +58,6 @@ def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
     assert stat.S_IMODE(store_path.stat().st_mode) == 0o600
 
 
-def _retained(port: int, topic: str, settle: float = 0.7) -> str | None:
-    """The retained payload a subscriber arriving now gets on ``topic`` (Home Assistant after a restart)."""
-    got: list[str] = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"snap-{time.monotonic_ns()}")
-    c.on_message = lambda cl, u, m: got.append(m.payload.decode()) if m.retain else None
-    c.on_connect = lambda cl, u, f, r, p=None: cl.subscribe(topic, qos=1)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    time.sleep(settle)
-    c.loop_stop()
-    c.disconnect()
-    return got[-1] if got else None
-
-
 def _no_sensor_cfg(tmp_path, port: int):
     """A hub with no sensor: enrolments open and close, nobody's ECG arrives (no template is made)."""
     return parse_config(f"hub:\n  id: ha\nstate_dir: {tmp_path / 'state'}\necg:\n  enabled: false\n"
@@ -99,7 +83,7 @@ def test_an_overlapping_request_is_answered_and_a_stop_ends_the_enrolment(tmp_pa
             capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Bob", "seconds": 60}), qos=1)
             await until(lambda: any(s.get("name") == "Bob" for s in states()), 10, "an answer to Bob's request")
             # the refusal is an answer, not the state: whoever looks now still sees Alice's enrolment
-            assert json.loads(await asyncio.to_thread(_retained, mosquitto.port, state_topic))["name"] == "Alice"
+            assert json.loads((await asyncio.to_thread(retained_snapshot, mosquitto.port, state_topic))[state_topic])["name"] == "Alice"
             await asyncio.sleep(4)
 
     asyncio.run(scenario())
@@ -108,7 +92,7 @@ def test_an_overlapping_request_is_answered_and_a_stop_ends_the_enrolment(tmp_pa
     assert alice["name"] == "Alice" and alice["until"]
     assert bob["state"] == "refused" and bob["until"] is None
     assert bob["reason"].startswith(f"already enrolling Alice until {alice['until']}"), bob["reason"]
-    final = json.loads(_retained(mosquitto.port, state_topic))  # what Home Assistant finds while biod is down
+    final = json.loads(retained_snapshot(mosquitto.port, state_topic)[state_topic])  # what Home Assistant finds while biod is down
     assert final["state"] == "refused" and final["name"] == "Alice"
     assert "the daemon stopped during the enrolment" in final["reason"] and "again" in final["reason"]
     assert not (tmp_path / "state" / "identity" / "templates.json").exists()  # nothing was enrolled
@@ -122,14 +106,14 @@ def test_an_enrolling_state_left_by_a_crash_is_cleared_at_start(tmp_path, mosqui
     state_topic = "biod/ha/enrol/state"
     capture.client.publish(state_topic, json.dumps({"state": "enrolling", "name": "Alice",
                                                     "until": "2026-01-01T00:01:00+00:00"}), qos=1, retain=True).wait_for_publish(5)
-    assert json.loads(_retained(mosquitto.port, state_topic))["state"] == "enrolling"
+    assert json.loads(retained_snapshot(mosquitto.port, state_topic)[state_topic])["state"] == "enrolling"
 
     async def scenario() -> None:
         async with running(BiodApp(cfg)) as app:
             await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
                         20, "availability online")
-            assert await asyncio.to_thread(_retained, mosquitto.port, state_topic) == \
+            assert (await asyncio.to_thread(retained_snapshot, mosquitto.port, state_topic))[state_topic] == \
                 '{"state":"idle","name":null,"until":null}'  # the payload docs/mqtt.md gives
 
     asyncio.run(scenario())
-    assert _retained(mosquitto.port, state_topic) == '{"state":"idle","name":null,"until":null}'  # a clean stop keeps it
+    assert retained_snapshot(mosquitto.port, state_topic)[state_topic] == '{"state":"idle","name":null,"until":null}'  # a clean stop keeps it

@@ -24,7 +24,7 @@ from daemon.publish.state import (
     EnrolCommandError, EnrolCommands, EnrolRequest, PersonState, SensorState, SessionPublisher, StatsReporter, Topics,
     messages_for_event, parse_enrol_command, person_state_message, person_state_removal, sensor_state_message, slugify,
 )
-from tests.conftest import Broker, Capture, free_port, running
+from tests.conftest import Broker, Capture, free_port, make_test_ca, retained_snapshot, running, sign_test_cert
 
 HUB = "hub1"
 PREFIX = f"biod/{HUB}"
@@ -39,20 +39,6 @@ def _discovery(persons: list[str]) -> ha.HubDiscovery:
 def _publisher(port: int, discovery=None, **cfg) -> MqttPublisher:
     return MqttPublisher(MqttConfig(host="127.0.0.1", port=port, **cfg), PREFIX, client_id=f"biod-test-{time.monotonic_ns()}",
                          discovery=discovery)
-
-
-def _retained_snapshot(port: int, pattern: str, settle: float = 0.7) -> dict[str, str]:
-    """What a subscriber arriving now gets: only retained messages (a fresh client sees nothing else)."""
-    got: dict[str, str] = {}
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"snap-{time.monotonic_ns()}")
-    c.on_message = lambda cl, u, m: got.__setitem__(m.topic, m.payload.decode()) if m.retain else None
-    c.on_connect = lambda cl, u, f, r, p=None: cl.subscribe(pattern, qos=1)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    time.sleep(settle)
-    c.loop_stop()
-    c.disconnect()
-    return got
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -82,7 +68,7 @@ def test_discovery_is_complete_retained_resent_and_removable(mosquitto: Broker, 
         assert pub.wait_connected(5)
         expected = {m.topic for m in disc.messages(persons)}
         capture.wait_for(lambda m: expected <= {t for t, _, _ in m}, 10, "all discovery configs")
-        retained = _retained_snapshot(mosquitto.port, "homeassistant/#")
+        retained = retained_snapshot(mosquitto.port, "homeassistant/#")
         assert expected <= set(retained), f"not retained: {expected - set(retained)}"
         configs = {t: json.loads(p) for t, p in retained.items()}
         for topic, cfg in configs.items():
@@ -123,7 +109,7 @@ def test_discovery_is_complete_retained_resent_and_removable(mosquitto: Broker, 
             pub.publish(msg)
         bob_cfg = "homeassistant/binary_sensor/biod_hub1/person_bob_wearing/config"
         capture.wait_for(lambda m: (bob_cfg, "", False) in m or (bob_cfg, "", True) in m, 10, "Bob's empty config")
-        after = _retained_snapshot(mosquitto.port, "#")
+        after = retained_snapshot(mosquitto.port, "#")
         assert bob_cfg not in after and f"{PREFIX}/person/bob/state" not in after
         assert "homeassistant/binary_sensor/biod_hub1/person_alice_wearing/config" in after
     finally:
@@ -190,7 +176,7 @@ def test_events_flow_from_tracker_through_spool_to_the_events_topic(tmp_path: Pa
         assert [(e["type"], e["id"], e["seq"]) for e in got] == [("new", "s0", 1), ("update", "s0", 2), ("end", "s0", 3), ("new", "s1", 4)]
         assert got[1]["before"]["activity"] == "sitting" and got[1]["after"]["activity"] == "walking"
         assert sender.flush(5)
-        retained = _retained_snapshot(mosquitto.port, f"{PREFIX}/#")
+        retained = retained_snapshot(mosquitto.port, f"{PREFIX}/#")
         assert json.loads(retained[TOPICS.wearer])["wearer"] == "Bob"
         assert json.loads(retained[f"{PREFIX}/person/alice/state"])["wearing"] is False
         assert json.loads(retained[f"{PREFIX}/person/bob/state"])["wearing"] is True
@@ -261,7 +247,7 @@ def test_enrol_button_and_name_over_mqtt(mosquitto: Broker, capture: Capture, ca
             err = capture.wait_for(lambda m: [json.loads(p) for t, p, _ in m if t == TOPICS.enrol_state], 5, "enrol error state")
         assert err[0]["state"] == "error" and "neither PRESS nor JSON" in err[0]["error"]
         assert requests == [EnrolRequest("Carol", 90)]
-        assert _retained_snapshot(mosquitto.port, TOPICS.enrol_name) == {TOPICS.enrol_name: "Carol"}
+        assert retained_snapshot(mosquitto.port, TOPICS.enrol_name) == {TOPICS.enrol_name: "Carol"}
     finally:
         pub.close()
 
@@ -301,7 +287,7 @@ def test_a_long_outage_ends_with_the_newest_retained_states_not_a_stale_wearer(t
         assert pub.wait_connected(40)
         deadline = time.monotonic() + 15  # the held states are sent as the connection opens; on a
         while True:                        # loaded machine they may reach the broker after a snapshot
-            snap = _retained_snapshot(broker.port, f"{PREFIX}/#")
+            snap = retained_snapshot(broker.port, f"{PREFIX}/#")
             if TOPICS.wearer in snap or time.monotonic() > deadline:
                 break
         assert snap[TOPICS.wearer] == '{"wearer":null}'
@@ -314,26 +300,26 @@ def test_a_long_outage_ends_with_the_newest_retained_states_not_a_stale_wearer(t
 
 
 # -- TLS and authentication ----------------------------------------------------------------------
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+def _run_until(pub: MqttPublisher, done, timeout: float = 15.0) -> None:
+    """Start ``pub``, let paho retry until ``done()`` (or ``timeout``), then close it."""
+    pub.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        pub.close()
 
 
 @pytest.fixture
 def secure_broker(tmp_path: Path) -> Broker:
     """Mosquitto with a TLS listener (own CA, SAN 127.0.0.1) and a password file; no anonymous access."""
-    assert shutil.which("openssl"), "openssl is needed to make test certificates: apt-get install openssl"
     passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     assert Path(passwd).exists(), "mosquitto_passwd is missing: apt-get install mosquitto"
     d = tmp_path / "tls"
     d.mkdir()
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-             "-subj", "/CN=biod test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=localhost",
-             "-keyout", "server.key", "-out", "server.csr", cwd=d)
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-             "-extfile", "ext.cnf", "-out", "server.crt", cwd=d)
+    make_test_ca(d)
+    sign_test_cert(d, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     subprocess.run([passwd, "-c", "-b", str(d / "passwd"), "biod", "s3cret"], check=True, capture_output=True, timeout=30)
     tls_port = free_port()
     broker = Broker(port=free_port(), workdir=tmp_path, extra_conf=(
@@ -363,13 +349,7 @@ def test_tls_with_good_credentials_connects_and_bad_ones_are_logged_and_retried(
 
     bad = _publisher(port, username="biod", password="wrong", tls=tls)
     with caplog.at_level(logging.ERROR, logger="daemon.publish.mqtt"):
-        bad.start()
-        try:
-            deadline = time.monotonic() + 15
-            while bad.stats.refused < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            bad.close()
+        _run_until(bad, lambda: bad.stats.refused >= 2)
     assert not bad.connected and bad.stats.refused >= 2, "a refused connection must be retried"
     lines = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
     assert len(lines) >= 2 and all("\n" not in line for line in lines)
@@ -385,13 +365,7 @@ def test_a_broker_that_drops_the_link_before_accepting_it_is_reported(secure_bro
     port = secure_broker.tls_port  # type: ignore[attr-defined]
     plain = _publisher(port, username="biod", password="s3cret")
     with caplog.at_level(logging.ERROR, logger="daemon.publish.mqtt"):
-        plain.start()
-        try:
-            deadline = time.monotonic() + 15
-            while plain.stats.connect_failures < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            plain.close()
+        _run_until(plain, lambda: plain.stats.connect_failures >= 2)
     assert not plain.connected and plain.stats.connect_failures >= 2
     assert plain.stats.last_error and "closed the connection before accepting it" in plain.stats.last_error
     lines = [r.getMessage() for r in caplog.records if "closed the connection before accepting it" in r.getMessage()]
@@ -432,7 +406,7 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
             await until(until_pred, 20, what)
 
     # a first run publishes both persons' entities; the person state is what a session left behind
-    asyncio.run(run_once(lambda: {ghost_cfg, ann_cfg} <= set(_retained_snapshot(mosquitto.port, "homeassistant/#", 0.3)),
+    asyncio.run(run_once(lambda: {ghost_cfg, ann_cfg} <= set(retained_snapshot(mosquitto.port, "homeassistant/#", 0.3)),
                          "both persons' entities"))
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="seed")
     c.connect("127.0.0.1", mosquitto.port)
@@ -443,9 +417,9 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
     c.disconnect()
     # removed while the daemon is stopped: no running daemon sees the change
     TemplateStore(cfg.store_path).remove("Zoë Ghost")
-    asyncio.run(run_once(lambda: ghost_cfg not in _retained_snapshot(mosquitto.port, "homeassistant/#", 0.3),
+    asyncio.run(run_once(lambda: ghost_cfg not in retained_snapshot(mosquitto.port, "homeassistant/#", 0.3),
                          "the removed person's entity to be cleared"))
-    retained = _retained_snapshot(mosquitto.port, "#")
+    retained = retained_snapshot(mosquitto.port, "#")
     assert ghost_cfg not in retained and TOPICS.person_state("zoe_ghost") not in retained
     assert ann_cfg in retained and TOPICS.person_state("ann") in retained
     assert other_hub in retained  # another hub's people are not ours to remove
@@ -456,7 +430,7 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
 
     async def run_with(scenario) -> None:
         async with running(BiodApp(cfg)) as app:
-            await until(lambda: ann_cfg in _retained_snapshot(mosquitto.port, "homeassistant/#", 0.2), 20, "Ann's entity")
+            await until(lambda: ann_cfg in retained_snapshot(mosquitto.port, "homeassistant/#", 0.2), 20, "Ann's entity")
             await scenario(app)
 
     async def torn_copy_while_running(app) -> None:
@@ -467,7 +441,7 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
         await asyncio.sleep(1.5)
 
     asyncio.run(run_with(torn_copy_while_running))
-    assert ann_cfg in _retained_snapshot(mosquitto.port, "homeassistant/#", 0.3)
+    assert ann_cfg in retained_snapshot(mosquitto.port, "homeassistant/#", 0.3)
     cfg.store_path.write_bytes(good[:200])
 
     async def start_unreadable(app) -> None:
@@ -475,7 +449,7 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
         await asyncio.sleep(2.0)  # the start-up sweep has seen every retained config by now
 
     asyncio.run(run_with(start_unreadable))
-    retained = _retained_snapshot(mosquitto.port, "#")
+    retained = retained_snapshot(mosquitto.port, "#")
     assert ann_cfg in retained and TOPICS.person_state("ann") in retained
 
 
@@ -499,7 +473,7 @@ def test_with_discovery_off_no_person_entity_is_published(tmp_path, mosquitto: B
 
     async def scenario() -> None:
         async with running(BiodApp(cfg)) as app:
-            await until(lambda: _retained_snapshot(mosquitto.port, "biod/nodisc/availability", 0.2), 20, "online")
+            await until(lambda: retained_snapshot(mosquitto.port, "biod/nodisc/availability", 0.2), 20, "online")
             TemplateStore(cfg.store_path).add(Person(
                 id="id-ann", name="Ann", slug="ann", created="2026-01-01T00:00:00+00:00", model=ref,
                 prototypes=np.ones((1, ref.dim), np.float32), prototype_labels=("rest",), threshold=0.6, stats={}))
@@ -507,7 +481,7 @@ def test_with_discovery_off_no_person_entity_is_published(tmp_path, mosquitto: B
             await asyncio.sleep(0.5)
 
     asyncio.run(scenario())
-    assert _retained_snapshot(mosquitto.port, "homeassistant/#", 0.5) == {}
+    assert retained_snapshot(mosquitto.port, "homeassistant/#", 0.5) == {}
 
 
 @pytest.mark.timeout(60)
@@ -524,12 +498,12 @@ def test_a_killed_daemon_is_offline_by_its_last_will(tmp_path, mosquitto: Broker
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        while _retained_snapshot(mosquitto.port, "biod/lw/availability", 0.3).get("biod/lw/availability") != "online":
+        while retained_snapshot(mosquitto.port, "biod/lw/availability", 0.3).get("biod/lw/availability") != "online":
             assert time.monotonic() < deadline and proc.poll() is None, "the daemon never came online"
         proc.send_signal(_signal.SIGKILL)
         proc.wait(10)
         deadline = time.monotonic() + 15  # the socket closes with the process: the broker sends the will at once
-        while (state := _retained_snapshot(mosquitto.port, "biod/lw/availability", 0.3).get("biod/lw/availability")) != "offline":
+        while (state := retained_snapshot(mosquitto.port, "biod/lw/availability", 0.3).get("biod/lw/availability")) != "offline":
             assert time.monotonic() < deadline, f"availability stayed {state!r}"
     finally:
         if proc.poll() is None:

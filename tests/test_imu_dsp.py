@@ -203,3 +203,57 @@ def test_imu_pipeline_never_windows_across_a_gap():
     # the first window after the gap starts at the first sample after it
     assert after.min() == pytest.approx(t[400] + 1.99, abs=1e-6)
     assert len(before) == 3 and len(after) == 3
+
+
+def _vibration(odr: float, seconds: float = 6.0, hz: float = 130.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Still sensor on a 0.5 g, ``hz`` vibration (a motor, a vehicle), sampled at ``odr``."""
+    n = int(odr * seconds)
+    t = 1.8e9 + np.arange(n) / odr
+    acc = np.zeros((n, 3), np.float32)
+    acc[:, 2] = 1.0 + 0.5 * np.sin(2 * np.pi * hz * (t - t[0]))
+    return t, acc, np.zeros((n, 3), np.float32)
+
+
+def test_rates_above_the_model_rate_are_low_passed_before_resampling() -> None:
+    """At 800 Hz a 130 Hz vibration folded into a full-size 30 Hz movement of the 100 Hz windows
+    (|acc| std 3.5 m/s², far above what 'rest' allows); with the anti-alias filter it is gone."""
+    from daemon.dsp.imu_pipeline import ImuPipeline
+
+    t, acc, gyro = _vibration(800.0)
+    plain = ImuPipeline().push(t, acc, gyro).windows[-1].data
+    filtered = ImuPipeline(input_hz=800.0).push(t, acc, gyro).windows[-1].data
+    assert np.linalg.norm(plain[:, :3], axis=1).std() > 2.0
+    assert np.linalg.norm(filtered[:, :3], axis=1).std() < 0.1
+    # gravity passes untouched
+    assert np.linalg.norm(filtered[:, :3], axis=1).mean() == pytest.approx(9.80665, rel=1e-3)
+
+
+def test_anti_alias_is_chunk_invariant_and_absent_at_the_model_rate() -> None:
+    from daemon.dsp.imu_pipeline import ImuPipeline, imu_windows_from_record
+
+    t, acc, gyro = _vibration(400.0, hz=30.0)
+    whole = imu_windows_from_record(t, acc, gyro, input_hz=400.0)
+    chunked = imu_windows_from_record(t, acc, gyro, chunk=37, input_hz=400.0)
+    assert len(whole) == len(chunked) > 0
+    for a, b in zip(whole, chunked):
+        assert np.allclose(a.data, b.data, atol=1e-5)
+    # at 100 Hz, the rate every model was trained at, the pipeline is what it always was
+    t, acc, gyro = _vibration(100.0, hz=7.0)
+    same = ImuPipeline(input_hz=100.0).push(t, acc, gyro).windows
+    ref = ImuPipeline().push(t, acc, gyro).windows
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(same, ref))
+
+
+def test_sensor_pipeline_survives_a_time_line_that_goes_back(caplog: pytest.LogCaptureFixture) -> None:
+    """ImuPipeline rightly refuses times that go backwards; on the hub that ended IMU processing
+    for the rest of the run (the consumer task died). The sensor pipeline logs and goes on."""
+    from daemon.dsp.imu_pipeline import SensorImuPipeline
+
+    t, acc, gyro = _vibration(100.0, seconds=8.0, hz=2.0)
+    p = SensorImuPipeline(8.0, 1000.0, 100.0)
+    first = p.push(t[:400], acc[:400], gyro[:400])
+    assert first.windows
+    back = p.push(t[:400] - 1.0, acc[:400], gyro[:400])  # e.g. a reconnect anchored too early
+    assert back.windows == () and p.restarts == 1 and "starts again" in caplog.text
+    later = p.push(t[400:], acc[400:], gyro[400:])
+    assert later.windows and later.gaps >= first.gaps + 1

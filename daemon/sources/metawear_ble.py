@@ -44,8 +44,11 @@ __all__ = ["ImuChunk", "ImuHealth", "MetaWearSource", "SourceError", "EmulatorSc
 class ImuChunk:
     """Paired accelerometer + gyro samples, in sensor units, on the reconstructed sample clock.
 
-    ``t_s`` are host-clock seconds (``time.time()`` epoch) spaced exactly ``1/odr_hz``: anchored at
-    the first sample of a streaming session, then advanced by sample counts. ``gap`` is set on the
+    ``t_s`` are host-clock seconds (``time.time()`` epoch), strictly increasing across sessions:
+    anchored at the first sample of a streaming session, then advanced by sample counts times the
+    board's sample period as measured against the host clock (``_ClockServo``: the nominal
+    ``1/odr_hz`` corrected by the oscillator's error, so times never drift off the host clock).
+    ``gap`` is set on the
     first chunk after samples were lost (an estimate of how many in ``lost_samples``) and on the
     first chunk of a new session after a reconnect; consumers must not bridge it.
     """
@@ -148,6 +151,8 @@ class _Pairer:
         self.bufs = [np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)]
         self.starts = [0, 0]  # sample index of bufs[i][0]
         self.unpaired = 0
+        self._lo: int | None = None  # min / max of (acc buffered - gyro buffered) since take_imbalance
+        self._hi: int | None = None
 
     def push(self, which: int, values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
         """Add samples of sensor ``which`` (0 acc, 1 gyro); return (first_index, acc, gyro) newly paired."""
@@ -170,7 +175,29 @@ class _Pairer:
             if excess > 0:
                 bufs[i], starts[i] = bufs[i][excess:], starts[i] + excess
                 self.unpaired += excess
+        imbalance = (starts[0] + len(bufs[0])) - (starts[1] + len(bufs[1]))
+        self._lo = imbalance if self._lo is None else min(self._lo, imbalance)
+        self._hi = imbalance if self._hi is None else max(self._hi, imbalance)
         return out
+
+    def take_imbalance(self) -> int:
+        """Samples by which one sensor stayed ahead of the other at every push since the last
+        call: > 0 acc ahead, < 0 gyro ahead, 0 if they were level at some point (or nothing came).
+
+        Why the extreme that is closest to zero: notifications of the two sensors interleave in
+        bursts, so either may be momentarily ahead; only a lead that never closes means the other
+        sensor lost notifications (the board's queue overflowed unevenly)."""
+        lo, hi = self._lo, self._hi
+        self._lo = self._hi = None
+        if lo is None or hi is None:
+            return 0
+        return lo if lo > 0 else hi if hi < 0 else 0
+
+    def realign(self, behind: int, samples: int) -> None:
+        """Number the lagging sensor ``behind`` (0 acc, 1 gyro) ``samples`` further on: its
+        notifications that were lost are skipped, and the other sensor's samples of that span,
+        which now have no partner, are dropped and counted at the next push."""
+        self.starts[behind] += samples
 
 
 class _LossDetector:
@@ -180,14 +207,17 @@ class _LossDetector:
     BLE bursts lift it briefly, dropped samples lift it for good. The floor follows ``lag`` down at
     once and up at most ``drift`` s/s (sensor oscillators are off by up to ~1 %), so slow clock
     drift is absorbed. A loss is declared only when the excess stays above ``tolerance_s`` on two
-    consecutive checks while samples keep arriving, so a backlog still being delivered is not
-    mistaken for loss. Why not per notification: mid-burst every notification looks late.
+    consecutive checks while samples keep arriving *and the excess has stopped shrinking*: a
+    backlog still being delivered (faster than the sensor rate, by more than ``drain_s`` per
+    check) is not mistaken for loss, however many checks its delivery spans. Why not per
+    notification: mid-burst every notification looks late.
     """
 
-    def __init__(self, odr_hz: float, tolerance_s: float, drift: float = 0.02) -> None:
+    def __init__(self, odr_hz: float, tolerance_s: float, drift: float = 0.02, drain_s: float = 0.03) -> None:
         self.odr_hz = odr_hz
         self.tolerance_s = tolerance_s
         self.drift = drift
+        self.drain_s = drain_s
         self.floor: float | None = None
         self.floor_at = 0.0
         self.suspect: float | None = None  # excess seen at the previous check, if above tolerance
@@ -206,13 +236,51 @@ class _LossDetector:
         if excess <= self.tolerance_s or not flowing:
             self.suspect = excess if (excess > self.tolerance_s and flowing) else None
             return 0
-        if self.suspect is None:
-            self.suspect = excess
+        if self.suspect is None or excess < self.suspect - self.drain_s:
+            self.suspect = excess  # first sight, or a backlog still draining: look again
             return 0
         # The smaller of the two: host scheduling jitter only ever adds lag.
         lost = int(round(min(self.suspect, excess) * self.odr_hz))
         self.suspect = None
         return lost
+
+
+class _ClockServo:
+    """The board's sample period in host seconds, tracked so sample times stay on the host clock.
+
+    Sample times are counted (``first + k * period``), so a board oscillator that is off by 1 %
+    (the BMI160's ODR tolerance allows it) would otherwise put them 36 s ahead of or behind the
+    host clock after an hour; a reconnect, anchored on the host clock again, would then go back in
+    time or book the drift as lost samples. The loss detector's lag floor (arrival time minus
+    sample time at the lowest link latency seen) is the error signal: a proportional-integral loop
+    holds it at its first value, critically damped with time constant ``tau_s`` and the
+    correction bounded at ``max_rate_error``. Losses are not drift: they are declared separately
+    and skip sample times forward.
+    """
+
+    def __init__(self, odr_hz: float, tau_s: float = 30.0, max_rate_error: float = 0.03) -> None:
+        self.nominal = 1.0 / odr_hz
+        self.period = self.nominal
+        self.kp, self.ki = 2.0 / tau_s, 1.0 / tau_s**2
+        self.max_rate_error = max_rate_error
+        self.ref: float | None = None
+        self.integral = 0.0
+        self.at: float | None = None
+
+    def update(self, floor: float | None, now: float) -> float:
+        """Feed the current lag floor; returns the period to time the next samples with."""
+        if floor is None:
+            return self.period
+        if self.ref is None or self.at is None:
+            self.ref, self.at = floor, now
+            return self.period
+        dt, self.at = max(0.0, now - self.at), now
+        err = floor - self.ref  # > 0: sample times fall behind the host clock (board slow)
+        self.integral = float(np.clip(self.integral + self.ki * err * dt, -self.max_rate_error,
+                                      self.max_rate_error))
+        rate = float(np.clip(self.kp * err + self.integral, -self.max_rate_error, self.max_rate_error))
+        self.period = self.nominal * (1.0 + rate)
+        return self.period
 
 
 @dataclass
@@ -224,8 +292,11 @@ class _Session:
     pairer: _Pairer | None = None
     imu: mw.ImuConfig | None = None
     loss: _LossDetector | None = None
-    anchor: float | None = None
-    skip: int = 0  # lost samples declared so far: shifts later sample times
+    servo: _ClockServo | None = None
+    t_next: float | None = None  # host time of the sample numbered next_index; None until streaming
+    next_index: int = 0
+    skip: int = 0  # lost samples declared so far: shifts later sample indices
+    realign_suspect: int = 0  # a sensor's persistent lead at the previous check (take_imbalance)
     newest_nominal: float | None = None
     pending_gap: int = 0
     first_chunk: bool = True
@@ -295,6 +366,7 @@ class MetaWearSource:
         self._session: _Session | None = None
         self._last_t: float | None = None  # t_s of the last emitted sample, across sessions
         self._sessions = 0
+        self._streamed = False  # the current/last connection delivered samples
 
     @property
     def describe(self) -> str:
@@ -306,9 +378,9 @@ class MetaWearSource:
     async def run(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
-            streamed = False
+            self._streamed = False
             try:
-                streamed = await self._connection(stop)
+                await self._connection(stop)
             except SourceError as exc:
                 self._fail(str(exc))
             except asyncio.CancelledError:
@@ -318,7 +390,9 @@ class MetaWearSource:
                 self._fail(f"unexpected error: {exc!r}")
             if stop.is_set():
                 break
-            failures = 0 if streamed else failures + 1
+            # Back-off is for consecutive failures: a session that streamed and then lost the link
+            # (hours later, usually) starts the count again, whatever ended it.
+            failures = 0 if self._streamed else failures + 1
             delay = self.backoff_s[min(max(failures - 1, 0), len(self.backoff_s) - 1)]
             log.warning("imu: reconnecting to %s in %.1f s", self.describe, delay)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -356,8 +430,8 @@ class MetaWearSource:
                               "is another host connected to it?")
         return device
 
-    async def _connection(self, stop: asyncio.Event) -> bool:
-        """One scan/connect/handshake/stream cycle; True if samples were streamed."""
+    async def _connection(self, stop: asyncio.Event) -> None:
+        """One scan/connect/handshake/stream cycle; ``self._streamed`` says whether samples came."""
         self.health.state = "connecting"
         device = await self._find()
         session = _Session(client=None, decoder=mw.NotificationDecoder(mw.ImuConfig(mw.Chip.BMI160)))
@@ -387,7 +461,6 @@ class MetaWearSource:
                 self.health.reconnects += 1
             self.health.state = "streaming"
             await self._stream(session, stop)
-            return session.anchor is not None
         finally:
             await self._close(session, graceful=stop.is_set())
             self._session = None
@@ -468,6 +541,7 @@ class MetaWearSource:
         # Skew bound: one second of samples, at least two packed notifications.
         session.pairer = _Pairer(max_skew=max(6, int(imu.odr_hz)))
         session.loss = _LossDetector(imu.odr_hz, self.gap_tolerance_s)
+        session.servo = _ClockServo(imu.odr_hz)
         session.imu = imu
         for cmd in mw.configure_commands(imu) + mw.start_commands(imu):
             await self._write(session, cmd)
@@ -513,12 +587,17 @@ class MetaWearSource:
                                       "reconnecting and re-applying the configuration")
                 flowing = session.samples_since_check > 0
                 session.samples_since_check = 0
-                lost = session.loss.check(self._clock(), session.newest_nominal, flowing)
+                clock_now = self._clock()
+                lost = session.loss.check(clock_now, session.newest_nominal, flowing)
                 if lost > 0:
                     session.pending_gap += lost
                     session.skip += lost
                     log.warning("imu: about %d samples (%.2f s) lost by %s", lost, lost / session.imu.odr_hz,
                                 self.describe)
+                elif flowing and session.servo is not None:
+                    session.servo.update(session.loss.floor, clock_now)
+                if flowing:
+                    self._realign(session)
                 if now >= next_battery:
                     next_battery = now + self.battery_interval_s
                     with contextlib.suppress(Exception):
@@ -526,6 +605,22 @@ class MetaWearSource:
         finally:
             stop_wait.cancel()
             drop_wait.cancel()
+
+    def _realign(self, session: _Session) -> None:
+        """Re-pair after one sensor lost more notifications than the other (checked twice, like
+        losses: a lead that persists over two checks is no interleaving burst)."""
+        assert session.pairer is not None and session.imu is not None
+        lead = session.pairer.take_imbalance()
+        threshold = max(4, int(round(0.05 * session.imu.odr_hz)))
+        prev, session.realign_suspect = session.realign_suspect, lead
+        if abs(lead) < threshold or abs(prev) < threshold or (lead > 0) != (prev > 0):
+            return
+        shift = min(abs(lead), abs(prev))
+        behind = 1 if lead > 0 else 0
+        session.pairer.realign(behind, shift)
+        session.realign_suspect = 0
+        log.warning("imu: %s lost %d more %s than %s samples; re-paired from here", self.describe, shift,
+                    ("acc", "gyro")[behind], ("gyro", "acc")[behind])
 
     def _on_notification(self, _char: Any, data: bytearray) -> None:
         session = self._session
@@ -565,16 +660,22 @@ class MetaWearSource:
         index, acc, gyro = paired
         odr = session.imu.odr_hz
         n = acc.shape[0]
-        now = self._clock()
-        if session.anchor is None:
+        period = session.servo.period if session.servo is not None else 1.0 / odr
+        if session.t_next is None:
             # The newest sample of the first batch was taken about now.
-            session.anchor = now - (index + n - 1) / odr
+            session.t_next, session.next_index = self._clock() - (n - 1) * period, index
         first = index + session.skip
-        t = session.anchor + (first + np.arange(n, dtype=np.float64)) / odr
+        # samples the pairer dropped (index jump) and losses declared since the last chunk
+        t0 = session.t_next + (index - session.next_index + session.pending_gap) * period
         gap, lost = session.pending_gap > 0, session.pending_gap
         if session.first_chunk and self._last_t is not None:
+            # Never before what was already sent: a consumer's timeline must not go backwards.
+            t0 = max(t0, self._last_t + period)
             gap = True
-            lost = max(0, int(round((t[0] - self._last_t) * odr)) - 1)
+            lost = max(0, int(round((t0 - self._last_t) * odr)) - 1)
+        t = t0 + np.arange(n, dtype=np.float64) * period
+        session.t_next, session.next_index = float(t[-1] + period), index + n
+        self._streamed = True
         session.first_chunk = False
         session.pending_gap = 0
         session.newest_nominal = float(t[-1])

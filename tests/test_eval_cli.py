@@ -69,7 +69,8 @@ def test_models_on_imu_only_folder_skips_ecg_and_writes_no_figure(in_tmp, tmp_pa
     data = _imu_folder(tmp_path, "hugadb", "sisfall")
     assert eval_main(["models", "--data", str(data)]) == 0
     out = capsys.readouterr().out
-    assert "skipped: ECG part" in out and "no ECG persons left" in out
+    # no ECG record at all: said so, not "no persons left after excluding training persons"
+    assert "skipped: ECG part" in out and "no ECG records found" in out
     assert "activity.int8.top_macro_f1" in out and "gender.int8.subject_accuracy" in out
     assert list(in_tmp.iterdir()) == []
 

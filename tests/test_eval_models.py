@@ -85,6 +85,82 @@ def _only_training_person(tmp: Path) -> Path:
     return tmp / "data"
 
 
+def _unseen_folder(tmp: Path, renumber_gudb: dict[int, int], with_training_person: bool = False) -> Path:
+    """ECG-ID persons 26 and 34 of the fixture (a gallery of two, and the beat donors), the
+    fixture's gudb R-peak series of ``renumber_gudb``'s subjects under their new numbers, and,
+    when asked, one recording labelled ECG-ID person 1 (a training person)."""
+    d = tmp / "unseen"
+    (d / "ecgid").mkdir(parents=True)
+    meta = json.loads((MINIDATA / "ecgid" / "metadata.json").read_text())
+    z = np.load(MINIDATA / "ecgid" / "ecgid.npz")
+    keep = [i for i, r in enumerate(meta["records"]) if r["person"] in (26, 34)]
+    recs = [dict(meta["records"][old], index=new) for new, old in enumerate(keep)]
+    if with_training_person:
+        keep.append(0)
+        recs.append(dict(meta["records"][0], person=1, index=len(recs)))
+    np.savez(d / "ecgid" / "ecgid.npz", signals=z["signals"][keep], person=z["person"][keep])
+    (d / "ecgid" / "metadata.json").write_text(json.dumps({**meta, "records": recs}))
+    gmeta = json.loads((MINIDATA / "gudb_rpeaks" / "metadata.json").read_text())
+    gz = np.load(MINIDATA / "gudb_rpeaks" / "gudb_rpeaks.npz")
+    entries, arrays = [], {}
+    for e in gmeta["entries"]:
+        if e["subject"] in renumber_gudb:
+            new = renumber_gudb[e["subject"]]
+            kind = f"{e['experiment']}_{e['annotation']}"
+            arrays[f"s{new:02d}_{kind}"] = gz[f"s{e['subject']:02d}_{kind}"]
+            entries.append({**e, "subject": new})
+    (d / "gudb_rpeaks").mkdir()
+    np.savez(d / "gudb_rpeaks" / "gudb_rpeaks.npz", **arrays)
+    (d / "gudb_rpeaks" / "metadata.json").write_text(json.dumps({**gmeta, "entries": entries}))
+    return d
+
+
+def test_activity_uses_the_gudb_persons_the_manifest_does_not_list_and_counts_exclusions(tmp_path, capsys):
+    """Review findings 2 and 5: gudb subject 10's series numbered 15 (as the independent set
+    numbers its persons) is evaluated, not dropped for not being 10-14; the folder's one
+    training person is what "training persons excluded" counts, not the manifest's 138."""
+    out_json = tmp_path / "r.json"
+    folder = _unseen_folder(tmp_path, {10: 15}, with_training_person=True)
+    assert eval_main(["models", "--data", str(folder), "--bootstrap", "0", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    ecg = json.loads(out_json.read_text())["ecg"]
+    assert ecg["int8"]["activity_n"] > 0 and "activity_accuracy" in ecg["float"]
+    assert "notes" not in ecg
+    assert "ECG identity (2 persons evaluated, 1 training persons excluded" in out
+    assert ecg["persons_excluded_as_training"] == 1
+
+
+def test_no_unseen_gudb_person_is_a_note_not_silence(tmp_path):
+    from training.eval.models import DEFAULT_MODELS, evaluate_ecg
+
+    # the same series numbered 3: a subject the shipped model trained on, never evaluated
+    res = evaluate_ecg(_unseen_folder(tmp_path, {10: 3}), DEFAULT_MODELS, None, progress=lambda m: None)
+    assert "activity_n" not in res["int8"] and res["int8"]["id10s_n_gallery"] == 2
+    assert any("no gudb persons the model was not trained on" in n and "3" in n for n in res["notes"])
+
+
+def test_empty_folder_says_no_ecg_records_were_found(tmp_path):
+    from training.eval.models import DEFAULT_MODELS, NoEcgPersons, evaluate_ecg
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoEcgPersons, match="no ECG records found"):
+        evaluate_ecg(tmp_path / "empty", DEFAULT_MODELS, None, progress=lambda m: None)
+
+
+def test_manifest_lists_the_gudb_subjects_training_used() -> None:
+    """Evaluation excludes the gudb subjects a manifest lists: training must list the ones it
+    used, whatever their numbers, not a fixed 0-9."""
+    from training.data.ecg import WindowSet
+    from training.train_ecg import EcgTrainingData, TrainConfig, manifest_fields
+
+    none = WindowSet(np.zeros((0, 300, 3), np.float32), np.zeros((0, 3), bool), np.zeros(0, int),
+                     np.zeros(0, np.float32), ())
+    data = EcgTrainingData(none, np.zeros(0, int), ("ecgid:01",), none.x, none.lead_mask,
+                           np.zeros(0, int), none, np.zeros(0, str), ("3", "16", "21"))
+    persons = manifest_fields(data, 0.5, TrainConfig())["training"]["persons"]
+    assert persons == {"ecgid": ["01"], "gudb_rpeaks": ["3", "16", "21"]}
+
+
 def test_int8_fidelity_compares_each_window_with_its_float_twin() -> None:
     from training.eval.models import int8_fidelity
 

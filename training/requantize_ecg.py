@@ -107,6 +107,15 @@ def requantize(data_dir: Path, models: Path, clip_percentile: float, progress=pr
     return p8
 
 
+def folders_exist(data: Path, models: Path) -> bool:
+    """``--data`` and ``--models``' float twins are folders; else an error line on stderr."""
+    for folder, what in ((data, "--data"), (models / "float", "--models DIR/float")):
+        if not folder.is_dir():
+            print(f"error: {what} {folder} is not a folder", file=sys.stderr)
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.train import _progress  # the same elapsed-time progress lines as training.train
     from training.train_ecg import CLIP_PERCENTILE
@@ -117,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, default=Path("daemon/models"))
     ap.add_argument("--clip-percentile", type=float, default=CLIP_PERCENTILE)
     args = ap.parse_args(argv)
-    for folder, what in ((args.data, "--data"), (args.models / "float", "--models DIR/float")):
-        if not folder.is_dir():
-            print(f"error: {what} {folder} is not a folder", file=sys.stderr)
-            return 2
+    if not folders_exist(args.data, args.models):
+        return 2
     requantize(args.data, args.models, args.clip_percentile, _progress(time.time()))
     return 0
 

@@ -273,25 +273,43 @@ def fused_threshold_and_metrics(data_dir: Path, out_dir: Path, calib: list[EcgRe
     the CNN's int8 file as much as on the beat model: re-run when either changes. Returns the
     threshold and the held-out evaluation (``evaluate_ecg``), whose CNN-alone metrics a caller
     that changed the CNN writes into the CNN's manifests without evaluating again."""
+    from training.export import update_manifest
+
+    threshold = fused_threshold(out_dir, calib)
+    for p in _beat_paths(out_dir):
+        update_manifest(p, thresholds={"fusion_weight_cnn": FUSION_WEIGHT_CNN,
+                                       "identity_cosine": threshold})
+    return threshold, fused_metrics(data_dir, out_dir, progress)
+
+
+def _beat_paths(out_dir: Path) -> tuple[Path, Path]:
+    return out_dir / f"{NAME}.tflite", out_dir / "float" / f"{NAME}.tflite"
+
+
+def fused_threshold(out_dir: Path, calib: list[EcgRecord]) -> float:
+    """The fused embedding's cosine at FAR 1 % on the calibration persons' 10 s tests, with the
+    int8 CNN and beat model found in ``out_dir``."""
     from daemon.biometrics import EcgModelRunner
     from training.eval.identity import choose_threshold, fused_embeddings
-    from training.eval.models import evaluate_ecg, manifest_metrics, run_batches
-    from training.export import update_manifest
+    from training.eval.models import run_batches
 
     runner = EcgModelRunner.load(out_dir / "ecg_dualtask.tflite")
     cws = record_windows(calib, PIPELINE_KW)
     cnn = run_batches(runner.model, cws.x)["embedding"]
-    threshold = choose_threshold(cws, fused_embeddings(runner, cws, cnn))
-    paths = (out_dir / f"{NAME}.tflite", out_dir / "float" / f"{NAME}.tflite")
-    for p in paths:
-        update_manifest(p, thresholds={"fusion_weight_cnn": FUSION_WEIGHT_CNN,
-                                       "identity_cosine": float(threshold)})
-    # what the daemon serves is the fusion: its held-out numbers belong in this manifest
+    return float(choose_threshold(cws, fused_embeddings(runner, cws, cnn)))
+
+
+def fused_metrics(data_dir: Path, out_dir: Path, progress=print) -> dict:
+    """Evaluate held-out persons with the models in ``out_dir`` and write the fusion's metrics
+    (what the daemon serves) into both beat manifests; returns the evaluation (``evaluate_ecg``)."""
+    from training.eval.models import evaluate_ecg, manifest_metrics
+    from training.export import update_manifest
+
     evaluation = evaluate_ecg(data_dir, out_dir, figures=None, progress=progress)
     _, fused = manifest_metrics(evaluation)
-    for p in paths:
+    for p in _beat_paths(out_dir):
         update_manifest(p, metrics=fused or {})
-    return float(threshold), evaluation
+    return evaluation
 
 
 def main(argv: list[str] | None = None) -> int:

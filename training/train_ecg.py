@@ -24,9 +24,9 @@ import tensorflow as tf  # noqa: E402
 
 from training.data.ecg import (  # noqa: E402
     ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS, EcgRecord, WindowSet,
-    is_training_person, load_training_records, record_windows)
+    is_training_person, load_training_records, person_id, record_windows)
 from training.data.ecg_activity import (  # noqa: E402
-    GUDB_TEST_SUBJECTS, construct_activity_records, load_gudb_rr)
+    GUDB_TEST_SUBJECTS, RRSeries, construct_activity_records, load_gudb_rr)
 from training.gradnorm import WANTS_WEIGHTED_GRADIENT, make_balancer  # noqa: E402
 from training.losses import AMSoftmaxHead, activity_loss  # noqa: E402
 from training.models.ecg_dualtask import (  # noqa: E402
@@ -65,13 +65,23 @@ class EcgTrainingData:
     act_y: np.ndarray
     calib: WindowSet          # ECG-ID calibration persons (threshold only, never trained on)
     act_person: np.ndarray    # (m,) the person whose beats each activity window re-times
+    #: gudb subjects whose RR series the activity windows re-time (person ids, numeric order):
+    #: written into the manifest, which is what evaluation excludes
+    act_subjects: tuple[str, ...] = ()
 
 
 def activity_windows(data_dir: Path, donors: list[EcgRecord], test: bool, seed: int,
                      per_series: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Constructed activity windows (x, lead mask, label, donor person); ``test`` picks the
-    held-out gudb subjects."""
+    """Constructed activity windows (x, lead mask, label, donor person) of the fixed gudb split:
+    ``test`` picks the subjects training never uses (:data:`GUDB_TEST_SUBJECTS`)."""
     rr = [s for s in load_gudb_rr(data_dir) if (s.subject in GUDB_TEST_SUBJECTS) == test]
+    return activity_windows_of(rr, donors, seed, per_series)
+
+
+def activity_windows_of(rr: list[RRSeries], donors: list[EcgRecord], seed: int, per_series: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Constructed activity windows (x, lead mask, label, donor person) from the RR series
+    ``rr``, whichever subjects the caller picked (evaluation: those a manifest does not list)."""
     if not rr or not donors:
         return (np.zeros((0, INPUT_LEN, 3), np.float32), np.zeros((0, 3), bool),
                 np.zeros(0, np.int64), np.zeros(0, str))
@@ -96,10 +106,16 @@ def prepare(data_dir: Path, progress: Progress, act_per_series: int = 3) -> EcgT
     classes = tuple(sorted(set(persons)))
     labels = np.searchsorted(np.array(classes), persons)
     donors = [r for r in recs if r.dataset in ("ludb", "ecgid")]
-    ax, am, ay, ap = activity_windows(data_dir, donors, test=False, seed=1, per_series=act_per_series)
+    rr = [s for s in load_gudb_rr(data_dir) if s.subject not in GUDB_TEST_SUBJECTS]
+    ax, am, ay, ap = activity_windows_of(rr, donors, seed=1, per_series=act_per_series)
+    # the subjects trained on go into the manifest: evaluation excludes exactly those
+    act_subjects = tuple(sorted({person_id("gudb_rpeaks", s.subject) for s in rr}, key=int)
+                         ) if len(ax) else ()
     progress(f"ecg: {len(ws.x)} identity windows, {len(classes)} classes; "
-             f"{len(ax)} constructed activity windows {np.bincount(ay, minlength=3).tolist()}")
-    return EcgTrainingData(ws, labels, classes, ax, am, ay, record_windows(calib, PIPELINE_KW), ap)
+             f"{len(ax)} constructed activity windows {np.bincount(ay, minlength=3).tolist()} "
+             f"(gudb subjects {', '.join(act_subjects) or 'none'})")
+    return EcgTrainingData(ws, labels, classes, ax, am, ay, record_windows(calib, PIPELINE_KW), ap,
+                           act_subjects)
 
 
 # ---------------------------------------------------------------- augmentation (numpy, batch)
@@ -279,7 +295,7 @@ def manifest_fields(data: EcgTrainingData, threshold: float, cfg: TrainConfig) -
     for p in sorted(set(data.classes) | {r.person for r in data.calib.records}):
         ds, pid = p.split(":", 1)
         persons.setdefault(ds, []).append(pid)
-    persons["gudb_rpeaks"] = [str(i) for i in range(15) if i not in GUDB_TEST_SUBJECTS]
+    persons["gudb_rpeaks"] = list(data.act_subjects)  # those trained on, whatever their numbers
     return {
         "version": VERSION,
         "tasks": ["ecg_identity_embedding", "ecg_activity"],
@@ -318,7 +334,8 @@ def manifest_fields(data: EcgTrainingData, threshold: float, cfg: TrainConfig) -
             "description": (
                 "Identity: AM-Softmax over the listed persons (ECG-ID lead I, LUDB leads I-III, "
                 f"MIT-BIH first lead as II, {MITDB_TRAIN_SEGMENTS} x 10 s per record). Activity: "
-                "gudb R-peak series of subjects 0-9 re-timing real beats of the listed "
+                f"gudb R-peak series of subjects {', '.join(data.act_subjects) or '(none)'} "
+                "re-timing real beats of the listed "
                 "ECG-ID/LUDB persons (training/data/ecg_activity.py). Threshold: FAR 1 % on "
                 "10 s tests of ECG-ID calibration persons "
                 f"{', '.join(f'{p:02d}' for p in ECGID_CALIBRATION)} (training partition, "

@@ -17,22 +17,25 @@ hand_bike/jogging -> vigorous. What this cannot contain: motion artefacts, EMG a
 changes of real exercise — which is why docs/MODELS.md calls the activity head's numbers
 "on constructed data".
 
-Subject-disjoint: train and test use different gudb persons AND different beat donors
-(:data:`GUDB_TEST_SUBJECTS`, and donors from the ECG person split of training/data/ecg.py).
+Subject-disjoint: train and test use different gudb persons AND different beat donors. Training
+uses the fixed split (every subject but :data:`GUDB_TEST_SUBJECTS`) and writes the subjects it
+used into the manifest (``training.persons["gudb_rpeaks"]``); evaluation
+(``python -m training.eval models``) uses every gudb subject NOT listed there, so a folder of
+unseen persons numbered otherwise (the independent set's 15-24) is evaluated too.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from training.data.ecg import EcgRecord
+from training.data.ecg import DataError, EcgRecord, load_npz, meta_field, need_file, person_key, read_json
 
 GUDB_ACTIVITY = {"sitting": 0, "maths": 0, "walking": 1, "hand_bike": 2, "jogging": 2}
 GUDB_FS = 250.0
-#: gudb subjects whose RR series are only used for testing.
+#: gudb subjects of shared/data that training never uses (the fixed split; evaluation instead
+#: excludes the subjects a model's manifest lists, see :func:`gudb_person`).
 GUDB_TEST_SUBJECTS = (10, 11, 12, 13, 14)
 
 
@@ -44,27 +47,57 @@ class RRSeries:
     r_times_s: np.ndarray
 
 
+def gudb_person(subject: int) -> str:
+    """The person key of a gudb subject, spelt as a manifest's ``training.persons`` entries are
+    read (``training.eval.models.training_persons``)."""
+    return person_key("gudb_rpeaks", subject)
+
+
 def load_gudb_rr(data_dir: Path) -> list[RRSeries]:
-    """All gudb R-peak series (both annotation kinds: chest strap and Einthoven II cables)."""
+    """All gudb R-peak series (both annotation kinds: chest strap and Einthoven II cables).
+
+    No ``gudb_rpeaks/`` folder: no series. A folder lacking a file, or whose files do not match,
+    is a :class:`~training.data.ecg.DataError` naming the file."""
     d = Path(data_dir) / "gudb_rpeaks"
-    if not (d / "gudb_rpeaks.npz").exists():
+    if not d.is_dir():
         return []
-    meta = json.loads((d / "metadata.json").read_text())
-    fs = float(meta.get("fs_hz", GUDB_FS))
-    z = np.load(d / "gudb_rpeaks.npz")
+    meta_path, npz_path = need_file(d / "metadata.json"), need_file(d / "gudb_rpeaks.npz")
+    meta = read_json(meta_path)
+    try:
+        fs = float(meta.get("fs_hz", GUDB_FS))
+    except (TypeError, ValueError):
+        fs = float("nan")
+    if not np.isfinite(fs) or fs <= 0:
+        raise DataError(f"{meta_path}: 'fs_hz' is {meta.get('fs_hz')!r}; expected a rate in Hz > 0")
+    z = load_npz(npz_path)
+    entries = meta_field(meta, "entries", meta_path)
+    if not isinstance(entries, list):
+        raise DataError(f"{meta_path}: 'entries' must be a list of objects")
     out = []
-    for e in meta["entries"]:
-        key = f"s{int(e['subject']):02d}_{e['experiment']}_{e['annotation']}"
-        if key not in z or e["experiment"] not in GUDB_ACTIVITY:
+    for k, e in enumerate(entries):
+        what = f"entry #{k}: "
+        experiment = meta_field(e, "experiment", meta_path, what)
+        annotation = meta_field(e, "annotation", meta_path, what)
+        try:
+            subject = int(meta_field(e, "subject", meta_path, what))
+        except (TypeError, ValueError):
+            raise DataError(f"{meta_path}: {what}subject {e['subject']!r} is not a number") from None
+        key = f"s{subject:02d}_{experiment}_{annotation}"
+        if key not in z.files:
+            raise DataError(f"{npz_path} has no array {key!r} although {meta_path} lists it ({what[:-2]})")
+        if experiment not in GUDB_ACTIVITY:
             continue
-        r = np.unique(z[key].astype(np.int64)) / fs
+        try:
+            r = np.unique(np.asarray(z[key]).astype(np.int64).ravel()) / fs
+        except (OSError, ValueError, TypeError) as exc:
+            raise DataError(f"{npz_path}: array {key!r} is not a list of R-peak samples ({exc})") from None
         rr = np.diff(r)
         # drop series with implausible gaps (missed annotations): RR outside 0.25..2 s
         if len(r) < 10 or np.any((rr < 0.25) | (rr > 2.0)):
             r = _longest_plausible_run(r)
             if len(r) < 10:
                 continue
-        out.append(RRSeries(int(e["subject"]), e["experiment"], GUDB_ACTIVITY[e["experiment"]], r))
+        out.append(RRSeries(subject, experiment, GUDB_ACTIVITY[experiment], r))
     return out
 
 

@@ -19,7 +19,6 @@ and reported, never silently used.
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import re
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import numpy as np
 
 from daemon.dsp.imu import RECORD_LABELS, acf_features_batch, clip_fraction, resample_irregular, to_si
 from daemon.record import WfdbError, imu_record_problem, read_wfdb
+# one error type for every dataset loader (a ValueError naming the file); re-exported here
+from training.data.ecg import DataError, load_npz, meta_field, note, person_id, read_json
 
 MODEL_RATE_HZ = 100.0
 WINDOW_S = 2.0
@@ -56,10 +57,6 @@ HUGADB_CLASSES: dict[int, tuple[str | None, str]] = {
 FINE_CLASSES = tuple(f for f, _ in HUGADB_CLASSES.values() if f is not None)
 HUGADB_SENSORS = {"foot": "rf", "shin": "rs", "thigh": "rt"}
 SISFALL_GAIT_CODES = ("D01", "D02", "D03", "D04")  # walking slowly/quickly, jogging slowly/quickly
-
-
-class DataError(ValueError):
-    """A dataset folder is missing something the loader needs; the message says what."""
 
 
 @dataclass(frozen=True)
@@ -117,17 +114,84 @@ def _arith(expr: str) -> float:
     return ev(ast.parse(expr, mode="eval"))
 
 
-def _metadata(data_dir: Path, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+@dataclass(frozen=True)
+class _Ragged:
+    """A ragged IMU dataset (SisFall, HuGaDB) read and checked against its metadata up front:
+    recording ``i`` is ``data[start[i]:start[i] + length[i]]``. The paths name the files in
+    every error."""
+
+    meta: dict
+    recordings: list[dict]
+    arrays: dict[str, np.ndarray]
+    meta_path: Path
+    npz_path: Path
+
+    def rows(self, i: int) -> slice:
+        s, n = int(self.arrays["rec_start"][i]), int(self.arrays["rec_len"][i])
+        return slice(s, s + n)
+
+    def field(self, key: str, where: dict | None = None, what: str = "") -> object:
+        return meta_field(self.meta if where is None else where, key, self.meta_path, what)
+
+
+def _metadata(data_dir: Path, name: str, per_sample: tuple[str, ...] = ()) -> _Ragged:
+    """``<name>/metadata.json`` + ``<name>.npz`` of ``data_dir``, checked against each other:
+    one ``rec_start``/``rec_len`` per listed recording, every recording inside ``data``, and
+    each ``per_sample`` array as long as ``data``. WHY up front: a metadata file listing one
+    recording more than the npz ended the evaluation in an IndexError that named no file."""
     data_dir = Path(data_dir)
     meta_path, npz_path = data_dir / "metadata.json", data_dir / f"{name}.npz"
     for p in (meta_path, npz_path):
         if not p.exists():
             raise DataError(f"{p} not found: --data must point at a folder in the format of "
                             f"../shared/data/{name} (metadata.json + {name}.npz)")
-    meta = json.loads(meta_path.read_text())
-    with np.load(npz_path) as z:
-        arrays = {k: z[k] for k in z.files}
-    return meta, arrays
+    meta = read_json(meta_path)
+    z = load_npz(npz_path)
+    try:
+        with z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{npz_path}: cannot be read ({exc})") from None
+    for key in ("data", "rec_start", "rec_len", *per_sample):
+        if key not in arrays:
+            raise DataError(f"{npz_path}: no array {key!r} (it holds {', '.join(arrays) or 'nothing'})")
+    recs = meta_field(meta, "recordings", meta_path)
+    if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+        raise DataError(f"{meta_path}: 'recordings' must be a list of objects")
+    data, start, length = arrays["data"], arrays["rec_start"], arrays["rec_len"]
+    if data.ndim != 2 or start.ndim != 1 or length.ndim != 1:
+        raise DataError(f"{npz_path}: 'data' {data.shape}, 'rec_start' {start.shape}, 'rec_len' "
+                        f"{length.shape}; expected (samples, channels) and one entry per recording")
+    if not len(start) == len(length) == len(recs):
+        raise DataError(f"{meta_path} lists {len(recs)} recordings but {npz_path} has "
+                        f"{len(start)} rec_start / {len(length)} rec_len: the two files do not belong together")
+    bad = np.flatnonzero((start < 0) | (length < 0) | (start + length > len(data)))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{npz_path}: recording #{i} ({recs[i].get('file', '?')}) spans samples "
+                        f"{int(start[i])}..{int(start[i] + length[i])} but 'data' holds {len(data)}")
+    for key in per_sample:
+        if len(arrays[key]) != len(data):
+            raise DataError(f"{npz_path}: {key!r} has {len(arrays[key])} samples, 'data' {len(data)}")
+    return _Ragged(meta, recs, arrays, meta_path, npz_path)
+
+
+def _subjects(ds: _Ragged, dataset: str) -> dict[str, dict]:
+    """``metadata.json["subjects"]`` keyed by :func:`~training.data.ecg.person_id`."""
+    subjects = ds.field("subjects")
+    if not isinstance(subjects, dict):
+        raise DataError(f"{ds.meta_path}: 'subjects' must be an object keyed by subject id")
+    return {person_id(dataset, k): v for k, v in subjects.items()}
+
+
+def _person_facts(ds: _Ragged, info: dict, subject: str) -> tuple[float, str]:
+    """(age, sex) of a subject, or a DataError naming the file and the subject."""
+    what = f"subjects[{subject!r}]: "
+    try:
+        age = float(ds.field("age", info, what))
+    except (TypeError, ValueError):
+        raise DataError(f"{ds.meta_path}: {what}age {info.get('age')!r} is not a number") from None
+    return age, str(ds.field("sex", info, what))
 
 
 def sisfall_conversion(units: str) -> tuple[float, float]:
@@ -159,27 +223,57 @@ def _to_model_rate(si: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray]:
     return y, src
 
 
-def load_sisfall(data_dir: Path, codes: tuple[str, ...] | None = SISFALL_GAIT_CODES
-                 ) -> list[ImuRecord]:
-    """SisFall trials (default: walking/jogging D01-D04) as waist records at 100 Hz."""
-    meta, z = _metadata(data_dir, "sisfall")
-    g_per_bit, dps_per_bit = sisfall_conversion(meta["units"])
-    fs = float(meta["fs_hz"])
-    placement = str(meta.get("sensor_placement", "waist"))
-    subjects = meta["subjects"]
-    out = []
-    for i, rec in enumerate(meta["recordings"]):
-        if codes is not None and rec["code"] not in codes:
+def _rate(ds: _Ragged, key: str) -> float:
+    try:
+        fs = float(ds.field(key))
+    except (TypeError, ValueError):
+        fs = float("nan")
+    if not np.isfinite(fs) or fs <= 0:
+        raise DataError(f"{ds.meta_path}: {key!r} is {ds.meta.get(key)!r}; expected a rate in Hz > 0")
+    return fs
+
+
+def _skip_unknown_subject(ds: _Ragged, subject: str, skipped: set[str], notes: list[str] | None) -> None:
+    """Say once per subject that its recordings are left out: no age/sex in ``subjects``."""
+    if subject not in skipped:
+        skipped.add(subject)
+        note(notes, f"{ds.meta_path}: subject {subject} is not in 'subjects' (no age/sex): "
+             "its recordings are skipped")
+
+
+def load_sisfall(data_dir: Path, codes: tuple[str, ...] | None = SISFALL_GAIT_CODES,
+                 notes: list[str] | None = None) -> list[ImuRecord]:
+    """SisFall trials (default: walking/jogging D01-D04) as waist records at 100 Hz.
+
+    A subject missing from ``subjects`` is skipped, said in ``notes`` (see
+    :func:`training.data.ecg.note`), not the end of the whole folder."""
+    ds = _metadata(data_dir, "sisfall")
+    g_per_bit, dps_per_bit = sisfall_conversion(str(ds.field("units")))
+    fs = _rate(ds, "fs_hz")
+    placement = str(ds.meta.get("sensor_placement", "waist"))
+    subjects = _subjects(ds, "sisfall")
+    if ds.arrays["data"].shape[1] < 6:
+        raise DataError(f"{ds.npz_path}: 'data' has {ds.arrays['data'].shape[1]} columns; "
+                        "SisFall needs 6 (ADXL345 acc + ITG3200 gyro)")
+    out, skipped = [], set()
+    for i, rec in enumerate(ds.recordings):
+        what = f"recording #{i}: "
+        code = str(ds.field("code", rec, what))
+        if codes is not None and code not in codes:
             continue
-        s, n = int(z["rec_start"][i]), int(z["rec_len"][i])
-        raw = z["data"][s:s + n, :6].astype(np.float32)
+        subject = person_id("sisfall", ds.field("subject", rec, what))
+        if subject not in subjects:
+            _skip_unknown_subject(ds, subject, skipped, notes)
+            continue
+        age, sex = _person_facts(ds, subjects[subject], subject)
+        raw = ds.arrays["data"][ds.rows(i), :6].astype(np.float32)
         si = to_si(raw[:, :3] * g_per_bit, raw[:, 3:6] * dps_per_bit)
         si, _ = _to_model_rate(si, fs)
-        subj = subjects[rec["subject"]]
-        out.append(ImuRecord("sisfall", rec["file"], rec["subject"], rec["code"], si, None,
-                             float(subj["age"]), subj["sex"], placement))
+        out.append(ImuRecord("sisfall", str(ds.field("file", rec, what)), subject, code, si, None,
+                             age, sex, placement))
     if not out:
-        raise DataError(f"{data_dir}: no SisFall recordings with codes {codes}")
+        raise DataError(f"{data_dir}: no SisFall recordings with codes {codes}"
+                        + (f" of subjects with age/sex ({', '.join(sorted(skipped))} have none)" if skipped else ""))
     return out
 
 
@@ -195,36 +289,49 @@ def _known_issue_patterns(text: str) -> list[re.Pattern[str]]:
     return pats
 
 
-def load_hugadb(data_dir: Path, sensor: str = "thigh") -> tuple[list[ImuRecord], list[str]]:
+def load_hugadb(data_dir: Path, sensor: str = "thigh", notes: list[str] | None = None
+                ) -> tuple[list[ImuRecord], list[str]]:
     """HuGaDB recordings of one right-leg sensor at 100 Hz, corrupt-gyro files excluded.
 
-    Returns (records, excluded file names).
+    Returns (records, excluded file names). A subject missing from ``subjects`` is skipped,
+    said in ``notes`` (see :func:`training.data.ecg.note`).
     """
     if sensor not in HUGADB_SENSORS:
         raise DataError(f"sensor={sensor!r}: HuGaDB has {sorted(HUGADB_SENSORS)}")
-    meta, z = _metadata(data_dir, "hugadb")
-    per_g, per_dps, gyro_range = hugadb_conversion(meta["column_units"])
-    fs = float(meta["sampling_rate_hz_approx"])
-    cols = list(meta["columns"])
+    ds = _metadata(data_dir, "hugadb", per_sample=("activity",))
+    per_g, per_dps, gyro_range = hugadb_conversion(str(ds.field("column_units")))
+    fs = _rate(ds, "sampling_rate_hz_approx")
+    cols = ds.field("columns")
+    if not isinstance(cols, list) or len(cols) != ds.arrays["data"].shape[1]:
+        raise DataError(f"{ds.meta_path}: 'columns' must name each of the {ds.arrays['data'].shape[1]} "
+                        f"columns of {ds.npz_path} 'data'")
     tag = HUGADB_SENSORS[sensor]
-    acc_cols = [cols.index(f"acc_{tag}_{a}") for a in "xyz"]
-    gyro_cols = [cols.index(f"gyro_{tag}_{a}") for a in "xyz"]
-    known = _known_issue_patterns(str(meta.get("known_issue", "")))
-    records, excluded = [], []
-    for i, rec in enumerate(meta["recordings"]):
-        s, n = int(z["rec_start"][i]), int(z["rec_len"][i])
-        raw = z["data"][s:s + n].astype(np.float32)
+    wanted = [f"acc_{tag}_{a}" for a in "xyz"] + [f"gyro_{tag}_{a}" for a in "xyz"]
+    missing = [c for c in wanted if c not in cols]
+    if missing:
+        raise DataError(f"{ds.meta_path}: 'columns' lacks {', '.join(missing)} (the right {sensor} IMU)")
+    acc_cols, gyro_cols = [cols.index(c) for c in wanted[:3]], [cols.index(c) for c in wanted[3:]]
+    known = _known_issue_patterns(str(ds.meta.get("known_issue", "")))
+    subjects = _subjects(ds, "hugadb")
+    records, excluded, skipped = [], [], set()
+    for i, rec in enumerate(ds.recordings):
+        what = f"recording #{i}: "
+        file = str(ds.field("file", rec, what))
+        raw = ds.arrays["data"][ds.rows(i)].astype(np.float32)
         clipped = clip_fraction(raw[:, gyro_cols] / per_dps, gyro_range).max() > CLIP_LIMIT
-        if clipped or any(p.match(rec["file"]) for p in known):
-            excluded.append(rec["file"])
+        if clipped or any(p.match(file) for p in known):
+            excluded.append(file)
             continue
+        subj = person_id("hugadb", ds.field("subject", rec, what))
+        if subj not in subjects:
+            _skip_unknown_subject(ds, subj, skipped, notes)
+            continue
+        age, sex = _person_facts(ds, subjects[subj], subj)
         si = to_si(raw[:, acc_cols] / per_g, raw[:, gyro_cols] / per_dps)
         si, src = _to_model_rate(si, fs)
-        labels = z["activity"][s:s + n][src].astype(np.int64)
-        subj = str(rec["subject"])
-        info = meta["subjects"][subj]
-        records.append(ImuRecord("hugadb", rec["file"], subj, rec["session_type"], si, labels,
-                                 float(info["age"]), info["sex"], f"right {sensor}"))
+        labels = ds.arrays["activity"][ds.rows(i)][src].astype(np.int64)
+        records.append(ImuRecord("hugadb", file, subj, str(ds.field("session_type", rec, what)), si,
+                                 labels, age, sex, f"right {sensor}"))
     return records, excluded
 
 

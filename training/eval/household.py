@@ -13,10 +13,12 @@ threshold; what a household sees is the engine's per-person thresholds and conse
   ``--households`` random draws; a session counts as *correct* if the first name announced is
   the wearer, *wrong person* if it is another member, *unknown* if ``unknown`` is announced,
   *undecided* if nothing is announced before the recording ends (ECG-ID records are 20 s);
-* strangers: the other held-out ECG-ID persons (all their recordings) and the never-enrolled
+* strangers: the other held-out ECG-ID persons (all their recordings; also those who could not
+  be members: one recording, or too few clean windows to enrol) and the never-enrolled
   MIT-BIH / LUDB persons that are NOT in the impostor set (persons the thresholds were set
   against would flatter the result); a stranger session *falsely accepted* if any member is
-  ever announced.
+  ever announced. A member's session counts as cross-date only when both its date and the
+  enrolment's are known and differ.
 
 Windows come from the daemon's own ``windows_from_record`` and embeddings from
 ``EcgModelRunner.infer``, exactly what ``biod run`` computes; unclean windows are fed as
@@ -54,7 +56,7 @@ from daemon.identity.engine import UNKNOWN, IdentityConfig, IdentityEngine, segm
 from daemon.identity.store import Person, TemplateStore
 from daemon.inference.beatmorph import BEATS_FILE
 from daemon.inference.manifest import load_manifest
-from training.data.ecg import EcgRecord, load_all
+from training.data.ecg import EcgRecord, load_all, parse_date, person_key
 from training.eval.models import _lead_i_only, training_persons
 
 ECG_MODEL = "ecg_dualtask.tflite"
@@ -102,10 +104,22 @@ def stream(engine: IdentityEngine, s: Session) -> tuple[str | None, str | None, 
 
 def _date_key(s: Session) -> datetime:
     """ECG-ID sessions are dates (dd.mm.yyyy); anything else sorts as one (stable) day."""
-    try:
-        return datetime.strptime(s.session, "%d.%m.%Y")
-    except ValueError:
-        return datetime.min
+    day = parse_date(s.session)
+    return datetime.min if day is None else datetime(day.year, day.month, day.day)
+
+
+def _cross_date(session: str, enrol_session: str) -> bool:
+    """Both sessions are readable dates, and they differ. WHY not ``!=``: a recording without a
+    date is named by its record id, which differs from every date without being another day."""
+    a, b = parse_date(session), parse_date(enrol_session)
+    return a is not None and b is not None and a != b
+
+
+def _impostor_person(label: str) -> str:
+    """An impostor-set label (``"ecgid-02"``, ``"ludb-5"``) as the loaders' person key, so the
+    exclusion cannot miss a person spelt otherwise."""
+    dataset, sep, pid = label.partition("-")
+    return person_key(dataset, pid) if sep else label
 
 
 def household_order(sessions: dict[str, list[Session]], rng: np.random.Generator) -> list[tuple[str, Session]]:
@@ -143,7 +157,7 @@ def _tally(counts: dict[str, int], to_name: list[int], p: str, s: Session, membe
     """Add one streamed session's outcome to the counts of the household table."""
     first, member, at = outcome
     if p in members:
-        cross = "cross_" if s.session != enrol_session[p] else ""
+        cross = "cross_" if _cross_date(s.session, enrol_session[p]) else ""
         kind = ("correct" if first == p else "undecided" if first is None
                 else "unknown" if first == UNKNOWN else "wrong_person")
         counts[f"member_{kind}"] += 1
@@ -260,9 +274,12 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
         seen |= training_persons(load_manifest((models_dir / BEATS_FILE).with_suffix(".json")))
     impostors = load_impostors(models_dir)
     in_impostor_set = set() if impostors is None else {
-        str(v).replace("-", ":", 1) for v in np.concatenate([impostors.labels, impostors.labels_3lead])}
-    records = [_lead_i_only(r) for r in load_all(Path(data_dir))
+        _impostor_person(str(v)) for v in np.concatenate([impostors.labels, impostors.labels_3lead])}
+    notes: list[str] = []
+    records = [_lead_i_only(r) for r in load_all(Path(data_dir), notes=notes)
                if (r.person in seen) == (population == "training") and r.person not in in_impostor_set]
+    for text in notes:
+        progress(f"note: {text}")
     if not records:
         raise ValueError(f"{data_dir}: no ECG persons left after excluding training and impostor-set persons")
     # one 20 s ECG-ID recording gives 15-18 clean windows
@@ -276,6 +293,7 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
     eligible = sorted(p for p, ss in by_person.items() if p.startswith("ecgid:") and len(ss) >= 2
                       and ss[0].ok.sum() >= cfg.min_pool)
     others = sorted(p for p in by_person if not p.startswith("ecgid:"))
+    ecgid_persons = sorted(p for p in by_person if p.startswith("ecgid:"))
     if len(eligible) < size + 1:
         raise ValueError(f"{data_dir}: {len(eligible)} unseen ECG-ID persons with two recordings; need {size + 1}")
     rng = np.random.default_rng(seed)
@@ -291,7 +309,8 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
         people = enrol({p: by_person[p][0] for p in members}, runner, cfg, impostors)
         refused += size - len(people)
         enrol_session = {p: by_person[p][0].session for p in people}
-        strangers = [q for q in eligible if q not in members] + others
+        # eligibility limits who can be a member, not who is a stranger
+        strangers = [q for q in ecgid_persons if q not in members] + others
         _calibrate(calib, people, by_person, strangers, cfg.window)
         if not adapt:  # no state across sessions: the order does not matter
             engine = IdentityEngine(people, cfg, model=runner.ref)
@@ -318,7 +337,7 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
         progress(f"household {h + 1}/{n_households}: {', '.join(members)}")
     result = {
         "households": n_households, "size": size, "target_far": cfg.target_far, "population": population,
-        "eligible_persons": len(eligible), "stranger_persons_ecgid": len(eligible) - size,
+        "eligible_persons": len(eligible), "stranger_persons_ecgid": len(ecgid_persons) - size,
         "stranger_persons_other": len(others), "impostor_set_persons": len(in_impostor_set),
         "refused_enrolments": refused,
         # per decision, at the enrolment thresholds: what target_far promised vs what happened

@@ -11,7 +11,9 @@ Protocol (the BASELINES.md one, extended):
   windows of one test recording and of the first 10 s of the person's next non-enrolment
   recording (windows never span the junction); persons with only one test recording have no
   30 s test;
-* cross-session subset: tests recorded on another date than the enrolment recording;
+* cross-session subset: tests recorded on another date than the enrolment recording (a
+  recording without a readable date, ``UNKNOWN_SESSION``, is never cross-date, and never pooled
+  with another recording as one date);
 * scores: cosine similarity; rank-1 over the gallery; verification EER and FRR at FAR = 1 %
   from genuine (own template) vs impostor (every other gallery template) scores;
 * never-enrolled persons (LUDB lead I only, MIT-BIH its single lead): tests of the same
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.data.ecg import WindowSet
+from training.data.ecg import UNKNOWN_SESSION, WindowSet
 
 TEST_LENGTHS_S = (3, 10, 30)
 WINDOW_S = 3.0
@@ -53,12 +55,19 @@ def _pieces(ends: np.ndarray, length_s: float, rec_s: float) -> list[np.ndarray]
     return out
 
 
+def _dates_differ(a: str, b: str) -> bool:
+    """Two sessions known to be of different dates; an unknown date differs from nothing."""
+    return UNKNOWN_SESSION not in (a, b) and a != b
+
+
 def _same_date_partner(ws: WindowSet, others: list[int], k: int) -> int | None:
     """The recording that tops up ``others[k]`` to a test longer than one recording: the next
     test recording (cyclically) of the same date, or None (no such test). WHY the same date: a
     30 s "cross-date" test topped up with a recording from the enrolment date is partly a
     same-date test (it was, for five held-out persons), and the label could not say so."""
     i = others[k]
+    if ws.records[i].session == UNKNOWN_SESSION:  # which recording shares its date is unknown
+        return None
     for j in others[k + 1:] + others[:k]:
         if ws.records[j].session == ws.records[i].session:
             return j
@@ -88,7 +97,7 @@ def gallery_and_tests(ws: WindowSet, emb: np.ndarray, length_s: float
         others = recs[1:]
         for k, i in enumerate(others):
             w = win_of[i]
-            cross = ws.records[i].session != ws.records[enrol].session
+            cross = _dates_differ(ws.records[i].session, ws.records[enrol].session)
             rec_s = ws.records[i].duration_s
             if length_s <= rec_s:
                 groups = [w[p] for p in _pieces(ws.t_end_s[w], length_s, rec_s)]

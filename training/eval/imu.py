@@ -12,7 +12,9 @@ window estimates, activity macro-F1 over windows (top-level and fine).
 A model whose dataset folder (``sisfall/`` or ``hugadb/``) is not in ``data_dir``, or whose
 persons there all trained it, is skipped with the reason (``{"skipped": ...}``; printed as a
 ``skipped:`` line by ``main``); the confusion figure is drawn only into a folder that is given
-(``--figures DIR``; the committed one: ``--figures docs/models``).
+(``--figures DIR``; the committed one: ``--figures docs/models``). Recordings the loaders leave
+out (a subject without age/sex in ``subjects``) are listed under ``"notes"``; person ids are
+compared with the manifests' in one spelling (:func:`training.data.ecg.person_id`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from daemon.inference.manifest import Manifest
 from daemon.inference.runtime import Model, load_model
+from training.data.ecg import person_id
 from training.data.imu import (
     FINE_CLASSES,
     SISFALL_GAIT_CODES,
@@ -154,7 +157,13 @@ def run_batches(model: Model, x: np.ndarray, batch: int = 512) -> dict[str, np.n
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def _windows(data_dir: Path, manifest: Manifest) -> tuple[str, WindowSet]:
+def _seen(manifest: Manifest, dataset: str) -> set[str]:
+    """The ``dataset`` persons ``manifest`` was trained on, spelt as the loaders spell them."""
+    return {person_id(dataset, p) for p in manifest.training.persons.get(dataset, [])}
+
+
+def _windows(data_dir: Path, manifest: Manifest, notes: list[str] | None = None
+             ) -> tuple[str, WindowSet]:
     """The windows of every person the model was not trained on, featurised as it states."""
     spec = manifest.inputs[0]
     if spec.features is None or spec.features.kind != "acf":
@@ -164,15 +173,15 @@ def _windows(data_dir: Path, manifest: Manifest) -> tuple[str, WindowSet]:
     if dataset in IMU_DATASETS:
         _need_dataset(data_dir, dataset)
     if dataset == "sisfall":
-        recs = load_sisfall(data_dir / "sisfall", SISFALL_GAIT_CODES)
+        recs = load_sisfall(data_dir / "sisfall", SISFALL_GAIT_CODES, notes=notes)
     elif dataset == "hugadb":
         m = re.search(r"right (foot|shin|thigh)", spec.placement or "")
         if not m:
             raise ValueError(f"{manifest.name}: placement {spec.placement!r} names no HuGaDB sensor")
-        recs, _ = load_hugadb(data_dir / "hugadb", m.group(1))
+        recs, _ = load_hugadb(data_dir / "hugadb", m.group(1), notes=notes)
     else:
         raise ValueError(f"{manifest.name}: unknown training dataset {dataset!r}")
-    seen = set(manifest.training.persons.get(dataset, []))
+    seen = _seen(manifest, dataset)
     recs = [r for r in recs if r.subject not in seen]
     if not recs:
         raise Skip(f"every person in {data_dir / dataset} was used for training "
@@ -195,6 +204,7 @@ def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = None) 
         raise DataError(f"{data_dir}: no {' or '.join(d + '/' for d in IMU_DATASETS)} folder: "
                         "nothing to evaluate (the format of ../shared/data)")
     res: dict = {}
+    notes: list[str] = []
     for task, name in MODELS.items():
         path = models_dir / f"{name}.tflite"
         if not path.exists():
@@ -203,7 +213,7 @@ def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = None) 
             continue
         model = load_model(path)
         try:
-            dataset, ws = _windows(data_dir, model.manifest)
+            dataset, ws = _windows(data_dir, model.manifest, notes)
         except Skip as exc:
             res[task] = {"skipped": str(exc)}
             continue
@@ -219,9 +229,11 @@ def evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None = None) 
             entry["confusion_png"] = str(_confusion_figure(ws, outs["int8"], Path(figures)))
         res[task] = entry
     try:
-        res["activity_from_motion"] = evaluate_motion_rule(data_dir, models_dir)
+        res["activity_from_motion"] = evaluate_motion_rule(data_dir, models_dir, notes)
     except Skip as exc:
         res["activity_from_motion"] = {"skipped": str(exc)}
+    if notes:  # each once (several models read the same folder); absent on a complete folder
+        res["notes"] = list(dict.fromkeys(notes))
     return res
 
 
@@ -239,7 +251,7 @@ def _pipeline_windows(rec) -> list:
     return imu_windows_from_record(t, rec.si[:, :3] / 9.80665, np.degrees(rec.si[:, 3:]))
 
 
-def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
+def evaluate_motion_rule(data_dir: Path, models_dir: Path, notes: list[str] | None = None) -> dict:
     """``daemon.dsp.imu.motion_activity`` (activity for an IMU worn where no activity model was
     trained) on persons its thresholds were not chosen on: SisFall waist walking (D01, D02) and
     jogging (D03, D04) trials of the persons the waist models did not train on, and, as the
@@ -252,13 +264,13 @@ def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
     for dataset in IMU_DATASETS:  # walking/jogging from SisFall, rest from HuGaDB: both needed
         _need_dataset(data_dir, dataset)
     age = load_model(models_dir / "imu_age.tflite").manifest
-    seen = set(age.training.persons.get("sisfall", []))
+    seen = _seen(age, "sisfall")
     act_model = load_model(models_dir / "imu_activity.tflite")
     act = act_model.manifest
     spec = act.inputs[0]
     params = spec.features.params
     truth, pred, data, persons = [], [], [], set()
-    for r in load_sisfall(data_dir / "sisfall", ("D01", "D02", "D03", "D04")):
+    for r in load_sisfall(data_dir / "sisfall", ("D01", "D02", "D03", "D04"), notes=notes):
         if r.subject in seen:
             continue
         persons.add(r.subject)
@@ -273,8 +285,8 @@ def evaluate_motion_rule(data_dir: Path, models_dir: Path) -> dict:
     feats = acf_features_batch(np.stack(data), int(params["max_lag"]), str(params["variant"]))
     thigh_model = run_batches(act_model, feats.reshape((-1, *spec.shape)))["top_level"].argmax(axis=1)
     thigh_acc = 100.0 * float(np.mean(thigh_model == waist))
-    hseen = set(act.training.persons.get("hugadb", []))
-    recs, _ = load_hugadb(data_dir / "hugadb", "thigh")
+    hseen = _seen(act, "hugadb")
+    recs, _ = load_hugadb(data_dir / "hugadb", "thigh", notes=notes)
     for r in (r for r in recs if r.subject not in hseen):
         for w in _pipeline_windows(r):
             e = int(round(w.t_end_s * 100))
@@ -319,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = json.dumps(res, indent=2, default=float)
     print(text)
-    for line in skipped_lines(res):  # stderr: stdout stays one JSON document
-        print(line, file=sys.stderr)
+    for line in skipped_lines(res) + [f"note: {n}" for n in res.get("notes", [])]:
+        print(line, file=sys.stderr)  # stderr: stdout stays one JSON document
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")

@@ -8,7 +8,8 @@ of shared/data, never training anything:
   persons (LUDB, MIT-BIH) at the manifest's operating threshold; every window scored, and again
   (``gated_*``) with only the windows that pass quality for identity
   (``Quality.ok_for_identity``), as the daemon enrols and identifies;
-* ECG activity on constructed windows (training/data/ecg_activity.py, held-out gudb subjects);
+* ECG activity on constructed windows (training/data/ecg_activity.py) from the gudb subjects
+  the manifest does not list as training persons (a printed note when none is left);
 * IMU metrics from ``training.eval.imu.evaluate_imu``;
 * int8 inference time per window on one core;
 * 95 % person-bootstrap intervals of the identity metrics and of the paired int8 - float and
@@ -20,7 +21,11 @@ DET curves and the activity confusion matrix are drawn only when ``--out-figures
 (the committed ones: ``--out-figures docs/models``); without it nothing is written but ``--json``.
 
 A folder without ECG persons to evaluate (e.g. only ``hugadb/`` + ``sisfall/``) skips the ECG part
-with a printed ``skipped:`` line, a folder without IMU data skips the IMU part alike; identity
+with a printed ``skipped:`` line, a folder without IMU data skips the IMU part alike. A malformed
+dataset is a one-line ``error:`` naming the file; records the loaders leave out (a MIT-BIH record
+shorter than a 10 s segment, an ECG-ID record without a readable date, a SisFall subject without
+age/sex) are printed as ``note:`` lines and kept in the JSON. The ECG results are printed before
+the IMU part starts, and a broken IMU folder costs only the IMU part; identity
 metrics that need impostor comparisons (EER, FRR at FAR 1 %, FAR at the threshold) and rank-1
 are left out, with a printed note, when fewer than 2 persons are enrolled.
 """
@@ -38,7 +43,8 @@ from daemon.biometrics import EcgModelRunner
 from daemon.inference.beatmorph import BEATS_FILE
 from daemon.inference.manifest import load_manifest
 from daemon.inference.runtime import load_model
-from training.data.ecg import EcgRecord, WindowSet, load_all, record_windows
+from training.data.ecg import DataError, EcgRecord, WindowSet, load_all, person_key, record_windows
+from training.data.ecg_activity import RRSeries, gudb_person, load_gudb_rr
 from training.eval.identity import (
     TEST_LENGTHS_S, fused_embeddings, gallery_and_tests, genuine_impostor, identity_metrics,
     impostor_tests, person_bootstrap)
@@ -55,7 +61,9 @@ def float_twin(int8_path: Path) -> Path:
 
 
 def training_persons(manifest) -> set[str]:
-    return {f"{ds}:{pid}" for ds, ids in manifest.training.persons.items() for pid in ids}
+    """Every person a manifest lists as trained on, as ``"<dataset>:<id>"`` spelt like the
+    loaders spell them (:func:`training.data.ecg.person_key`), so "05" and "5" are one person."""
+    return {person_key(ds, pid) for ds, ids in manifest.training.persons.items() for pid in ids}
 
 
 def pipeline_kwargs(manifest) -> dict:
@@ -132,7 +140,7 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     ``baseline_fit``, also the BASELINES.md PCA + LDA baseline fitted on that folder's training
     persons (training/eval/identity_baseline.py) and scored on the same tests; with ``n_boot``,
     person-bootstrap intervals of the served embedding's metrics (:func:`identity_bootstrap`)."""
-    from training.train_ecg import activity_windows
+    from training.train_ecg import activity_windows_of
 
     int8_path = Path(models_dir) / f"{ECG_MODEL}.tflite"
     manifest = load_manifest(int8_path.with_suffix(".json"))
@@ -145,18 +153,22 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
         seen |= training_persons(beats_manifest)
         kw.update(EcgModelRunner.load(int8_path).pipeline_kwargs())
         threshold = float(beats_manifest.thresholds["identity_cosine"])
-    records = [r for r in load_all(Path(data_dir)) if r.person not in seen]
+    load_notes: list[str] = []
+    everyone = load_all(Path(data_dir), notes=load_notes)
+    if not everyone:
+        raise NoEcgPersons(f"{data_dir}: no ECG records found (no ecgid/, ludb/ or mitdb/ "
+                           "records): nothing to evaluate")
+    records = [r for r in everyone if r.person not in seen]
     # never-enrolled persons are scored on lead I (LUDB) / their one lead (MIT-BIH) like ECG-ID
     records = [_lead_i_only(r) for r in records]
+    excluded = {r.person for r in everyone} & seen
     result: dict = {"persons_evaluated": len({r.person for r in records}),
-                    "persons_excluded_as_training": len(seen), "threshold": threshold}
+                    "persons_excluded_as_training": len(excluded), "threshold": threshold}
     if not records:
         raise NoEcgPersons(f"{data_dir}: no ECG persons left after excluding the model's "
-                           "training persons: nothing to evaluate")
+                           f"training persons (all {len(excluded)} are): nothing to evaluate")
     ws = record_windows(records, kw)
-    result["notes"] = _gallery_notes(ws)
-    for note in result["notes"]:
-        progress(f"note: {note}")
+    result["notes"] = load_notes + _gallery_notes(ws)
     result["windows"] = len(ws.x)
     result["windows_quality_rejected"] = int((~ws.ok).sum())
     # What the daemon serves: `biod calibrate` and the identity engine use only windows that
@@ -165,10 +177,16 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     id_ok = ws.identity_ok
     result["windows_identity_rejected"] = int((~id_ok).sum())
     gated_ws = None if id_ok.all() else ws.select(id_ok)
-    donors = [r for r in load_all(Path(data_dir)) if r.person not in seen
-              and r.dataset in ("ludb", "ecgid")]
-    ax, _, ay, _ = activity_windows(Path(data_dir), donors, test=True, seed=ACTIVITY_SEED,
-                                 per_series=ACTIVITY_PER_SERIES)
+    donors = [r for r in everyone if r.person not in seen and r.dataset in ("ludb", "ecgid")]
+    rr, activity_note = activity_series(Path(data_dir), seen, donors)
+    ax, _, ay, _ = activity_windows_of(rr, donors, seed=ACTIVITY_SEED, per_series=ACTIVITY_PER_SERIES)
+    if activity_note is None and not len(ay):
+        activity_note = (f"the gudb series of {', '.join(sorted({gudb_person(s.subject) for s in rr}))} "
+                         "are too short for one constructed record: no ECG activity metrics")
+    if activity_note is not None:
+        result["notes"].append(activity_note)
+    for note in result["notes"]:
+        progress(f"note: {note}")
     models = {"int8": load_model(int8_path)}
     fpath = float_twin(int8_path)
     if fpath.exists():
@@ -222,6 +240,28 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     if not result["notes"]:  # the JSON of a complete folder stays as it was
         del result["notes"]
     return result
+
+
+def activity_series(data_dir: Path, seen: set[str], donors: list[EcgRecord]
+                    ) -> tuple[list[RRSeries], str | None]:
+    """The gudb RR series of the subjects the manifest does not list as trained on (``seen``),
+    and why there will be no ECG activity metric, or None.
+
+    WHY the manifest and not a fixed list of subject numbers: on a folder of unseen persons
+    numbered otherwise (the independent gudb set is 15-24) a fixed list kept nothing and the
+    activity metrics vanished without a word."""
+    every = load_gudb_rr(data_dir)
+    rr = [s for s in every if gudb_person(s.subject) not in seen]
+    if not every:
+        return rr, f"no gudb_rpeaks/ R-peak series in {data_dir}: no ECG activity metrics"
+    if not rr:
+        subjects = sorted({s.subject for s in every})
+        return rr, (f"no gudb persons the model was not trained on (subjects "
+                    f"{', '.join(map(str, subjects))} are all in its manifest): no ECG activity metrics")
+    if not donors:
+        return rr, ("no ECG-ID or LUDB person the model was not trained on to lend beats to the "
+                    "gudb RR series: no ECG activity metrics")
+    return rr, None
 
 
 def _gallery_notes(ws: WindowSet) -> list[str]:
@@ -372,15 +412,20 @@ def _figures(out: Path, curves: dict, confs: dict, labels: list[str]) -> None:
 
 
 def _evaluate_imu(data_dir: Path, models_dir: Path, figures: Path | None) -> dict:
-    """IMU metrics (training/eval/imu.py); a folder without IMU data is reported, not fatal."""
+    """IMU metrics (training/eval/imu.py); a folder without IMU data is reported, not fatal, and
+    so is a malformed one (``{"error": ...}``): the ECG part evaluated before must not be lost
+    to it. The loaders name the file in their DataError; any other data-shaped error (an index
+    or key the metadata promised and the npz lacks) is reported with its type."""
     from training.eval.imu import IMU_DATASETS, evaluate_imu
 
     if not any((Path(data_dir) / d).is_dir() for d in IMU_DATASETS):
         return {"skipped": f"no {' or '.join(d + '/' for d in IMU_DATASETS)} in {data_dir}"}
     try:
         return evaluate_imu(Path(data_dir), Path(models_dir), figures)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except DataError as exc:
         return {"error": f"IMU evaluation skipped: {exc}"}
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        return {"error": f"IMU evaluation skipped: {type(exc).__name__}: {exc}"}
 
 
 def _fmt(v) -> str:
@@ -393,18 +438,26 @@ def print_report(res: dict) -> None:
         print(f"skipped: ECG part: {ecg['skipped']}")
     else:
         _print_ecg(ecg)
-    imu = res.get("imu", {})
+    _print_imu(res.get("imu", {}))
+
+
+def _print_imu(imu: dict) -> None:
     if "skipped" in imu:
         print(f"skipped: IMU part: {imu['skipped']}")
+        return
+    if "error" in imu:
+        print(f"error: IMU part: {imu['error']}")
         return
     print("IMU")
     for task, entry in imu.items():
         if isinstance(entry, dict) and "skipped" in entry:
             print(f"  skipped: {task}: {entry['skipped']}")
-    flat = {k: v for k, v in _flatten({t: e for t, e in imu.items()
-                                       if not (isinstance(e, dict) and "skipped" in e)}).items()}
+    flat = {k: v for k, v in _flatten({t: e for t, e in imu.items() if t != "notes"
+                                       and not (isinstance(e, dict) and "skipped" in e)}).items()}
     for key, val in flat.items():
         print(f"  {key:<50} {_fmt(val)}")
+    for note in imu.get("notes", []):
+        print(f"  note: {note}")
 
 
 def _print_ecg(ecg: dict) -> None:
@@ -469,22 +522,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     progress = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:
-        try:
-            ecg = evaluate_ecg(args.data, args.models, args.out_figures, progress=progress,
-                               baseline_fit=args.baseline_fit, n_boot=args.bootstrap)
-        except NoEcgPersons as exc:
-            ecg = {"skipped": str(exc)}
-        imu = _evaluate_imu(args.data, args.models, args.out_figures)
-    except (OSError, ValueError, KeyError) as exc:
+        ecg = evaluate_ecg(args.data, args.models, args.out_figures, progress=progress,
+                           baseline_fit=args.baseline_fit, n_boot=args.bootstrap)
+    except NoEcgPersons as exc:
+        ecg = {"skipped": str(exc)}
+    except (OSError, ValueError, KeyError) as exc:  # DataError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if "skipped" not in ecg:  # the finished ECG part is shown before the IMU part can fail
+        _print_ecg(ecg)
+        sys.stdout.flush()
+    try:
+        imu = _evaluate_imu(args.data, args.models, args.out_figures)
+    except Exception as exc:  # not bad data but a bug: keep what was evaluated, then fail loudly
+        _write_json(args.json, {"ecg": ecg, "imu": {"error": f"IMU evaluation failed: "
+                                                             f"{type(exc).__name__}: {exc}"}})
+        raise
     if "skipped" in ecg and ("skipped" in imu or "error" in imu):
         why = imu.get("error") or f"no IMU data ({imu['skipped']})"
         print(f"error: {args.data}: nothing to evaluate: {ecg['skipped']}; {why}", file=sys.stderr)
         return 2
-    res = {"ecg": ecg, "imu": imu}
-    print_report(res)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    if "skipped" in ecg:
+        print(f"skipped: ECG part: {ecg['skipped']}")
+    _print_imu(imu)
+    _write_json(args.json, {"ecg": ecg, "imu": imu})
     return 0
+
+
+def _write_json(path: Path | None, res: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2, default=float) + "\n")

@@ -26,7 +26,7 @@ from daemon.biometrics import MODELS_DIR, Biometrics, EcgModelRunner, ImuModelSe
 from daemon.clock import to_epoch
 from daemon.config import BiodConfig
 from daemon.dsp.ecg_pipeline import EcgPipeline
-from daemon.dsp.imu_pipeline import ImuPipeline
+from daemon.dsp.imu_pipeline import SensorImuPipeline
 from daemon.enrol import Enrolment, ImpostorsError, load_impostors
 from daemon.events import EventTracker
 from daemon.identity.engine import IdentityEngine
@@ -374,6 +374,10 @@ class BiodApp:
                 self.stats.first_clean_beat_at = None
             for obs in self.bio.on_ecg(update, now):
                 self._observe(sessions, obs)
+            if self.enrolment is not None:
+                self.enrolment.on_ecg(now, update.live)
+                if self.enrolment.interrupted:
+                    self._finish_enrolment(publisher)
             self._save_adaptations()
             await asyncio.sleep(self.BATCH_S)  # let ~0.2 s of frames gather for the next push
             if update.heart_rate_bpm is not None and update.live:
@@ -422,7 +426,7 @@ class BiodApp:
 
     async def _consume_imu(self) -> None:
         assert self._imu_queue is not None
-        pipeline = ImuPipeline(acc_range_g=self.cfg.imu.acc_range_g, gyro_range_dps=self.cfg.imu.gyro_range_dps)
+        pipeline = SensorImuPipeline(self.cfg.imu.acc_range_g, self.cfg.imu.gyro_range_dps, self.cfg.imu.odr_hz)
         while True:
             chunk = await self._imu_queue.get()
             self._mark_ready("streaming IMU")

@@ -106,6 +106,20 @@ def placement_of(text: str | None) -> str | None:
     return next((p for p in PLACEMENTS if p in head), None)
 
 
+def activity_output(outputs) -> str:
+    """The IMU activity model's output in the top-level classes (rest / walking / vigorous).
+
+    WHY by name: the model also has a ``fine`` head (HuGaDB's activities) that never saw
+    bicycling; taking the first output, as the runtime happened to order them, read ``fine``
+    and no bicycling window was ever vigorous. ``outputs``: the output names (or a dict of
+    outputs); checked when the model is loaded, so a model without one fails at start-up."""
+    for key in ("top_level", "activity"):
+        if key in outputs:
+            return key
+    raise ModelError(f"the IMU activity model has no 'top_level' or 'activity' output (it has "
+                     f"{', '.join(sorted(outputs))}): re-install biod's models")
+
+
 @dataclass(frozen=True)
 class ImuModelSet:
     """IMU models keyed by task; each takes ACF features of an IMU window (manifest-stated).
@@ -135,6 +149,8 @@ class ImuModelSet:
                                  f"at the {placement} (imu.placement)")
                 continue
             models[task] = load_model(manifest.with_suffix(".tflite"))
+            if task == "activity":
+                activity_output([o.name for o in models[task].manifest.outputs])
         try:
             gait = load_gait_models(directory)
         except GaitModelError as exc:  # gait identity is optional: ECG identity goes on without it
@@ -246,7 +262,7 @@ class Biometrics:
             features: dict = {}
             out = self.imu_models.run("activity", window, features)
             if out is not None:
-                key = "activity" if "activity" in out else next(iter(out))
+                key = activity_output(out)
                 self._imu_activity = ActivityEstimate(np.asarray(out[key]), self.imu_models.labels("activity", key))
                 self._imu_at = now
             elif (label := motion_activity(window.data[:, :3], window.gait)) is not None:
@@ -256,6 +272,10 @@ class Biometrics:
                 probs[MOTION_CLASSES.index(label)] = 0.7
                 self._imu_activity = ActivityEstimate(probs, MOTION_CLASSES)
                 self._imu_at = now
+            else:
+                # no verdict for this window: the ECG alone speaks for it (an older verdict would
+                # keep saying "walking" for 10 s after the person sat down)
+                self._imu_activity = None
             gait: dict[str, object] = {"walking": bool(window.gait.walking), "cadence_spm": window.gait.cadence_spm}
             for task in ("age", "gender"):
                 res = self.imu_models.run(task, window, features) if window.gait.walking else None

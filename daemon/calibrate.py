@@ -27,8 +27,8 @@ from daemon.app import load_ecg_model, open_store
 from daemon.biometrics import MODELS_DIR
 from daemon.config import BiodConfig, ConfigError
 from daemon.dsp.ecg_pipeline import EcgPipeline
-from daemon.dsp.imu_pipeline import ImuPipeline
-from daemon.enrol import ImpostorsError, load_impostors
+from daemon.dsp.imu_pipeline import SensorImuPipeline
+from daemon.enrol import ContinuityWatch, ImpostorsError, load_impostors
 from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
 from daemon.identity.store import StoreError
@@ -66,7 +66,7 @@ class ImuCollector:
 
         self.model = model
         self.imu = ImuThread(cfg.imu)
-        self.pipeline = ImuPipeline(acc_range_g=cfg.imu.acc_range_g, gyro_range_dps=cfg.imu.gyro_range_dps)
+        self.pipeline = SensorImuPipeline(cfg.imu.acc_range_g, cfg.imu.gyro_range_dps, cfg.imu.odr_hz)
         self.embeddings: list[np.ndarray] = []
         self.windows = 0
 
@@ -86,6 +86,10 @@ class ImuCollector:
                     self.embeddings.extend(self.model.embed(np.stack(walking)))
                 except GaitModelError as exc:
                     log.warning("calibrate: no gait template: %s", exc)
+
+
+class EnrolmentInterrupted(Exception):
+    """The ECG stopped part-way through the recording (``daemon.enrol.ContinuityWatch``)."""
 
 
 def open_imu_collector(cfg: BiodConfig, out: TextIO = sys.stdout) -> ImuCollector | None:
@@ -128,6 +132,8 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
     labels: list[str] = []
     rejected: dict[str, int] = {}
     leads: list[int] = []
+    watch = ContinuityWatch()
+    stream_s = 0.0  # sample time since the start: the watch's clock
     total = sum(p.seconds for p in plan)
     tty = out.isatty()
     try:
@@ -154,6 +160,10 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                                            mains_hz=cfg.ecg.mains_hz, **model.pipeline_kwargs())
                 update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
                 phase_samples += len(chunk.samples_mv)
+                stream_s += len(chunk.samples_mv) / chunk.rate_hz
+                watch.feed(stream_s, update.live, bool(embeddings))
+                if watch.broken is not None:
+                    raise EnrolmentInterrupted(watch.broken)
                 done_s = phase_samples / chunk.rate_hz
                 hr = update.heart_rate_bpm or hr
                 for window in update.windows:
@@ -243,7 +253,11 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         engine.attach_gait({imu.model.placement: imu.model}, imu.model.placement)
     print(f"Enrolling {name!r}: attach the electrodes (RA, LA, LL), then follow the steps. "
           f"{len(people)} person(s) already enrolled.", file=out)
-    embeddings, labels, rejected, leads_on = collect(cfg, phases(seconds, walk), out, imu=imu)
+    try:
+        embeddings, labels, rejected, leads_on = collect(cfg, phases(seconds, walk), out, imu=imu)
+    except EnrolmentInterrupted as exc:
+        print(f"\nREFUSED: {exc}", file=out)
+        return 1
     if rejected:
         print("  rejected windows: " + ", ".join(f"{k} ×{v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])), file=out)
     if len(embeddings) == 0:

@@ -57,11 +57,43 @@ def load_impostors(models_dir: Path) -> Impostors | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Impostors(z["embeddings"].astype(np.float32), z["labels"], z["embeddings_3lead"].astype(np.float32),
-                             z["labels_3lead"], str(z["model_version"]))
+            imp = Impostors(z["embeddings"].astype(np.float32), z["labels"], z["embeddings_3lead"].astype(np.float32),
+                            z["labels_3lead"], str(z["model_version"]))
+        for what, x in (("embeddings", imp.embeddings), ("embeddings_3lead", imp.embeddings_3lead)):
+            if not np.all(np.isfinite(x)):  # one NaN row gave a NaN threshold that accepted everyone
+                raise ValueError(f"{what} holds non-finite values")
+        return imp
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ImpostorsError(f"{path} is unreadable ({type(exc).__name__}: {exc}): re-install biod's models "
                              "(pip install --force-reinstall biod) or rebuild it with python -m training.impostors") from None
+
+
+@dataclass
+class ContinuityWatch:
+    """One wearer from an enrolment's first clean window to its last.
+
+    WHY: putting the electrodes on someone else means taking them off first, and the ECG is
+    then not live. A template built across that pause mixes two persons, and the second is later
+    named as the first (measured: half of one person and half of another pass the embedding
+    checks in most pairs). So once windows are collected, the ECG not live for ``max_off_s``
+    (longer than a contact glitch, shorter than moving three electrodes) ends the enrolment."""
+
+    max_off_s: float = 2.0
+    off_since: float | None = None
+    broken: str | None = None
+
+    def feed(self, now: float, live: bool, collecting: bool) -> None:
+        """``now`` in seconds (monotonic or sample time), ``collecting``: clean windows were taken."""
+        if self.broken is not None:
+            return
+        if live or not collecting:
+            self.off_since = None
+            return
+        if self.off_since is None:
+            self.off_since = now
+        elif now - self.off_since >= self.max_off_s:
+            self.broken = (f"the ECG stopped part-way (electrodes off for {now - self.off_since:.0f} s or more): an "
+                           "enrolment must be one person wearing the electrodes throughout; nothing was saved, start again")
 
 
 @dataclass
@@ -73,6 +105,15 @@ class Enrolment:
     started: float = field(default_factory=time.monotonic)  # monotonic (daemon.clock)
     sink: list[tuple[float, np.ndarray, str | None, int]] = field(default_factory=list)
     gait_sink: list[np.ndarray] = field(default_factory=list)  # Biometrics.gait_sink while enrolling
+    watch: ContinuityWatch = field(default_factory=ContinuityWatch)
+
+    def on_ecg(self, now: float, live: bool) -> None:
+        """Every ECG update while enrolling (``interrupted`` then says whether to end it now)."""
+        self.watch.feed(now, live, bool(self.sink))
+
+    @property
+    def interrupted(self) -> bool:
+        return self.watch.broken is not None
 
     @property
     def deadline(self) -> float:
@@ -90,6 +131,9 @@ class Enrolment:
         return now >= self.deadline
 
     def finish(self) -> EnrolmentReport:
+        if self.watch.broken is not None:
+            return EnrolmentReport(accepted=False, reason=self.watch.broken, person=None, n_windows=len(self.sink),
+                                   median_self_similarity=float("nan"))
         if not self.sink:
             return self.engine.enrol(self.name, np.zeros((0, self.engine.model.dim if self.engine.model else 1), np.float32))
         embeddings = np.stack([e for _, e, _, _ in self.sink]).astype(np.float32)

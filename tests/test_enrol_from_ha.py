@@ -17,15 +17,21 @@ from firmware_protocol.emulators.recordings import load_recording
 from tests.conftest import retained_snapshot, running, until
 
 
-@pytest.mark.timeout(120)
-def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
+def _hub_with_box(tmp_path, port: int, speed: float, loop: bool):
+    """A hub reading an emulated box on a pty (real ECG-ID person 46, not yet started) and a broker."""
     link = tmp_path / "ecg"
     cfg = parse_config(
         f"hub:\n  id: ha\nstate_dir: {tmp_path / 'state'}\nidentity:\n  min_enrol_windows: 12\n"
         f"ecg:\n  source: serial\n  port: {link}\n"
-        f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
-    box = EcgBoxEmulator(load_recording("ecgid-p46-r1"), rate_hz=500, speed=2.0, loop=False)
+        f"mqtt:\n  host: 127.0.0.1\n  port: {port}\n")
+    box = EcgBoxEmulator(load_recording("ecgid-p46-r1"), rate_hz=500, speed=speed, loop=loop)
     box.open_pty(link=str(link))
+    return cfg, box
+
+
+@pytest.mark.timeout(120)
+def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
+    cfg, box = _hub_with_box(tmp_path, mosquitto.port, speed=2.0, loop=False)
 
     async def scenario() -> None:
         async with running(BiodApp(cfg)) as app:
@@ -117,3 +123,33 @@ def test_an_enrolling_state_left_by_a_crash_is_cleared_at_start(tmp_path, mosqui
 
     asyncio.run(scenario())
     assert retained_snapshot(mosquitto.port, state_topic)[state_topic] == '{"state":"idle","name":null,"until":null}'  # a clean stop keeps it
+
+
+@pytest.mark.timeout(120)
+def test_electrodes_off_part_way_refuses_the_enrolment(tmp_path, mosquitto, capture) -> None:
+    """The electrodes come off mid-enrolment (to go on someone else): the enrolment used to go
+    on collecting and build one template from both persons. Now it ends at once, unsaved."""
+    from firmware_protocol.ecg_serial import Electrode
+
+    cfg, box = _hub_with_box(tmp_path, mosquitto.port, speed=1.0, loop=True)
+
+    async def scenario() -> None:
+        async with running(BiodApp(cfg)) as app:
+            await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
+                        20, "availability online")
+            box.start()
+            capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Dana", "seconds": 60}), qos=1)
+            await until(lambda: app.enrolment is not None and app.enrolment.n_windows >= 3, 30,
+                        "clean enrolment windows", poll=0.1)
+            box.set_lead_off(Electrode.RA | Electrode.LA | Electrode.LL)
+            await until(lambda: [p for t, p, _ in capture.messages if t == "biod/ha/enrol/state" and '"refused"' in p],
+                        10, "the enrolment refused", poll=0.1)
+            assert app.enrolment is None
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        box.close()
+    refused = [json.loads(p) for t, p, _ in capture.messages if t == "biod/ha/enrol/state" and '"refused"' in p]
+    assert refused[-1]["name"] == "Dana" and "part-way" in refused[-1]["reason"]
+    assert not (tmp_path / "state" / "identity" / "templates.json").exists()

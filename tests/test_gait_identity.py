@@ -19,6 +19,7 @@ from daemon.identity.engine import IdentityConfig, IdentityEngine
 from daemon.identity.fusion import FusionConfig, ScoreNorm, fuse_identity
 from daemon.identity.gait import GaitModel, build_gait_template, load_gait_models
 from daemon.identity.store import GaitTemplate, ModelRef, Person, TemplateStore, slugify
+from daemon.inference.runtime import ModelError
 from firmware_protocol.emulators.imu_recordings import load_imu_recording
 
 ECG = ModelRef("ecg_dualtask", "1.0.0", 16)
@@ -274,3 +275,36 @@ def test_calibrate_walking_phase_stores_a_gait_template(tmp_path):
     assert "gait template from" in res.stdout
     person = TemplateStore(tmp_path / "state" / "identity" / "templates.json").load()["ann"]
     assert person.gait is not None and person.gait.model.name == "gait_waist" and person.gait.n_windows >= 10
+
+
+def test_the_imu_activity_is_read_from_the_top_level_head(walking):
+    """The thigh model has a 'fine' head (HuGaDB classes, no bicycling) beside 'top_level'; the
+    daemon took whichever output came first, 'fine', so no bicycling window was ever vigorous."""
+    from daemon.biometrics import activity_output
+
+    thigh = ImuModelSet.load_dir(MODELS_DIR, "thigh")
+    outs = thigh.run("activity", walking["SA01"][0])
+    assert outs is not None and set(outs) == {"fine", "top_level"}
+    assert activity_output({"fine": 0, "top_level": 1}) == "top_level"
+    bio = Biometrics(None, IdentityEngine({}, IdentityConfig(), model=ECG), thigh)
+    bio.on_imu(ImuUpdate(tuple(walking["SA01"][:3]), 0), now=100.0)
+    assert bio._imu_activity is not None and bio._imu_activity.labels == ("rest", "walking", "vigorous")
+    with pytest.raises(ModelError, match="no 'top_level' or 'activity' output"):
+        activity_output({"fine": 0})
+
+
+def test_a_window_without_a_motion_verdict_leaves_the_activity_to_the_ecg(walking):
+    """At the waist (movement rule), a window with no verdict kept the last one ('walking') for
+    10 s while the person sat down: the docstring says the ECG alone speaks for such a window."""
+    import dataclasses
+
+    from daemon.dsp.imu import GaitState, motion_activity
+
+    waist = ImuModelSet.load_dir(MODELS_DIR, "waist")
+    bio = Biometrics(None, IdentityEngine({}, IdentityConfig(), model=ECG), waist)
+    bio.on_imu(ImuUpdate(tuple(walking["SA01"][:2]), 0), now=100.0)
+    assert bio.fused_activity(100.0).label == "walking"
+    odd = dataclasses.replace(walking["SA01"][2], gait=GaitState(False, None, 0.0))  # moving, not walking
+    assert motion_activity(odd.data[:, :3], odd.gait) is None
+    bio.on_imu(ImuUpdate((odd,), 0), now=101.0)
+    assert bio.fused_activity(101.0) is None  # neither modality has a verdict now

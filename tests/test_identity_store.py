@@ -48,6 +48,7 @@ def test_round_trip_is_exact_and_private(store_path):
     store.save(people)
     assert mode(store_path) == 0o600
     assert mode(store_path.parent) == 0o700
+    assert mode(store_path.parent.parent) == 0o700  # state/ too: it was the umask's 0755
     loaded = store.load()
     assert loaded == people
     assert loaded["Zoë"].slug == "zoe"

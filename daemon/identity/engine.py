@@ -97,6 +97,8 @@ class IdentityConfig:
     # enrolment
     min_enrol_windows: int = 20     # clean 3 s windows (about 1 minute at 1 window/s, cut 3 s hops)
     min_self_similarity: float = 0.25  # median pairwise cosine of the enrolment windows (set per model)
+    enrol_parts: int = 3            # the enrolment cut in this many parts in time order ...
+    min_part_similarity: float = 0.4  # ... whose mean embeddings must agree this well (docs/identity.md)
     n_prototypes: int = 3           # k-means centroids when no activities are given
     min_windows_per_prototype: int = 8
     target_far: float = 0.01        # per-decision false-accept rate the threshold aims for
@@ -268,6 +270,22 @@ def _kmeans_sphere(x: np.ndarray, k: int, rng: np.random.Generator, iters: int =
         c = new
     assign = np.argmax(x @ c.T, axis=1)
     return c[np.unique(assign)]
+
+
+def part_similarity(x: np.ndarray, parts: int) -> float:
+    """Lowest cosine between the mean unit embeddings of ``parts`` time-ordered parts of ``x``.
+
+    WHY beside the median self-similarity: half of one person and half of another pass that
+    check (their within-person pairs carry the median), and the template then names the second
+    person as the first. Parts of one person's recording mostly agree, two persons' mostly do not,
+    with an overlap (``python -m training.experiments.enrol_parts``, docs/identity.md); the
+    primary guard is the electrodes: an enrolment ends when the ECG stops part-way
+    (``daemon.enrol.ContinuityWatch``)."""
+    n = len(x)
+    if parts < 2 or n < 2 * parts:
+        return 1.0
+    means = [_unit(x[i].mean(axis=0, keepdims=True))[0] for i in np.array_split(np.arange(n), parts)]
+    return float(min(a @ b for i, a in enumerate(means) for b in means[i + 1:]))
 
 
 def build_prototypes(x: np.ndarray, activities: Sequence[str] | None, config: IdentityConfig
@@ -505,7 +523,7 @@ class IdentityEngine:
         name = self._names[best]
         incumbent = name == self._wearer
         threshold = self._thresholds[best] - (cfg.stay_hysteresis if incumbent else 0.0)
-        if scores[best] < threshold:
+        if not scores[best] >= threshold:  # fails closed: NaN is unknown, never a name
             return UNKNOWN
         if scores[best] - runner_up < (0.0 if incumbent else cfg.margin):
             return None  # two persons too close to call: abstain
@@ -686,10 +704,23 @@ class IdentityEngine:
                 selfsim,
             )
 
+        parts = part_similarity(x, cfg.enrol_parts)
+        if parts < cfg.min_part_similarity:
+            return refuse(
+                f"the recording changes part-way (its {cfg.enrol_parts} parts in time agree only to {parts:.2f} < "
+                f"{cfg.min_part_similarity:.2f}): the electrodes may have moved, or another person wore them for "
+                "part of it; re-record with one person, electrodes firmly placed throughout",
+                selfsim,
+            )
+
         protos, labels = build_prototypes(x, activities, cfg)
         own_scores, other_scores = self._cv_genuine(x, activities)
         impostor, impostor_person = self._impostor_scores(protos, impostor_embeddings, impostor_labels)
         threshold, warnings = self._choose_threshold(own_scores, impostor, impostor_person)
+        if not np.isfinite(threshold):
+            return refuse(f"no threshold could be set (scores of {impostor.size} impostor and {own_scores.size} own "
+                          "windows gave a non-number): the impostor set may be damaged; re-install biod's models",
+                          selfsim)
         far = float(np.mean(impostor >= threshold)) if impostor.size else float("nan")
         far_upper = _far_upper(impostor >= threshold, impostor_person, cfg.seed)
         frr = float(np.mean(own_scores < threshold))

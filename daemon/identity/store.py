@@ -193,6 +193,10 @@ class Person:
             raise StoreError(f"person {self.name!r}: {protos.shape[0]} prototypes but {len(self.prototype_labels)} labels")
         if not np.all(np.isfinite(protos)):
             raise StoreError(f"person {self.name!r}: prototypes contain NaN/inf")
+        if not (np.isfinite(self.threshold) and -1.0 <= float(self.threshold) <= 1.0):
+            # NaN compares false both ways: a NaN threshold named this person for every wearer
+            raise StoreError(f"person {self.name!r}: threshold {self.threshold!r} is not a cosine in [-1, 1]; "
+                             "re-enrol this person with `biod calibrate`")
         norms = np.linalg.norm(protos, axis=1, keepdims=True)
         if not np.allclose(norms, 1.0, atol=1e-5):  # normalise once; re-normalising is not bit-stable
             protos = (protos / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -501,7 +505,16 @@ class TemplateStore:
     def _ensure_private_dir(self) -> Path:
         directory = self.path.parent
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Every folder created here is private, not just the last: mkdir(parents=True) gives
+            # the parents the umask's 0755, and a state_dir made that way fails `biod doctor`.
+            missing = []
+            d = directory
+            while not d.exists():
+                missing.append(d)
+                d = d.parent
+            for d in reversed(missing):
+                d.mkdir(mode=0o700, exist_ok=True)
+                os.chmod(d, 0o700)
             mode = stat.S_IMODE(directory.stat().st_mode)
             if mode != 0o700:
                 os.chmod(directory, 0o700)

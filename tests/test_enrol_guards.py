@@ -1,0 +1,126 @@
+"""An enrolment is one person, and a template never accepts everyone.
+
+Found by review: half of one person and half of another passed the enrolment checks and the
+second person was then named as the first; a NaN threshold (from one non-finite impostor row, or
+a damaged store) named its person for every wearer."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.enrol import ContinuityWatch, Enrolment, ImpostorsError, load_impostors
+from daemon.identity.engine import IdentityConfig, IdentityEngine, part_similarity
+from daemon.identity.store import ModelRef, Person, StoreError, slugify
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ModelRef("ecg_dualtask", "1.0.0", 16)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _windows(rng: np.random.Generator, mean: np.ndarray, n: int, noise: float = 0.2) -> np.ndarray:
+    return _unit(mean + noise * rng.normal(size=(n, mean.size))).astype(np.float32)
+
+
+def test_half_one_person_half_another_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    a = _unit(rng.normal(size=16))
+    r = rng.normal(size=16)
+    b = 0.3 * a + np.sqrt(1 - 0.3**2) * _unit(r - (r @ a) * a)  # persons' ECGs share much: cosine 0.3
+    mixed = np.concatenate([_windows(rng, a, 24), _windows(rng, b, 24)])
+    report = IdentityEngine({}, IdentityConfig(), model=MODEL).enrol("Ann", mixed)
+    # the median self-similarity check alone lets it through: within-person pairs carry the median
+    assert report.median_self_similarity >= IdentityConfig().min_self_similarity
+    assert not report.accepted and "changes part-way" in report.reason
+    one = IdentityEngine({}, IdentityConfig(), model=MODEL).enrol("Ann", _windows(rng, a, 48))
+    assert one.accepted, one.reason
+    assert part_similarity(_windows(rng, a, 48), 3) > 0.9 > part_similarity(mixed, 3)
+
+
+def test_electrodes_off_part_way_ends_the_enrolment() -> None:
+    watch = ContinuityWatch(max_off_s=2.0)
+    watch.feed(0.0, False, collecting=False)  # nobody on yet: waiting is fine
+    watch.feed(5.0, False, collecting=False)
+    assert watch.broken is None
+    watch.feed(6.0, True, collecting=True)
+    watch.feed(7.0, False, collecting=True)   # a contact glitch
+    watch.feed(8.0, True, collecting=True)
+    assert watch.broken is None
+    watch.feed(9.0, False, collecting=True)   # electrodes off ... and on someone else
+    watch.feed(11.5, False, collecting=True)
+    assert watch.broken is not None and "part-way" in watch.broken
+
+    enrolment = Enrolment("Ann", IdentityEngine({}, IdentityConfig(), model=MODEL), None, seconds=60, started=0.0)
+    rng = np.random.default_rng(1)
+    for k, e in enumerate(_windows(rng, _unit(rng.normal(size=16)), 30)):
+        enrolment.sink.append((float(k), e, None, 1))
+        enrolment.on_ecg(float(k), True)
+    enrolment.on_ecg(31.0, False)
+    enrolment.on_ecg(33.5, False)
+    assert enrolment.interrupted
+    report = enrolment.finish()
+    assert not report.accepted and report.person is None and "part-way" in report.reason
+
+
+@pytest.mark.timeout(180)
+def test_calibrate_refuses_a_recording_whose_wearer_changes(tmp_path: Path) -> None:
+    """Real ECG-ID recordings of two persons in one `biod record`-style file, replayed through the
+    emulated box: with the electrodes off between them, and (a swap no box could see) without."""
+    from daemon.record import WfdbSignal, WfdbWriter
+    from firmware_protocol.emulators.recordings import load_recording
+
+    a, b = load_recording("ecgid-p26-r1"), load_recording("ecgid-p34-r1")
+    assert a.fs_hz == b.fs_hz
+    fs = a.fs_hz
+    sigs = [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")]
+
+    def record(name: str, off_s: float) -> Path:
+        w = WfdbWriter(tmp_path, name, fs, sigs)
+        w.write_physical(a.leads_mv, np.tile(a.lead_present, (len(a.leads_mv), 1)))
+        off = int(off_s * fs)
+        w.write_physical(np.zeros((off, 3), np.float32), np.zeros((off, 3), bool))
+        w.write_physical(b.leads_mv, np.tile(b.lead_present, (len(b.leads_mv), 1)))
+        w.close()
+        return w.hea_path
+
+    for name, off_s, why in (("offbetween", 5.0, "stopped part-way"), ("noblink", 0.0, "changes part-way")):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(f"state_dir: {tmp_path / 'state'}\nidentity:\n  min_enrol_windows: 12\n"
+                       f"ecg:\n  source: replay\n  replay:\n    path: {record(name, off_s)}\n    speed: 10\n")
+        res = subprocess.run([sys.executable, "-m", "daemon.cli", "calibrate", "--name", "Ann", "--seconds", "40",
+                              "--no-walk", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=150)
+        out = res.stdout + res.stderr
+        assert res.returncode == 1 and "REFUSED" in out and why in out, out
+        assert not (tmp_path / "state" / "identity" / "templates.json").exists()
+
+
+def test_a_nan_threshold_is_refused_and_never_names_anyone() -> None:
+    protos = _unit(np.random.default_rng(2).normal(size=(1, 16))).astype(np.float32)
+
+    def person(threshold: float) -> Person:
+        return Person(id="id-ann", name="Ann", slug=slugify("Ann"), created="2026-01-01T00:00:00+00:00",
+                      model=MODEL, prototypes=protos, prototype_labels=("rest",), threshold=threshold)
+
+    with pytest.raises(StoreError, match="threshold nan is not a cosine"):
+        person(float("nan"))
+    engine = IdentityEngine({"Ann": person(0.6)}, IdentityConfig(), model=MODEL)
+    engine._thresholds[0] = float("nan")  # whatever got it there, the decision fails closed
+    assert engine._decide(np.array([0.1])) == "unknown"
+
+
+def test_an_impostor_set_with_a_non_finite_row_is_refused(tmp_path: Path) -> None:
+    from daemon.biometrics import MODELS_DIR
+
+    z = dict(np.load(MODELS_DIR / "ecg_impostors.npz"))
+    assert load_impostors(MODELS_DIR) is not None
+    z["embeddings"] = z["embeddings"].copy()
+    z["embeddings"][3, 0] = np.nan
+    np.savez(tmp_path / "ecg_impostors.npz", **z)
+    with pytest.raises(ImpostorsError, match="non-finite"):
+        load_impostors(tmp_path)

@@ -8,6 +8,14 @@ hub and the files are private (0600 in a 0700 folder). One record per stream, ``
 and ``imu_<time>``; ``--label`` (one of ``daemon.dsp.imu.RECORD_LABELS``, checked before
 anything is recorded) labels the whole recording (``.labels.csv`` and the header, written on
 every flush). SIGTERM/SIGHUP (a closed ssh session) end the recording cleanly.
+
+What the box says about its samples is kept too, because a replay (``source: replay``) must show
+the daemon what it saw live: a lead whose electrode was off is stored as WFDB's "no sample" for
+every sample of that frame; frames lost on the link are stored as that many samples of "no
+sample" on every lead (so the sample index stays the time since the start) with a header note
+``gap samples A-B (...)``; a reconnect of the box, whose duration nobody knows, is noted as
+``reconnected before sample N (...)``. The IMU keeps its ``gap before sample N`` notes (its
+samples are joined, which ``training.data.imu`` splits at).
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import numpy as np
 from daemon.config import BiodConfig
 from daemon.record import WfdbSignal, WfdbWriter, imu_signals
 from daemon.sources.factory import open_ecg_source
+from daemon.sources.serial_ecg import EcgChunk
 from firmware_protocol.ecg_serial import LEAD_NAMES
 
 
@@ -41,17 +50,27 @@ class _Stream:
     def seconds(self) -> float:  # from the sample count: summing 0.02 s steps drifts
         return self.samples / self.fs
 
-    def write(self, fs: float, signals: list[WfdbSignal] | None, values: np.ndarray) -> None:
-        """Append ``values``; ``signals`` (and ``comments``) only matter for the first chunk,
-        which creates the record."""
+    def write(self, fs: float, signals: list[WfdbSignal] | None, values: np.ndarray,
+              valid: np.ndarray | None = None) -> None:
+        """Append ``values`` (``valid``: per channel or per sample, False stores "no sample");
+        ``signals`` (and ``comments``) only matter for the first chunk, which creates the record."""
         if self.writer is None:
             assert signals is not None
             self.writer = WfdbWriter(self.out, f"{self.kind}_{self.stamp}", fs, signals, self.comments)
             self.fs = fs
             if self.label:
                 self.writer.label("activity", self.label)
-        self.writer.write_physical(values)
-        self.samples += len(values)
+        self.writer.write_physical(values, valid)
+        self._wrote(len(values))
+
+    def write_gap(self, n: int) -> None:
+        """Append ``n`` samples of "no sample" on every channel (time the device sent nothing for)."""
+        assert self.writer is not None
+        self.writer.write_no_samples(n)
+        self._wrote(n)
+
+    def _wrote(self, n: int) -> None:
+        self.samples += n
         if int(self.seconds) > self._flushed_s:  # a power cut loses at most a second
             self._flushed_s = int(self.seconds)
             self.writer.flush()
@@ -63,6 +82,28 @@ class _Stream:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _ecg_discontinuity(ecg: _Stream, chunk: EcgChunk, reconnected: bool, seconds: float) -> None:
+    """Keep a break in the ECG stream in the record instead of splicing it silently.
+
+    Frames lost on the link (``lost_frames_before``; the box's frames all hold as many samples
+    as this one, as the daemon assumes when it measures the same gap) are filled with "no
+    sample" up to the requested length, so sample indices, labels and a replay keep the live
+    timing: a replay drops exactly those frames again. A reconnect has no measurable length:
+    it is only noted, and a replay marks every lead off at that sample."""
+    assert ecg.writer is not None  # the first chunk made the record; breaks come after it
+    n = ecg.writer.n_samples
+    if reconnected:
+        ecg.note(f"reconnected before sample {n} (the box was re-opened; the time between is unknown "
+                 "and the samples are joined there)")
+    if chunk.lost_frames_before:
+        lost = chunk.lost_frames_before * len(chunk.samples_mv)
+        fill = min(lost, max(0, int(np.ceil(seconds * ecg.fs)) - ecg.samples))
+        ended = "" if fill == lost else f"; the recording reached --seconds inside it, {fill} stored"
+        ecg.note(f"gap samples {n}-{n + fill} ({chunk.lost_frames_before} frames, {lost} samples, lost on the "
+                 f"link; stored as WFDB 'no sample'{ended})")
+        ecg.write_gap(fill)
 
 
 def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None) -> int:
@@ -114,6 +155,7 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
     imu_rec = _Stream(out, "imu", stamp, common + [f"placement {cfg.imu.placement}"], label)
     imu_sigs = imu_signals(cfg.imu.acc_range_g, cfg.imu.gyro_range_dps)
     deadline = time.monotonic() + seconds + 30  # allow the devices 30 s to appear
+    connects = 0  # the source's sessions when the last chunk came: a change is a reconnect
     try:
         while time.monotonic() < deadline:
             if (source is None or ecg.seconds >= seconds) and (imu is None or imu_rec.seconds >= seconds):
@@ -130,7 +172,11 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
                                              f"serial {info.serial if info else '?'}"]
                     gain = 1000.0 / info.uv_per_lsb if info else 1000.0
                     ecg_sigs = [WfdbSignal(n, "mV", gain, 24) for n in LEAD_NAMES[: chunk.samples_mv.shape[1]]]
-                ecg.write(chunk.rate_hz, ecg_sigs, chunk.samples_mv)
+                else:
+                    _ecg_discontinuity(ecg, chunk, source.health.connects != connects, seconds)
+                connects = source.health.connects
+                if ecg.seconds < seconds:
+                    ecg.write(chunk.rate_hz, ecg_sigs, chunk.samples_mv, chunk.lead_valid)
             for c in imu.drain() if imu is not None else ():
                 if imu_rec.seconds >= seconds:
                     continue

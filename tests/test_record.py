@@ -1,7 +1,9 @@
 """biod record writes WFDB that the reference implementation (PhysioNet's wfdb) reads back exactly."""
 from __future__ import annotations
 
+import re
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +173,65 @@ def test_read_wfdb_handles_baselines_and_refuses_what_it_cannot_read(tmp_path) -
         read_wfdb(tmp_path / "b.hea")
     with pytest.raises(WfdbError, match="cannot read the WFDB header"):
         read_wfdb(tmp_path / "missing.hea")
+
+
+def test_invalid_samples_are_stored_as_wfdb_no_sample(tmp_path) -> None:
+    """A lead marked invalid (its electrode was off) and a stretch of lost time are stored as
+    WFDB's "no sample" value, which the reference reader and read_wfdb read as NaN; what was
+    measured reads back exactly, and records without invalid samples read as before."""
+    from daemon.record import read_wfdb
+
+    mv = np.random.default_rng(5).normal(size=(40, 3))
+    with WfdbWriter(tmp_path, "ecg_v", 500, [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")]) as w:
+        w.write_physical(mv[:10])
+        w.write_physical(mv[10:20], np.array([True, False, False]))  # LL off: only lead I measured
+        w.write_no_samples(5)  # frames lost on the link
+        w.write_physical(mv[20:40])
+    expected = np.ones((45, 3), bool)
+    expected[10:20, 1:] = False
+    expected[20:25] = False
+    ref = wfdb.rdrecord(str(tmp_path / "ecg_v"))
+    np.testing.assert_array_equal(~np.isnan(ref.p_signal), expected)  # PhysioNet's reader agrees
+    assert (wfdb.rdrecord(str(tmp_path / "ecg_v"), physical=False).d_signal[~expected] == -(1 << 23)).all()
+    rec = read_wfdb(tmp_path / "ecg_v.hea")
+    np.testing.assert_array_equal(rec.valid, expected)
+    measured = np.concatenate([mv[:20], np.zeros((5, 3)), mv[20:]])
+    np.testing.assert_allclose(rec.physical[expected], np.rint(measured[expected] * 1000) / 1000, atol=1e-12)
+
+
+def test_read_wfdb_refuses_a_damaged_header_naming_the_file_and_the_problem(tmp_path) -> None:
+    """A header that does not describe its .dat is a WfdbError naming the file and what is wrong,
+    never a numpy traceback (a missing signal line was a broadcasting error) nor a record that
+    reads (a rate of 0 failed later in the resampler; a negative count read the whole file)."""
+    from daemon.record import WfdbError, read_wfdb
+
+    with WfdbWriter(tmp_path, "ecg_h", 500, [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")],
+                    comments=["person ann"]) as w:
+        w.write_physical(np.zeros((600, 3)))
+    good = (tmp_path / "ecg_h.hea").read_text().splitlines()
+    head = good[0].split()
+
+    def damaged(lines: list[str]) -> Path:
+        (tmp_path / "bad.hea").write_text("\n".join(lines) + "\n")
+        return tmp_path / "bad.hea"
+
+    cases = [
+        (good[:3] + good[4:], r"announces 3 signal\(s\) but 2 signal line\(s\) follow"),
+        ([" ".join([head[0], "3", "0", *head[3:]]), *good[1:]], "sampling frequency 0 .* above 0"),
+        ([" ".join([head[0], "3", "500", "-5"]), *good[1:]], "says -5 samples; the count cannot be negative"),
+        ([" ".join([head[0], "0", "500", "600"])], "says 0 signals"),
+        ([" ".join([head[0], "3", "500", "6x0"]), *good[1:]], "number of samples .* '6x0', not an integer"),
+        ([" ".join([head[0], "3", "500", "601"]), *good[1:]], "holds 600 samples, the header says 601"),
+        ([], "the header is empty"),
+        ([good[0], good[1].replace("1000/mV", "lots/mV"), *good[2:]], "ADC gain on signal line 1 is 'lots'"),
+    ]
+    for lines, problem in cases:
+        with pytest.raises(WfdbError, match=rf"^{re.escape(str(tmp_path))}/(bad\.hea:|ecg_h\.dat) .*{problem}"):
+            read_wfdb(damaged(lines))
+    # comment lines may stand anywhere in a WFDB header, and the tail of a recording cut off
+    # before its header was rewritten (more .dat than the count) is not an error
+    rec = read_wfdb(damaged([good[0], "# a note", *good[1:]]))
+    assert rec.physical.shape == (600, 3) and "a note" in rec.comments and "person ann" in rec.comments
+    with open(tmp_path / "ecg_h.dat", "ab") as f:
+        f.write(bytes(9 * 7))
+    assert read_wfdb(tmp_path / "ecg_h.hea").physical.shape == (600, 3)

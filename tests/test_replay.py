@@ -71,3 +71,208 @@ def test_replay_errors_name_the_key_and_the_fix(tmp_path) -> None:
         ecg_recording(imu_path)
     with pytest.raises(ConfigError, match=r"imu.replay.path: .*cannot read the WFDB header"):
         imu_recording(tmp_path / "nothing.hea")
+
+
+# --- what the box said about its samples: lead-off, frames lost on the link, reconnects --------------
+
+def _record_live(tmp_path, monkeypatch, seconds: float, events) -> tuple[list, object, object]:
+    """`biod record` from an emulated box on a real pty (``source: serial``, as on a hub), with
+    ``events``: (sample count the hub has received, action on the box) done as the stream passes
+    them. Returns the chunks the recorder got, in order, the .hea it wrote, and the box."""
+    import threading
+    import time
+
+    import daemon.record_cli as record_cli
+    from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
+
+    box = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, speed=4.0, loop=True)
+    link = tmp_path / "box"
+    box.open_pty(link=str(link))
+    box.start()
+    cfg = parse_config(f"hub: {{id: t}}\necg: {{source: serial, port: {link}}}\nstate_dir: {tmp_path / 'state'}\n")
+    live: list = []
+    real_open = record_cli.open_ecg_source
+    monkeypatch.setattr(record_cli, "open_ecg_source",
+                        lambda c, put: real_open(c, lambda chunk: (live.append(chunk), put(chunk))))
+    done = threading.Event()
+
+    def drive() -> None:
+        for at, action in events:
+            while sum(len(c.samples_mv) for c in live) < at and not done.is_set():
+                time.sleep(0.005)
+            if done.is_set():
+                return
+            action(box)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    try:
+        assert record_cli.run_record(cfg, tmp_path / "rec", seconds, "walking", None) == 0
+    finally:
+        done.set()
+        driver.join(5)
+        box.close()
+    (hea,) = (tmp_path / "rec").glob("ecg_*.hea")
+    return live, hea, box
+
+
+def _as_samples(chunks) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample lead validity (n, 3) and mV of a chunk stream, lost frames as invalid rows
+    (what the record must hold: the sample index is the time)."""
+    valid, mv = [], []
+    for c in chunks:
+        if c.lost_frames_before:
+            k = c.lost_frames_before * len(c.samples_mv)
+            valid.append(np.zeros((k, 3), bool))
+            mv.append(np.zeros((k, 3), np.float32))
+        valid.append(np.tile(np.asarray(c.lead_valid, bool), (len(c.samples_mv), 1)))
+        mv.append(c.samples_mv)
+    return np.concatenate(valid), np.concatenate(mv)
+
+
+def _replay(hea, n: int) -> tuple[list, object]:
+    """The record played as ``biod run`` plays it (``source: replay`` through the source factory:
+    the emulated box on a real pty, the serial source); the chunks until ``n`` samples (lost ones
+    counted) came, and the source."""
+    import threading
+    import time
+
+    from daemon.config import parse_config
+    from daemon.sources.factory import open_ecg_source
+
+    cfg = parse_config(f"ecg:\n  source: replay\n  rate_hz: 500\n  replay:\n    path: {hea}\n    speed: 8\n")
+    got: list = []
+    source, box = open_ecg_source(cfg, got.append)
+    assert box is not None
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    try:
+        while sum((c.lost_frames_before + 1) * len(c.samples_mv) for c in list(got)) < n:
+            assert time.monotonic() < deadline, "the replay did not deliver the whole record"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(5)
+        box.close()
+    return got, source
+
+
+@pytest.mark.timeout(120)
+def test_lead_off_recorded_live_is_lead_off_on_replay_sample_for_sample(tmp_path, monkeypatch) -> None:
+    """Electrodes off live (LL alone: only lead I valid; all three; LA alone: only lead II) are
+    stored as WFDB 'no sample' on exactly the samples the box flagged, and the replayed box
+    flags exactly those samples again: the daemon sees the same lead-off as live."""
+    from firmware_protocol.ecg_serial import Electrode
+
+    from daemon.record import read_wfdb
+
+    all_off = Electrode.RA | Electrode.LA | Electrode.LL
+    events = [(1000, lambda b: b.set_lead_off(Electrode.LL)), (2000, lambda b: b.set_lead_off(all_off)),
+              (3000, lambda b: b.set_lead_off(Electrode.NONE)), (4000, lambda b: b.set_lead_off(Electrode.LA)),
+              (4600, lambda b: b.set_lead_off(Electrode.NONE))]
+    live, hea, _ = _record_live(tmp_path, monkeypatch, 12.0, events)
+    rec = read_wfdb(hea)
+    n = rec.physical.shape[0]
+    live_valid, live_mv = _as_samples(live)
+    live_valid, live_mv = live_valid[:n], live_mv[:n]
+    patterns = {tuple(r) for r in live_valid.tolist()}
+    assert {(True, True, True), (True, False, False), (False, False, False), (False, True, False)} <= patterns
+    np.testing.assert_array_equal(rec.valid, live_valid)  # stored sample for sample
+    np.testing.assert_allclose(rec.physical[rec.valid], live_mv[live_valid], atol=1e-3)
+
+    replayed, source = _replay(hea, n)
+    replay_valid, replay_mv = _as_samples(replayed)
+    assert source.health.lost_frames == 0
+    np.testing.assert_array_equal(replay_valid[:n], live_valid)  # the daemon sees what it saw live
+    np.testing.assert_allclose(replay_mv[:n][live_valid], live_mv[live_valid], atol=1e-3)
+
+
+@pytest.mark.timeout(120)
+def test_frames_lost_live_are_a_noted_gap_and_are_lost_again_on_replay(tmp_path, monkeypatch) -> None:
+    """100 frames lost on the link and a re-plugged box: the record keeps the sample index as
+    the time (the lost samples are 'no sample', noted in the header), labels cover the time, and
+    a replay loses the same 100 frames at the same place (the daemon sees the same
+    lost_frames_before) and marks the reconnect with every lead off instead of splicing it."""
+    import time
+
+    from daemon.record import read_wfdb
+
+    def replug(box) -> None:
+        box.unplug()
+        time.sleep(0.3)
+        box.replug()
+
+    live, hea, box = _record_live(tmp_path, monkeypatch, 10.0,
+                                  [(1500, lambda b: b.drop_next(100)), (3500, replug)])
+    assert box.frames_dropped == 100
+    rec = read_wfdb(hea)
+    n = rec.physical.shape[0]
+    assert n == 5000
+    at = sum(len(c.samples_mv) for c in live[:next(i for i, c in enumerate(live) if c.lost_frames_before)])
+    gap = [c for c in rec.comments if c.startswith("gap samples")]
+    assert gap == [f"gap samples {at}-{at + 1000} (100 frames, 1000 samples, lost on the link; "
+                   "stored as WFDB 'no sample')"], rec.comments
+    assert not rec.valid[at:at + 1000].any() and rec.valid[:at].all() and rec.valid[at + 1000:].all()
+    (joint,) = [int(c.split()[3]) for c in rec.comments if c.startswith("reconnected before sample")]
+    assert at + 1000 < joint < n
+    labels = hea.with_name(hea.stem + ".labels.csv").read_text().splitlines()[1:]
+    assert labels == [f"0,{n},activity,walking"]
+
+    replayed, source = _replay(hea, n)
+    assert source.health.lost_frames == 100
+    lost_at = [(sum((c.lost_frames_before + 1) * len(c.samples_mv) for c in replayed[:i]), c.lost_frames_before)
+               for i, c in enumerate(replayed) if c.lost_frames_before]
+    assert lost_at == [(at, 100)]  # the same frames, at the same sample, as live
+    replay_valid, _ = _as_samples(replayed)
+    frame = joint // 10 * 10
+    assert not replay_valid[frame:frame + 10].any()  # the joint: every lead off, not a silent splice
+    off = ~replay_valid[:n].all(axis=1)
+    off[at:at + 1000] = False
+    off[frame:frame + 10] = False
+    assert not off.any()  # nothing else is off
+
+
+@pytest.mark.timeout(60)
+def test_a_lead_never_measured_replays_off_and_a_two_lead_record_gets_its_third(tmp_path) -> None:
+    """A lead-I-only box's record (II and III 'no sample' throughout) replays, through the same
+    factory `biod run` uses, with leads II and III off as live, not as valid zero channels. A
+    two-lead record (III never measured) cannot be said with electrode bits; its III is II - I."""
+    import queue
+    import threading
+    import time
+
+    from daemon.sources.factory import open_ecg_source
+    from daemon.sources.replay import ecg_recording
+
+    ecg = load_recording("ludb-16")
+    sigs = [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")]
+    with WfdbWriter(tmp_path, "ecg_lead1", ecg.fs_hz, sigs) as w:
+        w.write_physical(ecg.leads_mv, np.array([True, False, False]))
+    with WfdbWriter(tmp_path, "ecg_2ch", ecg.fs_hz, sigs) as w:
+        w.write_physical(ecg.leads_mv, np.array([True, True, False]))
+    two = ecg_recording(tmp_path / "ecg_2ch.hea")
+    assert two.lead_present.all()
+    np.testing.assert_allclose(two.leads_mv[:, 2], two.leads_mv[:, 1] - two.leads_mv[:, 0], atol=1e-6)
+
+    cfg = parse_config(f"hub: {{id: t}}\nstate_dir: {tmp_path / 'state'}\n"
+                       f"ecg: {{source: replay, replay: {{path: {tmp_path / 'ecg_lead1.hea'}, speed: 8}}}}\n")
+    got: queue.Queue = queue.Queue()
+    source, box = open_ecg_source(cfg, got.put)
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    thread.start()
+    valid, deadline = [], time.monotonic() + 30
+    try:
+        while len(valid) < 100:
+            assert time.monotonic() < deadline, "no frames from the replay"
+            try:
+                valid.append(tuple(got.get(timeout=0.5).lead_valid.tolist()))
+            except queue.Empty:
+                pass
+    finally:
+        stop.set()
+        thread.join(5)
+        box.close()
+    assert set(valid) == {(True, False, False)}

@@ -439,7 +439,20 @@ class EcgBoxEmulator:
     def _make_signal(self, rate_hz: int) -> np.ndarray:
         mv = resample_recording(self.recording, rate_hz)
         mv[:, ~self._present] = 0.0  # absent leads carry no signal, only their lead-off bit
+        self._schedule = self._make_schedule(rate_hz, len(mv))
         return _to_counts(mv, DEFAULT_UV_PER_LSB)
+
+    def _make_schedule(self, rate_hz: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The recording's lead-off bits and link gaps per sample at ``rate_hz`` (None if it has
+        none): sample j at rate_hz is at j * fs / rate_hz in the recording."""
+        rec = self.recording
+        if rec.lead_off_bits is None and rec.link_gap is None:
+            return None
+        m = rec.leads_mv.shape[0]
+        src = np.minimum(np.arange(n, dtype=np.int64) * rec.fs_hz // rate_hz, m - 1)
+        bits = rec.lead_off_bits if rec.lead_off_bits is not None else np.zeros(m, np.uint8)
+        gap = rec.link_gap if rec.link_gap is not None else np.zeros(m, bool)
+        return bits[src], gap[src]
 
     def _wake(self) -> None:
         try:
@@ -518,6 +531,14 @@ class EcgBoxEmulator:
             return None
         idx = (self._pos + np.arange(n)) % total
         samples = self._signal[idx]
+        lead_off = self.lead_off
+        if self._schedule is not None:
+            # A frame carries one set of bits: an electrode off on any of its samples is off for
+            # the frame (with the box's 10 samples a frame, the frames ``biod record`` saw live).
+            bits, gap = self._schedule
+            lead_off |= Electrode(int(np.bitwise_or.reduce(bits[idx])))
+            if gap[idx].all():
+                self._drop_pending += 1  # lost on the link live: the host sees the same sequence gap
         ts = (self._stream_base_us + self._samples_streamed * 1_000_000 // self._rate) & 0xFFFFFFFF
         seq = self._data_seq
         self._data_seq = (seq + 1) & 0xFFFF
@@ -527,7 +548,7 @@ class EcgBoxEmulator:
             self._drop_pending -= 1
             self.frames_dropped += 1
             return None
-        frame = encode_data_frame(seq, ts, self.lead_off, samples)
+        frame = encode_data_frame(seq, ts, lead_off, samples)
         if self._corrupt_pending:
             self._corrupt_pending -= 1
             self.frames_corrupted += 1

@@ -24,6 +24,11 @@ class Recording:
 
     ``leads_mv[:, c]`` is meaningful only where ``lead_present[c]``; absent leads are zeros
     (ECG-ID has lead I only), and the emulator reports their electrode as off.
+
+    A household's own recording (``biod record``, read by ``daemon.sources.replay``) also says
+    what the box said over time: ``lead_off_bits`` (uint8 (n,), the box's electrode-off bits per
+    sample) and ``link_gap`` (bool (n,), samples whose frames were lost on the link). The
+    emulator plays them frame by frame; None for the shipped datasets' recordings.
     """
 
     name: str
@@ -34,6 +39,8 @@ class Recording:
     dataset: str
     source: str
     date: str  # recording date as the dataset gives it ("" when the dataset has none)
+    lead_off_bits: np.ndarray | None = None
+    link_gap: np.ndarray | None = None
 
     @property
     def duration_s(self) -> float:

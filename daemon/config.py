@@ -39,6 +39,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _where(path: Path) -> str:
+    """``path`` for an error message; a relative one says which directory it is relative to."""
+    return str(path) if path.is_absolute() else f"{path} (relative to the working directory {Path.cwd()})"
+
+
+def _absolute(value: Path | None, what: str) -> Path | None:
+    """``~`` expanded; a relative path refused. Why: ``biod run`` under systemd works in ``/``,
+    ``sudo biod`` in ``/var/lib/biod`` and a shell wherever it is, so a relative state or template
+    path would name a different folder for each: calibrate would save templates the service never
+    reads."""
+    if value is None:
+        return None
+    value = value.expanduser()
+    if not value.is_absolute():
+        raise ValueError(f"{what} must be an absolute path (it was {str(value)!r}, which each biod command "
+                         f"would resolve against its own working directory); write e.g. {Path('/var/lib/biod') / value}")
+    return value
+
+
 class HubConfig(_Strict):
     id: str = Field("biod", description="Unique per hub: MQTT topics and Home Assistant ids derive from it")
     name: str = "biod hub"
@@ -63,6 +82,20 @@ class ReplayConfig(_Strict):
     path: Path = Field(description="WFDB record written by `biod record` (the .hea file)")
     speed: float = Field(1.0, gt=0, le=1000, description="1 = real time")
     loop: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _record_exists(cls, value: Path) -> Path:
+        """Checked here, at the key's line: found missing only by ``biod run``, it made systemd
+        restart the service every few seconds with no line to fix."""
+        value = value.expanduser()
+        where = _where(value)
+        if not value.is_file():
+            raise ValueError(f"{where} is not a file; give the .hea file `biod record` wrote, or remove the "
+                             "replay section")
+        if not os.access(value, os.R_OK):
+            raise ValueError(f"{where} is not readable by this user; fix its permissions")
+        return value
 
 
 class EcgConfig(_Strict):
@@ -133,6 +166,11 @@ class IdentitySection(_Strict):
     margin: float = Field(0.05, ge=0, le=1)
     history: int = Field(8, ge=1, le=100)
     confirm: int = Field(3, ge=1, le=100, description="agreeing decisions before a wearer is announced")
+
+    @field_validator("store_path")
+    @classmethod
+    def _store_path_absolute(cls, value: Path | None) -> Path | None:
+        return _absolute(value, "identity.store_path")
     unknown: int = Field(5, ge=1, le=100, description="rejecting decisions before 'unknown' is announced")
     switch: int = Field(8, ge=1, le=100)
     target_far: float = Field(0.01, gt=0, lt=1)
@@ -190,7 +228,7 @@ class TlsConfig(_Strict):
         if value is None or not info.data.get("enabled"):
             return value
         role = _TLS_FILE_ROLES[info.field_name or ""]
-        where = f"{value} (relative to the working directory {Path.cwd()})" if not value.is_absolute() else str(value)
+        where = _where(value)
         if not value.exists():
             raise ValueError(f"{where} does not exist; give the path of {role}, "
                              "or set mqtt.tls.enabled: false")
@@ -269,6 +307,11 @@ class BiodConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     models_dir: Path | None = Field(None, description="default: the models shipped in the package")
+
+    @field_validator("state_dir", "models_dir")
+    @classmethod
+    def _paths_absolute(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _absolute(value, info.field_name or "path")
 
     @property
     def store_path(self) -> Path:

@@ -122,6 +122,13 @@ def enrol_household(state: Path, speed: float) -> None:
 
 
 async def run_demo(speed: float = 4.0, hold_s: float = 12.0) -> int:
+    """The demo in a state folder of its own, removed at the end: it holds the demo household's
+    biometric templates (unencrypted) and the event spool, which must not pile up in /tmp."""
+    with tempfile.TemporaryDirectory(prefix="biod-demo-") as state:
+        return await _demo(Path(state), speed, hold_s)
+
+
+async def _demo(state: Path, speed: float, hold_s: float) -> int:
     from daemon.app import BiodApp
     from firmware_protocol.ecg_serial import Electrode
     from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
@@ -129,8 +136,8 @@ async def run_demo(speed: float = 4.0, hold_s: float = 12.0) -> int:
 
     port = free_port()
     broker = await start_embedded_broker(port)
-    state = Path(tempfile.mkdtemp(prefix="biod-demo-"))
-    print(f"biod demo: embedded MQTT broker on 127.0.0.1:{port}; state in {state}; recordings replayed at {speed:g}x", flush=True)
+    print(f"biod demo: embedded MQTT broker on 127.0.0.1:{port}; state in {state} (removed at the end); "
+          f"recordings replayed at {speed:g}x", flush=True)
     await asyncio.to_thread(enrol_household, state, speed)
 
     link = state / "biod-ecg"

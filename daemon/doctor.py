@@ -200,7 +200,7 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
     from daemon.biometrics import MODELS_DIR, EcgModelRunner, ImuModelSet
     from daemon.enrol import IMPOSTORS_FILE, ImpostorsError, load_impostors
     from daemon.identity.gait import GaitModelError, load_gait_models
-    from daemon.identity.store import StoreError, check_compatible
+    from daemon.identity.store import StoreError, TemplateMismatchError, check_compatible
     from daemon.inference.runtime import ModelError
 
     models_dir = cfg.models_dir or MODELS_DIR
@@ -251,8 +251,13 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
         from daemon.app import open_store
         people = open_store(cfg).load()
         check_compatible(people, ref)
-    except (StoreError, OSError, ValueError) as exc:
+    except TemplateMismatchError as exc:
         yield Check("enrolled persons", False, str(exc), "re-enrol with biod calibrate --name NAME")
+        return
+    except (StoreError, OSError, ValueError) as exc:
+        # the message names the fix (a key to give, a backup to restore, permissions to mend):
+        # re-enrolling would fail the same way while the store cannot be read
+        yield Check("enrolled persons", False, str(exc))
         return
     if people:
         yield Check("enrolled persons", True, f"{len(people)} ({', '.join(sorted(people))}), templates match the "

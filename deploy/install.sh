@@ -23,7 +23,12 @@ echo "biod: creating the virtual environment in $PREFIX/venv"
 install -d -m 0755 "$PREFIX"
 [ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/pip" install -q --upgrade pip
-"$PREFIX/venv/bin/pip" install -q "$SRC"
+# Built from a clean copy of the tree: pip builds in the source folder, and setuptools' build/
+# there would keep files deleted upstream (and leave root-owned build/ and egg-info behind).
+STAGE=$(mktemp -d)
+tar -C "$SRC" --exclude=./build --exclude='./*.egg-info' --exclude=./.venv --exclude=./.git -cf - . | tar -C "$STAGE" -xf -
+"$PREFIX/venv/bin/pip" install -q "$STAGE"
+rm -rf "$STAGE"
 install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
 
 install -d -m 0750 -g biod /etc/biod /etc/biod/credentials

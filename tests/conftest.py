@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import shutil
 import socket
 import subprocess
@@ -124,6 +125,25 @@ class Broker:
             self.proc.terminate()
             self.proc.wait(5)
         self.proc = None
+
+
+def start_tls_broker(tmp_path: Path, server_extensions: str, extra_conf: str = "", listener_conf: str = "") -> Broker:
+    """A started Mosquitto with a TLS listener on ``broker.tls_port`` whose server certificate,
+    signed by a throw-away CA, carries ``server_extensions``; its files (ca.crt, server.crt/.key)
+    are in ``broker.tls_dir``. ``extra_conf``: lines before the listener (authentication);
+    ``listener_conf``: lines of the TLS listener (e.g. require_certificate)."""
+    d = tmp_path / "tls"
+    d.mkdir()
+    make_test_ca(d)
+    sign_test_cert(d, "server", server_extensions)
+    tls_port = free_port()
+    broker = Broker(port=free_port(), workdir=tmp_path, extra_conf=(
+        f"{extra_conf}user {getpass.getuser()}\nlistener {tls_port} 127.0.0.1\ncafile {d / 'ca.crt'}\n"
+        f"certfile {d / 'server.crt'}\nkeyfile {d / 'server.key'}\n{listener_conf}"))
+    broker.start()
+    broker.tls_port = tls_port  # type: ignore[attr-defined]
+    broker.tls_dir = d  # type: ignore[attr-defined]
+    return broker
 
 
 @pytest.fixture

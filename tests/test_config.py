@@ -1,6 +1,9 @@
 """Configuration is validated once, with the YAML line and a fix for every problem."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from daemon.config import ConfigError, load_config, parse_config
@@ -186,11 +189,44 @@ def test_keys_that_yaml_reads_as_the_same_value_are_duplicates() -> None:
         parse_config("identity:\n  adapt: false\nfoo:\n  yes: 1\n  true: 2\n")
 
 
-def test_merge_keys_may_still_be_overridden() -> None:
+def test_merge_keys_may_still_be_overridden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Overriding a key brought in by `<<:` is what merge keys are for, not a duplicate.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.hea").write_text("a 3 500 10\n")
     text = "ecg:\n  source: replay\n  replay:\n    <<: {path: a.hea, speed: 2}\n    speed: 3\n"
     replay = parse_config(text).ecg.replay
     assert replay is not None and replay.speed == 3 and str(replay.path) == "a.hea"
+
+
+def test_a_missing_replay_record_is_an_error_at_its_line(tmp_path: Path) -> None:
+    """check-config said OK and `biod run` then exited with no line to fix (systemd restarted it
+    every few seconds)."""
+    text = f"ecg:\n  source: replay\n  replay:\n    path: {tmp_path}/gone.hea\n"
+    with pytest.raises(ConfigError, match=r"biod.yaml:4: ecg.replay.path: .*gone.hea is not a file; give the .hea file"):
+        parse_config(text, "biod.yaml")
+    (tmp_path / "rec.hea").write_text("rec 3 500 10\n")
+    text = "imu:\n  source: replay\n  replay:\n    path: ~/rec.hea\n"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(tmp_path))
+        replay = parse_config(text).imu.replay
+    assert replay is not None and replay.path == tmp_path / "rec.hea"
+
+
+@pytest.mark.parametrize("key,text", [
+    ("state_dir", "state_dir: biod-state\n"),
+    ("identity.store_path", "identity:\n  store_path: identity/templates.json\n"),
+    ("models_dir", "models_dir: models\n"),
+])
+def test_relative_state_paths_are_refused(key: str, text: str) -> None:
+    """`state_dir: ~/biod` was taken literally and relative paths resolved per command: calibrate
+    saved templates under its own working directory that the service never read."""
+    with pytest.raises(ConfigError, match=rf"biod.yaml:\d+: {re.escape(key)}: {re.escape(key)} must be an absolute path"):
+        parse_config(text, "biod.yaml")
+
+
+def test_home_in_state_dir_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_config("state_dir: ~/biod\n").state_dir == tmp_path / "biod"
 
 
 def test_unknown_key_in_an_optional_section_lists_the_known_keys() -> None:

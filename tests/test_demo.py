@@ -27,3 +27,6 @@ def test_demo_identifies_the_household_and_logs_no_error() -> None:
     # each wearer: one session announced and ended by taking the electrodes off, nothing in between
     kinds = re.findall(r"EVENT (new|update|end)\s+wearer='([^']+)'", res.stdout)
     assert [k for k, _ in kinds if k != "update"] == ["new", "end"] * 4, out
+    # the demo household's templates and spool do not outlive the demo
+    state = re.search(r"state in (\S+) \(removed at the end\)", res.stdout)
+    assert state is not None and not Path(state.group(1)).exists(), out

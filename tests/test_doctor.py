@@ -1,7 +1,6 @@
 """`biod doctor` names each problem with its fix and changes nothing."""
 from __future__ import annotations
 
-import getpass
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from daemon.config import parse_config
 from daemon.doctor import check_models, check_serial, check_state_dir
-from tests.conftest import Broker, free_port, make_test_ca, sign_test_cert
+from tests.conftest import Broker, sign_test_cert, start_tls_broker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,18 +127,9 @@ def client_cert_broker(tmp_path: Path) -> Iterator[Broker]:
     """Mosquitto with a TLS listener that requires a client certificate signed by its own CA,
     and whose server certificate names ``broker.invalid``, not 127.0.0.1 (so only
     ``tls.insecure`` reaches it by address). Files in ``broker.tls_dir``: ca.crt, client.crt/.key."""
-    d = tmp_path / "tls"
-    d.mkdir()
-    make_test_ca(d)
-    sign_test_cert(d, "server", "subjectAltName=DNS:broker.invalid\nextendedKeyUsage=serverAuth\n")
-    sign_test_cert(d, "client", "extendedKeyUsage=clientAuth\n")
-    tls_port = free_port()
-    broker = Broker(port=free_port(), workdir=tmp_path, extra_conf=(
-        f"user {getpass.getuser()}\nlistener {tls_port} 127.0.0.1\ncafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\n"
-        f"keyfile {d / 'server.key'}\nrequire_certificate true\n"))
-    broker.start()
-    broker.tls_port = tls_port  # type: ignore[attr-defined]
-    broker.tls_dir = d  # type: ignore[attr-defined]
+    broker = start_tls_broker(tmp_path, "subjectAltName=DNS:broker.invalid\nextendedKeyUsage=serverAuth\n",
+                              listener_conf="require_certificate true\n")
+    sign_test_cert(broker.tls_dir, "client", "extendedKeyUsage=clientAuth\n")  # type: ignore[attr-defined]
     try:
         yield broker
     finally:
@@ -177,3 +167,16 @@ def test_broker_check_connects_as_the_daemon_does_with_a_client_certificate(clie
     assert not no_cert.ok and "cert_file/key_file" in (no_cert.fix or ""), no_cert.line()
     (no_insecure,) = check_broker(cfg(insecure=False), timeout=3)  # the certificate names broker.invalid
     assert not no_insecure.ok and "insecure" in (no_insecure.fix or ""), no_insecure.line()
+
+
+def test_an_encrypted_store_without_its_key_is_not_a_reason_to_re_enrol(tmp_path) -> None:
+    """Re-enrolling fails the same way while the key is missing; the fix is in the message."""
+    import os
+
+    from daemon.identity.store import TemplateStore
+
+    cfg = parse_config(f"state_dir: {tmp_path / 'state'}\n")
+    TemplateStore(cfg.store_path, os.urandom(32)).save({})
+    check = _identity_checks(cfg)["enrolled persons"]
+    assert not check.ok and "key" in check.detail
+    assert check.fix is None and "re-enrol" not in check.line()

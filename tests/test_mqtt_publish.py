@@ -1,11 +1,12 @@
 """Everything biod puts on MQTT, against a real Mosquitto: discovery, state, events, stats, enrol, TLS + auth."""
 from __future__ import annotations
 
-import getpass
 import itertools
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -24,7 +25,7 @@ from daemon.publish.state import (
     EnrolCommandError, EnrolCommands, EnrolRequest, PersonState, SensorState, SessionPublisher, StatsReporter, Topics,
     messages_for_event, parse_enrol_command, person_state_message, person_state_removal, sensor_state_message, slugify,
 )
-from tests.conftest import Broker, Capture, free_port, make_test_ca, retained_snapshot, running, sign_test_cert
+from tests.conftest import Broker, Capture, free_port, retained_snapshot, running, start_tls_broker
 
 HUB = "hub1"
 PREFIX = f"biod/{HUB}"
@@ -285,15 +286,57 @@ def test_a_long_outage_ends_with_the_newest_retained_states_not_a_stale_wearer(t
         assert pub.stats.published == sent_before and pub.stats.superseded_offline == 11_999
         broker.start()  # no persistence: it lost its retained messages, ours must bring them back
         assert pub.wait_connected(40)
-        deadline = time.monotonic() + 15  # the held states are sent as the connection opens; on a
-        while True:                        # loaded machine they may reach the broker after a snapshot
-            snap = retained_snapshot(broker.port, f"{PREFIX}/#")
-            if TOPICS.wearer in snap or time.monotonic() > deadline:
-                break
+        snap = _settled_snapshot(broker.port, pub)
         assert snap[TOPICS.wearer] == '{"wearer":null}'
         assert snap[TOPICS.sensor_state("ecg")] == '{"n":11999}'
         assert snap[f"{PREFIX}/availability"] == "online"
         assert pub.stats.published == sent_before + 2
+    finally:
+        pub.close()
+        broker.stop()
+
+
+def _settled_snapshot(port: int, pub: MqttPublisher, timeout: float = 15.0) -> dict[str, str]:
+    """The broker's retained messages once the publisher has nothing unacknowledged left (the held
+    states are sent as the connection opens; on a loaded machine they arrive after a first look)."""
+    deadline = time.monotonic() + timeout
+    while pub._client._out_messages and time.monotonic() < deadline:  # paho's unacked messages
+        time.sleep(0.05)
+    assert not pub._client._out_messages, "the publisher's messages were not acknowledged in time"
+    return retained_snapshot(port, f"{PREFIX}/#")
+
+
+@pytest.mark.timeout(60)
+def test_a_state_unacknowledged_at_the_drop_does_not_overwrite_the_newer_one(tmp_path: Path) -> None:
+    """paho re-sends what the broker had not acknowledged *after* ``on_connect``, where the states
+    held during the outage go out. ``wearer: Alice`` published as the broker hung then reached the
+    new broker after ``wearer: null`` and stayed retained: the person had left, Home Assistant
+    said Alice was wearing the sensors (this failed CI once, by chance; here it is made certain)."""
+    broker = Broker(port=free_port(), workdir=tmp_path)
+    broker.start()
+    pub = _publisher(broker.port)
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        os.kill(broker.proc.pid, signal.SIGSTOP)  # the broker hangs: it reads and acks nothing
+        pub.publish(Message(TOPICS.wearer, '{"wearer":"Alice"}', retain=True))
+        deadline = time.monotonic() + 5
+        while not pub._client._out_messages and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pub._client._out_messages, "Alice is with paho, unacknowledged"
+        broker.proc.kill()  # and dies with Alice unstored
+        broker.proc.wait(5)
+        broker.proc = None
+        deadline = time.monotonic() + 10
+        while pub.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pub.connected
+        pub.publish(Message(TOPICS.wearer, '{"wearer":null}', retain=True))
+        broker.start()
+        assert pub.wait_connected(40)
+        snap = _settled_snapshot(broker.port, pub)
+        assert snap[TOPICS.wearer] == '{"wearer":null}'
+        assert pub.stats.restored_after_resend == 1
     finally:
         pub.close()
         broker.stop()
@@ -316,18 +359,11 @@ def secure_broker(tmp_path: Path) -> Broker:
     """Mosquitto with a TLS listener (own CA, SAN 127.0.0.1) and a password file; no anonymous access."""
     passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     assert Path(passwd).exists(), "mosquitto_passwd is missing: apt-get install mosquitto"
-    d = tmp_path / "tls"
-    d.mkdir()
-    make_test_ca(d)
-    sign_test_cert(d, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    subprocess.run([passwd, "-c", "-b", str(d / "passwd"), "biod", "s3cret"], check=True, capture_output=True, timeout=30)
-    tls_port = free_port()
-    broker = Broker(port=free_port(), workdir=tmp_path, extra_conf=(
-        f"allow_anonymous false\npassword_file {d / 'passwd'}\nuser {getpass.getuser()}\n"
-        f"listener {tls_port} 127.0.0.1\ncafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\nkeyfile {d / 'server.key'}\n"))
-    broker.start()
-    broker.tls_port = tls_port  # type: ignore[attr-defined]
-    broker.ca = d / "ca.crt"  # type: ignore[attr-defined]
+    pw = tmp_path / "passwd"
+    subprocess.run([passwd, "-c", "-b", str(pw), "biod", "s3cret"], check=True, capture_output=True, timeout=30)
+    broker = start_tls_broker(tmp_path, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+                              extra_conf=f"allow_anonymous false\npassword_file {pw}\n")
+    broker.ca = broker.tls_dir / "ca.crt"  # type: ignore[attr-defined]
     yield broker
     broker.stop()
 

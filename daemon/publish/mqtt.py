@@ -46,6 +46,7 @@ class PublisherStats:
     connect_failures: int = 0  # attempts that reached no broker (nothing listening, no route, DNS)
     dropped_offline: int = 0  # non-retained messages not queued while the broker was away (stale on arrival)
     superseded_offline: int = 0  # retained states replaced by a newer one of the same topic while away
+    restored_after_resend: int = 0  # newest states sent again after paho re-sent an older one over them
     last_error: str | None = None
     connected_since: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +84,71 @@ def configure_tls(client: mqtt.Client, tls: TlsConfig) -> None:
     client.tls_insecure_set(tls.insecure)
 
 
+class _RetainedOrder:
+    """Which retained state of each topic the broker ends up holding.
+
+    WHY: on a reconnect paho calls ``on_connect`` first and only then re-sends the QoS 1 messages
+    the broker had not acknowledged before the link dropped. A state published just before a drop
+    (``wearer: Alice``) therefore reached the broker *after* the newer state held while it was away
+    (``wearer: null``), and the broker kept the stale wearer. Each retained publication gets a
+    generation number per topic; the broker acknowledges in the order it stored, so an ack of an
+    older generation after a newer one means the older one is what it holds now, and the newest is
+    sent again. Thread-safe; the lock is never held while calling paho (paho calls ``on_publish``
+    with its own message lock held, so holding ours around ``publish`` could deadlock)."""
+
+    EARLY_ACK_S = 5.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._latest: dict[str, tuple[int, Message]] = {}
+        self._acked: dict[str, int] = {}  # the newest generation per topic the broker acknowledged
+        self._in_flight: dict[int, tuple[str, int]] = {}  # paho message id -> (topic, generation)
+        self._early: dict[int, float] = {}  # acks that came before ``sent`` recorded their id -> when
+
+    def newest(self, msg: Message) -> int:
+        """``msg`` is now the newest state of its topic; its generation."""
+        with self._lock:
+            self._generation += 1
+            self._latest[msg.topic] = (self._generation, msg)
+            return self._generation
+
+    def latest(self, topic: str) -> tuple[int, Message] | None:
+        with self._lock:
+            return self._latest.get(topic)
+
+    def sent(self, mid: int, topic: str, generation: int) -> list[str]:
+        """paho took it as ``mid``; the topics whose newest state must be sent again (an ack that
+        raced ahead of this call is applied now)."""
+        with self._lock:
+            self._in_flight[mid] = (topic, generation)
+            acked_at = self._early.pop(mid, None)
+            if acked_at is not None and time.monotonic() - acked_at < self.EARLY_ACK_S:
+                return self._ack_locked(mid)
+            return []
+
+    def acked(self, mid: int) -> list[str]:
+        with self._lock:
+            if mid not in self._in_flight:
+                # not a tracked retained message, or its ack beat ``sent`` (a thread switch between
+                # paho's publish and ``sent``): remembered for a few seconds, never long enough
+                # for paho's message ids to wrap round to it
+                now = time.monotonic()
+                if len(self._early) >= 64:
+                    self._early = {m: t for m, t in self._early.items() if now - t < self.EARLY_ACK_S}
+                self._early[mid] = now
+                return []
+            return self._ack_locked(mid)
+
+    def _ack_locked(self, mid: int) -> list[str]:
+        topic, generation = self._in_flight.pop(mid)
+        newest_acked = self._acked.get(topic, 0)
+        if generation < newest_acked:
+            return [topic]  # an older state was stored after a newer one
+        self._acked[topic] = generation
+        return []
+
+
 class MqttPublisher:
     """Owns the paho client. Thread-safe: ``publish`` may be called from any thread."""
 
@@ -105,6 +171,7 @@ class MqttPublisher:
         self._handlers: dict[str, Callable[[str, bytes], None]] = {}
         # retained states published while the broker is away, newest per topic (see ``publish``)
         self._held: dict[str, Message] = {}
+        self._order = _RetainedOrder()
         self._closing = False
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -173,13 +240,30 @@ class MqttPublisher:
                         if msg.topic in self._held:
                             self.stats.superseded_offline += 1
                         self._held[msg.topic] = msg
+                        self._order.newest(msg)
                         return _not_sent()
                     if not queue_if_offline:
                         self.stats.dropped_offline += 1
                         return _not_sent()
-        info = self._client.publish(msg.topic, msg.payload, qos=self._qos(msg), retain=msg.retain)
+        info = self._send(msg, self._order.newest(msg) if msg.retain else None)
         self.stats.published += 1
         return info
+
+    def _send(self, msg: Message, generation: int | None) -> mqtt.MQTTMessageInfo:
+        """Hand ``msg`` to paho; a retained one is remembered by message id until the broker acks it."""
+        info = self._client.publish(msg.topic, msg.payload, qos=self._qos(msg), retain=msg.retain)
+        if generation is not None and info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._settle(self._order.sent(info.mid, msg.topic, generation))
+        return info
+
+    def _settle(self, stale_topics: list[str]) -> None:
+        """The broker now holds an older state than the newest of these topics: send the newest again."""
+        for topic in stale_topics:
+            latest = self._order.latest(topic)
+            if latest is not None:
+                self.stats.restored_after_resend += 1
+                log.info("mqtt: paho re-sent an older retained %s after its newest state; sending the newest again", topic)
+                self._send(latest[1], latest[0])
 
     def _qos(self, msg: Message) -> int:
         return self.cfg.qos if msg.qos is None else msg.qos
@@ -235,7 +319,8 @@ class MqttPublisher:
         with self._lock:
             held, self._held = list(self._held.values()), {}
             for msg in held:  # the newest state of each topic, before anything published after
-                client.publish(msg.topic, msg.payload, qos=self._qos(msg), retain=True)
+                latest = self._order.latest(msg.topic)
+                self._send(msg, latest[0] if latest else None)
                 self.stats.published += 1
             self._connected.set()
         if held:
@@ -304,6 +389,7 @@ class MqttPublisher:
                 log.exception("mqtt: handler for %s failed", msg.topic)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any = None, props: Any = None) -> None:
+        self._settle(self._order.acked(mid))
         for hook in self._publish_hooks:
             hook(mid)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -47,6 +48,7 @@ from daemon.publish.state import (
     iso8601,
     person_state_removal,
     sensor_state_message,
+    wearer_message,
 )
 from daemon.sources.factory import open_ecg_source
 from daemon.sources.serial_ecg import EcgChunk, EcgSource
@@ -270,14 +272,18 @@ class BiodApp:
         # retained per-person topics of persons removed while the daemon was not running
         sweep = lambda topic, payload: self._sweep_stale_person(publisher, topic, payload)  # noqa: E731
         if self.cfg.mqtt.discovery:
-            publisher.subscribe(self.discovery.person_config_pattern, sweep)
-        publisher.subscribe(self.topics.person_state_pattern, sweep)
+            publisher.subscribe(self.discovery.person_config_pattern, sweep, retained=True)
+        publisher.subscribe(self.topics.person_state_pattern, sweep, retained=True)
         sender.start()
         enrol_commands.start()
         # No enrolment runs in a process that just started: say so, replacing an ``enrolling``
         # state left retained by a daemon that crashed or lost power mid-enrolment (nothing else
         # would ever clear it). Held until the broker connects, and sent before anything newer.
         publisher.publish(enrol_state_message(self.topics, "idle"))
+        # Nobody wears the sensors in a process that just started, whatever a run that crashed or
+        # lost power left retained (``wearer: Alice`` stayed for ever; the persons' own
+        # ``wearing: true`` are corrected by the sweep). Held, so the first session replaces it.
+        publisher.publish(wearer_message(self.topics, None))
         publisher.start()
         stats.start()
 
@@ -587,10 +593,30 @@ class BiodApp:
         if not payload or not self._store_ok:
             return  # already cleared, or we cannot know who is enrolled
         slug = self.discovery.person_slug_of(topic) or self.topics.person_slug_of(topic)
-        if slug is None or slug in {slugify(name) for name in self.people}:
+        if slug is None:
+            return
+        if slug in {slugify(name) for name in self.people}:
+            if self.topics.person_slug_of(topic) is not None:
+                self._end_stale_wearing(publisher, topic, payload)
             return
         log.info("mqtt: %s belongs to %r, who is not enrolled on this hub; clearing it", topic, slug)
         publisher.publish(Message(topic, "", retain=True, qos=1))
+
+    @staticmethod
+    def _end_stale_wearing(publisher: MqttPublisher, topic: str, payload: bytes) -> None:
+        """An enrolled person's retained state says ``wearing: true`` but this process never
+        published it: a run that crashed or lost power mid-session left it, and Home Assistant
+        would show them wearing the sensors until their next session. Say they are not, keeping
+        when they were last seen; a state this process publishes on that topic always wins."""
+        try:
+            state = json.loads(payload)
+        except ValueError:
+            return
+        if not (isinstance(state, dict) and state.get("wearing") is True):
+            return
+        state.update(wearing=False, activity=None, heart_rate_bpm=None)
+        if publisher.publish_unless_written(Message(topic, json.dumps(state, separators=(",", ":")), retain=True, qos=1)):
+            log.info("mqtt: %s said 'wearing' from a run that ended without saying otherwise; set it to not wearing", topic)
 
     # -- enrolment from Home Assistant ------------------------------------------------------------
     def _start_enrolment(self, req: EnrolRequest, publisher: MqttPublisher) -> None:

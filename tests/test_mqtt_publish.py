@@ -300,10 +300,16 @@ def _settled_snapshot(port: int, pub: MqttPublisher, timeout: float = 15.0) -> d
     """The broker's retained messages once the publisher has nothing unacknowledged left (the held
     states are sent as the connection opens; on a loaded machine they arrive after a first look)."""
     deadline = time.monotonic() + timeout
-    while pub._client._out_messages and time.monotonic() < deadline:  # paho's unacked messages
-        time.sleep(0.05)
-    assert not pub._client._out_messages, "the publisher's messages were not acknowledged in time"
-    return retained_snapshot(port, f"{PREFIX}/#")
+    quiet_since = None
+    while time.monotonic() < deadline:  # nothing unacknowledged with paho for 0.3 s running
+        if pub._client._out_messages:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 0.3:
+            return retained_snapshot(port, f"{PREFIX}/#")
+        time.sleep(0.02)
+    raise AssertionError("the publisher's messages were not acknowledged in time")
 
 
 @pytest.mark.timeout(60)
@@ -563,3 +569,151 @@ def test_a_broker_that_is_not_there_is_reported_once_with_the_fix(caplog: pytest
         assert f"127.0.0.1:{port}" in lines[0] and "refused" in lines[0].lower() and "mqtt.host/port" in lines[0]
     finally:
         pub.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_state_handed_to_paho_as_the_link_drops_does_not_overwrite_the_newer_one(tmp_path: Path) -> None:
+    """``publish`` saw the link up, the link dropped before paho took the message: paho answers
+    NO_CONN but keeps it, and re-sends it after the state held meanwhile. It must be tracked like
+    a sent one (it was not, and the broker kept ``wearer: Alice``). The thread switch is forced."""
+    broker = Broker(port=free_port(), workdir=tmp_path)
+    broker.start()
+    pub = _publisher(broker.port)
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        real = pub._client.publish
+        rcs: list[int] = []
+
+        def preempted(*args, **kwargs):  # the publishing thread is paused until the link is gone
+            while pub._client._sock is not None:
+                time.sleep(0.001)
+            info = real(*args, **kwargs)
+            rcs.append(info.rc)
+            return info
+
+        pub._client.publish = preempted
+        t = threading.Thread(target=pub.publish, args=(Message(TOPICS.wearer, '{"wearer":"Alice"}', retain=True),))
+        t.start()
+        time.sleep(0.2)
+        broker.stop()
+        t.join(10)
+        pub._client.publish = real
+        assert rcs == [mqtt.MQTT_ERR_NO_CONN]
+        deadline = time.monotonic() + 10
+        while pub.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pub.publish(Message(TOPICS.wearer, '{"wearer":null}', retain=True))
+        broker.start()
+        assert pub.wait_connected(40)
+        assert _settled_snapshot(broker.port, pub)[TOPICS.wearer] == '{"wearer":null}'
+        assert pub.stats.restored_after_resend == 1
+    finally:
+        pub.close()
+        broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_session_left_open_by_a_crash_is_closed_on_start(tmp_path, mosquitto: Broker) -> None:
+    """A run killed or unpowered mid-session left ``wearer: Ann`` and Ann's ``wearing: true``
+    retained; the next start said ``online`` and left both for ever. Now nobody wears the sensors
+    at start, Ann's state keeps when she was last seen, and a person whose retained state is not
+    ``wearing`` is left as it is."""
+    import asyncio
+
+    import numpy as np
+
+    from daemon.app import BiodApp
+    from daemon.biometrics import MODELS_DIR, EcgModelRunner
+    from daemon.config import parse_config
+    from daemon.identity.store import Person, TemplateStore, slugify
+    from tests.conftest import until
+
+    cfg = parse_config(f"hub:\n  id: {HUB}\necg:\n  enabled: false\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\nstate_dir: {tmp_path / 'state'}\n")
+    ref = EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite").ref
+    rng = np.random.default_rng(0)
+    for name in ("Ann", "Bo"):
+        TemplateStore(cfg.store_path).add(Person(
+            id=f"id-{slugify(name)}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00", model=ref,
+            prototypes=rng.normal(size=(2, ref.dim)).astype(np.float32), prototype_labels=("rest", "walking"),
+            threshold=0.6, stats={}))
+    ann = {"name": "Ann", "wearing": True, "activity": "walking", "heart_rate_bpm": 88.0, "session_id": "s-old",
+           "last_seen": "2026-11-20T10:00:00Z"}
+    bo = {"name": "Bo", "wearing": False, "activity": None, "heart_rate_bpm": None, "session_id": "s-bo",
+          "last_seen": "2026-11-19T09:00:00Z"}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="crashed-run")
+    c.connect("127.0.0.1", mosquitto.port)
+    c.loop_start()
+    c.publish(TOPICS.wearer, json.dumps({"wearer": "Ann", "slug": "ann", "session_id": "s-old"}), qos=1, retain=True).wait_for_publish(5)
+    c.publish(TOPICS.person_state("ann"), json.dumps(ann), qos=1, retain=True).wait_for_publish(5)
+    c.publish(TOPICS.person_state("bo"), json.dumps(bo), qos=1, retain=True).wait_for_publish(5)
+    c.loop_stop()
+    c.disconnect()
+
+    def corrected() -> bool:
+        snap = retained_snapshot(mosquitto.port, f"{PREFIX}/#", 0.3)
+        return json.loads(snap.get(TOPICS.wearer, "{}")).get("wearer", "Ann") is None and \
+            json.loads(snap.get(TOPICS.person_state("ann"), "{}")).get("wearing") is False
+
+    async def run() -> None:
+        async with running(BiodApp(cfg)):
+            await until(corrected, 20, "the crashed session's wearer and wearing cleared")
+
+    asyncio.run(run())
+    snap = retained_snapshot(mosquitto.port, f"{PREFIX}/#")
+    assert json.loads(snap[TOPICS.person_state("ann")]) == {**ann, "wearing": False, "activity": None, "heart_rate_bpm": None}
+    assert json.loads(snap[TOPICS.person_state("bo")]) == bo
+
+
+def test_a_state_of_this_run_is_never_replaced_by_a_correction() -> None:
+    """``publish_unless_written`` is for what an earlier run left: once this process has
+    published on a topic, a correction of that topic is refused (checked and claimed in one step)."""
+    pub = _publisher(free_port())  # never started: everything is held
+    topic = TOPICS.person_state("ann")
+    assert pub.publish_unless_written(Message(topic, '{"wearing":false}', retain=True))
+    pub.publish(Message(topic, '{"wearing":true}', retain=True))
+    assert not pub.publish_unless_written(Message(topic, '{"wearing":false}', retain=True))
+    assert pub._held[topic].payload == '{"wearing":true}'
+
+
+@pytest.mark.timeout(60)
+def test_an_enrol_command_sent_while_the_hub_was_away_is_not_run_later(mosquitto: Broker, caplog) -> None:
+    """With our persistent session the broker queued a QoS 1 enrol command for the stopped hub
+    and the next start opened an enrolment for whoever wore the sensors hours later. Commands
+    are subscribed at QoS 0 (not queued), and a retained one is ignored with a warning."""
+    client_id = f"biod-q-{time.monotonic_ns()}"
+
+    def start_hub() -> tuple[MqttPublisher, list[EnrolRequest]]:
+        pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=mosquitto.port), PREFIX, client_id=client_id)
+        got: list[EnrolRequest] = []
+        EnrolCommands(pub, TOPICS, got.append).start()
+        pub.start()
+        assert pub.wait_connected(10)
+        return pub, got
+
+    pub, _ = start_hub()
+    time.sleep(0.5)
+    pub.close()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="script")
+    c.connect("127.0.0.1", mosquitto.port)
+    c.loop_start()
+    c.publish(TOPICS.enrol_set, '{"name": "Bob", "seconds": 90}', qos=1).wait_for_publish(5)  # nobody listens
+    c.publish(TOPICS.enrol_name_set, "Eve", qos=1, retain=True).wait_for_publish(5)
+    with caplog.at_level(logging.WARNING, logger="daemon.publish.mqtt"):
+        pub, got = start_hub()
+        try:
+            time.sleep(1.5)
+            assert got == []
+            assert any("ignored a retained command" in r.getMessage() and TOPICS.enrol_name_set in r.getMessage()
+                       for r in caplog.records)
+            c.publish(TOPICS.enrol_set, '{"name": "Bob", "seconds": 90}', qos=1).wait_for_publish(5)  # now: it runs
+            deadline = time.monotonic() + 5
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert got == [EnrolRequest("Bob", 90)]
+        finally:
+            pub.close()
+            c.publish(TOPICS.enrol_name_set, "", qos=1, retain=True).wait_for_publish(5)
+            c.loop_stop()
+            c.disconnect()

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -84,7 +85,57 @@ def test_a_corrupt_spool_is_moved_aside_and_replaced(tmp_path: Path, caplog) -> 
     assert len(spool) == 0 and spool.append(TOPIC, {"event_id": "e1"}) == 1
     aside = [p for p in d.iterdir() if p.name.startswith("events.sqlite3.corrupt-")]
     assert len(aside) == 1 and aside[0].read_bytes() == junk
-    assert any("moved it aside" in r.getMessage() and aside[0].name in r.getMessage() for r in caplog.records)
+    assert any("moved the file aside" in r.getMessage() and aside[0].name in r.getMessage() for r in caplog.records)
+
+
+def _spool_with_big_events(d: Path, n: int = 120) -> None:
+    """``n`` events of ~5 kB (each spills onto overflow pages, where SD-card damage hides from COUNT(*))."""
+    spool = EventSpool(d)
+    for i in range(n):
+        spool.append(TOPIC, {"event_id": f"e{i}", "pad": "x" * 5000})
+    spool.close()
+    con = sqlite3.connect(d / "events.sqlite3")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+
+
+def _damage_page(path: Path, page: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(page * 4096)
+        f.write(b"\xff" * 4096)
+
+
+def test_a_damaged_event_row_costs_that_event_not_the_spool(tmp_path: Path, caplog) -> None:
+    """One unreadable overflow page passed the open check (COUNT(*) does not read it), then every
+    ``pending`` raised and nothing was ever delivered again. Now the damage is found on open, the
+    events that can be read are kept, in order, and ``seq`` goes on where it was."""
+    d = tmp_path / "spool"
+    _spool_with_big_events(d)
+    pages = (d / "events.sqlite3").stat().st_size // 4096
+    _damage_page(d / "events.sqlite3", pages // 2)
+    with caplog.at_level("ERROR", logger="daemon.publish.spool"):
+        spool = EventSpool(d)
+    kept = spool.pending(0, 1000)
+    assert 100 <= len(kept) < 120 and len(spool) == len(kept)
+    assert [e.seq for e in kept] == sorted(e.seq for e in kept)
+    assert all(json.loads(e.payload)["event_id"] == f"e{e.seq - 1}" for e in kept)
+    assert spool.append(TOPIC, {"event_id": "new"}) == 121, "seq is never reused"
+    assert any(p.name.startswith("events.sqlite3.corrupt-") for p in d.iterdir())
+    assert any(f"kept the {len(kept)} undelivered" in r.getMessage() for r in caplog.records)
+
+
+def test_a_row_damaged_while_open_is_skipped_not_a_stop(tmp_path: Path) -> None:
+    """Damage after the open check: ``pending`` skips (and deletes) the unreadable rows and
+    returns the events after them, instead of raising on every pass for good."""
+    d = tmp_path / "spool"
+    _spool_with_big_events(d)
+    spool = EventSpool(d)
+    spool._db.execute("PRAGMA cache_size=1")  # read the pages from the file again, as after eviction
+    pages = (d / "events.sqlite3").stat().st_size // 4096
+    _damage_page(d / "events.sqlite3", pages // 2)
+    got = spool.pending(0, 1000)
+    assert 100 <= len(got) < 120
+    assert got[-1].seq == 120, "the events after the damaged one still go out"
 
 
 def test_an_unwritable_spool_directory_is_a_clear_error(tmp_path: Path) -> None:

@@ -84,6 +84,13 @@ def configure_tls(client: mqtt.Client, tls: TlsConfig) -> None:
     client.tls_insecure_set(tls.insecure)
 
 
+@dataclass(frozen=True)
+class _Subscription:
+    handler: Callable[[str, bytes], None]
+    qos: int
+    retained: bool | None  # None: every message; True: only retained replays; False: only live ones
+
+
 class _RetainedOrder:
     """Which retained state of each topic the broker ends up holding.
 
@@ -109,6 +116,15 @@ class _RetainedOrder:
     def newest(self, msg: Message) -> int:
         """``msg`` is now the newest state of its topic; its generation."""
         with self._lock:
+            self._generation += 1
+            self._latest[msg.topic] = (self._generation, msg)
+            return self._generation
+
+    def claim_if_unwritten(self, msg: Message) -> int | None:
+        """``newest(msg)`` if nothing was published on its topic yet, else None."""
+        with self._lock:
+            if msg.topic in self._latest:
+                return None
             self._generation += 1
             self._latest[msg.topic] = (self._generation, msg)
             return self._generation
@@ -168,7 +184,7 @@ class MqttPublisher:
         self.stats = PublisherStats()
         self._connected = threading.Event()
         self._lock = threading.Lock()
-        self._handlers: dict[str, Callable[[str, bytes], None]] = {}
+        self._handlers: dict[str, _Subscription] = {}
         # retained states published while the broker is away, newest per topic (see ``publish``)
         self._held: dict[str, Message] = {}
         self._order = _RetainedOrder()
@@ -251,8 +267,11 @@ class MqttPublisher:
 
     def _send(self, msg: Message, generation: int | None) -> mqtt.MQTTMessageInfo:
         """Hand ``msg`` to paho; a retained one is remembered by message id until the broker acks it."""
-        info = self._client.publish(msg.topic, msg.payload, qos=self._qos(msg), retain=msg.retain)
-        if generation is not None and info.rc == mqtt.MQTT_ERR_SUCCESS:
+        qos = self._qos(msg)
+        info = self._client.publish(msg.topic, msg.payload, qos=qos, retain=msg.retain)
+        # NO_CONN: the link dropped after ``publish`` saw it up; paho keeps a QoS>0 message and
+        # re-sends it after the held states, so it is tracked like a sent one
+        if generation is not None and (info.rc == mqtt.MQTT_ERR_SUCCESS or (info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0)):
             self._settle(self._order.sent(info.mid, msg.topic, generation))
         return info
 
@@ -283,12 +302,35 @@ class MqttPublisher:
         Keep hooks short and never block in them on a lock held around ``publish``."""
         self._connection_hooks.append(hook)
 
-    def subscribe(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
-        """Subscribe now and again after every reconnect."""
+    def subscribe(self, topic: str, handler: Callable[[str, bytes], None], *, qos: int = 1,
+                  retained: bool | None = None) -> None:
+        """Subscribe now and again after every reconnect.
+
+        ``qos=0`` for commands: with our persistent session the broker queues QoS 1 messages for
+        us while the hub is away, and an enrol command pressed hours ago would open an enrolment
+        window for whoever wears the sensors when the hub comes back. ``retained``: ``True``
+        hands ``handler`` only the retained messages the broker replays on subscribing (what a
+        previous run left), ``False`` only live ones (a retained command would run at every
+        connect), ``None`` both."""
         with self._lock:
-            self._handlers[topic] = handler
+            self._handlers[topic] = _Subscription(handler, qos, retained)
         if self._connected.is_set():
-            self._client.subscribe(topic, qos=1)
+            self._client.subscribe(topic, qos=qos)
+
+    def publish_unless_written(self, msg: Message) -> bool:
+        """Publish retained ``msg`` only if this process has not published on its topic: for
+        correcting what a previous run left on the broker without overwriting a state of ours
+        (the check and the claim are one step, so a state of ours published meanwhile wins)."""
+        generation = self._order.claim_if_unwritten(msg)
+        if generation is None:
+            return False
+        with self._lock:  # as in ``publish``: _on_connect sends what is held and sets _connected under it
+            if not self._connected.is_set():
+                self._held[msg.topic] = msg
+                return True
+        self._send(msg, generation)
+        self.stats.published += 1
+        return True
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
@@ -306,11 +348,11 @@ class MqttPublisher:
         log.info("mqtt: connected to %s:%d", self.cfg.host, self.cfg.port)
         client.publish(self.availability_topic, ONLINE, qos=1, retain=True)
         with self._lock:
-            topics = list(self._handlers)
+            topics = [(t, sub.qos) for t, sub in self._handlers.items()]
         if self.cfg.discovery:
-            topics.append(f"{self.cfg.discovery_prefix}/status")
-        for topic in topics:
-            client.subscribe(topic, qos=1)
+            topics.append((f"{self.cfg.discovery_prefix}/status", 1))
+        for topic, qos in topics:
+            client.subscribe(topic, qos=qos)
         self._send_discovery()
         # The hooks first: the event spool's hook marks a new connection, and its sender (another
         # thread) must not see us connected before that, or new events would overtake those paho
@@ -381,7 +423,11 @@ class MqttPublisher:
                 self._send_discovery()
             return
         with self._lock:
-            handlers = [h for t, h in self._handlers.items() if mqtt.topic_matches_sub(t, msg.topic)]
+            matching = [sub for t, sub in self._handlers.items() if mqtt.topic_matches_sub(t, msg.topic)]
+        handlers = [sub.handler for sub in matching if sub.retained in (None, bool(msg.retain))]
+        if msg.retain and msg.payload and any(sub.retained is False for sub in matching):
+            log.warning("mqtt: ignored a retained command on %s (it would run again at every connect); clear it "
+                        "with: mosquitto_pub -r -n -t '%s'", msg.topic, msg.topic)
         for handler in handlers:
             try:
                 handler(msg.topic, msg.payload)

@@ -18,9 +18,9 @@ Delivery (``SpoolSender``) is at-least-once with QoS 1 and in order:
   Mosquitto in tests/test_spool.py). paho does that *after* the on-connect callback, so a new
   event sent at once could overtake them: the sender waits until every message handed over
   before the reconnect is acknowledged, then resumes;
-* after a restart nothing is in paho, so everything still on disk is sent again: the only
-  duplicates are events whose PUBACK was lost when the daemon died (consumers dedupe by
-  ``event_id``).
+* after a restart nothing is in paho, so everything still on disk is sent again. Delivery is
+  at least once: an event whose PUBACK was lost (the link dropped after the broker took it, or
+  the daemon died) arrives twice, and consumers dedupe by ``event_id``.
 
 Bounded: when ``max_events`` or ``max_bytes`` would be exceeded the *oldest* events are dropped
 (a hub that was offline for days should report what is happening now; the drop is logged as a
@@ -66,6 +66,35 @@ class SpoolStats:
     dropped_full: int = 0
 
 
+def _readable_rows(path: Path) -> tuple[list[tuple[int, str, str, float]], int]:
+    """Every event row of a damaged spool that can still be read, and its next ``seq`` (1 if unreadable)."""
+    rows: list[tuple[int, str, str, float]] = []
+    next_seq = 1
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    except sqlite3.DatabaseError:
+        return rows, next_seq
+    try:
+        try:
+            next_seq = int(db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0])
+        except (sqlite3.DatabaseError, TypeError):
+            pass
+        try:
+            seqs = [int(s) for (s,) in db.execute("SELECT seq FROM events ORDER BY seq").fetchall()]
+        except sqlite3.DatabaseError:
+            seqs = []
+        for seq in seqs:
+            try:
+                row = db.execute("SELECT seq, topic, payload, created FROM events WHERE seq=?", (seq,)).fetchone()
+                json.loads(row[2])
+            except (sqlite3.DatabaseError, TypeError, ValueError):
+                continue
+            rows.append((int(row[0]), str(row[1]), str(row[2]), float(row[3])))
+    finally:
+        db.close()
+    return rows, next_seq
+
+
 class EventSpool:
     """Durable FIFO of (topic, JSON payload) rows. Thread-safe; every method is short."""
 
@@ -96,20 +125,27 @@ class EventSpool:
         try:
             db = self._connect()
         except sqlite3.DatabaseError as exc:
-            # A corrupt file (SD-card damage, a stray copy) would stop the daemon at every start,
-            # and systemd would restart it for ever: nobody is around to move it aside, so do it
-            # here and keep the file for whoever wants to look. Its events cannot be read anyway.
+            # A damaged file (SD-card damage, a stray copy) would stop the daemon at every start,
+            # or stop delivery for good at the first unreadable row, and nobody is around to fix
+            # it: keep every event that can still be read, move the file aside for whoever wants
+            # to look, and go on with a sound one.
+            rows, next_seq = _readable_rows(self.path)
             aside = self.path.with_name(f"{DB_NAME}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             try:
                 for suffix in ("", "-wal", "-shm"):
                     if Path(f"{self.path}{suffix}").exists():
                         os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
                 db = self._connect()
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
+                    db.execute("UPDATE meta SET value=? WHERE key='next_seq'",
+                               (max([next_seq] + [r[0] + 1 for r in rows]),))
             except (OSError, sqlite3.DatabaseError) as again:
                 raise SpoolError(f"spool: {self.path} is not a usable spool ({exc}) and could not be replaced ({again}); "
                                  "move it aside (its undelivered events are lost) and restart") from again
-            log.error("spool: %s was not a usable spool (%s); moved it aside to %s (the undelivered events in it are "
-                      "lost) and started an empty one", self.path, exc, aside.name)
+            log.error("spool: %s was damaged (%s); kept the %d undelivered event(s) that could still be read, moved the "
+                      "file aside to %s and carried on", self.path, exc, len(rows), aside.name)
         for suffix in ("-wal", "-shm"):
             side = Path(f"{self.path}{suffix}")
             if side.exists():
@@ -124,7 +160,11 @@ class EventSpool:
             db.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created REAL NOT NULL)")
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
-            db.execute("SELECT COUNT(*) FROM events").fetchone()
+            # COUNT(*) alone reads no overflow page: a damaged event row passed it and then stopped
+            # delivery at every ``pending`` for good
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check}")
         except sqlite3.DatabaseError:
             db.close()
             raise
@@ -181,9 +221,34 @@ class EventSpool:
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[SpooledEvent]:
         """Undelivered events with ``seq > after_seq``, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, topic, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                    (after_seq, limit)).fetchall()
+            try:
+                rows = self._db.execute("SELECT seq, topic, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                        (after_seq, limit)).fetchall()
+            except sqlite3.DatabaseError as exc:  # damaged since it was opened: skip the bad rows, not all of them
+                rows = self._readable_pending(after_seq, limit, exc)
         return [SpooledEvent(int(s), t, p) for s, t, p in rows]
+
+    def _readable_pending(self, after_seq: int, limit: int, exc: sqlite3.DatabaseError) -> list[tuple[int, str, str]]:
+        """Row by row: an event that cannot be read is deleted (its ``seq`` shows the gap to
+        consumers) so that every event after it still goes out."""
+        rows: list[tuple[int, str, str]] = []
+        for (seq,) in self._db.execute("SELECT seq FROM events WHERE seq > ? ORDER BY seq", (after_seq,)).fetchall():
+            if len(rows) >= limit:
+                break
+            try:
+                row = self._db.execute("SELECT seq, topic, payload FROM events WHERE seq=?", (seq,)).fetchone()
+            except sqlite3.DatabaseError:
+                log.error("spool: event seq %d in %s cannot be read (%s); it is lost, the events after it are sent",
+                          seq, self.path, exc)
+                try:
+                    self._db.execute("DELETE FROM events WHERE seq=?", (seq,))
+                    self._count -= 1
+                except sqlite3.DatabaseError:
+                    pass  # then it is skipped again next time; the ones after it still go out
+                continue
+            if row is not None:
+                rows.append(row)
+        return rows
 
     def remove(self, seqs: list[int]) -> None:
         """Forget delivered events (unknown seqs, e.g. dropped while in flight, are ignored)."""

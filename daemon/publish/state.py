@@ -302,8 +302,9 @@ class EnrolCommands:
 
     def start(self) -> None:
         self._publisher.subscribe(self._topics.enrol_name, self._on_name_echo)
-        self._publisher.subscribe(self._topics.enrol_name_set, self._on_name_set)
-        self._publisher.subscribe(self._topics.enrol_set, self._on_enrol_set)
+        # commands: live only, never queued for us while the hub is away (see MqttPublisher.subscribe)
+        self._publisher.subscribe(self._topics.enrol_name_set, self._on_name_set, qos=0, retained=False)
+        self._publisher.subscribe(self._topics.enrol_set, self._on_enrol_set, qos=0, retained=False)
 
     @property
     def name(self) -> str | None:

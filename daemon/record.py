@@ -176,11 +176,20 @@ class WfdbWriter:
         lines = [f"{self.record} {len(self.signals)} {self.fs_hz:g} {self.n_samples} "
                  f"{self.start:%H:%M:%S} {self.start:%d/%m/%Y}"]
         for i, s in enumerate(self.signals):
-            lines.append(f"{self.record}.dat {self.fmt} {s.gain:g}/{s.unit} {self.fmt} 0 "
+            lines.append(f"{self.record}.dat {self.fmt} {_gain_text(s.gain)}/{s.unit} {self.fmt} 0 "
                          f"{int(self._first[i])} {int(self._checksum[i])} 0 {s.name}")
         lines += [f"# {c}" for c in self.comments]
         lines += [f"# label {k}={v} samples {a}-{b}" for a, b, k, v in self._labels]
         _replace_private(self.hea_path, "\n".join(lines) + "\n")
+
+
+def _gain_text(gain: float) -> str:
+    """``gain`` as the shortest text that reads back as the same float ("20971.52", "1000").
+    WHY not ``:g``: its 6 significant digits stored the ECG box's 20971.52 counts/mV as
+    20971.5, so every reader scaled the exact 24-bit samples by a gain 1e-6 off (up to 0.38 uV
+    at full scale) and a record -> replay round trip was no longer bit-exact."""
+    text = repr(float(gain))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def imu_signals(acc_range_g: float, gyro_range_dps: float) -> list["WfdbSignal"]:

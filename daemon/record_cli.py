@@ -44,7 +44,7 @@ class _Stream:
         self.writer: WfdbWriter | None = None
         self.samples = 0
         self.fs = 1.0
-        self._flushed_s = 0
+        self._flushed_s = -1  # whole seconds on disk at the last flush; -1: none yet
 
     @property
     def seconds(self) -> float:  # from the sample count: summing 0.02 s steps drifts
@@ -70,8 +70,12 @@ class _Stream:
         self._wrote(n)
 
     def _wrote(self, n: int) -> None:
+        """Flush after the first chunk, then every second of signal: a power cut loses at most a
+        second. WHY the first chunk too: until a flush the header says 0 samples, which WFDB
+        reads as "unknown" (biod reads nothing, wfdb.rdrecord fails), so a recording killed
+        in its first second held samples no reader would show."""
         self.samples += n
-        if int(self.seconds) > self._flushed_s:  # a power cut loses at most a second
+        if int(self.seconds) > self._flushed_s:
             self._flushed_s = int(self.seconds)
             self.writer.flush()
 
@@ -91,12 +95,16 @@ def _ecg_discontinuity(ecg: _Stream, chunk: EcgChunk, reconnected: bool, seconds
     as this one, as the daemon assumes when it measures the same gap) are filled with "no
     sample" up to the requested length, so sample indices, labels and a replay keep the live
     timing: a replay drops exactly those frames again. A reconnect has no measurable length:
-    it is only noted, and a replay marks every lead off at that sample."""
+    it is only noted, and a replay marks every lead off at that sample; so is a restart of the
+    box within a session (its frame counter jumps back: no frames are counted lost)."""
     assert ecg.writer is not None  # the first chunk made the record; breaks come after it
     n = ecg.writer.n_samples
     if reconnected:
         ecg.note(f"reconnected before sample {n} (the box was re-opened; the time between is unknown "
                  "and the samples are joined there)")
+    elif chunk.device_restarted:  # noted as a reconnect: a replay marks the joint the same way
+        ecg.note(f"reconnected before sample {n} (the box restarted: its frame counter jumped back; the time "
+                 "between is unknown and the samples are joined there)")
     if chunk.lost_frames_before:
         lost = chunk.lost_frames_before * len(chunk.samples_mv)
         fill = min(lost, max(0, int(np.ceil(seconds * ecg.fs)) - ecg.samples))
@@ -108,11 +116,20 @@ def _ecg_discontinuity(ecg: _Stream, chunk: EcgChunk, reconnected: bool, seconds
 
 def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None) -> int:
     from daemon.dsp.imu import RECORD_LABELS
+    from daemon.identity.store import name_problem
 
     if label is not None and label not in RECORD_LABELS:
         print(f"biod record: --label {label!r} is not an activity the models know; use one of "
               f"{', '.join(RECORD_LABELS)}", file=sys.stderr)
         return 2
+    # The person goes into every header as a comment line: a newline in it (a name pasted with
+    # its CR/LF) made a record neither biod nor wfdb can read, found only at replay or training.
+    # The one name rule of biod, checked before anything is opened or written.
+    if person is not None:
+        if (problem := name_problem(person)) is not None:
+            print(f"biod record: --person: {problem}", file=sys.stderr)
+            return 2
+        person = person.strip()
 
     try:  # a bad --out is said before the devices are opened, not as a traceback at the first sample
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -158,7 +175,11 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
     connects = 0  # the source's sessions when the last chunk came: a change is a reconnect
     try:
         while time.monotonic() < deadline:
-            if (source is None or ecg.seconds >= seconds) and (imu is None or imu_rec.seconds >= seconds):
+            # A replay that played its recording once sends no more: its end ends the ECG record.
+            # (The state first: the source queued every chunk before it said "finished".)
+            ecg_done = (source is None or ecg.seconds >= seconds
+                        or (source.health.state == "finished" and ecg_q.empty()))
+            if ecg_done and (imu is None or imu_rec.seconds >= seconds):
                 break
             try:
                 chunk = ecg_q.get(timeout=0.1)

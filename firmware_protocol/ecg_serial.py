@@ -58,6 +58,9 @@ __all__ = [
     "ProtocolError",
     "encode_ack",
     "frames_missing",
+    "SEQ_RESTART_DELTA",
+    "SeqStep",
+    "seq_step",
     "encode_command",
     "encode_data_frame",
     "encode_device_info",
@@ -299,6 +302,47 @@ def frames_missing(last_seq: int, seq: int) -> int:
     """DATA frames the device produced between the frame ``last_seq`` and the frame ``seq``
     (section 5: the u16 counter wraps 65535 -> 0; 0 means ``seq`` follows on)."""
     return (seq - last_seq - 1) & 0xFFFF
+
+
+#: A forward step of the u16 DATA seq at least this large is a backwards jump (section 5).
+SEQ_RESTART_DELTA: int = 0x8000
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """How one DATA frame's seq follows the previous one (section 5).
+
+    ``lost``: frames the device produced in between that never arrived; ``duplicate``: the same
+    seq again (drop it); ``restart``: the counter jumped back (the device reset), which is no
+    loss: the time between is unknown, not measured in frames."""
+
+    lost: int = 0
+    duplicate: bool = False
+    restart: bool = False
+
+
+_IN_ORDER = SeqStep()
+_DUPLICATE = SeqStep(duplicate=True)
+_RESTART = SeqStep(restart=True)
+
+
+def seq_step(last_seq: int | None, seq: int) -> SeqStep:
+    """The section 5 rule for consecutive DATA frames, in ONE place for every consumer.
+
+    WHY shared: the decoder's statistics and the loss the host hands on with each frame must
+    agree. When each kept its own arithmetic, a device reset (seq 1099 -> 0) was a restart with no
+    loss for the decoder but ~64 000 lost frames for the source, and ``biod record`` filled the
+    rest of the recording with "no sample". ``last_seq`` None (first frame) is in order."""
+    if last_seq is None:
+        return _IN_ORDER
+    delta = (seq - last_seq) & 0xFFFF
+    if delta == 1:
+        return _IN_ORDER
+    if delta == 0:
+        return _DUPLICATE
+    if delta >= SEQ_RESTART_DELTA:
+        return _RESTART
+    return SeqStep(lost=delta - 1)
 
 
 # ------------------------------------------------------------------------------------- encoders
@@ -591,16 +635,12 @@ class Decoder:
         if not (uv > 0.0 and np.isfinite(uv)):
             raise ValueError(f"uV/LSB must be a positive finite number, got {uv}")
         self.stats.data_frames += 1
-        last = self._last_data_seq
-        if last is not None:
-            delta = (seq - last) & 0xFFFF
-            if delta == 0:
-                self.stats.duplicates += 1
-                return None
-            if delta < 0x8000:
-                self.stats.lost_frames += delta - 1
-            else:
-                self.stats.seq_restarts += 1
+        step = seq_step(self._last_data_seq, seq)
+        if step.duplicate:
+            self.stats.duplicates += 1
+            return None
+        self.stats.lost_frames += step.lost
+        self.stats.seq_restarts += step.restart
         self._last_data_seq = seq
         samples = _unpack_int24(memoryview(payload)[_DATA_HEAD_SIZE:], n, ch)
         return DataFrame(seq, ts, Electrode(lead_off), samples, float(uv))

@@ -103,9 +103,13 @@ def test_sigterm_ends_a_recording_with_its_files_complete(tmp_path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "record", "--config", str(cfg), "--out",
                              str(tmp_path / "r"), "--seconds", "60", "--label", "sitting"], cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def counted() -> int:  # samples the header says are on disk (it is rewritten at every flush)
+        heads = list((tmp_path / "r").glob("ecg_*.hea"))
+        return int(heads[0].read_text().split()[3]) if heads and heads[0].read_text() else 0
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list((tmp_path / "r").glob("ecg_*.labels.csv")):
-        time.sleep(0.2)  # the first flush (after a second of ECG) writes the labels
+    while time.monotonic() < deadline and not (list((tmp_path / "r").glob("ecg_*.labels.csv")) and counted() >= 500):
+        time.sleep(0.2)  # a second of ECG flushed, labels included
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, out + err
@@ -235,3 +239,101 @@ def test_read_wfdb_refuses_a_damaged_header_naming_the_file_and_the_problem(tmp_
     with open(tmp_path / "ecg_h.dat", "ab") as f:
         f.write(bytes(9 * 7))
     assert read_wfdb(tmp_path / "ecg_h.hea").physical.shape == (600, 3)
+
+
+def test_the_ecg_gain_is_stored_at_full_precision(tmp_path) -> None:
+    """The box's gain is 1000 / 0.0476837158203125 = 20971.52 counts/mV. Written with 6 digits
+    (20971.5) every reader scaled the exact samples 1e-6 off (0.38 uV at full scale); now the
+    record reads back bit-exact, with biod's reader and with PhysioNet's."""
+    from daemon.record import read_wfdb
+    from firmware_protocol.ecg_serial import DEFAULT_UV_PER_LSB, DataFrame, Electrode
+
+    gain = 1000.0 / DEFAULT_UV_PER_LSB
+    counts = np.random.default_rng(3).integers(-(1 << 23) + 1, 1 << 23, (2000, 3)).astype(np.int32)
+    counts[0] = [(1 << 23) - 1, -(1 << 23) + 1, 20971]
+    mv = DataFrame(0, 0, Electrode.NONE, counts).millivolts()  # what the source hands on
+    with WfdbWriter(tmp_path, "ecg_g", 500, [WfdbSignal(n, "mV", gain, 24) for n in ("I", "II", "III")]) as w:
+        w.write_physical(mv)
+    assert " 20971.52/mV " in (tmp_path / "ecg_g.hea").read_text()
+    exact = counts.astype(np.float64) * (DEFAULT_UV_PER_LSB / 1000.0)
+    own = read_wfdb(tmp_path / "ecg_g.hea")
+    assert [s.gain for s in own.signals] == [gain] * 3
+    np.testing.assert_array_equal(own.physical, exact)
+    ref = wfdb.rdrecord(str(tmp_path / "ecg_g"))
+    assert list(ref.adc_gain) == [gain] * 3
+    np.testing.assert_array_equal(wfdb.rdrecord(str(tmp_path / "ecg_g"), physical=False).d_signal, counts)
+    np.testing.assert_allclose(ref.p_signal, exact, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("person", ["Ann\nSmith", "Ann\tSmith", "unknown", "  "])
+def test_record_refuses_a_person_it_cannot_store_before_recording(tmp_path, capsys, person) -> None:
+    """--person goes into every header as a comment line: a newline in it made a record that
+    neither biod nor wfdb can read, found out only at replay or training. Refused with biod's
+    one name rule, before any device is opened or any file written."""
+    from daemon.config import parse_config
+    from daemon.record_cli import run_record
+
+    cfg = parse_config(f"hub: {{id: r}}\nstate_dir: {tmp_path / 'state'}\n"
+                       "ecg: {source: emulator, emulator: {recording: ludb-16, speed: 20}}\n")
+    assert run_record(cfg, tmp_path / "r", 5.0, None, person) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("biod record: --person: ") and ("control character" in err or "reserved" in err
+                                                         or "empty" in err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_record_stores_a_pasted_person_stripped(tmp_path) -> None:
+    """A name pasted with its line end is the name: stored stripped, and the record reads."""
+    from daemon.config import parse_config
+    from daemon.record import read_wfdb
+    from daemon.record_cli import run_record
+
+    cfg = parse_config(f"hub: {{id: r}}\nstate_dir: {tmp_path / 'state'}\n"
+                       "ecg: {source: emulator, emulator: {recording: ludb-16, speed: 20}}\n")
+    assert run_record(cfg, tmp_path / "r", 1.0, None, "Ann Smith\r\n") == 0
+    (hea,) = (tmp_path / "r").glob("ecg_*.hea")
+    assert read_wfdb(hea).comment_fields()["person"] == "Ann Smith"
+    assert "person Ann Smith" in wfdb.rdheader(str(hea.with_suffix(""))).comments
+
+
+def test_a_recording_killed_in_its_first_second_keeps_its_samples(tmp_path) -> None:
+    """The header is written after the first chunk, not only after a whole second: a record
+    killed (SIGKILL, power cut) before that said 0 samples, WFDB's "unknown": biod read nothing
+    and wfdb.rdrecord raised."""
+    from daemon.record import read_wfdb
+    from daemon.record_cli import _Stream
+
+    stream = _Stream(tmp_path, "ecg", "x", [], "sitting")
+    sigs = [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")]
+    stream.write(500, sigs, np.full((10, 3), 0.5, np.float32), np.ones(3, bool))
+    try:  # read as a power cut now would leave it: nothing closed
+        assert read_wfdb(tmp_path / "ecg_x.hea").physical.shape == (10, 3)
+        assert wfdb.rdrecord(str(tmp_path / "ecg_x")).sig_len == 10
+        assert (tmp_path / "ecg_x.labels.csv").read_text().splitlines()[1:] == ["0,10,activity,sitting"]
+    finally:
+        stream.close()
+
+
+def test_a_box_restart_is_noted_as_a_joint_not_as_a_gap(tmp_path) -> None:
+    """A box that resets and streams on (its frame counter jumps back) lost no frames: the record
+    notes the joint as for a reconnect (a replay marks it) and keeps recording, instead of
+    filling ~21 minutes with 'no sample'."""
+    from daemon.record import read_wfdb
+    from daemon.record_cli import _ecg_discontinuity, _Stream
+    from daemon.sources.serial_ecg import EcgChunk
+
+    def chunk(seq: int, restarted: bool = False) -> EcgChunk:
+        return EcgChunk(seq, seq * 0.02, np.full((10, 3), 0.25, np.float32), np.ones(3, bool), 500,
+                        device_restarted=restarted)
+
+    stream = _Stream(tmp_path, "ecg", "x", [], None)
+    stream.write(500, [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")], chunk(1099).samples_mv)
+    for c in (chunk(0, restarted=True), chunk(1)):
+        _ecg_discontinuity(stream, c, False, 60.0)
+        stream.write(c.rate_hz, None, c.samples_mv, c.lead_valid)
+    stream.close()
+    rec = read_wfdb(tmp_path / "ecg_x.hea")
+    assert rec.physical.shape == (30, 3) and rec.valid.all()
+    assert [c for c in rec.comments if c.startswith(("gap", "reconnected"))] == [
+        "reconnected before sample 10 (the box restarted: its frame counter jumped back; the time between is "
+        "unknown and the samples are joined there)"]

@@ -276,3 +276,132 @@ def test_a_lead_never_measured_replays_off_and_a_two_lead_record_gets_its_third(
         thread.join(5)
         box.close()
     assert set(valid) == {(True, False, False)}
+
+
+# --- a replay that does not loop plays once ---------------------------------------------------------
+
+def _short_record(folder, n: int = 1003) -> tuple[object, np.ndarray]:
+    """The first ``n`` samples of LUDB 16 as `biod record` writes them (the box's gain): not a
+    whole number of 10-sample frames, so the last frame is a short one."""
+    from firmware_protocol.ecg_serial import DEFAULT_UV_PER_LSB
+
+    leads = load_recording("ludb-16").leads_mv[:n]
+    sigs = [WfdbSignal(name, "mV", 1000.0 / DEFAULT_UV_PER_LSB, 24) for name in ("I", "II", "III")]
+    with WfdbWriter(folder, "ecg_once", 500, sigs) as w:
+        w.write_physical(leads)
+    from daemon.record import read_wfdb
+
+    return folder / "ecg_once.hea", read_wfdb(folder / "ecg_once.hea").physical
+
+
+@pytest.mark.timeout(60)
+def test_a_replay_that_does_not_loop_delivers_each_sample_once_and_says_it_finished(tmp_path, caplog) -> None:
+    """`loop: false` used to replay for ever: at the end the box went quiet, the source re-opened
+    it after stall_timeout_s and said START, and the box rewound to sample 0. Now every sample of
+    the record arrives exactly once, the source logs "replay finished" once and stays idle with
+    the ECG not live (state ``finished``, its thread alive: ``biod run`` keeps running)."""
+    import threading
+    import time
+
+    from daemon.sources.factory import open_ecg_source
+
+    hea, expected = _short_record(tmp_path)
+    cfg = parse_config(f"hub: {{id: t}}\nstate_dir: {tmp_path / 'state'}\n"
+                       f"ecg: {{source: replay, stall_timeout_s: 1, replay: {{path: {hea}, speed: 8, loop: false}}}}\n")
+    got: list = []
+    source, box = open_ecg_source(cfg, got.append)
+    source.BACKOFF_S = (0.2,)
+    caplog.set_level("INFO", logger="daemon.sources.serial_ecg")
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    thread.start()
+    delivered = lambda: sum(len(c.samples_mv) for c in list(got))  # noqa: E731
+    try:
+        deadline = time.monotonic() + 30
+        while source.health.state != "finished" and delivered() <= len(expected):
+            assert time.monotonic() < deadline, f"{delivered()} samples, state {source.health.state}"
+            time.sleep(0.05)
+        assert delivered() == len(expected), "the recording was played more than once"
+        time.sleep(2 * cfg.ecg.stall_timeout_s)  # a stall, a re-open and a START would fit in here
+        assert delivered() == len(expected) and thread.is_alive() and source.health.state == "finished"
+    finally:
+        stop.set()
+        thread.join(5)
+        box.close()
+    assert not thread.is_alive()
+    mv = np.concatenate([c.samples_mv for c in got])
+    np.testing.assert_allclose(mv, expected, rtol=0, atol=1e-6)  # sample for sample, the last 3 included
+    assert [len(c.samples_mv) for c in got][-1] == 3 and not any(c.lost_frames_before for c in got)
+    assert source.health.connects == 1 and source.health.errors == [] and box.finished
+    finished = [r.getMessage() for r in caplog.records if "replay finished" in r.getMessage()]
+    assert len(finished) == 1, finished
+
+
+@pytest.mark.timeout(60)
+def test_a_box_that_played_its_recording_once_stays_at_the_end(tmp_path) -> None:
+    """A real device does not rewind on START. The non-looping emulated box resumes where it
+    was after a STOP, and once the recording is over it ACKs START and streams nothing."""
+    import time
+
+    import serial
+
+    from daemon.sources.replay import ecg_recording
+    from firmware_protocol.ecg_serial import Ack, Command, DataFrame, Decoder, encode_command
+    from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
+
+    hea, expected = _short_record(tmp_path)
+    box = EcgBoxEmulator(ecg_recording(hea), rate_hz=500, speed=4.0, loop=False)
+    path = box.open_pty()
+    box.start()
+    port = serial.Serial(path, 460800, timeout=0.05)
+    dec, events = Decoder(), []
+
+    def command(cmd: Command, seq: int) -> None:
+        port.write(encode_command(cmd, seq=seq))
+        deadline = time.monotonic() + 5
+        while Ack(cmd) not in events:
+            assert time.monotonic() < deadline, f"no ACK for {cmd.name}"
+            events.extend(dec.feed(port.read(4096)))
+
+    def samples() -> int:
+        return sum(len(e.samples) for e in events if isinstance(e, DataFrame))
+
+    try:
+        command(Command.START, 1)
+        while samples() < 300:
+            events.extend(dec.feed(port.read(4096)))
+        command(Command.STOP, 2)
+        events.extend(dec.feed(port.read(4096)))
+        command(Command.START, 3)  # resumes: no sample twice
+        deadline = time.monotonic() + 20
+        while not box.finished:
+            assert time.monotonic() < deadline and samples() <= len(expected)
+            events.extend(dec.feed(port.read(4096)))
+        events.extend(dec.feed(port.read(4096)))
+        assert samples() == len(expected)
+        mv = np.concatenate([e.millivolts() for e in events if isinstance(e, DataFrame)])
+        np.testing.assert_allclose(mv, expected, rtol=0, atol=1e-6)  # each sample once, in order
+        events.clear()
+        command(Command.START, 4)  # a host re-opening the finished box
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            events.extend(dec.feed(port.read(4096)))
+        assert not [e for e in events if isinstance(e, DataFrame)] and not box.streaming
+    finally:
+        port.close()
+        box.close()
+
+
+@pytest.mark.timeout(60)
+def test_biod_record_of_a_replay_that_does_not_loop_ends_with_the_replay(tmp_path) -> None:
+    """`biod record` from `source: replay` stops when the replay has played once, with exactly
+    the record's samples, rather than recording repeats until --seconds (or waiting for ever)."""
+    import daemon.record_cli as record_cli
+    from daemon.record import read_wfdb
+
+    hea, expected = _short_record(tmp_path)
+    cfg = parse_config(f"hub: {{id: t}}\nstate_dir: {tmp_path / 'state'}\n"
+                       f"ecg: {{source: replay, stall_timeout_s: 1, replay: {{path: {hea}, speed: 8}}}}\n")
+    assert record_cli.run_record(cfg, tmp_path / "again", 60.0, None, None) == 0
+    (copy,) = (tmp_path / "again").glob("ecg_*.hea")
+    np.testing.assert_array_equal(read_wfdb(copy).physical, expected)  # bit-exact: the gain too

@@ -317,3 +317,155 @@ def test_frames_that_break_the_spec_are_logged_with_the_reason_and_counted(caplo
     assert "stopped sending data" in stall and "broke the protocol" in stall and "reserved lead-off bits" in stall
     lines = [r.getMessage() for r in caplog.records if "breaks biod ECG protocol v1" in r.getMessage()]
     assert len(lines) == 1, "one line per minute, not one per frame"
+
+
+class _PtyBox:
+    """A box scripted by the test behind a real pseudo-terminal: the source opens it with
+    pyserial, exactly as it opens hardware. It answers GET_INFO, STOP and SET_RATE by the
+    protocol; ``on_start(n, seq)`` gives the bytes it answers its n-th START (sent with ``seq``)
+    with, for behaviour the emulator, which keeps to the spec, never shows (a device reset that
+    resumes streaming, a command damaged on the line)."""
+
+    def __init__(self, on_start) -> None:
+        import os
+        import tty
+
+        from firmware_protocol import ecg_serial as proto
+
+        self._proto, self._on_start = proto, on_start
+        self._info = proto.DeviceInfo("scripted", "PTY-1", "fw-test", (250, 500, 1000), 500, 6.0, 3,
+                                      proto.DEFAULT_UV_PER_LSB)
+        self.master, self._slave = os.openpty()
+        tty.setraw(self._slave)  # held open, as the emulator does: a host closing is no hang-up
+        self.path = os.ttyname(self._slave)
+        self.starts = self.infos = 0
+        self._dec = proto.Decoder()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import os
+        import select
+
+        p = self._proto
+        while not self._stop.is_set():
+            if not select.select([self.master], [], [], 0.05)[0]:
+                continue
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                continue
+            out = bytearray()
+            for ev in self._dec.feed(data):
+                if not isinstance(ev, p.HostCommand):
+                    continue
+                if ev.command == p.Command.GET_INFO:
+                    self.infos += 1
+                    out += p.encode_device_info(self._info, ev.seq)
+                elif ev.command == p.Command.START:
+                    self.starts += 1
+                    out += self._on_start(self.starts, ev.seq)
+                else:
+                    out += p.encode_ack(ev.command, ev.seq)
+            if out:
+                os.write(self.master, bytes(out))  # blocking: the host reads as it goes
+
+    def close(self) -> None:
+        import os
+
+        self._stop.set()
+        self._thread.join(5)
+        os.close(self.master)
+        os.close(self._slave)
+
+
+def _frames(seqs) -> bytes:
+    from firmware_protocol import ecg_serial as proto
+
+    return b"".join(proto.encode_data_frame(s, s * 20_000, proto.Electrode.NONE, np.full((10, 3), 1000, np.int32))
+                    for s in seqs)
+
+
+def test_a_box_that_restarts_mid_stream_is_a_restart_not_65000_lost_frames() -> None:
+    """Spec section 5: a backwards seq jump is a device reset, no loss counted. The decoder
+    counted it so; the chunk handed on said ~64 000 frames lost (about 21 min), and `biod
+    record` filled the rest of the recording with 'no sample'. One rule now serves both."""
+    from firmware_protocol import ecg_serial as proto
+
+    def on_start(n: int, seq: int) -> bytes:  # a watchdog reset after seq 1099 that streams on
+        return proto.encode_ack(proto.Command.START, seq) + (_frames([*range(1000, 1100), *range(100)]) if n == 1 else b"")
+
+    box = _PtyBox(on_start)
+    got = Collector()
+    source = EcgSource(serial_opener(box.path, 460800), box.path, got, rate_hz=500)
+    thread, stop = _start(source)
+    try:
+        got.wait(200, 15)
+    finally:
+        stop.set()
+        thread.join(5)
+        box.close()
+    chunks = got.chunks[:200]
+    assert [c.seq for c in chunks] == [*range(1000, 1100), *range(100)]
+    assert [c.lost_frames_before for c in chunks] == [0] * 200
+    assert [c.seq for c in chunks if c.device_restarted] == [0]
+    assert source.health.lost_frames == 0 and source.health.connects == 1
+    # the shared rule, as the decoder and the source apply it
+    assert proto.seq_step(1099, 0) == proto.SeqStep(restart=True)
+    assert proto.seq_step(65535, 0) == proto.SeqStep() and proto.seq_step(65534, 1) == proto.SeqStep(lost=2)
+    assert proto.seq_step(7, 7).duplicate and proto.seq_step(None, 5) == proto.SeqStep()
+
+
+@pytest.mark.parametrize("first_reply", ["nak_bad_crc", "stale_ack"])
+def test_a_start_damaged_on_the_line_is_sent_again_not_taken_as_a_refusal(first_reply: str, caplog) -> None:
+    """NAK BAD_CRC means the box got a damaged copy (spec section 7), not that it refuses: the
+    host sends START again in the same session instead of tearing it down and re-opening the
+    port. A stale ACK for another command (seq never sent for START) is not START's answer."""
+    from firmware_protocol import ecg_serial as proto
+
+    def on_start(n: int, seq: int) -> bytes:
+        if n == 1:
+            if first_reply == "nak_bad_crc":
+                return proto.encode_nak(0, proto.ErrorCode.BAD_CRC)
+            return proto.encode_ack(proto.Command.SET_RATE, (seq + 100) & 0xFFFF)  # not START's, not its seq
+        return proto.encode_ack(proto.Command.START, seq) + _frames(range(50))
+
+    box = _PtyBox(on_start)
+    got = Collector()
+    source = EcgSource(serial_opener(box.path, 460800), box.path, got, rate_hz=500, stall_timeout_s=5.0)
+    caplog.set_level("WARNING", logger="daemon.sources.serial_ecg")
+    thread, stop = _start(source)
+    try:
+        got.wait(50, 15)
+    finally:
+        stop.set()
+        thread.join(5)
+        box.close()
+    assert source.health.errors == [] and source.health.connects == 1
+    assert (box.infos, box.starts) == (1, 2)  # one session: START sent twice, the port opened once
+    if first_reply == "nak_bad_crc":
+        assert any("START damaged (NAK BAD_CRC)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_box_that_keeps_receiving_start_damaged_is_named_after_three_tries() -> None:
+    """Bounded: three tries, then one error that names the code (BAD_CRC, not "(1)", which is
+    how an IntEnum formats on Python 3.11) and the fix."""
+    from firmware_protocol import ecg_serial as proto
+
+    box = _PtyBox(lambda n, seq: proto.encode_nak(0, proto.ErrorCode.BAD_CRC))
+    source = EcgSource(serial_opener(box.path, 460800), box.path, Collector(), rate_hz=500)
+    source.BACKOFF_S = (30.0,)
+    thread, stop = _start(source)
+    try:
+        deadline = time.monotonic() + 15
+        while not source.health.errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        starts = box.starts
+    finally:
+        stop.set()
+        thread.join(5)
+        box.close()
+    (error,) = source.health.errors
+    assert starts == 3
+    assert "did not start streaming" in error and "BAD_CRC" in error and "cable" in error, error

@@ -45,8 +45,11 @@ def open_ecg_source(cfg: BiodConfig, on_chunk: Callable[[EcgChunk], None]) -> tu
         path = emulator.open_pty()
         emulator.start()
         what = f"a replay of {recording.source}" if e.source == "replay" else f"recording {recording.name!r}"
-        log.info("ecg: emulated box streaming %s on %s at %gx", what, path, speed)
-        return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, baud=e.baud, **common), emulator
+        log.info("ecg: emulated box streaming %s on %s at %gx%s", what, path, speed, "" if loop else ", once")
+        # A box that plays its recording once tells the source when it is done: the source then
+        # logs "replay finished" and goes idle instead of re-opening a box with nothing to send.
+        return EcgSource(serial_opener(path, e.baud), f"emulator {path}", on_chunk, baud=e.baud,
+                         finished=None if loop else (lambda: emulator.finished), **common), emulator
     if e.source == "serial":
         if e.port is None:  # found by its USB serial number at every (re)open
             assert e.match_serial is not None  # the config validator guarantees one of them

@@ -5,7 +5,10 @@ open the transport, say STOP/GET_INFO/SET_RATE/START, turn data frames into ``Ec
 when anything goes wrong (port missing, cable pulled, box silent, wrong baud) log one line that
 names the cause and the fix, wait with back-off and start again. It never gives up: a hub runs
 unattended for months. The path is re-opened by name on every attempt, so a udev symlink that
-moves to a new /dev/ttyACMx after a replug is followed.
+moves to a new /dev/ttyACMx after a replug is followed. The one exception is an emulated box
+playing a recording once (``source: replay`` with ``loop: false``): when it has sent the last
+frame the source says "replay finished" once and stays idle (state ``finished``) until stopped,
+instead of re-opening a box that has nothing more to send.
 """
 from __future__ import annotations
 
@@ -35,13 +38,17 @@ class EcgChunk:
     lead_valid: np.ndarray  # bool (3,): a lead the box does not measure is invalid
     rate_hz: int
     lost_frames_before: int = 0
+    # The box's frame counter jumped back before this frame (spec section 5: it reset, e.g. a
+    # watchdog or brown-out reset, and streams again): no frames counted lost, but the time
+    # between is unknown, like a reconnect.
+    device_restarted: bool = False
 
 
 @dataclass
 class EcgHealth:
     """What ``biod doctor``, the stats topic and the watchdog look at."""
 
-    state: str = "connecting"  # connecting | streaming | stalled | disconnected
+    state: str = "connecting"  # connecting | streaming | stalled | disconnected | finished (a replay's end)
     device: proto.DeviceInfo | None = None
     connects: int = 0
     frames: int = 0
@@ -191,10 +198,34 @@ def three_leads(samples_mv: np.ndarray, lead_valid: np.ndarray) -> tuple[np.ndar
     return samples, valid
 
 
+def _reply_text(reply: object | None) -> str:
+    """A box's answer for a log line, error codes by name: an IntEnum formats as its bare number
+    ("(1)") on Python 3.11+, which nobody can look up."""
+    if reply is None:
+        return "no answer"
+    if isinstance(reply, proto.Nak):
+        err = reply.error
+        name = err.name if isinstance(err, proto.ErrorCode) else f"unknown error 0x{int(err):02x}"
+        if isinstance(err, proto.ErrorCode) and err == proto.ErrorCode.BAD_CRC:
+            return "NAK BAD_CRC to every try: the line damages commands; check the cable and ecg.baud"
+        return f"NAK {name}"
+    return type(reply).__name__
+
+
+def _answers(event: object, command: proto.Command, sent: set[int]) -> bool:
+    """Whether ``event`` answers ``command`` sent with one of the seqs in ``sent``."""
+    if isinstance(event, proto.DataFrame):
+        return True
+    if isinstance(event, (proto.Ack, proto.Nak)) and event.command != command:
+        return False
+    return getattr(event, "seq", None) in sent
+
+
 class EcgSource:
     """Runs in its own thread (``run``); hands chunks to ``on_chunk`` from that thread."""
 
     HANDSHAKE_TIMEOUT_S = 2.0
+    COMMAND_TRIES = 3  # spec section 6: declare the box unresponsive after 3 tries
     BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
     def __init__(
@@ -207,7 +238,11 @@ class EcgSource:
         match_serial: str | None = None,
         stall_timeout_s: float = 3.0,
         baud: int | None = None,
+        finished: Callable[[], bool] | None = None,
     ) -> None:
+        """``finished``: for an emulated box playing a recording once, True once the box has
+        written its last frame; the source then ends its sessions instead of re-opening the box
+        (which would only say START to a box with nothing left to play)."""
         self._open = opener
         self.describe = describe
         self._on_chunk = on_chunk
@@ -216,6 +251,8 @@ class EcgSource:
         self.stall_timeout_s = stall_timeout_s
         self.baud = baud
         self.health = EcgHealth()
+        self._finished = finished
+        self._command_seq = 0  # seq of the last command sent; replies echo it (spec section 5)
         self._last_seq: int | None = None
         self._pending: list[proto.DataFrame] = []
         self._protocol_error: str | None = None  # the latest spec violation of this session
@@ -227,7 +264,9 @@ class EcgSource:
         while not stop.is_set():
             connects = self.health.connects
             try:
-                self._session(stop)
+                if self._session(stop):
+                    self._replay_finished(stop)
+                    return
             except SourceError as exc:
                 self._fail(str(exc))
             except Exception as exc:  # never let one odd failure end a months-long run
@@ -244,13 +283,24 @@ class EcgSource:
             stop.wait(delay)
         self.health.state = "disconnected"
 
+    def _replay_finished(self, stop: threading.Event) -> None:
+        """The emulated box played its whole recording (``loop: false``): say so once and stay
+        idle until stopped. WHY not end the thread: ``biod run``'s watchdog treats a dead source
+        thread as a wedged daemon and systemd would restart it, playing the replay again; idle,
+        the daemon keeps running with the ECG not live (state ``finished``)."""
+        self.health.state = "finished"
+        log.info("ecg: replay finished: %s played its recording once (loop: false); no more ECG until biod "
+                 "restarts (set loop: true to play it again and again)", self.describe)
+        stop.wait()
+
     def _fail(self, message: str) -> None:
         self.health.state = "disconnected"
         self.health.last_error = message
         self.health.errors = (self.health.errors + [message])[-20:]
         log.error("ecg: %s", message)
 
-    def _session(self, stop: threading.Event) -> None:
+    def _session(self, stop: threading.Event) -> bool:
+        """One open-handshake-stream cycle; True when it ended because a replay finished."""
         self.health.state = "connecting"
         self._protocol_error = None
         transport = self._open()
@@ -262,7 +312,7 @@ class EcgSource:
             self.health.state = "streaming"
             log.info("ecg: streaming from %s (%s serial %s, firmware %s) at %d Hz",
                      self.describe, info.model, info.serial, info.firmware, self.rate_hz)
-            self._stream(transport, decoder, info, stop)
+            return self._stream(transport, decoder, info, stop)
         finally:
             try:
                 if stop.is_set():
@@ -287,37 +337,64 @@ class EcgSource:
         if info.rate_hz != self.rate_hz:
             reply = self._request(transport, decoder, proto.Command.SET_RATE, self.rate_hz, (proto.Ack, proto.Nak), stop)
             if not isinstance(reply, proto.Ack):
-                raise SourceError(f"box {info.serial} refused SET_RATE {self.rate_hz} ({getattr(reply, 'error', 'no answer')})")
+                raise SourceError(f"box {info.serial} refused SET_RATE {self.rate_hz} ({_reply_text(reply)})")
         self._last_seq = None
         reply = self._request(transport, decoder, proto.Command.START, 0, (proto.Ack, proto.Nak, proto.DataFrame), stop)
         if isinstance(reply, proto.Nak) or reply is None:
-            raise SourceError(f"box {info.serial} did not start streaming ({getattr(reply, 'error', 'no answer')})")
+            raise SourceError(f"box {info.serial} did not start streaming ({_reply_text(reply)})")
         return info
 
     def _request(self, transport: Transport, decoder: proto.Decoder, command: proto.Command, argument: int,
                  wanted: type | tuple[type, ...], stop: threading.Event) -> object | None:
-        for _attempt in range(3):
-            transport.write(proto.encode_command(command, argument))
+        """Send ``command`` until the box answers it, at most ``COMMAND_TRIES`` times; return the
+        answer (an event of a ``wanted`` type), else the last NAK BAD_CRC, else None.
+
+        A reply counts only if it answers this command: its seq echoes one of the seqs this
+        request sent (a slow box's answer to an earlier try is still the answer), and an ACK or
+        NAK names this command. WHY: a late reply to another command (a retried SET_RATE's
+        duplicate ACK) must not pass for START's. DATA frames count as START's answer (the box
+        streams, whatever became of its ACK). NAK BAD_CRC is not a refusal: the box received a
+        copy damaged on the line (its seq and type are untrusted, spec section 7), so the
+        command is sent again at once."""
+        sent: set[int] = set()
+        damaged: proto.Nak | None = None
+        for _attempt in range(self.COMMAND_TRIES):
+            self._command_seq = self._command_seq % 0xFFFF + 1  # 1..65535: a BAD_CRC NAK says seq 0
+            sent.add(self._command_seq)
+            transport.write(proto.encode_command(command, argument, self._command_seq))
             deadline = time.monotonic() + self.HANDSHAKE_TIMEOUT_S / 2
-            while time.monotonic() < deadline and not stop.is_set():
+            resend = False
+            while not resend and time.monotonic() < deadline and not stop.is_set():
                 events = decoder.feed(transport.read(4096))
                 for i, event in enumerate(events):
                     if isinstance(event, proto.ProtocolError):
                         self._report_protocol_error(event)
-                    if isinstance(event, wanted):
+                    elif isinstance(event, proto.Nak) and event.error == proto.ErrorCode.BAD_CRC:
+                        damaged, resend = event, True
+                        log.warning("ecg: box %s received %s damaged (NAK BAD_CRC); sending it again",
+                                    self.describe, command.name)
+                    elif isinstance(event, wanted) and _answers(event, command, sent):
                         # Frames that arrived in the same read as the reply are data, not noise.
                         self._pending = [e for e in events[i:] if isinstance(e, proto.DataFrame)]
                         return event
-        return None
+        return damaged
 
-    def _stream(self, transport: Transport, decoder: proto.Decoder, info: proto.DeviceInfo, stop: threading.Event) -> None:
+    def _stream(self, transport: Transport, decoder: proto.Decoder, info: proto.DeviceInfo, stop: threading.Event) -> bool:
+        """Hand on the box's frames until stopped (False) or a replay's box has sent its last
+        frame and every byte of it was read (True); raise SourceError when the box stalls."""
         last_data = time.monotonic()
         base = {name: getattr(self.health, name) for name in self._COUNTERS}
         pending, self._pending = self._pending, []
         for frame in pending:
             self._emit(frame)
         while not stop.is_set():
+            # Asked before the read: if the box had finished then, an empty read means its last
+            # frame was already read (asked after, a frame written in between would be lost).
+            finished = self._finished is not None and self._finished()
             data = transport.read(4096)
+            if finished and not data:
+                self._account(decoder.stats, base)
+                return True
             now = time.monotonic()
             for event in decoder.feed(data):
                 if isinstance(event, proto.DataFrame):
@@ -330,6 +407,7 @@ class EcgSource:
                 self.health.state = "stalled"
                 why = f" (its last frames broke the protocol: {self._protocol_error})" if self._protocol_error else ""
                 raise SourceError(f"box {info.serial} stopped sending data for {self.stall_timeout_s:.0f} s{why}; re-opening {self.describe}")
+        return False
 
     PROTOCOL_ERROR_LOG_EVERY_S = 60.0
 
@@ -346,9 +424,9 @@ class EcgSource:
                       self.describe, event.frame_type, event.seq, event.reason)
 
     def _emit(self, frame: proto.DataFrame) -> None:
-        lost = 0
-        if self._last_seq is not None:
-            lost = proto.frames_missing(self._last_seq, frame.seq)
+        # The decoder's own rule (it already dropped duplicates): a backwards jump is a device
+        # restart, not 64 000 lost frames.
+        step = proto.seq_step(self._last_seq, frame.seq)
         self._last_seq = frame.seq
         self.health.last_frame_at = time.monotonic()
         samples, valid = three_leads(frame.millivolts(), frame.lead_valid())
@@ -358,7 +436,8 @@ class EcgSource:
             samples_mv=samples,
             lead_valid=valid,
             rate_hz=self.rate_hz,
-            lost_frames_before=lost,
+            lost_frames_before=step.lost,
+            device_restarted=step.restart,
         ))
 
     _COUNTERS = ("frames", "crc_errors", "protocol_errors", "lost_frames", "duplicates", "resyncs", "discarded_bytes")

@@ -120,6 +120,13 @@ class EcgBoxEmulator:
     Lifecycle: construct, open a transport (:meth:`open_pty` or :meth:`serve_tcp`), :meth:`start`
     (power on: a background thread answers commands and streams after START), then
     :meth:`stop`/:meth:`close`. As a context manager it starts on entry and closes on exit.
+
+    ``loop=True`` (a demo) plays the recording round and round, from its start at every START.
+    ``loop=False`` (a replay of a household's own record) plays it once: a START after a STOP or
+    a reconnect resumes where the box was, the last frame holds whatever samples are left (so
+    every sample is sent exactly once), and from then on :attr:`finished` is True and START is
+    ACKed but streams nothing. WHY: rewinding at every START made a host that re-opens a silent
+    box (every host does) replay the recording for ever.
     """
 
     def __init__(
@@ -160,6 +167,7 @@ class EcgBoxEmulator:
         self._rate = rate_hz
         self._signal = self._make_signal(rate_hz)
         self._streaming = False
+        self._finished = False  # loop=False and the last sample was sent
         self._data_seq = 0
         self._pos = 0
         self._samples_streamed = 0
@@ -200,6 +208,12 @@ class EcgBoxEmulator:
     @property
     def streaming(self) -> bool:
         return self._streaming
+
+    @property
+    def finished(self) -> bool:
+        """True once a box with ``loop=False`` has written the recording's last frame to the
+        link: it sends no more DATA (until :meth:`set_recording`)."""
+        return self._finished
 
     @property
     def device_path(self) -> str | None:
@@ -427,6 +441,7 @@ class EcgBoxEmulator:
             self._present = recording.lead_present.copy()
             self._signal = self._make_signal(self._rate)
             self._pos = 0
+            self._finished = False
 
     def set_lead_off(self, mask: Electrode) -> None:
         """Report these electrodes off (replaces the previous mask; the recording's absent leads
@@ -469,7 +484,8 @@ class EcgBoxEmulator:
             self._device_us += int((now - self._idle_since) * 1e6 * self.speed)
         self._streaming = True
         self._stream_base_us = self._device_us
-        self._pos = 0
+        if self.loop:  # a demo starts at the top; a replay resumes (see the class docstring)
+            self._pos = 0
         self._samples_streamed = 0
         self._t_anchor = now
         self._frames_scheduled = 0
@@ -504,6 +520,7 @@ class EcgBoxEmulator:
                 return encode_nak(cmd, ErrorCode.UNSUPPORTED_RATE, seq)
             if arg != self._rate:
                 self._signal = self._make_signal(arg)
+                self._pos = self._pos * arg // self._rate  # the same place in the recording
                 self._rate = arg
             return encode_ack(cmd, seq)
         if arg != 0:
@@ -513,7 +530,7 @@ class EcgBoxEmulator:
             return encode_device_info(self.device_info, seq)
         if cmd == Command.START:
             reply = encode_ack(cmd, seq)
-            if not self._streaming:
+            if not self._streaming and not self._finished:  # a finished replay has nothing to send
                 self._start_streaming_locked()
             return reply
         if cmd == Command.STOP:
@@ -523,12 +540,15 @@ class EcgBoxEmulator:
         return encode_nak(cmd, ErrorCode.UNKNOWN_COMMAND, seq)
 
     def _next_frame_locked(self) -> bytes | None:
-        """Produce the next DATA frame (or None when it was dropped or the recording ended)."""
+        """Produce the next DATA frame (or None when it was dropped or the recording ended).
+        Without ``loop`` the last frame holds the samples left, fewer than ``samples_per_frame``
+        when the recording is not a whole number of frames (the spec allows 1..255 a frame)."""
         n = self.samples_per_frame
         total = self._signal.shape[0]
-        if not self.loop and self._pos + n > total:
-            self._stop_streaming_locked()
-            return None
+        if not self.loop:
+            n = min(n, total - self._pos)
+            if n <= 0:
+                return None
         idx = (self._pos + np.arange(n)) % total
         samples = self._signal[idx]
         lead_off = self.lead_off
@@ -682,12 +702,16 @@ class EcgBoxEmulator:
                 break
             self._frames_scheduled += 1
             frame = self._next_frame_locked()
-            if frame is None:
-                continue
-            if self._write(frame):
-                self.frames_sent += 1
-            else:
-                self.frames_overflowed += 1
+            if frame is not None:
+                if self._write(frame):
+                    self.frames_sent += 1
+                else:
+                    self.frames_overflowed += 1
+            if not self.loop and self._pos >= self._signal.shape[0]:
+                # Set only now, after the write: a host that sees ``finished`` and then reads
+                # nothing has read the last frame.
+                self._finished = True
+                self._stop_streaming_locked()
 
 
 # ------------------------------------------------------------------------------------------ CLI

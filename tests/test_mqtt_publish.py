@@ -187,6 +187,31 @@ def test_events_flow_from_tracker_through_spool_to_the_events_topic(tmp_path: Pa
         pub.close()
 
 
+@pytest.mark.timeout(30)
+def test_an_event_the_spool_cannot_store_still_goes_out_and_the_session_goes_on(
+        tmp_path: Path, mosquitto: Broker, capture: Capture, caplog: pytest.LogCaptureFixture) -> None:
+    """A full or broken state_dir made ``submit`` raise inside the ECG pipeline: the wearer's
+    state stopped and the pipeline task ended. Now the event is sent without the spool, said so."""
+    pub = _publisher(mosquitto.port)
+    pub.start()
+    assert pub.wait_connected(5)
+    spool = EventSpool(tmp_path / "spool")
+    sender = SpoolSender(spool, pub)
+    spool.close()  # the spool can no longer store anything
+    tr = EventTracker(TrackerConfig(min_update_interval_s=0), id_factory=(f"s{i}" for i in itertools.count()).__next__)
+    sessions = SessionPublisher(tr, sender, pub, TOPICS)
+    try:
+        with caplog.at_level(logging.ERROR, logger="daemon.publish.state"):
+            sessions.observe(_obs(0))
+        got = capture.wait_for(lambda m: [json.loads(p) for t, p, _ in m if t == TOPICS.events], 10, "the event")
+        assert [(e["type"], e["id"]) for e in got] == [("new", "s0")]
+        assert any("could not store the new event of session s0" in r.getMessage() for r in caplog.records)
+        capture.wait_for(lambda m: [p for t, p, _ in m if t == TOPICS.wearer], 10, "the wearer state")
+        assert json.loads(retained_snapshot(mosquitto.port, TOPICS.wearer)[TOPICS.wearer])["wearer"] == "Alice"
+    finally:
+        pub.close()
+
+
 # -- stats ---------------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
 def test_stats_reporter_publishes_periodically_and_survives_a_bad_collector(mosquitto: Broker, capture: Capture,
@@ -717,3 +742,18 @@ def test_an_enrol_command_sent_while_the_hub_was_away_is_not_run_later(mosquitto
             c.publish(TOPICS.enrol_name_set, "", qos=1, retain=True).wait_for_publish(5)
             c.loop_stop()
             c.disconnect()
+
+
+def test_default_entity_ids_are_valid_home_assistant_entity_ids() -> None:
+    """``hub.id`` may hold capitals and dashes; ``sensor.biod_Living_Room_wearer`` is not an
+    entity id Home Assistant accepts (its rule, homeassistant/core.py ``valid_entity_id``)."""
+    import re
+
+    valid = re.compile(r"^(?!.+__)(?!_)[\da-z_]+(?<!_)\.(?!_)[\da-z_]+(?<!_)$")
+    hub = "Living--Room-"
+    configs = [json.loads(m.payload) for m in
+               ha.HubDiscovery("homeassistant", hub, "Living room", Topics(f"biod/{hub}"), ACTIVITIES).messages(["Zoë Ghost", "Al"])
+               if m.payload]
+    assert configs and all(valid.match(c["default_entity_id"]) for c in configs), \
+        [c["default_entity_id"] for c in configs if not valid.match(c["default_entity_id"])]
+    assert any(c["default_entity_id"] == "sensor.biod_living_room_wearer" for c in configs)

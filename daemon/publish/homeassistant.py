@@ -14,6 +14,7 @@ and re-sent when Home Assistant announces ``online``: see ``MqttPublisher``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,13 @@ EVENT_TYPES = ("new", "update", "end")
 
 
 AVAILABILITY_TEMPLATE = "{{ 'online' if value == 'online' else 'offline' }}"
+
+def entity_object_id(hub_id: str, key: str) -> str:
+    """The object id of an entity's ``default_entity_id``, valid as Home Assistant requires
+    (lowercase letters, digits and single underscores, none at either end). WHY: ``hub.id``
+    may be ``Living-Room``, and ``sensor.biod_Living_Room_wearer`` is not an entity id."""
+    return re.sub(r"[^a-z0-9]+", "_", f"biod_{hub_id}_{key}".lower()).strip("_")
+
 
 def device_block(hub_id: str, hub_name: str) -> dict[str, Any]:
     return {
@@ -67,7 +75,7 @@ def sensor_config(
     payload: dict[str, Any] = {
         "name": name,
         "unique_id": f"biod_{hub_id}_{key}",
-        "default_entity_id": f"{component}.biod_{hub_id}_{key}".replace("-", "_"),
+        "default_entity_id": f"{component}.{entity_object_id(hub_id, key)}",
         "availability_topic": topics.availability,
         # biod says `stopped` on a clean exit (`offline` is the last will of a crash); Home
         # Assistant ignores any payload but these two, so map everything else to offline

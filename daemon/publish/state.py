@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -218,7 +219,16 @@ class SessionPublisher:
     def _emit(self, events: list[Event]) -> list[Event]:
         for event in events:
             stamped = self._stamped(event)
-            self._sender.submit(self._topics.events, stamped.to_dict())
+            try:
+                self._sender.submit(self._topics.events, stamped.to_dict())
+            except (sqlite3.Error, OSError) as exc:
+                # A full or failing state_dir must not end the ECG pipeline (the wearer's state
+                # would stop too): the event goes straight to paho, without the spool's
+                # guarantee (lost if the broker is away and the daemon stops), and it is said.
+                log.error("spool: could not store the %s event of session %s (%s); sent it without the spool: "
+                          "free space in state_dir or fix its permissions", event.type, event.after.id, exc)
+                self._publisher.publish(Message(self._topics.events, _json(stamped.to_dict()), retain=False, qos=1),
+                                        queue_if_offline=True)
             for msg in messages_for_event(self._topics, stamped):
                 self._publisher.publish(msg)
         return events

@@ -287,22 +287,32 @@ def test_non_retained_messages_are_not_queued_while_offline() -> None:
     assert pub.stats.dropped_offline == 1, "retained state is held, not dropped: the newest state must arrive"
 
 
+def _connected_publisher(tmp_path: Path) -> tuple[Broker, MqttPublisher]:
+    """An own broker (so the test can stop, hang or kill it) and a publisher connected to it."""
+    broker = Broker(port=free_port(), workdir=tmp_path)
+    broker.start()
+    pub = _publisher(broker.port)
+    pub.start()
+    assert pub.wait_connected(10)
+    return broker, pub
+
+
+def _wait_disconnected(pub: MqttPublisher, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pub.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.mark.timeout(60)
 def test_a_long_outage_ends_with_the_newest_retained_states_not_a_stale_wearer(tmp_path: Path) -> None:
     """A day offline is ~800 retained sensor states an hour. Queued in paho, they filled its
     10 000-message queue, every later publish failed (the session's final ``wearer: null``
     among them) and the broker kept the stale wearer. Only the newest state per topic is held."""
-    broker = Broker(port=free_port(), workdir=tmp_path)
-    broker.start()
-    pub = _publisher(broker.port)
-    pub.start()
+    broker, pub = _connected_publisher(tmp_path)
     try:
-        assert pub.wait_connected(10)
         pub.publish(Message(TOPICS.wearer, '{"wearer":"Alice"}', retain=True))
         broker.stop()
-        deadline = time.monotonic() + 10
-        while pub.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_disconnected(pub)
         assert not pub.connected
         sent_before = pub.stats.published
         for i in range(12_000):  # more than paho's queue holds
@@ -343,12 +353,8 @@ def test_a_state_unacknowledged_at_the_drop_does_not_overwrite_the_newer_one(tmp
     held during the outage go out. ``wearer: Alice`` published as the broker hung then reached the
     new broker after ``wearer: null`` and stayed retained: the person had left, Home Assistant
     said Alice was wearing the sensors (this failed CI once, by chance; here it is made certain)."""
-    broker = Broker(port=free_port(), workdir=tmp_path)
-    broker.start()
-    pub = _publisher(broker.port)
-    pub.start()
+    broker, pub = _connected_publisher(tmp_path)
     try:
-        assert pub.wait_connected(10)
         os.kill(broker.proc.pid, signal.SIGSTOP)  # the broker hangs: it reads and acks nothing
         pub.publish(Message(TOPICS.wearer, '{"wearer":"Alice"}', retain=True))
         deadline = time.monotonic() + 5
@@ -358,9 +364,7 @@ def test_a_state_unacknowledged_at_the_drop_does_not_overwrite_the_newer_one(tmp
         broker.proc.kill()  # and dies with Alice unstored
         broker.proc.wait(5)
         broker.proc = None
-        deadline = time.monotonic() + 10
-        while pub.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_disconnected(pub)
         assert not pub.connected
         pub.publish(Message(TOPICS.wearer, '{"wearer":null}', retain=True))
         broker.start()
@@ -439,6 +443,26 @@ def test_a_broker_that_drops_the_link_before_accepting_it_is_reported(secure_bro
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "mqtt.tls" in lines[0]  # once, with the fix
 
 
+def _hub_with_people(tmp_path: Path, port: int, names: tuple[str, ...]):
+    """A daemon config for the test broker, ECG off, with ``names`` enrolled (random templates)."""
+    import numpy as np
+
+    from daemon.biometrics import MODELS_DIR, EcgModelRunner
+    from daemon.config import parse_config
+    from daemon.identity.store import Person, TemplateStore, slugify
+
+    cfg = parse_config(f"hub:\n  id: {HUB}\necg:\n  enabled: false\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {port}\nstate_dir: {tmp_path / 'state'}\n")
+    ref = EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite").ref
+    rng = np.random.default_rng(0)
+    for name in names:
+        TemplateStore(cfg.store_path).add(Person(
+            id=f"id-{slugify(name)}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00", model=ref,
+            prototypes=rng.normal(size=(2, ref.dim)).astype(np.float32), prototype_labels=("rest", "walking"),
+            threshold=0.6, stats={}))
+    return cfg
+
+
 # -- the daemon's retained per-person topics ------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_path, mosquitto: Broker) -> None:
@@ -446,23 +470,11 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
     retained Home Assistant entity and state are deleted, the enrolled person's are kept."""
     import asyncio
 
-    import numpy as np
-
     from daemon.app import BiodApp
-    from daemon.biometrics import MODELS_DIR, EcgModelRunner
-    from daemon.config import parse_config
-    from daemon.identity.store import Person, TemplateStore, slugify
+    from daemon.identity.store import TemplateStore
     from tests.conftest import until
 
-    cfg = parse_config(f"hub:\n  id: {HUB}\necg:\n  enabled: false\n"
-                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\nstate_dir: {tmp_path / 'state'}\n")
-    ref = EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite").ref
-    rng = np.random.default_rng(0)
-    for name in ("Ann", "Zoë Ghost"):
-        TemplateStore(cfg.store_path).add(Person(
-            id=f"id-{slugify(name)}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00", model=ref,
-            prototypes=rng.normal(size=(2, ref.dim)).astype(np.float32), prototype_labels=("rest", "walking"),
-            threshold=0.6, stats={}))
+    cfg = _hub_with_people(tmp_path, mosquitto.port, ("Ann", "Zoë Ghost"))
     disc = _discovery([])
     ghost_cfg = disc.person_messages("Zoë Ghost")[0].topic
     ann_cfg = disc.person_messages("Ann")[0].topic
@@ -601,12 +613,8 @@ def test_a_state_handed_to_paho_as_the_link_drops_does_not_overwrite_the_newer_o
     """``publish`` saw the link up, the link dropped before paho took the message: paho answers
     NO_CONN but keeps it, and re-sends it after the state held meanwhile. It must be tracked like
     a sent one (it was not, and the broker kept ``wearer: Alice``). The thread switch is forced."""
-    broker = Broker(port=free_port(), workdir=tmp_path)
-    broker.start()
-    pub = _publisher(broker.port)
-    pub.start()
+    broker, pub = _connected_publisher(tmp_path)
     try:
-        assert pub.wait_connected(10)
         real = pub._client.publish
         rcs: list[int] = []
 
@@ -625,9 +633,7 @@ def test_a_state_handed_to_paho_as_the_link_drops_does_not_overwrite_the_newer_o
         t.join(10)
         pub._client.publish = real
         assert rcs == [mqtt.MQTT_ERR_NO_CONN]
-        deadline = time.monotonic() + 10
-        while pub.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_disconnected(pub)
         pub.publish(Message(TOPICS.wearer, '{"wearer":null}', retain=True))
         broker.start()
         assert pub.wait_connected(40)
@@ -646,23 +652,10 @@ def test_a_session_left_open_by_a_crash_is_closed_on_start(tmp_path, mosquitto: 
     ``wearing`` is left as it is."""
     import asyncio
 
-    import numpy as np
-
     from daemon.app import BiodApp
-    from daemon.biometrics import MODELS_DIR, EcgModelRunner
-    from daemon.config import parse_config
-    from daemon.identity.store import Person, TemplateStore, slugify
     from tests.conftest import until
 
-    cfg = parse_config(f"hub:\n  id: {HUB}\necg:\n  enabled: false\n"
-                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\nstate_dir: {tmp_path / 'state'}\n")
-    ref = EcgModelRunner.load(MODELS_DIR / "ecg_dualtask.tflite").ref
-    rng = np.random.default_rng(0)
-    for name in ("Ann", "Bo"):
-        TemplateStore(cfg.store_path).add(Person(
-            id=f"id-{slugify(name)}", name=name, slug=slugify(name), created="2026-01-01T00:00:00+00:00", model=ref,
-            prototypes=rng.normal(size=(2, ref.dim)).astype(np.float32), prototype_labels=("rest", "walking"),
-            threshold=0.6, stats={}))
+    cfg = _hub_with_people(tmp_path, mosquitto.port, ("Ann", "Bo"))
     ann = {"name": "Ann", "wearing": True, "activity": "walking", "heart_rate_bpm": 88.0, "session_id": "s-old",
            "last_seen": "2026-11-20T10:00:00Z"}
     bo = {"name": "Bo", "wearing": False, "activity": None, "heart_rate_bpm": None, "session_id": "s-bo",

@@ -387,6 +387,21 @@ def _frames(seqs) -> bytes:
                     for s in seqs)
 
 
+def _run_scripted(on_start, chunks: int, **source_kw) -> tuple[EcgSource, Collector, _PtyBox]:
+    """A source against a ``_PtyBox`` until ``chunks`` chunks came (or 15 s), then both stopped."""
+    box = _PtyBox(on_start)
+    got = Collector()
+    source = EcgSource(serial_opener(box.path, 460800), box.path, got, rate_hz=500, **source_kw)
+    thread, stop = _start(source)
+    try:
+        got.wait(chunks, 15)
+    finally:
+        stop.set()
+        thread.join(5)
+        box.close()
+    return source, got, box
+
+
 def test_a_box_that_restarts_mid_stream_is_a_restart_not_65000_lost_frames() -> None:
     """Spec section 5: a backwards seq jump is a device reset, no loss counted. The decoder
     counted it so; the chunk handed on said ~64 000 frames lost (about 21 min), and `biod
@@ -396,16 +411,7 @@ def test_a_box_that_restarts_mid_stream_is_a_restart_not_65000_lost_frames() -> 
     def on_start(n: int, seq: int) -> bytes:  # a watchdog reset after seq 1099 that streams on
         return proto.encode_ack(proto.Command.START, seq) + (_frames([*range(1000, 1100), *range(100)]) if n == 1 else b"")
 
-    box = _PtyBox(on_start)
-    got = Collector()
-    source = EcgSource(serial_opener(box.path, 460800), box.path, got, rate_hz=500)
-    thread, stop = _start(source)
-    try:
-        got.wait(200, 15)
-    finally:
-        stop.set()
-        thread.join(5)
-        box.close()
+    source, got, _ = _run_scripted(on_start, 200)
     chunks = got.chunks[:200]
     assert [c.seq for c in chunks] == [*range(1000, 1100), *range(100)]
     assert [c.lost_frames_before for c in chunks] == [0] * 200
@@ -431,17 +437,8 @@ def test_a_start_damaged_on_the_line_is_sent_again_not_taken_as_a_refusal(first_
             return proto.encode_ack(proto.Command.SET_RATE, (seq + 100) & 0xFFFF)  # not START's, not its seq
         return proto.encode_ack(proto.Command.START, seq) + _frames(range(50))
 
-    box = _PtyBox(on_start)
-    got = Collector()
-    source = EcgSource(serial_opener(box.path, 460800), box.path, got, rate_hz=500, stall_timeout_s=5.0)
     caplog.set_level("WARNING", logger="daemon.sources.serial_ecg")
-    thread, stop = _start(source)
-    try:
-        got.wait(50, 15)
-    finally:
-        stop.set()
-        thread.join(5)
-        box.close()
+    source, got, box = _run_scripted(on_start, 50, stall_timeout_s=5.0)
     assert source.health.errors == [] and source.health.connects == 1
     assert (box.infos, box.starts) == (1, 2)  # one session: START sent twice, the port opened once
     if first_reply == "nak_bad_crc":

@@ -136,6 +136,21 @@ def test_identity_reads_through_emg_and_motion_but_nothing_else():
     assert clean.identity_ok.all()
 
 
+def test_a_floating_lead_with_only_amplifier_noise_is_never_identified_from():
+    """Flags say the leads are on, the signal is noise of 0.01-0.05 mV: the detector finds
+    "beats" at plausible intervals and only the two checks identity tolerates failed, so such
+    windows were identified from and enrolled. Real ECG first, so a template exists."""
+    rng = np.random.default_rng(0)
+    for sd in (0.01, 0.02, 0.05):
+        x = np.concatenate([record(0), record(0), rng.normal(0, sd, (10000, 3))]).astype(np.float32)
+        rw = windows_from_record(x, FS)
+        noise_only = (rw.t_end_s - 3.0) >= 20.0
+        assert noise_only.sum() >= 10 and not rw.identity_ok[noise_only].any(), sd
+        assert rw.identity_ok[rw.t_end_s <= 10.0].all()  # the real ECG before the splice is used
+    fresh = windows_from_record(rng.normal(0, 0.02, (15000, 3)).astype(np.float32), FS)
+    assert not fresh.identity_ok.any()
+
+
 def test_identity_ok_by_hand():
     rows = np.ones((len(REASONS) + 1, len(REASONS)), np.float32)
     for j in range(len(REASONS)):
@@ -143,6 +158,9 @@ def test_identity_ok_by_hand():
     got = identity_ok(rows)
     assert got[-1]  # all pass
     assert [REASONS[j] for j in range(len(REASONS)) if got[j]] == ["high_freq_noise", "motion_artifact"]
+    both = np.ones((1, len(REASONS)), np.float32)
+    both[0, [REASONS.index("high_freq_noise"), REASONS.index("motion_artifact")]] = 0.2
+    assert not identity_ok(both)[0], "both tolerated checks failing at once is no ECG"
     q = Quality(0.2, False, "high_freq_noise", (("lead_off", 1.0), ("high_freq_noise", 0.2)))
     assert q.ok_for_identity and q.score_row()[REASONS.index("mains_hum")] == 1.0
     assert not Quality(0.3, False, "mains_hum", (("mains_hum", 0.3),)).ok_for_identity

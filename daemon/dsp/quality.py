@@ -56,9 +56,14 @@ OK_AT = 0.5  # a check passes, and a window is ok, at a sub-score of at least th
 
 
 def identity_ok(scores: np.ndarray) -> np.ndarray:
-    """Per window, whether every check identification needs passes: ``scores`` (k, len(REASONS))
-    sub-scores in ``REASONS`` order (1.0 for a check that did not run)."""
-    return (np.asarray(scores)[:, _IDENTITY_NEEDS] >= OK_AT).all(axis=1)
+    """Per window, whether every check identification needs passes and at least one of the two
+    it tolerates does: ``scores`` (k, len(REASONS)) sub-scores in ``REASONS`` order (1.0 for a
+    check that did not run). WHY not both: a lead left floating with its flags "on" carries only
+    amplifier noise, in which the detector finds beats at plausible intervals; such windows fail
+    exactly these two checks, and were identified from and enrolled."""
+    s = np.asarray(scores)
+    passed = s >= OK_AT
+    return passed[:, _IDENTITY_NEEDS].all(axis=1) & passed[:, ~_IDENTITY_NEEDS].any(axis=1)
 
 
 @dataclass(frozen=True)

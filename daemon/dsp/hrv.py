@@ -2,9 +2,11 @@
 
 Only intervals between two *consecutive clean* beats count (an RR spanning a rejected beat or a
 gap is not an RR). Each RR must lie in the plausible range (``RR_MIN_S``..``RR_MAX_S`` =
-220..30 bpm), and ectopic-like intervals (differing by more than ``ectopic_tol`` from the median
-of their neighbours, the usual premature-beat + compensatory-pause signature) are excluded from
-HRV and do not move the heart rate, which is the median of the recent clean RRs.
+220..30 bpm). Ectopic beats are found by *prematurity* against a reference of normal intervals
+(see ``nn_intervals``): both intervals touching an ectopic beat (the premature one and the
+compensatory one after it) are excluded, and so is any other interval more than ``ectopic_tol``
+away from the reference. The heart rate is the median of the recent NN intervals; RMSSD uses only
+differences of two *adjacent* NN intervals and needs ``MIN_SUCCESSIVE_DIFFERENCES`` of them.
 """
 from __future__ import annotations
 
@@ -17,12 +19,27 @@ from daemon.dsp.stats import median
 RR_MIN_S = 60.0 / 220.0
 RR_MAX_S = 60.0 / 30.0
 
+MIN_SUCCESSIVE_DIFFERENCES = 8
+"""Fewest successive NN differences (pairs of *adjacent* NN intervals) RMSSD is reported from.
+
+WHY: RMSSD is a root mean square of successive differences, so its sampling error depends on the
+number of differences, not of intervals: with ectopic removals or beats rejected by quality, ten
+NN intervals can hold a single adjacent pair, and an RMSSD "from 10 intervals" would rest on one
+difference (a relative standard error of ~70 %). Eight differences bring that to ~25 %, still
+reachable in a 60 s window with a few interruptions."""
+
+_REF_HALF_WIDTH = 8
+"""Intervals on either side that form the normal-interval reference (17 in all, ~15 s at rest):
+wide enough that runs of bigeminy or a couplet cannot become the majority, short enough to follow
+a heart-rate change."""
+
 
 @dataclass(frozen=True)
 class Hrv:
     rmssd_ms: float   # root mean square of successive NN differences
     sdnn_ms: float    # standard deviation of NN intervals (population, ddof=0)
     n_intervals: int  # NN intervals used
+    n_differences: int = 0  # successive differences (adjacent NN pairs) RMSSD was computed from
 
 
 
@@ -47,21 +64,67 @@ def sdnn(rr_s: np.ndarray) -> float:
     return float(rr.std() * 1000.0)
 
 
+def _rolling_nanmedian(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centred median over ``x[i-half..i+half]`` ignoring NaN, and how many values it used (0 ->
+    NaN). One sort of a (n, 2*half+1) view: NaNs sort last, so the median of row i lies at the
+    middle of its first ``count`` entries."""
+    n = x.size
+    pad = np.concatenate([np.full(half, np.nan), x, np.full(half, np.nan)])
+    win = np.sort(np.lib.stride_tricks.sliding_window_view(pad, 2 * half + 1), axis=1)
+    count = np.count_nonzero(~np.isnan(win), axis=1)
+    rows = np.arange(n)
+    lo = win[rows, np.maximum(count - 1, 0) // 2]
+    hi = win[rows, count // 2]
+    return np.where(count > 0, (lo + hi) / 2.0, np.nan), count
+
+
 def nn_intervals(times_s: np.ndarray, clean: np.ndarray,
                  ectopic_tol: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Beat times + per-beat clean flags -> (NN intervals s, contiguous flags for successive
-    differences). Vectorised."""
+    differences: ``contiguous[i]`` True when NN ``i+1`` directly follows NN ``i``). Vectorised.
+
+    Ectopic beats are detected by prematurity against a reference of *normal* intervals, not a
+    median of the intervals around each one (with bigeminy or couplets that median is the
+    alternating short/long interval itself, so nothing would be removed):
+
+    1. Provisional reference: the centred median (``_REF_HALF_WIDTH`` each side) of the means of
+       adjacent RR pairs. A premature beat followed by its compensatory pause averages to about
+       one normal interval, so this stays near the sinus interval even in runs of bigeminy.
+    2. Candidate normal intervals: plausible RRs between clean beats within ``ectopic_tol`` of
+       that reference. The final reference is the centred median of those candidates (the
+       provisional one where fewer than 3 lie in the window, e.g. inside a bigeminy run).
+    3. A beat is ectopic when the RR before it is premature (< (1 - ``ectopic_tol``) x reference)
+       and the RR after it is longer (the compensatory pause); both RRs touching it are dropped.
+       Any other RR more than ``ectopic_tol`` from the reference (a premature beat without a
+       longer follower, e.g. the first of a couplet; a pause; a missed beat) is dropped too.
+    """
     t = np.asarray(times_s, dtype=np.float64)
     c = np.asarray(clean, dtype=bool)
     if t.size < 2:
         return np.zeros(0), np.zeros(0, dtype=bool)
     rr = np.diff(t)
-    ok = c[1:] & c[:-1] & (rr >= RR_MIN_S) & (rr <= RR_MAX_S)
-    # Ectopic filter: compare each RR with the median of up to 5 RRs centred on it.
-    if rr.size >= 3:
-        pad = np.concatenate([rr[:1], rr[:1], rr, rr[-1:], rr[-1:]])  # np.pad(rr, 2, "edge")
-        win = np.stack([pad[i:i + rr.size] for i in range(5)], axis=1)
-        ref = np.sort(win, axis=1)[:, 2] + 0.0  # == np.median(win, axis=1), 5x cheaper
+    plausible = (rr >= RR_MIN_S) & (rr <= RR_MAX_S)
+    ok = c[1:] & c[:-1] & plausible
+    if rr.size >= 2:
+        rr_p = np.where(plausible, rr, np.nan)
+        pair = (rr_p[1:] + rr_p[:-1]) / 2.0  # pair[j]: mean of rr[j], rr[j+1]
+        # the pair means touching each interval, pooled (interval j is in pairs j-1 and j)
+        pm, _ = _rolling_nanmedian(pair, _REF_HALF_WIDTH)
+        ref0 = np.concatenate([pm[:1], (pm[1:] + pm[:-1]) / 2.0, pm[-1:]])
+        ref0 = np.where(np.isnan(ref0), rr_p, ref0)
+        cand = ok & (np.abs(rr - ref0) <= ectopic_tol * ref0)
+        ref1, n_cand = _rolling_nanmedian(np.where(cand, rr, np.nan), _REF_HALF_WIDTH)
+        ref = np.where(n_cand >= 3, ref1, ref0)
+        ref = np.where(np.isnan(ref), rr, ref)  # nothing plausible nearby: the RR itself
+        before, after, r = rr[:-1], rr[1:], ref[:-1]  # around beat k+1
+        # both RRs plausible: a double detection or a gap says nothing about prematurity
+        early = plausible[:-1] & plausible[1:] & (before < r)
+        # premature and followed by a longer RR, or the short-long jump of a less premature
+        # ectopic beat and its compensatory pause
+        ectopic = early & (((before < (1.0 - ectopic_tol) * r) & (after > before))
+                           | (after - before > ectopic_tol * r))
+        ok[:-1] &= ~ectopic
+        ok[1:] &= ~ectopic
         ok &= np.abs(rr - ref) <= ectopic_tol * ref
     idx = np.flatnonzero(ok)
     contiguous = np.diff(idx) == 1
@@ -72,7 +135,8 @@ class HeartRateTracker:
     """Keeps the recent beats (time, clean flag) and answers heart rate and HRV.
 
     HR = 60 / median of the last ``hr_intervals`` NN intervals within ``hr_window_s``;
-    HRV over the NN intervals within ``hrv_window_s`` (at least ``min_hrv_intervals``).
+    HRV over the NN intervals within ``hrv_window_s`` (at least ``min_hrv_intervals`` of them and
+    ``MIN_SUCCESSIVE_DIFFERENCES`` successive differences of adjacent ones).
     """
 
     def __init__(self, hr_window_s: float = 10.0, hr_intervals: int = 8,
@@ -144,6 +208,7 @@ class HeartRateTracker:
 
     def _hrv(self) -> Hrv | None:
         rr, contiguous = self._recent(self.hrv_window_s)
-        if rr.size < self.min_hrv_intervals or not contiguous.any():
+        n_diff = int(np.count_nonzero(contiguous))
+        if rr.size < self.min_hrv_intervals or n_diff < MIN_SUCCESSIVE_DIFFERENCES:
             return None
-        return Hrv(rmssd(rr, contiguous), sdnn(rr), int(rr.size))
+        return Hrv(rmssd(rr, contiguous), sdnn(rr), int(rr.size), n_diff)

@@ -435,7 +435,10 @@ class MqttPublisher:
                 log.exception("mqtt: handler for %s failed", msg.topic)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any = None, props: Any = None) -> None:
-        self._settle(self._order.acked(mid))
+        try:
+            self._settle(self._order.acked(mid))
+        except Exception:  # never let it kill paho's network thread or keep the ack from the spool
+            log.exception("mqtt: could not re-send the newest retained state")
         for hook in self._publish_hooks:
             hook(mid)
 

@@ -592,11 +592,12 @@ class BiodApp:
         dict or updates existing entries, never resizes it in place)."""
         if not payload or not self._store_ok:
             return  # already cleared, or we cannot know who is enrolled
-        slug = self.discovery.person_slug_of(topic) or self.topics.person_slug_of(topic)
+        state_slug = self.topics.person_slug_of(topic)  # None for a discovery config
+        slug = self.discovery.person_slug_of(topic) or state_slug
         if slug is None:
             return
         if slug in {slugify(name) for name in self.people}:
-            if self.topics.person_slug_of(topic) is not None:
+            if state_slug is not None:
                 self._end_stale_wearing(publisher, topic, payload)
             return
         log.info("mqtt: %s belongs to %r, who is not enrolled on this hub; clearing it", topic, slug)

@@ -116,18 +116,17 @@ class _RetainedOrder:
     def newest(self, msg: Message) -> int:
         """``msg`` is now the newest state of its topic; its generation."""
         with self._lock:
-            self._generation += 1
-            self._latest[msg.topic] = (self._generation, msg)
-            return self._generation
+            return self._newest_locked(msg)
 
     def claim_if_unwritten(self, msg: Message) -> int | None:
         """``newest(msg)`` if nothing was published on its topic yet, else None."""
         with self._lock:
-            if msg.topic in self._latest:
-                return None
-            self._generation += 1
-            self._latest[msg.topic] = (self._generation, msg)
-            return self._generation
+            return None if msg.topic in self._latest else self._newest_locked(msg)
+
+    def _newest_locked(self, msg: Message) -> int:
+        self._generation += 1
+        self._latest[msg.topic] = (self._generation, msg)
+        return self._generation
 
     def latest(self, topic: str) -> tuple[int, Message] | None:
         with self._lock:

@@ -36,7 +36,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,16 @@ class SpoolStats:
     dropped_full: int = 0
 
 
+def _rows_one_by_one(db: sqlite3.Connection, after_seq: int, columns: str) -> Iterator[tuple[int, tuple | None]]:
+    """Each event row after ``after_seq``, oldest first, read on its own: ``(seq, row)``, or
+    ``(seq, None)`` for a row that cannot be read, so a damaged row costs only itself."""
+    for (seq,) in db.execute("SELECT seq FROM events WHERE seq > ? ORDER BY seq", (after_seq,)).fetchall():
+        try:
+            yield int(seq), db.execute(f"SELECT {columns} FROM events WHERE seq=?", (seq,)).fetchone()
+        except sqlite3.DatabaseError:
+            yield int(seq), None
+
+
 def _readable_rows(path: Path) -> tuple[list[tuple[int, str, str, float]], int]:
     """Every event row of a damaged spool that can still be read, and its next ``seq`` (1 if unreadable)."""
     rows: list[tuple[int, str, str, float]] = []
@@ -80,16 +90,14 @@ def _readable_rows(path: Path) -> tuple[list[tuple[int, str, str, float]], int]:
         except (sqlite3.DatabaseError, TypeError):
             pass
         try:
-            seqs = [int(s) for (s,) in db.execute("SELECT seq FROM events ORDER BY seq").fetchall()]
+            for _, row in _rows_one_by_one(db, 0, "seq, topic, payload, created"):
+                try:
+                    json.loads(row[2])
+                except (TypeError, ValueError):
+                    continue
+                rows.append((int(row[0]), str(row[1]), str(row[2]), float(row[3])))
         except sqlite3.DatabaseError:
-            seqs = []
-        for seq in seqs:
-            try:
-                row = db.execute("SELECT seq, topic, payload, created FROM events WHERE seq=?", (seq,)).fetchone()
-                json.loads(row[2])
-            except (sqlite3.DatabaseError, TypeError, ValueError):
-                continue
-            rows.append((int(row[0]), str(row[1]), str(row[2]), float(row[3])))
+            pass  # the list of rows itself cannot be read: what was read so far is kept
     finally:
         db.close()
     return rows, next_seq
@@ -232,22 +240,19 @@ class EventSpool:
         """Row by row: an event that cannot be read is deleted (its ``seq`` shows the gap to
         consumers) so that every event after it still goes out."""
         rows: list[tuple[int, str, str]] = []
-        for (seq,) in self._db.execute("SELECT seq FROM events WHERE seq > ? ORDER BY seq", (after_seq,)).fetchall():
+        for seq, row in _rows_one_by_one(self._db, after_seq, "seq, topic, payload"):
             if len(rows) >= limit:
                 break
-            try:
-                row = self._db.execute("SELECT seq, topic, payload FROM events WHERE seq=?", (seq,)).fetchone()
-            except sqlite3.DatabaseError:
-                log.error("spool: event seq %d in %s cannot be read (%s); it is lost, the events after it are sent",
-                          seq, self.path, exc)
-                try:
-                    self._db.execute("DELETE FROM events WHERE seq=?", (seq,))
-                    self._count -= 1
-                except sqlite3.DatabaseError:
-                    pass  # then it is skipped again next time; the ones after it still go out
-                continue
             if row is not None:
                 rows.append(row)
+                continue
+            log.error("spool: event seq %d in %s cannot be read (%s); it is lost, the events after it are sent",
+                      seq, self.path, exc)
+            try:
+                self._db.execute("DELETE FROM events WHERE seq=?", (seq,))
+                self._count -= 1
+            except sqlite3.DatabaseError:
+                pass  # then it is skipped again next time; the ones after it still go out
         return rows
 
     def remove(self, seqs: list[int]) -> None:

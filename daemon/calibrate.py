@@ -28,7 +28,7 @@ from daemon.biometrics import MODELS_DIR
 from daemon.config import BiodConfig, ConfigError
 from daemon.dsp.ecg_pipeline import EcgPipeline
 from daemon.dsp.imu_pipeline import SensorImuPipeline
-from daemon.enrol import ContinuityWatch, ImpostorsError, load_impostors
+from daemon.enrol import ContinuityWatch, ImpostorsError, enrol_one_lead_set, load_impostors
 from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
 from daemon.identity.store import StoreError
@@ -113,9 +113,9 @@ def _bar(done: int, total: int, width: int = 24) -> str:
 
 
 def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silence_s: float = 5.0,
-            imu: ImuCollector | None = None) -> tuple[np.ndarray, list[str], dict[str, int], int]:
+            imu: ImuCollector | None = None) -> tuple[np.ndarray, list[str], dict[str, int], list[int]]:
     """Stream and return (embeddings (n, D), activity label per window, rejection reasons,
-    how many leads were on in most clean windows). ``imu``: also drained, walking phase
+    how many leads were on in each clean window). ``imu``: also drained, walking phase
     gait embeddings end up in ``imu.embeddings``."""
     model = load_ecg_model(cfg)
     if model is None:
@@ -198,9 +198,9 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
 
 
 def _result(embeddings: list[np.ndarray], labels: list[str], rejected: dict[str, int], leads: list[int]):
+    """(embeddings (n, D), phase label per window, rejection reasons counted, lead count per window)."""
     dim = embeddings[0].shape[0] if embeddings else 0
-    leads_on = int(np.median(leads)) if leads else 3
-    return (np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)), labels, rejected, leads_on
+    return (np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32)), labels, rejected, leads
 
 
 def describe(report: EnrolmentReport, out: TextIO = sys.stdout) -> None:
@@ -254,7 +254,7 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     print(f"Enrolling {name!r}: attach the electrodes (RA, LA, LL), then follow the steps. "
           f"{len(people)} person(s) already enrolled.", file=out)
     try:
-        embeddings, labels, rejected, leads_on = collect(cfg, phases(seconds, walk), out, imu=imu)
+        embeddings, labels, rejected, lead_counts = collect(cfg, phases(seconds, walk), out, imu=imu)
     except EnrolmentInterrupted as exc:
         print(f"\nREFUSED: {exc}", file=out)
         return 1
@@ -265,10 +265,8 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         print(f"\nREFUSED: no clean ECG window (most common problem: {worst}); check the electrodes' contact "
               "and keep still, then run biod calibrate again", file=out)
         return 1
-    imp = impostors.for_leads(leads_on) if impostors else (None, None)
-    report = engine.enrol(name, embeddings, labels if len(set(labels)) > 1 else None,
-                          impostor_embeddings=imp[0], impostor_labels=imp[1],
-                          gait_embeddings=np.stack(imu.embeddings) if imu is not None and imu.embeddings else None)
+    report = enrol_one_lead_set(engine, name, embeddings, lead_counts, labels if len(set(labels)) > 1 else None,
+                                impostors, np.stack(imu.embeddings) if imu is not None and imu.embeddings else None)
     describe(report, out)
     if not report.accepted or report.person is None:
         return 1

@@ -130,7 +130,7 @@ def _cmd_people(args: argparse.Namespace) -> int:
     from daemon.identity.store import StoreError
 
     cfg = load_config(_config_path(args))
-    if args.action != "list" and not args.name:
+    if args.action not in ("list", "encrypt") and not args.name:
         print(f"biod people {args.action}: give the person's name (biod people list shows them)", file=sys.stderr)
         return 2
     try:
@@ -152,6 +152,9 @@ def _cmd_people(args: argparse.Namespace) -> int:
         elif args.action == "remove":
             person = store.remove(args.name)
             print(f"removed {person.name!r}; their templates are deleted from {cfg.store_path}")
+        elif args.action == "encrypt":
+            n = store.encrypt()
+            print(f"{cfg.store_path} is encrypted ({n} person(s)); the running daemon picks it up within seconds")
     except StoreError as exc:
         print(f"biod people: {exc}", file=sys.stderr)
         return 1
@@ -196,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_calibrate)
 
-    p = sub.add_parser("people", help="list, rename or remove enrolled persons")
-    p.add_argument("action", choices=["list", "rename", "remove"])
+    p = sub.add_parser("people", help="list, rename or remove enrolled persons; encrypt a store made before the key")
+    p.add_argument("action", choices=["list", "rename", "remove", "encrypt"])
     p.add_argument("name", nargs="?")
     p.add_argument("new", nargs="?")
     p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -138,9 +139,49 @@ class Enrolment:
             return self.engine.enrol(self.name, np.zeros((0, self.engine.model.dim if self.engine.model else 1), np.float32))
         embeddings = np.stack([e for _, e, _, _ in self.sink]).astype(np.float32)
         acts = [a for _, _, a, _ in self.sink]
-        leads_on = int(np.median([n for *_, n in self.sink]))
         activities = acts if all(a is not None for a in acts) and len(set(acts)) > 1 else None
-        imp = self.impostors.for_leads(leads_on) if self.impostors else (None, None)
         gait = np.stack(self.gait_sink).astype(np.float32) if self.gait_sink else None
-        return self.engine.enrol(self.name, embeddings, activities, impostor_embeddings=imp[0], impostor_labels=imp[1],
-                                 gait_embeddings=gait)
+        return enrol_one_lead_set(self.engine, self.name, embeddings, [n for *_, n in self.sink], activities,
+                                  self.impostors, gait)
+
+
+def one_lead_set(lead_counts: Sequence[int]) -> tuple[np.ndarray, int, str | None]:
+    """The windows of the enrolment's most common lead count: (which to keep, that count, a
+    warning when others were left out).
+
+    WHY: the model's embedding of one person's beats seen through three leads and through
+    lead I alone are about as far apart as two persons' (cosine 0.27-0.58 on LUDB records,
+    against 0.86-0.93 within one lead set), so a template averaging both is neither, and the
+    threshold is set against the impostor set of one lead count. A tie keeps the larger count
+    (more leads: the fuller view of the heart)."""
+    counts = np.asarray(lead_counts, dtype=np.int64)
+    if counts.size == 0:
+        return np.zeros(0, bool), 1, None
+    values, n = np.unique(counts, return_counts=True)
+    leads = int(values[np.flatnonzero(n == n.max())[-1]])
+    keep = counts == leads
+    warning = None
+    if not keep.all():
+        others = ", ".join(f"{c} with {v} lead{'s' * (v != 1)}" for v, c in zip(values.tolist(), n.tolist()) if v != leads)
+        warning = (f"{int((~keep).sum())} clean windows were seen through another set of leads ({others}) and were "
+                   f"left out: the template is made from the {int(keep.sum())} windows with {leads} lead{'s' * (leads != 1)} "
+                   "on; keep every electrode attached for the whole enrolment")
+    return keep, leads, warning
+
+
+def enrol_one_lead_set(engine: IdentityEngine, name: str, embeddings: np.ndarray, lead_counts: Sequence[int],
+                       activities: Sequence[str] | None, impostors: "Impostors | None",
+                       gait_embeddings: np.ndarray | None = None) -> EnrolmentReport:
+    """``engine.enrol`` on the windows of one lead count (``one_lead_set``), against the
+    impostor set seen through that many leads: what ``biod calibrate`` and an enrolment from
+    Home Assistant both run."""
+    if len(lead_counts) != len(embeddings):
+        raise ValueError(f"{len(lead_counts)} lead counts for {len(embeddings)} windows: give one per window")
+    keep, leads_on, warning = one_lead_set(lead_counts)
+    acts = None if activities is None else [a for a, k in zip(activities, keep) if k]
+    if acts is not None and len(set(acts)) < 2:
+        acts = None  # prototypes per activity need more than one activity
+    imp = impostors.for_leads(leads_on) if impostors else (None, None)
+    report = engine.enrol(name, np.asarray(embeddings, dtype=np.float32)[keep], acts, impostor_embeddings=imp[0],
+                          impostor_labels=imp[1], gait_embeddings=gait_embeddings, leads_on=leads_on)
+    return report if warning is None else replace(report, warnings=report.warnings + (warning,))

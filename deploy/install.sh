@@ -72,5 +72,10 @@ else  # a chroot or an SD-card image being prepared: systemd reads the unit at t
     echo "biod: systemd is not running here; the unit takes effect at the next boot"
 fi
 /usr/local/bin/biod check-config /etc/biod/biod.yaml || echo "biod: fix /etc/biod/biod.yaml, then: systemctl enable --now biod"
+# A template store written before the key existed is refused with a key (a plain file could be
+# swapped in): encrypt the household's own store once, here, where it is known to be theirs.
+if grep -qs '"encrypted":false' /var/lib/biod/identity/templates.json; then
+    /usr/local/bin/biod people encrypt || echo "biod: could not encrypt the template store: run 'sudo biod people encrypt'"
+fi
 echo "biod: installed. Next: edit /etc/biod/biod.yaml, put the MQTT password in /etc/biod/credentials/mqtt_password,"
 echo "      then 'sudo systemctl enable --now biod' and 'journalctl -u biod -f'. Check with 'sudo biod doctor'."

@@ -139,3 +139,24 @@ def test_rename_and_calibrate_refuse_the_names_home_assistant_refuses(tmp_path) 
         assert res.returncode == 2 and why in res.stderr, res.stdout + res.stderr
         assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
         assert "attach the electrodes" not in res.stdout  # refused before anyone records
+
+
+def test_people_encrypt_converts_a_store_made_before_the_key(tmp_path, monkeypatch) -> None:
+    """With a key configured a plain store is refused (it could have been swapped in); the
+    household's own one is encrypted once with `biod people encrypt`."""
+    import json
+    import os
+
+    cfg, store_path = _hub_with(tmp_path, "ann")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "template_key").write_text(os.urandom(32).hex() + "\n")
+    cfg.write_text(cfg.read_text() + "identity:\n  store_key_credential: template_key\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    res = _biod("people", "list", "--config", str(cfg))
+    assert res.returncode == 1 and "biod people encrypt" in res.stderr and "Traceback" not in res.stderr
+    res = _biod("people", "encrypt", "--config", str(cfg))
+    assert res.returncode == 0 and "is encrypted (1 person(s))" in res.stdout, res.stderr
+    assert json.loads(store_path.read_text())["encrypted"] is True and b"ann" not in store_path.read_bytes()
+    res = _biod("people", "list", "--config", str(cfg))
+    assert res.returncode == 0 and res.stdout.startswith("ann\t"), res.stderr

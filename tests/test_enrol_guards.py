@@ -124,3 +124,37 @@ def test_an_impostor_set_with_a_non_finite_row_is_refused(tmp_path: Path) -> Non
     np.savez(tmp_path / "ecg_impostors.npz", **z)
     with pytest.raises(ImpostorsError, match="non-finite"):
         load_impostors(tmp_path)
+
+
+class _ImpostorsByLeads:
+    """The shipped set's shape: another impostor set per lead count; records what was asked."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.sets = {1: _windows(rng, _unit(rng.normal(size=16)), 40, 1.0), 3: _windows(rng, _unit(rng.normal(size=16)), 40, 1.0)}
+        self.asked: list[int] = []
+
+    def for_leads(self, n_leads_on: int) -> tuple[np.ndarray, np.ndarray]:
+        self.asked.append(n_leads_on)
+        x = self.sets[1 if n_leads_on <= 1 else 3]
+        return x, np.repeat(np.arange(8), 5)
+
+
+def test_an_enrolment_is_made_from_one_lead_set() -> None:
+    """Review finding: windows seen through 3 leads and through lead I alone were averaged into
+    one template (on LUDB, one person's 3-lead and lead-I embeddings are about as far apart as
+    two persons'), and the impostor set was chosen by the median lead count."""
+    rng = np.random.default_rng(4)
+    three, lead_i = _unit(rng.normal(size=16)), _unit(rng.normal(size=16))
+    impostors = _ImpostorsByLeads(rng)
+    enrolment = Enrolment("Ann", IdentityEngine({}, IdentityConfig(), model=MODEL), impostors, seconds=60, started=0.0)
+    x3, x1 = _windows(rng, three, 30), _windows(rng, lead_i, 14)
+    for k in range(44):  # lead II and III come and go: every third window is lead I only
+        e, n = (x1[k // 3], 1) if k % 3 == 2 and k // 3 < 14 else (x3[min(k - k // 3, 29)], 3)
+        enrolment.sink.append((float(k), e, None, n))
+    report = enrolment.finish()
+    assert report.accepted, report.reason
+    assert impostors.asked == [3]
+    assert report.person.stats["enrol_leads"] == 3.0 and report.n_windows == 30
+    protos = report.person.prototypes
+    assert float(np.min(protos @ three)) > 0.8 and float(np.max(protos @ lead_i)) < 0.6  # no lead-I window in it
+    assert any("14 clean windows were seen through another set of leads" in w for w in report.warnings)

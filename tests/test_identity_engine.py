@@ -127,7 +127,7 @@ def enrol_household(seed: int = 0, n: int = 5, config: IdentityConfig | None = N
     people: dict[str, Person] = {}
     for i, m in enumerate(means):
         x, acts = hh.enrolment(m)
-        report = IdentityEngine(people, config, model=MODEL).enrol(f"P{i}", x, acts, imp_x, imp_y)
+        report = IdentityEngine(people, config, model=MODEL).enrol(f"P{i}", x, acts, imp_x, imp_y, leads_on=3)
         assert report.accepted, report.reason
         people[report.person.name] = report.person
     return hh, means, people, config
@@ -741,3 +741,29 @@ def test_daemon_adapts_only_with_an_impostor_set_of_the_installed_model(tmp_path
     assert not stale.made_with(ref)
     monkeypatch.setattr(app_mod, "load_impostors", lambda models_dir: stale)
     assert app._engine().impostors is None
+
+
+def test_adaptation_stays_with_the_lead_count_of_the_enrolment(household):
+    """Review finding: one session seen through another lead count re-derived the threshold
+    against that lead count's impostor set (on held-out persons: lead-I thresholds fell by 0.37
+    after one 3-lead session). The household was enrolled through 3 leads."""
+    hh, means, people, _ = household
+    engine = adapting_engine(household)
+    emb = hh.same_session(means[0], 30)
+    states = [engine.observe(i, e, True, True, (True, False, False)) for i, e in enumerate(emb)]
+    engine.observe(len(emb), None, False, False)
+    assert states[-1].wearer == "P0"  # identified all the same ...
+    assert engine.take_adaptations() == []  # ... but lead I alone does not adapt a 3-lead template
+    legacy = {n: replace(p, stats={k: v for k, v in p.stats.items() if k != "enrol_leads"}) for n, p in people.items()}
+    engine = IdentityEngine(legacy, replace(engine.config), model=MODEL, impostors=FixedImpostors(*hh.impostors))
+    assert wear(engine, emb)[-1].wearer == "P0"
+    assert engine.take_adaptations() == []  # a template that does not say its lead count never adapts
+
+
+def test_adaptation_never_lowers_the_threshold(household):
+    hh, means, people, _ = household
+    far_away = FixedImpostors(-hh.impostors[0], hh.impostors[1])  # impostors scoring far below the enrolment's
+    engine = IdentityEngine(people, replace(household[3], **ADAPT), model=MODEL, impostors=far_away)
+    assert wear(engine, hh.same_session(means[0], 30))[-1].wearer == "P0"
+    (a,) = engine.take_adaptations()
+    assert a.person.threshold == pytest.approx(people["P0"].threshold)

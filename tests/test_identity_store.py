@@ -164,12 +164,24 @@ def test_encrypted_store_needs_the_right_key(store_path):
         TemplateStore(store_path, key=b"k" * 32).load()
 
 
-def test_plain_store_is_encrypted_by_the_next_save_with_a_key(store_path):
-    TemplateStore(store_path).save({"A": person("A")})
-    store = TemplateStore(store_path, key=b"k" * 32)
-    store.add(person("B", 5))
+def test_a_plain_store_is_refused_with_a_key_until_its_owner_encrypts_it(store_path):
+    """Review finding: with a key configured, a plain file put in place of the encrypted store
+    (anyone who can write the SD card) was read silently, enrolling its author under a member's
+    name. It is refused; `biod people encrypt` converts the owner's own pre-key store once."""
+    key = b"k" * 32
+    TemplateStore(store_path, key=key).save({"A": person("A")})
+    TemplateStore(store_path).save({"A": person("A", 7)})  # the swap: a plain file, same name
+    with pytest.raises(StoreError, match="not encrypted although a key is configured.*biod people encrypt"):
+        TemplateStore(store_path, key=key).load()
+    with pytest.raises(StoreError, match="not encrypted although a key is configured"):
+        TemplateStore(store_path, key=key).add(person("B", 5))
+    store = TemplateStore(store_path, key=key)
+    assert store.encrypt() == 1
     assert json.loads(store_path.read_text())["encrypted"] is True
-    assert set(store.load()) == {"A", "B"}
+    store.add(person("B", 5))
+    assert set(store.load()) == {"A", "B"} and store.encrypt() == 2
+    with pytest.raises(StoreError, match="no key is configured"):
+        TemplateStore(store_path).encrypt()
 
 
 def test_key_from_systemd_credential(tmp_path, monkeypatch):
@@ -275,3 +287,63 @@ def test_concurrent_editors_lose_nobody(store_path):
     names = [p.name for p in TemplateStore(store_path).list()]
     assert len(names) == 30 and len(set(names)) == 30
     assert mode(store_path) == 0o600 and mode(store_path.parent / f".{store_path.name}.lock") == 0o600
+
+
+@pytest.mark.parametrize("damage", ["stats_null", "stats_list", "huge_dim", "huge_shape", "deep_nesting", "same_slug"])
+def test_every_damaged_record_is_a_store_error(store_path, damage):
+    """Review finding: these records escaped as AttributeError / OverflowError / RecursionError,
+    which killed the daemon's store watch and made `biod people list` print a traceback."""
+    TemplateStore(store_path).save({"Alice": person("Alice"), "Bob": person("Bob", 2)})
+    doc = json.loads(store_path.read_text())
+    rec = doc["payload"]["people"][0]
+    if damage == "stats_null":
+        rec["stats"] = None
+    elif damage == "stats_list":
+        rec["stats"] = [1, 2]
+    elif damage == "huge_dim":
+        rec["model"]["dim"] = 1e400
+    elif damage == "huge_shape":
+        rec["prototypes"]["shape"] = [1e400, 16]
+    elif damage == "same_slug":
+        doc["payload"]["people"][1]["slug"] = rec["slug"]
+    raw = json.dumps(doc).replace("Infinity", "1e400")
+    if damage == "deep_nesting":
+        raw = raw[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    store_path.write_text(raw)
+    with pytest.raises(StoreError, match="corrupt"):
+        TemplateStore(store_path).load()
+
+
+def test_a_temp_file_left_by_a_killed_save_is_removed_by_the_next_edit(store_path):
+    """Review finding: a save killed before its rename left a 0600 temp file holding the
+    templates (a person removed later stayed in it for ever)."""
+    store = TemplateStore(store_path)
+    store.save({"Alice": person("Alice"), "Carol": person("Carol", 3)})
+    left = store_path.parent / f".{store_path.name}.abc123.tmp"
+    left.write_bytes(store_path.read_bytes())
+    store.remove("Carol")
+    assert not left.exists()
+    assert [p.name for p in store_path.parent.iterdir() if "Carol" in p.read_text(errors="replace")] == []
+
+
+def test_a_symbolic_link_at_the_store_path_is_refused(store_path, tmp_path):
+    """Review finding: reading followed the link (and chmodded its target) while a save replaced
+    it, so `biod people remove` left the person in the link's target."""
+    target = tmp_path / "elsewhere.json"
+    TemplateStore(target).save({"Alice": person("Alice")})
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    store_path.symlink_to(target)
+    store = TemplateStore(store_path)
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.load()
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.save({})
+    assert set(TemplateStore(target).load()) == {"Alice"}
+
+
+def test_invisible_formatting_characters_are_not_a_name():
+    """Review finding: U+202E (right-to-left override) made '\u202eecilA' display as 'Alice'."""
+    from daemon.identity.store import name_problem
+
+    assert name_problem("\u202eecilA") is not None
+    assert name_problem("Zoë") is None

@@ -42,6 +42,7 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -245,9 +246,15 @@ class Person:
             id=str(d["id"]), name=str(d["name"]), slug=str(d["slug"]), created=str(d["created"]),
             model=ModelRef(str(m["name"]), str(m["version"]), int(m["dim"])),
             prototypes=protos, prototype_labels=tuple(str(x) for x in d["prototype_labels"]),
-            threshold=float(d["threshold"]), stats={str(k): float(v) for k, v in d.get("stats", {}).items()},
+            threshold=float(d["threshold"]), stats=_stats_from_json(d.get("stats", {})),
             gait=GaitTemplate.from_json(d["gait"]) if d.get("gait") is not None else None,
         )
+
+
+def _stats_from_json(stats: object) -> dict[str, float]:
+    if not isinstance(stats, dict):
+        raise TypeError(f"stats must be an object, got {type(stats).__name__}")
+    return {str(k): float(v) for k, v in stats.items()}
 
 
 def slugify(name: str) -> str:
@@ -262,7 +269,8 @@ def slugify(name: str) -> str:
 NAME_MAX = 64  # characters; Home Assistant's enrol-name text entity allows the same (homeassistant.py)
 # Unicode categories refused in a name: C0/C1 controls (newline, tab, escape), lone surrogates
 # (cannot be encoded for MQTT), line/paragraph separators (break a log line like a newline)
-_NAME_BAD_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+# Cf: invisible formatting (U+202E right-to-left override shows "\u202eecilA" as "Alice")
+_NAME_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 def name_problem(name: object) -> str | None:
@@ -281,7 +289,8 @@ def name_problem(name: object) -> str | None:
     if not name:
         return f"the name is empty: give the person's name (1-{NAME_MAX} characters)"
     if any(unicodedata.category(c) in _NAME_BAD_CATEGORIES for c in name):
-        return f"the name {name!r:.100} contains a control character (a newline, tab or similar): give it on one line"
+        return (f"the name {name!r:.100} contains a control character or an invisible formatting one (a newline, a tab, a "
+                "right-to-left override or similar): type it on one line with visible characters only")
     if len(name) > NAME_MAX:
         return f"the name {name[:20]!r}... is {len(name)} characters long: use at most {NAME_MAX}"
     try:
@@ -382,8 +391,10 @@ def _aad(header: dict[str, Any]) -> bytes:
 class TemplateStore:
     """Load and atomically save the household's templates.
 
-    ``key`` (32 bytes) turns on AES-256-GCM encryption for every save; a store written without
-    a key is still read when a key is given (and is encrypted by the next save). ``model``,
+    ``key`` (32 bytes) turns on AES-256-GCM encryption for every save, and a plain store is then
+    refused (anyone who can write the SD card could otherwise put a plain file with their own
+    template under a member's name in place of the encrypted one): ``encrypt`` converts a store
+    written before the key was set, once, on the owner's command. ``model``,
     when given, makes ``load``/``add`` refuse templates from another embedding model.
     Operations are read-modify-write of the whole (small) file; run one writer at a time
     (``biod calibrate`` while the daemon only reads, then signals a reload).
@@ -393,12 +404,14 @@ class TemplateStore:
         self.path = Path(path)
         self.key = key
         self.model = model
+        self._plaintext_once = False  # set only inside ``encrypt``
         if key is not None:
             _aesgcm(key, self.path)  # fail at construction, not at the first save
 
     # ---- reading -------------------------------------------------------------------------
     def load(self) -> dict[str, Person]:
         """All persons by display name; ``{}`` only when the file does not exist yet."""
+        self._refuse_link()
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -411,14 +424,25 @@ class TemplateStore:
             people = [Person.from_json(d) for d in payload["people"]]
         except StoreError as exc:
             raise StoreError(f"{self.path}: the template store is corrupt ({exc}): {_RESTORE}") from None
-        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, binascii.Error) as exc:
+            # every way a hand-edited or damaged record can fail to be read is a StoreError: the
+            # daemon's store watch and `biod people` report it, they must not die of it
             raise StoreError(f"{self.path}: the template store is corrupt (bad person record: {exc!r}): {_RESTORE}") from None
         out = {p.name: p for p in people}
-        if len(out) != len(people):
+        if len(out) != len(people) or len({p.slug for p in people}) != len(people):
+            # two records with one slug load, but every later save refuses them
             raise StoreError(f"{self.path}: the template store is corrupt (duplicate names): {_RESTORE}")
         if self.model is not None:
             check_compatible(out, self.model)
         return out
+
+    def _refuse_link(self) -> None:
+        """A symbolic link at the store path is refused: reading followed it and the chmod to 0600
+        changed its target, but a save replaced the link with a plain file, so the target kept a
+        removed person's templates for ever."""
+        if self.path.is_symlink():
+            raise StoreError(f"{self.path} is a symbolic link (to {os.readlink(self.path)}): the template store must be a "
+                             "regular file in its own directory: fix: move the file itself there and set the store path to it")
 
     def _restrict(self) -> None:
         """Templates are personal data: a store that other users of the hub can read (copied in
@@ -437,7 +461,7 @@ class TemplateStore:
     def _decode(self, raw: bytes) -> dict[str, Any]:
         try:
             doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise StoreError(f"{self.path}: the template store is corrupt (not JSON: {exc}): {_RESTORE}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise StoreError(f"{self.path}: not a biod template store (no format={FORMAT!r}): point the store path at the right file or {_RESTORE}")
@@ -448,6 +472,12 @@ class TemplateStore:
                 f"(supports {CONTAINER_VERSION}): upgrade biod, or {_RESTORE}"
             )
         encrypted = doc.get("encrypted")
+        if encrypted is False and self.key is not None and not self._plaintext_once:
+            raise StoreError(
+                f"{self.path}: the template store is not encrypted although a key is configured. A plain file put "
+                "in place of the encrypted one would enrol anyone under a member's name, so it is not read: if it "
+                "is your own store from before the key was set, encrypt it once with `biod people encrypt`; "
+                f"otherwise {_RESTORE}")
         if encrypted is False:
             payload = doc.get("payload")
         elif encrypted is True:
@@ -483,7 +513,7 @@ class TemplateStore:
             ) from None
         try:
             return json.loads(plain.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise StoreError(f"{self.path}: the template store decrypts but its content is corrupt: {_RESTORE}") from None
 
     # ---- writing -------------------------------------------------------------------------
@@ -526,6 +556,7 @@ class TemplateStore:
         return directory
 
     def _atomic_write(self, data: bytes) -> None:
+        self._refuse_link()
         directory = self._ensure_private_dir()
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
         try:
@@ -546,11 +577,15 @@ class TemplateStore:
             if isinstance(exc, OSError):
                 raise StoreError(f"{self.path}: cannot write the template store ({exc.strerror}); the previous file is unchanged: fix: check free space and permissions") from None
             raise
-        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        try:  # the rename is durable only once the directory is
+            dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: the template store was written but its directory could not be synced "
+                             f"({exc.strerror}); a power cut now may bring back the previous file: fix: check the disk") from None
 
     # ---- edits ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -569,9 +604,36 @@ class TemplateStore:
                              "`sudo biod ...`, not as root)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._remove_stale_temp_files(directory)
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    def _remove_stale_temp_files(self, directory: Path) -> None:
+        """Delete temp files a writer killed before its rename left behind: they hold templates
+        (a removed person's too) that nothing else would ever delete. Every edit holds the lock,
+        so under it no other writer's temp file can be in flight."""
+        for tmp in directory.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            try:
+                tmp.unlink()
+                log.info("%s: removed %s, left by a save that did not finish", self.path, tmp.name)
+            except OSError as exc:
+                log.warning("%s: cannot remove %s, left by a save that did not finish (%s): remove it by hand",
+                            self.path, tmp, exc.strerror)
+
+    def encrypt(self) -> int:
+        """Encrypt a store written before the key was set (``biod people encrypt``); returns how
+        many persons it holds. Already encrypted: nothing changes."""
+        if self.key is None:
+            raise StoreError("no key is configured: set identity.store_key_credential (deploy/install.sh makes the key) first")
+        with self._edit_lock():
+            self._plaintext_once = True
+            try:
+                people = self.load()
+            finally:
+                self._plaintext_once = False
+            self.save(people)
+        return len(people)
 
     def list(self) -> list[Person]:
         """Persons sorted by display name."""

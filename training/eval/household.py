@@ -143,7 +143,7 @@ def enrol(people_sessions: dict[str, Session], runner: EcgModelRunner, cfg: Iden
     for name, s in people_sessions.items():
         x = s.emb[s.ok]
         report = IdentityEngine(people, cfg, model=runner.ref).enrol(
-            name, x, ["rest"] * len(x), impostor_embeddings=imp[0], impostor_labels=imp[1])
+            name, x, ["rest"] * len(x), impostor_embeddings=imp[0], impostor_labels=imp[1], leads_on=1)
         if report.accepted:
             people[name] = report.person
     return people

@@ -36,7 +36,7 @@ from daemon.identity.store import StoreError, TemplateStore, key_from_credential
 from daemon.inference.runtime import ModelError
 from daemon.publish import homeassistant as ha
 from daemon.publish.mqtt import Message, MqttPublisher
-from daemon.publish.spool import EventSpool, SpoolSender
+from daemon.publish.spool import EventSpool, SessionRecordFile, SpoolSender
 from daemon.publish.state import (
     EnrolCommands,
     EnrolRequest,
@@ -264,7 +264,8 @@ class BiodApp:
                                   discovery=self.discovery_messages)
         spool = EventSpool(self.cfg.state_dir / "spool")
         sender = SpoolSender(spool, publisher)
-        sessions = SessionPublisher(EventTracker(), sender, publisher, self.topics, epoch=to_epoch)
+        sessions = SessionPublisher(EventTracker(), sender, publisher, self.topics, epoch=to_epoch,
+                                    record=SessionRecordFile(spool.directory))
         enrol_commands = EnrolCommands(publisher, self.topics,
                                        lambda req: loop.call_soon_threadsafe(self._start_enrolment, req, publisher),
                                        default_seconds=self.cfg.identity.enrol_seconds)
@@ -284,6 +285,9 @@ class BiodApp:
         # lost power left retained (``wearer: Alice`` stayed for ever; the persons' own
         # ``wearing: true`` are corrected by the sweep). Held, so the first session replaces it.
         publisher.publish(wearer_message(self.topics, None))
+        # The session such a run left open gets its ``end`` now, spooled (delivered whenever the
+        # broker is there) before anything this run observes.
+        sessions.end_crashed_session()
         publisher.start()
         stats.start()
 

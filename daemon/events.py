@@ -20,7 +20,9 @@ Rules (docs/mqtt.md repeats them for consumers):
   ``"unknown"`` session being identified; at most one every ``min_update_interval_s`` (changes
   are never lost, only coalesced: the next update carries the latest state).
 * ``end`` when the ECG stops being live, when observations stop for ``stale_after_s``, and
-  before a ``new`` when the wearer changes to a different named person (a new id).
+  before a ``new`` when the wearer changes to a different named person (a new id). A session a
+  crashed run left open is ended by the next run (``reason: "daemon_restart"``; the tracker
+  never sees it: ``publish.state.SessionPublisher.end_crashed_session``).
 * ``"unknown"`` becoming a named wearer keeps the session id (an ``update``): the leads never
   came off, so it is the same person being recognised, the way Frigate assigns a sub label.
 """
@@ -81,22 +83,35 @@ class SessionState:
 @dataclass(frozen=True)
 class Event:
     """One session event. ``event_id`` is unique per event (``<session id>:<n>``) so that a consumer
-    can drop the rare duplicate that at-least-once delivery allows."""
+    can drop the rare duplicate that at-least-once delivery allows.
+
+    ``reason`` is set only on an ``end`` that a later run sent for a session the run that held it
+    could not end (``"daemon_restart"``: it crashed or lost power); the tracker's own events have
+    none, and their payload has no such key."""
 
     id: str
     event_id: str
     type: EventType
     before: SessionState | None
     after: SessionState
+    reason: str | None = None
+
+    @property
+    def number(self) -> int:
+        """``n`` of ``event_id`` (``<session id>:<n>``): the events of a session count 1, 2, ..."""
+        return int(self.event_id.rpartition(":")[2])
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "id": self.id,
             "event_id": self.event_id,
             "type": self.type,
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict(),
         }
+        if self.reason is not None:
+            d["reason"] = self.reason
+        return d
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import signal
+import stat
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +21,7 @@ from daemon.app import BiodApp
 from daemon.config import parse_config
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
-from tests.conftest import running, until
+from tests.conftest import REPO, Capture, running, until
 
 
 @contextlib.asynccontextmanager
@@ -224,3 +230,90 @@ def test_a_wall_clock_step_neither_ends_the_session_nor_dates_it_wrong(tmp_path,
     # and its duration is what really elapsed, not three hours more
     lasted = end["after"]["end_time"] - end["after"]["start_time"]
     assert abs(lasted - (stopped_at - new["after"]["start_time"])) < 3, end["after"]
+
+
+def _biod_run(cfg: Path, log: Path) -> subprocess.Popen:
+    """``biod run`` as systemd starts it: its own process, so it can be killed like a crash."""
+    return subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg)], cwd=REPO,
+                            stdout=log.open("a"), stderr=subprocess.STDOUT)
+
+
+def _session_events(capture: Capture, topic: str) -> list[dict]:
+    return [json.loads(p) for p in capture.on(topic)]
+
+
+@pytest.mark.timeout(240)
+def test_a_session_cut_by_a_crash_is_ended_at_the_next_start(tmp_path, mosquitto, capture) -> None:
+    """The daemon dies (SIGKILL: no shutdown code runs, as in a power cut) while somebody wears
+    the sensors: its session's ``new`` went out, its ``end`` never could. The next start sends
+    that ``end`` (through the spool), for the same session id, dated by the last observation
+    the dead run recorded, with a fresh ``event_id`` and ``reason: daemon_restart``."""
+    link = tmp_path / "ecg"
+    record = tmp_path / "state" / "spool" / "open-session.json"
+    cfg = tmp_path / "biod.yaml"
+    cfg.write_text(f"hub:\n  id: crash\nstate_dir: {tmp_path / 'state'}\n"
+                   f"ecg:\n  source: serial\n  port: {link}\n"
+                   f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
+    topic = "biod/crash/events"
+    box = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, speed=2.0)
+    box.open_pty(link=str(link))
+    box.start()
+    daemon = _biod_run(cfg, tmp_path / "biod.log")
+    try:
+        new = capture.wait_for(lambda m: [e for e in _session_events(capture, topic) if e["type"] == "new"],
+                               90, "a wearing session")[0]
+        assert record.exists() and stat.S_IMODE(record.stat().st_mode) == 0o600
+        # the run moves the record's last observation on as the session goes (every 10 s)
+        deadline = time.monotonic() + 60
+        while (seen := json.loads(record.read_text())["after"]["last_seen"]) <= new["after"]["start_time"]:
+            assert time.monotonic() < deadline, "the open-session record never moved on"
+            time.sleep(0.2)
+        daemon.kill()  # SIGKILL
+        daemon.wait(10)
+        killed_at = time.time()
+        assert not [e for e in _session_events(capture, topic) if e["type"] == "end"]
+
+        daemon = _biod_run(cfg, tmp_path / "biod.log")
+        end = capture.wait_for(lambda m: [e for e in _session_events(capture, topic)
+                                          if e["type"] == "end" and e["id"] == new["id"]], 60, "the crashed session's end")[0]
+        assert end["reason"] == "daemon_restart"
+        assert end["after"]["wearer"] == new["after"]["wearer"]
+        assert end["after"]["start_time"] == new["after"]["start_time"]
+        assert seen <= end["after"]["end_time"] == end["after"]["last_seen"] <= killed_at
+        sent = [e["event_id"] for e in _session_events(capture, topic) if e["id"] == new["id"]]
+        assert len(sent) == len(set(sent)), "the end reuses an event_id consumers already have"
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert not record.exists(), "a clean stop ends its session and leaves no record behind"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+        box.close()
+    out = (tmp_path / "biod.log").read_text()
+    assert "Traceback" not in out, out[-4000:]
+    ends = [e for e in _session_events(capture, topic) if e["type"] == "end" and e["id"] == new["id"]]
+    assert len({e["event_id"] for e in ends}) == 1, ends
+
+
+def test_a_garbage_open_session_record_is_a_warning_not_a_crash(tmp_path, mosquitto, capture, caplog) -> None:
+    """A record torn by damage (SD card) or written by something else: the start goes on, says
+    so, and removes it, rather than failing at every start (systemd would restart it for ever)."""
+    state = tmp_path / "state"
+    record = state / "spool" / "open-session.json"
+    record.parent.mkdir(parents=True)
+    record.write_bytes(b"\x00{not json")
+    cfg = parse_config(f"hub:\n  id: junk\nstate_dir: {state}\necg:\n  enabled: false\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
+
+    async def scenario() -> None:
+        async with running(BiodApp(cfg)):
+            await until(lambda: any(t == "biod/junk/availability" and p == "online" for t, p, _ in capture.messages),
+                        30, "the daemon online")
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert not record.exists()
+    assert any("open-session.json" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+    assert not capture.on("biod/junk/events")

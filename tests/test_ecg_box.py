@@ -293,6 +293,31 @@ def test_unplug_and_replug(box) -> None:
     port.close()
 
 
+def test_a_host_closing_the_port_puts_the_box_back_to_idle(box) -> None:
+    """Spec section 6: the box MUST return to IDLE when the link drops (port closed) and MUST NOT
+    send DATA before the host's START. A box that kept streaming after the host closed the pty
+    handed the next opener a stream it never asked for."""
+    emu, host, link = box
+    host.send(Command.START)
+    host.until(lambda ev: len(host.frames()) >= 3)
+    host.port.close()
+    deadline = time.monotonic() + 5
+    while emu.streaming:  # the box notices the hang-up by itself; nobody calls unplug()
+        assert time.monotonic() < deadline, "the box still streams after the host closed the port"
+        time.sleep(0.02)
+    assert emu.counters().link_drops == 1
+    port = _open_serial(str(link))  # the same pty: the box was never unplugged
+    try:
+        again = Host(port)
+        assert again.listen(0.5) == []  # nothing at all before START
+        again.send(Command.START)
+        assert again.reply(Ack) == Ack(Command.START)
+        again.until(lambda ev: len(again.frames()) >= 3)
+        assert again.decoder.stats.crc_errors == 0 and again.decoder.stats.discarded_bytes == 0
+    finally:
+        port.close()
+
+
 # ----------------------------------------------------------------------------------------- TCP
 
 

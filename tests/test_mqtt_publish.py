@@ -20,7 +20,7 @@ from daemon.events import EventTracker, Observation, TrackerConfig
 from daemon.identity.store import StoreError
 from daemon.publish import homeassistant as ha
 from daemon.publish.mqtt import Message, MqttPublisher
-from daemon.publish.spool import EventSpool, SpoolSender
+from daemon.publish.spool import EventSpool, SessionRecordFile, SpoolSender
 from daemon.publish.state import (
     EnrolCommandError, EnrolCommands, EnrolRequest, PersonState, SensorState, SessionPublisher, StatsReporter, Topics,
     messages_for_event, parse_enrol_command, person_state_message, person_state_removal, sensor_state_message, slugify,
@@ -210,6 +210,79 @@ def test_an_event_the_spool_cannot_store_still_goes_out_and_the_session_goes_on(
         assert json.loads(retained_snapshot(mosquitto.port, TOPICS.wearer)[TOPICS.wearer])["wearer"] == "Alice"
     finally:
         pub.close()
+
+
+@pytest.mark.timeout(30)
+def test_the_session_a_dead_run_left_open_is_ended_by_the_next_one(tmp_path: Path, mosquitto: Broker, capture: Capture) -> None:
+    """A run dies mid-session (the publisher is dropped, nothing is closed). The next run's
+    ``end_crashed_session`` sends that session's end through the spool: the next event number
+    after its last update (a number already used would be deduped away by consumers), the
+    state of that update as ``before``, and the last observation recorded as ``end_time``. The
+    record moves on at most every ``record_every_s`` of observations, not at every one."""
+    pub = _publisher(mosquitto.port)
+    pub.start()
+    assert pub.wait_connected(5)
+    spool = EventSpool(tmp_path / "spool")
+    sender = SpoolSender(spool, pub)
+    sender.start()
+    record = SessionRecordFile(spool.directory)
+    tr = EventTracker(TrackerConfig(min_update_interval_s=0), id_factory=(f"s{i}" for i in itertools.count()).__next__)
+    dead = SessionPublisher(tr, sender, pub, TOPICS, record=record, record_every_s=10.0)
+    try:
+        walks = [_obs(t, activity="walking") for t in (15, 20, 26, 30)]
+        for o in [_obs(0), _obs(5), _obs(12), *walks]:
+            dead.observe(o)
+        assert json.loads(record.path.read_text())["after"]["last_seen"] == 26  # 0, 12, 15 (update), 26: not 30
+        del dead  # the run dies: no close, no end
+
+        nxt = SessionPublisher(EventTracker(), sender, pub, TOPICS, record=record)
+        end = nxt.end_crashed_session()
+        assert end is not None and not record.path.exists()
+        assert nxt.end_crashed_session() is None, "one end per crashed session"
+        got = capture.wait_for(lambda m: [json.loads(p) for t, p, _ in m if t == TOPICS.events][2:] and
+                               [json.loads(p) for t, p, _ in m if t == TOPICS.events], 10, "three events")
+        assert [(e["type"], e["event_id"]) for e in got] == [("new", "s0:1"), ("update", "s0:2"), ("end", "s0:3")]
+        crashed = got[2]
+        assert crashed["reason"] == "daemon_restart" and "reason" not in got[0]
+        assert crashed["before"] == got[1]["after"]
+        assert crashed["after"]["end_time"] == crashed["after"]["last_seen"] == 26
+        assert crashed["after"]["activity"] == "walking" and crashed["after"]["start_time"] == 0
+        assert sender.flush(5)
+        retained = retained_snapshot(mosquitto.port, f"{PREFIX}/#")
+        assert json.loads(retained[TOPICS.wearer])["wearer"] is None
+        alice = json.loads(retained[f"{PREFIX}/person/alice/state"])
+        assert alice["wearing"] is False and alice["session_id"] == "s0"
+    finally:
+        sender.stop()
+        pub.close()
+
+
+def test_a_session_that_ends_normally_leaves_no_record(tmp_path: Path) -> None:
+    """The record lives exactly as long as the session: an end of any kind (not live, stale,
+    another wearer, shutdown) removes it, or the next start would end the session twice."""
+    class Sink:
+        def submit(self, topic: str, event: dict) -> int:
+            return 0
+
+    class NoBroker:
+        def publish(self, msg: Message, queue_if_offline: bool = False) -> None:
+            pass
+
+    record = SessionRecordFile(tmp_path)
+    sessions = SessionPublisher(EventTracker(TrackerConfig(stale_after_s=30)), Sink(), NoBroker(), TOPICS, record=record)
+    sessions.observe(_obs(0))
+    assert record.path.exists()
+    sessions.observe(_obs(1, live=False))
+    assert not record.path.exists()
+    sessions.observe(_obs(2))
+    sessions.expire(100)
+    assert not record.path.exists()
+    sessions.observe(_obs(101))
+    sessions.observe(_obs(102, wearer="Bob"))  # Alice's end, Bob's new: Bob's session is recorded
+    assert json.loads(record.path.read_text())["after"]["wearer"] == "Bob"
+    sessions.close(103)
+    assert not record.path.exists()
+    assert SessionPublisher(EventTracker(), Sink(), NoBroker(), TOPICS, record=record).end_crashed_session() is None
 
 
 # -- stats ---------------------------------------------------------------------------------------

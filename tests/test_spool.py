@@ -138,6 +138,23 @@ def test_a_row_damaged_while_open_is_skipped_not_a_stop(tmp_path: Path) -> None:
     assert got[-1].seq == 120, "the events after the damaged one still go out"
 
 
+def test_a_row_deleted_as_unreadable_leaves_the_byte_count_exact(tmp_path: Path) -> None:
+    """The deleted row's bytes leave the size bound's count too: it kept them, and the bound
+    dropped events earlier than ``max_bytes`` for the rest of the run."""
+    d = tmp_path / "spool"
+    _spool_with_big_events(d)
+    spool = EventSpool(d)
+    spool._db.execute("PRAGMA cache_size=1")
+    pages = (d / "events.sqlite3").stat().st_size // 4096
+    _damage_page(d / "events.sqlite3", pages // 2)
+    got = spool.pending(0, 1000)
+    assert len(got) < 120, "the damage must cost at least one row for this test to mean anything"
+    assert len(spool) == len(got)
+    assert spool.size_bytes == sum(len(e.payload) for e in got)
+    spool.remove([e.seq for e in got])
+    assert (len(spool), spool.size_bytes) == (0, 0)
+
+
 def test_an_unwritable_spool_directory_is_a_clear_error(tmp_path: Path) -> None:
     d = tmp_path / "spool"
     d.write_text("a file where the spool directory should be")

@@ -26,6 +26,9 @@ Bounded: when ``max_events`` or ``max_bytes`` would be exceeded the *oldest* eve
 (a hub that was offline for days should report what is happening now; the drop is logged as a
 warning with the count, and consumers see the gap in ``seq``). Files are 0600 in a 0700 directory:
 the spool holds who wore the sensors and when.
+
+Next to it, ``SessionRecordFile`` keeps the wearing session that is open now, so that the next
+start can send the ``end`` of a session a crash or power cut cut short (``state.SessionPublisher``).
 """
 from __future__ import annotations
 
@@ -36,16 +39,19 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from daemon.publish.mqtt import Message, MqttPublisher
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "events.sqlite3"
+SESSION_RECORD_NAME = "open-session.json"
+
+T = TypeVar("T")
 
 
 class SpoolError(RuntimeError):
@@ -240,6 +246,7 @@ class EventSpool:
         """Row by row: an event that cannot be read is deleted (its ``seq`` shows the gap to
         consumers) so that every event after it still goes out."""
         rows: list[tuple[int, str, str]] = []
+        deleted = False
         for seq, row in _rows_one_by_one(self._db, after_seq, "seq, topic, payload"):
             if len(rows) >= limit:
                 break
@@ -251,9 +258,31 @@ class EventSpool:
             try:
                 self._db.execute("DELETE FROM events WHERE seq=?", (seq,))
                 self._count -= 1
+                deleted = True
             except sqlite3.DatabaseError:
                 pass  # then it is skipped again next time; the ones after it still go out
+        if deleted:
+            self._recount()
         return rows
+
+    def _recount(self) -> None:
+        """Count the events and their bytes again, from the file, after unreadable rows went.
+        WHY: a row that cannot be read has no length to subtract, and a ``_bytes`` that keeps a
+        deleted row's share makes the size bound drop events early for the rest of the run.
+        Whole-table sums first; if other damaged rows make those fail, row by row, where a row
+        that cannot be read counts no bytes (it is deleted, and counted out, when ``pending``
+        reaches it). Rare (damage only), so reading the table once is affordable."""
+        try:
+            count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events").fetchone()
+        except sqlite3.DatabaseError:
+            count = size = 0
+            try:
+                for _, row in _rows_one_by_one(self._db, 0, "LENGTH(payload)"):
+                    count += 1
+                    size += int(row[0]) if row is not None else 0
+            except sqlite3.DatabaseError:
+                return  # the list of rows cannot be read either: keep the counts kept so far
+        self._count, self._bytes = int(count), int(size)
 
     def remove(self, seqs: list[int]) -> None:
         """Forget delivered events (unknown seqs, e.g. dropped while in flight, are ignored)."""
@@ -276,6 +305,78 @@ class EventSpool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable (the entry, not only the data, must
+    survive a power cut)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SessionRecordFile:
+    """One small JSON document on disk that survives the process: the wearing session that is open
+    now (``state.SessionPublisher`` writes and reads it; this class only stores it).
+
+    WHY: a run that crashes or loses power mid-session sent the session's ``new`` but can never
+    send its ``end``; the next start reads this record and sends the end for it. Written whole
+    (temporary file, fsync, rename, fsync of the directory), so a power cut leaves the old
+    record or the new one, never half of one; 0600 next to the spool (0700): it says who wore
+    the sensors and when. Unreadable content is logged, removed and treated as no record: a
+    damaged file must not stop every start."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / SESSION_RECORD_NAME
+        self._tmp = self.directory / f".{SESSION_RECORD_NAME}.tmp"
+
+    def save(self, record: Mapping[str, Any]) -> None:
+        """Replace the record atomically and durably; raises OSError (the caller decides)."""
+        data = json.dumps(record, separators=(",", ":")).encode()
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self._tmp, self.path)
+        _fsync_dir(self.directory)
+
+    def load(self, parse: Callable[[Any], T]) -> T | None:
+        """``parse(the JSON document)``, or None when there is no record. A record that is not
+        JSON, or that ``parse`` refuses (ValueError, TypeError, KeyError), is logged as a
+        warning and removed."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("spool: cannot read %s (%s); the session it records gets no end event", self.path, exc.strerror)
+            return None
+        try:
+            return parse(json.loads(raw))
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("spool: %s is not a usable open-session record (%s); removed it: the session a previous run "
+                        "left open (if any) gets no end event", self.path, exc)
+            try:
+                self.clear()
+            except OSError as gone:
+                log.warning("spool: cannot remove %s (%s); make state_dir writable by the biod user", self.path, gone.strerror)
+            return None
+
+    def clear(self) -> None:
+        """Remove the record (no session open); no error when there is none."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.directory)
 
 
 class SpoolSender:

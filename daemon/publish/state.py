@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sqlite3
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 from daemon.events import UNKNOWN, Event, EventTracker, Observation, SessionState
 from daemon.identity.store import name_problem, slugify  # one name rule, one slug rule: store, topics, entity ids
 from daemon.publish.mqtt import Message
+from daemon.publish.spool import SessionRecordFile
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,44 @@ def messages_for_event(topics: Topics, event: Event) -> list[Message]:
     return out
 
 
+SESSION_RECORD_EVERY_S = 10.0  # how stale a crashed session's end time may be, at most (plus one observation)
+CRASH_END_REASON = "daemon_restart"
+_RECORD_VERSION = 1
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}, not a time")
+    return float(value)
+
+
+def _session_state(doc: Any) -> SessionState:
+    """A ``SessionState.to_dict()`` read back; ValueError/TypeError/KeyError when it is not one."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"a session state must be an object, not {type(doc).__name__}")
+    state = SessionState(**doc)
+    if not (isinstance(state.id, str) and state.id and isinstance(state.wearer, str) and state.wearer):
+        raise ValueError("no session id or wearer")
+    if _finite(state.last_seen, "last_seen") < _finite(state.start_time, "start_time") or state.end_time is not None:
+        raise ValueError("not the state of an open session")
+    if not isinstance(state.sensors, dict):
+        raise TypeError("sensors must be an object")
+    return state
+
+
+def _parse_session_record(doc: Any) -> tuple[int, SessionState, SessionState]:
+    """(number of the session's last event, its state in that event, its latest state)."""
+    if not isinstance(doc, dict) or doc.get("version") != _RECORD_VERSION:
+        raise ValueError(f"not a version-{_RECORD_VERSION} record")
+    n = doc["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"event number {n!r}")
+    before, after = _session_state(doc["before"]), _session_state(doc["after"])
+    if before.id != after.id:
+        raise ValueError("two sessions in one record")
+    return n, before, after
+
+
 class SessionPublisher:
     """The one call the daemon makes per identity verdict: track sessions, spool the events (on
     disk before anything is sent), and publish the retained state they change.
@@ -195,18 +235,33 @@ class SessionPublisher:
     ``MqttPublisher``. ``observe`` fsyncs once per event (rare), so calling it on the event loop is fine.
 
     ``epoch`` turns the tracker's times into the epoch seconds consumers read: the daemon tracks on
-    the monotonic clock (``daemon.clock.to_epoch``); without it the times go out as given."""
+    the monotonic clock (``daemon.clock.to_epoch``); without it the times go out as given.
+
+    ``record`` keeps the open session on disk so that the next run can end it when this one
+    dies mid-session (``end_crashed_session``): written before each of the session's events is
+    spooled, again at most every ``record_every_s`` of observations (the end time a crash leaves
+    is at most that stale), and removed once its ``end`` is spooled. WHY before: a crash between
+    the two then leaves a record whose event number is ahead of the spool, never behind it, so
+    the end sent for it cannot reuse an ``event_id`` consumers already have (and dedupe away)."""
 
     def __init__(self, tracker: EventTracker, sender: Any, publisher: Any, topics: Topics,
-                 epoch: Callable[[float], float] | None = None) -> None:
+                 epoch: Callable[[float], float] | None = None, record: SessionRecordFile | None = None,
+                 record_every_s: float = SESSION_RECORD_EVERY_S) -> None:
         self.tracker = tracker
         self._sender = sender
         self._publisher = publisher
         self._topics = topics
         self._epoch = epoch
+        self._record = record
+        self._record_every_s = record_every_s
+        self._recorded_at = float("-inf")  # tracker time of the last record write
+        self._last_sent: tuple[int, SessionState] | None = None  # the open session's last event: (n, its state in epoch s)
+        self._record_failing = False
 
     def observe(self, obs: Observation) -> list[Event]:
-        return self._emit(self.tracker.observe(obs))
+        events = self._emit(self.tracker.observe(obs))
+        self._refresh_record(obs.t)
+        return events
 
     def expire(self, now: float) -> list[Event]:
         """Call every few seconds: ends a session whose observations stopped arriving."""
@@ -216,36 +271,109 @@ class SessionPublisher:
         """On shutdown, before the sender and the publisher stop: ends the open session."""
         return self._emit(self.tracker.close(now))
 
+    def end_crashed_session(self) -> Event | None:
+        """At start, before anything is observed: the ``end`` of the session a previous run left
+        open (it crashed or lost power), spooled and published like any end, or None.
+
+        The end is dated by the last observation that run recorded, carries ``reason:
+        "daemon_restart"`` and the event number after the last one recorded. A crash after the
+        run spooled its own end but before it removed the record gives the same ``event_id``
+        twice, which consumers dedupe."""
+        if self._record is None:
+            return None
+        found = self._record.load(_parse_session_record)
+        if found is None:
+            return None
+        n, before, after = found
+        end = Event(id=after.id, event_id=f"{after.id}:{n + 1}", type="end", before=before,
+                    after=replace(after, end_time=after.last_seen), reason=CRASH_END_REASON)
+        self._send(end)
+        log.warning("events: the last run ended without ending %s's wearing session %s (a crash or a power cut); "
+                    "sent its end, dated %s (the last observation that run recorded)",
+                    after.wearer, after.id, iso8601(after.last_seen))
+        self._clear_record()
+        return end
+
     def _emit(self, events: list[Event]) -> list[Event]:
         for event in events:
             stamped = self._stamped(event)
-            try:
-                self._sender.submit(self._topics.events, stamped.to_dict())
-            except (sqlite3.Error, OSError) as exc:
-                # A full or failing state_dir must not end the ECG pipeline (the wearer's state
-                # would stop too): the event goes straight to paho, without the spool's
-                # guarantee (lost if the broker is away and the daemon stops), and it is said.
-                log.error("spool: could not store the %s event of session %s (%s); sent it without the spool: "
-                          "free space in state_dir or fix its permissions", event.type, event.after.id, exc)
-                self._publisher.publish(Message(self._topics.events, _json(stamped.to_dict()), retain=False, qos=1),
-                                        queue_if_offline=True)
-            for msg in messages_for_event(self._topics, stamped):
-                self._publisher.publish(msg)
+            if event.type != "end":
+                self._last_sent = (event.number, stamped.after)
+                self._save_record(stamped.after, event.after.last_seen)
+            self._send(stamped)
+            if event.type == "end":
+                self._last_sent = None
+                self._clear_record()
         return events
+
+    def _send(self, stamped: Event) -> None:
+        """Spool ``stamped`` (times already in epoch seconds) and publish the retained state it changes."""
+        try:
+            self._sender.submit(self._topics.events, stamped.to_dict())
+        except (sqlite3.Error, OSError) as exc:
+            # A full or failing state_dir must not end the ECG pipeline (the wearer's state
+            # would stop too): the event goes straight to paho, without the spool's
+            # guarantee (lost if the broker is away and the daemon stops), and it is said.
+            log.error("spool: could not store the %s event of session %s (%s); sent it without the spool: "
+                      "free space in state_dir or fix its permissions", stamped.type, stamped.after.id, exc)
+            self._publisher.publish(Message(self._topics.events, _json(stamped.to_dict()), retain=False, qos=1),
+                                    queue_if_offline=True)
+        for msg in messages_for_event(self._topics, stamped):
+            self._publisher.publish(msg)
+
+    # -- the open-session record -------------------------------------------------------------------
+    def _refresh_record(self, t: float) -> None:
+        """Move the record's last observation on, at most every ``record_every_s`` (an fsync each)."""
+        current = self.tracker.session
+        if current is None or self._last_sent is None or t - self._recorded_at < self._record_every_s:
+            return
+        self._save_record(self._stamp_state(current), t)
+
+    def _save_record(self, current: SessionState, t: float) -> None:
+        if self._record is None or self._last_sent is None:
+            return
+        n, sent = self._last_sent
+        try:
+            self._record.save({"version": _RECORD_VERSION, "n": n, "before": sent.to_dict(), "after": current.to_dict()})
+        except OSError as exc:
+            if not self._record_failing:
+                log.error("events: cannot record the open wearing session in %s (%s); if the daemon dies now, that "
+                          "session gets no end event: free space in state_dir or fix its permissions",
+                          self._record.path, exc.strerror or exc)
+            self._record_failing = True
+            # An older record would give the session's end an event number it already used.
+            self._clear_record()
+            self._recorded_at = t  # tried again no sooner than a good write would be
+            return
+        if self._record_failing:
+            log.info("events: recording the open wearing session in %s works again", self._record.path)
+        self._record_failing = False
+        self._recorded_at = t
+
+    def _clear_record(self) -> None:
+        if self._record is None:
+            return
+        try:
+            self._record.clear()
+        except OSError as exc:
+            log.error("events: cannot remove %s (%s); the next start may send an end for a session that ended: "
+                      "fix state_dir's permissions", self._record.path, exc.strerror or exc)
+        self._recorded_at = float("-inf")
+
+    # -- times -------------------------------------------------------------------------------------
+    def _stamp_state(self, s: SessionState) -> SessionState:
+        epoch = self._epoch
+        if epoch is None:
+            return s
+        return replace(s, start_time=epoch(s.start_time), last_seen=epoch(s.last_seen),
+                       end_time=None if s.end_time is None else epoch(s.end_time))
 
     def _stamped(self, event: Event) -> Event:
         """The event with its times in epoch seconds, converted now, as it leaves the process."""
-        epoch = self._epoch
-        if epoch is None:
+        if self._epoch is None:
             return event
-
-        def stamp(s: SessionState | None) -> SessionState | None:
-            if s is None:
-                return None
-            return replace(s, start_time=epoch(s.start_time), last_seen=epoch(s.last_seen),
-                           end_time=None if s.end_time is None else epoch(s.end_time))
-
-        return replace(event, before=stamp(event.before), after=stamp(event.after))
+        return replace(event, before=None if event.before is None else self._stamp_state(event.before),
+                       after=self._stamp_state(event.after))
 
 
 # -- enrol command -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import socket
+import termios
 import threading
 import time
 import tty
@@ -59,6 +60,10 @@ MODEL = "BIOD-EMU-ECG3"
 FIRMWARE = "emu-1.0.0"
 _WRITE_TIMEOUT_S = 0.5  # a host that stops reading for longer than this overflows the device
 _MAX_CATCH_UP_FRAMES = 50
+# How often an idle pty box looks whether a host has opened the port. WHY poll: the master side
+# of a pty reports the slave being closed (POLLHUP, EIO) but no event when it is opened again.
+# Well inside the spec's 100 ms reply budget for the first command of a host that just opened it.
+_ATTACH_POLL_S = 0.02
 
 # Lead -> electrodes (I = LA-RA, II = LL-RA, III = LL-LA), to derive which electrode a
 # recording without some leads must report as off.
@@ -80,6 +85,11 @@ class EmulatorCounters:
     garbage_bytes: int
     commands: int
     naks: int
+    # The host closed the link (the last opener of the pty closed the port, or the TCP connection
+    # closed): the box went back to IDLE, as spec section 6 requires.
+    link_drops: int = 0
+    # Commands the box heard and did not answer (``ignore_next``): a host's retries test.
+    commands_ignored: int = 0
 
 
 def _inherent_lead_off(present: np.ndarray) -> Electrode:
@@ -127,6 +137,10 @@ class EcgBoxEmulator:
     every sample is sent exactly once), and from then on :attr:`finished` is True and START is
     ACKed but streams nothing. WHY: rewinding at every START made a host that re-opens a silent
     box (every host does) replay the recording for ever.
+
+    A host closing the link (the last program holding the pty open closes it, or the TCP
+    connection closes) puts the box back to IDLE, as spec section 6 requires: whoever opens it
+    next hears nothing before its own START. Counted in ``link_drops``.
     """
 
     def __init__(
@@ -188,10 +202,13 @@ class EcgBoxEmulator:
         self.garbage_bytes = 0
         self.commands = 0
         self.naks = 0
+        self.link_drops = 0
+        self.commands_ignored = 0
+        self._ignore: dict[Command, int] = {}
 
         # Transport state.
         self._master: int | None = None
-        self._slave: int | None = None
+        self._host_attached = False  # a host holds the pty slave open (see _poll_attach_locked)
         self._slave_path: str | None = None
         self._link: str | None = None
         self._listener: socket.socket | None = None
@@ -243,6 +260,7 @@ class EcgBoxEmulator:
             return EmulatorCounters(
                 self.frames_sent, self.frames_corrupted, self.frames_dropped,
                 self.frames_overflowed, self.garbage_bytes, self.commands, self.naks,
+                self.link_drops, self.commands_ignored,
             )
 
     def expected_counts(self) -> np.ndarray:
@@ -313,11 +331,16 @@ class EcgBoxEmulator:
     def _open_pty_locked(self) -> None:
         master, slave = os.openpty()
         # Raw mode on the slave side now, so nothing (echo, CR/LF mapping) touches the bytes
-        # even before the host's pyserial sets its own termios.
+        # even before the host's pyserial sets its own termios (the kernel keeps the settings
+        # while the master is open).
         tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
         self._slave_path = os.ttyname(slave)
+        # The box does not hold its own slave open: only then does the master see a host closing
+        # the port (POLLHUP/EIO), which must put the box back to IDLE (spec section 6).
+        os.close(slave)
+        os.set_blocking(master, False)
+        self._master = master
+        self._host_attached = False
         self._decoder = Decoder()
         if self._link:
             tmp = f"{self._link}.tmp-{os.getpid()}"
@@ -329,10 +352,10 @@ class EcgBoxEmulator:
     def _close_pty_locked(self) -> None:
         if self._link and os.path.islink(self._link):
             os.unlink(self._link)
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                os.close(fd)
-        self._master = self._slave = None
+        if self._master is not None:
+            os.close(self._master)
+        self._master = None
+        self._host_attached = False
         self._slave_path = None
 
     def _listen_locked(self) -> None:
@@ -429,6 +452,14 @@ class EcgBoxEmulator:
         with self._lock:
             self._drop_pending += n_frames
 
+    def ignore_next(self, command: Command, n: int = 1) -> None:
+        """Hear the next ``n`` copies of ``command`` and neither act on nor answer them (a copy
+        lost on the line, or a box busy past the reply deadline): what a host's retry (spec
+        section 6: again after 250 ms, unresponsive after 3 tries) is for. Counted in
+        ``commands_ignored``, not ``commands``."""
+        with self._lock:
+            self._ignore[Command(command)] = self._ignore.get(Command(command), 0) + n
+
     def set_recording(self, recording: Recording | str) -> None:
         """Another person's ECG from the next frame on, at the same rate, from its start: the
         box stays plugged in and streaming while the wearer changes (electrodes moved from one
@@ -507,6 +538,10 @@ class EcgBoxEmulator:
             return encode_nak(event.frame_type, ErrorCode.BAD_LENGTH, event.seq)
         if not isinstance(event, HostCommand):
             return b""  # device->host frames looped back: not for us
+        if self._ignore.get(event.command, 0) > 0:
+            self._ignore[event.command] -= 1
+            self.commands_ignored += 1
+            return b""
         self.commands += 1
         cmd, arg, seq = event.command, event.argument, event.seq
         if cmd == Command.PING:
@@ -579,8 +614,35 @@ class EcgBoxEmulator:
 
     def _input_fd(self) -> int | socket.socket | None:
         if self._master is not None:
-            return self._master
+            return self._master if self._host_attached else None
         return self._client
+
+    def _poll_attach_locked(self) -> None:
+        """Notice a host opening the pty: the master stops reporting POLLHUP once somebody holds
+        the slave open. Called every ``_ATTACH_POLL_S`` while nobody does."""
+        if self._master is None or self._host_attached:
+            return
+        poller = select.poll()
+        poller.register(self._master, select.POLLIN)
+        if not any(ev & select.POLLHUP for _, ev in poller.poll(0)):
+            self._host_attached = True
+
+    def _host_hung_up_locked(self) -> None:
+        """The host closed the port (the pty's last slave opener is gone): back to IDLE, as the
+        spec requires when the link drops, so a host that opens it again hears nothing before
+        its START. Bytes the box wrote since the close are flushed: the kernel would otherwise
+        hand them to the next opener that does not flush its input (pyserial does; ``cat`` does
+        not)."""
+        self._host_attached = False
+        self.link_drops += 1
+        self._stop_streaming_locked()
+        self._decoder = Decoder()
+        self._pending_garbage.clear()
+        if self._master is not None:
+            try:
+                termios.tcflush(self._master, termios.TCIOFLUSH)
+            except (termios.error, OSError):
+                pass
 
     def _write(self, data: bytes) -> bool:
         """Write all of ``data`` to the link; False if the host is gone or not reading."""
@@ -589,6 +651,8 @@ class EcgBoxEmulator:
         while view:
             try:
                 if self._master is not None:
+                    if not self._host_attached:
+                        return False  # nobody has the port open: the bytes would reach the next opener
                     n = os.write(self._master, view)
                 elif self._client is not None:
                     n = self._client.send(view)
@@ -608,9 +672,12 @@ class EcgBoxEmulator:
         return True
 
     def _drop_client_locked(self) -> None:
+        """The TCP link dropped (the host closed it, it failed, or a new host replaced it): back
+        to IDLE, as on a pty."""
         if self._client is not None:
             self._client.close()
             self._client = None
+            self.link_drops += 1
         self._stop_streaming_locked()
 
     def _run(self) -> None:
@@ -618,6 +685,7 @@ class EcgBoxEmulator:
             with self._lock:
                 if not self._running:
                     return
+                self._poll_attach_locked()
                 rlist: list = [self._wake_r]
                 src = self._input_fd()
                 if src is not None:
@@ -631,6 +699,8 @@ class EcgBoxEmulator:
                     timeout = max(0.0, due - time.monotonic())
                 else:
                     timeout = 1.0
+                if self._master is not None and not self._host_attached:
+                    timeout = min(timeout, _ATTACH_POLL_S)
             try:
                 readable, _, _ = select.select(rlist, [], [], timeout)
             except (OSError, ValueError):
@@ -674,7 +744,8 @@ class EcgBoxEmulator:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if exc.errno == errno.EIO:  # no slave side open: nothing to read
+            if exc.errno == errno.EIO and isinstance(src, int):  # the host closed the pty slave
+                self._host_hung_up_locked()
                 return
             data = b""
         if not data:

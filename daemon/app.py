@@ -384,10 +384,7 @@ class BiodApp:
                 self.stats.first_clean_beat_at = None
             for obs in self.bio.on_ecg(update, now):
                 self._observe(sessions, obs)
-            if self.enrolment is not None:
-                self.enrolment.on_ecg(now, update.live)
-                if self.enrolment.interrupted:
-                    self._finish_enrolment(publisher)
+            self._enrolment_ecg(now, update.live, publisher)
             self._save_adaptations()
             await asyncio.sleep(self.BATCH_S)  # let ~0.2 s of frames gather for the next push
             if update.heart_rate_bpm is not None and update.live:
@@ -459,6 +456,9 @@ class BiodApp:
                 if obs is not None:
                     self._observe(sessions, obs)
                 self._save_adaptations()
+                # No samples is no live ECG for an enrolment too: a box unplugged and plugged
+                # back on someone else must end it, as electrodes coming off do.
+                self._enrolment_ecg(now, False, publisher)
             sessions.expire(now)
             if self._ready and (line := self.status_line(publisher, spool)) != status:
                 status = line
@@ -653,6 +653,13 @@ class BiodApp:
         self.bio.gait_sink = self.enrolment.gait_sink
         log.info("enrol: collecting ECG of %s for %.0f s", req.name, req.seconds)
         publisher.publish(enrol_state_message(self.topics, "enrolling", req.name, to_epoch(self.enrolment.deadline)))
+
+    def _enrolment_ecg(self, now: float, live: bool, publisher: MqttPublisher) -> None:
+        """Tell an open enrolment whether the ECG is live; end it (refused) when it was not for too long."""
+        if self.enrolment is not None:
+            self.enrolment.on_ecg(now, live)
+            if self.enrolment.interrupted:
+                self._finish_enrolment(publisher)
 
     def _abort_enrolment(self, publisher: MqttPublisher, reason: str) -> None:
         """End an open enrolment without saving it, and say so (retained). WHY: its retained

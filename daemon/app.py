@@ -361,15 +361,10 @@ class BiodApp:
             gap_s = self.gap_s(last_seq, first)
             chunk = self._batch(first)
             last_seq = chunk.seq
-            n_leads = chunk.samples_mv.shape[1]
-            # A reconnect may bring another box (or another person); a long loss breaks the
-            # sample clock the detector and windows rely on: start the DSP afresh in both cases.
             reconnected = self.ecg_source is not None and self.ecg_source.health.connects != connects
             if reconnected:
                 connects = self.ecg_source.health.connects
-            if (pipeline is None or reconnected or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads
-                    or gap_s > self.ECG_MAX_SPLICE_S):
-                pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=n_leads, mains_hz=self.cfg.ecg.mains_hz, **kwargs)
+            pipeline = self.pipeline_for(pipeline, chunk, gap_s, reconnected, kwargs)
             self._mark_ready("streaming ECG")
             now = time.monotonic()  # durations only; daemon.clock says why
             self._last_ecg_at = now
@@ -392,6 +387,23 @@ class BiodApp:
                 if now - last_hr_publish >= self.HR_PUBLISH_INTERVAL_S:
                     publisher.publish(Message(self.topics.sensor_state("heart_rate"), f"{update.heart_rate_bpm:.1f}"))
                     last_hr_publish = now
+
+    def pipeline_for(self, pipeline: EcgPipeline | None, chunk: EcgChunk, gap_s: float, reconnected: bool,
+                     kwargs: dict) -> EcgPipeline:
+        """The pipeline ``chunk`` goes into, after ``gap_s`` seconds of signal went missing before it.
+
+        A reconnect may bring another box (or another person) and a long loss breaks the sample
+        clock the detector and windows rely on: the DSP starts afresh. A short loss (up to
+        ``ECG_MAX_SPLICE_S``) keeps the clock: the missing samples go in as "no lead", so beats
+        keep their times, heart rate its intervals, and no window holding the hole is identified
+        from (spliced, the windows across a 0.5 s loss came out clean and were used)."""
+        n_leads = chunk.samples_mv.shape[1]
+        if (pipeline is None or reconnected or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads
+                or gap_s > self.ECG_MAX_SPLICE_S):
+            return EcgPipeline(fs=chunk.rate_hz, n_leads=n_leads, mains_hz=self.cfg.ecg.mains_hz, **kwargs)
+        if gap_s > 0:
+            pipeline.push(np.zeros((round(gap_s * chunk.rate_hz), n_leads), np.float32), np.zeros(n_leads, dtype=bool))
+        return pipeline
 
     @staticmethod
     def gap_s(last_seq: int | None, first: EcgChunk) -> float:

@@ -317,3 +317,36 @@ def test_a_garbage_open_session_record_is_a_warning_not_a_crash(tmp_path, mosqui
     assert any("open-session.json" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
     assert not capture.on("biod/junk/events")
+
+
+def test_a_short_frame_loss_keeps_the_sample_clock_and_is_never_identified_from(tmp_path) -> None:
+    """Review finding: frames lost on the wire (up to ECG_MAX_SPLICE_S) were spliced out unmarked,
+    so the windows across the hole came out clean and were identified from, and every beat after
+    it was dated early. Real LUDB ECG (3 leads), 20 ms frames, 0.5 s lost at 6 s."""
+    import numpy as np
+
+    from daemon.dsp.ecg_pipeline import EcgPipeline
+    from daemon.sources.serial_ecg import EcgChunk
+
+    fx = np.load(Path(__file__).parent / "fixtures" / "ecg_pipeline" / "ludb_3lead.npz")
+    x = np.concatenate([fx["signals"][0].astype(np.float32) / fx["adc_gain"][0][None, :]] * 3)  # 30 s
+    app = BiodApp(parse_config(f"hub:\n  id: gap\nstate_dir: {tmp_path / 'state'}\n"))
+    lost = range(300, 325)  # frames of 10 samples at 500 Hz: 6.0 to 6.5 s
+    pipeline, last_seq, beats, windows = None, None, [], []
+    for seq in range(len(x) // 10):
+        if seq in lost:
+            continue
+        chunk = EcgChunk(seq=seq, t_device_s=seq / 50, samples_mv=x[seq * 10:(seq + 1) * 10],
+                         lead_valid=np.ones(3, bool), rate_hz=500)
+        pipeline = app.pipeline_for(pipeline, chunk, app.gap_s(last_seq, chunk), False, {})
+        last_seq = seq
+        update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
+        beats += update.beats
+        windows += update.windows
+    reference = EcgPipeline(500.0)
+    ref_beats = list(reference.push(x).beats) + list(reference.flush().beats)
+    after = np.array([b.time_s for b in beats if b.time_s > 9.0])
+    ref = np.array([b.time_s for b in ref_beats if 9.0 < b.time_s < after.max() + 0.1])
+    assert len(after) == len(ref) and np.abs(after - ref).max() <= 0.01  # dated as if nothing was lost
+    across = [w for w in windows if w.t_end_s > 6.0 and w.t_end_s - 3.0 < 6.5]
+    assert across and not any(w.quality.ok_for_identity for w in across)

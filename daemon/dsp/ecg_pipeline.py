@@ -81,7 +81,8 @@ class EcgPipeline:
                  beat_group: int = 3, beat_horizon_s: float = 2.5, live_s: float = 8.0,
                  quality: QualityConfig | None = None, beat_fs: float | None = None,
                  beat_lowpass_hz: float = 40.0, beat_rr_exponent: float = 0.0,
-                 beat_rr_ref_s: float = 1.0, settle_s: float = 2.0) -> None:
+                 beat_rr_ref_s: float = 1.0, settle_s: float = 2.0,
+                 return_guard_s: float = 0.5) -> None:
         self.fs = float(fs)
         self.n_leads = int(n_leads)
         self.model_fs = float(model_fs)
@@ -119,6 +120,21 @@ class EcgPipeline:
         self.settle = int(round(settle_s * self.fs))
         self._held = np.zeros(self.n_leads, dtype=np.float32)
         self._last_off = np.full(self.n_leads, _NEVER, dtype=np.int64)
+        # DC-step removal at a lead's return (see _hold): offset subtracted from each lead, the
+        # raw value and absolute index of its last good sample, whether the last sample was good
+        self._offset = np.zeros(self.n_leads, dtype=np.float64)
+        self._last_good_raw = np.zeros(self.n_leads, dtype=np.float64)
+        self._last_good_at = np.full(self.n_leads, _NEVER, dtype=np.int64)
+        self._prev_good = np.ones(self.n_leads, dtype=bool)
+        # samples beyond _max_abs are impossible (QualityConfig.max_abs_mv): held for the
+        # filters, shown to quality as _wild_mv (finite, beyond the limit)
+        self._max_abs = np.float32(self._qa.cfg.max_abs_mv)
+        self._wild_mv = np.float32(2 * self._qa.cfg.max_abs_mv)
+        # beats are not emitted this soon after every lead was off (see _drop_after_return);
+        # _returns: the first sample of each recent return; _all_off_last: the last sample was
+        self.return_guard = int(round(return_guard_s * self.fs))
+        self._returns: list[int] = []
+        self._all_off_last = False
 
     # ----------------------------------------------------------------------------- input
     def _check(self, x: np.ndarray, lead_valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +142,6 @@ class EcgPipeline:
         if x.ndim != 2 or x.shape[1] != self.n_leads:
             raise ValueError(f"EcgPipeline.push: samples must be (n, {self.n_leads}) mV, got "
                              f"{x.shape}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("EcgPipeline.push: non-finite samples; replace them (e.g. by 0) "
-                             "and mark the lead invalid in lead_valid")
         if lead_valid is None:
             v = np.ones((x.shape[0], self.n_leads), dtype=bool)
         else:
@@ -140,50 +153,125 @@ class EcgPipeline:
         return x, v
 
     def push(self, samples_mv: np.ndarray, lead_valid: np.ndarray | None = None) -> EcgUpdate:
+        """Samples that are not finite or beyond ``QualityConfig.max_abs_mv`` (a broken driver,
+        a corrupted frame) are no error: the filters and the detector never see them (the last
+        good value is held, see :meth:`_hold`) and every window holding one is rejected as
+        ``saturation``, so one such sample costs the windows around it and nothing after."""
         x, v = self._check(samples_mv, lead_valid)
         if x.shape[0]:
             self._lead_on = v[-1].copy()
-        held, v_windows = self._hold(x, v)
-        beats = self._det.process_checked(held, v)
+        sane = np.abs(x) <= self._max_abs       # False for nan and inf too
+        held, v_windows = self._hold(x, v, sane)
+        self._note_returns(v)
+        beats = self._drop_after_return(self._det.process_checked(held, v))
         self._n_in += x.shape[0]
         cond = self._cond.process(held)
         y = self._rs.process(cond)
         if self._morph is not None:
             self._morph.push(cond, beats, self._n_in - self.horizon)
         final_until = (self._n_in - self.horizon) * self.model_fs / self.fs
-        return self._advance(x, v_windows, y, beats, int(np.floor(final_until)))
+        # quality sees an impossible sample as one beyond the limit (finite: it squares it)
+        x_q = x if sane.all() else np.where(sane, x, self._wild_mv)
+        return self._advance(x_q, v_windows, y, beats, int(np.floor(final_until)))
 
-    def _hold(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _hold(self, x: np.ndarray, v: np.ndarray, sane: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
         """(filter input, validity for the windows). WHY: while an electrode is off the box
         still sends that lead, at a rail or a new offset; filtered as it comes, the step back to
         the body rang through the 0.5 Hz high-pass and the detector for seconds after the lead
         came back, in windows that looked clean (measured: served embeddings at cosine 0.1-0.5
         of the undisturbed ones, a false beat at the reconnection). So the filters see each
-        lead's last valid sample held while it is off, and a lead's windows count as off for
-        ``settle_s`` after it comes back (what an electrode's new contact still does). When
-        every lead is off, the heart rate forgets the beats before: the next wearer is not the
-        last. Chunk-invariant: the held value and the last off sample carry over."""
+        lead's last good sample held while it is off (or while its samples are impossible:
+        ``sane`` False; one 1e20 mV sample had blinded the detector for 25 s), and a lead's
+        windows count as off for ``settle_s`` after it comes back (what an electrode's new
+        contact still does). When every lead is off, the heart rate forgets the beats before:
+        the next wearer is not the last.
+
+        A lead also comes back at a new DC offset (a new electrode contact: tens of mV), a step
+        the high-pass rang with for 4 s, past ``settle_s``, and the detector mistimed the next
+        beat. So the filters and the detector get the lead minus a per-lead offset that makes
+        every return from lead-off continue from the held value: the same as restarting the
+        filters in their steady state for the first returned sample, for every filter
+        downstream including the detector's own, and a constant the high-pass removes. (A
+        stretch of impossible samples on a lead that stayed on is only held: the jump across it
+        is the ECG's own; taken out at an R peak, it left a step the high-pass rang with.)
+        The offset changes only at a return, by the jump there, so it is a running sum:
+        chunk-invariant to the bit (an ``add.accumulate`` carried over), and exactly 0 on a
+        stream that never lost a lead (the input then passes unchanged). The held value, last
+        good sample (value and index), offset and last off sample carry over."""
         n = x.shape[0]
-        if n == 0 or (v.all() and (self._n_in - self._last_off).min() > self.settle):
+        good = v & sane
+        if n == 0 or (good.all() and self._prev_good.all() and not self._offset.any()
+                      and (self._n_in - self._last_off).min() > self.settle):
             if n:
                 self._held = x[-1].copy()
+                self._last_good_raw = x[-1].astype(np.float64)
+                self._last_good_at[:] = self._n_in + n - 1
             return x, v
         at = self._n_in + np.arange(n)
-        valid_idx = np.maximum.accumulate(np.where(v, np.arange(n)[:, None], -1), axis=0)
-        held = np.where(valid_idx >= 0, np.take_along_axis(x, np.maximum(valid_idx, 0), axis=0),
-                        self._held[None, :]).astype(np.float32)
-        self._held = held[-1].copy()
+        rows = np.arange(n)[:, None]
         last_off = np.maximum.accumulate(
             np.maximum(np.where(v, _NEVER, at[:, None]), self._last_off[None, :]), axis=0)
+        last_good = np.maximum.accumulate(np.where(good, rows, -1), axis=0)  # at or before i
+        xd = np.where(good, x, 0.0).astype(np.float64)    # bad samples never enter a sum
+        # the last good sample before each sample: its raw value and absolute index (carried)
+        before = np.concatenate([np.full((1, self.n_leads), -1), last_good[:-1]])
+        x_before = np.where(before >= 0, np.take_along_axis(xd, np.maximum(before, 0), axis=0),
+                            self._last_good_raw[None, :])
+        at_before = np.where(before >= 0, self._n_in + before, self._last_good_at[None, :])
+        prev_good = np.concatenate([self._prev_good[None, :], good[:-1]])
+        # a return from lead-off (not from a stretch of impossible samples only, where the
+        # signal never left the body: its jump is the ECG's own and must stay) moves the offset
+        back = good & ~prev_good & ((last_off > at_before) | (at_before == _NEVER))
+        jump = np.where(back, xd - x_before, 0.0)
+        offset = np.add.accumulate(np.concatenate([self._offset[None, :], jump]), axis=0)[1:]
+        y = np.where(good, xd - offset, 0.0).astype(np.float32)
+        held = np.where(last_good >= 0, np.take_along_axis(y, np.maximum(last_good, 0), axis=0),
+                        self._held[None, :]).astype(np.float32)
+        self._held = held[-1].copy()
+        self._offset = offset[-1].copy()
+        self._prev_good = good[-1].copy()
+        lg = last_good[-1]
+        self._last_good_raw = np.where(lg >= 0, xd[np.maximum(lg, 0), np.arange(self.n_leads)],
+                                       self._last_good_raw)
+        self._last_good_at = np.where(lg >= 0, self._n_in + lg, self._last_good_at)
         self._last_off = last_off[-1].copy()
         all_off = ~v.any(axis=1)
         if all_off.any():
             self._hr.forget_until(float(at[np.flatnonzero(all_off)[-1]]) / self.fs)
         return held, v & (at[:, None] - last_off > self.settle)
 
+    def _note_returns(self, v: np.ndarray) -> None:
+        """Remember where some lead came back after every lead was off (absolute sample)."""
+        if v.shape[0] == 0:
+            return
+        all_off = ~v.any(axis=1)
+        prev = np.concatenate([[self._all_off_last], all_off[:-1]])
+        back = np.flatnonzero(prev & ~all_off)
+        self._returns += (self._n_in + back).tolist()
+        self._all_off_last = bool(all_off[-1])
+        # the detector decides a beat at most the horizon late: older returns cannot matter
+        oldest = self._n_in + v.shape[0] - 2 * self.horizon - self.return_guard
+        self._returns = [r for r in self._returns if r >= oldest]
+
+    def _drop_after_return(self, beats: list[Beat]) -> list[Beat]:
+        """The beats, less those within ``return_guard_s`` after every lead was off. WHY: a
+        beat whose R peak fell while every electrode was off leaves its T wave (up to a QT,
+        ~0.45 s, after the R) for after the return, and the detector, learning afresh with no
+        lead left to carry its thresholds, took that T wave for an R (measured: all three LUDB
+        leads of record 0 off from 6 s and back at one of 21 times from 7.3 to 8.3 s, with the
+        DC step already taken out by :meth:`_hold`: 7 gave a false beat 0.02-0.26 s after the
+        return; none with this guard). Such beats lie in windows that count as off
+        (``settle_s``) anyway, so nothing but that false beat is lost."""
+        if not beats or not self._returns:
+            return beats
+        r = np.array(self._returns)
+        return [b for b in beats
+                if not ((b.sample >= r) & (b.sample < r + self.return_guard)).any()]
+
     def flush(self) -> EcgUpdate:
         """End of stream: decide pending beats and release every window the data allows."""
-        beats = self._det.flush()
+        beats = self._drop_after_return(self._det.flush())
         z = np.zeros((0, self.n_leads), dtype=np.float32)
         if self._morph is not None:
             self._morph.push(z, beats, None)

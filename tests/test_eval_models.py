@@ -59,30 +59,40 @@ def test_eval_models_bad_folder_is_a_clear_error(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
-def test_eval_models_excludes_training_persons(tmp_path):
-    from training.eval.models import DEFAULT_MODELS, ECG_MODEL, training_persons
+def test_eval_models_excludes_training_persons_by_their_recordings(tmp_path):
+    """A recording the model trained on is left out under any number; a new person who happens
+    to carry a training person's number is evaluated (found by review: a folder of other persons
+    numbered from 1 lost every one of them, and with them every identity metric)."""
+    from training.eval.models import DEFAULT_MODELS, ECG_MODEL, evaluate_ecg, training_persons
     from daemon.inference.manifest import load_manifest
 
     seen = training_persons(load_manifest(DEFAULT_MODELS / f"{ECG_MODEL}.json"))
     assert "ecgid:01" in seen and "ecgid:02" not in seen
-    with pytest.raises(ValueError, match="no ECG persons left"):
-        from training.eval.models import evaluate_ecg
-        # a folder holding only training persons: nothing may be evaluated
-        evaluate_ecg(_only_training_person(tmp_path), DEFAULT_MODELS, None, progress=lambda m: None)
+    for number in (1, 40):  # person 1's own recording, under its number and under another
+        with pytest.raises(ValueError, match="no ECG persons left"):
+            evaluate_ecg(_one_recording(tmp_path / f"train{number}", number, training=True), DEFAULT_MODELS, None,
+                         progress=lambda m: None)
+    out = evaluate_ecg(_one_recording(tmp_path / "new1", 1, training=False), DEFAULT_MODELS, None,
+                       progress=lambda m: None)
+    assert out["persons_evaluated"] == 1 and out["persons_excluded_as_training"] == 0
+    assert any("carry a training person's number but none of their recordings" in n for n in out["notes"])
 
 
-def _only_training_person(tmp: Path) -> Path:
-    import numpy as np
-    d = tmp / "data" / "ecgid"
+def _one_recording(tmp: Path, number: int, training: bool) -> Path:
+    """A folder holding one ECG-ID recording labelled person ``number``: ECG-ID person 1's first
+    recording (a training recording, tests/fixtures/ecg) or held-out person 2's (minidata)."""
+    d = tmp / "ecgid"
     d.mkdir(parents=True)
     meta = json.loads((MINIDATA / "ecgid" / "metadata.json").read_text())
-    z = np.load(MINIDATA / "ecgid" / "ecgid.npz")
-    rec = dict(meta["records"][0], person=1, index=0)
-    np.savez(d / "ecgid.npz", signals=z["signals"][:1], person=np.array([1], np.int16),
-             ann_record=np.zeros(0, np.int16), ann_sample=np.zeros(0, np.int32),
-             ann_symbol=np.zeros(0, "<U1"))
-    (d / "metadata.json").write_text(json.dumps({**meta, "records": [rec]}))
-    return tmp / "data"
+    if training:
+        z = np.load(ROOT / "tests" / "fixtures" / "ecg" / "ecgid_training_p01.npz")
+        signals, rec = z["signals"][None], json.loads(str(z["record"]))
+    else:
+        signals, rec = np.load(MINIDATA / "ecgid" / "ecgid.npz")["signals"][:1], meta["records"][0]
+    np.savez(d / "ecgid.npz", signals=signals, person=np.array([number], np.int16),
+             ann_record=np.zeros(0, np.int16), ann_sample=np.zeros(0, np.int32), ann_symbol=np.zeros(0, "<U1"))
+    (d / "metadata.json").write_text(json.dumps({**meta, "records": [dict(rec, person=number, index=0)]}))
+    return tmp
 
 
 def _unseen_folder(tmp: Path, renumber_gudb: dict[int, int], with_training_person: bool = False) -> Path:
@@ -95,10 +105,12 @@ def _unseen_folder(tmp: Path, renumber_gudb: dict[int, int], with_training_perso
     z = np.load(MINIDATA / "ecgid" / "ecgid.npz")
     keep = [i for i, r in enumerate(meta["records"]) if r["person"] in (26, 34)]
     recs = [dict(meta["records"][old], index=new) for new, old in enumerate(keep)]
-    if with_training_person:
-        keep.append(0)
-        recs.append(dict(meta["records"][0], person=1, index=len(recs)))
-    np.savez(d / "ecgid" / "ecgid.npz", signals=z["signals"][keep], person=z["person"][keep])
+    signals, person = z["signals"][keep], z["person"][keep]
+    if with_training_person:  # ECG-ID person 1's own first recording (tests/fixtures/ecg)
+        t = np.load(ROOT / "tests" / "fixtures" / "ecg" / "ecgid_training_p01.npz")
+        signals, person = np.concatenate([signals, t["signals"][None]]), np.append(person, 1).astype(person.dtype)
+        recs.append(dict(json.loads(str(t["record"])), index=len(recs)))
+    np.savez(d / "ecgid" / "ecgid.npz", signals=signals, person=person)
     (d / "ecgid" / "metadata.json").write_text(json.dumps({**meta, "records": recs}))
     gmeta = json.loads((MINIDATA / "gudb_rpeaks" / "metadata.json").read_text())
     gz = np.load(MINIDATA / "gudb_rpeaks" / "gudb_rpeaks.npz")

@@ -31,14 +31,15 @@ class ThresholdMismatch(RuntimeError):
 def refresh(data_dir: Path, models: Path, progress=print) -> dict:
     """Check the threshold, evaluate, write the CNN's and the fusion's metrics; returns the
     evaluation (``training.eval.models.evaluate_ecg``)."""
-    from training.data.ecg import load_training_records
+    from training.data.ecg import fingerprints, load_training_records
     from training.eval.models import manifest_metrics
     from training.export import update_manifest
     from training.train_beats import NAME as BEATS, fused_metrics, fused_threshold
     from training.train_ecg import MODEL_NAME as CNN
 
     stated = load_manifest(manifest_path_for(models / f"{BEATS}.tflite")).thresholds["identity_cosine"]
-    got = fused_threshold(models, load_training_records(data_dir)[1])
+    train, calib = load_training_records(data_dir)
+    got = fused_threshold(models, calib)
     progress(f"refresh: fused threshold {got:.6f} from the calibration persons "
              f"(manifest {stated:.6f})")
     if abs(got - stated) > THRESHOLD_TOLERANCE:
@@ -47,6 +48,15 @@ def refresh(data_dir: Path, models: Path, progress=print) -> dict:
             f"{stated:.6f}: these are not the files the manifest was written for (or --data is "
             "not the data they were trained on); nothing written. Re-export with "
             "python -m training.requantize_ecg or retrain with python -m training.train")
+    # The threshold reproduced, so these are the recordings the models were made from: their
+    # fingerprints let an evaluation recognise them under any number (training.data.ecg.fingerprint).
+    prints = fingerprints(train + calib)
+    for name in (CNN, BEATS):
+        for p in (models / f"{name}.tflite", models / "float" / f"{name}.tflite"):
+            if p.exists():
+                training = load_manifest(manifest_path_for(p)).training.model_dump(mode="json")
+                update_manifest(p, training={**training, "fingerprints": prints})
+    progress(f"refresh: {len(prints)} recording fingerprints written into the {CNN} and {BEATS} manifests")
     evaluation = fused_metrics(data_dir, models, progress)
     cnn, _ = manifest_metrics(evaluation)
     for p in (models / f"{CNN}.tflite", models / "float" / f"{CNN}.tflite"):

@@ -32,7 +32,7 @@ import numpy as np
 from daemon.inference.beatmorph import beat_features
 from training.data.ecg import (
     ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, EcgRecord, WindowSet,
-    load_training_records, record_windows)
+    fingerprints, load_training_records, record_windows)
 
 # 2.0.0: beats heart-rate normalised (RR_EXPONENT); 2.1.0: the same float map, int8 weights
 # quantised per direction (keras_model). Templates of other versions are refused: re-enrol
@@ -215,6 +215,7 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
         "training": {
             "datasets": ["ecgid", "ludb", "mitdb"],
             "persons": persons,
+            "fingerprints": fingerprints(list(records) + list(calib)),
             "held_out": {
                 "ecgid": [f"{p:02d}" for p in ECGID_HELDOUT],
                 "ludb": [str(i) for i in range(LUDB_HELDOUT_FROM, 101)],

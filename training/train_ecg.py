@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 from training.data.ecg import (  # noqa: E402
     ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS, EcgRecord, WindowSet,
-    is_training_person, load_training_records, person_id, record_windows)
+    fingerprints, is_training_person, load_training_records, person_id, record_windows)
 from training.data.ecg_activity import (  # noqa: E402
     GUDB_TEST_SUBJECTS, RRSeries, construct_activity_records, load_gudb_rr)
 from training.gradnorm import WANTS_WEIGHTED_GRADIENT, make_balancer  # noqa: E402
@@ -325,6 +325,7 @@ def manifest_fields(data: EcgTrainingData, threshold: float, cfg: TrainConfig) -
         "training": {
             "datasets": ["ecgid", "ludb", "mitdb", "gudb_rpeaks"],
             "persons": persons,
+            "fingerprints": fingerprints(list(data.ident.records) + list(data.calib.records)),
             "held_out": {
                 "ecgid": [f"{p:02d}" for p in ECGID_HELDOUT],
                 "ludb": [str(i) for i in range(LUDB_HELDOUT_FROM, 101)],

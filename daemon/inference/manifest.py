@@ -137,6 +137,9 @@ class TrainingData(_Strict):
     datasets: list[str]
     persons: dict[str, list[str]] = Field(description="dataset -> person ids used for training")
     held_out: dict[str, list[str]] = Field(default_factory=dict)
+    fingerprints: list[str] = Field(default_factory=list, description=(
+        "content fingerprints of the listed persons' recordings (training.data.ecg.fingerprint): an "
+        "evaluation excludes a person by what was recorded, not by a number another folder may reuse"))
     description: str = ""
 
 

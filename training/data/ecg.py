@@ -14,6 +14,8 @@ honest both on shared/data (it evaluates the held-out persons) and on a folder o
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import warnings
 import zipfile
@@ -363,6 +365,23 @@ def load_all(data_dir: Path, mitdb_segments: int | None = None,
         raise FileNotFoundError(f"--data {data_dir} is not a folder")
     return (load_ecgid(data_dir, notes) + load_ludb(data_dir)
             + load_mitdb(data_dir, mitdb_segments, notes))
+
+
+def fingerprint(record: EcgRecord) -> str:
+    """A record's content fingerprint: sha256 (16 hex digits) of its whole signal as loaded
+    (float32 mV, all three lead columns; a MIT-BIH segment of ``MITDB_SEGMENT_S``, the first of
+    which starts at 0 however many a loader cuts). WHY: a model's manifest lists the persons it
+    trained on by number, and a folder of other persons numbered from 1 reuses those numbers
+    (its persons were then all excluded as "training persons", and the evaluation lost every
+    identity metric), while a training person renumbered would pass as new. The recording
+    itself says which it is. Not a prefix: seven ECG-ID recordings of seven persons (13, 25,
+    26, 28, 32, 44, 83) begin with the same 2 s of samples."""
+    return hashlib.sha256(np.ascontiguousarray(record.x_mv, dtype="<f4").tobytes()).hexdigest()[:16]
+
+
+def fingerprints(records: list[EcgRecord]) -> list[str]:
+    """The sorted fingerprints of ``records`` (for a manifest's ``training.fingerprints``)."""
+    return sorted({fingerprint(r) for r in records})
 
 
 def is_training_person(person: str) -> bool:

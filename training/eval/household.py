@@ -57,7 +57,7 @@ from daemon.identity.store import Person, TemplateStore
 from daemon.inference.beatmorph import BEATS_FILE
 from daemon.inference.manifest import load_manifest
 from training.data.ecg import EcgRecord, load_all, parse_date, person_key
-from training.eval.models import _lead_i_only, training_persons
+from training.eval.models import _lead_i_only, unseen_records
 
 ECG_MODEL = "ecg_dualtask.tflite"
 
@@ -269,15 +269,18 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
              target_far: float | None = None, progress: Callable[[str], object] = print, adapt: bool = False,
              population: Literal["heldout", "training"] = "heldout", overrides: dict | None = None) -> dict:
     runner = EcgModelRunner.load(models_dir / ECG_MODEL)
-    seen = training_persons(load_manifest((models_dir / ECG_MODEL).with_suffix(".json")))
+    manifests = [load_manifest((models_dir / ECG_MODEL).with_suffix(".json"))]
     if (models_dir / BEATS_FILE).exists():
-        seen |= training_persons(load_manifest((models_dir / BEATS_FILE).with_suffix(".json")))
+        manifests.append(load_manifest((models_dir / BEATS_FILE).with_suffix(".json")))
     impostors = load_impostors(models_dir)
     in_impostor_set = set() if impostors is None else {
         _impostor_person(str(v)) for v in np.concatenate([impostors.labels, impostors.labels_3lead])}
     notes: list[str] = []
-    records = [_lead_i_only(r) for r in load_all(Path(data_dir), notes=notes)
-               if (r.person in seen) == (population == "training") and r.person not in in_impostor_set]
+    everyone = load_all(Path(data_dir), notes=notes)
+    unseen, seen, seen_notes = unseen_records(everyone, manifests)
+    notes += seen_notes
+    pool = [r for r in everyone if r.person in seen] if population == "training" else unseen
+    records = [_lead_i_only(r) for r in pool if r.person not in in_impostor_set]
     for text in notes:
         progress(f"note: {text}")
     if not records:

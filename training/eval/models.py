@@ -43,7 +43,7 @@ from daemon.biometrics import EcgModelRunner
 from daemon.inference.beatmorph import BEATS_FILE
 from daemon.inference.manifest import load_manifest
 from daemon.inference.runtime import load_model
-from training.data.ecg import DataError, EcgRecord, WindowSet, load_all, person_key, record_windows
+from training.data.ecg import DataError, EcgRecord, WindowSet, fingerprint, load_all, person_key, record_windows
 from training.data.ecg_activity import RRSeries, gudb_person, load_gudb_rr
 from training.eval.identity import (
     TEST_LENGTHS_S, fused_embeddings, gallery_and_tests, genuine_impostor, identity_metrics,
@@ -64,6 +64,30 @@ def training_persons(manifest) -> set[str]:
     """Every person a manifest lists as trained on, as ``"<dataset>:<id>"`` spelt like the
     loaders spell them (:func:`training.data.ecg.person_key`), so "05" and "5" are one person."""
     return {person_key(ds, pid) for ds, ids in manifest.training.persons.items() for pid in ids}
+
+
+def unseen_records(everyone: list[EcgRecord], manifests: list) -> tuple[list[EcgRecord], set[str], list[str]]:
+    """(the records of persons none of ``manifests`` trained on, the persons left out, notes).
+
+    By content where the manifests carry ``training.fingerprints``: a person is a training person
+    when any of their recordings is one the model trained on, whatever number this folder gives
+    them; a folder of other persons numbered from 1 keeps them all (by number, every one had been
+    left out and the identity metrics with them). Manifests without fingerprints: by number."""
+    ids = set().union(*(training_persons(m) for m in manifests))
+    prints = set().union(*(m.training.fingerprints for m in manifests))
+    persons = {r.person for r in everyone}
+    if not prints:
+        seen = persons & ids
+        return [r for r in everyone if r.person not in seen], seen, []
+    seen = {r.person for r in everyone if fingerprint(r) in prints}
+    notes = []
+    if renumbered := sorted(seen - ids):
+        notes.append(f"{len(renumbered)} person(s) hold recordings the model trained on under another number "
+                     f"({', '.join(renumbered[:5])}{' ...' if len(renumbered) > 5 else ''}): left out as training persons")
+    if reused := sorted((persons & ids) - seen):
+        notes.append(f"{len(reused)} person(s) carry a training person's number but none of their recordings "
+                     f"({', '.join(reused[:5])}{' ...' if len(reused) > 5 else ''}): evaluated as new persons")
+    return [r for r in everyone if r.person not in seen], seen, notes
 
 
 def pipeline_kwargs(manifest) -> dict:
@@ -144,13 +168,13 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
 
     int8_path = Path(models_dir) / f"{ECG_MODEL}.tflite"
     manifest = load_manifest(int8_path.with_suffix(".json"))
-    seen = training_persons(manifest)
+    manifests = [manifest]
     kw = pipeline_kwargs(manifest)
     threshold = float(manifest.thresholds["identity_cosine"])
     beats_path = int8_path.with_name(BEATS_FILE)
     if beats_path.exists():  # the daemon fuses the beat-morphology model: evaluate what it serves
         beats_manifest = load_manifest(beats_path.with_suffix(".json"))
-        seen |= training_persons(beats_manifest)
+        manifests.append(beats_manifest)
         kw.update(EcgModelRunner.load(int8_path).pipeline_kwargs())
         threshold = float(beats_manifest.thresholds["identity_cosine"])
     load_notes: list[str] = []
@@ -158,10 +182,11 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     if not everyone:
         raise NoEcgPersons(f"{data_dir}: no ECG records found (no ecgid/, ludb/ or mitdb/ "
                            "records): nothing to evaluate")
-    records = [r for r in everyone if r.person not in seen]
+    records, excluded, seen_notes = unseen_records(everyone, manifests)
+    seen_ids = set().union(*(training_persons(m) for m in manifests))  # gudb subjects and the baseline's fit: by number
+    load_notes += seen_notes
     # never-enrolled persons are scored on lead I (LUDB) / their one lead (MIT-BIH) like ECG-ID
     records = [_lead_i_only(r) for r in records]
-    excluded = {r.person for r in everyone} & seen
     result: dict = {"persons_evaluated": len({r.person for r in records}),
                     "persons_excluded_as_training": len(excluded), "threshold": threshold}
     if not records:
@@ -177,8 +202,8 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
     id_ok = ws.identity_ok
     result["windows_identity_rejected"] = int((~id_ok).sum())
     gated_ws = None if id_ok.all() else ws.select(id_ok)
-    donors = [r for r in everyone if r.person not in seen and r.dataset in ("ludb", "ecgid")]
-    rr, activity_note = activity_series(Path(data_dir), seen, donors)
+    donors = [r for r in everyone if r.person not in excluded and r.dataset in ("ludb", "ecgid")]
+    rr, activity_note = activity_series(Path(data_dir), seen_ids, donors)
     ax, _, ay, _ = activity_windows_of(rr, donors, seed=ACTIVITY_SEED, per_series=ACTIVITY_PER_SERIES)
     if activity_note is None and not len(ay):
         activity_note = (f"the gudb series of {', '.join(sorted({gudb_person(s.subject) for s in rr}))} "
@@ -226,7 +251,7 @@ def evaluate_ecg(data_dir: Path, models_dir: Path, figures: Path | None = None,
         result["int8_vs_float"] = int8_fidelity(*embs["int8"], *embs["float"])
     served = {kind: emb for kind, (_, emb) in embs.items()}
     if baseline_fit is not None:
-        result["baseline"], served["baseline"] = _baseline(Path(baseline_fit), seen, ws, kw, progress)
+        result["baseline"], served["baseline"] = _baseline(Path(baseline_fit), seen_ids, ws, kw, progress)
     if n_boot:
         result["bootstrap"] = identity_bootstrap(ws, served, n_boot)
         if result["bootstrap"]:
@@ -268,8 +293,8 @@ def _gallery_notes(ws: WindowSet) -> list[str]:
     """What the identity protocol cannot measure on these windows, said in words."""
     names, _, _ = gallery_and_tests(ws, np.zeros((len(ws.rec), 1), np.float32), 10)
     if not names:
-        return ["no ECG-ID person with >= 2 recordings: no identity metrics (rank-1, EER, FRR); "
-                "only the never-enrolled and timing numbers"]
+        return ["no ECG-ID person left with >= 2 recordings once the model's training persons are left "
+                "out: no identity metrics (rank-1, EER, FRR); only the never-enrolled and timing numbers"]
     if len(names) < 2:
         return [f"only {len(names)} enrolled person ({names[0]}): no impostor comparisons, so "
                 "rank-1, EER, FRR at FAR 1 % and FAR at the threshold are not available (left out)"]

@@ -40,6 +40,18 @@ def _start(source: EcgSource) -> tuple[threading.Thread, threading.Event]:
     return thread, stop
 
 
+def _run_until_error(source: EcgSource, timeout_s: float, poll_s: float = 0.05) -> None:
+    """Run ``source`` in its thread until it reports an error (or ``timeout_s``), then stop it."""
+    thread, stop = _start(source)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not source.health.errors and time.monotonic() < deadline:
+            time.sleep(poll_s)
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 @pytest.fixture
 def box(tmp_path):
     rec = load_recording("ludb-16")
@@ -303,14 +315,7 @@ def test_frames_that_break_the_spec_are_logged_with_the_reason_and_counted(caplo
     source = EcgSource(lambda: _ScriptedBox(bad), "scripted", got, rate_hz=500, stall_timeout_s=1.0)
     source.BACKOFF_S = (5.0,)
     caplog.set_level("ERROR", logger="daemon.sources.serial_ecg")
-    thread, stop = _start(source)
-    try:
-        deadline = time.monotonic() + 10
-        while not source.health.errors and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join(5)
+    _run_until_error(source, 10)
     assert got.count() == 0
     assert source.health.protocol_errors >= 10
     stall = source.health.errors[0]
@@ -503,14 +508,7 @@ def test_a_box_that_answers_no_try_is_named_unresponsive_after_three(box) -> Non
     emu.ignore_next(Command.GET_INFO, 3)
     source = EcgSource(serial_opener(str(link), 460800), str(link), Collector(), rate_hz=500)
     source.BACKOFF_S = (30.0,)
-    thread, stop = _start(source)
-    try:
-        deadline = time.monotonic() + 15
-        while not source.health.errors and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        stop.set()
-        thread.join(5)
+    _run_until_error(source, 15, poll_s=0.02)
     (error,) = source.health.errors
     assert emu.counters().commands_ignored == 3 and source.health.connects == 0
     assert "no DEVICE_INFO" in error and "3 tries, 250 ms each" in error, error

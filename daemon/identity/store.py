@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from daemon.durable import fsync_dir, write_all_and_sync
 from daemon.events import UNKNOWN
 
 __all__ = [
@@ -562,10 +563,7 @@ class TemplateStore:
         try:
             try:
                 os.fchmod(fd, 0o600)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
+                write_all_and_sync(fd, data)
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)
@@ -578,11 +576,7 @@ class TemplateStore:
                 raise StoreError(f"{self.path}: cannot write the template store ({exc.strerror}); the previous file is unchanged: fix: check free space and permissions") from None
             raise
         try:  # the rename is durable only once the directory is
-            dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(directory)
         except OSError as exc:
             raise StoreError(f"{self.path}: the template store was written but its directory could not be synced "
                              f"({exc.strerror}); a power cut now may bring back the previous file: fix: check the disk") from None

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from daemon.durable import fsync_dir, write_all_and_sync
 from daemon.publish.mqtt import Message, MqttPublisher
 
 log = logging.getLogger(__name__)
@@ -307,16 +308,6 @@ class EventSpool:
             self._db.close()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable (the entry, not only the data, must
-    survive a power cut)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SessionRecordFile:
     """One small JSON document on disk that survives the process: the wearing session that is open
     now (``state.SessionPublisher`` writes and reads it; this class only stores it).
@@ -339,14 +330,11 @@ class SessionRecordFile:
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_CREAT
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_all_and_sync(fd, data)
         finally:
             os.close(fd)
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def load(self, parse: Callable[[Any], T]) -> T | None:
         """``parse(the JSON document)``, or None when there is no record. A record that is not
@@ -376,7 +364,7 @@ class SessionRecordFile:
             os.unlink(self.path)
         except FileNotFoundError:
             return
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
 
 class SpoolSender:

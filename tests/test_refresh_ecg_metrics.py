@@ -62,7 +62,7 @@ def test_other_threshold_writes_nothing(tmp_path: Path) -> None:
 
 def test_matching_threshold_rewrites_only_the_metrics(tmp_path: Path) -> None:
     from daemon.inference.manifest import load_manifest
-    from training.data.ecg import load_training_records
+    from training.data.ecg import fingerprints, load_training_records
     from training.export import update_manifest
     from training.refresh_ecg_metrics import refresh
     from training.train_beats import fused_threshold
@@ -74,14 +74,25 @@ def test_matching_threshold_rewrites_only_the_metrics(tmp_path: Path) -> None:
         m = load_manifest(p.with_suffix(".json"))
         update_manifest(p, thresholds={**m.thresholds, "identity_cosine": thr},
                         metrics={"int8": {"stale": 1.0}})
+    # a CNN manifest from before recording fingerprints: refresh adds them; the beat model's
+    # (already there) are kept as training wrote them, whatever this folder holds
+    cnn_path = models / "ecg_dualtask.tflite"
+    training = load_manifest(cnn_path.with_suffix(".json")).training.model_dump(mode="json")
+    update_manifest(cnn_path, training={**training, "fingerprints": []})
     before = {n: load_manifest(models / f"{n}.json") for n in ECG_FILES}
 
     evaluation = refresh(data, models, progress=lambda m: None)
 
+    train, calib = load_training_records(data)
     for n in ECG_FILES:
         after = load_manifest(models / f"{n}.json")
         # the file, its checksum and thresholds are untouched; only the metrics are new
-        assert after.model_dump(exclude={"metrics"}) == before[n].model_dump(exclude={"metrics"})
+        assert after.model_dump(exclude={"metrics", "training"}) == before[n].model_dump(exclude={"metrics", "training"})
+        assert after.training.persons == before[n].training.persons
+        if n == "ecg_dualtask":
+            assert after.training.fingerprints == fingerprints(train + calib) and len(calib) > 0
+        else:
+            assert after.training.fingerprints == before[n].training.fingerprints and len(before[n].training.fingerprints) == 488
         assert "stale" not in after.metrics["int8"]
     beats = load_manifest(models / "ecg_beats.json").metrics["int8"]
     cnn = load_manifest(models / "ecg_dualtask.json").metrics["int8"]

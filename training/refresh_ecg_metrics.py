@@ -48,15 +48,17 @@ def refresh(data_dir: Path, models: Path, progress=print) -> dict:
             f"{stated:.6f}: these are not the files the manifest was written for (or --data is "
             "not the data they were trained on); nothing written. Re-export with "
             "python -m training.requantize_ecg or retrain with python -m training.train")
-    # The threshold reproduced, so these are the recordings the models were made from: their
-    # fingerprints let an evaluation recognise them under any number (training.data.ecg.fingerprint).
+    # The threshold reproduced, so these are the recordings the models were made from: a
+    # manifest written before fingerprints existed gets theirs (training.data.ecg.fingerprint),
+    # so that an evaluation recognises them under any number. Never replaced once there: a
+    # folder holding only some training persons must not shrink the list training wrote.
     prints = fingerprints(train + calib)
     for name in (CNN, BEATS):
         for p in (models / f"{name}.tflite", models / "float" / f"{name}.tflite"):
-            if p.exists():
-                training = load_manifest(manifest_path_for(p)).training.model_dump(mode="json")
-                update_manifest(p, training={**training, "fingerprints": prints})
-    progress(f"refresh: {len(prints)} recording fingerprints written into the {CNN} and {BEATS} manifests")
+            training = load_manifest(manifest_path_for(p)).training if p.exists() else None
+            if training is not None and not training.fingerprints:
+                update_manifest(p, training={**training.model_dump(mode="json"), "fingerprints": prints})
+                progress(f"refresh: {len(prints)} recording fingerprints written into {manifest_path_for(p)}")
     evaluation = fused_metrics(data_dir, models, progress)
     cnn, _ = manifest_metrics(evaluation)
     for p in (models / f"{CNN}.tflite", models / "float" / f"{CNN}.tflite"):

@@ -40,6 +40,17 @@ def _start(source: EcgSource) -> tuple[threading.Thread, threading.Event]:
     return thread, stop
 
 
+def _run_until_chunks(source: EcgSource, got: Collector, n: int, timeout_s: float) -> None:
+    """Run ``source`` in its thread until ``got`` holds ``n`` chunks (asserting it within
+    ``timeout_s``), then stop it."""
+    thread, stop = _start(source)
+    try:
+        got.wait(n, timeout_s)
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def _run_until_error(source: EcgSource, timeout_s: float, poll_s: float = 0.05) -> None:
     """Run ``source`` in its thread until it reports an error (or ``timeout_s``), then stop it."""
     thread, stop = _start(source)
@@ -287,12 +298,7 @@ def test_a_lead_I_only_box_gives_three_leads_with_II_and_III_invalid() -> None:
     got = Collector()
     source = EcgSource(lambda: _ScriptedBox(lambda seq, t: proto.encode_data_frame(seq, t, proto.Electrode(0), counts),
                                             channels=1), "scripted", got, rate_hz=500)
-    thread, stop = _start(source)
-    try:
-        got.wait(5, 10)
-    finally:
-        stop.set()
-        thread.join(5)
+    _run_until_chunks(source, got, 5, 10)
     chunk = got.chunks[0]
     assert chunk.samples_mv.shape == (10, 3) and chunk.lead_valid.tolist() == [True, False, False]
     lsb_mv = proto.DEFAULT_UV_PER_LSB / 1000
@@ -485,12 +491,7 @@ def test_a_command_without_reply_is_sent_again_after_250_ms_and_answered(box, ca
     got = Collector()
     source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500)
     source.BACKOFF_S = (30.0,)  # a failed handshake would show as a missing stream, not a quick second session
-    thread, stop = _start(source)
-    try:
-        got.wait(10, 15)
-    finally:
-        stop.set()
-        thread.join(5)
+    _run_until_chunks(source, got, 10, 15)
     counters = emu.counters()
     assert counters.commands_ignored == 2
     assert source.health.errors == [] and source.health.connects == 1

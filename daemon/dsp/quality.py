@@ -147,15 +147,12 @@ def _hann32(n: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _spectral_bins(seg: int, fs: float, mains_hz: float | None, hf_low_hz: float
-                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Bin masks of a ``seg``-sample rfft at ``fs``: QRS band (5-25 Hz), mains (+-1 Hz, None
-    when not measured) and high-frequency noise (None when empty by config). The same every
-    window, so computed once (read-only: the arrays are shared)."""
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bin masks of a ``seg``-sample rfft at ``fs``: QRS band (5-25 Hz) and high-frequency noise
+    (None when empty by config; the configured mains' harmonics left out). The same every
+    window, so computed once (read-only: the arrays are shared). The hum lines: :func:`_hum_lines`."""
     f = np.fft.rfftfreq(seg, 1.0 / fs)
     qrs = (f >= 5.0) & (f <= 25.0)
-    mains = None
-    if mains_hz is not None and mains_hz + 1.0 < fs / 2:
-        mains = (f >= mains_hz - 1.0) & (f <= mains_hz + 1.0)
     hf = None
     top = 0.95 * fs / 2
     if hf_low_hz < top:
@@ -163,10 +160,10 @@ def _spectral_bins(seg: int, fs: float, mains_hz: float | None, hf_low_hz: float
         if mains_hz is not None:
             harm = mains_hz * np.arange(1, int(fs / 2 / mains_hz) + 2)
             hf &= np.abs(f[:, None] - harm[None, :]).min(axis=1) > 2.0
-    for a in (qrs, mains, hf):
+    for a in (qrs, hf):
         if a is not None:
             a.flags.writeable = False
-    return qrs, mains, hf
+    return qrs, hf
 
 
 def _window_power(rt: np.ndarray, fs: float, hop: int | None) -> tuple[np.ndarray, int]:
@@ -317,7 +314,7 @@ def signal_checks(raw: np.ndarray, mask: np.ndarray, fs: float, mains_hz: float 
     scores["saturation"] = np.where(usable | (mask & wild), sat, 1.0).min(axis=1)
 
     p, seg = _window_power(rt, fs, hop)
-    qrs_sel, _, hf_sel = _spectral_bins(seg, float(fs), mains_hz, cfg.hf_low_hz)
+    qrs_sel, hf_sel = _spectral_bins(seg, float(fs), mains_hz, cfg.hf_low_hz)
     p_qrs = p[..., qrs_sel].sum(axis=-1) + 1e-12
     tiny = 1e-12
     scores["mains_hum"], found = _hum_scores(p, p_qrs, usable, seg, float(fs), cfg)

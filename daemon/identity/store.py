@@ -405,13 +405,13 @@ class TemplateStore:
         self.path = Path(path)
         self.key = key
         self.model = model
-        self._plaintext_once = False  # set only inside ``encrypt``
         if key is not None:
             _aesgcm(key, self.path)  # fail at construction, not at the first save
 
     # ---- reading -------------------------------------------------------------------------
-    def load(self) -> dict[str, Person]:
-        """All persons by display name; ``{}`` only when the file does not exist yet."""
+    def load(self, *, plain_with_key: bool = False) -> dict[str, Person]:
+        """All persons by display name; ``{}`` only when the file does not exist yet.
+        ``plain_with_key``: read a plain store although a key is set (``encrypt`` only)."""
         self._refuse_link()
         try:
             raw = self.path.read_bytes()
@@ -420,7 +420,7 @@ class TemplateStore:
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot read the template store ({exc.strerror}): fix: check the file and its directory belong to the biod user") from None
         self._restrict()
-        payload = self._decode(raw)
+        payload = self._decode(raw, plain_with_key)
         try:
             people = [Person.from_json(d) for d in payload["people"]]
         except StoreError as exc:
@@ -459,7 +459,7 @@ class TemplateStore:
             log.warning("%s: the template store is readable by other users of the hub and cannot be restricted (%s): "
                         "fix: chown it to the biod user and chmod 0600 it", self.path, exc.strerror)
 
-    def _decode(self, raw: bytes) -> dict[str, Any]:
+    def _decode(self, raw: bytes, plain_with_key: bool = False) -> dict[str, Any]:
         try:
             doc = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -473,7 +473,7 @@ class TemplateStore:
                 f"(supports {CONTAINER_VERSION}): upgrade biod, or {_RESTORE}"
             )
         encrypted = doc.get("encrypted")
-        if encrypted is False and self.key is not None and not self._plaintext_once:
+        if encrypted is False and self.key is not None and not plain_with_key:
             raise StoreError(
                 f"{self.path}: the template store is not encrypted although a key is configured. A plain file put "
                 "in place of the encrypted one would enrol anyone under a member's name, so it is not read: if it "
@@ -621,11 +621,7 @@ class TemplateStore:
         if self.key is None:
             raise StoreError("no key is configured: set identity.store_key_credential (deploy/install.sh makes the key) first")
         with self._edit_lock():
-            self._plaintext_once = True
-            try:
-                people = self.load()
-            finally:
-                self._plaintext_once = False
+            people = self.load(plain_with_key=True)
             self.save(people)
         return len(people)
 

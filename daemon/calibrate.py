@@ -265,8 +265,8 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         print(f"\nREFUSED: no clean ECG window (most common problem: {worst}); check the electrodes' contact "
               "and keep still, then run biod calibrate again", file=out)
         return 1
-    report = enrol_one_lead_set(engine, name, embeddings, lead_counts, labels if len(set(labels)) > 1 else None,
-                                impostors, np.stack(imu.embeddings) if imu is not None and imu.embeddings else None)
+    report = enrol_one_lead_set(engine, name, embeddings, lead_counts, labels, impostors,
+                                np.stack(imu.embeddings) if imu is not None and imu.embeddings else None)
     describe(report, out)
     if not report.accepted or report.person is None:
         return 1

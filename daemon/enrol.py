@@ -138,11 +138,9 @@ class Enrolment:
         if not self.sink:
             return self.engine.enrol(self.name, np.zeros((0, self.engine.model.dim if self.engine.model else 1), np.float32))
         embeddings = np.stack([e for _, e, _, _ in self.sink]).astype(np.float32)
-        acts = [a for _, _, a, _ in self.sink]
-        activities = acts if all(a is not None for a in acts) and len(set(acts)) > 1 else None
         gait = np.stack(self.gait_sink).astype(np.float32) if self.gait_sink else None
-        return enrol_one_lead_set(self.engine, self.name, embeddings, [n for *_, n in self.sink], activities,
-                                  self.impostors, gait)
+        return enrol_one_lead_set(self.engine, self.name, embeddings, [n for *_, n in self.sink],
+                                  [a for _, _, a, _ in self.sink], self.impostors, gait)
 
 
 def one_lead_set(lead_counts: Sequence[int]) -> tuple[np.ndarray, int, str | None]:
@@ -170,17 +168,19 @@ def one_lead_set(lead_counts: Sequence[int]) -> tuple[np.ndarray, int, str | Non
 
 
 def enrol_one_lead_set(engine: IdentityEngine, name: str, embeddings: np.ndarray, lead_counts: Sequence[int],
-                       activities: Sequence[str] | None, impostors: "Impostors | None",
+                       activities: Sequence[str | None], impostors: "Impostors | None",
                        gait_embeddings: np.ndarray | None = None) -> EnrolmentReport:
     """``engine.enrol`` on the windows of one lead count (``one_lead_set``), against the
     impostor set seen through that many leads: what ``biod calibrate`` and an enrolment from
-    Home Assistant both run."""
-    if len(lead_counts) != len(embeddings):
-        raise ValueError(f"{len(lead_counts)} lead counts for {len(embeddings)} windows: give one per window")
+    Home Assistant both run. ``activities``: one label (or None) per window; prototypes per
+    activity only when every kept window has one and there are at least two."""
+    if not len(lead_counts) == len(activities) == len(embeddings):
+        raise ValueError(f"{len(lead_counts)} lead counts and {len(activities)} activity labels for "
+                         f"{len(embeddings)} windows: give one of each per window")
     keep, leads_on, warning = one_lead_set(lead_counts)
-    acts = None if activities is None else [a for a, k in zip(activities, keep) if k]
-    if acts is not None and len(set(acts)) < 2:
-        acts = None  # prototypes per activity need more than one activity
+    acts = [a for a, k in zip(activities, keep) if k]
+    if any(a is None for a in acts) or len(set(acts)) < 2:
+        acts = None
     imp = impostors.for_leads(leads_on) if impostors else (None, None)
     report = engine.enrol(name, np.asarray(embeddings, dtype=np.float32)[keep], acts, impostor_embeddings=imp[0],
                           impostor_labels=imp[1], gait_embeddings=gait_embeddings, leads_on=leads_on)

@@ -148,8 +148,8 @@ def one_lead_set(lead_counts: Sequence[int]) -> tuple[np.ndarray, int, str | Non
     warning when others were left out).
 
     WHY: the model's embedding of one person's beats seen through three leads and through
-    lead I alone are about as far apart as two persons' (cosine 0.27-0.58 on LUDB records,
-    against 0.86-0.93 within one lead set), so a template averaging both is neither, and the
+    lead I alone are about as far apart as two persons' (a review's look at LUDB records), so a
+    template averaging both is neither, and the
     threshold is set against the impostor set of one lead count. A tie keeps the larger count
     (more leads: the fuller view of the heart)."""
     counts = np.asarray(lead_counts, dtype=np.int64)

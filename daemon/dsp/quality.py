@@ -113,11 +113,12 @@ class QualityConfig:
     max_abs_mv: float = 1000.0
     #: clipped R peaks: ``min_plateaus`` runs of at least ``plateau_ms`` within ``plateau_tol``
     #: x peak-to-peak of the window's max (or min), entered steeply (``plateau_edge_frac`` x
-    #: peak-to-peak within ``plateau_edge_ms`` before), at least one shortest RR apart. Measured
+    #: peak-to-peak within ``plateau_edge_ms`` before), at least one shortest RR apart. Measured once
     #: on 51 530 real 3 s windows (LUDB I-III, ECG-ID raw lead I, MIT-BIH 26 x 30 min, all of
     #: ../shared/data) none is flagged; with LUDB's top 30 % clipped, 94 % of windows are (a
     #: broad, exactly quantised S trough or baseline is what the steep entry and the RR apart
-    #: rule out: without them 0.6-3 % of LUDB windows were flagged)
+    #: rule out: without them 0.6-3 % of LUDB windows were flagged; a one-off script, not a
+    #: repo command: tests/test_dsp_robustness.py pins clean fixtures unflagged, clipped flagged)
     plateau_ms: float = 8.0
     plateau_tol: float = 2e-4
     plateau_edge_ms: float = 4.0

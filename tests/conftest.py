@@ -80,10 +80,38 @@ def sign_test_cert(d: Path, name: str, extensions: str) -> None:
              "-days", "2", "-extfile", f"{name}.cnf", "-out", f"{name}.crt", cwd=d)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(exclude: tuple[int, ...] = ()) -> int:
+    """A port nothing listens on, for a server the test starts next.
+
+    Picked *below* the kernel's ephemeral range: ``bind(0)`` hands out a port from that range,
+    and so does every outgoing connection (the tests' MQTT clients), so between this pick and
+    mosquitto's bind another test's client could take it ("Address already in use", seen in CI).
+    Outside the range only a listener can take it, and the broker start re-picks on a clash."""
+    import random
+
+    lo, _ = _ephemeral_range()
+    rng = random.Random(time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(10000, lo) if lo > 11000 else 0
+        if port in exclude:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            got = int(s.getsockname()[1])
+            if got not in exclude:
+                return got
+    raise RuntimeError("no free TCP port found on 127.0.0.1")
 
 
 def _mosquitto_binary() -> str:
@@ -95,30 +123,68 @@ def _mosquitto_binary() -> str:
 
 @dataclass
 class Broker:
-    """A real Mosquitto started by the test; ``stop()``/``start()`` simulate an outage."""
+    """A real Mosquitto started by the test; ``stop()``/``start()`` simulate an outage.
+
+    ``tls_port``/``tls_conf``: a second listener (its lines after ``listener <tls_port>``)."""
 
     port: int
     workdir: Path
     proc: subprocess.Popen | None = None
     extra_conf: str = ""
+    tls_port: int | None = None
+    tls_conf: str = ""
+    tls_dir: Path | None = None
+    _started_once: bool = field(default=False, init=False, repr=False)
 
-    def start(self) -> None:
+    def _write_conf(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
+        tls = f"listener {self.tls_port} 127.0.0.1\n{self.tls_conf}" if self.tls_port is not None else ""
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"log_dest file {self.workdir / 'mosquitto.log'}\n{self.extra_conf}"
+            f"log_dest file {self.workdir / 'mosquitto.log'}\n{self.extra_conf}{tls}"
         )
-        self.proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return conf
+
+    def _log(self) -> str:
+        """What mosquitto said: its log file and its stderr (where it reports a failed bind)."""
+        files = (self.workdir / "mosquitto.log", self.workdir / "mosquitto.stderr")
+        return "".join(f.read_text(errors="replace") for f in files if f.exists())
+
+    def start(self) -> None:
+        """Start and wait until every listener accepts. On the first start a port another
+        process took since :func:`free_port` picked it is re-picked (up to 5 times); a restart
+        keeps its ports, since the clients under test are configured for them."""
+        for attempt in range(5):
+            (self.workdir / "mosquitto.log").unlink(missing_ok=True)
+            conf = self._write_conf()
+            with open(self.workdir / "mosquitto.stderr", "wb") as err:  # bind errors go here, not to the log
+                self.proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
+            if self._wait_listening():
+                self._started_once = True
+                return
+            log = self._log()
+            if self._started_once or "Address already in use" not in log or attempt == 4:
+                raise RuntimeError(f"mosquitto exited: {log}")
+            self.port = free_port()
+            if self.tls_port is not None:
+                self.tls_port = free_port(exclude=(self.port,))
+
+    def _wait_listening(self) -> bool:
+        """True once every listener accepts; False if mosquitto exited first."""
+        assert self.proc is not None
+        ports = [self.port] + ([self.tls_port] if self.tls_port is not None else [])
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while ports and time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                with socket.create_connection(("127.0.0.1", ports[0]), timeout=0.2):
+                    ports.pop(0)
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text() if (self.workdir / 'mosquitto.log').exists() else ''}")
+                    return False
                 time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening within 10 s")
+        if ports:
+            raise RuntimeError("mosquitto did not start listening within 10 s")
+        return True
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -136,13 +202,11 @@ def start_tls_broker(tmp_path: Path, server_extensions: str, extra_conf: str = "
     d.mkdir()
     make_test_ca(d)
     sign_test_cert(d, "server", server_extensions)
-    tls_port = free_port()
-    broker = Broker(port=free_port(), workdir=tmp_path, extra_conf=(
-        f"{extra_conf}user {getpass.getuser()}\nlistener {tls_port} 127.0.0.1\ncafile {d / 'ca.crt'}\n"
-        f"certfile {d / 'server.crt'}\nkeyfile {d / 'server.key'}\n{listener_conf}"))
+    port = free_port()
+    broker = Broker(port=port, workdir=tmp_path, extra_conf=f"{extra_conf}user {getpass.getuser()}\n",
+                    tls_port=free_port(exclude=(port,)), tls_dir=d,
+                    tls_conf=f"cafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\nkeyfile {d / 'server.key'}\n{listener_conf}")
     broker.start()
-    broker.tls_port = tls_port  # type: ignore[attr-defined]
-    broker.tls_dir = d  # type: ignore[attr-defined]
     return broker
 
 

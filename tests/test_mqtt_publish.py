@@ -480,7 +480,7 @@ def secure_broker(tmp_path: Path) -> Broker:
 def test_tls_with_good_credentials_connects_and_bad_ones_are_logged_and_retried(secure_broker: Broker,
                                                                                 caplog: pytest.LogCaptureFixture) -> None:
     tls = TlsConfig(enabled=True, ca_file=secure_broker.ca)  # type: ignore[attr-defined]
-    port = secure_broker.tls_port  # type: ignore[attr-defined]
+    port = secure_broker.tls_port
     good = _publisher(port, username="biod", password="s3cret", tls=tls)
     good.start()
     try:
@@ -506,7 +506,7 @@ def test_a_broker_that_drops_the_link_before_accepting_it_is_reported(secure_bro
     """TCP connects but the broker closes before its CONNACK (here: plain MQTT to its TLS port;
     on hubs: a client certificate it requires). paho calls neither on_connect nor
     on_connect_fail for that, and used to retry for ever without a word."""
-    port = secure_broker.tls_port  # type: ignore[attr-defined]
+    port = secure_broker.tls_port
     plain = _publisher(port, username="biod", password="s3cret")
     with caplog.at_level(logging.ERROR, logger="daemon.publish.mqtt"):
         _run_until(plain, lambda: plain.stats.connect_failures >= 2)

@@ -26,8 +26,8 @@ import numpy as np
 from daemon.biometrics import MODELS_DIR, Biometrics, EcgModelRunner, ImuModelSet
 from daemon.clock import to_epoch
 from daemon.config import BiodConfig
-from daemon.dsp.ecg_pipeline import EcgPipeline
 from daemon.dsp.imu_pipeline import SensorImuPipeline
+from daemon.ecg_stream import EcgStream
 from daemon.enrol import Enrolment, ImpostorsError, load_impostors
 from daemon.events import EventTracker
 from daemon.identity.engine import IdentityEngine
@@ -145,10 +145,6 @@ class BiodApp:
     HR_PUBLISH_INTERVAL_S = 1.0
     SENSOR_STATE_INTERVAL_S = 10.0
     ECG_LOST_AFTER_S = 3.0
-    # Frames missing for up to this long are joined over (one odd RR at most, which the quality
-    # gate's RR check rejects); a longer hole restarts the DSP, whose windows and beat times
-    # assume one unbroken sample clock.
-    ECG_MAX_SPLICE_S = 1.0
     BATCH_S = 0.2
     READY_GRACE_S = 30.0  # READY=1 at the latest this long after start, streaming or not (see _ready_fallback)
 
@@ -351,26 +347,20 @@ class BiodApp:
 
     async def _consume_ecg(self, publisher: MqttPublisher, sessions: SessionPublisher) -> None:
         assert self._ecg_queue is not None
-        pipeline: EcgPipeline | None = None
         last_hr_publish = 0.0
-        kwargs = self.ecg_model.pipeline_kwargs() if self.ecg_model else {}
+        stream = EcgStream(self.cfg.ecg.mains_hz, self.ecg_model.pipeline_kwargs() if self.ecg_model else {})
         connects = -1
-        last_seq: int | None = None
         while True:
-            first = await self._ecg_queue.get()
-            gap_s = self.gap_s(last_seq, first)
-            chunk = self._batch(first)
-            last_seq = chunk.seq
+            chunk = self._batch(await self._ecg_queue.get())
             reconnected = self.ecg_source is not None and self.ecg_source.health.connects != connects
             if reconnected:
                 connects = self.ecg_source.health.connects
-            pipeline = self.pipeline_for(pipeline, chunk, gap_s, reconnected, kwargs)
             self._mark_ready("streaming ECG")
             now = time.monotonic()  # durations only; daemon.clock says why
             self._last_ecg_at = now
             self.stats.ecg_chunks += 1
             self.stats.ecg_samples += len(chunk.samples_mv)
-            update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
+            update = stream.push(chunk, reconnected)
             self.stats.beats += len(update.beats)
             if update.beats and self.stats.first_clean_beat_at is None and update.live:
                 self.stats.first_clean_beat_at = now
@@ -388,33 +378,6 @@ class BiodApp:
                     publisher.publish(Message(self.topics.sensor_state("heart_rate"), f"{update.heart_rate_bpm:.1f}"))
                     last_hr_publish = now
 
-    def pipeline_for(self, pipeline: EcgPipeline | None, chunk: EcgChunk, gap_s: float, reconnected: bool,
-                     kwargs: dict) -> EcgPipeline:
-        """The pipeline ``chunk`` goes into, after ``gap_s`` seconds of signal went missing before it.
-
-        A reconnect may bring another box (or another person) and a long loss breaks the sample
-        clock the detector and windows rely on: the DSP starts afresh. A short loss (up to
-        ``ECG_MAX_SPLICE_S``) keeps the clock: the missing samples go in as "no lead", so beats
-        keep their times, heart rate its intervals, and no window holding the hole is identified
-        from (spliced, the windows across a 0.5 s loss came out clean and were used)."""
-        n_leads = chunk.samples_mv.shape[1]
-        if (pipeline is None or reconnected or pipeline.fs != chunk.rate_hz or pipeline.n_leads != n_leads
-                or gap_s > self.ECG_MAX_SPLICE_S):
-            return EcgPipeline(fs=chunk.rate_hz, n_leads=n_leads, mains_hz=self.cfg.ecg.mains_hz, **kwargs)
-        if gap_s > 0:
-            pipeline.push(np.zeros((round(gap_s * chunk.rate_hz), n_leads), np.float32), np.zeros(n_leads, dtype=bool))
-        return pipeline
-
-    @staticmethod
-    def gap_s(last_seq: int | None, first: EcgChunk) -> float:
-        """Seconds of signal missing between the frame ``last_seq`` and ``first``: frames lost on
-        the wire, or dropped here when the loop fell behind (the hand-off keeps the newest). The
-        device's sequence number counts both; the source's ``lost_frames_before`` sees only the
-        first. Frames, not seconds, would let a box with long frames splice 10 s unnoticed."""
-        if last_seq is None:
-            return 0.0
-        return frames_missing(last_seq, first.seq) * len(first.samples_mv) / first.rate_hz
-
     def _batch(self, first: EcgChunk) -> EcgChunk:
         """Join the frames already waiting into one chunk. The DSP's cost is mostly per call,
         so pushing ~0.2 s at a time instead of every 20 ms frame cuts CPU several-fold for
@@ -425,7 +388,7 @@ class BiodApp:
         parts = [first]
         while not self._ecg_queue.empty():
             nxt = self._ecg_queue._queue[0]  # peek: stop at a gap or a lead change
-            if (frames_missing(parts[-1].seq, nxt.seq) or nxt.rate_hz != first.rate_hz
+            if (frames_missing(parts[-1].seq, nxt.seq) or nxt.device_restarted or nxt.rate_hz != first.rate_hz
                     or nxt.samples_mv.shape[1] != first.samples_mv.shape[1]
                     or not np.array_equal(nxt.lead_valid, first.lead_valid)):
                 break
@@ -434,7 +397,8 @@ class BiodApp:
             return first
         return EcgChunk(seq=parts[-1].seq, t_device_s=first.t_device_s,
                         samples_mv=np.concatenate([p.samples_mv for p in parts]), lead_valid=first.lead_valid,
-                        rate_hz=first.rate_hz, lost_frames_before=first.lost_frames_before)
+                        rate_hz=first.rate_hz, lost_frames_before=first.lost_frames_before,
+                        device_restarted=first.device_restarted, frames=sum(p.frames for p in parts))
 
     @staticmethod
     def _observe(sessions: SessionPublisher, obs) -> None:

@@ -26,8 +26,8 @@ import numpy as np
 from daemon.app import load_ecg_model, open_store
 from daemon.biometrics import MODELS_DIR
 from daemon.config import BiodConfig, ConfigError
-from daemon.dsp.ecg_pipeline import EcgPipeline
 from daemon.dsp.imu_pipeline import SensorImuPipeline
+from daemon.ecg_stream import EcgStream
 from daemon.enrol import ContinuityWatch, ImpostorsError, enrol_one_lead_set, load_impostors
 from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
@@ -127,7 +127,8 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
     thread.start()
     if imu is not None:
         imu.start()
-    pipeline: EcgPipeline | None = None
+    stream = EcgStream(cfg.ecg.mains_hz, model.pipeline_kwargs())
+    connects = -1  # not yet seen: the first chunk starts the first pipeline
     embeddings: list[np.ndarray] = []
     labels: list[str] = []
     rejected: dict[str, int] = {}
@@ -155,10 +156,11 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                 last_data = time.monotonic()
                 if imu is not None:
                     imu.drain(collect=phase.label == "walking")
-                if pipeline is None:
-                    pipeline = EcgPipeline(fs=chunk.rate_hz, n_leads=chunk.samples_mv.shape[1],
-                                           mains_hz=cfg.ecg.mains_hz, **model.pipeline_kwargs())
-                update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
+                # the daemon's rule for lost frames, reconnects and box restarts: a template is
+                # enrolled only from windows the daemon would identify from
+                reconnected = source.health.connects != connects
+                connects = source.health.connects
+                update = stream.push(chunk, reconnected)
                 phase_samples += len(chunk.samples_mv)
                 stream_s += len(chunk.samples_mv) / chunk.rate_hz
                 watch.feed(stream_s, update.live, bool(embeddings))
@@ -262,8 +264,10 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         print("  rejected windows: " + ", ".join(f"{k} ×{v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])), file=out)
     if len(embeddings) == 0:
         worst = max(rejected, key=rejected.get) if rejected else "no ECG arrived"
-        print(f"\nREFUSED: no clean ECG window (most common problem: {worst}); check the electrodes' contact "
-              "and keep still, then run biod calibrate again", file=out)
+        fix = ("frames were lost between the box and the hub: check the cable and the USB port, and that the hub "
+               "is not overloaded" if worst == "signal_lost" else "check the electrodes' contact and keep still")
+        print(f"\nREFUSED: no clean ECG window (most common problem: {worst}); {fix}, then run biod calibrate again",
+              file=out)
         return 1
     report = enrol_one_lead_set(engine, name, embeddings, lead_counts, labels, impostors,
                                 np.stack(imu.embeddings) if imu is not None and imu.embeddings else None)

@@ -158,6 +158,7 @@ def test_frames_dropped_in_the_hand_off_are_a_gap_not_a_splice(tmp_path) -> None
     import numpy as np
 
     from daemon.app import QUEUE_CHUNKS
+    from daemon.ecg_stream import EcgStream, gap_s
     from daemon.sources.serial_ecg import EcgChunk
 
     def frame(seq: int, n: int = 10) -> EcgChunk:
@@ -173,24 +174,25 @@ def test_frames_dropped_in_the_hand_off_are_a_gap_not_a_splice(tmp_path) -> None
         assert app.stats.dropped_chunks == 600
         first = await app._ecg_queue.get()
         assert first.seq == 601 and first.lost_frames_before == 0
-        assert app.gap_s(0, first) == pytest.approx(600 * 10 / 500)  # 12 s missing after frame 0
-        assert app.gap_s(0, first) > app.ECG_MAX_SPLICE_S
+        assert gap_s(0, first) == pytest.approx(600 * 10 / 500)  # 12 s missing after frame 0
+        assert gap_s(0, first) > EcgStream.MAX_SPLICE_S
         # a hole inside the queue ends a batch there
         while not app._ecg_queue.empty():
             app._ecg_queue.get_nowait()
         for seq in (5, 6, 7, 9, 10):
             app._ecg_queue.put_nowait(frame(seq))
         batch = app._batch(await app._ecg_queue.get())
-        assert batch.seq == 7 and batch.samples_mv.shape == (30, 3)
+        assert batch.seq == 7 and batch.frames == 3 and batch.first_seq == 5 and batch.samples_mv.shape == (30, 3)
+        assert gap_s(4, batch) == 0.0 and gap_s(3, batch) == pytest.approx(10 / 500)  # counted from its first frame
         nxt = await app._ecg_queue.get()
-        assert app.gap_s(batch.seq, nxt) == pytest.approx(10 / 500)  # frame 8, 20 ms: joined over
+        assert gap_s(batch.seq, nxt) == pytest.approx(10 / 500)  # frame 8, 20 ms: joined over
         assert app._batch(nxt).seq == 10
         # the u16 counter wraps without a gap
-        assert app.gap_s(65535, frame(65536)) == 0.0
+        assert gap_s(65535, frame(65536)) == 0.0
         # long frames: 112 samples a frame at 250 Hz, 20 frames missing is 9 s, not '20 frames'
         long = EcgChunk(seq=21, t_device_s=0.0, samples_mv=np.zeros((112, 3), np.float32), lead_valid=np.ones(3, bool),
                         rate_hz=250)
-        assert app.gap_s(0, long) == pytest.approx(20 * 112 / 250)
+        assert gap_s(0, long) == pytest.approx(20 * 112 / 250)
 
     asyncio.run(scenario())
 
@@ -321,34 +323,79 @@ def test_a_garbage_open_session_record_is_a_warning_not_a_crash(tmp_path, mosqui
     assert not capture.on("biod/junk/events")
 
 
-def test_a_short_frame_loss_keeps_the_sample_clock_and_is_never_identified_from(tmp_path) -> None:
-    """Review finding: frames lost on the wire (up to ECG_MAX_SPLICE_S) were spliced out unmarked,
-    so the windows across the hole came out clean and were identified from, and every beat after
-    it was dated early. Real LUDB ECG (3 leads), 20 ms frames, 0.5 s lost at 6 s."""
+def test_a_short_frame_loss_keeps_the_sample_clock_and_is_never_identified_from() -> None:
+    """Review finding: frames lost on the wire (up to EcgStream.MAX_SPLICE_S) were spliced out
+    unmarked, so the windows across the hole came out clean and were identified from, and every
+    beat after it was dated early. Real LUDB ECG (3 leads), 20 ms frames, 0.5 s lost at 6 s,
+    joined in 0.2 s batches as the daemon pushes them. The windows holding the hole say
+    ``signal_lost`` (the link, not the electrodes)."""
     import numpy as np
 
     from daemon.dsp.ecg_pipeline import EcgPipeline
+    from daemon.ecg_stream import EcgStream
     from daemon.sources.serial_ecg import EcgChunk
 
     fx = np.load(Path(__file__).parent / "fixtures" / "ecg_pipeline" / "ludb_3lead.npz")
     x = np.concatenate([fx["signals"][0].astype(np.float32) / fx["adc_gain"][0][None, :]] * 3)  # 30 s
-    app = BiodApp(parse_config(f"hub:\n  id: gap\nstate_dir: {tmp_path / 'state'}\n"))
-    lost = range(300, 325)  # frames of 10 samples at 500 Hz: 6.0 to 6.5 s
-    pipeline, last_seq, beats, windows = None, None, [], []
-    for seq in range(len(x) // 10):
-        if seq in lost:
-            continue
-        chunk = EcgChunk(seq=seq, t_device_s=seq / 50, samples_mv=x[seq * 10:(seq + 1) * 10],
-                         lead_valid=np.ones(3, bool), rate_hz=500)
-        pipeline = app.pipeline_for(pipeline, chunk, app.gap_s(last_seq, chunk), False, {})
-        last_seq = seq
-        update = pipeline.push(chunk.samples_mv, chunk.lead_valid)
-        beats += update.beats
-        windows += update.windows
+    stream = EcgStream(50.0)
+    lost = set(range(300, 325))  # frames of 10 samples at 500 Hz: 6.0 to 6.5 s
+    beats, windows, live = [], [], []
+    kept = [seq for seq in range(len(x) // 10) if seq not in lost]
+    for i in range(0, len(kept), 10):  # ten frames a push, joined only where they follow on
+        run = kept[i:i + 10]
+        for part in np.split(run, np.flatnonzero(np.diff(run) != 1) + 1):
+            chunk = EcgChunk(seq=int(part[-1]), t_device_s=part[0] / 50,
+                             samples_mv=np.concatenate([x[q * 10:(q + 1) * 10] for q in part]),
+                             lead_valid=np.ones(3, bool), rate_hz=500, frames=len(part))
+            update = stream.push(chunk)
+            beats += update.beats
+            windows += update.windows
+            live.append((part[-1] / 50, update.live))
+    assert stream.lost_samples == 250 and stream.restarts == 0
     reference = EcgPipeline(500.0)
-    ref_beats = list(reference.push(x).beats) + list(reference.flush().beats)
+    ref_updates = [reference.push(x), reference.flush()]
+    ref_beats = [b for u in ref_updates for b in u.beats]
+    ref_windows = [w for u in ref_updates for w in u.windows]
     after = np.array([b.time_s for b in beats if b.time_s > 9.0])
     ref = np.array([b.time_s for b in ref_beats if 9.0 < b.time_s < after.max() + 0.1])
     assert len(after) == len(ref) and np.abs(after - ref).max() <= 0.01  # dated as if nothing was lost
     across = [w for w in windows if w.t_end_s > 6.0 and w.t_end_s - 3.0 < 6.5]
     assert across and not any(w.quality.ok_for_identity for w in across)
+    # the wearer's ECG stays live through the hole: as "lead off" (heart rate forgotten, 2 s of
+    # settling) one lost frame had taken it off for 9.5 s, and ended the identity session
+    first_live = min(t for t, on in live if on)
+    assert first_live < 6.0 and all(on for t, on in live if t >= first_live)
+    assert {w.quality.reason for w in across} == {"signal_lost"}
+    assert all(not w.lead_mask.any() for w in across)
+    # no settling (the electrodes never moved): from the first window after the hole on, the
+    # verdicts are those of the same ECG with nothing lost
+    after_hole = {round(w.t_end_s, 3): w.quality.reason for w in windows if w.t_end_s - 3.0 >= 6.5}
+    ref_reasons = {round(w.t_end_s, 3): w.quality.reason for w in ref_windows if round(w.t_end_s, 3) in after_hole}
+    assert len(after_hole) >= 15 and after_hole == ref_reasons and "ok" in after_hole.values()
+
+
+def test_a_long_loss_a_reconnect_or_a_box_restart_starts_a_fresh_pipeline() -> None:
+    """Beyond MAX_SPLICE_S, after a reconnect or a box restart the sample clock is broken: a new
+    pipeline (no beats of before, no window across), in biod run and biod calibrate alike."""
+    import numpy as np
+
+    from daemon.ecg_stream import EcgStream
+    from daemon.sources.serial_ecg import EcgChunk
+
+    def frame(seq: int, restarted: bool = False) -> EcgChunk:
+        return EcgChunk(seq=seq, t_device_s=0.0, samples_mv=np.zeros((10, 3), np.float32),
+                        lead_valid=np.ones(3, bool), rate_hz=500, device_restarted=restarted)
+
+    stream = EcgStream(50.0)
+    stream.push(frame(0))
+    first = stream.pipeline
+    stream.push(frame(50))  # 49 frames = 0.98 s: kept
+    assert stream.pipeline is first and stream.lost_samples == 490
+    stream.push(frame(102))  # 51 frames = 1.02 s: fresh
+    assert stream.pipeline is not first and stream.restarts == 1
+    second = stream.pipeline
+    stream.push(frame(103), reconnected=True)
+    assert stream.pipeline is not second and stream.restarts == 2
+    third = stream.pipeline
+    stream.push(frame(104, restarted=True))
+    assert stream.pipeline is not third and stream.restarts == 3

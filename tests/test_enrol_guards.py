@@ -158,3 +158,37 @@ def test_an_enrolment_is_made_from_one_lead_set() -> None:
     protos = report.person.prototypes
     assert float(np.min(protos @ three)) > 0.8 and float(np.max(protos @ lead_i)) < 0.6  # no lead-I window in it
     assert any("14 clean windows were seen through another set of leads" in w for w in report.warnings)
+
+
+@pytest.mark.timeout(180)
+def test_calibrate_marks_frames_lost_on_the_link_and_never_enrols_across_them(tmp_path: Path) -> None:
+    """`biod calibrate` reads the box as `biod run` does (daemon.ecg_stream): frames lost on the
+    link are missing samples, not spliced, and the windows holding them are rejected as
+    ``signal_lost``. A real ECG-ID recording replayed with 0.5 s lost at 12 s (a `biod record`
+    gap note: the emulated box drops those frames, the host sees the sequence gap). Calibrate
+    had spliced them, and identified from windows the daemon rejects."""
+    from daemon.record import WfdbSignal, WfdbWriter
+    from firmware_protocol.emulators.recordings import load_recording
+
+    a = load_recording("ecgid-p26-r1")
+    fs = int(a.fs_hz)
+    leads = np.concatenate([a.leads_mv, a.leads_mv])
+    gap = (12 * fs, 12 * fs + fs // 2)
+    w = WfdbWriter(tmp_path, "lossy", fs, [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")])
+    w.write_physical(leads[:gap[0]], np.tile(a.lead_present, (gap[0], 1)))
+    w.write_no_samples(gap[1] - gap[0])
+    w.write_physical(leads[gap[1]:], np.tile(a.lead_present, (len(leads) - gap[1], 1)))
+    w.comments.append(f"gap samples {gap[0]}-{gap[1]} (25 frames lost on the link)")
+    w.close()
+    cfg = tmp_path / "lossy.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nidentity:\n  min_enrol_windows: 12\n"
+                   f"ecg:\n  source: replay\n  replay:\n    path: {w.hea_path}\n    speed: 10\n")
+    res = subprocess.run([sys.executable, "-m", "daemon.cli", "calibrate", "--name", "Ann", "--seconds", "36",
+                          "--no-walk", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=150)
+    out = res.stdout + res.stderr
+    summary = [line for line in out.splitlines() if "rejected windows:" in line]
+    assert summary and "signal_lost" in summary[0], out
+    lost = int(summary[0].split("signal_lost ×")[1].split(",")[0])
+    assert 3 <= lost <= 4, out  # the 3 s windows (one a second) touching 12.0-12.5 s
+    assert res.returncode == 0 and "saved to" in out, out  # the hole did not end the enrolment
+    assert "lead_off" not in summary[0], out

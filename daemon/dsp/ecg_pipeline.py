@@ -135,6 +135,9 @@ class EcgPipeline:
         self.return_guard = int(round(return_guard_s * self.fs))
         self._returns: list[int] = []
         self._all_off_last = False
+        # (start, end) in seconds of samples the source lost (see push_gap): the windows
+        # overlapping them are reported as signal_lost
+        self._lost: list[tuple[float, float]] = []
 
     # ----------------------------------------------------------------------------- input
     def _check(self, x: np.ndarray, lead_valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -158,9 +161,11 @@ class EcgPipeline:
         good value is held, see :meth:`_hold`) and every window holding one is rejected as
         ``saturation``, so one such sample costs the windows around it and nothing after."""
         x, v = self._check(samples_mv, lead_valid)
+        return self._push(x, v, np.abs(x) <= self._max_abs)  # sane: False for nan and inf too
+
+    def _push(self, x: np.ndarray, v: np.ndarray, sane: np.ndarray) -> EcgUpdate:
         if x.shape[0]:
             self._lead_on = v[-1].copy()
-        sane = np.abs(x) <= self._max_abs       # False for nan and inf too
         held, v_windows = self._hold(x, v, sane)
         self._note_returns(v)
         beats = self._drop_after_return(self._det.process_checked(held, v))
@@ -173,6 +178,25 @@ class EcgPipeline:
         # quality sees an impossible sample as one beyond the limit (finite: it squares it)
         x_q = x if sane.all() else np.where(sane, x, self._wild_mv)
         return self._advance(x_q, v_windows, y, beats, int(np.floor(final_until)))
+
+    def push_gap(self, n: int) -> EcgUpdate:
+        """``n`` samples that never arrived (frames lost between the box and the hub).
+
+        WHY not splice: beats after the hole would be dated early, heart rate would count a
+        short RR, and the windows across it looked clean and were identified from. WHY not
+        "lead off" either: the electrodes never moved. As lead-off, one lost 20 ms frame made
+        the heart rate forget its beats and the leads settle for 2 s, so the ECG stopped being
+        live for 9.5 s (real LUDB ECG, tests/test_daemon_recovery.py) and ended the wearer's
+        session. So the hole is what an impossible sample is (see :meth:`_hold`): the filters
+        and the detector see each lead's last value held, with no DC step to take out at the
+        far side (the signal goes on from the same contact) and no settling; and the windows it
+        touches are rejected as ``signal_lost`` with no usable lead, so nothing is identified
+        from them and their beats are not clean: what the user has to look at is the link."""
+        n = max(int(n), 0)
+        if n:
+            self._lost.append((self._n_in / self.fs, (self._n_in + n) / self.fs))
+        return self._push(np.zeros((n, self.n_leads), np.float32), np.ones((n, self.n_leads), dtype=bool),
+                          np.zeros((n, self.n_leads), dtype=bool))
 
     def _hold(self, x: np.ndarray, v: np.ndarray, sane: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -320,8 +344,12 @@ class EcgPipeline:
         for t0, t1, i0, i1 in zip(t0s, t1s, i0s, i1s):
             spans.append((t0, t1))
             times.append(bt_all[i0:i1])
+        lost = None
+        if self._lost:
+            lost = [any(a < t1 and t0 < b for a, b in self._lost) for t0, t1 in spans]
+            self._lost = [(a, b) for a, b in self._lost if b > spans[-1][0]]  # later windows start later
         results = self._qa.assess(raw, masks, [s.beats for s in segs], times, spans,
-                                  hop=self._raw.hop)
+                                  hop=self._raw.hop, lost=lost)
         out = []
         hr_t, hr_ok = [], []  # handed to the HR tracker in one call (same result, less work)
         handed = int(np.searchsorted(bt_all, self._handed, side="right"))  # first beat > _handed

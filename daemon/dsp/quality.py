@@ -5,6 +5,10 @@ sub-score in [0, 1] (a linear ramp that crosses 0.5 at the check's threshold); t
 index is the *minimum* sub-score, it is ``ok`` when the index is >= 0.5, and the reason is the
 name of the worst check. Checks:
 
+* ``signal_lost``: samples of the window never arrived: frames lost between the box and the
+  hub (``EcgPipeline.push_gap``); no lead of such a window is usable. Its own reason because
+  the fix is another one than for ``lead_off``: the cable, the USB port or a busy hub, not
+  the electrodes;
 * ``lead_off``: no lead is on (from the source's lead-off mask);
 * ``flat_line``: every lead that is on has a peak-to-peak below ``flat_ptp_mv`` (a flat lead is
   also dropped from the window's lead mask when other leads are fine);
@@ -44,7 +48,7 @@ import scipy.fft
 from daemon.dsp.hrv import RR_MAX_S, RR_MIN_S
 from daemon.dsp.stats import median, median_axis0
 
-REASONS = ("lead_off", "flat_line", "saturation", "mains_hum", "high_freq_noise",
+REASONS = ("signal_lost", "lead_off", "flat_line", "saturation", "mains_hum", "high_freq_noise",
            "motion_artifact", "implausible_rr", "no_beats")
 
 
@@ -472,9 +476,10 @@ class QualityAssessor:
 
     def assess(self, raw: np.ndarray, mask: np.ndarray, beats: list[np.ndarray],
                beat_times: list[np.ndarray], spans_s: list[tuple[float, float]],
-               hop: int | None = None) -> list[tuple[Quality, np.ndarray]]:
+               hop: int | None = None, lost: list[bool] | None = None) -> list[tuple[Quality, np.ndarray]]:
         """raw (k, n, ch) unconditioned windows; mask (k, ch); per window: ``beats`` (b, bl, ch)
-        complete conditioned beats, ``beat_times`` (all beats in the window, s) and its span.
+        complete conditioned beats, ``beat_times`` (all beats in the window, s) and its span;
+        ``lost``: whether the window holds samples that never arrived (``signal_lost``).
         Returns (Quality, usable lead mask) per window."""
         checks = signal_checks(raw, mask, self.fs, self.mains_hz, self.cfg, hop)
         usable, sig = checks.usable, checks.scores
@@ -502,7 +507,8 @@ class QualityAssessor:
             s1 = s0 + counts[i]
             rows = (ac[s0:s1], an[s0:s1], min(an_l[s0:s1])) if s1 > s0 and all(u) else None
             s0 = s1
-            scores = {name: v[i] for name, v in sig_l.items()}
+            scores = {"signal_lost": 0.0} if lost is not None and lost[i] else {}  # first: wins ties
+            scores.update({name: v[i] for name, v in sig_l.items()})
             scores.update(self._beat_scores(zs[i], beat_times[i], spans_s[i], usable[i], rows))
             name = min(scores, key=scores.get)   # dict order = REASONS order on ties
             index = scores[name]
@@ -522,7 +528,7 @@ class QualityAssessor:
             out.append((Quality(index, ok, "ok" if ok else name,
                                 tuple((r, scores[r]) for r in REASONS if r in scores),
                                 None if hum != hum else hum),  # nan: no hum
-                        usable[i]))
+                        np.zeros_like(usable[i]) if lost is not None and lost[i] else usable[i]))
         return out
 
     def _beat_scores(self, z: np.ndarray, times: np.ndarray, span: tuple[float, float],

@@ -42,6 +42,13 @@ class EcgChunk:
     # watchdog or brown-out reset, and streams again): no frames counted lost, but the time
     # between is unknown, like a reconnect.
     device_restarted: bool = False
+    #: device frames this chunk joins (``seq`` is the last one's): the daemon pushes several at once
+    frames: int = 1
+
+    @property
+    def first_seq(self) -> int:
+        """The sequence number of the chunk's first frame (the u16 counter wraps)."""
+        return (self.seq - self.frames + 1) & 0xFFFF
 
 
 @dataclass

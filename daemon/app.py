@@ -38,6 +38,7 @@ from daemon.publish import homeassistant as ha
 from daemon.publish.mqtt import Message, MqttPublisher
 from daemon.publish.spool import EventSpool, SessionRecordFile, SpoolSender
 from daemon.publish.state import (
+    NO_SIGNAL,
     EnrolCommands,
     EnrolRequest,
     SensorState,
@@ -449,8 +450,10 @@ class BiodApp:
                 imu_rate = (self.stats.imu_samples - last[1]) / dt
                 last, last_sensor = (self.stats.ecg_samples, self.stats.imu_samples, mono), mono
                 h = self.ecg_source.health if self.ecg_source else None
+                streaming = bool(h and h.state == "streaming")
                 publisher.publish(sensor_state_message(self.topics, SensorState(
-                    "ecg", bool(h and h.state == "streaming"), None, self.bio.quality, ecg_rate)))
+                    "ecg", streaming, None, self.bio.quality, ecg_rate,
+                    signal_problem=self.bio.signal_problem if streaming else NO_SIGNAL)))
                 if self.imu_source is not None:
                     ih = self.imu_source.health
                     publisher.publish(sensor_state_message(self.topics, SensorState(

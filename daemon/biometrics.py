@@ -212,6 +212,7 @@ class Biometrics:
         self.identity: IdentityState = IdentityState(wearer=None, confidence=1.0, live=False)
         self.heart_rate_bpm: float | None = None
         self.quality: float = 0.0
+        self.signal_problem: str | None = None  # the newest window's rejection reason, None when it passed
         self.embeddings_sink: list | None = None  # set by enrolment: (t, embedding, activity, leads on)
         self.gait_sink: list | None = None        # set by enrolment: gait embeddings of walking windows
         self.gait_placement: str = "waist"       # which gait model new enrolments use (config imu.placement)
@@ -224,6 +225,7 @@ class Biometrics:
         for window in update.windows:
             self.stats.ecg_windows += 1
             self.quality = float(window.quality.index)
+            self.signal_problem = None if window.quality.ok else window.quality.reason
             embedding = None
             usable = window.quality.ok_for_identity
             if usable and self.ecg_model is not None and window.lead_mask.any():

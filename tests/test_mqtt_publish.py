@@ -93,6 +93,15 @@ def test_discovery_is_complete_retained_resent_and_removable(mosquitto: Broker, 
         assert by_key["wearer"]["state_topic"] == TOPICS.wearer
         assert by_key["heart_rate"]["unit_of_measurement"] == "bpm"
         assert by_key["signal_quality"]["state_topic"] == TOPICS.sensor_state("ecg")
+        ecg_signal = by_key["ecg_signal"]
+        assert ecg_signal["state_topic"] == TOPICS.sensor_state("ecg") and ecg_signal["device_class"] == "enum"
+        assert {"ok", "lead_off", "signal_lost", "motion_artifact", "no_signal"} <= set(ecg_signal["options"])
+        import jinja2
+
+        render = jinja2.Environment().from_string(ecg_signal["value_template"]).render
+        for problem, shown in ((None, "ok"), ("signal_lost", "signal_lost"), ("no_signal", "no_signal")):
+            state = json.loads(sensor_state_message(TOPICS, SensorState("ecg", True, signal_problem=problem)).payload)
+            assert render(value_json=state) == shown and shown in ecg_signal["options"]
         assert by_key["ecg_connectivity"]["device_class"] == "connectivity"
         assert by_key["imu_battery"]["device_class"] == "battery" and by_key["imu_battery"]["unit_of_measurement"] == "%"
         assert by_key["person_alice_wearing"]["state_topic"] == f"{PREFIX}/person/alice/state"
@@ -152,7 +161,8 @@ def test_event_state_messages_follow_the_session() -> None:
 def test_sensor_state_and_slugs() -> None:
     msg = sensor_state_message(TOPICS, SensorState("imu", connected=True, battery_pct=87.4, signal_quality=0.91234, sample_rate_hz=99.96))
     assert msg.topic == f"{PREFIX}/sensor/imu/state" and msg.retain
-    assert json.loads(msg.payload) == {"connected": True, "battery_pct": 87, "signal_quality": 0.912, "sample_rate_hz": 100.0}
+    assert json.loads(msg.payload) == {"connected": True, "battery_pct": 87, "signal_quality": 0.912, "sample_rate_hz": 100.0,
+                                       "signal_problem": None}
     with pytest.raises(ValueError, match="heart_rate"):
         SensorState("heart_rate", connected=True)
     assert slugify("Zoë O'Neil") == "zoe_o_neil"

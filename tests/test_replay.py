@@ -405,3 +405,41 @@ def test_biod_record_of_a_replay_that_does_not_loop_ends_with_the_replay(tmp_pat
     assert record_cli.run_record(cfg, tmp_path / "again", 60.0, None, None) == 0
     (copy,) = (tmp_path / "again").glob("ecg_*.hea")
     np.testing.assert_array_equal(read_wfdb(copy).physical, expected)  # bit-exact: the gain too
+
+
+@pytest.mark.timeout(90)
+def test_the_ecg_signal_sensor_says_why_there_is_no_identity(tmp_path, mosquitto, capture, monkeypatch) -> None:
+    """The ECG sensor state names the problem (Home Assistant's "ECG signal" entity): "ok" on
+    real ECG, then ``lead_off`` once the recorded electrodes come off (LUDB 16, every lead
+    stored as WFDB 'no sample' after 6 s, as `biod record` stores a box's lead-off bits)."""
+    import json
+
+    ecg = load_recording("ludb-16")
+    off = 6 * int(ecg.fs_hz)
+    valid = np.ones(ecg.leads_mv.shape, bool)
+    valid[off:] = False
+    with WfdbWriter(tmp_path, "ecg_off", ecg.fs_hz, [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")]) as w:
+        w.write_physical(ecg.leads_mv, valid)
+    cfg = parse_config(f"hub:\n  id: sig\nstate_dir: {tmp_path / 'state'}\n"
+                       f"ecg:\n  source: replay\n  replay:\n    path: {tmp_path / 'ecg_off.hea'}\n    speed: 2\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
+    monkeypatch.setattr(BiodApp, "SENSOR_STATE_INTERVAL_S", 0.25)
+    app = BiodApp(cfg)
+    topic = "biod/sig/sensor/ecg/state"
+
+    def problems() -> list:
+        return [json.loads(p).get("signal_problem", "absent") for p in capture.on(topic)]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run(stop))
+        try:
+            await until(lambda: "lead_off" in problems(), 40, "the sensor state saying lead_off")
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    seen = problems()
+    assert None in seen[:seen.index("lead_off")], seen  # real ECG before: no problem
+    assert "signal_lost" not in seen and "absent" not in seen

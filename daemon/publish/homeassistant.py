@@ -19,9 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from daemon.dsp.quality import REASONS
 from daemon.identity.store import slugify
 from daemon.publish.mqtt import Message
-from daemon.publish.state import VERSION, Topics
+from daemon.publish.state import NO_SIGNAL, VERSION, Topics
 
 __all__ = ["VERSION", "Topics", "HubDiscovery", "device_block", "origin_block", "sensor_config", "heart_rate_config", "removal"]
 
@@ -116,6 +117,9 @@ def removal(config: Message) -> Message:
 _WEARER_TPL = "{{ value_json.wearer if value_json.wearer is not none else 'nobody' }}"
 _ACTIVITY_TPL = "{{ value_json.activity if value_json.activity is not none else 'None' }}"
 _QUALITY_TPL = "{{ (value_json.signal_quality * 100) | round(0) if value_json.signal_quality is not none else 'None' }}"
+#: the ECG signal sensor's states: fine, each quality check that can reject a window, nothing sent
+SIGNAL_STATES = ("ok", *REASONS, NO_SIGNAL)
+_PROBLEM_TPL = "{{ value_json.signal_problem or 'ok' }}"
 _BATTERY_TPL = "{{ value_json.battery_pct if value_json.battery_pct is not none else 'None' }}"
 _CONNECTED_TPL = "{{ 'ON' if value_json.connected else 'OFF' }}"
 _WEARING_TPL = "{{ 'ON' if value_json.wearing else 'OFF' }}"
@@ -154,6 +158,10 @@ class HubDiscovery:
             heart_rate_config(self.discovery_prefix, self.hub_id, self.hub_name, t),
             self._cfg("signal_quality", "Signal quality", state_topic=t.sensor_state(self.signal_sensor), unit="%",
                       icon="mdi:sine-wave", extra={"value_template": _QUALITY_TPL}),
+            self._cfg(f"{self.signal_sensor}_signal", f"{self.signal_sensor.upper()} signal",
+                      state_topic=t.sensor_state(self.signal_sensor), device_class="enum", state_class=None,
+                      icon="mdi:heart-pulse", extra={"value_template": _PROBLEM_TPL, "options": list(SIGNAL_STATES),
+                                                     "entity_category": "diagnostic"}),
             self._cfg("wearing_session", "Wearing session", component="event", state_topic=t.events,
                       extra={"event_types": list(EVENT_TYPES), "value_template": _EVENT_TPL}),
             self._cfg("enrol", "Enrol", component="button", state_topic="", icon="mdi:account-plus",

@@ -119,6 +119,10 @@ class PersonState:
         }
 
 
+#: ``SensorState.signal_problem`` of a sensor that sends nothing (unplugged, not streaming)
+NO_SIGNAL = "no_signal"
+
+
 @dataclass(frozen=True)
 class SensorState:
     """One physical sensor (``ecg`` box, ``imu`` MetaMotion): what Home Assistant shows as its health."""
@@ -128,6 +132,11 @@ class SensorState:
     battery_pct: float | None = None
     signal_quality: float | None = None  # 0..1, from the DSP quality index
     sample_rate_hz: float | None = None  # measured, not nominal
+    #: why the newest window failed the quality check (a ``daemon.dsp.quality.REASONS`` name:
+    #: electrodes off, frames lost on the link, motion, ...), ``NO_SIGNAL`` when the sensor
+    #: sends nothing, None when the signal is fine. WHY: "signal quality 0 %" does not tell a
+    #: household whether to press the electrodes, check the cable or sit still.
+    signal_problem: str | None = None
 
     def __post_init__(self) -> None:
         if self.sensor in RESERVED_SENSOR_KEYS or not re.fullmatch(r"[a-z0-9_]{1,32}", self.sensor):
@@ -139,6 +148,7 @@ class SensorState:
             "battery_pct": None if self.battery_pct is None else round(float(self.battery_pct)),
             "signal_quality": None if self.signal_quality is None else round(float(self.signal_quality), 3),
             "sample_rate_hz": None if self.sample_rate_hz is None else round(float(self.sample_rate_hz), 1),
+            "signal_problem": self.signal_problem,
         }
 
 

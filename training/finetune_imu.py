@@ -58,15 +58,16 @@ def _manifest_for(keras_path: Path):
 
 
 def household_windows(data: Path, manifest, persons: tuple[str, ...] | None = None
-                      ) -> tuple[WindowSet, np.ndarray]:
-    """Windows of the household recordings featurised as the base manifest states, plus the
-    index of the recording each window comes from."""
+                      ) -> tuple[WindowSet, np.ndarray, str]:
+    """Windows of the household recordings featurised as the base manifest states, the index
+    of the recording each window comes from, and the dataset they belong to: ``household``
+    for `biod record` files, ``hugadb`` for a HuGaDB folder."""
     data = Path(data)
     from daemon.biometrics import placement_of
 
     sensor = placement_of(manifest.inputs[0].placement) or "thigh"
     if any(data.glob("imu_*.hea")):  # what `biod record` wrote on the hub
-        recs, excluded = load_biod_imu(data), []
+        recs, excluded, dataset = load_biod_imu(data), [], "household"
         other = sorted({r.placement for r in recs} - {sensor})
         if other:
             raise ValueError(f"{data}: records made at the {', '.join(other)}; {manifest.name} is trained for "
@@ -75,6 +76,7 @@ def household_windows(data: Path, manifest, persons: tuple[str, ...] | None = No
     else:
         folder = data / "hugadb" if (data / "hugadb").is_dir() else data
         recs, excluded = load_hugadb(folder, sensor)
+        dataset = "hugadb"
     if persons:
         recs = [r for r in recs if r.subject in persons]
     if excluded:
@@ -93,7 +95,7 @@ def household_windows(data: Path, manifest, persons: tuple[str, ...] | None = No
         raise ValueError(f"{folder}: no labelled windows of the trained activities")
     merged = WindowSet(*(np.concatenate([getattr(s, f) for s in sets])
                          for f in WindowSet.__dataclass_fields__))
-    return merged, np.concatenate(rec_ids)
+    return merged, np.concatenate(rec_ids), dataset
 
 
 def prepare(model, frozen: bool) -> None:
@@ -139,7 +141,7 @@ def finetune(base: Path, data: Path, out: Path, epochs: int = 10, compare: bool 
     kpath = keras_base(base)
     manifest = _manifest_for(kpath)
     norm: Normalisation = manifest.inputs[0].normalisation
-    ws, rec = household_windows(data, manifest, persons)
+    ws, rec, dataset = household_windows(data, manifest, persons)
     report: dict = {"base": str(kpath), "windows": len(ws), "persons": sorted(set(ws.subject))}
     if compare:
         test_mask = rec % 2 == 1  # alternate recordings: no window of a test recording trains
@@ -182,10 +184,13 @@ def finetune(base: Path, data: Path, out: Path, epochs: int = 10, compare: bool 
         spec.pop("dtype"), spec.pop("quantisation")
     for o in fields["outputs"]:
         o.pop("dtype"), o.pop("shape")
+    # The persons fine-tuned on are listed under the dataset they come from: the IMU evaluation
+    # leaves out the manifest's persons *of the dataset it evaluates on*, and under a separate
+    # "household" key HuGaDB persons fine-tuned on were evaluated as unseen.
+    tuned = set(train.subject.tolist()) | set(manifest.training.persons.get(dataset, []))
     fields["training"] = {
-        "datasets": manifest.training.datasets + ["household"],
-        "persons": {**manifest.training.persons,
-                    "household": sorted(set(train.subject.tolist()))},
+        "datasets": manifest.training.datasets + ([dataset] if dataset not in manifest.training.datasets else []),
+        "persons": {**manifest.training.persons, dataset: sorted(tuned)},
         "held_out": {}, "description": f"fine-tuned (conv frozen) from {kpath.name} on {data}"}
     fields["metrics"] = {"household_test": report["finetune_final"]} if compare else {}
     path = export_int8(model, train.features, Path(out), manifest.name, fields)

@@ -66,10 +66,10 @@ class EcgModelRunner:
         m = self.model.manifest
         dim = int(next(o.shape[-1] for o in m.outputs if o.name == "embedding"))
         if self.beats is None:
-            return ModelRef(name=m.name, version=m.version, dim=dim)
+            return ModelRef(name=m.name, version=m.version, dim=dim, weights=m.sha256[:12])
         b = self.beats.model.manifest
         return ModelRef(name=f"{m.name}+{b.name}", version=f"{m.version}+{b.version}",
-                        dim=dim + self.beats.dim)
+                        dim=dim + self.beats.dim, weights=f"{m.sha256[:12]}+{b.sha256[:12]}")
 
     def pipeline_kwargs(self) -> dict[str, float]:
         """EcgPipeline arguments that make its windows exactly this model's input."""

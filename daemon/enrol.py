@@ -36,9 +36,14 @@ class Impostors:
     model_version: str
 
     def made_with(self, ref: ModelRef) -> bool:
-        """Whether the set was made with the ECG model ``ref`` (same dimension and version):
-        scores of one model's templates against another model's embeddings mean nothing."""
-        return self.embeddings.shape[1] == ref.dim and self.model_version.startswith(f"{ref.name} {ref.version}")
+        """Whether the set was made with the ECG model ``ref`` (same dimension and version, and
+        the same weights, ``"<name> <version> <weights>"``): scores of one model's templates
+        against another model's embeddings mean nothing, and a retrained model keeps its name and
+        version (a set made before the beat model's hash was part of it names the CNN's only, and
+        is refused beside a beat model: rebuild it with ``python -m training.impostors``)."""
+        name, _, rest = self.model_version.partition(" ")
+        version, _, weights = rest.partition(" ")
+        return self.embeddings.shape[1] == ref.dim and ref.accepts(ModelRef(name, version, ref.dim, weights))
 
     def for_leads(self, n_leads_on: int) -> tuple[np.ndarray, np.ndarray]:
         """The set seen through the same leads as the enrolment (one lead or several)."""

@@ -739,6 +739,10 @@ def test_daemon_adapts_only_with_an_impostor_set_of_the_installed_model(tmp_path
     e = np.zeros((4, ref.dim), np.float32)
     stale = Impostors(e, np.arange(4), e, np.arange(4), f"{ref.name} 0.0.1 0123")
     assert not stale.made_with(ref)
+    # the same name and version, other weights (a retrained model): refused too
+    cnn, beats = ref.weights.split("+")
+    assert Impostors(e, np.arange(4), e, np.arange(4), f"{ref.name} {ref.version} {cnn}+{'0' * 12}").made_with(ref) is False
+    assert Impostors(e, np.arange(4), e, np.arange(4), f"{ref.name} {ref.version} {cnn}").made_with(ref) is False
     monkeypatch.setattr(app_mod, "load_impostors", lambda models_dir: stale)
     assert app._engine().impostors is None
 

@@ -210,6 +210,21 @@ def test_templates_of_another_model_version_are_refused(store_path):
     assert set(TemplateStore(store_path, model=MODEL).load()) == {"A", "B"}
 
 
+def test_templates_of_a_retrained_model_with_the_same_version_are_refused(store_path):
+    """Retraining keeps a model's name and version (constants of the training code) but not its
+    embedding space: the file hashes (``ModelRef.weights``) tell them apart. A template stored
+    before the hash was recorded still loads with the same version (nothing to compare)."""
+    trained = dataclasses.replace(MODEL, weights="6e03f0cb37bb+9b2ac24fcd67")
+    TemplateStore(store_path).save({"A": person("A", model=trained)})
+    assert TemplateStore(store_path).load()["A"].model == trained  # stored and read back
+    assert TemplateStore(store_path, model=trained).load()["A"].model == trained
+    retrained = dataclasses.replace(MODEL, weights="77aa00112233+9b2ac24fcd67")
+    with pytest.raises(TemplateMismatchError, match=r"'A'.*weights 6e03f0cb37bb.*weights 77aa00112233.*re-enrol"):
+        TemplateStore(store_path, model=retrained).load()
+    TemplateStore(store_path).save({"B": person("B", 1)})  # MODEL: no weights recorded
+    assert set(TemplateStore(store_path, model=retrained).load()) == {"B"}
+
+
 def test_add_rename_remove(store_path):
     store = TemplateStore(store_path)
     store.add(person("Alice"))

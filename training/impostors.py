@@ -67,7 +67,7 @@ def build(data: Path, models: Path) -> Path:
         path,
         embeddings=np.stack(sets["I"][0]), labels=np.array(sets["I"][1]),
         embeddings_3lead=np.stack(sets["I_II_III"][0]), labels_3lead=np.array(sets["I_II_III"][1]),
-        model_version=np.array(f"{runner.ref.name} {runner.ref.version} {manifest.sha256[:12]}"),
+        model_version=np.array(f"{runner.ref.name} {runner.ref.version} {runner.ref.weights}"),
         source=np.array("PhysioNet LUDB v1.0.1 (Kalyakulina et al., ODC-By 1.0), persons held out of the model's "
                         "training; lead-I set also PhysioNet ECG-ID (Lugovaya 2005, ODC-By 1.0) threshold-calibration "
                         "persons, never fitted on; embeddings only"),

@@ -184,7 +184,7 @@ class GaitScorer:
 
     def __init__(self, people: list[Person], model: GaitModel) -> None:
         self.model = model
-        scored = [p for p in people if p.gait is not None and p.gait.model == model.ref]
+        scored = [p for p in people if p.gait is not None and model.ref.accepts(p.gait.model)]
         self.names = [p.name for p in scored]
         self._templates = (np.stack([p.gait.prototype for p in scored]).astype(np.float32)  # type: ignore[union-attr]
                            if scored else np.zeros((0, model.ref.dim), np.float32))

@@ -95,14 +95,36 @@ class TemplateMismatchError(StoreError):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """The embedding model a template belongs to (from the model manifest)."""
+    """The embedding model a template belongs to (from the model manifest).
+
+    ``weights``: the sha256 prefixes of the model file(s) the embedding comes from ("" when not
+    known: templates stored before it was recorded, gait models). WHY: retraining keeps a
+    model's name and version (they are constants of the training code), but not its embedding
+    space; templates of the old weights scored against the new ones were accepted silently."""
 
     name: str
     version: str
     dim: int
+    weights: str = ""
 
     def __str__(self) -> str:
-        return f"{self.name} {self.version} (D={self.dim})"
+        return f"{self.name} {self.version} (D={self.dim}{', weights ' + self.weights if self.weights else ''})"
+
+    def accepts(self, other: "ModelRef") -> bool:
+        """Whether embeddings of ``other`` can be scored against this model's: the same name,
+        version and dimension, and the same weights where both know theirs."""
+        return ((self.name, self.version, self.dim) == (other.name, other.version, other.dim)
+                and (not self.weights or not other.weights or self.weights == other.weights))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "version": self.version, "dim": self.dim}
+        if self.weights:  # absent key = not recorded (stores before it was)
+            out["weights"] = self.weights
+        return out
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> "ModelRef":
+        return cls(str(m["name"]), str(m["version"]), int(m["dim"]), str(m.get("weights", "")))
 
 
 def _b64(a: np.ndarray) -> dict[str, Any]:
@@ -150,15 +172,14 @@ class GaitTemplate:
                 and bool(np.array_equal(self.prototype, other.prototype)))
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": {"name": self.model.name, "version": self.model.version, "dim": self.model.dim},
+        return {"model": self.model.to_json(),
                 "prototype": _b64(self.prototype), "n_windows": int(self.n_windows),
                 "self_score": None if self.self_score != self.self_score else float(self.self_score)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "GaitTemplate":
-        m = d["model"]
         score = d.get("self_score")
-        return cls(model=ModelRef(str(m["name"]), str(m["version"]), int(m["dim"])), prototype=_from_b64(d["prototype"]),
+        return cls(model=ModelRef.from_json(d["model"]), prototype=_from_b64(d["prototype"]),
                    n_windows=int(d["n_windows"]), self_score=float("nan") if score is None else float(score))
 
 
@@ -227,7 +248,7 @@ class Person:
             "name": self.name,
             "slug": self.slug,
             "created": self.created,
-            "model": {"name": self.model.name, "version": self.model.version, "dim": self.model.dim},
+            "model": self.model.to_json(),
             "prototypes": {"shape": list(protos.shape), "float32_le_b64": base64.b64encode(protos.tobytes()).decode()},
             "prototype_labels": list(self.prototype_labels),
             "threshold": float(self.threshold),
@@ -239,13 +260,12 @@ class Person:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Person":
-        m = d["model"]
         shape = tuple(int(s) for s in d["prototypes"]["shape"])
         raw = base64.b64decode(d["prototypes"]["float32_le_b64"], validate=True)
         protos = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
         return cls(
             id=str(d["id"]), name=str(d["name"]), slug=str(d["slug"]), created=str(d["created"]),
-            model=ModelRef(str(m["name"]), str(m["version"]), int(m["dim"])),
+            model=ModelRef.from_json(d["model"]),
             prototypes=protos, prototype_labels=tuple(str(x) for x in d["prototype_labels"]),
             threshold=float(d["threshold"]), stats=_stats_from_json(d.get("stats", {})),
             gait=GaitTemplate.from_json(d["gait"]) if d.get("gait") is not None else None,
@@ -313,7 +333,7 @@ def utc_now() -> str:
 
 def check_compatible(people: dict[str, Person], model: ModelRef) -> None:
     """Refuse templates made with another embedding model: their scores would be meaningless."""
-    bad = [p for p in people.values() if p.model != model]
+    bad = [p for p in people.values() if not model.accepts(p.model)]
     if bad:
         listed = ", ".join(f"{p.name!r} ({p.model})" for p in bad)
         raise TemplateMismatchError(

@@ -110,6 +110,9 @@ class EcgConfig(_Strict):
     rate_hz: Literal[250, 500, 1000] = 500
     mains_hz: Literal[50, 60] | None = 50
     stall_timeout_s: float = Field(3.0, gt=0)
+    boot_wait_s: float = Field(2.0, ge=0, le=30, description=(
+        "how long after opening the port the box may take to answer: a board whose USB-serial chip resets the "
+        "microcontroller on open (Arduino-style) boots for 1-2 s; 0 for a box that answers at once"))
     emulator: EmulatorConfig = EmulatorConfig()
     replay: ReplayConfig | None = None
 

@@ -513,3 +513,54 @@ def test_a_box_that_answers_no_try_is_named_unresponsive_after_three(box) -> Non
     (error,) = source.health.errors
     assert emu.counters().commands_ignored == 3 and source.health.connects == 0
     assert "no DEVICE_INFO" in error and "3 tries, 250 ms each" in error, error
+
+
+@pytest.fixture
+def arduino_box(tmp_path):
+    """A box that resets when its port opens (DTR, the Arduino way) and boots for 1.2 s: longer
+    than the spec's 3 tries of 250 ms."""
+    emu = EcgBoxEmulator(load_recording("ludb-16"), rate_hz=500, speed=4.0, boot_s=1.2)
+    link = tmp_path / "biod-ecg"
+    emu.open_pty(link=str(link))
+    emu.start()
+    yield emu, link
+    emu.close()
+
+
+def test_a_box_that_resets_when_its_port_opens_streams_on_the_first_open(arduino_box, caplog) -> None:
+    """With the spec's 0.75 s alone such a box was named unresponsive at every open, and every
+    re-open reset it again: it never streamed. ``boot_wait_s`` (ecg.boot_wait_s, 2 s by default
+    for a serial box) keeps asking for DEVICE_INFO every 250 ms until it has booted."""
+    emu, link = arduino_box
+    caplog.set_level("INFO", logger="daemon.sources.serial_ecg")
+    got = Collector()
+    source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500, boot_wait_s=2.0)
+    source.BACKOFF_S = (30.0,)  # a failed handshake would show as a missing stream
+    t0 = time.monotonic()
+    _run_until_chunks(source, got, 10, 15)
+    counters = emu.counters()
+    assert source.health.errors == [] and source.health.connects == 1
+    assert counters.boots == 1 and counters.bytes_lost_booting > 0  # it was deaf while booting
+    assert time.monotonic() - t0 >= 1.2
+    assert any("boot_wait_s" in r.getMessage() for r in caplog.records)
+
+
+def test_without_a_boot_wait_such_a_box_is_named_unresponsive(arduino_box) -> None:
+    emu, link = arduino_box
+    source = EcgSource(serial_opener(str(link), 460800), str(link), Collector(), rate_hz=500, boot_wait_s=0.0)
+    source.BACKOFF_S = (30.0,)
+    _run_until_error(source, 15, poll_s=0.02)
+    (error,) = source.health.errors
+    assert "no DEVICE_INFO" in error and "3 tries, 250 ms each" in error and source.health.connects == 0
+    assert emu.counters().boots == 1
+
+
+def test_the_serial_source_gets_the_configured_boot_wait(tmp_path) -> None:
+    from daemon.config import parse_config
+    from daemon.sources.factory import open_ecg_source
+
+    default = parse_config("ecg:\n  source: serial\n  port: /dev/biod-ecg\n")
+    assert default.ecg.boot_wait_s == 2.0
+    source, _ = open_ecg_source(parse_config("ecg:\n  source: serial\n  port: /dev/biod-ecg\n  boot_wait_s: 0.5\n"),
+                                lambda chunk: None)
+    assert source.boot_wait_s == 0.5

@@ -24,7 +24,8 @@ def open_ecg_source(cfg: BiodConfig, on_chunk: Callable[[EcgChunk], None]) -> tu
     """(source, emulator or None). The caller runs ``source.run(stop)`` in a thread and closes
     the emulator when done."""
     e = cfg.ecg
-    common = dict(rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s)
+    common = dict(rate_hz=e.rate_hz, match_serial=e.match_serial, stall_timeout_s=e.stall_timeout_s,
+                  boot_wait_s=e.boot_wait_s)
     if e.source in ("emulator", "replay"):
         from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
         from firmware_protocol.emulators.recordings import list_recordings, load_recording

@@ -250,10 +250,13 @@ class EcgSource:
         stall_timeout_s: float = 3.0,
         baud: int | None = None,
         finished: Callable[[], bool] | None = None,
+        boot_wait_s: float = 0.0,
     ) -> None:
         """``finished``: for an emulated box playing a recording once, True once the box has
         written its last frame; the source then ends its sessions instead of re-opening the box
-        (which would only say START to a box with nothing left to play)."""
+        (which would only say START to a box with nothing left to play). ``boot_wait_s``: how
+        long after opening the port GET_INFO is still sent again every 250 ms when the three
+        tries of the spec are used up (see :meth:`_handshake`)."""
         self._open = opener
         self.describe = describe
         self._on_chunk = on_chunk
@@ -261,6 +264,7 @@ class EcgSource:
         self.match_serial = match_serial
         self.stall_timeout_s = stall_timeout_s
         self.baud = baud
+        self.boot_wait_s = float(boot_wait_s)
         self.health = EcgHealth()
         self._finished = finished
         self._command_seq = 0  # seq of the last command sent; replies echo it (spec section 5)
@@ -334,7 +338,11 @@ class EcgSource:
 
     def _handshake(self, transport: Transport, decoder: proto.Decoder, stop: threading.Event) -> proto.DeviceInfo:
         transport.write(proto.encode_command(proto.Command.STOP))  # the box may still stream from before
-        info = self._request(transport, decoder, proto.Command.GET_INFO, 0, proto.DeviceInfo, stop)
+        # A board whose USB-serial chip resets the microcontroller when the port opens (the
+        # Arduino way: DTR) hears nothing until it has booted, 1-2 s; the spec's 3 tries (0.75 s)
+        # then failed at every open, and every re-open reset it again: it never streamed.
+        info = self._request(transport, decoder, proto.Command.GET_INFO, 0, proto.DeviceInfo, stop,
+                             keep_trying_until=time.monotonic() + self.boot_wait_s)
         if info is None:
             if self._protocol_error is not None:  # it answers, in frames that break the spec
                 raise SourceError(f"{self.describe} answers but breaks biod ECG protocol v1: {self._protocol_error}")
@@ -357,9 +365,11 @@ class EcgSource:
         return info
 
     def _request(self, transport: Transport, decoder: proto.Decoder, command: proto.Command, argument: int,
-                 wanted: type | tuple[type, ...], stop: threading.Event) -> object | None:
-        """Send ``command`` until the box answers it, at most ``COMMAND_TRIES`` times, each try
-        waiting ``COMMAND_REPLY_TIMEOUT_S`` (spec section 6); return the answer (an event of a
+                 wanted: type | tuple[type, ...], stop: threading.Event,
+                 keep_trying_until: float = 0.0) -> object | None:
+        """Send ``command`` until the box answers it, at most ``COMMAND_TRIES`` times (and on
+        until the monotonic time ``keep_trying_until``), each try waiting
+        ``COMMAND_REPLY_TIMEOUT_S`` (spec section 6); return the answer (an event of a
         ``wanted`` type), else the last NAK BAD_CRC, else None.
 
         A reply counts only if it answers this command: its seq echoes one of the seqs this
@@ -372,13 +382,19 @@ class EcgSource:
         sent: set[int] = set()
         damaged: proto.Nak | None = None
         unanswered = False  # the previous try got no reply within COMMAND_REPLY_TIMEOUT_S
-        for attempt in range(1, self.COMMAND_TRIES + 1):
+        attempt = 0
+        while attempt < self.COMMAND_TRIES or time.monotonic() < keep_trying_until:
+            attempt += 1
             if stop.is_set():
                 break
-            if unanswered:
+            if unanswered and attempt <= self.COMMAND_TRIES:
                 log.info("ecg: no reply from %s to %s within %.0f ms (try %d of %d); sending it again",
                          self.describe, command.name, self.COMMAND_REPLY_TIMEOUT_S * 1000, attempt - 1,
                          self.COMMAND_TRIES)
+            elif unanswered and attempt == self.COMMAND_TRIES + 1:
+                log.info("ecg: no reply from %s to %s yet; trying on for up to %.1f s after opening it "
+                         "(ecg.boot_wait_s: a board that resets when its port opens is still booting)",
+                         self.describe, command.name, self.boot_wait_s)
             self._command_seq = self._command_seq % 0xFFFF + 1  # 1..65535: a BAD_CRC NAK says seq 0
             sent.add(self._command_seq)
             transport.write(proto.encode_command(command, argument, self._command_seq))
@@ -401,7 +417,8 @@ class EcgSource:
         return damaged
 
     def _tries_text(self) -> str:
-        return f"{self.COMMAND_TRIES} tries, {self.COMMAND_REPLY_TIMEOUT_S * 1000:.0f} ms each"
+        wait = f", for {self.boot_wait_s:g} s after opening it" if self.boot_wait_s > 0 else ""
+        return f"{self.COMMAND_TRIES} tries, {self.COMMAND_REPLY_TIMEOUT_S * 1000:.0f} ms each{wait}"
 
     def _stream(self, transport: Transport, decoder: proto.Decoder, info: proto.DeviceInfo, stop: threading.Event) -> bool:
         """Hand on the box's frames until stopped (False) or a replay's box has sent its last

@@ -90,6 +90,9 @@ class EmulatorCounters:
     link_drops: int = 0
     # Commands the box heard and did not answer (``ignore_next``): a host's retries test.
     commands_ignored: int = 0
+    # Boots after a host opened the link (``boot_s`` > 0), and the bytes lost while booting.
+    boots: int = 0
+    bytes_lost_booting: int = 0
 
 
 def _inherent_lead_off(present: np.ndarray) -> Electrode:
@@ -141,6 +144,11 @@ class EcgBoxEmulator:
     A host closing the link (the last program holding the pty open closes it, or the TCP
     connection closes) puts the box back to IDLE, as spec section 6 requires: whoever opens it
     next hears nothing before its own START. Counted in ``link_drops``.
+
+    ``boot_s`` > 0 is a board whose USB-serial chip resets the microcontroller when a host opens
+    the port (the Arduino way, through DTR): for ``boot_s`` after each open it is booting and
+    every byte the host sends is lost (a bootloader does not speak the protocol), and its frame
+    counter starts again from 0. Counted in ``boots`` and ``bytes_lost_booting``.
     """
 
     def __init__(
@@ -153,6 +161,7 @@ class EcgBoxEmulator:
         loop: bool = True,
         *,
         seed: int = 0,
+        boot_s: float = 0.0,
     ) -> None:
         if isinstance(recording, str):
             recording = load_recording(recording)
@@ -205,6 +214,12 @@ class EcgBoxEmulator:
         self.link_drops = 0
         self.commands_ignored = 0
         self._ignore: dict[Command, int] = {}
+        if not boot_s >= 0:
+            raise ValueError(f"boot_s must be >= 0 s, got {boot_s}")
+        self.boot_s = float(boot_s)
+        self._booting_until = 0.0
+        self.boots = 0
+        self.bytes_lost_booting = 0
 
         # Transport state.
         self._master: int | None = None
@@ -260,7 +275,7 @@ class EcgBoxEmulator:
             return EmulatorCounters(
                 self.frames_sent, self.frames_corrupted, self.frames_dropped,
                 self.frames_overflowed, self.garbage_bytes, self.commands, self.naks,
-                self.link_drops, self.commands_ignored,
+                self.link_drops, self.commands_ignored, self.boots, self.bytes_lost_booting,
             )
 
     def expected_counts(self) -> np.ndarray:
@@ -626,6 +641,16 @@ class EcgBoxEmulator:
         poller.register(self._master, select.POLLIN)
         if not any(ev & select.POLLHUP for _, ev in poller.poll(0)):
             self._host_attached = True
+            self._reset_on_open_locked()
+
+    def _reset_on_open_locked(self) -> None:
+        """A host opened the link: a board that resets on open (``boot_s``) boots now."""
+        if self.boot_s > 0:
+            self.boots += 1
+            self._booting_until = time.monotonic() + self.boot_s
+            self._stop_streaming_locked()
+            self._data_seq = 0
+            self._decoder = Decoder()
 
     def _host_hung_up_locked(self) -> None:
         """The host closed the port (the pty's last slave opener is gone): back to IDLE, as the
@@ -728,6 +753,7 @@ class EcgBoxEmulator:
                 conn.setblocking(False)
                 self._client = conn
                 self._decoder = Decoder()
+                self._reset_on_open_locked()
         src = self._input_fd()
         if src is not None and src in readable:
             self._read_host(src)
@@ -751,6 +777,9 @@ class EcgBoxEmulator:
         if not data:
             if not isinstance(src, int):
                 self._drop_client_locked()  # host closed the TCP connection
+            return
+        if time.monotonic() < self._booting_until:  # the bootloader hears it, not the protocol
+            self.bytes_lost_booting += len(data)
             return
         crc_before = self._decoder.stats.crc_errors
         replies = [self._handle(ev) for ev in self._decoder.feed(data)]
@@ -805,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
     parser.add_argument("--serial", default="BIOD-EMU-0001")
     parser.add_argument("--samples-per-frame", type=int, default=10)
+    parser.add_argument("--boot-s", type=float, default=0.0,
+                        help="boot this long after each open, deaf (an Arduino-style board reset by DTR)")
     args = parser.parse_args(argv)
     if args.link and args.tcp is not None:
         parser.error("--link only applies to --pty")
@@ -814,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     emu = EcgBoxEmulator(args.recording, rate_hz=args.rate, speed=args.speed,
-                         serial=args.serial, samples_per_frame=args.samples_per_frame)
+                         serial=args.serial, samples_per_frame=args.samples_per_frame, boot_s=args.boot_s)
     with emu:
         if args.tcp is not None:
             port = emu.serve_tcp(port=args.tcp)

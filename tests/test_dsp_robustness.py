@@ -76,6 +76,70 @@ def test_one_impossible_sample_costs_only_the_windows_that_hold_it(bad):
     _assert_same_any_chunking(xb, v, (beats, wins))
 
 
+def _concat3(i: int) -> np.ndarray:
+    return np.concatenate([ludb(i)] * 3)
+
+
+@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("amp", [60.0, 400.0, -400.0])
+def test_one_spike_within_range_costs_only_the_windows_that_hold_it(i, amp):
+    """An in-range spike (ESD, a knocked cable: far within ``max_abs_mv``) leaped through the
+    filters as signal: one 400 mV sample on LUDB record 3 raised the detector's signal level so
+    far that it missed beats for 10 s after it (ten windows rejected as implausible RR or
+    motion). Held like an impossible sample, it costs the three windows that hold it."""
+    x = _concat3(i)
+    v = np.ones_like(x, dtype=bool)
+    ref_beats, ref_wins = _stream(x, v, 97)
+    at = int(14.3 * FS)
+    xb = x.copy()
+    xb[at, 1] += amp
+    beats, wins = _stream(xb, v, 97)
+    np.testing.assert_array_equal(_times(beats), _times(ref_beats))
+    holding = 0
+    for w, r in zip(wins, ref_wins):
+        if w.t_end_s - 3.0 <= at / FS < w.t_end_s:
+            holding += 1
+            assert w.quality.reason == "saturation" and not w.quality.ok_for_identity, w.t_end_s
+        else:
+            assert w.quality.reason == r.quality.reason, w.t_end_s
+            np.testing.assert_allclose(w.data, r.data, atol=0.01, err_msg=str(w.t_end_s))
+    assert holding == 3
+    _assert_same_any_chunking(xb, v, (beats, wins))
+
+
+def test_a_lasting_step_is_signal_again_after_10_ms():
+    """The spike gate holds at most ``max_s`` (10 ms): a real step (a new electrode offset
+    with the lead flagged on) is followed, as before the gate, not held for ever."""
+    from daemon.dsp.spikes import SpikeGate
+
+    clean = _concat3(0)
+    x = clean.copy()
+    x[int(12.0 * FS):, 0] += 100.0
+    v = np.ones_like(x, dtype=bool)
+    sane = np.ones_like(x, dtype=bool)
+    marked = SpikeGate(3, FS).mark(x, v, sane)
+    np.testing.assert_array_equal(np.flatnonzero(marked[:, 0]), np.arange(6000, 6005))
+    assert not marked[:, 1:].any()
+    for cut in (1, 7, 6003, 6004, 6005):  # any chunking, an excursion split included
+        gate = SpikeGate(3, FS)
+        parts = [gate.mark(x[a:b], v[a:b], sane[a:b]) for a, b in ((0, cut), (cut, len(x)))]
+        np.testing.assert_array_equal(np.concatenate(parts), marked)
+    _, wins = _stream(x, v, 97)
+    _, ref = _stream(clean, v, 97)
+    late = [(w.t_end_s, w.quality.reason) for w in wins if w.t_end_s > 18.0]
+    assert len(late) >= 8 and late == [(w.t_end_s, w.quality.reason) for w in ref if w.t_end_s > 18.0]
+
+
+def test_clean_real_ecg_has_no_spikes():
+    """No sample of the real fixtures (LUDB 3 leads, MIT-BIH 101) leaps 50 mV."""
+    from daemon.dsp.spikes import SpikeGate
+
+    mit = ((MIT["counts"].astype(np.float32) - MIT["baseline"]) / MIT["gain"]).reshape(-1, 1)
+    for x in [ludb(i) for i in range(len(LUDB["signals"]))] + [mit]:
+        ok = np.ones_like(x, dtype=bool)
+        assert not SpikeGate(x.shape[1], FS).mark(x, ok, ok).any()
+
+
 @pytest.mark.parametrize("i", range(4))
 @pytest.mark.parametrize("hum_hz,hub_hz", [(60.0, 50.0), (50.0, 60.0), (150.0, 50.0)])
 def test_hum_is_rejected_whatever_mains_frequency_the_hub_is_set_to(i, hum_hz, hub_hz):

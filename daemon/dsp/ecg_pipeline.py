@@ -25,6 +25,7 @@ from daemon.dsp.filters import EcgConditioner, SosFilter, StreamResampler
 from daemon.dsp.hrv import HeartRateTracker, Hrv
 from daemon.dsp.quality import Quality, QualityAssessor, QualityConfig
 from daemon.dsp.rpeaks import Beat, RPeakDetector
+from daemon.dsp.spikes import SpikeGate
 from daemon.dsp.segment import (RrWarp, Segment, SlidingWindower, WindowSegmenter, check_norm,
                                 warp_beats)
 
@@ -130,6 +131,8 @@ class EcgPipeline:
         # filters, shown to quality as _wild_mv (finite, beyond the limit)
         self._max_abs = np.float32(self._qa.cfg.max_abs_mv)
         self._wild_mv = np.float32(2 * self._qa.cfg.max_abs_mv)
+        # in-range samples that leap impossibly far (daemon.dsp.spikes) are held the same way
+        self._spikes = SpikeGate(self.n_leads, self.fs)
         # beats are not emitted this soon after every lead was off (see _drop_after_return);
         # _returns: the first sample of each recent return; _all_off_last: the last sample was
         self.return_guard = int(round(return_guard_s * self.fs))
@@ -157,11 +160,14 @@ class EcgPipeline:
 
     def push(self, samples_mv: np.ndarray, lead_valid: np.ndarray | None = None) -> EcgUpdate:
         """Samples that are not finite or beyond ``QualityConfig.max_abs_mv`` (a broken driver,
-        a corrupted frame) are no error: the filters and the detector never see them (the last
-        good value is held, see :meth:`_hold`) and every window holding one is rejected as
-        ``saturation``, so one such sample costs the windows around it and nothing after."""
+        a corrupted frame), or that leap further from the last one than any ECG can (a spike:
+        :class:`~daemon.dsp.spikes.SpikeGate`), are no error: the filters and the detector
+        never see them (the last good value is held, see :meth:`_hold`) and every window
+        holding one is rejected as ``saturation``, so one such sample costs the windows around
+        it and nothing after."""
         x, v = self._check(samples_mv, lead_valid)
-        return self._push(x, v, np.abs(x) <= self._max_abs)  # sane: False for nan and inf too
+        sane = np.abs(x) <= self._max_abs  # False for nan and inf too
+        return self._push(x, v, sane & ~self._spikes.mark(x, v, sane))
 
     def _push(self, x: np.ndarray, v: np.ndarray, sane: np.ndarray) -> EcgUpdate:
         if x.shape[0]:

@@ -7,7 +7,8 @@ raised the R-peak detector's signal level so far that it missed beats for 10 s a
 (LUDB record of tests/fixtures/ecg_pipeline, tests/test_dsp_robustness.py). No ECG moves by
 ``step_mv`` (50 mV) between two samples: on every recording in ../shared/data the largest
 step between consecutive samples is 2.5 mV (ECG-ID), 0.8 mV (LUDB) and 0.6 mV (MIT-BIH), apart
-from two ECG-ID recordings whose amplifier hits its rail (-153.6 mV). So such samples are
+from two ECG-ID recordings whose amplifier hits its rail (-153.6 mV) (measured once with a
+throw-away script; tests/test_dsp_robustness.py holds the real fixtures to no spike at all). So such samples are
 marked, and the pipeline holds them exactly like impossible ones. An excursion longer than
 ``max_s`` is a real step (a new electrode offset, a rail): from then on it is signal again, as
 it was before this gate existed.

@@ -173,6 +173,7 @@ class BiodApp:
         self.ecg_source: EcgSource | None = None
         self.imu_source = None
         self._last_ecg_at = 0.0
+        self._hr_shown = False  # a heart rate was published and not cleared since (_clear_heart_rate)
         self._ready = False
         self._rate_mark = (0, 0, time.monotonic())
         self._store_seen = self._store_mtime()
@@ -378,6 +379,9 @@ class BiodApp:
                 if now - last_hr_publish >= self.HR_PUBLISH_INTERVAL_S:
                     publisher.publish(Message(self.topics.sensor_state("heart_rate"), f"{update.heart_rate_bpm:.1f}"))
                     last_hr_publish = now
+                    self._hr_shown = True
+            elif not update.live:
+                self._clear_heart_rate(publisher)
 
     def _batch(self, first: EcgChunk) -> EcgChunk:
         """Join the frames already waiting into one chunk. The DSP's cost is mostly per call,
@@ -400,6 +404,16 @@ class BiodApp:
                         samples_mv=np.concatenate([p.samples_mv for p in parts]), lead_valid=first.lead_valid,
                         rate_hz=first.rate_hz, lost_frames_before=first.lost_frames_before,
                         device_restarted=first.device_restarted, frames=sum(p.frames for p in parts))
+
+    def _clear_heart_rate(self, publisher: MqttPublisher) -> None:
+        """The ECG stopped being live (electrodes off, box unplugged): Home Assistant's heart
+        rate goes to unknown now ("None"). WHY: the heart rate is not retained and was only
+        ever published while live, so the last value stayed on screen for hours after the
+        wearer took the electrodes off. (Its discovery also sets ``expire_after``, for a
+        daemon that dies without a word.)"""
+        if self._hr_shown:
+            publisher.publish(Message(self.topics.sensor_state("heart_rate"), "None"))
+            self._hr_shown = False
 
     @staticmethod
     def _observe(sessions: SessionPublisher, obs) -> None:
@@ -430,6 +444,7 @@ class BiodApp:
             if self._last_ecg_at and now - self._last_ecg_at > self.ECG_LOST_AFTER_S:
                 obs = self.bio.ecg_lost(now)
                 self.stats.first_clean_beat_at = None
+                self._clear_heart_rate(publisher)
                 if obs is not None:
                     self._observe(sessions, obs)
                 self._save_adaptations()

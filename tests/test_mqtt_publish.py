@@ -91,7 +91,7 @@ def test_discovery_is_complete_retained_resent_and_removable(mosquitto: Broker, 
         assert by_key["enrol_name"]["command_topic"] == f"{PREFIX}/enrol/name/set"
         assert by_key["activity"]["device_class"] == "enum" and by_key["activity"]["options"] == list(ACTIVITIES)
         assert by_key["wearer"]["state_topic"] == TOPICS.wearer
-        assert by_key["heart_rate"]["unit_of_measurement"] == "bpm"
+        assert by_key["heart_rate"]["unit_of_measurement"] == "bpm" and by_key["heart_rate"]["expire_after"] == 10
         assert by_key["signal_quality"]["state_topic"] == TOPICS.sensor_state("ecg")
         ecg_signal = by_key["ecg_signal"]
         assert ecg_signal["state_topic"] == TOPICS.sensor_state("ecg") and ecg_signal["device_class"] == "enum"

@@ -411,7 +411,8 @@ def test_biod_record_of_a_replay_that_does_not_loop_ends_with_the_replay(tmp_pat
 def test_the_ecg_signal_sensor_says_why_there_is_no_identity(tmp_path, mosquitto, capture, monkeypatch) -> None:
     """The ECG sensor state names the problem (Home Assistant's "ECG signal" entity): "ok" on
     real ECG, then ``lead_off`` once the recorded electrodes come off (LUDB 16, every lead
-    stored as WFDB 'no sample' after 6 s, as `biod record` stores a box's lead-off bits)."""
+    stored as WFDB 'no sample' after 6 s, as `biod record` stores a box's lead-off bits). The
+    heart rate goes to unknown ("None") then: it had stayed on screen for hours."""
     import json
 
     ecg = load_recording("ludb-16")
@@ -435,11 +436,16 @@ def test_the_ecg_signal_sensor_says_why_there_is_no_identity(tmp_path, mosquitto
         task = asyncio.create_task(app.run(stop))
         try:
             await until(lambda: "lead_off" in problems(), 40, "the sensor state saying lead_off")
+            await until(lambda: "None" in capture.on("biod/sig/sensor/heart_rate/state"), 20, "the heart rate cleared")
         finally:
             stop.set()
             await task
 
     asyncio.run(scenario())
+    hr = capture.on("biod/sig/sensor/heart_rate/state")
+    cleared = hr.index("None")
+    assert cleared > 0 and all(40 < float(v) < 120 for v in hr[:cleared]), hr  # real rates, then unknown
+    assert hr[cleared:] == ["None"]  # cleared once, and no rate while the electrodes are off
     seen = problems()
     assert None in seen[:seen.index("lead_off")], seen  # real ECG before: no problem
     assert "signal_lost" not in seen and "absent" not in seen

@@ -103,9 +103,14 @@ def sensor_config(
     return Message(topic, json.dumps(payload, separators=(",", ":")), retain=True, qos=1)
 
 
+#: seconds without a heart rate after which Home Assistant shows it unavailable: it is published
+#: about once a second while the ECG is live, and "None" when it stops being live
+HEART_RATE_EXPIRE_AFTER_S = 10
+
+
 def heart_rate_config(discovery_prefix: str, hub_id: str, hub_name: str, topics: Topics) -> Message:
     return sensor_config(discovery_prefix, hub_id, hub_name, topics, "heart_rate", "Heart rate",
-                         unit="bpm", icon="mdi:heart-pulse")
+                         unit="bpm", icon="mdi:heart-pulse", extra={"expire_after": HEART_RATE_EXPIRE_AFTER_S})
 
 
 def removal(config: Message) -> Message:

@@ -351,18 +351,14 @@ class BiodApp:
         assert self._ecg_queue is not None
         last_hr_publish = 0.0
         stream = EcgStream(self.cfg.ecg.mains_hz, self.ecg_model.pipeline_kwargs() if self.ecg_model else {})
-        connects = -1
         while True:
             chunk = self._batch(await self._ecg_queue.get())
-            reconnected = self.ecg_source is not None and self.ecg_source.health.connects != connects
-            if reconnected:
-                connects = self.ecg_source.health.connects
             self._mark_ready("streaming ECG")
             now = time.monotonic()  # durations only; daemon.clock says why
             self._last_ecg_at = now
             self.stats.ecg_chunks += 1
             self.stats.ecg_samples += len(chunk.samples_mv)
-            update = stream.push(chunk, reconnected)
+            update = stream.push(chunk, self.ecg_source.health.connects if self.ecg_source else None)
             self.stats.beats += len(update.beats)
             if update.beats and self.stats.first_clean_beat_at is None and update.live:
                 self.stats.first_clean_beat_at = now

@@ -128,7 +128,6 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
     if imu is not None:
         imu.start()
     stream = EcgStream(cfg.ecg.mains_hz, model.pipeline_kwargs())
-    connects = -1  # not yet seen: the first chunk starts the first pipeline
     embeddings: list[np.ndarray] = []
     labels: list[str] = []
     rejected: dict[str, int] = {}
@@ -158,9 +157,7 @@ def collect(cfg: BiodConfig, plan: list[Phase], out: TextIO = sys.stdout, silenc
                     imu.drain(collect=phase.label == "walking")
                 # the daemon's rule for lost frames, reconnects and box restarts: a template is
                 # enrolled only from windows the daemon would identify from
-                reconnected = source.health.connects != connects
-                connects = source.health.connects
-                update = stream.push(chunk, reconnected)
+                update = stream.push(chunk, source.health.connects)
                 phase_samples += len(chunk.samples_mv)
                 stream_s += len(chunk.samples_mv) / chunk.rate_hz
                 watch.feed(stream_s, update.live, bool(embeddings))

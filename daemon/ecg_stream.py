@@ -47,12 +47,15 @@ class EcgStream:
         self.restarts = 0          # fresh pipelines after the first
         self.lost_samples = 0      # samples pushed as missing
         self._last_seq: int | None = None
+        self._connects: int | None = None
 
-    def push(self, chunk: EcgChunk, reconnected: bool = False) -> EcgUpdate:
-        """One chunk (one frame, or several joined: ``chunk.frames``). ``reconnected``: the
-        source opened the device again since the last chunk."""
+    def push(self, chunk: EcgChunk, connects: int | None = None) -> EcgUpdate:
+        """One chunk (one frame, or several joined: ``chunk.frames``). ``connects``: the
+        source's count of device opens (``EcgHealth.connects``); a change since the last chunk
+        means it opened the device again."""
         missing = gap_s(self._last_seq, chunk)
         self._last_seq = chunk.seq
+        reconnected, self._connects = connects != self._connects, connects
         n_leads = chunk.samples_mv.shape[1]
         p = self.pipeline
         if (p is None or reconnected or chunk.device_restarted or p.fs != chunk.rate_hz

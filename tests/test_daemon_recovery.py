@@ -394,8 +394,11 @@ def test_a_long_loss_a_reconnect_or_a_box_restart_starts_a_fresh_pipeline() -> N
     stream.push(frame(102))  # 51 frames = 1.02 s: fresh
     assert stream.pipeline is not first and stream.restarts == 1
     second = stream.pipeline
-    stream.push(frame(103), reconnected=True)
+    stream.push(frame(103), connects=2)  # the source opened the device again
     assert stream.pipeline is not second and stream.restarts == 2
     third = stream.pipeline
-    stream.push(frame(104, restarted=True))
+    stream.push(frame(104, restarted=True), connects=2)
     assert stream.pipeline is not third and stream.restarts == 3
+    fourth = stream.pipeline
+    stream.push(frame(105), connects=2)  # the same device session, nothing lost: kept
+    assert stream.pipeline is fourth and stream.restarts == 3

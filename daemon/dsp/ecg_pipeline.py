@@ -192,7 +192,8 @@ class EcgPipeline:
         short RR, and the windows across it looked clean and were identified from. WHY not
         "lead off" either: the electrodes never moved. As lead-off, one lost 20 ms frame made
         the heart rate forget its beats and the leads settle for 2 s, so the ECG stopped being
-        live for 9.5 s (real LUDB ECG, tests/test_daemon_recovery.py) and ended the wearer's
+        live for 9.5 s (LUDB fixture ECG, measured once with a throw-away script;
+        tests/test_daemon_recovery.py now holds the ECG live through such a hole) and ended the wearer's
         session. So the hole is what an impossible sample is (see :meth:`_hold`): the filters
         and the detector see each lead's last value held, with no DC step to take out at the
         far side (the signal goes on from the same contact) and no settling; and the windows it

@@ -4,7 +4,8 @@ WHY: an electrostatic discharge, a knocked cable or a bit error in the front end
 sample (or a few) tens to hundreds of mV away from the ECG, within the range a front end can
 produce (so the ``max_abs_mv`` check lets it through). Filtered as it comes, one 400 mV sample
 raised the R-peak detector's signal level so far that it missed beats for 10 s after it
-(LUDB record of tests/fixtures/ecg_pipeline, tests/test_dsp_robustness.py). No ECG moves by
+(LUDB record 3 of tests/fixtures/ecg_pipeline, measured once with a throw-away script;
+tests/test_dsp_robustness.py fails on the code before this gate). No ECG moves by
 ``step_mv`` (50 mV) between two samples: on every recording in ../shared/data the largest
 step between consecutive samples is 2.5 mV (ECG-ID), 0.8 mV (LUDB) and 0.6 mV (MIT-BIH), apart
 from two ECG-ID recordings whose amplifier hits its rail (-153.6 mV) (measured once with a

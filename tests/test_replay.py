@@ -411,16 +411,21 @@ def test_biod_record_of_a_replay_that_does_not_loop_ends_with_the_replay(tmp_pat
 def test_the_ecg_signal_sensor_says_why_there_is_no_identity(tmp_path, mosquitto, capture, monkeypatch) -> None:
     """The ECG sensor state names the problem (Home Assistant's "ECG signal" entity): "ok" on
     real ECG, then ``lead_off`` once the recorded electrodes come off (LUDB 16, every lead
-    stored as WFDB 'no sample' after 6 s, as `biod record` stores a box's lead-off bits). The
+    stored as WFDB 'no sample' after 6 s and for 16 s, as `biod record` stores a box's lead-off
+    bits). The
     heart rate goes to unknown ("None") then: it had stayed on screen for hours."""
     import json
 
     ecg = load_recording("ludb-16")
     off = 6 * int(ecg.fs_hz)
-    valid = np.ones(ecg.leads_mv.shape, bool)
+    # 12 s more of electrodes off after the recording's 10 s: the state says lead_off some 4 s
+    # (of recording) after they come off, and at 2x the 4 s left of LUDB 16 alone made that a race
+    # with the replay's end (then the state says no_signal).
+    leads = np.concatenate([ecg.leads_mv, np.zeros((12 * int(ecg.fs_hz), 3), np.float32)])
+    valid = np.ones(leads.shape, bool)
     valid[off:] = False
     with WfdbWriter(tmp_path, "ecg_off", ecg.fs_hz, [WfdbSignal(n, "mV", 1000.0, 24) for n in ("I", "II", "III")]) as w:
-        w.write_physical(ecg.leads_mv, valid)
+        w.write_physical(leads, valid)
     cfg = parse_config(f"hub:\n  id: sig\nstate_dir: {tmp_path / 'state'}\n"
                        f"ecg:\n  source: replay\n  replay:\n    path: {tmp_path / 'ecg_off.hea'}\n    speed: 2\n"
                        f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")

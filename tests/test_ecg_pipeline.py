@@ -53,6 +53,41 @@ def test_windows_identical_for_any_chunking(i):
     np.testing.assert_allclose(np.stack([w.data for w in wins]), ref.data, atol=2e-4)
 
 
+def test_every_lead_off_inside_one_push_gives_what_small_pushes_give():
+    """Four LUDB records, every lead off for 2.5 s after each (a wearer taking the electrodes
+    off; the daemon joins what queued while it was busy into one push). Beats, windows and
+    their quality must not depend on the push size: one push kept false beats right after a
+    return that small pushes drop, because the returns were forgotten relative to the end of
+    the push instead of its start."""
+    gap = int(2.5 * 500)
+    parts, valid = [], []
+    for i in range(4):
+        parts += [ludb(i), np.zeros((gap, 3), np.float32)]
+        valid += [np.ones((len(parts[-2]), 3), bool), np.zeros((gap, 3), bool)]
+    x, v = np.concatenate(parts), np.concatenate(valid)
+
+    def run(step: int) -> tuple[list[int], list[tuple[float, str]], np.ndarray]:
+        pipe = EcgPipeline(500.0)
+        beats, wins = [], []
+        for a in range(0, len(x), step):
+            u = pipe.push(x[a:a + step], v[a:a + step])
+            beats += u.beats
+            wins += u.windows
+        u = pipe.flush()
+        beats += u.beats
+        wins += u.windows
+        return ([b.sample for b in beats], [(w.t_end_s, w.quality.reason) for w in wins],
+                np.stack([w.data for w in wins]))
+
+    ref = run(100)
+    assert len(ref[0]) >= 35
+    for step in (len(x), 7000):
+        got = run(step)
+        assert got[0] == ref[0]
+        assert got[1] == ref[1]
+        np.testing.assert_allclose(got[2], ref[2], atol=2e-4)
+
+
 def test_window_shapes_and_normalisation():
     x = ludb(2)
     rw = windows_from_record(x, 500.0)

@@ -124,6 +124,30 @@ def test_any_chunking_gives_the_same_beats():
     np.testing.assert_array_equal([b.sample for b in one_by_one], detect_rpeaks(short, MIT_FS, chunk=short.size))
 
 
+def test_dead_stretches_inside_one_push_give_the_same_beats():
+    """Every lead off for 1.5 s and for 3 s (longer than ``relearn_s``: the thresholds are
+    learned again after each), with the ECG before, between and after: a push holding one or
+    both stretches must find what small pushes find. It lost every beat before the last
+    stretch of its push (22 of 67 found in one push)."""
+    x, _ = mit("119")
+    x = x[: int(20 * MIT_FS)]
+    parts, valid = [x], [np.ones(x.size, bool)]
+    for gap_s in (1.5, 3.0):
+        gap = int(gap_s * MIT_FS)
+        parts += [np.zeros(gap, np.float32), x]
+        valid += [np.zeros(gap, bool), np.ones(x.size, bool)]
+    sx, sv = np.concatenate(parts)[:, None], np.concatenate(valid)[:, None]
+    small = stream(RPeakDetector(MIT_FS, 1), sx, [100], sv)
+    ref = np.array([b.sample for b in small])
+    per_piece = [np.count_nonzero((ref >= a) & (ref < a + x.size))
+                 for a in (0, x.size + int(1.5 * MIT_FS), 2 * x.size + int(4.5 * MIT_FS))]
+    assert min(per_piece) >= 20  # beats in each of the three ECG pieces
+    for sizes in ([sx.shape[0]], [5000], [37, 1, 4999, 260], [12000, 3]):
+        beats = stream(RPeakDetector(MIT_FS, 1), sx, sizes, sv)
+        np.testing.assert_array_equal([b.sample for b in beats], ref)
+        np.testing.assert_array_equal([b.lead_samples for b in beats], [b.lead_samples for b in small])
+
+
 def test_lead_going_off_mid_stream_keeps_beats_from_the_others():
     x, refs = ludb(0)
     x = x.copy()

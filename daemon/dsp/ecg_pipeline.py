@@ -281,8 +281,11 @@ class EcgPipeline:
         back = np.flatnonzero(prev & ~all_off)
         self._returns += (self._n_in + back).tolist()
         self._all_off_last = bool(all_off[-1])
-        # the detector decides a beat at most the horizon late: older returns cannot matter
-        oldest = self._n_in + v.shape[0] - 2 * self.horizon - self.return_guard
+        # the detector decides a beat at most the horizon late, so no beat of this push lies
+        # before this push's first sample less the horizon: older returns cannot matter (and
+        # ones later than that must stay, however long the push, or a long push keeps the false
+        # beats that short pushes drop)
+        oldest = self._n_in - 2 * self.horizon - self.return_guard
         self._returns = [r for r in self._returns if r >= oldest]
 
     def _drop_after_return(self, beats: list[Beat]) -> list[Beat]:

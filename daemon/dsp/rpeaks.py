@@ -267,7 +267,7 @@ class RPeakDetector:
         self._flat_tail = np.zeros((0, L), dtype=np.float32)
         self._relearn = s(p.relearn_s)
         self._dead_run = 0  # consecutive fused samples with no usable lead
-        self._revive_at: int | None = None  # first usable sample after a dead run >= relearn
+        self._revives: list[int] = []  # first usable samples after dead runs >= relearn, in order
         self._learn_start = 0
 
     # Views of the aligned histories (element 0 is absolute sample ``_buf0``).
@@ -473,12 +473,13 @@ class RPeakDetector:
         return ok[None, :], safe[None, :]
 
     def _track_dead(self, a: int, cnt: np.ndarray) -> None:
-        """Remember where usable ECG resumes after every lead was off for ``relearn_s``: the
-        thresholds learned on the previous wearer (or on nothing) must not judge the new signal."""
+        """Remember each place where usable ECG resumes after every lead was off for
+        ``relearn_s``: the thresholds learned on the previous wearer (or on nothing) must not
+        judge the new signal. ``cnt``: usable leads per fused sample from absolute sample ``a``."""
         if cnt.all():  # every sample has a usable lead (the usual case): same as below
             if cnt.size:
                 if self._dead_run >= self._relearn:
-                    self._revive_at = a
+                    self._revives.append(a)
                 self._dead_run = 0
             return
         alive = np.flatnonzero(cnt > 0)
@@ -486,13 +487,12 @@ class RPeakDetector:
             self._dead_run += len(cnt)
             return
         if self._dead_run + alive[0] >= self._relearn:
-            self._revive_at = a + int(alive[0])
+            self._revives.append(a + int(alive[0]))
         self._dead_run = len(cnt) - 1 - int(alive[-1])
-        # a dead gap inside this segment also counts
+        # dead runs inside this segment count too, each of them
         gaps = np.diff(alive) - 1
-        if gaps.size and gaps.max() >= self._relearn:
-            j = int(np.flatnonzero(gaps >= self._relearn)[-1])
-            self._revive_at = a + int(alive[j + 1])
+        for j in np.flatnonzero(gaps >= self._relearn).tolist():
+            self._revives.append(a + int(alive[j + 1]))
 
     def _restart_learning(self, at: int) -> None:
         self._learned = False
@@ -505,22 +505,40 @@ class RPeakDetector:
 
     # ------------------------------------------------------------------ decision stage
     def _decide(self, final: bool) -> list[Beat]:
+        """Decide the candidates the fused feature now allows, then refine and emit them.
+
+        Each place where usable ECG resumed after every lead was off for ``relearn_s`` ends one
+        stretch of decisions: what lies before it is decided with the thresholds of then (a
+        small push would have decided it before the leads came back), and learning starts again
+        from it. So a push holding a whole dead stretch, or several, gives the beats that pushes
+        of any other size give."""
         beats: list[Beat] = []
-        if self._revive_at is not None and self._revive_at > self._learn_start:
-            self._restart_learning(self._revive_at)
+        for at in self._revives:
+            if at > self._learn_start:
+                self._decide_until(at, False, beats)
+                self._restart_learning(at)
+        self._revives = []
+        self._decide_until(self._fused_end, final, beats)
+        self._emit(beats)
+        self._trim()
+        return beats
+
+    def _decide_until(self, limit: int, final: bool, beats: list[Beat]) -> None:
+        """Examine the candidates of the fused feature up to ``limit`` (not beyond the lookahead
+        before it unless ``final``), learning the thresholds first where they are not yet."""
         if not self._learned:
-            if self._fused_end >= self._learn_start + self._learn or (final and self._fused_end > self._learn_start):
+            if limit >= self._learn_start + self._learn or (final and limit > self._learn_start):
                 lo = max(self._learn_start, self._buf0)
-                m = self._mwi[lo - self._buf0: min(self._learn_start + self._learn, self._fused_end) - self._buf0]
+                m = self._mwi[lo - self._buf0: min(self._learn_start + self._learn, limit) - self._buf0]
                 self._spk = 0.5 * float(m.max())
                 self._npk = 0.5 * float(m.mean())
                 self._learned = True
             else:
-                return beats
-        end = self._fused_end if final else self._fused_end - self._h
+                return
+        end = limit if final else limit - self._h
         if end > self._frontier:
             lo = max(self._buf0, self._frontier - self._h)
-            seg = self._mwi[lo - self._buf0: self._fused_end - self._buf0]
+            seg = self._mwi[lo - self._buf0: limit - self._buf0]
             mx = maximum_filter1d(seg, size=2 * self._h + 1, mode="constant", cval=-np.inf)
             rising = np.empty(seg.shape[0], dtype=bool)  # seg > previous sample (-inf before)
             rising[:1] = seg[:1] > -np.inf
@@ -533,9 +551,6 @@ class RPeakDetector:
                 self._candidate(int(c), float(self._mwi[c - self._buf0]), beats)
             self._frontier = end
             self._searchback(end, beats)
-        self._emit(beats)
-        self._trim()
-        return beats
 
     def _thresholds(self) -> tuple[float, float]:
         thr1 = self._npk + self._p.thr_frac * (self._spk - self._npk)

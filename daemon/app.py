@@ -173,6 +173,9 @@ class BiodApp:
         self.ecg_source: EcgSource | None = None
         self.imu_source = None
         self._last_ecg_at = 0.0
+        # the one rule for holes, reconnects and box restarts (daemon.ecg_stream); kept here so
+        # the stats topic can show how often the DSP started afresh and how much it held
+        self.ecg_stream = EcgStream(cfg.ecg.mains_hz, self.ecg_model.pipeline_kwargs() if self.ecg_model else {})
         self._hr_shown = False  # a heart rate was published and not cleared since (_clear_heart_rate)
         self._ready = False
         self._rate_mark = (0, 0, time.monotonic())
@@ -350,7 +353,7 @@ class BiodApp:
     async def _consume_ecg(self, publisher: MqttPublisher, sessions: SessionPublisher) -> None:
         assert self._ecg_queue is not None
         last_hr_publish = 0.0
-        stream = EcgStream(self.cfg.ecg.mains_hz, self.ecg_model.pipeline_kwargs() if self.ecg_model else {})
+        stream = self.ecg_stream
         while True:
             chunk = self._batch(await self._ecg_queue.get())
             self._mark_ready("streaming ECG")
@@ -708,7 +711,9 @@ class BiodApp:
             "ecg": None if h is None else {
                 "state": h.state, "rate_hz": ecg_rate, "frames": h.frames, "lost_frames": h.lost_frames, "crc_errors": h.crc_errors,
                 "protocol_errors": h.protocol_errors, "resyncs": h.resyncs, "reconnects": max(h.connects - 1, 0), "samples": self.stats.ecg_samples,
-                "dropped_chunks": self.stats.dropped_chunks, "last_error": h.last_error},
+                "dropped_chunks": self.stats.dropped_chunks, "last_error": h.last_error,
+                "dsp_restarts": self.ecg_stream.restarts,
+                "lost_s": round(self.ecg_stream.lost_s, 3)},
             "imu": None if ih is None else {
                 "state": ih.state, "rate_hz": imu_rate, "samples": self.stats.imu_samples, "lost_samples": ih.lost_samples,
                 "reconnects": ih.reconnects, "battery_pct": ih.battery_percent, "dropped_chunks": self.stats.dropped_imu_chunks},

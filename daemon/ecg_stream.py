@@ -46,6 +46,7 @@ class EcgStream:
         self.pipeline: EcgPipeline | None = None
         self.restarts = 0          # fresh pipelines after the first
         self.lost_samples = 0      # samples pushed as missing
+        self.lost_s = 0.0          # the same in seconds (a box may change its rate on a reconnect)
         self._last_seq: int | None = None
         self._connects: int | None = None
 
@@ -66,5 +67,6 @@ class EcgStream:
         elif missing > 0:
             n = round(missing * chunk.rate_hz)
             self.lost_samples += n
+            self.lost_s += n / chunk.rate_hz
             p.push_gap(n)
         return p.push(chunk.samples_mv, chunk.lead_valid)

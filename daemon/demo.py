@@ -161,7 +161,8 @@ async def _demo(state: Path, speed: float, hold_s: float) -> int:
     try:
         await asyncio.sleep(1.0)
         for who, recording in [*((n, r[1]) for n, r in HOUSEHOLD.items()), ("a stranger", STRANGER)]:
-            viewer.say(f"--- {who} puts the sensors on (recording {recording}, another day than the enrolment)")
+            when = "never enrolled" if who == "a stranger" else "another day than the enrolment"
+            viewer.say(f"--- {who} puts the sensors on (recording {recording}, {when})")
             rec = load_recording(recording)
             box.set_recording(rec)
             box.set_lead_off(Electrode.NONE)

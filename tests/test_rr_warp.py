@@ -46,6 +46,23 @@ def test_beats_without_rr_or_outside_the_window_are_left_out() -> None:
         RrWarp(1.5)
 
 
+def test_several_windows_in_one_call_give_each_window_s_beats_bit_for_bit() -> None:
+    """The pipeline reads a push's windows in one call (``window``): the same bits as a call
+    per window, beats left out where the window (not the stack) ends."""
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(3, 375, 2)).astype(np.float32)
+    starts = np.array([0, 125, 250])
+    r = [np.array([40, 200, 330]), np.array([160, 300, 480]), np.array([300, 560, 610])]
+    rr = [np.array([0.7, 1.1, 0.9]), np.array([np.nan, 0.8, 1.3]), np.array([0.6, 1.0, 0.9])]
+    alone = [warp_beats(raw[w], starts[w], r[w], rr[w], 31, 56, FS, BAZETT) for w in range(3)]
+    win = np.repeat(np.arange(3), 3)
+    beats, kept = warp_beats(raw, starts[win], np.concatenate(r), np.concatenate(rr), 31, 56, FS,
+                             BAZETT, window=win)
+    np.testing.assert_array_equal(kept, np.concatenate([k for _, k in alone]))
+    np.testing.assert_array_equal(beats, np.concatenate([b for b, _ in alone]))
+    assert 0 < kept.sum() < kept.size  # both kinds of beat are in it
+
+
 def _synthetic_ecg(bpm: float, seconds: float, fs: float = 500.0) -> np.ndarray:
     """Gaussian P-QRS-T beats whose repolarisation obeys Bazett: the T wave's delay after R
     (0.30 s) and its width (45 ms) at RR = 1 s scale with sqrt(RR)."""

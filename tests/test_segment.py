@@ -64,6 +64,22 @@ def test_segments_identical_for_any_chunking_on_real_ecg():
             np.testing.assert_array_equal(a.beat_samples, b.beat_samples)
 
 
+def test_unnormalised_segmenter_gives_the_same_raw_windows_and_beats():
+    """``normalised=False`` (the beat path, which reads only raw windows and beats) skips the
+    normalisation and the groups and changes nothing else."""
+    x, peaks = ludb_100hz()
+    kw = dict(window_len=300, hop=100, before=25, after=45)
+    full, bare = segment_record(x, peaks, **kw), segment_record(x, peaks, normalised=False, **kw)
+    assert [s.end for s in bare] == [s.end for s in full]
+    for a, b in zip(full, bare):
+        np.testing.assert_array_equal(a.raw, b.raw)
+        np.testing.assert_array_equal(a.beats, b.beats)
+        np.testing.assert_array_equal(a.beat_samples, b.beat_samples)
+        np.testing.assert_array_equal(b.data, b.raw)
+        assert b.groups.shape[0] == 0
+    assert any(a.groups.shape[0] > 0 for a in full)
+
+
 def test_window_and_beat_shapes_and_content():
     x, peaks = ludb_100hz()
     seg = segment_record(x, peaks, window_len=300, hop=100, before=25, after=45, norm="minmax")

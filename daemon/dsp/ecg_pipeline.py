@@ -415,7 +415,7 @@ class _MorphPath:
         sel_after = self.after if warp is None else int(np.ceil(
             warp.offsets(self.before, self.after, beat_fs, np.array([warp.rr_min_s]))[0, -1])) + 1
         self._seg = WindowSegmenter(n_leads, _samples(window_s, beat_fs, "window_s"), self._hop,
-                                    self.before, sel_after, group=1, norm="zscore")
+                                    self.before, sel_after, group=1, normalised=False)
         self._pending: dict[int, np.ndarray] = {}  # window end (ms) -> beats
         # recent beats (their sample at fs) for each beat's RR
         self._hist_fs = np.zeros(0, np.float64)
@@ -428,9 +428,9 @@ class _MorphPath:
             self._hist_fs = np.concatenate([self._hist_fs, at_fs])
         fu = None if final_until_fs is None else int(np.floor(final_until_fs * self.beat_fs / self.fs))
         segs = self._seg.push(yb, bm, None, fu)
-        for s in segs:
-            self._pending[int(round(s.end * 1000 / self.beat_fs))] = (
-                s.beats if self.warp is None else self._warped(s))
+        read = [s.beats for s in segs] if self.warp is None else self._warped(segs)
+        for s, b in zip(segs, read):
+            self._pending[int(round(s.end * 1000 / self.beat_fs))] = b
         if segs and self.warp is not None:
             # a later window starts at least one hop later; its first beat's RR looks back rr_max
             next_start = segs[-1].end - segs[-1].raw.shape[0] + self._hop
@@ -442,16 +442,24 @@ class _MorphPath:
         """Beat sample indices at fs -> at beat_fs (what the segmenter is given)."""
         return np.round(samples_fs * (self.beat_fs / self.fs)).astype(np.int64)
 
-    def _warped(self, s: Segment) -> np.ndarray:
-        """The window's beats read by :func:`warp_beats` with each beat's RR from the history."""
+    def _warped(self, segs: list[Segment]) -> list[np.ndarray]:
+        """Each window's beats read by :func:`warp_beats` with each beat's RR from the history;
+        the windows of one push in one call."""
         assert self.warp is not None
-        i = np.searchsorted(self._at_beat_fs(self._hist_fs), s.beat_samples)
+        if not segs:
+            return []
+        counts = [len(s.beat_samples) for s in segs]
+        bs = np.concatenate([s.beat_samples for s in segs])
+        i = np.searchsorted(self._at_beat_fs(self._hist_fs), bs)
         prev = np.maximum(i - 1, 0)
-        rr = (self._hist_fs[i] - self._hist_fs[prev]) / self.fs
+        rr = (self._hist_fs[np.minimum(i, self._hist_fs.size - 1)] - self._hist_fs[prev]) / self.fs
         rr = np.where((i > 0) & (rr <= self.warp.rr_max_s), rr, np.nan)
-        beats, _ = warp_beats(s.raw, s.end - s.raw.shape[0], s.beat_samples, rr, self.before,
-                              self.after, self.beat_fs, self.warp)
-        return beats
+        win = np.repeat(np.arange(len(segs)), counts)
+        starts = np.array([s.end - s.raw.shape[0] for s in segs], np.int64)[win]
+        beats, kept = warp_beats(np.stack([s.raw for s in segs]), starts, bs, rr, self.before,
+                                 self.after, self.beat_fs, self.warp, window=win)
+        per_window = np.bincount(win[kept], minlength=len(segs))
+        return np.split(beats, np.cumsum(per_window)[:-1])
 
     def take(self, ends_s: list[float], n_leads: int) -> list[np.ndarray]:
         """The beats of the windows ending at ``ends_s``, paired by end time (never by count,

@@ -152,7 +152,8 @@ class Segment:
     """One fixed window plus the beat-centred windows lying wholly inside it.
 
     ``end`` is the absolute (exclusive) sample index of the window end in the pushed stream.
-    ``raw`` is the un-normalised input window, ``data`` the normalised one; ``beats`` are the
+    ``raw`` is the un-normalised input window, ``data`` the normalised one (``raw`` itself, and
+    no ``groups``, from a segmenter made with ``normalised=False``); ``beats`` are the
     un-normalised single beats (k, before+after, ch) at ``beat_samples`` (absolute indices);
     ``groups`` are ``group`` consecutive beats concatenated in time and normalised per lead.
     """
@@ -177,7 +178,8 @@ class WindowSegmenter:
     """
 
     def __init__(self, n_channels: int, window_len: int, hop: int, before: int, after: int,
-                 group: int = 3, group_stride: int = 1, norm: str = "zscore") -> None:
+                 group: int = 3, group_stride: int = 1, norm: str = "zscore",
+                 normalised: bool = True) -> None:
         if before < 0 or after < 1 or before + after > window_len:
             raise ValueError(
                 f"beat window before={before}, after={after} must fit in window_len={window_len}")
@@ -189,6 +191,9 @@ class WindowSegmenter:
         self.group = int(group)
         self.group_stride = int(group_stride)
         self.norm = check_norm(norm)
+        #: False: a caller that reads only ``raw``, ``beats`` and ``beat_samples`` (the beat
+        #: path at 125 Hz) gets ``data`` = ``raw`` and no groups, and pays for neither
+        self.normalised = bool(normalised)
         self._beats = np.zeros(0, dtype=np.int64)
         self._last_beat = -1
 
@@ -210,7 +215,7 @@ class WindowSegmenter:
             return []
         out: list[Segment] = []
         length = self.windower.length
-        data = normalize(windows, self.norm, masks)
+        data = normalize(windows, self.norm, masks) if self.normalised else windows
         bl = self.beat_len
         offs = np.arange(bl) - self.before
         beats_all = []
@@ -223,7 +228,10 @@ class WindowSegmenter:
             else:
                 beats_k = np.zeros((0, bl, self.windower.n_channels), dtype=np.float32)
             beats_all.append((sel, beats_k))
-        groups = self._group_windows([b for _, b in beats_all], masks)
+        if self.normalised:
+            groups = self._group_windows([b for _, b in beats_all], masks)
+        else:
+            groups = [np.zeros((0, self.group * bl, self.windower.n_channels), np.float32)] * len(ends)
         for k, end in enumerate(ends):
             sel, beats_k = beats_all[k]
             out.append(Segment(int(end), data[k], windows[k], masks[k].copy(), sel,
@@ -313,23 +321,33 @@ class RrWarp:
         return np.where(n > q, q + (n - q) * f[:, None], n)
 
 
-def warp_beats(raw: np.ndarray, start: int, beat_samples: np.ndarray, rr_s: np.ndarray,
-               before: int, after: int, fs: float, warp: RrWarp) -> tuple[np.ndarray, np.ndarray]:
+def warp_beats(raw: np.ndarray, start: int | np.ndarray, beat_samples: np.ndarray, rr_s: np.ndarray,
+               before: int, after: int, fs: float, warp: RrWarp,
+               window: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Beats read out of one un-normalised window ``raw`` (n, ch) that begins at absolute sample
     ``start``, at :meth:`RrWarp.offsets` around each R (linear interpolation between samples).
+
+    Several windows at once (one call per push, not per window): ``raw`` (w, n, ch), ``window``
+    (k,) the window of each beat and ``start`` (k,) that window's first sample; each beat goes
+    through the same element-wise operations as alone, so the same bits.
 
     Returns (beats (k', before+after, ch) float32, kept (k,) bool): a beat is kept when its RR
     is known (finite) and the whole warped span lies inside the window, so a window's beats
     never depend on samples outside it, as for the unwarped beats.
     """
-    ch = raw.shape[1]
+    ch, n = raw.shape[-1], raw.shape[-2]
     if not len(beat_samples):
         return np.zeros((0, before + after, ch), np.float32), np.zeros(0, bool)
     pos = (np.asarray(beat_samples, np.int64) - start)[:, None] + warp.offsets(
         before, after, fs, np.nan_to_num(np.asarray(rr_s, np.float64), nan=warp.rr_ref_s))
-    kept = np.isfinite(rr_s) & (pos[:, 0] >= 0) & (pos[:, -1] <= raw.shape[0] - 1)
+    kept = np.isfinite(rr_s) & (pos[:, 0] >= 0) & (pos[:, -1] <= n - 1)
     pos = pos[kept]
-    i0 = np.minimum(np.floor(pos).astype(np.int64), raw.shape[0] - 2)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n - 2)
     frac = (pos - i0)[..., None]
-    beats = raw[i0] * (1.0 - frac) + raw[i0 + 1] * frac
+    if window is None:
+        a, b = raw[i0], raw[i0 + 1]
+    else:
+        w = np.asarray(window, np.int64)[kept][:, None]
+        a, b = raw[w, i0], raw[w, i0 + 1]
+    beats = a * (1.0 - frac) + b * frac
     return beats.astype(np.float32), kept

@@ -67,15 +67,7 @@ def test_every_lead_off_inside_one_push_gives_what_small_pushes_give():
     x, v = np.concatenate(parts), np.concatenate(valid)
 
     def run(step: int) -> tuple[list[int], list[tuple[float, str]], np.ndarray]:
-        pipe = EcgPipeline(500.0)
-        beats, wins = [], []
-        for a in range(0, len(x), step):
-            u = pipe.push(x[a:a + step], v[a:a + step])
-            beats += u.beats
-            wins += u.windows
-        u = pipe.flush()
-        beats += u.beats
-        wins += u.windows
+        beats, wins, _ = _stream(x, v, step)
         return ([b.sample for b in beats], [(w.t_end_s, w.quality.reason) for w in wins],
                 np.stack([w.data for w in wins]))
 

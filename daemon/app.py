@@ -435,6 +435,7 @@ class BiodApp:
         """Time-driven work: end identity when the ECG stream stops, expire sessions, sensor state,
         and systemd's STATUS= line when it changes."""
         last_sensor = 0.0
+        last_ecg_key: tuple[bool, str | None] | None = None
         status = ""
         last = (self.stats.ecg_samples, self.stats.imu_samples, time.monotonic())
         while True:
@@ -458,16 +459,18 @@ class BiodApp:
             if self.enrolment is not None and self.enrolment.expired(now):
                 self._finish_enrolment(publisher)
             mono = time.monotonic()
-            if mono - last_sensor >= self.SENSOR_STATE_INTERVAL_S:
+            h = self.ecg_source.health if self.ecg_source else None
+            streaming = bool(h and h.state == "streaming")
+            ecg_key = (streaming, self.bio.signal_problem if streaming else NO_SIGNAL)
+            # WHY also on a change: "ECG signal" is what the person fixing the electrodes looks
+            # at; at the 10 s interval alone it said lead_off for up to 10 s after the fix
+            if mono - last_sensor >= self.SENSOR_STATE_INTERVAL_S or ecg_key != last_ecg_key:
                 dt = max(mono - last[2], 1e-3)
                 ecg_rate = (self.stats.ecg_samples - last[0]) / dt
                 imu_rate = (self.stats.imu_samples - last[1]) / dt
-                last, last_sensor = (self.stats.ecg_samples, self.stats.imu_samples, mono), mono
-                h = self.ecg_source.health if self.ecg_source else None
-                streaming = bool(h and h.state == "streaming")
+                last, last_sensor, last_ecg_key = (self.stats.ecg_samples, self.stats.imu_samples, mono), mono, ecg_key
                 publisher.publish(sensor_state_message(self.topics, SensorState(
-                    "ecg", streaming, None, self.bio.quality, ecg_rate,
-                    signal_problem=self.bio.signal_problem if streaming else NO_SIGNAL)))
+                    "ecg", streaming, None, self.bio.quality, ecg_rate, signal_problem=ecg_key[1])))
                 if self.imu_source is not None:
                     ih = self.imu_source.health
                     publisher.publish(sensor_state_message(self.topics, SensorState(

@@ -429,7 +429,8 @@ def test_the_ecg_signal_sensor_says_why_there_is_no_identity(tmp_path, mosquitto
     cfg = parse_config(f"hub:\n  id: sig\nstate_dir: {tmp_path / 'state'}\n"
                        f"ecg:\n  source: replay\n  replay:\n    path: {tmp_path / 'ecg_off.hea'}\n    speed: 2\n"
                        f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
-    monkeypatch.setattr(BiodApp, "SENSOR_STATE_INTERVAL_S", 0.25)
+    # a change of problem is published at once, not at the next interval (60 s: never, here)
+    monkeypatch.setattr(BiodApp, "SENSOR_STATE_INTERVAL_S", 60.0)
     app = BiodApp(cfg)
     topic = "biod/sig/sensor/ecg/state"
 

@@ -302,11 +302,23 @@ def detect_gait(acc: np.ndarray, fs: float, stride_lags_s: tuple[float, float] =
     r = _acf(m[None, :, None], np.concatenate([[0], lags]))[0, 0]
     # Unbias (each lag sums n-k products) so long lags are not penalised, then normalise.
     rn = r[1:] * (n / (n - lags)) / r[0]
-    j = int(np.argmax(rn))
-    periodicity = float(np.clip(rn[j], 0.0, 1.0))
+    periodicity = float(np.clip(rn.max(), 0.0, 1.0))
     walking = std >= min_std_ms2 and periodicity >= min_periodicity
-    cadence = 120.0 * fs / float(lags[j]) if walking else None
+    cadence = 120.0 * fs / float(lags[_stride_peak(rn)]) if walking else None
     return GaitState(bool(walking), cadence, periodicity)
+
+
+def _stride_peak(rn: np.ndarray, near_best: float = 0.85) -> int:
+    """Index of the stride among ACF values ``rn`` at increasing lags: the shortest local
+    maximum within ``near_best`` of the highest. WHY not the highest: a waist sensor repeats
+    every step, so at a brisk cadence (110-135 steps/min) three steps also fall inside the
+    stride lags and can peak as high as two; the argmax then gave 2/3 of the cadence (SisFall
+    walking played 1.15-1.35x faster: 13 of 63 windows)."""
+    inner = (rn[1:-1] >= rn[:-2]) & (rn[1:-1] >= rn[2:])
+    peaks = np.flatnonzero(inner) + 1
+    if not peaks.size:
+        return int(np.argmax(rn))
+    return int(peaks[rn[peaks] >= near_best * rn[peaks].max()][0])
 
 
 # ------------------------------------------------------------------------------ activity from motion

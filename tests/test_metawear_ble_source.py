@@ -283,6 +283,56 @@ def test_scan_failure_names_the_adapter_and_keeps_retrying() -> None:
     run(scenario)
 
 
+class SlowScanner(EmulatorScanner):
+    """A board that is not advertising yet: the scan waits out its whole timeout (bleak's
+    default 10 s) and then finds it."""
+
+    def __init__(self, emulator: MetaMotionEmulator | None) -> None:
+        super().__init__(emulator)
+        self.scanning = asyncio.Event()
+
+    async def find_device_by_address(self, device_identifier: str, timeout: float = 10.0) -> Any:
+        self.scanning.set()
+        await asyncio.sleep(timeout)
+        return await super().find_device_by_address(device_identifier, timeout)
+
+
+def test_a_stop_during_the_scan_ends_the_source_at_once_and_it_never_connects() -> None:
+    """``biod record``/``calibrate`` stop the IMU thread with a 5 s join: a stop that had to wait
+    for the scan gave up, and the source then connected and streamed after the stop."""
+    async def scenario() -> None:
+        scanner = SlowScanner(None)
+        h = Harness("MetaMotionR", 50, scanner=scanner)
+        scanner.emulator = h.emu
+        h.start()
+        await asyncio.wait_for(scanner.scanning.wait(), 5)
+        await h.shutdown()  # within 5 s, or this raises
+        await asyncio.sleep(0.3)
+        assert not h.emu.connected and h.emu.writes == [] and h.chunks == []
+        assert h.src.health.state == "disconnected" and h.src.health.errors == []
+
+    run(scenario)
+
+
+def test_imu_thread_streams_and_stops_the_board() -> None:
+    """The IMU on its own loop in a thread (``biod record``, ``biod calibrate``): chunks arrive
+    in its queue, and ``stop()`` ends the thread after the board's stop commands and fe 06."""
+    from daemon.sources.imu_thread import ImuThread
+
+    th = ImuThread(ImuSourceConfig(enabled=True, source="emulator", address=MAC, odr_hz=50,
+                                   emulator={"speed": SPEED}))
+    th.start()
+    deadline = time.monotonic() + 10
+    got: list[ImuChunk] = []
+    while sum(len(c.t_s) for c in got) < 50:
+        assert time.monotonic() < deadline, f"no IMU samples: {th.source.health}"
+        time.sleep(0.05)
+        got += th.drain()
+    th.stop()
+    assert not th._thread.is_alive()
+    assert th.source.emulator.writes[-1] == mw.disconnect() and not th.source.emulator.connected
+
+
 def test_scan_by_name() -> None:
     async def scenario() -> None:
         cfg = ImuSourceConfig(enabled=True, source="emulator", name="metawear", odr_hz=50,

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -109,6 +109,26 @@ def connection_parameters_for(odr_hz: float) -> bytes:
     if odr_hz >= 100.0:
         return mw.connection_parameters(7.5, 15.0, 0, 6000.0)
     return mw.connection_parameters(15.0, 30.0, 0, 6000.0)
+
+
+async def _unless_stopped(aw: Awaitable[Any], stop: asyncio.Event) -> tuple[bool, Any]:
+    """(True, result) when ``aw`` finishes first (its exception propagates); (False, None) when
+    ``stop`` is set first, ``aw`` then cancelled. WHY: a scan waits out its timeout (10 s) when
+    the board is away and bleak's connect up to 20 s; a stop in the middle had to wait for them,
+    so ``ImuThread.stop`` gave up at 5 s and the source went on to connect and stream after it."""
+    task = asyncio.ensure_future(aw)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False, None
+    return True, task.result()
 
 
 class EmulatorScanner:
@@ -433,7 +453,9 @@ class MetaWearSource:
     async def _connection(self, stop: asyncio.Event) -> None:
         """One scan/connect/handshake/stream cycle; ``self._streamed`` says whether samples came."""
         self.health.state = "connecting"
-        device = await self._find()
+        found, device = await _unless_stopped(self._find(), stop)
+        if not found:
+            return
         session = _Session(client=None, decoder=mw.NotificationDecoder(mw.ImuConfig(mw.Chip.BMI160)))
         self._session = session
 
@@ -445,16 +467,20 @@ class MetaWearSource:
         self.health.address = address
         try:
             try:
-                await client.connect()
+                connected, _ = await _unless_stopped(client.connect(), stop)
             except Exception as exc:
                 raise SourceError(f"cannot connect to {self.describe} ({exc}): move it closer, check it is not "
                                   "connected to a phone (MetaBase) and that bluetoothd is running") from None
+            if not connected:
+                return  # (finally: disconnect)
             try:
-                await self._handshake(session)
+                ready, _ = await _unless_stopped(self._handshake(session), stop)
             except SourceError:
                 raise
             except Exception as exc:  # BleakError / EOFError when the link goes mid set-up
                 raise SourceError(f"{self.describe}: link lost during set-up ({exc}); retrying") from None
+            if not ready:
+                return  # (finally: stop what was started, fe 06, disconnect)
             self.health.connects += 1
             self._sessions += 1
             if self._sessions > 1:

@@ -262,8 +262,12 @@ class Biometrics:
             return
         for window in update.windows:
             features: dict = {}
-            out = self.imu_models.run("activity", window, features)
-            if out is not None:
+            # WHY skip clipped windows: the IMU models never saw one (training drops recordings
+            # on the rails, the manifests say so); their verdicts on rail-bound data are guesses
+            out = None if window.clipped else self.imu_models.run("activity", window, features)
+            if window.clipped:
+                self._imu_activity = None  # no verdict: the ECG alone speaks for this window
+            elif out is not None:
                 key = activity_output(out)
                 self._imu_activity = ActivityEstimate(np.asarray(out[key]), self.imu_models.labels("activity", key))
                 self._imu_at = now
@@ -280,7 +284,8 @@ class Biometrics:
                 self._imu_activity = None
             gait: dict[str, object] = {"walking": bool(window.gait.walking), "cadence_spm": window.gait.cadence_spm}
             for task in ("age", "gender"):
-                res = self.imu_models.run(task, window, features) if window.gait.walking else None
+                res = (self.imu_models.run(task, window, features)
+                       if window.gait.walking and not window.clipped else None)
                 if res:
                     gait[task] = {k: np.asarray(v).tolist() for k, v in res.items()}
             self.gait = gait

@@ -308,3 +308,20 @@ def test_a_window_without_a_motion_verdict_leaves_the_activity_to_the_ecg(walkin
     assert motion_activity(odd.data[:, :3], odd.gait) is None
     bio.on_imu(ImuUpdate((odd,), 0), now=101.0)
     assert bio.fused_activity(101.0) is None  # neither modality has a verdict now
+
+
+def test_clipped_windows_give_no_imu_activity_age_or_gender(walking):
+    """The IMU models never saw a window on the sensor's rails (training drops such recordings;
+    the manifests say to drop them): a clipped window gives no activity, age or gender, and
+    leaves the activity to the ECG, as a window without a verdict does."""
+    import dataclasses
+
+    every = ImuModelSet.load_dir(MODELS_DIR)
+    assert {"activity", "age", "gender"} <= set(every.models)
+    bio = Biometrics(None, IdentityEngine({}, IdentityConfig(), model=ECG), every)
+    bio.on_imu(ImuUpdate(tuple(walking["SA01"][:2]), 0), now=100.0)
+    assert bio._imu_activity is not None and {"age", "gender"} <= set(bio.gait)
+    clipped = dataclasses.replace(walking["SA01"][2], clipped=True)
+    bio.on_imu(ImuUpdate((clipped,), 0), now=101.0)
+    assert bio._imu_activity is None and bio.fused_activity(101.0) is None
+    assert bio.gait["walking"] is True and not {"age", "gender"} & set(bio.gait)

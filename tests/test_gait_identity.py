@@ -325,3 +325,34 @@ def test_clipped_windows_give_no_imu_activity_age_or_gender(walking):
     bio.on_imu(ImuUpdate((clipped,), 0), now=101.0)
     assert bio._imu_activity is None and bio.fused_activity(101.0) is None
     assert bio.gait["walking"] is True and not {"age", "gender"} & set(bio.gait)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "meta"])
+def test_a_damaged_gait_model_is_named_and_the_daemon_goes_on_without_it(tmp_path, damage):
+    """A truncated gait_*.npz raised zipfile.BadZipFile and an empty one EOFError, which nothing
+    caught: `biod run` died at start (and systemd restarted it in a loop), even with the IMU off."""
+    import shutil
+
+    from daemon.app import BiodApp
+    from daemon.config import parse_config
+    from daemon.identity.gait import GaitModel, GaitModelError
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, models, ignore=shutil.ignore_patterns("float"))
+    bad = models / "gait_waist.npz"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:100])
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    else:
+        with np.load(bad) as z:
+            arrays = {k: z[k] for k in z.files if k != "meta_json"}
+        np.savez(bad, meta_json=np.array('{"schema_version": 1, "name": "gait"}'), **arrays)
+    with pytest.raises(GaitModelError, match=r"gait_waist\.npz.*re-install biod"):
+        GaitModel.load(bad)
+    imu = ImuModelSet.load_dir(models)
+    assert imu.gait == {} and {"activity", "age", "gender"} <= set(imu.models)
+    for enabled in ("false", "true"):
+        app = BiodApp(parse_config(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n"
+                                   f"imu:\n  enabled: {enabled}\n  source: emulator\n"))
+        assert app.ecg_model is not None and app.imu_models is not None and app.imu_models.gait == {}

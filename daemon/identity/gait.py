@@ -28,6 +28,7 @@ score of a clean, live ECG window (see ``IdentityEngine.observe_gait``).
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,20 +136,27 @@ class GaitModel:
     @classmethod
     def load(cls, npz_path: Path) -> "GaitModel":
         npz_path = Path(npz_path)
+        fix = "re-install biod or run python -m training.train_gait"
         try:
             with np.load(npz_path, allow_pickle=False) as z:
                 arrays = {k: z[k].astype(np.float32) for k in ("mean", "scale", "center", "projection")}
                 meta = json.loads(str(z["meta_json"]))
-        except (OSError, ValueError, KeyError) as exc:
-            raise GaitModelError(f"{npz_path}: cannot load the gait model ({exc}); re-install biod or run python -m training.train_gait") from None
-        if meta.get("schema_version") != 1:
-            raise GaitModelError(f"{npz_path}: unsupported gait model schema {meta.get('schema_version')!r}")
-        sn = meta["score_norm"]
-        return cls(name=str(meta["name"]), version=str(meta["version"]), placement=str(meta["placement"]),
-                   features=str(meta["features"]), fs_hz=float(meta["fs_hz"]), window_s=float(meta["window_s"]),
-                   score_norm=ScoreNorm(sn["kind"], float(sn["loc"]), float(sn["scale"])),
-                   pool=int(meta.get("pool", 5)), max_age_s=float(meta.get("max_age_s", 15.0)),
-                   min_enrol_windows=int(meta.get("min_enrol_windows", 10)), info=dict(meta.get("info", {})), **arrays)
+        # a truncated file is BadZipFile, an empty one EOFError: both had crashed `biod run`
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise GaitModelError(f"{npz_path}: cannot load the gait model ({type(exc).__name__}: {exc}); {fix}") from None
+        if not isinstance(meta, dict) or meta.get("schema_version") != 1:
+            got = meta.get("schema_version") if isinstance(meta, dict) else meta
+            raise GaitModelError(f"{npz_path}: unsupported gait model schema {got!r}; {fix}")
+        try:
+            sn = meta["score_norm"]
+            return cls(name=str(meta["name"]), version=str(meta["version"]), placement=str(meta["placement"]),
+                       features=str(meta["features"]), fs_hz=float(meta["fs_hz"]), window_s=float(meta["window_s"]),
+                       score_norm=ScoreNorm(sn["kind"], float(sn["loc"]), float(sn["scale"])),
+                       pool=int(meta.get("pool", 5)), max_age_s=float(meta.get("max_age_s", 15.0)),
+                       min_enrol_windows=int(meta.get("min_enrol_windows", 10)), info=dict(meta.get("info", {})),
+                       **arrays)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GaitModelError(f"{npz_path}: damaged gait model metadata ({type(exc).__name__}: {exc}); {fix}") from None
 
 
 def load_gait_models(directory: Path) -> dict[str, GaitModel]:

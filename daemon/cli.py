@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from daemon.config import ConfigError, load_config
@@ -15,6 +16,20 @@ from daemon.publish.spool import SpoolError
 log = logging.getLogger("biod")
 CONFIG_HELP = ("YAML config (deploy/biod.example.yaml); default: $BIOD_CONFIG, else the embedded default "
                "(the ECG emulator, a broker on localhost)")
+
+
+def _positive(what: str) -> Callable[[str], float]:
+    """An argparse type for a duration or a speed: finite and above 0 (``--seconds 0`` or
+    ``nan`` had failed later as a device or electrode fault, ``inf`` with a traceback)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {what}") from None
+        if not 0.0 < value < 1e6:
+            raise argparse.ArgumentTypeError(f"{text}: give a number of {what} above 0 and below a million")
+        return value
+    return parse
 
 
 def _setup_logging(level: str) -> None:
@@ -187,14 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("demo", help="end-to-end demo: embedded broker, emulated ECG box and MetaMotion, enrolment, identification over MQTT")
-    p.add_argument("--speed", type=float, default=4.0, help="replay speed of the recordings (default 4x; 1 = real time)")
+    p.add_argument("--speed", type=_positive("times real time"), default=4.0, help="replay speed of the recordings (default 4x; 1 = real time)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("calibrate", help="enrol a household member (guided: rest, then walking)")
     p.add_argument("--name", required=True)
     p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
-    p.add_argument("--seconds", type=float, default=90.0, help="ECG to record (default 90 s: half rest, half walking)")
+    p.add_argument("--seconds", type=_positive("seconds"), default=90.0, help="ECG to record (default 90 s: half rest, half walking)")
     p.add_argument("--no-walk", action="store_true", help="rest only")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_calibrate)
@@ -208,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("record", help="record raw ECG (and IMU) to WFDB with labels, for fine-tuning")
     p.add_argument("--out", type=Path, required=True, help="folder for the WFDB records")
-    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seconds", type=_positive("seconds"), default=60.0)
     p.add_argument("--label", default=None, help="activity label, e.g. walking")
     p.add_argument("--person", default=None)
     p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)

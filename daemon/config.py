@@ -279,6 +279,10 @@ class MqttConfig(_Strict):
         given = [n for n in ("password", "password_env", "password_credential") if getattr(self, n)]
         if len(given) > 1:
             raise ValueError(f"mqtt: give only one of password, password_env, password_credential (got {', '.join(given)})")
+        if given and not self.username:
+            # MQTT sends no password without a user name: it was dropped without a word and the
+            # broker refused the hub with "not authorised"
+            raise ValueError(f"mqtt.{given[0]} needs mqtt.username: MQTT sends a password only with a user name")
         return self
 
     def resolve_password(self) -> str | None:

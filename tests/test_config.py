@@ -87,6 +87,14 @@ def test_two_password_sources_are_rejected() -> None:
         parse_config("mqtt:\n  password: x\n  password_env: Y\n")
 
 
+@pytest.mark.parametrize("source", ["password: x", "password_env: Y", "password_credential: mqtt_password"])
+def test_a_password_without_a_username_is_rejected(source) -> None:
+    """MQTT sends a password only with a user name: paho dropped it without a word and the
+    broker refused the hub as 'not authorised'."""
+    with pytest.raises(ConfigError, match=r"<config>:1: mqtt: mqtt.password(_env|_credential)? needs mqtt.username"):
+        parse_config(f"mqtt:\n  {source}\n")
+
+
 def test_password_from_env_and_credentials(tmp_path, monkeypatch) -> None:
     cfg = parse_config(GOOD)
     monkeypatch.delenv("BIOD_MQTT_PASSWORD", raising=False)
@@ -96,7 +104,7 @@ def test_password_from_env_and_credentials(tmp_path, monkeypatch) -> None:
     assert cfg.mqtt.resolve_password() == "s3cret"
     (tmp_path / "mqtt_password").write_text("fromcred\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    cred = parse_config("mqtt:\n  password_credential: mqtt_password\n")
+    cred = parse_config("mqtt:\n  username: biod\n  password_credential: mqtt_password\n")
     assert cred.mqtt.resolve_password() == "fromcred"
 
 
@@ -276,3 +284,18 @@ def test_check_config_reports_a_missing_tls_file_instead_of_crashing(tmp_path, c
     cfg.write_text(_tls_config(ca_file=tmp_path / "ca.pem"))
     assert main(["check-config", str(cfg)]) == 2
     assert f"{cfg}:5: mqtt.tls.ca_file: {tmp_path / 'ca.pem'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["record", "--out", "x", "--seconds", "0"], ["record", "--out", "x", "--seconds", "-5"],
+                                  ["calibrate", "--name", "z", "--seconds", "nan"],
+                                  ["calibrate", "--name", "z", "--seconds", "inf"], ["demo", "--speed", "0"]])
+def test_durations_and_speeds_on_the_command_line_are_checked_at_the_edge(argv, capsys) -> None:
+    """`--seconds 0` had failed later as "no DEVICE_INFO: is the box on?" or "check the
+    electrodes", and nan/inf with a traceback; argparse now refuses them (exit 2)."""
+    from daemon.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "above 0 and below a million" in capsys.readouterr().err
+    assert build_parser().parse_args(argv[:-1] + ["2.5"]).__dict__[argv[-2].lstrip("-")] == 2.5

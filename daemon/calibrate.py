@@ -227,6 +227,7 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     try:
         store = open_store(cfg)
         people = store.load()
+        store.check_writable()
     except StoreError as exc:
         print(f"biod calibrate: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,30 @@ def check_state_dir(cfg: BiodConfig) -> Iterator[Check]:
     writable = os.access(d, os.W_OK)
     yield Check("state directory", writable and mode & 0o077 == 0, f"{d} mode {mode:04o}, writable={writable}",
                 f"chmod 0700 {d} and make it owned by the biod user")
+    # WHY the folders inside too: a spool/ or identity/ left owned by root (a biod command run
+    # as root) passed the check above, and `biod run` then failed on it
+    unwritable = []
+    for sub in (d / "spool", cfg.store_path.parent):
+        if sub.is_dir():
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".doctor.", dir=sub)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as exc:
+                unwritable.append(f"{sub} ({exc.strerror})")
+    for f in (d / "spool" / "events.sqlite3", cfg.store_path):
+        try:
+            f.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # a folder on the way that the biod user cannot enter
+            unwritable.append(f"{f} ({exc.strerror})")
+            continue
+        if not os.access(f, os.R_OK | os.W_OK):
+            unwritable.append(f"{f} (not readable and writable)")
+    if unwritable:
+        yield Check("state files", False, "cannot write " + ", ".join(unwritable),
+                    f"chown -R biod:biod {d} (biod commands run as `sudo biod ...`, never as root)")
 
 
 def check_serial(cfg: BiodConfig) -> Iterator[Check]:

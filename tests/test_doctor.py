@@ -1,6 +1,7 @@
 """`biod doctor` names each problem with its fix and changes nothing."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -180,3 +181,42 @@ def test_an_encrypted_store_without_its_key_is_not_a_reason_to_re_enrol(tmp_path
     check = _identity_checks(cfg)["enrolled persons"]
     assert not check.ok and "key" in check.detail
     assert check.fix is None and "re-enrol" not in check.line()
+
+
+def _as_the_biod_user(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python without root's power to ignore file permissions (as the
+    biod user runs): setpriv drops DAC override and chown from the child's capabilities."""
+    return subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner,-chown",
+                           sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a folder owned by another user needs root (CI runs as root)")
+@pytest.mark.parametrize("sub", ["spool", "identity"])
+def test_a_state_folder_the_biod_user_cannot_write_is_named_before_run_or_calibrate(tmp_path, sub) -> None:
+    """A spool/ or identity/ left owned by another user (a biod command run as root) passed the
+    top folder's check, and `biod run` failed on it; `biod calibrate` found out only after the
+    person had recorded for 90 s, and the enrolment was lost."""
+    state = tmp_path / "state"
+    (state / sub).mkdir(parents=True, mode=0o700)
+    state.chmod(0o700)
+    (state / sub).chmod(0o755)
+    os.chown(state / sub, 65534, 65534)  # nobody's: the biod user may look in, not write
+    code = f"""
+from pathlib import Path
+from daemon.calibrate import run_calibrate
+from daemon.config import parse_config
+from daemon.doctor import check_state_dir
+cfg = parse_config("state_dir: {state}\\n")
+for c in check_state_dir(cfg):
+    print(c.ok, c.name, c.detail)
+if {sub!r} == "identity":
+    print("calibrate", run_calibrate(cfg, "Zoe", 40.0, walk=False))
+"""
+    res = _as_the_biod_user(code)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("True state directory")
+    assert lines[1].startswith(f"False state files cannot write {state / sub}"), res.stdout
+    if sub == "identity":  # refused before the person is asked to record anything
+        assert lines[-1] == "calibrate 2" and "attach the electrodes" not in res.stdout
+        assert res.stderr.startswith(f"biod calibrate: {state / sub}") and "biod user" in res.stderr

@@ -461,7 +461,12 @@ class TemplateStore:
         """A symbolic link at the store path is refused: reading followed it and the chmod to 0600
         changed its target, but a save replaced the link with a plain file, so the target kept a
         removed person's templates for ever."""
-        if self.path.is_symlink():
+        try:
+            link = self.path.is_symlink()
+        except OSError as exc:  # a folder on the way the biod user cannot enter: say so, no traceback
+            raise StoreError(f"{self.path}: cannot reach the template store ({exc.strerror}): fix: give its "
+                             "directory to the biod user and run biod commands as `sudo biod ...`") from None
+        if link:
             raise StoreError(f"{self.path} is a symbolic link (to {os.readlink(self.path)}): the template store must be a "
                              "regular file in its own directory: fix: move the file itself there and set the store path to it")
 
@@ -622,6 +627,21 @@ class TemplateStore:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    def check_writable(self) -> None:
+        """StoreError unless a save would work now: the private directory can be made and a file
+        written in it (what every save does first). WHY: ``biod calibrate`` asks a person for
+        90 s of recording and only then saved; on a read-only or root-owned store the enrolment
+        was lost after the person had done it."""
+        with self._edit_lock():
+            directory = self.path.parent
+            try:
+                fd, probe = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as exc:
+                raise StoreError(f"{directory}: cannot write the template store there ({exc.strerror}): fix: give "
+                                 "the directory to the biod user and run biod commands as `sudo biod ...`") from None
 
     def _remove_stale_temp_files(self, directory: Path) -> None:
         """Delete temp files a writer killed before its rename left behind: they hold templates

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
@@ -58,6 +59,12 @@ def _absolute(value: Path | None, what: str) -> Path | None:
     return value
 
 
+def _one_of(value: str, names: Sequence[str]) -> str:
+    if value not in names:
+        raise ValueError(f"no shipped recording {value!r}; choose one of {', '.join(names)}")
+    return value
+
+
 class HubConfig(_Strict):
     id: str = Field("biod", description="Unique per hub: MQTT topics and Home Assistant ids derive from it")
     name: str = "biod hub"
@@ -74,6 +81,15 @@ class EmulatorConfig(_Strict):
     recording: str = "ludb-16"
     speed: float = Field(1.0, gt=0, le=1000)
     loop: bool = True
+
+    @field_validator("recording")
+    @classmethod
+    def _shipped_ecg(cls, value: str) -> str:
+        """A name the emulator ships, checked here so that check-config and doctor say so at the
+        line (it failed only at `biod run`, without one)."""
+        from firmware_protocol.emulators.recordings import list_recordings
+
+        return _one_of(value, list_recordings())
 
 
 class ReplayConfig(_Strict):
@@ -132,6 +148,14 @@ class ImuEmulatorConfig(_Strict):
     model: Literal["MetaMotionR", "MetaMotionS"] = "MetaMotionR"
     recording: str = "SA01_D01_walking"
     speed: float = Field(1.0, gt=0, le=1000)
+
+    @field_validator("recording")
+    @classmethod
+    def _shipped_imu(cls, value: str) -> str:
+        """As for the ECG's: `biod run` died of a KeyError traceback on an unknown name."""
+        from firmware_protocol.emulators.imu_recordings import list_imu_recordings
+
+        return _one_of(value, list_imu_recordings())
 
 
 class ImuSourceConfig(_Strict):

@@ -299,3 +299,13 @@ def test_durations_and_speeds_on_the_command_line_are_checked_at_the_edge(argv, 
     assert exc.value.code == 2
     assert "above 0 and below a million" in capsys.readouterr().err
     assert build_parser().parse_args(argv[:-1] + ["2.5"]).__dict__[argv[-2].lstrip("-")] == 2.5
+
+
+@pytest.mark.parametrize("yaml_text,line,key", [
+    ("ecg:\n  source: emulator\n  emulator:\n    recording: ludb-99\n", 4, "ecg.emulator.recording"),
+    ("imu:\n  enabled: true\n  source: emulator\n  emulator:\n    recording: nope\n", 5, "imu.emulator.recording")])
+def test_an_emulator_recording_that_is_not_shipped_is_named_at_its_line(yaml_text, line, key) -> None:
+    """check-config and doctor said OK; `biod run` then failed without a line (ECG) or with a
+    KeyError traceback (IMU)."""
+    with pytest.raises(ConfigError, match=rf"<config>:{line}: {key}: no shipped recording .*; choose one of .*"):
+        parse_config(yaml_text)

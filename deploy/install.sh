@@ -77,5 +77,10 @@ fi
 if grep -qs '"encrypted":false' /var/lib/biod/identity/templates.json; then
     /usr/local/bin/biod people encrypt || echo "biod: could not encrypt the template store: run 'sudo biod people encrypt'"
 fi
+# An upgrade: a running daemon kept the old code until the next reboot (daemon-reload and
+# 'enable --now' do not restart it); try-restart restarts it only if it is running.
+if [ -d /run/systemd/system ] && systemctl is-active --quiet biod; then
+    systemctl try-restart biod && echo "biod: restarted the running service on the new version"
+fi
 echo "biod: installed. Next: edit /etc/biod/biod.yaml, put the MQTT password in /etc/biod/credentials/mqtt_password,"
 echo "      then 'sudo systemctl enable --now biod' and 'journalctl -u biod -f'. Check with 'sudo biod doctor'."

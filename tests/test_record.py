@@ -337,3 +337,32 @@ def test_a_box_restart_is_noted_as_a_joint_not_as_a_gap(tmp_path) -> None:
     assert [c for c in rec.comments if c.startswith(("gap", "reconnected"))] == [
         "reconnected before sample 10 (the box restarted: its frame counter jumped back; the time between is "
         "unknown and the samples are joined there)"]
+
+
+def test_a_box_that_goes_away_gives_a_short_record_kept_and_a_non_zero_exit(tmp_path, capsys, monkeypatch) -> None:
+    """--seconds counts signal. A box unplugged for good after ~10 s of 60: the record keeps
+    what came, the command waits QUIET_S for it to come back, says how short it is and exits 1
+    (it had exited 0, and a box that appeared late was cut short by a deadline from the start)."""
+    import threading
+
+    from daemon import record_cli
+    from daemon.config import parse_config
+    from daemon.record import read_wfdb
+
+    monkeypatch.setattr(record_cli, "QUIET_S", 2.0)
+    real_open = record_cli.open_ecg_source
+
+    def open_and_unplug_later(cfg, put):
+        source, emulator = real_open(cfg, put)
+        threading.Timer(0.5, emulator.unplug).start()  # ~10 s of signal at 20x
+        return source, emulator
+
+    monkeypatch.setattr(record_cli, "open_ecg_source", open_and_unplug_later)
+    cfg = parse_config(f"hub: {{id: r}}\nstate_dir: {tmp_path / 'state'}\n"
+                       "ecg: {source: emulator, emulator: {recording: ludb-16, speed: 20}}\n")
+    assert record_cli.run_record(cfg, tmp_path / "r", 60.0, None, None) == 1
+    err = capsys.readouterr().err
+    assert "biod record: only " in err and "of ECG of the 60 s asked: nothing came for 2 s" in err, err
+    (hea,) = (tmp_path / "r").glob("ecg_*.hea")
+    kept = read_wfdb(hea).physical.shape[0] / 500.0
+    assert 2.0 < kept < 30.0

@@ -56,7 +56,12 @@ cat > /usr/local/bin/biod <<'WRAPPER'
 # Installed by biod's deploy/install.sh: the biod CLI as the service user, with its config.
 [ "$(id -u)" -eq 0 ] || { echo "biod: run with sudo (it acts as the biod service user)" >&2; exit 1; }
 umask 077
-cd /var/lib/biod
+# Relative paths (check-config biod.yaml, record --out recs) mean the caller's folder; only where
+# the biod user cannot enter it does the command run in its own state folder, and says so.
+if ! /usr/sbin/runuser -u biod -- test -x "$PWD"; then
+    echo "biod: the biod user cannot enter $PWD: running in /var/lib/biod (give absolute paths)" >&2
+    cd /var/lib/biod
+fi
 exec /usr/sbin/runuser -u biod -- env BIOD_CONFIG=/etc/biod/biod.yaml CREDENTIALS_DIRECTORY=/etc/biod/credentials \
     /opt/biod/venv/bin/biod "$@"
 WRAPPER

@@ -107,8 +107,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # it holds the templates and the spool
     except OSError as exc:
-        raise ConfigError(f"state_dir: cannot create {cfg.state_dir} ({exc.strerror}); run biod as its service "
-                          "(sudo systemctl start biod) or set state_dir to a folder this user can write") from None
+        if os.environ.get("INVOCATION_ID"):  # a systemd service: the unit allows /var/lib/biod only
+            fix = ("the unit lets biod write /var/lib/biod only (ProtectSystem=strict): keep state_dir there, or "
+                   "add the folder with ReadWritePaths= in a drop-in (sudo systemctl edit biod)")
+        else:
+            fix = "run biod as its service (sudo systemctl start biod) or set state_dir to a folder this user can write"
+        raise ConfigError(f"state_dir: cannot create {cfg.state_dir} ({exc.strerror}); {fix}") from None
     return asyncio.run(_run_until_signal(cfg))
 
 

@@ -309,3 +309,22 @@ def test_an_emulator_recording_that_is_not_shipped_is_named_at_its_line(yaml_tex
     KeyError traceback (IMU)."""
     with pytest.raises(ConfigError, match=rf"<config>:{line}: {key}: no shipped recording .*; choose one of .*"):
         parse_config(yaml_text)
+
+
+@pytest.mark.parametrize("under_systemd", [False, True])
+def test_a_state_dir_that_cannot_be_made_says_what_to_do_where_biod_runs(tmp_path, monkeypatch, capsys, under_systemd) -> None:
+    """Under the unit only /var/lib/biod is writable (ProtectSystem=strict): there the advice
+    to "run biod as its service" was wrong; it names ReadWritePaths= instead."""
+    from daemon.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("state_dir: /proc/biod-nowhere/state\n")
+    if under_systemd:
+        monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")
+    else:
+        monkeypatch.delenv("INVOCATION_ID", raising=False)
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "state_dir: cannot create /proc/biod-nowhere/state" in err
+    assert ("ReadWritePaths=" in err) == under_systemd
+    assert ("sudo systemctl start biod" in err) != under_systemd

@@ -73,6 +73,8 @@ check "systemd-analyze verify biod.service" systemd-analyze verify /etc/systemd/
 expect "sudo biod --version (wrapper, as user biod)" '^biod [0-9]' sudo biod --version
 expect "the wrapper refuses to run without sudo" 'run with sudo' runuser -u nobody -- /usr/local/bin/biod --version
 check "sudo biod check-config (the shipped example)" sudo biod check-config /etc/biod/biod.yaml
+check "a relative path is the caller's folder (cd /etc/biod; sudo biod check-config biod.yaml)" sh -c 'cd /etc/biod && sudo biod check-config biod.yaml'
+expect "from a folder the biod user cannot enter, the wrapper says where it runs" 'cannot enter /root: running in /var/lib/biod' sh -c 'cd /root && sudo biod --version'
 expect "check-config names the file and line of an unknown key" 'bad.yaml:[0-9]+: hub.colour: unknown key' sh -c 'sed "s/^hub:/hub:\n  colour: blue/" /etc/biod/biod.yaml > /tmp/bad.yaml && chmod 644 /tmp/bad.yaml && sudo biod check-config /tmp/bad.yaml'
 expect "sudo biod people list on an empty store" 'nobody is enrolled' sudo biod people list
 expect "sudo biod doctor reports the missing serial box with a fix" 'serial' sudo biod doctor

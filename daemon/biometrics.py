@@ -264,10 +264,9 @@ class Biometrics:
             features: dict = {}
             # WHY skip clipped windows: the IMU models never saw one (training drops recordings
             # on the rails, the manifests say so); their verdicts on rail-bound data are guesses
-            out = None if window.clipped else self.imu_models.run("activity", window, features)
             if window.clipped:
                 self._imu_activity = None  # no verdict: the ECG alone speaks for this window
-            elif out is not None:
+            elif (out := self.imu_models.run("activity", window, features)) is not None:
                 key = activity_output(out)
                 self._imu_activity = ActivityEstimate(np.asarray(out[key]), self.imu_models.labels("activity", key))
                 self._imu_at = now

@@ -59,7 +59,7 @@ def _absolute(value: Path | None, what: str) -> Path | None:
     return value
 
 
-def _one_of(value: str, names: Sequence[str]) -> str:
+def _shipped_recording(value: str, names: Sequence[str]) -> str:
     if value not in names:
         raise ValueError(f"no shipped recording {value!r}; choose one of {', '.join(names)}")
     return value
@@ -89,7 +89,7 @@ class EmulatorConfig(_Strict):
         line (it failed only at `biod run`, without one)."""
         from firmware_protocol.emulators.recordings import list_recordings
 
-        return _one_of(value, list_recordings())
+        return _shipped_recording(value, list_recordings())
 
 
 class ReplayConfig(_Strict):
@@ -155,7 +155,7 @@ class ImuEmulatorConfig(_Strict):
         """As for the ECG's: `biod run` died of a KeyError traceback on an unknown name."""
         from firmware_protocol.emulators.imu_recordings import list_imu_recordings
 
-        return _one_of(value, list_imu_recordings())
+        return _shipped_recording(value, list_imu_recordings())
 
 
 class ImuSourceConfig(_Strict):

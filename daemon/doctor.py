@@ -10,13 +10,13 @@ import os
 import socket
 import ssl
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import BiodConfig, ConfigError
+from daemon.durable import probe_writable
 
 
 
@@ -48,9 +48,7 @@ def check_state_dir(cfg: BiodConfig) -> Iterator[Check]:
     for sub in (d / "spool", cfg.store_path.parent):
         if sub.is_dir():
             try:
-                fd, probe = tempfile.mkstemp(prefix=".doctor.", dir=sub)
-                os.close(fd)
-                os.unlink(probe)
+                probe_writable(sub, ".doctor.")
             except OSError as exc:
                 unwritable.append(f"{sub} ({exc.strerror})")
     for f in (d / "spool" / "events.sqlite3", cfg.store_path):

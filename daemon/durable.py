@@ -4,6 +4,7 @@ replace a small private file so that a power cut leaves the old content or the n
 from __future__ import annotations
 
 import os
+import tempfile
 
 
 def write_all_and_sync(fd: int, data: bytes) -> None:
@@ -22,3 +23,13 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def probe_writable(directory: str | os.PathLike[str], prefix: str) -> None:
+    """Create and remove a temp file in ``directory``, as a durable write first does; OSError if
+    this user cannot. WHY a real file, not ``os.access``: a read-only mount or a folder of another
+    owner is found exactly as the write itself would find it (``biod doctor``, ``biod calibrate``
+    before the person records)."""
+    fd, probe = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    os.close(fd)
+    os.unlink(probe)

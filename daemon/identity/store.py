@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.durable import fsync_dir, write_all_and_sync
+from daemon.durable import fsync_dir, probe_writable, write_all_and_sync
 from daemon.events import UNKNOWN
 
 __all__ = [
@@ -636,9 +636,7 @@ class TemplateStore:
         with self._edit_lock():
             directory = self.path.parent
             try:
-                fd, probe = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-                os.close(fd)
-                os.unlink(probe)
+                probe_writable(directory, f".{self.path.name}.")
             except OSError as exc:
                 raise StoreError(f"{directory}: cannot write the template store there ({exc.strerror}): fix: give "
                                  "the directory to the biod user and run biod commands as `sudo biod ...`") from None

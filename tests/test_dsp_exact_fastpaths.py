@@ -96,7 +96,7 @@ def _resample_reference(rs: StreamResampler, x: np.ndarray) -> np.ndarray:
     return np.einsum("kq,kqc->kc", rs._phases[ph], buf[idx]).astype(np.float32)
 
 
-@pytest.mark.parametrize("fs_in,fs_out,ch", [(500, 100, 3), (360, 100, 3), (500, 100, 2),
+@pytest.mark.parametrize("fs_in,fs_out,ch", [(500, 100, 3), (500, 125, 3), (360, 100, 3), (500, 100, 2),
                                              (360, 100, 1), (1000, 250, 12)])
 def test_resampler_matches_einsum_for_any_chunking(fs_in, fs_out, ch) -> None:
     rng = np.random.default_rng(3)

@@ -240,7 +240,23 @@ class StreamResampler:
             mm = m[s:s + 4096]
             t = mm * self.down + self._delay
             n0, ph = t // self.up, t % self.up
-            if c >= 2:
+            if c >= 2 and self.up == 1 and mm.size >= 64:
+                # Pure decimation (up == 1), long pushes: per channel, the taps of output k
+                # read col[i0 + down*k + (Q-1) - q], a strided view of the channel, so no index
+                # array and no gather. The products fill a C-contiguous (q, k) array reduced
+                # over q in the same order as the gather below: bit-identical, and about a
+                # quarter faster from ~64 outputs on (slower below: a few calls per channel).
+                i0 = int(n0[0]) - start_idx - (self._q - 1)
+                taps = self._phases[0][:, None]
+                prod = np.empty((self._q, mm.size), dtype=np.float64)
+                for ch in range(c):
+                    col = np.ascontiguousarray(buf[i0:, ch])
+                    win = np.lib.stride_tricks.as_strided(
+                        col, shape=(self._q, mm.size),
+                        strides=(col.strides[0], self.down * col.strides[0]), writeable=False)
+                    np.multiply(win[::-1], taps, out=prod)
+                    out[s:s + mm.size, ch] = np.add.reduce(prod, axis=0) + 0.0
+            elif c >= 2:
                 # out[k, c] = sum over q, in order q = 0, 1, ..., of taps[k, q] * x[k, q, c]:
                 # the order np.einsum("kq,kqc->kc") accumulates in for c >= 2 (it walks q
                 # outside the contiguous channel axis), so the result is bit-identical; a

@@ -94,6 +94,10 @@ def load_imu_models(cfg: BiodConfig) -> ImuModelSet | None:
         return None
     for why in models.skipped.values():  # a consequence of the placement chosen, not a fault
         log.info("imu: %s: not used", why)
+    for task, why in models.failed.items():
+        log.error("imu: the %s model cannot be used (%s); the other IMU models, gait identity and "
+                  "walking/cadence go on. Fix: re-install biod or run `python -m training.train`",
+                  task, why)
     return models  # even with no model for this placement: walking, cadence, activity from motion
 
 

@@ -54,6 +54,12 @@ class EcgModelRunner:
         spec = model.manifest.inputs[0]
         if spec.rate_hz is None or spec.window_s is None or len(spec.shape) != 2:
             raise ModelError(f"{path}: the manifest's input must state rate_hz, window_s and a (samples, leads) shape")
+        # WHY: the pipeline cuts windows of rate_hz x window_s samples from these two numbers;
+        # a manifest whose numbers disagree with the model's own input would be fed windows of
+        # another length (cut to fit, silently), i.e. another time scale than it was trained on
+        if int(round(spec.rate_hz * spec.window_s)) != int(spec.shape[0]):
+            raise ModelError(f"{path}: the manifest states {spec.rate_hz:g} Hz x {spec.window_s:g} s "
+                             f"windows but an input of {spec.shape[0]} samples; re-install biod's models")
         beat_path = Path(path).with_name(BEATS_FILE)
         beat_model = BeatMorphModel.load(beat_path) if beats and beat_path.exists() else None
         return cls(model, spec.name, int(spec.shape[0]), int(spec.shape[1]), float(spec.rate_hz),
@@ -90,7 +96,11 @@ class EcgModelRunner:
         """(identity embedding (D,), activity probabilities (K,)) for one window; leads the
         pipeline marked unusable are zeros already, which is what the model saw in lead-dropout
         training."""
-        x = window.data[None, : self.length, : self.n_leads].astype(np.float32)
+        if window.data.shape[0] != self.length or window.data.shape[1] < self.n_leads:
+            raise ModelError(f"the ECG window is {window.data.shape}, the model expects "
+                             f"({self.length}, {self.n_leads}): build the pipeline with "
+                             "this model's pipeline_kwargs()")
+        x = window.data[None, :, : self.n_leads].astype(np.float32)
         out = self.model.run(**{self.input_name: x})
         return (self.identity_embedding(out["embedding"][0], window.morph, window.lead_mask),
                 out["activity"][0])
@@ -129,6 +139,9 @@ class ImuModelSet:
     gait: dict[str, GaitModel] = field(default_factory=dict)
     #: task -> why it is not used (trained for another placement than the IMU is worn at)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: task -> why it could not be loaded (damaged file or manifest): the other IMU models,
+    #: gait identity and the movement rules go on without it
+    failed: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load_dir(cls, directory: Path = MODELS_DIR, placement: str | None = None) -> "ImuModelSet":
@@ -137,26 +150,30 @@ class ImuModelSet:
         movements (the thigh swings through ~60 degrees per stride, the belt barely tilts), so a
         model fed another placement's signal answers with confident nonsense; leaving it out
         makes the daemon fall back on what it can trust (ECG activity, no age/gender)."""
-        models, skipped = {}, {}
+        models, skipped, failed = {}, {}, {}
         for manifest in sorted(directory.glob("imu_*.json")):
             task = manifest.stem.removeprefix("imu_")
             try:  # read the placement before loading: a model that will not run is not loaded
                 trained_for = placement_of(load_manifest(manifest).inputs[0].placement)
-            except ManifestError as exc:
-                raise ModelError(str(exc)) from None
-            if placement is not None and trained_for not in (None, placement):
-                skipped[task] = (f"imu_{task} is trained for an IMU at the {trained_for}, this one is worn "
-                                 f"at the {placement} (imu.placement)")
+                if placement is not None and trained_for not in (None, placement):
+                    skipped[task] = (f"imu_{task} is trained for an IMU at the {trained_for}, this one "
+                                     f"is worn at the {placement} (imu.placement)")
+                    continue
+                model = load_model(manifest.with_suffix(".tflite"))
+                if task == "activity":
+                    activity_output([o.name for o in model.manifest.outputs])
+            except (ManifestError, ModelError) as exc:
+                # WHY per model: a damaged imu_age must not take away activity, gait identity
+                # and walking/cadence, which need no age model
+                failed[task] = str(exc)
                 continue
-            models[task] = load_model(manifest.with_suffix(".tflite"))
-            if task == "activity":
-                activity_output([o.name for o in models[task].manifest.outputs])
+            models[task] = model
         try:
             gait = load_gait_models(directory)
         except GaitModelError as exc:  # gait identity is optional: ECG identity goes on without it
             log.error("imu: %s; identity from the ECG alone", exc)
             gait = {}
-        return cls(models, gait, skipped)
+        return cls(models, gait, skipped, failed)
 
     def run(self, task: str, window: ImuWindow, cache: dict | None = None) -> dict[str, np.ndarray] | None:
         """Run ``task``'s model on ``window``. ``cache`` (one dict per window) keeps features
@@ -188,6 +205,7 @@ class BiometricsStats:
     ecg_windows: int = 0
     clean_windows: int = 0
     inferences: int = 0
+    inference_errors: int = 0
     inference_ms: deque = field(default_factory=lambda: deque(maxlen=200))
 
     def inference_ms_median(self) -> float | None:
@@ -216,6 +234,7 @@ class Biometrics:
         self.embeddings_sink: list | None = None  # set by enrolment: (t, embedding, activity, leads on)
         self.gait_sink: list | None = None        # set by enrolment: gait embeddings of walking windows
         self.gait_placement: str = "waist"       # which gait model new enrolments use (config imu.placement)
+        self._inference_faults: set[str] = set()  # messages already logged (one line per kind)
 
     # -- ECG ----------------------------------------------------------------------------------------
     def on_ecg(self, update: EcgUpdate, now: float | None = None) -> list[Observation]:
@@ -230,7 +249,19 @@ class Biometrics:
             usable = window.quality.ok_for_identity
             if usable and self.ecg_model is not None and window.lead_mask.any():
                 t0 = time.perf_counter()
-                embedding, activity = self.ecg_model.infer(window)
+                try:
+                    embedding, activity = self.ecg_model.infer(window)
+                except ModelError as exc:
+                    # WHY not raise: this runs in the daemon's ECG task, whose death stops heart
+                    # rate and identity until a restart that would fail the same way; a window
+                    # the model cannot take is evidence lost, said once per kind of fault
+                    if str(exc) not in self._inference_faults:
+                        self._inference_faults.add(str(exc))
+                        log.error("identity: window dropped, the ECG model cannot take it: %s", exc)
+                    self.stats.inference_errors += 1
+                    self.identity = self.engine.observe(now, None, False, update.live, window.lead_mask)
+                    observations.append(self._observation(now, update.live))
+                    continue
                 self.stats.inference_ms.append((time.perf_counter() - t0) * 1e3)
                 self.stats.inferences += 1
                 self.stats.clean_windows += 1

@@ -180,3 +180,57 @@ def test_beat_model_with_an_impossible_warp_is_refused(tmp_path) -> None:
     (tmp_path / "ecg_beats.json").write_text(json.dumps(m))
     with pytest.raises(ModelError, match="rr_exponent=1.5"):
         BeatMorphModel.load(tmp_path / "ecg_beats.tflite")
+
+
+@pytest.mark.parametrize("bounds", [(0.1, 0.6), (0.25, 0.5)])
+def test_beat_model_fitted_on_other_beat_bounds_is_refused_at_load(tmp_path, bounds) -> None:
+    """The pipeline cuts beats 0.25 s before to 0.45 s after R whatever the manifest said; a
+    model stating other bounds loaded and then raised on the first beat inside the daemon."""
+    import json
+
+    for f in ("ecg_beats.tflite", "ecg_beats.json"):
+        shutil.copy(MODELS_DIR / f, tmp_path / f)
+    m = json.loads((tmp_path / "ecg_beats.json").read_text())
+    m["inputs"][0]["features"]["params"].update(before_s=bounds[0], after_s=bounds[1])
+    (tmp_path / "ecg_beats.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match=f"{bounds[0]:g} s before to {bounds[1]:g} s after R"):
+        BeatMorphModel.load(tmp_path / "ecg_beats.tflite")
+
+
+def test_ecg_model_whose_rate_and_window_disagree_with_its_input_is_refused(tmp_path) -> None:
+    """rate_hz edited to 250: the pipeline cut 750-sample windows and inference silently fed the
+    model their first 300 samples (another time scale than it was trained on)."""
+    import json
+
+    for f in MODELS_DIR.iterdir():
+        if f.is_file() and f.name.startswith("ecg_"):
+            shutil.copy(f, tmp_path / f.name)
+    m = json.loads((tmp_path / "ecg_dualtask.json").read_text())
+    m["inputs"][0]["rate_hz"] = 250.0
+    (tmp_path / "ecg_dualtask.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="250 Hz x 3 s windows but an input of 300 samples"):
+        EcgModelRunner.load(tmp_path / "ecg_dualtask.tflite")
+
+
+def test_a_window_the_model_cannot_take_is_dropped_and_said_once(runner, caplog) -> None:
+    """A window of another length used to be cut to fit (or, for the beats, to raise out of
+    the daemon's ECG task); now it is no evidence, logged once, and the stream goes on."""
+    import logging
+
+    from daemon.biometrics import Biometrics
+    from daemon.dsp.ecg_pipeline import EcgPipeline
+    from daemon.identity.engine import IdentityConfig, IdentityEngine
+
+    x, fs = _record("ecgid-p04-r1")
+    pipe = EcgPipeline(fs, n_leads=3, **{**runner.pipeline_kwargs(), "window_s": 4.0})
+    update = pipe.push(x, np.ones(3, bool))
+    assert len(update.windows) >= 3 and any(w.quality.ok_for_identity for w in update.windows)
+    bio = Biometrics(runner, IdentityEngine({}, IdentityConfig(), model=runner.ref))
+    with caplog.at_level(logging.ERROR):
+        obs = bio.on_ecg(update, now=0.0)
+        bio.on_ecg(update, now=1.0)
+    assert len(obs) == len(update.windows)
+    assert bio.stats.inferences == 0 and bio.stats.inference_errors == 2 * sum(
+        w.quality.ok_for_identity and w.lead_mask.any() for w in update.windows)
+    said = [r for r in caplog.records if "window dropped" in r.getMessage()]
+    assert len(said) == 1 and "(400, 3)" in said[0].getMessage()

@@ -313,3 +313,28 @@ def test_biod_record_to_finetune_on_the_households_own_data(tmp_path):
                     "--seconds", "4", "--label", "walking"], cwd=ROOT, check=True, capture_output=True, timeout=120)
     with pytest.raises(ValueError, match="made at the waist.*trained for the thigh"):
         finetune(MODELS / "imu_activity.tflite", other, tmp_path / "no", epochs=1)
+
+
+def test_one_damaged_imu_model_costs_that_model_only(tmp_path, caplog):
+    """A truncated imu_age.tflite made ImuModelSet.load_dir raise, and the daemon then ran with
+    no IMU path at all: no activity, gender, gait identity, walking or cadence."""
+    import logging
+    import shutil
+
+    from daemon.app import load_imu_models
+    from daemon.biometrics import MODELS_DIR
+    from daemon.config import BiodConfig
+
+    for f in MODELS_DIR.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    age = tmp_path / "imu_age.tflite"
+    age.write_bytes(age.read_bytes()[:-100])
+    cfg = BiodConfig.model_validate({"models_dir": str(tmp_path), "imu": {"placement": "waist"}})
+    with caplog.at_level(logging.ERROR):
+        models = load_imu_models(cfg)
+    assert models is not None
+    assert "age" not in models.models and "gender" in models.models
+    assert "imu_age.tflite" in models.failed["age"]
+    assert models.gait, "gait identity projections still load"
+    assert any("the age model cannot be used" in r.getMessage() for r in caplog.records)

@@ -174,3 +174,46 @@ def test_runtime_never_imports_tensorflow():
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("damage", ["bad_utf8", "directory"])
+def test_an_unreadable_manifest_is_a_model_error_naming_it(model_dir, damage):
+    """A flipped high bit gave UnicodeDecodeError and a folder in the manifest's place
+    IsADirectoryError, out of load_model and `biod doctor` alike."""
+    manifest = model_dir / "tiny.json"
+    if damage == "bad_utf8":
+        raw = bytearray(manifest.read_bytes())
+        raw[10] |= 0x80
+        manifest.write_bytes(bytes(raw))
+    else:
+        manifest.unlink()
+        manifest.mkdir()
+    with pytest.raises(ManifestError, match="tiny.json.*(not UTF-8|cannot read)"):
+        load_manifest(manifest)
+    with pytest.raises(ModelError, match="tiny.json"):
+        load_model(model_dir / "tiny.tflite")
+
+
+def test_without_a_litert_runtime_the_daemon_imports_and_says_what_to_install():
+    """No ai_edge_litert and no tflite_runtime: importing the daemon raised ImportError, so
+    `biod doctor` and heart rate died with it."""
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name.split('.')[0] in ('ai_edge_litert', 'tflite_runtime'):\n"
+        "        raise ImportError('blocked: ' + name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "from pathlib import Path\n"
+        "import daemon.app\n"
+        "from daemon.inference.runtime import ModelError, load_model\n"
+        "try:\n"
+        f"    load_model(Path({str(FIX / 'tiny.tflite')!r}))\n"
+        "except ModelError as exc:\n"
+        "    print('ModelError:', exc)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ModelError:" in res.stdout and "pip install ai-edge-litert" in res.stdout

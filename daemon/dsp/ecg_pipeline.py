@@ -30,6 +30,9 @@ from daemon.dsp.segment import (RrWarp, Segment, SlidingWindower, WindowSegmente
                                 warp_beats)
 
 _NEVER = np.iinfo(np.int64).min // 2  # "no lead-off yet" for the last-off sample index
+#: where a beat window starts and ends around its R peak (s): the default of every pipeline,
+#: and what a beat model's manifest must state (``daemon.inference.beatmorph`` checks it)
+BEAT_BEFORE_S, BEAT_AFTER_S = 0.25, 0.45
 
 __all__ = ["EcgPipeline", "EcgUpdate", "EcgWindow", "RecordWindows", "windows_from_record"]
 
@@ -78,7 +81,8 @@ class EcgPipeline:
 
     def __init__(self, fs: float, n_leads: int = 3, mains_hz: float | None = 50.0,
                  model_fs: float = 100.0, window_s: float = 3.0, hop_s: float = 1.0,
-                 norm: str = "zscore", beat_before_s: float = 0.25, beat_after_s: float = 0.45,
+                 norm: str = "zscore", beat_before_s: float = BEAT_BEFORE_S,
+                 beat_after_s: float = BEAT_AFTER_S,
                  beat_group: int = 3, beat_horizon_s: float = 2.5, live_s: float = 8.0,
                  quality: QualityConfig | None = None, beat_fs: float | None = None,
                  beat_lowpass_hz: float = 40.0, beat_rr_exponent: float = 0.0,

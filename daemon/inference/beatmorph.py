@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.dsp.ecg_pipeline import BEAT_AFTER_S, BEAT_BEFORE_S
 from daemon.inference.runtime import Model, ModelError, load_model
 
 BEATS_FILE = "ecg_beats.tflite"
@@ -102,7 +103,18 @@ class BeatMorphModel:
         if slope and width % 2:
             raise ModelError(f"{path}: features.params.slope needs an even input width "
                              f"(beat + its slope), the manifest states {width}")
-        return cls(model, spec.name, int(spec.shape[0]), width // 2 if slope else width,
+        # WHY at load: the pipeline cuts beats BEAT_BEFORE_S..BEAT_AFTER_S around R; a model fitted
+        # on other bounds would otherwise fail on the first beat, inside the running daemon
+        before = float(fp.get("before_s", BEAT_BEFORE_S))
+        after = float(fp.get("after_s", BEAT_AFTER_S))
+        length = width // 2 if slope else width
+        expected = int(round(BEAT_BEFORE_S * spec.rate_hz)) + int(round(BEAT_AFTER_S * spec.rate_hz))
+        if (before, after) != (BEAT_BEFORE_S, BEAT_AFTER_S) or length != expected:
+            raise ModelError(f"{path}: the manifest states beats {before:g} s before to {after:g} s "
+                             f"after R, {length} samples at {spec.rate_hz:g} Hz; this biod cuts "
+                             f"{BEAT_BEFORE_S:g} s to {BEAT_AFTER_S:g} s, {expected} samples: "
+                             "re-install biod's models")
+        return cls(model, spec.name, int(spec.shape[0]), length,
                    float(spec.rate_hz), float(fp["lowpass_hz"]), w, rr_exp, rr_ref, slope)
 
     @property

@@ -215,6 +215,11 @@ def load_manifest(path: Path) -> Manifest:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found; {fix}") from None
+    except UnicodeDecodeError as exc:  # a flipped bit in a JSON file: corrupt, not a crash
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                            f"corrupt; {fix}") from None
+    except OSError as exc:  # a folder in its place, no permission, an I/O error
+        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror or exc}); {fix}") from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:

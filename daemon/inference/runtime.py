@@ -31,10 +31,19 @@ from daemon.inference.manifest import (
     sha256_bytes,
 )
 
+#: WHY not fail at import: heart rate, MQTT and `biod doctor` need no model; without a runtime
+#: the daemon must still start and say what to install (load_model raises ModelError then).
+_NO_RUNTIME: str | None = None
 try:  # LiteRT is the maintained runtime; tflite_runtime is the older wheel for some boards.
     from ai_edge_litert.interpreter import Interpreter as _Interpreter
-except ImportError:  # pragma: no cover - depends on the installed wheel
-    from tflite_runtime.interpreter import Interpreter as _Interpreter  # type: ignore[no-redef]
+except ImportError as _litert_exc:  # pragma: no cover - depends on the installed wheel
+    try:
+        from tflite_runtime.interpreter import Interpreter as _Interpreter  # type: ignore[no-redef]
+    except ImportError as _tflite_exc:
+        _Interpreter = None  # type: ignore[assignment,misc]
+        _NO_RUNTIME = (f"no LiteRT runtime is installed (ai_edge_litert: {_litert_exc}; "
+                       f"tflite_runtime: {_tflite_exc}); install it with "
+                       "`pip install ai-edge-litert` (or tflite-runtime on boards it lacks)")
 
 _FIX = "re-install the package or run `python -m training.train` to re-export the model"
 _SCALE_RTOL = 1e-4
@@ -192,6 +201,8 @@ def load_model(path: Path, manifest_path: Path | None = None) -> Model:
     file the interpreter cannot parse, or a manifest that does not describe the model's tensors.
     """
     path = Path(path)
+    if _Interpreter is None:
+        raise ModelError(f"{path}: {_NO_RUNTIME}")
     manifest_path = Path(manifest_path) if manifest_path is not None else manifest_path_for(path)
     try:
         manifest = load_manifest(manifest_path)

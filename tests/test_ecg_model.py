@@ -1,6 +1,7 @@
 """ECG dual-task model: shapes, SCA vs numpy, activity construction, shipped int8 model."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,15 @@ def test_training_is_repeatable_with_the_same_seed():
     # and the seed matters: another seed trains other weights
     other, _ = train_model(data, dataclasses.replace(cfg, seed=1), lambda m: None)
     assert not all(np.array_equal(a, b) for a, b in zip(w0, other.get_weights()))
+
+
+def test_each_gudb_session_is_one_rr_series_although_annotated_twice():
+    """The chest strap and the Einthoven II cables recorded each session at once, and both were
+    annotated: the same heartbeats twice, so every session counted twice in the activity tests."""
+    from training.data.ecg_activity import load_gudb_rr
+
+    meta = json.loads((MINIDATA / "gudb_rpeaks" / "metadata.json").read_text())
+    sessions = {(e["subject"], e["experiment"]) for e in meta["entries"]}
+    assert len(meta["entries"]) > len(sessions)  # the fixture holds both annotations of most
+    rr = load_gudb_rr(MINIDATA)
+    assert sorted((s.subject, s.activity) for s in rr) == sorted(sessions)

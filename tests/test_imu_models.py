@@ -338,3 +338,18 @@ def test_one_damaged_imu_model_costs_that_model_only(tmp_path, caplog):
     assert "imu_age.tflite" in models.failed["age"]
     assert models.gait, "gait identity projections still load"
     assert any("the age model cannot be used" in r.getMessage() for r in caplog.records)
+
+
+def test_the_k_fold_never_sees_the_held_out_persons(sisfall, hugadb):
+    """Variants, seeds and the age mode are chosen by `train_imu --cv`; its folds held the five
+    held-out SisFall persons (and HuGaDB 8, 11, 16) until 2026-11-23, so those choices had seen
+    the persons the shipped models are reported on."""
+    from training.train_imu import HELD_OUT, cv_windows
+
+    gait = window_set(sisfall, "biodeep", 10)
+    assert set(HELD_OUT["sisfall"]) & set(gait.subject.tolist())  # the fixture has some
+    kept = cv_windows(gait, "gender")
+    assert not set(HELD_OUT["sisfall"]) & set(kept.subject.tolist()) and len(kept)
+    assert len(cv_windows(gait, "age", include_held_out=True)) == len(gait)
+    act = window_set(hugadb[0], "biodeep", 10)  # the fixture's HuGaDB persons are all held out
+    assert len(act) and len(cv_windows(act, "activity")) == 0

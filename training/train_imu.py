@@ -355,21 +355,34 @@ def int8_outputs(trained: Trained, task: str, variant: str, train_ws: WindowSet,
 
 
 # ---------------------------------------------------------------------------- cross-validation
+def cv_windows(ws: WindowSet, task: str, include_held_out: bool = False) -> WindowSet:
+    """The windows a k-fold of ``task`` may use: the training persons' only, unless asked."""
+    if include_held_out:
+        return ws
+    return ws.select(~np.isin(ws.subject, HELD_OUT[_dataset(task)]))
+
+
 def cross_validate(data_dir: Path, variants: tuple[str, ...] = ("biodeep", "normalized", "stride"),
                    tasks: tuple[str, ...] = TASKS, folds: int = 5, int8: bool = True,
-                   progress: Progress = _quiet, age_mode: str = AGE_MODE) -> dict:
-    """Grouped k-fold by person: CNN float / CNN int8 / random forest, per task and variant."""
+                   progress: Progress = _quiet, age_mode: str = AGE_MODE,
+                   include_held_out: bool = False) -> dict:
+    """Grouped k-fold by person: CNN float / CNN int8 / random forest, per task and variant.
+
+    Over the training persons only (``HELD_OUT`` left out) unless ``include_held_out``. WHY:
+    the k-fold is where variants, seeds and the age mode are chosen; folds that hold the
+    held-out persons would let those choices see the persons the shipped models are then
+    reported on (the k-fold tables in docs/models/imu.md before 2026-11-23 did)."""
     from sklearn.model_selection import GroupKFold
 
     need = {"gait": set(variants) if {"gender", "age"} & set(tasks) else set(),
             "activity": set(variants) if "activity" in tasks else set()}
     data = load_data(data_dir, need, progress)
     report: dict = {"folds": folds, "excluded_hugadb_recordings": len(data.excluded),
-                    "age_mode": age_mode}
+                    "age_mode": age_mode, "held_out_included": include_held_out}
     with tempfile.TemporaryDirectory(prefix="biod_imu_cv_") as tmp:
         for task in tasks:
             for variant in variants:
-                ws = _ws_for(data, task, variant)
+                ws = cv_windows(_ws_for(data, task, variant), task, include_held_out)
                 preds: dict[str, dict[str, np.ndarray]] = {}
                 for k, (tr, te) in enumerate(GroupKFold(folds).split(ws.features, groups=ws.subject)):
                     t0 = time.time()
@@ -460,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--age-mode", choices=AGE_MODES, default=AGE_MODE,
                     help="cv: age as young/elderly groups (shipped) or as regression")
     ap.add_argument("--no-int8", action="store_true", help="cv: skip the int8 export per fold")
+    ap.add_argument("--include-held-out", action="store_true",
+                    help="cv: fold the held-out persons in too (how the k-fold ran before "
+                         "2026-11-23; they are then no longer an independent test)")
     ap.add_argument("--json", type=Path, help="write the result to this JSON file")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
@@ -474,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv:
         res = cross_validate(args.data, tuple(args.variants.split(",")),
                              tuple(args.tasks.split(",")), args.folds, not args.no_int8, say,
-                             args.age_mode)
+                             args.age_mode, args.include_held_out)
     else:
         res = train_imu(args.data, args.out, say, tuple(args.tasks.split(",")))
     text = json.dumps(res, indent=2, default=float)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -264,7 +265,41 @@ class TlsConfig(_Strict):
         if not os.access(value, os.R_OK):
             raise ValueError(f"{where} is not readable by this user; fix its permissions so the user biod "
                              "runs as can read it (e.g. chgrp biod + chmod g+r)")
+        if info.field_name == "ca_file":  # what paho's tls_set would load when biod run starts
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=str(value))
+            except (ssl.SSLError, ValueError) as exc:
+                raise ValueError(f"{where} holds no usable PEM certificate ({_ssl_reason(exc)}); give "
+                                 f"the path of {role}") from None
         return value
+
+    @model_validator(mode="after")
+    def _client_certificate_and_key(self) -> "TlsConfig":
+        """The client certificate and its key load together, as paho's tls_set will load them:
+        a key without a certificate was silently ignored, and a certificate that is not one, or a
+        key that does not belong to it, crashed ``biod run`` with ssl.SSLError."""
+        if not self.enabled:
+            return self
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file: give both (this hub's client "
+                             "certificate and its private key) or neither")
+        if self.cert_file is not None:
+            try:
+                ssl.create_default_context().load_cert_chain(
+                    str(self.cert_file), str(self.key_file) if self.key_file else None,
+                    password=lambda: b"")  # an encrypted key fails here instead of prompting
+            except (ssl.SSLError, ValueError) as exc:
+                files = (f"cert_file {self.cert_file} and key_file {self.key_file} are" if self.key_file
+                         else f"cert_file {self.cert_file} (no key_file: the key inside it) is")
+                raise ValueError(
+                    f"{files} not a PEM client certificate and its unencrypted private key "
+                    f"({_ssl_reason(exc)}); give "
+                    f"{_TLS_FILE_ROLES['cert_file']} and {_TLS_FILE_ROLES['key_file']}") from None
+        return self
+
+
+def _ssl_reason(exc: Exception) -> str:
+    return str(getattr(exc, "reason", None) or exc).replace("_", " ").lower()
 
 
 class MqttConfig(_Strict):

@@ -263,13 +263,34 @@ def test_enabled_tls_with_a_missing_file_is_a_config_error_at_its_line(tmp_path,
 
 
 def test_enabled_tls_with_existing_files_passes_and_disabled_tls_is_not_checked(tmp_path) -> None:
-    for name in ("ca.pem", "client.pem", "client.key"):
-        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
-    cfg = parse_config(_tls_config(ca_file=tmp_path / "ca.pem", cert_file=tmp_path / "client.pem",
+    from tests.conftest import make_test_ca, sign_test_cert
+
+    make_test_ca(tmp_path)
+    sign_test_cert(tmp_path, "client", "extendedKeyUsage=clientAuth\n")
+    cfg = parse_config(_tls_config(ca_file=tmp_path / "ca.crt", cert_file=tmp_path / "client.crt",
                                    key_file=tmp_path / "client.key"))
-    assert cfg.mqtt.tls.ca_file == tmp_path / "ca.pem"
+    assert cfg.mqtt.tls.ca_file == tmp_path / "ca.crt"
     off = parse_config(f"mqtt:\n  tls:\n    enabled: false\n    ca_file: {tmp_path / 'missing.pem'}\n")
     assert off.mqtt.tls.ca_file == tmp_path / "missing.pem"
+
+
+def test_tls_files_that_are_not_what_they_should_be_are_config_errors(tmp_path) -> None:
+    """A CA file that holds no certificate, a key that is not the certificate's, or a key
+    without a certificate passed check-config; `biod run` then died with ssl.SSLError (or
+    silently dropped the key)."""
+    from tests.conftest import make_test_ca, sign_test_cert
+
+    make_test_ca(tmp_path)
+    sign_test_cert(tmp_path, "client", "extendedKeyUsage=clientAuth\n")
+    (tmp_path / "notes.txt").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"biod.yaml:5: mqtt.tls.ca_file: .*notes.txt holds no usable "
+                                          r"PEM certificate .*give the path of the CA certificate"):
+        parse_config(_tls_config(ca_file=tmp_path / "notes.txt"), "biod.yaml")
+    with pytest.raises(ConfigError, match=r"mqtt.tls: key_file is set without cert_file"):
+        parse_config(_tls_config(key_file=tmp_path / "client.key"), "biod.yaml")
+    with pytest.raises(ConfigError, match=r"mqtt.tls: cert_file .*client.crt and key_file .*ca.key "
+                                          r"are not a PEM client certificate and its .*private key"):
+        parse_config(_tls_config(cert_file=tmp_path / "client.crt", key_file=tmp_path / "ca.key"), "biod.yaml")
 
 
 def test_enabled_tls_with_a_directory_instead_of_a_file_says_so(tmp_path) -> None:

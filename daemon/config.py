@@ -178,7 +178,7 @@ class ImuSourceConfig(_Strict):
     @model_validator(mode="after")
     def _ble_needs_target(self) -> "ImuSourceConfig":
         if self.enabled and self.source == "ble" and not (self.address or self.name):
-            raise ValueError("imu.source is 'ble' but neither imu.address nor imu.name is set: give the board's MAC address (biod doctor lists nearby boards)")
+            raise ValueError("imu.source is 'ble' but neither imu.address nor imu.name is set: give the board's MAC address (find it with `bluetoothctl scan on`: MetaWear boards advertise as 'MetaWear')")
         if self.enabled and self.source == "replay" and self.replay is None:
             raise ValueError("imu.source is 'replay' but there is no imu.replay section: give replay: {path: <record>.hea}")
         return self
@@ -206,7 +206,8 @@ class IdentitySection(_Strict):
         "target_far must hold at this percentile of a bootstrap over the impostor persons "
         "(0: the plain impostor quantile); docs/identity.md 'Per-person open-set thresholds'"))
     min_enrol_windows: int = Field(20, ge=5, le=10000)
-    enrol_seconds: float = Field(90.0, ge=10, le=1800, description="length of an enrolment started from Home Assistant")
+    enrol_seconds: float = Field(90.0, ge=10, le=600, description="length of an enrolment started from Home Assistant "
+                                 "(the enrol command's own limit: 10 to 600 s)")
     adapt: bool = Field(False, description="add confidently identified wearing sessions as extra prototypes of the wearer "
                         "(follows slow ECG drift; docs/identity.md 'Template adaptation' has the measured effect)")
     adapt_max_prototypes: int = Field(3, ge=1, le=20, description="adapted prototypes kept per person, oldest dropped first")
@@ -357,9 +358,18 @@ class MqttConfig(_Strict):
                 raise ConfigError("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set; run under systemd with LoadCredential= or use password_env")
             path = Path(directory) / self.password_credential
             try:
-                return path.read_text().strip()
+                value = path.read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"mqtt.password_credential: cannot read {path}: {exc.strerror}; check LoadCredential= in the unit") from exc
+                raise ConfigError(f"mqtt.password_credential: cannot read {path}: {exc.strerror}; put the "
+                                  f"broker password of user {self.username!r} there (under systemd the unit's "
+                                  "LoadCredential= names the file it is copied from)") from exc
+            if not value:
+                # WHY an error: install.sh leaves this file empty for the owner to fill; an empty
+                # password was sent as is and the broker answered "not authorised"
+                raise ConfigError(f"mqtt.password_credential: {path} is empty; write the broker password "
+                                  f"of user {self.username!r} into it (on an installed hub: "
+                                  "/etc/biod/credentials/mqtt_password)")
+            return value
         return self.password
 
 
@@ -546,7 +556,7 @@ def load_config(path: str | os.PathLike[str] | None) -> BiodConfig:
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found; copy deploy/biod.example.yaml there or pass --config") from None
+        raise ConfigError(f"{p}: config file not found; copy deploy/biod.example.yaml there or give the path of your config") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config ({exc.strerror}); check permissions") from None
     return parse_config(_decode_utf8(raw, p), str(p))

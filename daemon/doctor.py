@@ -227,7 +227,10 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
     from daemon.inference.runtime import ModelError
 
     models_dir = cfg.models_dir or MODELS_DIR
-    reinstall = "re-install biod's models (pip install --force-reinstall biod), or retrain with python -m training.train"
+    # WHY not pip: biod is installed from its checkout (PyPI has no biod), and training needs
+    # TensorFlow, which a hub does not carry
+    reinstall = ("re-install biod's models: `sudo deploy/install.sh` from the biod checkout "
+                 "(or point models_dir at a folder that holds them)")
     try:
         runner = EcgModelRunner.load(models_dir / "ecg_dualtask.tflite")
     except (ModelError, OSError, ValueError) as exc:

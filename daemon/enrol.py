@@ -71,7 +71,8 @@ def load_impostors(models_dir: Path) -> Impostors | None:
         return imp
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ImpostorsError(f"{path} is unreadable ({type(exc).__name__}: {exc}): re-install biod's models "
-                             "(pip install --force-reinstall biod) or rebuild it with python -m training.impostors") from None
+                             "(`sudo deploy/install.sh` from the biod checkout) or rebuild it on a machine "
+                             "with the training extras: python -m training.impostors") from None
 
 
 @dataclass

@@ -106,6 +106,10 @@ def test_password_from_env_and_credentials(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     cred = parse_config("mqtt:\n  username: biod\n  password_credential: mqtt_password\n")
     assert cred.mqtt.resolve_password() == "fromcred"
+    # install.sh leaves the file empty for the owner to fill: sent as is, the broker refused
+    (tmp_path / "mqtt_password").write_text("\n")
+    with pytest.raises(ConfigError, match=r"mqtt_password is empty; write the broker password of user 'biod'"):
+        cred.mqtt.resolve_password()
 
 
 def test_missing_file_says_what_to_do(tmp_path) -> None:

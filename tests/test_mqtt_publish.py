@@ -329,6 +329,7 @@ def test_parse_enrol_command() -> None:
     assert parse_enrol_command(b"PRESS", "Alice") == EnrolRequest("Alice", 90)
     assert parse_enrol_command('{"name": " Bob ", "seconds": 30}', None) == EnrolRequest("Bob", 30)
     for payload, current, match in [(b"PRESS", None, "no name is set"), ("hello", None, "neither PRESS nor JSON"),
+                                    (b"", "Alice", "neither PRESS nor JSON"),
                                     ('{"seconds": 30}', None, "\"name\""), ('{"name": "A", "seconds": 5}', None, "10 to 600"),
                                     ('{"name": "unknown"}', None, "reserved"), ('{"name": "A", "seconds": true}', None, "seconds"),
                                     ('{"name": "!!!"}', None, "no letters or digits")]:
@@ -356,6 +357,11 @@ def test_enrol_button_and_name_over_mqtt(mosquitto: Broker, capture: Capture, ca
             err = capture.wait_for(lambda m: [json.loads(p) for t, p, _ in m if t == TOPICS.enrol_state], 5, "enrol error state")
         assert err[0]["state"] == "error" and "neither PRESS nor JSON" in err[0]["error"]
         assert requests == [EnrolRequest("Carol", 90)]
+        # clearing a retained command (mosquitto_pub -r -n) is an empty message: not a PRESS
+        capture.client.publish(TOPICS.enrol_set, b"", qos=1, retain=True)
+        capture.client.publish(TOPICS.enrol_set, '{"name": "Dan", "seconds": 20}', qos=1)
+        capture.wait_for(lambda m: len(requests) == 2, 5, "the request after the empty message")
+        assert requests == [EnrolRequest("Carol", 90), EnrolRequest("Dan", 20)]
         assert retained_snapshot(mosquitto.port, TOPICS.enrol_name) == {TOPICS.enrol_name: "Carol"}
     finally:
         pub.close()

@@ -406,7 +406,7 @@ def parse_enrol_command(payload: bytes | str, current_name: str | None, default_
     ``<prefix>/enrol/name/set``) or JSON ``{"name": "Alice", "seconds": 90}`` (scripts, automations)."""
     text = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else payload
     text = text.strip()
-    if text == "PRESS" or text == "":
+    if text == "PRESS":
         if not current_name:
             raise EnrolCommandError("enrol pressed but no name is set: type the name into the 'Enrol name' text entity "
                                     "first, or publish {\"name\": \"...\", \"seconds\": 90} to the enrol topic")
@@ -471,6 +471,11 @@ class EnrolCommands:
         self._publisher.publish(Message(self._topics.enrol_name, name, retain=True, qos=1))
 
     def _on_enrol_set(self, topic: str, payload: bytes) -> None:
+        if not payload.strip():
+            # WHY ignored: an empty message is how MQTT clears a retained one
+            # (`mosquitto_pub -r -n -t .../enrol/set`); it is nobody's enrol request
+            log.debug("enrol: empty message on %s ignored", topic)
+            return
         try:
             request = parse_enrol_command(payload, self.name, self._default_seconds)
         except EnrolCommandError as exc:

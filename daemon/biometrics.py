@@ -109,6 +109,13 @@ class EcgModelRunner:
 PLACEMENTS = ("waist", "shin", "thigh", "wrist")
 
 
+def _plain(value: object) -> float | list:
+    """A model output for the event JSON: a number when it holds one (``age_years`` 22.97, not
+    ``[22.97]``), else a list, rounded to what the estimate can carry."""
+    a = np.asarray(value, dtype=np.float64)
+    return round(float(a.reshape(-1)[0]), 3) if a.size == 1 else np.round(a, 3).tolist()
+
+
 def placement_of(text: str | None) -> str | None:
     """A manifest's free-text placement ('right thigh (HuGaDB: ...)') as one of PLACEMENTS;
     None when the manifest states none or one biod does not know."""
@@ -316,8 +323,8 @@ class Biometrics:
             for task in ("age", "gender"):
                 res = (self.imu_models.run(task, window, features)
                        if window.gait.walking and not window.clipped else None)
-                if res:
-                    gait[task] = {k: np.asarray(v).tolist() for k, v in res.items()}
+                if res:  # one window: one number per output (events carry them as plain numbers)
+                    gait[task] = {k: _plain(v) for k, v in res.items()}
             self.gait = gait
             if window.gait.walking and not window.clipped:
                 self._gait_identity(window, now)

@@ -356,3 +356,17 @@ def test_a_damaged_gait_model_is_named_and_the_daemon_goes_on_without_it(tmp_pat
         app = BiodApp(parse_config(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n"
                                    f"imu:\n  enabled: {enabled}\n  source: emulator\n"))
         assert app.ecg_model is not None and app.imu_models is not None and app.imu_models.gait == {}
+
+
+def test_gait_estimates_in_events_are_plain_numbers(walking):
+    """The event's sensors.gait carried age and gender as one-element lists
+    ({"age_years": [22.97]}), which docs/mqtt.md did not show and templates must unpack."""
+    waist = ImuModelSet.load_dir(MODELS_DIR, "waist")
+    bio = Biometrics(None, IdentityEngine({}, IdentityConfig(), model=ECG), waist)
+    bio.on_imu(ImuUpdate(tuple(walking["SA01"][:3]), 0), now=100.0)
+    gait = bio.gait
+    assert gait["walking"] is True and isinstance(gait["cadence_spm"], float)
+    assert isinstance(gait["age"]["age_years"], float) and isinstance(gait["age"]["p_elderly"], float)
+    assert 0.0 <= gait["gender"]["p_female"] <= 1.0
+    obs = bio._observation(100.0, live=False)
+    assert obs.sensors["gait"] is gait  # walking: the estimates ride on the event

@@ -152,6 +152,13 @@ def _cmd_people(args: argparse.Namespace) -> int:
     if args.action not in ("list", "encrypt") and not args.name:
         print(f"biod people {args.action}: give the person's name (biod people list shows them)", file=sys.stderr)
         return 2
+    takes = {"list": 0, "encrypt": 0, "remove": 1, "rename": 2}[args.action]
+    extra = [a for a in (args.name, args.new)[takes:] if a is not None]
+    if extra:  # `people remove Alice Bob` removed Alice and ignored Bob without a word
+        print(f"biod people {args.action}: unexpected {' '.join(map(repr, extra))}; "
+              f"usage: biod people {args.action}{' NAME' if takes >= 1 else ''}{' NEW' if takes == 2 else ''}",
+              file=sys.stderr)
+        return 2
     try:
         store = open_store(cfg)  # an encrypted store without its key is a StoreError too
         if args.action == "list":
@@ -199,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="the YAML config to check (e.g. /etc/biod/biod.yaml)")
     p.add_argument("--credentials-dir", type=Path, default=None, metavar="DIR",
                    help="where the credentials the config names are (default: $CREDENTIALS_DIRECTORY "
                    "under systemd; e.g. /etc/biod/credentials from a shell)")
@@ -211,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("calibrate", help="enrol a household member (guided: rest, then walking)")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True,
+                   help="the member's name as Home Assistant will show it (e.g. Alice)")
     p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--seconds", type=_positive("seconds"), default=90.0, help="ECG to record (default 90 s: half rest, half walking)")
     p.add_argument("--no-walk", action="store_true", help="rest only")
@@ -220,16 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("people", help="list, rename or remove enrolled persons; encrypt a store made before the key")
     p.add_argument("action", choices=["list", "rename", "remove", "encrypt"])
-    p.add_argument("name", nargs="?")
-    p.add_argument("new", nargs="?")
+    p.add_argument("name", nargs="?", help="rename/remove: the enrolled person's name")
+    p.add_argument("new", nargs="?", help="rename: the new name")
     p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.set_defaults(func=_cmd_people)
 
     p = sub.add_parser("record", help="record raw ECG (and IMU) to WFDB with labels, for fine-tuning")
     p.add_argument("--out", type=Path, required=True, help="folder for the WFDB records")
-    p.add_argument("--seconds", type=_positive("seconds"), default=60.0)
+    p.add_argument("--seconds", type=_positive("seconds"), default=60.0,
+                   help="seconds of ECG signal to record (default 60), not of wall clock: the devices "
+                        "get 30 s to appear and to come back after a drop; a record that ends short "
+                        "is kept and exits 1")
     p.add_argument("--label", default=None, help="activity label, e.g. walking")
-    p.add_argument("--person", default=None)
+    p.add_argument("--person", default=None,
+                   help="who wears the sensors (written to labels.csv for fine-tuning)")
     p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_record)

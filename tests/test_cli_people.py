@@ -62,6 +62,9 @@ def test_people_rename_remove_and_their_errors(tmp_path) -> None:
     assert res.returncode == 1 and "Anna Maria" in res.stderr  # names stay unique
     res = _biod("people", "remove", "nobody", "--config", str(cfg))
     assert res.returncode == 1 and "nobody" in res.stderr
+    res = _biod("people", "remove", "bob", "ann", "--config", str(cfg))  # removed bob, ignored 'ann'
+    assert res.returncode == 2 and "unexpected 'ann'" in res.stderr
+    assert _biod("people", "list", "extra", "--config", str(cfg)).returncode == 2
     res = _biod("people", "remove", "bob", "--config", str(cfg))
     assert res.returncode == 0 and "removed 'bob'" in res.stdout
 

@@ -92,6 +92,8 @@ def load_imu_models(cfg: BiodConfig) -> ImuModelSet | None:
     except (ModelError, OSError, ValueError) as exc:
         log.error("imu: the IMU models cannot be used (%s); activity comes from the ECG alone", exc)
         return None
+    if not cfg.imu.enabled:  # nothing to say about models no IMU will feed
+        return models
     for why in models.skipped.values():  # a consequence of the placement chosen, not a fault
         log.info("imu: %s: not used", why)
     for task, why in models.failed.items():

@@ -204,7 +204,9 @@ def _result(embeddings: list[np.ndarray], labels: list[str], rejected: dict[str,
 
 def describe(report: EnrolmentReport, out: TextIO = sys.stdout) -> None:
     print(f"\n{'accepted' if report.accepted else 'REFUSED'}: {report.reason}", file=out)
-    print(f"  clean windows: {report.n_windows}, median self-similarity {report.median_self_similarity:.3f}", file=out)
+    selfsim = report.median_self_similarity
+    print(f"  clean windows: {report.n_windows}"
+          + (f", median self-similarity {selfsim:.3f}" if np.isfinite(selfsim) else ""), file=out)
     if report.accepted:
         print(f"  threshold {report.threshold:.3f}; expected false-accept rate {100 * report.expected_far:.2f}% "
               f"(up to {100 * report.expected_far_upper:.2f}%) over {report.n_impostor} impostor segments, "
@@ -262,8 +264,11 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         print("  rejected windows: " + ", ".join(f"{k} ×{v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])), file=out)
     if len(embeddings) == 0:
         worst = max(rejected, key=rejected.get) if rejected else "no ECG arrived"
-        fix = ("frames were lost between the box and the hub: check the cable and the USB port, and that the hub "
-               "is not overloaded" if worst == "signal_lost" else "check the electrodes' contact and keep still")
+        fixes = {"signal_lost": "frames were lost between the box and the hub: check the cable and the USB port, "
+                                "and that the hub is not overloaded",
+                 "no ECG arrived": "the box sent nothing: check that it is plugged in and switched on "
+                                   "(`biod doctor` checks the serial device)"}
+        fix = fixes.get(worst, "check the electrodes' contact and keep still")
         print(f"\nREFUSED: no clean ECG window (most common problem: {worst}); {fix}, then run biod calibrate again",
               file=out)
         return 1

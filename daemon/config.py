@@ -557,6 +557,8 @@ def load_config(path: str | os.PathLike[str] | None) -> BiodConfig:
         raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found; copy deploy/biod.example.yaml there or give the path of your config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder; give the config file itself (e.g. {p / 'biod.yaml'})") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config ({exc.strerror}); check permissions") from None
     return parse_config(_decode_utf8(raw, p), str(p))

@@ -330,7 +330,7 @@ def test_one_damaged_imu_model_costs_that_model_only(tmp_path, caplog):
             shutil.copy(f, tmp_path / f.name)
     age = tmp_path / "imu_age.tflite"
     age.write_bytes(age.read_bytes()[:-100])
-    cfg = BiodConfig.model_validate({"models_dir": str(tmp_path), "imu": {"placement": "waist"}})
+    cfg = BiodConfig.model_validate({"models_dir": str(tmp_path), "imu": {"enabled": True, "source": "emulator", "placement": "waist"}})
     with caplog.at_level(logging.ERROR):
         models = load_imu_models(cfg)
     assert models is not None

@@ -749,7 +749,8 @@ class IdentityEngine:
                     "some windows will be left undecided"
                 )
             if accepted_by[p.name] > cfg.target_far * 5:
-                warnings.append(f"{p.name!r}'s template accepts {accepted_by[p.name]:.1%} of {name!r}'s segments: consider re-enrolling {p.name!r}")
+                warnings.append(f"the template of {p.name!r} accepts {accepted_by[p.name]:.1%} of the segments "
+                                f"of {name!r}: consider re-enrolling {p.name!r}")
         if not impostor.size:
             warnings.append("no impostor set given: the threshold is set from the genuine scores only and FAR is not estimated")
         gait = None

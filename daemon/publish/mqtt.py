@@ -365,7 +365,9 @@ class MqttPublisher:
                 self.stats.published += 1
             self._connected.set()
         if held:
-            log.info("mqtt: sent the %d retained states that changed while the broker was away", len(held))
+            log.info("mqtt: sent the %d retained states %s", len(held),
+                     "that changed while the broker was away" if self.stats.connects > 1
+                     else "set before the first connection")
         if self._on_connected_hook:
             self._on_connected_hook()
 

@@ -267,6 +267,43 @@ def test_the_session_a_dead_run_left_open_is_ended_by_the_next_one(tmp_path: Pat
         pub.close()
 
 
+def test_a_session_keeps_one_start_time_although_the_clock_offset_moves() -> None:
+    """start_time was re-converted from the monotonic clock at every event, so one session's
+    start moved by microseconds (or by an NTP step) from event to event."""
+    class Sink:
+        def __init__(self) -> None:
+            self.events: list[dict] = []
+
+        def submit(self, topic: str, event: dict) -> int:
+            self.events.append(event)
+            return len(self.events)
+
+    class NoBroker:
+        def publish(self, msg: Message, queue_if_offline: bool = False) -> None:
+            pass
+
+    offset = [1_795_000_000.0]
+
+    def drifting(t: float) -> float:  # the wall clock steps by 0.5 s between conversions
+        offset[0] += 0.5
+        return t + offset[0]
+
+    sink = Sink()
+    sessions = SessionPublisher(EventTracker(TrackerConfig(min_update_interval_s=0)), sink, NoBroker(),
+                                TOPICS, epoch=drifting)
+    sessions.observe(_obs(0))
+    sessions.observe(_obs(20, activity="walking", hr=90.0))
+    sessions.observe(_obs(21, live=False))
+    sessions.observe(_obs(40, wearer="Bob"))
+    alice = [e for e in sink.events if e["after"]["wearer"] == "Alice"]
+    assert [e["type"] for e in alice] == ["new", "update", "end"]
+    starts = {e["after"]["start_time"] for e in alice} | {e["before"]["start_time"] for e in alice if e["before"]}
+    assert len(starts) == 1
+    bob = [e for e in sink.events if e["after"]["wearer"] == "Bob"]
+    assert bob and bob[0]["after"]["start_time"] != alice[0]["after"]["start_time"]
+    assert len(sessions._start_epoch) == 1  # Alice's entry went with her end
+
+
 def test_a_session_that_ends_normally_leaves_no_record(tmp_path: Path) -> None:
     """The record lives exactly as long as the session: an end of any kind (not live, stale,
     another wearer, shutdown) removes it, or the next start would end the session twice."""

@@ -267,6 +267,10 @@ class SessionPublisher:
         self._recorded_at = float("-inf")  # tracker time of the last record write
         self._last_sent: tuple[int, SessionState] | None = None  # the open session's last event: (n, its state in epoch s)
         self._record_failing = False
+        #: session id -> its start_time in epoch s, converted once. WHY: the monotonic-to-epoch
+        #: offset is re-read at every conversion, so the same start moved by microseconds (or by
+        #: an NTP step) between the events of one session, and consumers keying on it split it
+        self._start_epoch: dict[str, float] = {}
 
     def observe(self, obs: Observation) -> list[Event]:
         events = self._emit(self.tracker.observe(obs))
@@ -314,6 +318,7 @@ class SessionPublisher:
             if event.type == "end":
                 self._last_sent = None
                 self._clear_record()
+                self._start_epoch.pop(event.after.id, None)
         return events
 
     def _send(self, stamped: Event) -> None:
@@ -375,7 +380,10 @@ class SessionPublisher:
         epoch = self._epoch
         if epoch is None:
             return s
-        return replace(s, start_time=epoch(s.start_time), last_seen=epoch(s.last_seen),
+        start = self._start_epoch.get(s.id)
+        if start is None:
+            start = self._start_epoch[s.id] = epoch(s.start_time)
+        return replace(s, start_time=start, last_seen=epoch(s.last_seen),
                        end_time=None if s.end_time is None else epoch(s.end_time))
 
     def _stamped(self, event: Event) -> Event:

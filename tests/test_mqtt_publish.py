@@ -659,6 +659,28 @@ def test_person_removed_while_the_daemon_was_stopped_is_cleared_on_start(tmp_pat
 
 
 @pytest.mark.timeout(60)
+def test_a_disabled_sensor_loses_its_entities(mosquitto: Broker) -> None:
+    """After `imu.enabled: false` the IMU connectivity and battery configs stayed retained, so
+    Home Assistant kept showing a sensor the hub no longer has."""
+    with_imu = _discovery([])
+    ecg_only = ha.HubDiscovery("homeassistant", HUB, "Hub one", TOPICS, ACTIVITIES, sensors=("ecg",), battery_sensors=())
+    imu_topics = {m.topic for m in with_imu.hub_messages() if "/imu_" in m.topic}
+    assert len(imu_topics) == 2
+    for disc in (with_imu, ecg_only):  # one run with the IMU, the next without
+        pub = _publisher(mosquitto.port, discovery=lambda d=disc: d.messages([]))
+        pub.start()
+        try:
+            assert pub.wait_connected(5)
+            time.sleep(0.5)
+            retained = retained_snapshot(mosquitto.port, "homeassistant/#")
+        finally:
+            pub.close()
+        if disc is with_imu:
+            assert imu_topics <= set(retained)
+    assert not imu_topics & set(retained), "the IMU entities are still configured"
+    assert any(t.endswith("/ecg_connectivity/config") for t in retained)
+
+
 def test_with_discovery_off_no_person_entity_is_published(tmp_path, mosquitto: Broker) -> None:
     """``mqtt.discovery: false``: a person enrolled while the daemon runs gets a state topic but
     no Home Assistant config (that used to be published, retained, and never removed)."""

@@ -133,6 +133,11 @@ _EVENT_TPL = ("{{ {'event_type': value_json.type, 'session_id': value_json.id, '
               "'heart_rate_bpm': value_json.after.heart_rate_bpm} | to_json }}")
 
 
+#: the physical sensors biod has entities for (connectivity), and those with a battery
+KNOWN_SENSORS = ("ecg", "imu")
+KNOWN_BATTERY_SENSORS = ("imu",)
+
+
 @dataclass(frozen=True)
 class HubDiscovery:
     """All discovery configs of one hub. ``messages(persons)`` is what ``MqttPublisher`` re-sends.
@@ -175,15 +180,20 @@ class HubDiscovery:
                       extra={"command_topic": t.enrol_name_set, "min": 0, "max": 64, "mode": "text", "retain": False,
                              "entity_category": "config"}),
         ]
-        for sensor in self.sensors:
-            out.append(self._cfg(f"{sensor}_connectivity", f"{sensor.upper()} connectivity", component="binary_sensor",
-                                 state_topic=t.sensor_state(sensor), device_class="connectivity",
-                                 extra={"value_template": _CONNECTED_TPL, "json_attributes_topic": t.sensor_state(sensor),
-                                        "entity_category": "diagnostic"}))
-        for sensor in self.battery_sensors:
-            out.append(self._cfg(f"{sensor}_battery", f"{sensor.upper()} battery", state_topic=t.sensor_state(sensor),
-                                 unit="%", device_class="battery",
-                                 extra={"value_template": _BATTERY_TPL, "entity_category": "diagnostic"}))
+        # Every sensor biod knows gets its entities; a disabled one gets them removed (an empty
+        # retained config). WHY: after `imu.enabled: false` its connectivity and battery entities
+        # stayed in Home Assistant, retained on the broker, showing a sensor that no longer exists.
+        for sensor in KNOWN_SENSORS:
+            cfg = self._cfg(f"{sensor}_connectivity", f"{sensor.upper()} connectivity", component="binary_sensor",
+                            state_topic=t.sensor_state(sensor), device_class="connectivity",
+                            extra={"value_template": _CONNECTED_TPL, "json_attributes_topic": t.sensor_state(sensor),
+                                   "entity_category": "diagnostic"})
+            out.append(cfg if sensor in self.sensors else removal(cfg))
+        for sensor in KNOWN_BATTERY_SENSORS:
+            cfg = self._cfg(f"{sensor}_battery", f"{sensor.upper()} battery", state_topic=t.sensor_state(sensor),
+                            unit="%", device_class="battery",
+                            extra={"value_template": _BATTERY_TPL, "entity_category": "diagnostic"})
+            out.append(cfg if sensor in self.battery_sensors else removal(cfg))
         return out
 
     def person_messages(self, name: str) -> list[Message]:

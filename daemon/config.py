@@ -366,9 +366,10 @@ class MqttConfig(_Strict):
             if not value:
                 # WHY an error: install.sh leaves this file empty for the owner to fill; an empty
                 # password was sent as is and the broker answered "not authorised"
+                hub_file = "/etc/biod/credentials/mqtt_password"
                 raise ConfigError(f"mqtt.password_credential: {path} is empty; write the broker password "
-                                  f"of user {self.username!r} into it (on an installed hub: "
-                                  "/etc/biod/credentials/mqtt_password)")
+                                  f"of user {self.username!r} into it"
+                                  + ("" if str(path) == hub_file else f" (on an installed hub: {hub_file})"))
             return value
         return self.password
 

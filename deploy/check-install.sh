@@ -72,6 +72,9 @@ check "udev rule installed" test -s /etc/udev/rules.d/99-biod.rules
 check "systemd-analyze verify biod.service" systemd-analyze verify /etc/systemd/system/biod.service
 expect "sudo biod --version (wrapper, as user biod)" '^biod [0-9]' sudo biod --version
 expect "the wrapper refuses to run without sudo" 'run with sudo' runuser -u nobody -- /usr/local/bin/biod --version
+expect "check-config says the MQTT password file is still empty (install.sh leaves it to the owner)" \
+    'mqtt_password is empty; write the broker password' sudo biod check-config /etc/biod/biod.yaml
+check "the owner writes the MQTT password, as install.sh asks" sh -c 'printf "s3cret\n" > /etc/biod/credentials/mqtt_password'
 check "sudo biod check-config (the shipped example)" sudo biod check-config /etc/biod/biod.yaml
 check "a relative path is the caller's folder (cd /etc/biod; sudo biod check-config biod.yaml)" sh -c 'cd /etc/biod && sudo biod check-config biod.yaml'
 expect "from a folder the biod user cannot enter, the wrapper says where it runs" 'cannot enter /root: running in /var/lib/biod' sh -c 'cd /root && sudo biod --version'

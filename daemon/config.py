@@ -355,7 +355,10 @@ class MqttConfig(_Strict):
         if self.password_credential:
             directory = os.environ.get("CREDENTIALS_DIRECTORY")
             if not directory:
-                raise ConfigError("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set; run under systemd with LoadCredential= or use password_env")
+                raise ConfigError("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set; on an installed hub "
+                                  "run the command as `sudo biod ...` (it reads /etc/biod/credentials), or "
+                                  "export CREDENTIALS_DIRECTORY=<folder holding the password file>; the service "
+                                  "gets it from the unit's LoadCredential=")
             path = Path(directory) / self.password_credential
             try:
                 value = path.read_text().strip()

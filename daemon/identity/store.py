@@ -353,8 +353,9 @@ def key_from_credential(name: str, directory: str | os.PathLike[str] | None = No
     if not base:
         raise StoreError(
             "the template store is configured as encrypted but $CREDENTIALS_DIRECTORY is not set: "
-            f"fix: run biod under systemd with LoadCredential={name}:<path to key file>, "
-            "or remove the store key setting to keep the store unencrypted"
+            "fix: on an installed hub run the command as `sudo biod ...` (it reads the keys in "
+            "/etc/biod/credentials), or export CREDENTIALS_DIRECTORY=<folder holding the key file "
+            f"{name}>; the service gets it from the unit's LoadCredential={name}:<path>"
         )
     path = Path(base) / name
     try:
@@ -362,7 +363,8 @@ def key_from_credential(name: str, directory: str | os.PathLike[str] | None = No
     except OSError as exc:
         raise StoreError(
             f"the template store is encrypted but its key {path} cannot be read ({exc.strerror}): "
-            f"fix: check LoadCredential={name}:... in the unit"
+            f"fix: put the store's key there (the service gets it from the unit's "
+            f"LoadCredential={name}:<path>); without the key the enrolled persons cannot be read"
         ) from None
     return parse_key(raw, str(path))
 

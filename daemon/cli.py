@@ -60,15 +60,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from daemon.identity.store import StoreError, key_from_credential
 
     cfg = load_config(args.file)
-    if args.credentials_dir is not None:
-        os.environ["CREDENTIALS_DIRECTORY"] = str(args.credentials_dir)
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    # the folder is passed down, not put into os.environ: a process-wide change outlived the call
+    creds = str(args.credentials_dir) if args.credentials_dir is not None else os.environ.get("CREDENTIALS_DIRECTORY")
     named = [n for n in (cfg.mqtt.password_credential, cfg.identity.store_key_credential) if n]
     if creds or not cfg.mqtt.password_credential:
-        cfg.mqtt.resolve_password()
+        cfg.mqtt.resolve_password(creds)
     if creds and cfg.identity.store_key_credential:
         try:
-            key_from_credential(cfg.identity.store_key_credential)
+            key_from_credential(cfg.identity.store_key_credential, creds)
         except StoreError as exc:
             raise ConfigError(f"identity.store_key_credential: {exc}") from None
     print(f"{args.file}: OK (hub {cfg.hub.id}, ECG source {cfg.ecg.source}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, prefix {cfg.topic_prefix})")

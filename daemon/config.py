@@ -345,15 +345,16 @@ class MqttConfig(_Strict):
             raise ValueError(f"mqtt.{given[0]} needs mqtt.username: MQTT sends a password only with a user name")
         return self
 
-    def resolve_password(self) -> str | None:
-        """The password from wherever the config says it lives; a clear error if it is missing."""
+    def resolve_password(self, credentials_dir: str | os.PathLike[str] | None = None) -> str | None:
+        """The password from wherever the config says it lives; a clear error if it is missing.
+        ``credentials_dir``: where the credential files are (default ``$CREDENTIALS_DIRECTORY``)."""
         if self.password_env:
             value = os.environ.get(self.password_env)
             if value is None:
                 raise ConfigError(f"mqtt.password_env: environment variable {self.password_env} is not set; export it or use password_credential")
             return value
         if self.password_credential:
-            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            directory = credentials_dir or os.environ.get("CREDENTIALS_DIRECTORY")
             if not directory:
                 raise ConfigError("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set; on an installed hub "
                                   "run the command as `sudo biod ...` (it reads /etc/biod/credentials), or "

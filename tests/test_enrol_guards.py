@@ -192,3 +192,19 @@ def test_calibrate_marks_frames_lost_on_the_link_and_never_enrols_across_them(tm
     assert 3 <= lost <= 4, out  # the 3 s windows (one a second) touching 12.0-12.5 s
     assert res.returncode == 0 and "saved to" in out, out  # the hole did not end the enrolment
     assert "lead_off" not in summary[0], out
+
+
+def test_the_same_person_under_a_second_name_is_refused() -> None:
+    """Enrolling 'Bob' from Alice's signal was accepted with two warnings (which Home Assistant
+    never shows); afterwards every decision abstained, Alice's included, because the runner-up
+    margin between her two templates never cleared."""
+    rng = np.random.default_rng(4)
+    a = _unit(rng.normal(size=16))
+    alice = IdentityEngine({}, IdentityConfig(), model=MODEL).enrol("Alice", _windows(rng, a, 48))
+    assert alice.accepted and alice.person is not None
+    engine = IdentityEngine({"Alice": alice.person}, IdentityConfig(), model=MODEL)
+    again = engine.enrol("Bob", _windows(rng, a, 48))
+    assert not again.accepted and "look like 'Alice'" in again.reason and "biod people remove 'Alice'" in again.reason
+    r = rng.normal(size=16)
+    b = 0.3 * a + np.sqrt(1 - 0.3**2) * _unit(r - (r @ a) * a)  # another person: enrolled as before
+    assert engine.enrol("Bob", _windows(rng, b, 48)).accepted

@@ -16,6 +16,8 @@ not easy: some strangers resemble a household member.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass, replace
 
@@ -353,10 +355,14 @@ def test_reported_far_matches_held_out_impostors_and_frr_is_sensible(household):
 
 def test_enrolment_reports_margins_to_each_enrolled_person(household):
     hh, means, people, cfg = household
-    engine = IdentityEngine(people, cfg, model=MODEL)
     twin = _unit(hh._enrolled[means[0].tobytes()] + 0.15 * _unit(hh.rng.normal(size=D)))  # nearly P0 that day
+    twin_windows = hh.windows(twin, 90)
+    refused = IdentityEngine(people, cfg, model=MODEL).enrol("Twin", twin_windows)
+    assert not refused.accepted and "look like 'P0'" in refused.reason  # P0 under a second name
+    # the margins themselves, with that refusal switched off
+    engine = IdentityEngine(people, dataclasses.replace(cfg, max_accepted_by_other=1.01), model=MODEL)
     far_away = hh.persons(1)[0]
-    near = engine.enrol("Twin", hh.windows(twin, 90))
+    near = engine.enrol("Twin", twin_windows)
     distinct = engine.enrol("Other", *hh.enrolment(far_away))
     assert set(distinct.margins) == set(people)
     assert distinct.min_margin == min(distinct.margins.values())

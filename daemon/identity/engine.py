@@ -99,6 +99,9 @@ class IdentityConfig:
     min_self_similarity: float = 0.25  # median pairwise cosine of the enrolment windows (set per model)
     enrol_parts: int = 3            # the enrolment cut in this many parts in time order ...
     min_part_similarity: float = 0.4  # ... whose mean embeddings must agree this well (docs/identity.md)
+    #: refuse an enrolment whose segments an enrolled person's template accepts this often: the
+    #: same person under a second name (both then go undecided: the runner-up margin never clears)
+    max_accepted_by_other: float = 0.5
     n_prototypes: int = 3           # k-means centroids when no activities are given
     min_windows_per_prototype: int = 8
     target_far: float = 0.01        # per-decision false-accept rate the threshold aims for
@@ -748,6 +751,12 @@ class IdentityEngine:
                     f"{name!r} is hard to tell from {p.name!r} (5th-percentile margin {margins[p.name]:.3f} < {cfg.margin}): "
                     "some windows will be left undecided"
                 )
+            if accepted_by[p.name] >= cfg.max_accepted_by_other:
+                return refuse(
+                    f"these windows look like {p.name!r}, who is enrolled already: {p.name!r}'s template "
+                    f"accepts {accepted_by[p.name]:.0%} of them. If this is {p.name!r}, remove them first to "
+                    f"re-enrol (biod people remove {p.name!r}); if not, re-record with the electrodes firmly "
+                    "placed", selfsim)
             if accepted_by[p.name] > cfg.target_far * 5:
                 warnings.append(f"the template of {p.name!r} accepts {accepted_by[p.name]:.1%} of the segments "
                                 f"of {name!r}: consider re-enrolling {p.name!r}")

@@ -216,3 +216,26 @@ def test_each_gudb_session_is_one_rr_series_although_annotated_twice():
     assert len(meta["entries"]) > len(sessions)  # the fixture holds both annotations of most
     rr = load_gudb_rr(MINIDATA)
     assert sorted((s.subject, s.activity) for s in rr) == sorted(sessions)
+
+
+def test_the_balancing_ablation_folds_hold_out_whole_training_persons():
+    """`train_ecg --ablation` chose the loss balancing on the held-out persons until 2026-11-23;
+    it now trains each fold without the fold's persons and scores them, so no choice sees the
+    persons the shipped model is reported on."""
+    from training.data.ecg import record_windows
+    from training.train_ecg import EcgTrainingData, _without, dev_folds
+
+    recs = load_ecgid(MINIDATA)
+    ws = record_windows(recs, PIPELINE_KW)
+    persons = sorted({r.person for r in recs})
+    labels = np.searchsorted(np.array(persons), ws.persons())
+    data = EcgTrainingData(ws, labels, tuple(persons), ws.x, ws.lead_mask, np.zeros(len(ws.x), int), ws,
+                           ws.persons())
+    folds = dev_folds(data, 2)
+    assert sorted(p for f in folds for p in f) == persons and all(folds)  # each person in one fold
+    act = (ws.x[:5], ws.lead_mask[:5], np.zeros(5, int), ws.persons()[:5])
+    out = _without(data, set(folds[0]), act)
+    assert not set(folds[0]) & set(out.classes) and not set(folds[0]) & set(out.ident.persons())
+    assert out.classes == tuple(sorted(set(persons) - set(folds[0])))
+    assert np.array_equal(np.array(out.classes)[out.ident_labels], out.ident.persons())
+    assert len(out.act_y) == 5

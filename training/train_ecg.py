@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 from training.data.ecg import (  # noqa: E402
     ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS, EcgRecord, WindowSet,
-    fingerprints, is_training_person, load_training_records, person_id, record_windows)
+    fingerprints, load_training_records, person_id, record_windows)
 from training.data.ecg_activity import (  # noqa: E402
     GUDB_TEST_SUBJECTS, RRSeries, construct_activity_records, load_gudb_rr)
 from training.gradnorm import WANTS_WEIGHTED_GRADIENT, make_balancer  # noqa: E402
@@ -39,8 +39,10 @@ INPUT_LEN = 3 * PIPELINE_KW["model_fs"]
 STRIDES = (1, 2, 2, 2) if INPUT_LEN <= 300 else (2, 2, 2, 2)
 MODEL_NAME = "ecg_dualtask"
 # 1.1.0: the same network as 1.0.0 (float twin unchanged), int8 activation ranges from the
-# CLIP_PERCENTILE-th percentiles of the calibration windows instead of their min/max
-VERSION = "1.1.0"
+# CLIP_PERCENTILE-th percentiles of the calibration windows instead of their min/max;
+# 1.2.0: the same again, but the input keeps the calibrator's min/max (1.1.0 clipped the input
+# too, saturating the tallest R peaks of a quarter of the 3-lead LUDB windows)
+VERSION = "1.2.0"
 CLIP_PERCENTILE = 99.99
 ACT_SECONDS = 20.0
 
@@ -400,48 +402,118 @@ def train_ecg(data_dir: Path, out_dir: Path, progress: Progress = print,
 
 # ---------------------------------------------------------------- ablation
 
-ABLATION_KEYS = ("id10s_rank1", "id10s_eer", "id10s_frr_at_far1", "id10s_cross_rank1",
-                 "activity_accuracy", "activity_macro_f1")
+ABLATION_KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1",
+                 "t3_rank1", "t3_eer", "activity_accuracy", "activity_macro_f1")
+
+
+def dev_folds(data: EcgTrainingData, k: int) -> list[list[str]]:
+    """Development folds of the training persons: the ECG-ID training persons with >= 2
+    recordings (only they can be enrolled and tested), multi-date persons dealt out first so
+    that each fold gets its share of cross-date tests; the others train in every fold."""
+    by: dict[str, list[str]] = {}
+    for r in data.ident.records:
+        if r.dataset == "ecgid":
+            by.setdefault(r.person, []).append(r.session)
+    multi = sorted(p for p, s in by.items() if len(set(s)) >= 2)
+    single = sorted(p for p, s in by.items() if len(s) >= 2 and len(set(s)) < 2)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for i, p in enumerate(multi + single):
+        folds[i % k].append(p)
+    return folds
+
+
+def _without(data: EcgTrainingData, persons: set[str], act: tuple) -> EcgTrainingData:
+    """The training data with ``persons`` taken out of the identity classes and ``act`` (the
+    fold's constructed activity training windows) in place of the activity windows."""
+    keep = ~np.isin(data.ident.persons(), list(persons))
+    ident = data.ident.select(keep)
+    persons_kept = ident.persons()
+    classes = tuple(sorted(set(persons_kept)))
+    labels = np.searchsorted(np.array(classes), persons_kept)
+    ax, am, ay, ap = act
+    return EcgTrainingData(ident, labels, classes, ax, am, ay, data.calib, ap, data.act_subjects)
 
 
 def ablation(data_dir: Path, steps: int, progress: Progress = print,
-             doc: Path | None = None) -> list[dict]:
-    """Train with each loss balancing (same seed, data, steps), evaluate the float Keras model
-    on the held-out persons and (optionally) write the table into docs/MODELS.md."""
-    from training.data.ecg import load_all
-    from training.eval.models import activity_eval, identity_eval
+             doc: Path | None = None, folds: int = 4) -> list[dict]:
+    """Loss balancing (fixed 0.65/0.35, DT4ECG Algorithm 1, Chen et al. GradNorm) compared on
+    development folds of the training persons; no held-out person is read.
+
+    Per fold, each balancing trains (same seed, data and steps) without the fold's ECG-ID
+    persons and without a quarter of the gudb RR subjects; identity is scored on the fold's
+    persons plus the 8 calibration persons (never trained on): enrolment from the first
+    recording, 3 s and 10 s tests, cross-date subset (``training.eval.identity``); activity on
+    windows that re-time the fold's persons' beats with the held-back subjects' RR series.
+    Metrics are averaged over the folds (float Keras model)."""
+    from training.eval.identity import gallery_and_tests, identity_metrics
+    from training.eval.models import activity_eval
 
     data = prepare(Path(data_dir), progress)
-    held = [r for r in load_all(Path(data_dir)) if not is_training_person(r.person)]
-    ws = record_windows([r for r in held if r.dataset == "ecgid"], PIPELINE_KW)
-    donors = [r for r in held if r.dataset in ("ludb", "ecgid")]
-    ax, _, ay, _ = activity_windows(Path(data_dir), donors, test=True, seed=7, per_series=4)
+    parts = dev_folds(data, folds)
+    rr = [s for s in load_gudb_rr(Path(data_dir)) if s.subject not in GUDB_TEST_SUBJECTS]
+    subjects = sorted({s.subject for s in rr})
+    donors = [r for r in data.ident.records if r.dataset in ("ludb", "ecgid")]
+    per_fold: dict[str, list[dict]] = {b: [] for b in ("fixed", "dt4ecg", "chen")}
+    for f, fold in enumerate(parts):
+        held_subj = set(subjects[f::folds])
+        out = set(fold)
+        act_train = activity_windows_of([s for s in rr if s.subject not in held_subj],
+                                        [d for d in donors if d.person not in out], seed=1, per_series=3)
+        ax, _, ay, _ = activity_windows_of([s for s in rr if s.subject in held_subj],
+                                           [d for d in donors if d.person in out], seed=7, per_series=4)
+        fdata = _without(data, out, act_train)
+        gallery = data.ident.select(np.isin(data.ident.persons(), fold))
+        # the calibration persons join every fold's gallery: 8 more persons never trained on
+        progress(f"ablation fold {f + 1}/{folds}: {len(fold)} persons out "
+                 f"({', '.join(fold)}), gudb subjects out {sorted(held_subj)}; "
+                 f"{len(fdata.classes)} classes, {len(ay)} activity test windows")
+        for bal in per_fold:
+            model, hist = train_model(fdata, TrainConfig(steps=steps, balancing=bal), progress)
+            m: dict[str, float] = {}
+            for ws in (_merge(gallery, data.calib),):
+                emb = embed(model, ws.x)
+                for length in (3, 10):
+                    names, tmpl, tests = gallery_and_tests(ws, emb, length)
+                    m.update({f"t{length}_{k}": v
+                              for k, v in identity_metrics(names, tmpl, tests).items()})
+            if len(ay):
+                m.update(activity_eval(ay, model.predict(ax, batch_size=256, verbose=0)["activity"]))
+            m["final_weights"] = hist["w"][-1]
+            per_fold[bal].append(m)
+            progress(f"ablation fold {f + 1} {bal}: " + ", ".join(
+                f"{k} {m.get(k, float('nan')):.1f}" for k in ABLATION_KEYS))
     rows = []
-    for bal in ("fixed", "dt4ecg", "chen"):
-        cfg = TrainConfig(steps=steps, balancing=bal)
-        model, hist = train_model(data, cfg, progress)
-        m, _ = identity_eval(ws, embed(model, ws.x), threshold=1.0)
-        m.update(activity_eval(ay, model.predict(ax, batch_size=256, verbose=0)["activity"]))
-        rows.append({"balancing": bal, "final_weights": hist["w"][-1],
-                     **{k: m.get(k, float("nan")) for k in ABLATION_KEYS}})
-        progress(f"ablation {bal}: {rows[-1]}")
+    for bal, ms in per_fold.items():
+        rows.append({"balancing": bal,
+                     "final_weights": np.mean([m["final_weights"] for m in ms], axis=0).tolist(),
+                     "per_fold": ms,
+                     **{k: float(np.nanmean([m.get(k, np.nan) for m in ms])) for k in ABLATION_KEYS}})
     if doc is not None:
-        write_ablation_table(doc, rows, steps)
+        write_ablation_table(doc, rows, steps, folds)
     return rows
+
+
+def _merge(a: WindowSet, b: WindowSet) -> WindowSet:
+    """Two WindowSets as one (``b``'s record indices moved past ``a``'s records)."""
+    return WindowSet(np.concatenate([a.x, b.x]), np.concatenate([a.lead_mask, b.lead_mask]),
+                     np.concatenate([a.rec, b.rec + len(a.records)]),
+                     np.concatenate([a.t_end_s, b.t_end_s]), a.records + b.records)
 
 
 ABLATION_BEGIN = "<!-- ablation:begin -->"
 ABLATION_END = "<!-- ablation:end -->"
 
 
-def write_ablation_table(doc: Path, rows: list[dict], steps: int) -> None:
+def write_ablation_table(doc: Path, rows: list[dict], steps: int, folds: int) -> None:
     lines = [ABLATION_BEGIN,
              f"Command: `python -m training.train_ecg --ablation --data ../shared/data "
-             f"--steps {steps}` (float Keras model, held-out persons, 10 s tests, same seed).",
+             f"--steps {steps} --folds {folds}` (float Keras model, {folds} development folds of "
+             "the training persons, galleries of the fold's ECG-ID persons + the 8 calibration "
+             "persons, same seed; mean over the folds).",
              "",
-             "| loss weights | final w (id, act) | rank-1 | EER | FRR@FAR1% | cross-date rank-1 "
-             "| activity acc | activity macro-F1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| loss weights | final w (id, act) | 10 s rank-1 | 10 s EER | 10 s FRR@FAR1% "
+             "| 10 s cross-date rank-1 | 3 s rank-1 | 3 s EER | activity acc | activity macro-F1 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     names = {"fixed": "fixed 0.65 / 0.35", "dt4ecg": "DT4ECG Alg. 1 (α=2)",
              "chen": "GradNorm, Chen et al. (α=1.5)"}
     for r in rows:
@@ -470,10 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation", action="store_true",
                     help="compare loss balancings and write the table into docs/MODELS.md")
     ap.add_argument("--doc", type=Path, default=Path("docs/MODELS.md"))
+    ap.add_argument("--folds", type=int, default=4, help="development folds of the ablation")
     args = ap.parse_args(argv)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if args.ablation:
-        ablation(args.data, args.steps, say, args.doc)
+        ablation(args.data, args.steps, say, args.doc, args.folds)
         return 0
     res = train_ecg(args.data, args.out, say, TrainConfig(steps=args.steps,
                                                             balancing=args.balancing))

@@ -753,10 +753,11 @@ class IdentityEngine:
                 )
             if accepted_by[p.name] >= cfg.max_accepted_by_other:
                 return refuse(
-                    f"these windows look like {p.name!r}, who is enrolled already: {p.name!r}'s template "
-                    f"accepts {accepted_by[p.name]:.0%} of them. If this is {p.name!r}, remove them first to "
-                    f"re-enrol (biod people remove {p.name!r}); if not, re-record with the electrodes firmly "
-                    "placed", selfsim)
+                    f"these windows look like {p.name!r}, who is enrolled already: the template of "
+                    f"{p.name!r} accepts {accepted_by[p.name]:.0%} of them. If this is {p.name!r}, remove "
+                    f"them first to re-enrol (biod people remove {p.name!r}). If not, biod cannot tell "
+                    f"the two apart from this recording (enrolled both, neither would be named): "
+                    "re-record with the electrodes firmly placed, resting and walking", selfsim)
             if accepted_by[p.name] > cfg.target_far * 5:
                 warnings.append(f"the template of {p.name!r} accepts {accepted_by[p.name]:.1%} of the segments "
                                 f"of {name!r}: consider re-enrolling {p.name!r}")

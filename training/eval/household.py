@@ -137,7 +137,9 @@ def household_order(sessions: dict[str, list[Session]], rng: np.random.Generator
 
 
 def enrol(people_sessions: dict[str, Session], runner: EcgModelRunner, cfg: IdentityConfig,
-          impostors) -> dict[str, Person]:
+          impostors, refusals: list[str] | None = None) -> dict[str, Person]:
+    """Enrol each person in turn as the daemon does; ``refusals`` collects '<person>: <reason>'
+    for every enrolment refused (the evaluation prints them: a refusal is a household's cost)."""
     people: dict[str, Person] = {}
     imp = impostors.for_leads(1) if impostors is not None else (None, None)
     for name, s in people_sessions.items():
@@ -146,6 +148,8 @@ def enrol(people_sessions: dict[str, Session], runner: EcgModelRunner, cfg: Iden
             name, x, ["rest"] * len(x), impostor_embeddings=imp[0], impostor_labels=imp[1], leads_on=1)
         if report.accepted:
             people[name] = report.person
+        elif refusals is not None:
+            refusals.append(f"{name}: {report.reason}")
     return people
 
 
@@ -307,9 +311,10 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
     poison: dict[str, int] = defaultdict(int)
     calib: dict[str, int] = defaultdict(int)
     refused = 0
+    refusals: list[str] = []
     for h in range(n_households):
         members = [str(p) for p in rng.choice(eligible, size, replace=False)]
-        people = enrol({p: by_person[p][0] for p in members}, runner, cfg, impostors)
+        people = enrol({p: by_person[p][0] for p in members}, runner, cfg, impostors, refusals)
         refused += size - len(people)
         enrol_session = {p: by_person[p][0].session for p in people}
         # eligibility limits who can be a member, not who is a stranger
@@ -343,6 +348,7 @@ def evaluate(data_dir: Path, models_dir: Path, n_households: int = 20, size: int
         "eligible_persons": len(eligible), "stranger_persons_ecgid": len(ecgid_persons) - size,
         "stranger_persons_other": len(others), "impostor_set_persons": len(in_impostor_set),
         "refused_enrolments": refused,
+        "refusals": refusals,
         # per decision, at the enrolment thresholds: what target_far promised vs what happened
         "threshold_calibration": _calibration_summary(calib, cfg.target_far),
     }

@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 from training.data.ecg import (  # noqa: E402
     ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS, EcgRecord, WindowSet,
-    fingerprints, load_training_records, person_id, record_windows)
+    fingerprints, load_training_records, person_folds, person_id, record_windows)
 from training.data.ecg_activity import (  # noqa: E402
     GUDB_TEST_SUBJECTS, RRSeries, construct_activity_records, load_gudb_rr)
 from training.gradnorm import WANTS_WEIGHTED_GRADIENT, make_balancer  # noqa: E402
@@ -407,19 +407,9 @@ ABLATION_KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1",
 
 
 def dev_folds(data: EcgTrainingData, k: int) -> list[list[str]]:
-    """Development folds of the training persons: the ECG-ID training persons with >= 2
-    recordings (only they can be enrolled and tested), multi-date persons dealt out first so
-    that each fold gets its share of cross-date tests; the others train in every fold."""
-    by: dict[str, list[str]] = {}
-    for r in data.ident.records:
-        if r.dataset == "ecgid":
-            by.setdefault(r.person, []).append(r.session)
-    multi = sorted(p for p, s in by.items() if len(set(s)) >= 2)
-    single = sorted(p for p, s in by.items() if len(s) >= 2 and len(set(s)) < 2)
-    folds: list[list[str]] = [[] for _ in range(k)]
-    for i, p in enumerate(multi + single):
-        folds[i % k].append(p)
-    return folds
+    """Development folds of the training persons (``training.data.ecg.person_folds``, as the
+    GPU recipe search cuts them)."""
+    return person_folds(data.ident.records, k)
 
 
 def _without(data: EcgTrainingData, persons: set[str], act: tuple) -> EcgTrainingData:

@@ -384,6 +384,23 @@ def fingerprints(records: list[EcgRecord]) -> list[str]:
     return sorted({fingerprint(r) for r in records})
 
 
+def person_folds(records, k: int) -> list[list[str]]:
+    """Development folds of ``records``' persons (objects with ``dataset``, ``person`` and
+    ``session``): the ECG-ID persons with >= 2 recordings (only they can be enrolled and tested),
+    multi-date persons dealt out first so that each fold gets its share of cross-date tests;
+    everyone else trains in every fold."""
+    by: dict[str, list[str]] = {}
+    for r in records:
+        if r.dataset == "ecgid":
+            by.setdefault(r.person, []).append(r.session)
+    multi = sorted(p for p, s in by.items() if len(set(s)) >= 2)
+    single = sorted(p for p, s in by.items() if len(s) >= 2 and len(set(s)) < 2)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for i, p in enumerate(multi + single):
+        folds[i % k].append(p)
+    return folds
+
+
 def is_training_person(person: str) -> bool:
     """The fixed split: True for persons of shared/data that train the shipped model."""
     ds, pid = person.split(":", 1)

@@ -48,7 +48,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from training.data.ecg import WindowSet
+from training.data.ecg import WindowSet, person_folds
 from training.eval.identity import gallery_and_tests, identity_metrics
 
 SEEDS = (0, 1, 2)
@@ -88,16 +88,7 @@ def folds_of(meta: dict, k: int = 4) -> list[list[str]]:
     """Development folds: the training ECG-ID persons with >= 2 recordings (only they can be
     enrolled and tested), multi-date persons first so that each fold gets its share of them;
     persons with one recording stay in every fold's training."""
-    by: dict[str, list[str]] = defaultdict(list)
-    for r in meta["irecs"]:
-        if r["dataset"] == "ecgid":
-            by[r["person"]].append(r["session"])
-    multi = sorted(p for p, s in by.items() if len(set(s)) >= 2)
-    single = sorted(p for p, s in by.items() if len(s) >= 2 and len(set(s)) < 2)
-    folds: list[list[str]] = [[] for _ in range(k)]
-    for i, p in enumerate(multi + single):
-        folds[i % k].append(p)
-    return folds
+    return person_folds((SimpleNamespace(**r) for r in meta["irecs"]), k)
 
 
 def load(path: str) -> tuple[np.lib.npyio.NpzFile, dict]:

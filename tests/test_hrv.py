@@ -138,3 +138,21 @@ def test_rmssd_needs_a_minimum_of_successive_differences():
     h = tracker(m).hrv()
     assert h is not None and h.n_differences == m and h.n_intervals >= 10
     assert h.rmssd_ms == pytest.approx(40.0)
+
+
+def test_deferred_hrv_is_the_hrv_of_its_push_whenever_it_is_read():
+    """EcgUpdate.hrv is computed on first access (the daemon publishes no HRV, and it cost a
+    few % of the ECG path on every push): it must still be the HRV as of that push, not of
+    the beats pushed since, and equal what the eager call gives."""
+    rng = np.random.default_rng(5)
+    t = np.cumsum(0.8 + 0.05 * rng.standard_normal(200))
+    tracker, eager = HeartRateTracker(), HeartRateTracker()
+    tracker.push(t[:100], True)
+    eager.push(t[:100], True)
+    deferred = tracker.hrv_deferred()
+    tracker.push(t[100:], np.arange(100) % 7 != 0)  # later beats, some not clean
+    tracker.forget_until(float(t[150]))
+    got, want = deferred(), eager.hrv()
+    assert got is not None and got == want
+    assert deferred() is got  # computed once
+    assert tracker.hrv() != want  # the tracker itself has moved on

@@ -17,6 +17,7 @@ quality and the beat groups, independent of how the stream was chunked.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,8 +65,14 @@ class EcgUpdate:
     beats: tuple[Beat, ...]          # R peaks decided in this push (sample clock at fs)
     windows: tuple[EcgWindow, ...]   # windows released in this push
     heart_rate_bpm: float | None
-    hrv: Hrv | None
     live: bool                       # recent clean beats and some lead on
+    #: HRV as of this push, computed on first access (``HeartRateTracker.hrv_deferred``)
+    hrv_of: Callable[[], Hrv | None] = field(default=lambda: None, repr=False, compare=False)
+
+    @property
+    def hrv(self) -> Hrv | None:
+        """RMSSD/SDNN over the last 60 s of clean NN intervals as of this push (None: too few)."""
+        return self.hrv_of()
 
 
 def _samples(seconds: float, rate: float, what: str) -> int:
@@ -331,7 +338,7 @@ class EcgPipeline:
         now = self._n_in / self.fs
         last = self._hr.last_clean_time()
         live = bool(self._lead_on.any() and last is not None and now - last <= self.live_s)
-        return EcgUpdate(tuple(beats), windows, self._hr.heart_rate_bpm(), self._hr.hrv(), live)
+        return EcgUpdate(tuple(beats), windows, self._hr.heart_rate_bpm(), live, self._hr.hrv_deferred())
 
     def _take_raw(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k > self._pending_n:  # cannot happen: raw windows are never later than model ones

@@ -10,6 +10,7 @@ differences of two *adjacent* NN intervals and needs ``MIN_SUCCESSIVE_DIFFERENCE
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,11 +184,14 @@ class HeartRateTracker:
             self._cache["last"] = float(self._t[idx[-1]]) if idx.size else None
         return self._cache["last"]  # type: ignore[return-value]
 
-    def _recent(self, span: float) -> tuple[np.ndarray, np.ndarray]:
-        if not self._t.size:
+    def _recent(self, span: float, t: np.ndarray | None = None, clean: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        t = self._t if t is None else t
+        clean = self._clean if clean is None else clean
+        if not t.size:
             return np.zeros(0), np.zeros(0, dtype=bool)
-        sel = self._t >= self._t[-1] - span
-        return nn_intervals(self._t[sel], self._clean[sel])
+        sel = t >= t[-1] - span
+        return nn_intervals(t[sel], clean[sel])
 
     def heart_rate_bpm(self) -> float | None:
         if "hr" not in self._cache:
@@ -199,6 +203,23 @@ class HeartRateTracker:
             self._cache["hrv"] = self._hrv()
         return self._cache["hrv"]  # type: ignore[return-value]
 
+    def hrv_deferred(self) -> Callable[[], Hrv | None]:
+        """HRV of the beats as they are now, computed when (and if) it is asked for. WHY: HRV
+        reads the last 60 s of beats on every push, a few % of the ECG path, and the daemon
+        publishes none of it. The arrays are captured, not copied: push and forget_until
+        replace them and never write into them, so a later push cannot change this answer."""
+        if "hrv" in self._cache:
+            done = self._cache["hrv"]
+            return lambda: done  # type: ignore[return-value]
+        t, clean = self._t, self._clean
+        memo: list[Hrv | None] = []
+
+        def compute() -> Hrv | None:
+            if not memo:
+                memo.append(self._hrv(t, clean))
+            return memo[0]
+        return compute
+
     def _heart_rate(self) -> float | None:
         rr, _ = self._recent(self.hr_window_s)
         rr = rr[-self.hr_intervals:]
@@ -206,8 +227,8 @@ class HeartRateTracker:
             return None
         return float(60.0 / median(rr))
 
-    def _hrv(self) -> Hrv | None:
-        rr, contiguous = self._recent(self.hrv_window_s)
+    def _hrv(self, t: np.ndarray | None = None, clean: np.ndarray | None = None) -> Hrv | None:
+        rr, contiguous = self._recent(self.hrv_window_s, t, clean)
         n_diff = int(np.count_nonzero(contiguous))
         if rr.size < self.min_hrv_intervals or n_diff < MIN_SUCCESSIVE_DIFFERENCES:
             return None

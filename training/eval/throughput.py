@@ -3,7 +3,8 @@
 Measures, on one pinned CPU core with BLAS/OpenMP limited to one thread:
 
 * the whole ECG path (:class:`daemon.dsp.ecg_pipeline.EcgPipeline`: conditioning, R-peak
-  detection, resampling, segmentation, quality, HR/HRV) on 3 leads at 500 Hz, streamed in
+  detection, resampling, segmentation, quality, heart rate; HRV is computed when an update's
+  ``hrv`` is read, which the daemon does not do, nor this benchmark) on 3 leads at 500 Hz, streamed in
   realistic 50 ms frames and in large chunks, in x real time (signal seconds / wall seconds);
 * side by side, neurokit2's batch ``ecg_process`` and ``ecg_peaks`` on the same signal (lead II;
   neurokit2 is single-lead, so it does a third of our work);
@@ -373,7 +374,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"ECG data: {result['ecg_data']}; IMU data: {result['imu_data']}.\n\n"
         "What is measured: the **ECG path** is `daemon.dsp.ecg_pipeline.EcgPipeline` — high-pass + mains notch, "
         "multi-lead R-peak detection, resampling 500 → 100 Hz, 3 s windows every 1 s with beat-centred groups, "
-        "quality (flat, clipping, lead-off, mains, HF noise, template correlation, RR), heart rate and HRV — on 3 leads "
+        "quality (flat, clipping, lead-off, mains, HF noise, template correlation, RR) and heart rate (HRV is computed "
+        "when an update's `hrv` is read: the daemon does not, nor does this run; until 2026-11-23 it was computed on every push) — on 3 leads "
         "at 500 Hz, pushed in 50 ms frames (small pushes; the serial box itself sends 20 ms frames, which the daemon gathers), in the 200 ms batches the daemon actually "
         "pushes, in 10 s chunks and whole. **neurokit2** `ecg_process` (clean + peaks + rate + delineation + quality) "
         "and `ecg_peaks` run in batch on lead II only (a third of the samples). The **IMU path** is "

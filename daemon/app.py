@@ -82,7 +82,7 @@ def load_ecg_model(cfg: BiodConfig) -> EcgModelRunner | None:
         return EcgModelRunner.load(path)
     except (ModelError, OSError, ValueError) as exc:
         log.error("identity: the ECG model cannot be used (%s); heart rate still works, identity does not. "
-                  "Fix: re-install biod or run `python -m training.train`", exc)
+                  "Fix: re-install biod's models (`sudo deploy/install.sh` from the biod checkout)", exc)
         return None
 
 
@@ -98,7 +98,7 @@ def load_imu_models(cfg: BiodConfig) -> ImuModelSet | None:
         log.info("imu: %s: not used", why)
     for task, why in models.failed.items():
         log.error("imu: the %s model cannot be used (%s); the other IMU models, gait identity and "
-                  "walking/cadence go on. Fix: re-install biod or run `python -m training.train`",
+                  "walking/cadence go on. Fix: re-install biod's models (`sudo deploy/install.sh` from the biod checkout)",
                   task, why)
     return models  # even with no model for this placement: walking, cadence, activity from motion
 

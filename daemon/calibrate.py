@@ -235,7 +235,7 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         return 2
     model = load_ecg_model(cfg)
     if model is None:
-        print("biod calibrate: no usable ECG model; re-install biod or run python -m training.train", file=sys.stderr)
+        print("biod calibrate: no usable ECG model; re-install biod's models (`sudo deploy/install.sh` from the biod checkout)", file=sys.stderr)
         return 2
     try:
         impostors = load_impostors(cfg.models_dir or MODELS_DIR)

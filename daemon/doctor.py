@@ -202,7 +202,7 @@ def check_models(models_dir: Path | None = None) -> Iterator[Check]:
     models_dir = models_dir or MODELS_DIR
     manifests = sorted(models_dir.glob("*.json"))
     if not manifests:
-        yield Check("models", False, f"no model manifests in {models_dir}", "re-install biod, or run python -m training.train")
+        yield Check("models", False, f"no model manifests in {models_dir}", "re-install biod's models: `sudo deploy/install.sh` from the biod checkout")
         return
     from daemon.inference.runtime import ModelError, load_model
 

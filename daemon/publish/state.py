@@ -267,9 +267,10 @@ class SessionPublisher:
         self._recorded_at = float("-inf")  # tracker time of the last record write
         self._last_sent: tuple[int, SessionState] | None = None  # the open session's last event: (n, its state in epoch s)
         self._record_failing = False
-        #: session id -> its start_time in epoch s, converted once. WHY: the monotonic-to-epoch
-        #: offset is re-read at every conversion, so the same start moved by microseconds (or by
-        #: an NTP step) between the events of one session, and consumers keying on it split it
+        #: session id -> its start_time in epoch s as last published. WHY: the monotonic-to-epoch
+        #: offset is re-read at every conversion, so the same start moved by microseconds between
+        #: the events of one session; it is kept unless the clock really stepped (NTP on a Pi
+        #: without RTC), when it follows the corrected clock so the duration stays what elapsed
         self._start_epoch: dict[str, float] = {}
 
     def observe(self, obs: Observation) -> list[Event]:
@@ -380,9 +381,9 @@ class SessionPublisher:
         epoch = self._epoch
         if epoch is None:
             return s
-        start = self._start_epoch.get(s.id)
-        if start is None:
-            start = self._start_epoch[s.id] = epoch(s.start_time)
+        start, now = self._start_epoch.get(s.id), epoch(s.start_time)
+        if start is None or abs(now - start) > CLOCK_STEP_S:
+            start = self._start_epoch[s.id] = now
         return replace(s, start_time=start, last_seen=epoch(s.last_seen),
                        end_time=None if s.end_time is None else epoch(s.end_time))
 
@@ -392,6 +393,10 @@ class SessionPublisher:
             return event
         return replace(event, before=None if event.before is None else self._stamp_state(event.before),
                        after=self._stamp_state(event.after))
+
+
+#: a change of the monotonic-to-epoch offset larger than this is a clock step, not jitter
+CLOCK_STEP_S = 1.0
 
 
 # -- enrol command -------------------------------------------------------------------------------

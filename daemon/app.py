@@ -71,6 +71,7 @@ class AppStats:
     imu_chunks: int = 0
     imu_samples: int = 0
     dropped_imu_chunks: int = 0
+    imu_errors: int = 0
     beats: int = 0
     heart_rate_bpm: float | None = None
     first_clean_beat_at: float | None = None
@@ -429,13 +430,31 @@ class BiodApp:
 
     async def _consume_imu(self) -> None:
         assert self._imu_queue is not None
-        pipeline = SensorImuPipeline(self.cfg.imu.acc_range_g, self.cfg.imu.gyro_range_dps, self.cfg.imu.odr_hz)
+        def new_pipeline() -> SensorImuPipeline:
+            return SensorImuPipeline(self.cfg.imu.acc_range_g, self.cfg.imu.gyro_range_dps, self.cfg.imu.odr_hz)
+
+        pipeline = new_pipeline()
+        said: set[str] = set()
         while True:
             chunk = await self._imu_queue.get()
             self._mark_ready("streaming IMU")
             self.stats.imu_chunks += 1
             self.stats.imu_samples += len(chunk.t_s)
-            self.bio.on_imu(pipeline.push(chunk.t_s, chunk.acc_g, chunk.gyro_dps))
+            try:
+                self.bio.on_imu(pipeline.push(chunk.t_s, chunk.acc_g, chunk.gyro_dps))
+            except Exception as exc:  # noqa: BLE001 - see WHY
+                # WHY: the IMU is evidence beside the ECG; a fault in its processing (a bug on
+                # some window, as _stride_peak had) ended this task, the watchdog was withheld and
+                # systemd restarted the whole daemon, ending the ECG wearer's session too. The
+                # chunk is dropped, the IMU path starts afresh, and each kind of fault is logged
+                # once with its traceback.
+                self.stats.imu_errors += 1
+                kind = f"{type(exc).__name__}: {exc}"
+                if kind not in said:
+                    said.add(kind)
+                    log.error("imu: processing failed, chunk dropped and the IMU path restarted: %s", kind,
+                              exc_info=exc)
+                pipeline = new_pipeline()
 
     async def _tick(self, publisher: MqttPublisher, sessions: SessionPublisher, spool: EventSpool) -> None:
         """Time-driven work: end identity when the ECG stream stops, expire sessions, sensor state,
@@ -725,7 +744,8 @@ class BiodApp:
                 "lost_s": round(self.ecg_stream.lost_s, 3)},
             "imu": None if ih is None else {
                 "state": ih.state, "rate_hz": imu_rate, "samples": self.stats.imu_samples, "lost_samples": ih.lost_samples,
-                "reconnects": ih.reconnects, "battery_pct": ih.battery_percent, "dropped_chunks": self.stats.dropped_imu_chunks},
+                "reconnects": ih.reconnects, "battery_pct": ih.battery_percent, "dropped_chunks": self.stats.dropped_imu_chunks,
+                "processing_errors": self.stats.imu_errors},
             "beats": self.stats.beats,
             "windows": self.bio.stats.ecg_windows,
             "clean_windows": self.bio.stats.clean_windows,

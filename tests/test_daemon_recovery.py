@@ -404,3 +404,47 @@ def test_a_long_loss_a_reconnect_or_a_box_restart_starts_a_fresh_pipeline() -> N
     fourth = stream.pipeline
     stream.push(frame(105), connects=2)  # the same device session, nothing lost: kept
     assert stream.pipeline is fourth and stream.restarts == 3
+
+
+def test_a_fault_in_the_imu_processing_drops_the_chunk_not_the_daemon(tmp_path, caplog, monkeypatch) -> None:
+    """An exception in the IMU path (as _stride_peak raised on one real SisFall window) ended the
+    imu-pipeline task; the watchdog was withheld and systemd restarted the whole daemon, ending
+    the ECG wearer's session too. Now the chunk is dropped, counted, logged once, and the IMU path
+    starts afresh. The fault is injected into gait detection for the first two windows."""
+    import logging
+
+    import numpy as np
+
+    import daemon.dsp.imu_pipeline as imu_pipeline
+    from daemon.sources.metawear_ble import ImuChunk
+    from firmware_protocol.emulators.imu_recordings import load_imu_recording
+
+    real, calls = imu_pipeline.detect_gait, [0]
+
+    def faulty(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] <= 2:
+            raise IndexError("index 0 is out of bounds for axis 0 with size 0")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(imu_pipeline, "detect_gait", faulty)
+    rec = load_imu_recording("SA01_D01_walking")
+    t = 1_795_000_000.0 + np.arange(rec.n_samples) / rec.fs_hz
+    app = BiodApp(parse_config(f"hub:\n  id: imu\nstate_dir: {tmp_path / 'state'}\n"
+                               "imu:\n  enabled: true\n  source: emulator\n  placement: waist\n"))
+
+    async def scenario() -> None:
+        app._imu_queue = asyncio.Queue()
+        task = asyncio.create_task(app._consume_imu())
+        for a in range(0, rec.n_samples - 100, 100):
+            app._imu_queue.put_nowait(ImuChunk(t[a:a + 100], rec.acc_g[a:a + 100], rec.gyro_dps[a:a + 100],
+                                               rec.fs_hz, a, 1))
+        await until(lambda: app._imu_queue.empty() and bool(app.bio.gait.get("walking")), 20, "walking again")
+        assert not task.done()
+        task.cancel()
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
+    assert app.stats.imu_errors == 2
+    said = [r for r in caplog.records if "IMU path restarted" in r.getMessage()]
+    assert len(said) == 1 and "IndexError" in said[0].getMessage()

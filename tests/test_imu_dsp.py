@@ -283,3 +283,22 @@ def test_sensor_pipeline_survives_a_time_line_that_goes_back(caplog: pytest.LogC
     assert back.windows == () and p.restarts == 1 and "starts again" in caplog.text
     later = p.push(t[400:], acc[400:], gyro[400:])
     assert later.windows and later.gaps >= first.gaps + 1
+
+
+def test_stride_peak_when_no_acf_peak_inside_the_lags_is_positive():
+    """The ACF (stride lags 0.7-1.5 s) of one real 2 s SisFall waist window, the 10-min signal of
+    `training.eval throughput`: highest at the shortest lag, every interior peak negative. "Within
+    0.85 of the best peak" then selected nothing and raised IndexError, ending the IMU path."""
+    from daemon.dsp.imu import _stride_peak
+
+    rn = np.array([
+        0.57, 0.552, 0.527, 0.502, 0.482, 0.47, 0.464, 0.462, 0.458, 0.448, 0.429, 0.401, 0.368,
+        0.333, 0.305, 0.285, 0.274, 0.268, 0.259, 0.239, 0.205, 0.159, 0.108, 0.063, 0.031, 0.014,
+        0.009, 0.006, -0.002, -0.026, -0.066, -0.119, -0.176, -0.232, -0.28, -0.319, -0.352,
+        -0.381, -0.409, -0.433, -0.452, -0.46, -0.458, -0.449, -0.438, -0.431, -0.434, -0.446,
+        -0.465, -0.485, -0.501, -0.509, -0.506, -0.491, -0.466, -0.434, -0.401, -0.37, -0.344,
+        -0.322, -0.301, -0.281, -0.258, -0.231, -0.198, -0.161, -0.12, -0.079, -0.038, 0.0,
+        0.035, 0.069, 0.104, 0.143, 0.188, 0.237, 0.286, 0.33, 0.365, 0.392, 0.415])
+    assert _stride_peak(rn) == 0  # the ACF's maximum, as before the stride-peak rule
+    two = np.array([0.1, 0.5, 0.2, 0.45, 0.1])  # positive peaks: the shortest within 0.85 of the best
+    assert _stride_peak(two) == 1 and _stride_peak(np.array([0.1, 0.3, 0.2, 0.9, 0.1])) == 3

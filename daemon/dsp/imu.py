@@ -316,9 +316,13 @@ def _stride_peak(rn: np.ndarray, near_best: float = 0.85) -> int:
     walking played 1.15-1.35x faster: 13 of 63 windows)."""
     inner = (rn[1:-1] >= rn[:-2]) & (rn[1:-1] >= rn[2:])
     peaks = np.flatnonzero(inner) + 1
-    if not peaks.size:
+    best = float(rn[peaks].max()) if peaks.size else 0.0
+    if best <= 0.0:
+        # no positive peak inside the lags (the ACF's maximum sits at an end of them): with a
+        # negative best, "within 0.85 of it" selected nothing and raised IndexError, which ended
+        # the IMU path on real SisFall walking (found by the throughput benchmark)
         return int(np.argmax(rn))
-    return int(peaks[rn[peaks] >= near_best * rn[peaks].max()][0])
+    return int(peaks[rn[peaks] >= near_best * best][0])
 
 
 # ------------------------------------------------------------------------------ activity from motion

@@ -249,8 +249,9 @@ class StreamResampler:
                 i0 = int(n0[0]) - start_idx - (self._q - 1)
                 taps = self._phases[0][:, None]
                 prod = np.empty((self._q, mm.size), dtype=np.float64)
+                span = (self._q - 1) + self.down * (mm.size - 1) + 1  # the input this block reads
                 for ch in range(c):
-                    col = np.ascontiguousarray(buf[i0:, ch])
+                    col = np.ascontiguousarray(buf[i0:i0 + span, ch])
                     win = np.lib.stride_tricks.as_strided(
                         col, shape=(self._q, mm.size),
                         strides=(col.strides[0], self.down * col.strides[0]), writeable=False)

@@ -353,3 +353,14 @@ def test_a_state_dir_that_cannot_be_made_says_what_to_do_where_biod_runs(tmp_pat
     assert "state_dir: cannot create /proc/biod-nowhere/state" in err
     assert ("ReadWritePaths=" in err) == under_systemd
     assert ("sudo systemctl start biod" in err) != under_systemd
+
+
+def test_enrol_seconds_stays_within_the_enrol_commands_limit_and_a_folder_is_not_a_config(tmp_path) -> None:
+    """identity.enrol_seconds accepted up to 1800 while the enrol command refuses above 600 (every
+    JSON request without seconds was then refused with a number its sender never sent); and
+    check-config on a folder said 'Is a directory; check permissions'."""
+    with pytest.raises(ConfigError, match=r"biod.yaml:2: identity.enrol_seconds"):
+        parse_config("identity:\n  enrol_seconds: 900\n", "biod.yaml")
+    assert parse_config("identity:\n  enrol_seconds: 600\n").identity.enrol_seconds == 600
+    with pytest.raises(ConfigError, match="is a folder; give the config file itself"):
+        load_config(tmp_path)

@@ -165,11 +165,11 @@ def _clip_ranges(
     calibrated: bytes, windows: Iterator[dict[str, np.ndarray]], percentile: float
 ) -> bytes:
     """Replace every per-tensor (min, max) the calibrator recorded by the ``percentile``-th and
-    ``(100 - percentile)``-th percentiles of the values the same windows produce, except the
-    model's inputs: they keep the calibrator's min/max. WHY: an activation's rare extremes cost
-    little when clipped, but clipping the input saturates the tallest R peaks of whole windows
-    before the network sees them (with the input clipped at its 99.99th percentiles, a quarter of
-    the 3-lead LUDB windows had a clipped sample and their int8 embeddings drifted from float). A tensor that
+    ``(100 - percentile)``-th percentiles of the values the same windows produce, the model's
+    inputs included. WHY the inputs too: one calibration window with a spike would otherwise set
+    the input step for every window (tests/test_export.py); the price, the tallest R peaks of a
+    few windows saturating, was measured and is within noise (docs/MODELS.md, "The input's
+    range"). A tensor that
     never goes negative (ReLU outputs, sigmoids) keeps 0 as its lower end; 0 always stays inside
     the range (the quantiser needs an exact zero). Deterministic: a fixed-seed subsample of
     ``_CLIP_SAMPLES_PER_WINDOW`` values per tensor and window."""
@@ -177,10 +177,9 @@ def _clip_ranges(
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))
     graph = model.subgraphs[0]
-    inputs = {int(i) for i in graph.inputs}
     ranged = [
         i for i, t in enumerate(graph.tensors)
-        if i not in inputs and t.quantization is not None and t.quantization.min is not None
+        if t.quantization is not None and t.quantization.min is not None
         and len(t.quantization.min) == 1
     ]
     interp = tf.lite.Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)

@@ -39,10 +39,8 @@ INPUT_LEN = 3 * PIPELINE_KW["model_fs"]
 STRIDES = (1, 2, 2, 2) if INPUT_LEN <= 300 else (2, 2, 2, 2)
 MODEL_NAME = "ecg_dualtask"
 # 1.1.0: the same network as 1.0.0 (float twin unchanged), int8 activation ranges from the
-# CLIP_PERCENTILE-th percentiles of the calibration windows instead of their min/max;
-# 1.2.0: the same again, but the input keeps the calibrator's min/max (1.1.0 clipped the input
-# too, saturating the tallest R peaks of a quarter of the 3-lead LUDB windows)
-VERSION = "1.2.0"
+# CLIP_PERCENTILE-th percentiles of the calibration windows instead of their min/max
+VERSION = "1.1.0"
 CLIP_PERCENTILE = 99.99
 ACT_SECONDS = 20.0
 

@@ -266,17 +266,16 @@ class Biometrics:
                         self._inference_faults.add(str(exc))
                         log.error("identity: window dropped, the ECG model cannot take it: %s", exc)
                     self.stats.inference_errors += 1
-                    self.identity = self.engine.observe(now, None, False, update.live, window.lead_mask)
-                    observations.append(self._observation(now, update.live))
-                    continue
-                self.stats.inference_ms.append((time.perf_counter() - t0) * 1e3)
-                self.stats.inferences += 1
-                self.stats.clean_windows += 1
-                self._ecg_activity = ActivityEstimate(np.asarray(activity), self.ecg_model.activity_labels)
-                self._ecg_at = now
-                if self.embeddings_sink is not None:
-                    self.embeddings_sink.append((now, np.asarray(embedding, dtype=np.float32), self.activity(),
-                                                 int(window.lead_mask.sum())))
+                    usable = False  # the engine sees it as any window without evidence
+                else:
+                    self.stats.inference_ms.append((time.perf_counter() - t0) * 1e3)
+                    self.stats.inferences += 1
+                    self.stats.clean_windows += 1
+                    self._ecg_activity = ActivityEstimate(np.asarray(activity), self.ecg_model.activity_labels)
+                    self._ecg_at = now
+                    if self.embeddings_sink is not None:
+                        self.embeddings_sink.append((now, np.asarray(embedding, dtype=np.float32),
+                                                     self.activity(), int(window.lead_mask.sum())))
             self.identity = self.engine.observe(now, embedding, usable, update.live, window.lead_mask)
             observations.append(self._observation(now, update.live))
         if not update.live and self.identity.live:

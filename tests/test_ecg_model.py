@@ -222,8 +222,8 @@ def test_the_balancing_ablation_folds_hold_out_whole_training_persons():
     """`train_ecg --ablation` chose the loss balancing on the held-out persons until 2026-11-23;
     it now trains each fold without the fold's persons and scores them, so no choice sees the
     persons the shipped model is reported on."""
-    from training.data.ecg import record_windows
-    from training.train_ecg import EcgTrainingData, _without, dev_folds
+    from training.data.ecg import person_folds, record_windows
+    from training.train_ecg import EcgTrainingData, _without
 
     recs = load_ecgid(MINIDATA)
     ws = record_windows(recs, PIPELINE_KW)
@@ -231,7 +231,7 @@ def test_the_balancing_ablation_folds_hold_out_whole_training_persons():
     labels = np.searchsorted(np.array(persons), ws.persons())
     data = EcgTrainingData(ws, labels, tuple(persons), ws.x, ws.lead_mask, np.zeros(len(ws.x), int), ws,
                            ws.persons())
-    folds = dev_folds(data, 2)
+    folds = person_folds(data.ident.records, 2)
     assert sorted(p for f in folds for p in f) == persons and all(folds)  # each person in one fold
     act = (ws.x[:5], ws.lead_mask[:5], np.zeros(5, int), ws.persons()[:5])
     out = _without(data, set(folds[0]), act)

@@ -70,14 +70,6 @@ class EcgTrainingData:
     act_subjects: tuple[str, ...] = ()
 
 
-def activity_windows(data_dir: Path, donors: list[EcgRecord], test: bool, seed: int,
-                     per_series: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Constructed activity windows (x, lead mask, label, donor person) of the fixed gudb split:
-    ``test`` picks the subjects training never uses (:data:`GUDB_TEST_SUBJECTS`)."""
-    rr = [s for s in load_gudb_rr(data_dir) if (s.subject in GUDB_TEST_SUBJECTS) == test]
-    return activity_windows_of(rr, donors, seed, per_series)
-
-
 def activity_windows_of(rr: list[RRSeries], donors: list[EcgRecord], seed: int, per_series: int
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Constructed activity windows (x, lead mask, label, donor person) from the RR series
@@ -404,12 +396,6 @@ ABLATION_KEYS = ("t10_rank1", "t10_eer", "t10_frr_at_far1", "t10_cross_rank1",
                  "t3_rank1", "t3_eer", "activity_accuracy", "activity_macro_f1")
 
 
-def dev_folds(data: EcgTrainingData, k: int) -> list[list[str]]:
-    """Development folds of the training persons (``training.data.ecg.person_folds``, as the
-    GPU recipe search cuts them)."""
-    return person_folds(data.ident.records, k)
-
-
 def _without(data: EcgTrainingData, persons: set[str], act: tuple) -> EcgTrainingData:
     """The training data with ``persons`` taken out of the identity classes and ``act`` (the
     fold's constructed activity training windows) in place of the activity windows."""
@@ -437,7 +423,7 @@ def ablation(data_dir: Path, steps: int, progress: Progress = print,
     from training.eval.models import activity_eval
 
     data = prepare(Path(data_dir), progress)
-    parts = dev_folds(data, folds)
+    parts = person_folds(data.ident.records, folds)  # as the GPU recipe search cuts them
     rr = [s for s in load_gudb_rr(Path(data_dir)) if s.subject not in GUDB_TEST_SUBJECTS]
     subjects = sorted({s.subject for s in rr})
     donors = [r for r in data.ident.records if r.dataset in ("ludb", "ecgid")]
@@ -450,20 +436,18 @@ def ablation(data_dir: Path, steps: int, progress: Progress = print,
         ax, _, ay, _ = activity_windows_of([s for s in rr if s.subject in held_subj],
                                            [d for d in donors if d.person in out], seed=7, per_series=4)
         fdata = _without(data, out, act_train)
-        gallery = data.ident.select(np.isin(data.ident.persons(), fold))
-        # the calibration persons join every fold's gallery: 8 more persons never trained on
+        # the fold's persons, and the calibration persons: 8 more persons never trained on
+        scored = _merge(data.ident.select(np.isin(data.ident.persons(), fold)), data.calib)
         progress(f"ablation fold {f + 1}/{folds}: {len(fold)} persons out "
                  f"({', '.join(fold)}), gudb subjects out {sorted(held_subj)}; "
                  f"{len(fdata.classes)} classes, {len(ay)} activity test windows")
         for bal in per_fold:
             model, hist = train_model(fdata, TrainConfig(steps=steps, balancing=bal), progress)
             m: dict[str, float] = {}
-            for ws in (_merge(gallery, data.calib),):
-                emb = embed(model, ws.x)
-                for length in (3, 10):
-                    names, tmpl, tests = gallery_and_tests(ws, emb, length)
-                    m.update({f"t{length}_{k}": v
-                              for k, v in identity_metrics(names, tmpl, tests).items()})
+            emb = embed(model, scored.x)
+            for length in (3, 10):
+                names, tmpl, tests = gallery_and_tests(scored, emb, length)
+                m.update({f"t{length}_{k}": v for k, v in identity_metrics(names, tmpl, tests).items()})
             if len(ay):
                 m.update(activity_eval(ay, model.predict(ax, batch_size=256, verbose=0)["activity"]))
             m["final_weights"] = hist["w"][-1]

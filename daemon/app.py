@@ -41,6 +41,7 @@ from daemon.publish.state import (
     NO_SIGNAL,
     EnrolCommands,
     EnrolRequest,
+    HeartRateSensor,
     SensorState,
     SessionPublisher,
     StatsReporter,
@@ -183,7 +184,7 @@ class BiodApp:
         # the one rule for holes, reconnects and box restarts (daemon.ecg_stream); kept here so
         # the stats topic can show how often the DSP started afresh and how much it held
         self.ecg_stream = EcgStream(cfg.ecg.mains_hz, self.ecg_model.pipeline_kwargs() if self.ecg_model else {})
-        self._hr_shown = False  # a heart rate was published and not cleared since (_clear_heart_rate)
+        self.heart_rate = HeartRateSensor(self.HR_PUBLISH_INTERVAL_S)
         self._ready = False
         self._rate_mark = (0, 0, time.monotonic())
         self._store_seen = self._store_mtime()
@@ -359,7 +360,6 @@ class BiodApp:
 
     async def _consume_ecg(self, publisher: MqttPublisher, sessions: SessionPublisher) -> None:
         assert self._ecg_queue is not None
-        last_hr_publish = 0.0
         stream = self.ecg_stream
         while True:
             chunk = self._batch(await self._ecg_queue.get())
@@ -382,12 +382,9 @@ class BiodApp:
             await asyncio.sleep(self.BATCH_S)  # let ~0.2 s of frames gather for the next push
             if update.heart_rate_bpm is not None and update.live:
                 self.stats.heart_rate_bpm = update.heart_rate_bpm
-                if now - last_hr_publish >= self.HR_PUBLISH_INTERVAL_S:
-                    publisher.publish(Message(self.topics.sensor_state("heart_rate"), f"{update.heart_rate_bpm:.1f}"))
-                    last_hr_publish = now
-                    self._hr_shown = True
-            elif not update.live:
-                self._clear_heart_rate(publisher)
+            payload = self.heart_rate.on_update(update.heart_rate_bpm, update.live, update.heart_rate_at_s, now)
+            if payload is not None:
+                publisher.publish(Message(self.topics.sensor_state("heart_rate"), payload))
 
     def _batch(self, first: EcgChunk) -> EcgChunk:
         """Join the frames already waiting into one chunk. The DSP's cost is mostly per call,
@@ -412,14 +409,10 @@ class BiodApp:
                         device_restarted=first.device_restarted, frames=sum(p.frames for p in parts))
 
     def _clear_heart_rate(self, publisher: MqttPublisher) -> None:
-        """The ECG stopped being live (electrodes off, box unplugged): Home Assistant's heart
-        rate goes to unknown now ("None"). WHY: the heart rate is not retained and was only
-        ever published while live, so the last value stayed on screen for hours after the
-        wearer took the electrodes off. (Its discovery also sets ``expire_after``, for a
-        daemon that dies without a word.)"""
-        if self._hr_shown:
-            publisher.publish(Message(self.topics.sensor_state("heart_rate"), "None"))
-            self._hr_shown = False
+        """The ECG stopped arriving: Home Assistant's heart rate goes to unknown (HeartRateSensor)."""
+        payload = self.heart_rate.clear()
+        if payload is not None:
+            publisher.publish(Message(self.topics.sensor_state("heart_rate"), payload))
 
     @staticmethod
     def _observe(sessions: SessionPublisher, obs) -> None:

@@ -68,6 +68,10 @@ class EcgUpdate:
     live: bool                       # recent clean beats and some lead on
     #: HRV as of this push, computed on first access (``HeartRateTracker.hrv_deferred``)
     hrv_of: Callable[[], Hrv | None] = field(default=lambda: None, repr=False, compare=False)
+    #: stream time (s) of the newest clean beat behind ``heart_rate_bpm``. WHY: during motion no
+    #: beat is clean for seconds while the stream stays live; the heart rate then stays the last
+    #: clean median, and a publisher that wants only fresh values compares this time.
+    heart_rate_at_s: float | None = None
 
     @property
     def hrv(self) -> Hrv | None:
@@ -338,7 +342,8 @@ class EcgPipeline:
         now = self._n_in / self.fs
         last = self._hr.last_clean_time()
         live = bool(self._lead_on.any() and last is not None and now - last <= self.live_s)
-        return EcgUpdate(tuple(beats), windows, self._hr.heart_rate_bpm(), live, self._hr.hrv_deferred())
+        return EcgUpdate(tuple(beats), windows, self._hr.heart_rate_bpm(), live, self._hr.hrv_deferred(),
+                         heart_rate_at_s=last)
 
     def _take_raw(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k > self._pending_n:  # cannot happen: raw windows are never later than model ones

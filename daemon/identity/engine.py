@@ -710,7 +710,7 @@ class IdentityEngine:
         if n < cfg.min_enrol_windows:
             return refuse(
                 f"only {n} clean ECG windows, need at least {cfg.min_enrol_windows}: record longer "
-                "(sit still, then walk) and check the electrodes' contact"
+                "and check the electrodes' contact"
             )
         gram = x @ x.T
         selfsim = float(np.median(gram[~np.eye(n, dtype=bool)]))

@@ -152,6 +152,40 @@ class SensorState:
         }
 
 
+class HeartRateSensor:
+    """What ``<prefix>/sensor/heart_rate/state`` says, decided from each ECG update (no I/O).
+
+    A value at most every ``interval_s`` and only from a clean beat newer than the one behind the
+    last value. WHY: while the wearer moves, no beat may be clean for seconds and the stream
+    stays live; repeating the last clean median then showed a rate up to 8 s old as current.
+    Without fresh beats nothing is sent and Home Assistant's ``expire_after`` shows unknown.
+    ``"None"`` (unknown) once the ECG stops being live, once per shown value: the rate is not
+    retained, and the last one stayed on screen for hours after the electrodes came off.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = float(interval_s)
+        self._sent_at = -math.inf
+        self._beat: float | None = None  # EcgUpdate.heart_rate_at_s behind the last value sent
+        self.shown = False
+
+    def on_update(self, bpm: float | None, live: bool, beat_at_s: float | None, now: float) -> str | None:
+        """The payload to publish now, or None. ``now``: a monotonic clock, seconds."""
+        if not live:
+            return self.clear()
+        if bpm is None or beat_at_s == self._beat or now - self._sent_at < self.interval_s:
+            return None
+        self._sent_at, self._beat, self.shown = now, beat_at_s, True
+        return f"{bpm:.1f}"
+
+    def clear(self) -> str | None:
+        """``"None"`` if a value is on screen, else None (nothing to send)."""
+        if not self.shown:
+            return None
+        self.shown, self._beat = False, None
+        return "None"
+
+
 def person_state_message(topics: Topics, state: PersonState) -> Message:
     return Message(topics.person_state(slugify(state.name)), _json(state.to_dict()), retain=True, qos=1)
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,13 +106,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level or cfg.log_level)
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # it holds the templates and the spool
+        # An existing folder the process may not write (a read-only mount under the unit's
+        # ProtectSystem=strict, another owner) passes mkdir and failed later, at the first
+        # enrolment or spooled event: write a file now.
+        with tempfile.TemporaryFile(dir=cfg.state_dir):
+            pass
     except OSError as exc:
         if os.environ.get("INVOCATION_ID"):  # a systemd service: the unit allows /var/lib/biod only
             fix = ("the unit lets biod write /var/lib/biod only (ProtectSystem=strict): keep state_dir there, or "
                    "add the folder with ReadWritePaths= in a drop-in (sudo systemctl edit biod)")
         else:
             fix = "run biod as its service (sudo systemctl start biod) or set state_dir to a folder this user can write"
-        raise ConfigError(f"state_dir: cannot create {cfg.state_dir} ({exc.strerror}); {fix}") from None
+        raise ConfigError(f"state_dir: cannot create or write {cfg.state_dir} ({exc.strerror}); {fix}") from None
     return asyncio.run(_run_until_signal(cfg))
 
 

@@ -350,9 +350,23 @@ def test_a_state_dir_that_cannot_be_made_says_what_to_do_where_biod_runs(tmp_pat
         monkeypatch.delenv("INVOCATION_ID", raising=False)
     assert main(["run", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "state_dir: cannot create /proc/biod-nowhere/state" in err
+    assert "state_dir: cannot create or write /proc/biod-nowhere/state" in err
     assert ("ReadWritePaths=" in err) == under_systemd
     assert ("sudo systemctl start biod" in err) != under_systemd
+
+
+def test_a_state_dir_that_exists_but_cannot_be_written_is_said_at_start(tmp_path, monkeypatch, capsys) -> None:
+    """A folder that exists but is read-only for the daemon (outside the unit's ReadWritePaths=,
+    a read-only mount) passed the start and failed at the first enrolment or spooled event.
+    /proc exists and takes no files, even for root (the tests run as root in CI)."""
+    from daemon.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("state_dir: /proc\n")
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "state_dir: cannot create or write /proc" in err and "ReadWritePaths=" in err
 
 
 def test_enrol_seconds_stays_within_the_enrol_commands_limit_and_a_folder_is_not_a_config(tmp_path) -> None:

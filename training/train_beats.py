@@ -205,7 +205,7 @@ def manifest_fields(records: tuple[EcgRecord, ...], calib: list[EcgRecord], leng
                                                          "slope": slope},
                          "source_shape": [length, 3], "source_channels": list(LEADS),
                          "source_units": "mV"},
-            "description": "one heartbeat, Einthoven I, II, III, at 125 Hz",
+            "description": f"one heartbeat, Einthoven I, II, III, at {BEAT_FS:g} Hz",
         }],
         "outputs": [{"name": "embedding", "meaning": (
             f"per lead a {N_DIM}-d discriminant projection (not normalised); the daemon "
@@ -295,7 +295,8 @@ def fused_threshold(out_dir: Path, calib: list[EcgRecord]) -> float:
     from training.eval.models import run_batches
 
     runner = EcgModelRunner.load(out_dir / "ecg_dualtask.tflite")
-    cws = record_windows(calib, PIPELINE_KW)
+    # the windows the daemon cuts for this CNN (its manifest's rate and window), not a fixed 100 Hz
+    cws = record_windows(calib, {**PIPELINE_KW, **runner.pipeline_kwargs()})
     cnn = run_batches(runner.model, cws.x)["embedding"]
     return float(choose_threshold(cws, fused_embeddings(runner, cws, cnn)))
 

@@ -132,7 +132,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from daemon.doctor import run_checks
 
     cfg = load_config(_config_path(args))
-    checks = run_checks(cfg, broker=not args.no_broker)
+    checks = run_checks(cfg, broker=not args.no_broker, scan=args.scan)
     for check in checks:
         print(check.line())
     failed = [c for c in checks if not c.ok]
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check adapter, serial device, broker, models and state directory")
     p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--no-broker", action="store_true", help="skip the broker check")
+    p.add_argument("--scan", action="store_true",
+                   help="also scan for the configured MetaMotion (up to imu.scan_timeout_s; stop biod first: "
+                        "a board it is connected to does not advertise)")
     p.set_defaults(func=_cmd_doctor)
     return parser
 

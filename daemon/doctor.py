@@ -142,6 +142,38 @@ def check_ble_adapter(sys_class: Path = Path("/sys/class")) -> Iterator[Check]:
         yield Check("BLE adapter", True, ", ".join(adapters))
 
 
+def check_ble_sensor(cfg: BiodConfig, scanner: object | None = None) -> Iterator[Check]:
+    """The configured MetaMotion is seen advertising (``biod doctor --scan``), found exactly as
+    the daemon finds it (``metawear_ble.find_board``). WHY: an adapter that works says nothing
+    about the board: flat, out of range, or held by a phone's MetaBase app, the daemon only
+    logs retries. Opt-in because it waits up to ``imu.scan_timeout_s``, and a board that biod
+    is connected to does not advertise."""
+    import asyncio
+
+    from daemon.sources.metawear_ble import BoardNotFound, describe_board, find_board
+    from daemon.sources.serial_ecg import SourceError
+
+    imu = cfg.imu
+    if not imu.enabled or imu.source != "ble":
+        yield Check("MetaMotion sensor", True, f"not scanned: imu is {'off' if not imu.enabled else imu.source}")
+        return
+    try:
+        device = asyncio.run(find_board(imu, scanner))  # type: ignore[arg-type]
+    except BoardNotFound as exc:
+        yield Check("MetaMotion sensor", False, str(exc),
+                    "charge it (USB: the LED blinks) and bring it within a few metres; if biod is running "
+                    "it may hold the connection (a connected board does not advertise): sudo systemctl stop biod, "
+                    "then scan again; if a phone's MetaBase app is connected, close it")
+        return
+    except SourceError as exc:
+        yield Check("MetaMotion sensor", False, str(exc),
+                    "sudo systemctl start bluetooth, then bluetoothctl power on (see the BLE adapter check)")
+        return
+    address = getattr(device, "address", None) or str(device)
+    name = getattr(device, "name", None)
+    yield Check("MetaMotion sensor", True, f"{describe_board(imu)} seen: {address}" + (f" ({name})" if name else ""))
+
+
 def check_broker(cfg: BiodConfig, timeout: float = 5.0) -> Iterator[Check]:
     """Connect as the daemon does: same credentials, and TLS set by the daemon's own
     ``configure_tls`` (client certificate and ``insecure`` included), so a PASS here is a
@@ -293,12 +325,14 @@ def check_identity(cfg: BiodConfig) -> Iterator[Check]:
                     "everyone will be 'unknown' until biod calibrate --name NAME")
 
 
-def run_checks(cfg: BiodConfig, broker: bool = True) -> list[Check]:
+def run_checks(cfg: BiodConfig, broker: bool = True, scan: bool = False) -> list[Check]:
     checks: list[Check] = []
     checks += check_state_dir(cfg)
     checks += check_serial(cfg)
     if cfg.imu.enabled and cfg.imu.source == "ble":  # a hub with the ECG box only needs no Bluetooth
         checks += check_ble_adapter()
+    if scan:
+        checks += check_ble_sensor(cfg)
     if broker:
         checks += check_broker(cfg)
     checks += check_models(cfg.models_dir)

@@ -220,3 +220,51 @@ if {sub!r} == "identity":
     if sub == "identity":  # refused before the person is asked to record anything
         assert lines[-1] == "calibrate 2" and "attach the electrodes" not in res.stdout
         assert res.stderr.startswith(f"biod calibrate: {state / sub}") and "biod user" in res.stderr
+
+
+def _ble_cfg(tmp_path, address: str):
+    return parse_config(f"imu:\n  enabled: true\n  source: ble\n  address: '{address}'\n  scan_timeout_s: 1\n"
+                        f"state_dir: {tmp_path}\n")
+
+
+def test_scan_finds_the_configured_board_as_the_daemon_does_and_names_the_fix_when_it_is_away(tmp_path) -> None:
+    """`biod doctor --scan` looks for the board with the daemon's own scan step
+    (metawear_ble.find_board), here against the emulated MetaMotion's scanner."""
+    from daemon.doctor import check_ble_sensor
+    from daemon.sources.metawear_ble import EmulatorScanner
+    from firmware_protocol.emulators.metamotion import MetaMotionEmulator
+
+    emu = MetaMotionEmulator(mac="EE:51:C0:DE:00:07")
+    (seen,) = check_ble_sensor(_ble_cfg(tmp_path, "ee:51:c0:de:00:07"), EmulatorScanner(emu))
+    assert seen.ok and "EE:51:C0:DE:00:07" in seen.detail
+    (away,) = check_ble_sensor(_ble_cfg(tmp_path, "EE:51:C0:DE:00:08"), EmulatorScanner(emu))
+    assert not away.ok and "not found within 1 s" in away.detail
+    assert "systemctl stop biod" in (away.fix or "")  # a board biod holds does not advertise
+
+
+def test_scan_that_cannot_run_says_so_and_not_that_the_board_is_away(tmp_path) -> None:
+    """The real bleak scanner, told to use an adapter that does not exist (hci99): on CI, which
+    has no Bluetooth at all, and on a hub with one alike, the scan itself fails, and the fix is
+    the adapter's, not the board's."""
+    import functools
+
+    from bleak import BleakScanner
+
+    from daemon.doctor import check_ble_sensor
+
+    class NoSuchAdapter:
+        find_device_by_address = functools.partial(BleakScanner.find_device_by_address, bluez={"adapter": "hci99"})
+
+    (check,) = check_ble_sensor(_ble_cfg(tmp_path, "C8:4B:AA:11:22:33"), NoSuchAdapter())
+    assert not check.ok and check.detail.startswith("BLE scan failed")
+    assert "bluetoothctl power on" in (check.fix or "") and "charge" not in (check.fix or "")
+
+
+def test_doctor_scans_only_when_asked_and_only_a_ble_source(tmp_path) -> None:
+    from daemon.doctor import run_checks
+
+    cfg = _ble_cfg(tmp_path, "C8:4B:AA:11:22:33")
+    assert "MetaMotion sensor" not in {c.name for c in run_checks(cfg, broker=False)}
+    emulated = parse_config(f"imu:\n  enabled: true\n  source: emulator\nstate_dir: {tmp_path}\n")
+    (scan,) = [c for c in run_checks(emulated, broker=False, scan=True) if c.name == "MetaMotion sensor"]
+    assert scan.ok and "not scanned: imu is emulator" in scan.detail

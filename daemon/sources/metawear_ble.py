@@ -325,6 +325,43 @@ class _Session:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class BoardNotFound(SourceError):
+    """The scan worked and the board was not among what it saw (a scan that failed is a plain
+    SourceError): the two have different fixes."""
+
+
+def describe_board(cfg: ImuSourceConfig) -> str:
+    if cfg.address:
+        return f"MetaMotion {cfg.address}"
+    return f"MetaMotion named {cfg.name!r}" if cfg.name else "MetaMotion (any)"
+
+
+async def find_board(cfg: ImuSourceConfig, scanner: Scanner | None = None) -> Any:
+    """The BLEDevice of the configured board (``cfg.address``, else ``cfg.name``; neither: any
+    board, emulator mode); SourceError naming the likely causes when none is seen. Shared by the
+    source and ``biod doctor --scan``, so the doctor looks for the board exactly as biod does."""
+    timeout = cfg.scan_timeout_s
+    if scanner is None:
+        from bleak import BleakScanner
+
+        scanner = BleakScanner  # type: ignore[assignment]
+    try:
+        if cfg.address:
+            device = await scanner.find_device_by_address(cfg.address, timeout=timeout)
+        else:
+            want = cfg.name.casefold() if cfg.name else None  # None: emulator mode, any board
+            device = await scanner.find_device_by_filter(
+                lambda d, adv: want is None or (adv.local_name or d.name or "").casefold() == want,
+                timeout=timeout)
+    except Exception as exc:  # BleakError, D-Bus errors, no adapter
+        raise SourceError(f"BLE scan failed ({exc}): is bluetoothd running and the adapter powered "
+                          "('bluetoothctl power on')? does the biod user have access to BlueZ?") from None
+    if device is None:
+        raise BoardNotFound(f"{describe_board(cfg)} not found within {timeout:g} s: is it charged and advertising? "
+                          "is another host connected to it?")
+    return device
+
+
 class MetaWearSource:
     """MetaMotionR/S over BLE: ``await run(stop)``; paired samples go to ``on_samples``.
 
@@ -390,9 +427,7 @@ class MetaWearSource:
 
     @property
     def describe(self) -> str:
-        if self.cfg.address:
-            return f"MetaMotion {self.cfg.address}"
-        return f"MetaMotion named {self.cfg.name!r}" if self.cfg.name else "MetaMotion (any)"
+        return describe_board(self.cfg)
 
     # -- the loop --------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -427,28 +462,7 @@ class MetaWearSource:
         log.error("imu: %s", message)
 
     async def _find(self) -> Any:
-        """The BLEDevice to connect to; SourceError naming the likely causes when none is seen."""
-        timeout = self.cfg.scan_timeout_s
-        scanner = self._scanner
-        if scanner is None:
-            from bleak import BleakScanner
-
-            scanner = BleakScanner  # type: ignore[assignment]
-        try:
-            if self.cfg.address:
-                device = await scanner.find_device_by_address(self.cfg.address, timeout=timeout)
-            else:
-                want = self.cfg.name.casefold() if self.cfg.name else None  # None: emulator mode, any board
-                device = await scanner.find_device_by_filter(
-                    lambda d, adv: want is None or (adv.local_name or d.name or "").casefold() == want,
-                    timeout=timeout)
-        except Exception as exc:  # BleakError, D-Bus errors, no adapter
-            raise SourceError(f"BLE scan failed ({exc}): is bluetoothd running and the adapter powered "
-                              "('bluetoothctl power on')? does the biod user have access to BlueZ?") from None
-        if device is None:
-            raise SourceError(f"{self.describe} not found within {timeout:g} s: is it charged and advertising? "
-                              "is another host connected to it?")
-        return device
+        return await find_board(self.cfg, self._scanner)
 
     async def _connection(self, stop: asyncio.Event) -> None:
         """One scan/connect/handshake/stream cycle; ``self._streamed`` says whether samples came."""

@@ -43,19 +43,38 @@ async def running(app):
         await task
 
 
-def retained_snapshot(port: int, pattern: str, settle: float = 0.7) -> dict[str, str]:
+def retained_snapshot(port: int, pattern: str, timeout: float = 10.0) -> dict[str, str]:
     """What a subscriber arriving now gets (Home Assistant after a restart): only retained
-    messages, the last one per topic (a fresh client sees nothing else)."""
+    messages, the last one per topic (a fresh client sees nothing else).
+
+    Complete, not sampled: the client subscribes to ``pattern`` and to a sentinel topic of its
+    own, and publishes to the sentinel once subscribed; the broker sends a subscription's
+    retained messages before anything published after it, so when the sentinel comes back
+    every retained message is in. (Sleeping a fixed time returned ``{}`` for a slow broker, and
+    an assert of "nothing retained" then passed without looking.)"""
     got: dict[str, str] = {}
+    sentinel = f"biod-test-snapshot/{time.monotonic_ns()}"
+    done = threading.Event()
+
+    def on_message(cl, u, m) -> None:
+        if m.topic == sentinel:
+            done.set()
+        elif m.retain:
+            got[m.topic] = m.payload.decode()
+
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"snap-{time.monotonic_ns()}")
-    c.on_message = lambda cl, u, m: got.__setitem__(m.topic, m.payload.decode()) if m.retain else None
-    c.on_connect = lambda cl, u, f, r, p=None: cl.subscribe(pattern, qos=1)
+    c.on_message = on_message
+    c.on_connect = lambda cl, u, f, r, p=None: cl.subscribe([(pattern, 1), (sentinel, 1)])
+    c.on_subscribe = lambda cl, u, mid, codes, p=None: cl.publish(sentinel, b"", qos=1)
     c.connect("127.0.0.1", port)
     c.loop_start()
-    time.sleep(settle)
-    c.loop_stop()
-    c.disconnect()
-    return got
+    try:
+        if not done.wait(timeout):
+            raise AssertionError(f"retained_snapshot: the broker on port {port} did not answer within {timeout} s")
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    return dict(got)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -159,7 +178,12 @@ class Broker:
             conf = self._write_conf()
             with open(self.workdir / "mosquitto.stderr", "wb") as err:  # bind errors go here, not to the log
                 self.proc = subprocess.Popen([_mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
-            if self._wait_listening():
+            try:
+                listening = self._wait_listening()
+            except RuntimeError:
+                self.stop()  # not left running behind a failed start
+                raise
+            if listening:
                 self._started_once = True
                 return
             log = self._log()
@@ -187,9 +211,15 @@ class Broker:
         return True
 
     def stop(self) -> None:
+        """Terminate, and kill if it does not go (a test may have SIGSTOPped it): a stop that
+        raised left the process behind and hid the test's own failure."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(5)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
         self.proc = None
 
 
@@ -213,8 +243,8 @@ def start_tls_broker(tmp_path: Path, server_extensions: str, extra_conf: str = "
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Broker]:
     broker = Broker(port=free_port(), workdir=tmp_path)
-    broker.start()
     try:
+        broker.start()
         yield broker
     finally:
         broker.stop()

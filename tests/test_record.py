@@ -353,8 +353,17 @@ def test_a_box_that_goes_away_gives_a_short_record_kept_and_a_non_zero_exit(tmp_
     real_open = record_cli.open_ecg_source
 
     def open_and_unplug_later(cfg, put):
-        source, emulator = real_open(cfg, put)
-        threading.Timer(0.5, emulator.unplug).start()  # ~10 s of signal at 20x
+        sent = [0]
+        box: list = []
+
+        def put_then_unplug(chunk) -> None:  # unplugged after 5 s of signal, counted, not timed
+            put(chunk)
+            sent[0] += len(chunk.samples_mv)
+            if sent[0] >= 5 * 500 and box:
+                threading.Thread(target=box.pop().unplug).start()
+
+        source, emulator = real_open(cfg, put_then_unplug)
+        box.append(emulator)
         return source, emulator
 
     monkeypatch.setattr(record_cli, "open_ecg_source", open_and_unplug_later)
@@ -365,4 +374,4 @@ def test_a_box_that_goes_away_gives_a_short_record_kept_and_a_non_zero_exit(tmp_
     assert "biod record: only " in err and "of ECG of the 60 s asked: nothing came for 2 s" in err, err
     (hea,) = (tmp_path / "r").glob("ecg_*.hea")
     kept = read_wfdb(hea).physical.shape[0] / 500.0
-    assert 2.0 < kept < 30.0
+    assert 5.0 <= kept < 30.0

@@ -40,6 +40,14 @@ def _start(source: EcgSource) -> tuple[threading.Thread, threading.Event]:
     return thread, stop
 
 
+def _poll(condition, timeout_s: float, what: str) -> None:
+    """Wait for ``condition()`` (a fixed sleep before the assert flaked on a slow machine)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.02)
+
+
 def _run_until_chunks(source: EcgSource, got: Collector, n: int, timeout_s: float) -> None:
     """Run ``source`` in its thread until ``got`` holds ``n`` chunks (asserting it within
     ``timeout_s``), then stop it."""
@@ -150,7 +158,7 @@ def test_missing_port_gives_an_actionable_error_and_keeps_retrying(tmp_path) -> 
     source = EcgSource(serial_opener(path, 460800), path, got, rate_hz=500)
     source.BACKOFF_S = (0.1,)
     thread, stop = _start(source)
-    time.sleep(0.6)
+    _poll(lambda: len(source.health.errors) >= 2, 10, "a second attempt")
     stop.set()
     thread.join(5)
     assert "does not exist" in (source.health.last_error or "")
@@ -167,7 +175,7 @@ def test_a_second_reader_is_refused_with_the_fix_and_the_first_keeps_streaming(b
     second = EcgSource(serial_opener(str(link), 460800), str(link), Collector(), rate_hz=500)
     second.BACKOFF_S = (0.1,)
     t2, stop2 = _start(second)  # e.g. biod calibrate while the service runs
-    time.sleep(0.8)
+    _poll(lambda: "in use" in (second.health.last_error or ""), 10, "the second reader's refusal")
     stop2.set()
     t2.join(5)
     n = first.count()
@@ -184,7 +192,7 @@ def test_wrong_serial_number_is_refused(box) -> None:
     source = EcgSource(serial_opener(str(link), 460800), str(link), Collector(), rate_hz=500, match_serial="OTHER-BOX")
     source.BACKOFF_S = (0.1,)
     thread, stop = _start(source)
-    time.sleep(1.5)
+    _poll(lambda: "ecg.match_serial" in (source.health.last_error or ""), 15, "the serial-number refusal")
     stop.set()
     thread.join(5)
     assert "ecg.match_serial" in (source.health.last_error or "")

@@ -16,7 +16,6 @@ stranger was accepted as alice at 0.35). Only embeddings leave the data folder.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +23,13 @@ import numpy as np
 from daemon.biometrics import MODELS_DIR, EcgModelRunner
 from daemon.dsp.ecg_pipeline import windows_from_record
 from daemon.enrol import IMPOSTORS_FILE
-from training.data.ecg import load_training_records
+from training.data.ecg import load_ludb, load_training_records
 
 
-def ludb_leads_mv(data: Path) -> dict[str, np.ndarray]:
-    z = np.load(data / "ludb" / "ludb.npz")
-    meta = json.loads((data / "ludb" / "metadata.json").read_text())
-    out = {}
-    for rec in meta["records"]:
-        i = rec["index"]
-        pid = rec["record"].split("/")[-1]
-        out[pid] = z["signals"][i, :, :3].astype(np.float32) / z["adc_gain"][i, :3].astype(np.float32)
-    return out
+def ludb_leads_mv(data: Path) -> dict[str, tuple[np.ndarray, float]]:
+    """LUDB person id -> (leads I, II, III in mV, rate Hz), through the training loader (its
+    checks, its rate from metadata.json); empty when the folder has no ludb/."""
+    return {r.person.split(":", 1)[1]: (r.x_mv, r.fs) for r in load_ludb(data)}
 
 
 def build(data: Path, models: Path) -> Path:
@@ -43,7 +37,7 @@ def build(data: Path, models: Path) -> Path:
     manifest = runner.model.manifest
     held = set(manifest.training.held_out.get("ludb", []))
     trained = set(manifest.training.persons.get("ludb", []))
-    records = {pid: x for pid, x in ludb_leads_mv(data).items() if pid in held and pid not in trained}
+    records = {pid: xf for pid, xf in ludb_leads_mv(data).items() if pid in held and pid not in trained}
     if not records:
         raise SystemExit(f"no held-out LUDB person in {data}: the manifest holds out {sorted(held)[:5]}...")
     sets: dict[str, tuple[list[np.ndarray], list[str]]] = {"I": ([], []), "I_II_III": ([], [])}
@@ -56,9 +50,9 @@ def build(data: Path, models: Path) -> Path:
             sets[key][0].append(e.astype(np.float32))
             sets[key][1].append(label)
 
-    for pid, x in sorted(records.items()):
-        add("I", f"ludb-{pid}", x, 500.0, np.array([True, False, False]))
-        add("I_II_III", f"ludb-{pid}", x, 500.0, np.ones(3, bool))
+    for pid, (x, fs) in sorted(records.items()):
+        add("I", f"ludb-{pid}", x, fs, np.array([True, False, False]))
+        add("I_II_III", f"ludb-{pid}", x, fs, np.ones(3, bool))
     _, calib = load_training_records(data)
     for r in sorted(calib, key=lambda r: (r.person, r.record)):  # one label per person, all its dates
         add("I", r.person.replace(":", "-"), r.x_mv, r.fs, np.asarray(r.lead_valid, bool))

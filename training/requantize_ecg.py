@@ -101,7 +101,7 @@ def requantize(data_dir: Path, models: Path, clip_percentile: float, progress=pr
     progress(f"requantize: fused threshold {threshold:.3f} (FAR 1 % on the calibration persons)")
     build_impostors(data_dir, models)
     progress("requantize: impostor set rebuilt")
-    metrics, _ = manifest_metrics(evaluation)  # the CNN alone, from the same held-out run
+    metrics, _ = manifest_metrics(evaluation) if evaluation else ({}, None)  # the CNN alone, same held-out run
     update_manifest(p8, metrics=metrics)
     update_manifest(models / "float" / f"{MODEL_NAME}.tflite", metrics=metrics)
     return p8

@@ -20,6 +20,18 @@ def _progress(t0: float):
     return say
 
 
+#: the subfolders each part cannot train without (what its loaders read). WHY: a folder in the
+#: shared/data format may hold only some datasets; a part that lacks one is skipped with a line
+#: saying which, instead of a traceback after the parts before it ran (or, for the ECG activity
+#: head without gudb_rpeaks, a head trained on empty windows and shipped).
+ECG_NEEDS = ("ecgid", "ludb", "mitdb", "gudb_rpeaks")
+IMU_TASK_NEEDS = {"gender": "sisfall", "age": "sisfall", "activity": "hugadb"}
+
+
+def _missing(data: Path, names) -> list[str]:
+    return [n for n in names if not (data / n).is_dir()]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,31 +44,72 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --data {args.data} is not a folder (expected the shared/data format)",
               file=sys.stderr)
         return 2
+    from training.data.ecg import DataError
+
+    data, out = Path(args.data), Path(args.out)
     say = _progress(time.time())
     summary: dict = {}
-    if args.only in (None, "ecg"):
+    failed: list[str] = []
+
+    def part(name: str, run) -> None:
+        """Run one part; a data problem ends that part with one line, not the whole command."""
+        try:
+            summary[name] = run()
+        except (DataError, FileNotFoundError) as exc:
+            say(f"{name}: FAILED: {exc}")
+            failed.append(name)
+
+    def ecg() -> dict:
+        from training.impostors import build as build_impostors  # the set belongs to these models
+        from training.train_beats import train_beats  # fused with the CNN: threshold needs it
         from training.train_ecg import TrainConfig, train_ecg
+
         cfg = TrainConfig() if args.ecg_steps is None else TrainConfig(steps=args.ecg_steps)
         say("ECG dual-task model: start")
-        summary["ecg"] = train_ecg(args.data, args.out, say, cfg)
-        from training.train_beats import train_beats  # fused with the CNN: threshold needs it
-
+        res = {"cnn": train_ecg(data, out, say, cfg)}
         say("ECG beat-morphology model: start")
-        summary["ecg_beats"] = train_beats(args.data, args.out, say)
-        from training.impostors import build as build_impostors  # the set belongs to these models
-
-        build_impostors(Path(args.data), Path(args.out))
+        res["beats"] = train_beats(data, out, say)
+        build_impostors(data, out)
         say("ECG dual-task model: done (and its never-enrolled impostor set)")
-    if args.only in (None, "imu"):
-        from training.train_imu import train_imu
-        say("IMU models: start")
-        summary["imu"] = train_imu(args.data, args.out, say)
-        from training.train_gait import train as train_gait
+        return res
 
-        say("gait identity models: start")
-        summary["gait"] = train_gait(Path(args.data), Path(args.out))
-        say("IMU models: done (and the gait identity models)")
+    if args.only in (None, "ecg"):
+        if missing := _missing(data, ECG_NEEDS):
+            say(f"ECG models: skipped: {data} has no {', '.join(missing)} (they need {', '.join(ECG_NEEDS)})")
+            summary["ecg"] = {"skipped": f"no {', '.join(missing)}"}
+        else:
+            part("ecg", ecg)
+    if args.only in (None, "imu"):
+        tasks = tuple(t for t, ds in IMU_TASK_NEEDS.items() if (data / ds).is_dir())
+        skipped = sorted({t for t in IMU_TASK_NEEDS if t not in tasks})
+        if skipped:
+            say(f"IMU models {', '.join(skipped)}: skipped: {data} has no "
+                f"{', '.join(sorted({IMU_TASK_NEEDS[t] for t in skipped}))}")
+        if tasks:
+            from training.train_imu import train_imu
+
+            say(f"IMU models ({', '.join(tasks)}): start")
+            part("imu", lambda: train_imu(data, out, say, tasks=tasks))
+        else:
+            summary["imu"] = {"skipped": "no sisfall, no hugadb"}
+        if missing := _missing(data, ("sisfall", "hugadb")):
+            say(f"gait identity models: skipped: {data} has no {', '.join(missing)} (waist from sisfall, "
+                "thigh from hugadb)")
+            summary["gait"] = {"skipped": f"no {', '.join(missing)}"}
+        else:
+            from training.train_gait import train as train_gait
+
+            say("gait identity models: start")
+            part("gait", lambda: train_gait(data, out))
+            say("IMU models: done (and the gait identity models)")
     print(json.dumps(summary, indent=2, default=str))
+    trained = [k for k, v in summary.items() if not (isinstance(v, dict) and "skipped" in v)]
+    if failed:
+        return 1
+    if not trained:
+        print(f"error: nothing to train in {data}: it holds none of the datasets a model needs "
+              f"({', '.join(sorted(set(ECG_NEEDS) | set(IMU_TASK_NEEDS.values())))})", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -274,13 +274,18 @@ def fused_threshold_and_metrics(data_dir: Path, out_dir: Path, calib: list[EcgRe
     the CNN's int8 file as much as on the beat model: re-run when either changes. Returns the
     threshold and the held-out evaluation (``evaluate_ecg``), whose CNN-alone metrics a caller
     that changed the CNN writes into the CNN's manifests without evaluating again."""
+    from training.eval.models import NoEcgPersons
     from training.export import update_manifest
 
     threshold = fused_threshold(out_dir, calib)
     for p in _beat_paths(out_dir):
         update_manifest(p, thresholds={"fusion_weight_cnn": FUSION_WEIGHT_CNN,
                                        "identity_cosine": threshold})
-    return threshold, fused_metrics(data_dir, out_dir, progress)
+    try:
+        return threshold, fused_metrics(data_dir, out_dir, progress)
+    except NoEcgPersons as exc:  # a folder of training persons only: the model stands, unmeasured
+        progress(f"beats: no held-out metrics ({exc}); the manifests' metrics stay empty")
+        return threshold, {}
 
 
 def _beat_paths(out_dir: Path) -> tuple[Path, Path]:

@@ -370,7 +370,7 @@ def train_ecg(data_dir: Path, out_dir: Path, progress: Progress = print,
     """Train on the fixed training persons, export int8 + float, evaluate held-out persons,
     write the metrics into the manifest. Returns a summary dict."""
     from training.eval.identity import choose_threshold
-    from training.eval.models import evaluate_ecg, manifest_metrics
+    from training.eval.models import NoEcgPersons, evaluate_ecg, manifest_metrics
     from training.export import update_manifest
 
     cfg = cfg or TrainConfig()
@@ -382,8 +382,12 @@ def train_ecg(data_dir: Path, out_dir: Path, progress: Progress = print,
              f"{threshold:.3f}")
     p8, pf = export_models(model, data, threshold, cfg, Path(out_dir))
     progress(f"ecg: exported {p8} ({p8.stat().st_size} bytes) and {pf}")
-    res = evaluate_ecg(Path(data_dir), Path(out_dir), figures=None, progress=progress)
-    metrics, _ = manifest_metrics(res)  # the CNN's own numbers, whatever beat model lies beside it
+    try:
+        res = evaluate_ecg(Path(data_dir), Path(out_dir), figures=None, progress=progress)
+        metrics, _ = manifest_metrics(res)  # the CNN's own numbers, whatever beat model lies beside it
+    except NoEcgPersons as exc:  # a folder of training persons only: the model stands, unmeasured
+        progress(f"ecg: no held-out metrics ({exc}); the manifest's metrics stay empty")
+        metrics = {}
     update_manifest(p8, metrics=metrics)
     update_manifest(pf, metrics=metrics)
     return {"model": str(p8), "float_model": str(pf), "threshold": threshold,

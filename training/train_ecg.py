@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf  # noqa: E402
 
 from training.data.ecg import (  # noqa: E402
-    ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS, EcgRecord, WindowSet,
+    ECGID_CALIBRATION, ECGID_HELDOUT, LUDB_HELDOUT_FROM, MITDB_HELDOUT, MITDB_TRAIN_SEGMENTS, DataError, EcgRecord, WindowSet,
     fingerprints, load_training_records, person_folds, person_id, record_windows)
 from training.data.ecg_activity import (  # noqa: E402
     GUDB_TEST_SUBJECTS, RRSeries, construct_activity_records, load_gudb_rr)
@@ -130,7 +130,7 @@ def augment(x: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
     rows = np.arange(b)[:, None]
     x = x[rows, i0] * (1 - f) + x[rows, i1] * f
     x *= rng.uniform(0.8, 1.2, size=(b, 1, c)).astype(np.float32)
-    tt = grid[None, :, None] / 100.0
+    tt = grid[None, :, None] / float(PIPELINE_KW["model_fs"])  # seconds: the wander's 0.05-0.5 Hz at any rate
     wander = rng.uniform(0, 0.3, size=(b, 1, c)) * np.sin(
         2 * np.pi * rng.uniform(0.05, 0.5, size=(b, 1, c)) * tt + rng.uniform(0, 6.3, size=(b, 1, c)))
     x += wander.astype(np.float32)
@@ -299,11 +299,13 @@ def manifest_fields(data: EcgTrainingData, threshold: float, cfg: TrainConfig) -
             "channels": ["I", "II", "III"],
             "units": "z-score per lead per window (dimensionless)",
             "normalisation": {"kind": "in_model", "description": (
-                "The caller feeds EcgPipeline windows (model_fs=100, window_s=3, hop_s=1, "
-                "norm='zscore'): mV high-passed 0.5 Hz + mains notch, resampled to 100 Hz, "
-                "z-scored per lead over the 3 s window; a lead-off or flat lead is all zeros. "
+                f"The caller feeds EcgPipeline windows (model_fs={PIPELINE_KW['model_fs']}, "
+                f"window_s={PIPELINE_KW['window_s']}, hop_s={PIPELINE_KW['hop_s']}, "
+                "norm='zscore'): mV high-passed 0.5 Hz + mains notch, resampled to "
+                f"{PIPELINE_KW['model_fs']} Hz, z-scored per lead over the {PIPELINE_KW['window_s']} s "
+                "window; a lead-off or flat lead is all zeros. "
                 "Any subset of the three leads is valid (trained with lead dropout).")},
-            "description": "3 s of 3-lead ECG (Einthoven I, II, III) at 100 Hz",
+            "description": f"{PIPELINE_KW['window_s']} s of 3-lead ECG (Einthoven I, II, III) at {PIPELINE_KW['model_fs']} Hz",
         }],
         "outputs": [
             {"name": "embedding", "meaning": (
@@ -376,6 +378,9 @@ def train_ecg(data_dir: Path, out_dir: Path, progress: Progress = print,
     cfg = cfg or TrainConfig()
     t0 = time.time()
     data = prepare(Path(data_dir), progress)
+    if not len(data.act_x):
+        raise DataError(f"{data_dir}: no gudb_rpeaks RR series to build the activity windows from: the "
+                        "activity head would learn from nothing and still be shipped; add gudb_rpeaks/")
     model, hist = train_model(data, cfg, progress)
     threshold = choose_threshold(data.calib, embed(model, data.calib.x))
     progress(f"ecg: operating threshold (FAR 1 % on the calibration persons) cosine "

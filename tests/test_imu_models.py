@@ -238,7 +238,7 @@ def test_finetune_head_only(tmp_path):
     from training.finetune_imu import finetune, keras_base
 
     base = keras.models.load_model(keras_base(MODELS / "imu_activity.tflite"))
-    res = finetune(MODELS / "imu_activity.tflite", DATA, tmp_path, epochs=1)
+    res = finetune(MODELS / "imu_activity.tflite", DATA, tmp_path, epochs=1, allow_missing_classes=True)  # short excerpts
     tuned = keras.models.load_model(keras_base(Path(res["model"])))
     for frozen in ("conv1", "conv2"):
         np.testing.assert_array_equal(base.get_layer(frozen).get_weights()[0],
@@ -303,8 +303,20 @@ def test_biod_record_to_finetune_on_the_households_own_data(tmp_path):
     _tf()
     from training.finetune_imu import finetune
 
-    res = finetune(MODELS / "imu_activity.tflite", out, tmp_path / "tuned", epochs=1)
+    # 12 s of walking only: refused, since a head tuned on walking alone forgets rest and vigorous
+    with pytest.raises(ValueError, match=r"too few windows of rest, walking, vigorous \(rest 0, walking 1\d, vigorous 0; need 20"):
+        finetune(MODELS / "imu_activity.tflite", out, tmp_path / "refused", epochs=1)
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="--compare needs at least two recordings"):  # was an error inside Keras
+        finetune(MODELS / "imu_activity.tflite", out, tmp_path / "refused", epochs=1, compare=True,
+                 allow_missing_classes=True)
+    res = finetune(MODELS / "imu_activity.tflite", out, tmp_path / "tuned", epochs=1, allow_missing_classes=True)
     assert res["windows"] >= 10 and res["persons"] == ["ann"]
+    # calibrated on the base model's own calibration windows too, not the 12 s of walking alone
+    assert res["calibration"].startswith("500 base calibration windows + ")
+    base_q = load_model(MODELS / "imu_activity.tflite").manifest.inputs[0].quantisation
+    tuned_q = load_model(Path(res["model"])).manifest.inputs[0].quantisation
+    assert tuned_q.scale >= base_q.scale * 0.99  # the input range did not shrink to the household's
     model = load_model(Path(res["model"]))
     assert model.manifest.training.persons["household"] == ["ann"]
     cfg.write_text(body.format(place="waist"))
@@ -313,6 +325,57 @@ def test_biod_record_to_finetune_on_the_households_own_data(tmp_path):
                     "--seconds", "4", "--label", "walking"], cwd=ROOT, check=True, capture_output=True, timeout=120)
     with pytest.raises(ValueError, match="made at the waist.*trained for the thigh"):
         finetune(MODELS / "imu_activity.tflite", other, tmp_path / "no", epochs=1)
+
+
+def test_household_labels_that_do_not_fit_the_record_are_refused_with_the_line(tmp_path):
+    """A labels.csv with other columns was a KeyError; a negative start labelled the record's
+    end, and an end before the start labelled nothing, silently."""
+    from daemon.record import WfdbWriter, imu_signals
+    from training.data.ecg import DataError
+    from training.data.imu import load_biod_imu
+
+    with WfdbWriter(tmp_path, "imu_a", 100.0, imu_signals(8, 1000), comments=["person ann", "placement thigh"]) as w:
+        w.write_physical(np.tile([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0]], (500, 1)))
+    labels = tmp_path / "imu_a.labels.csv"
+    for text, message in (("start,end,kind,value\n0,500,activity,walking\n", "expected start_sample"),
+                          ("start_sample,end_sample,kind,value\n-100,500,activity,walking\n", r"labels.csv:2: samples '-100'"),
+                          ("start_sample,end_sample,kind,value\n0,100,activity,walking\n400,300,activity,sitting\n",
+                           r"labels.csv:3: samples '400'..'300' are not a span within the record's 500 samples")):
+        labels.write_text(text)
+        with pytest.raises(DataError, match=message):
+            load_biod_imu(tmp_path)
+    labels.write_text("start_sample,end_sample,kind,value\n0,500,activity,walking\n")
+    (rec,) = load_biod_imu(tmp_path)
+    assert set(rec.labels.tolist()) == {1}
+
+
+def test_a_faster_household_recording_is_filtered_as_the_daemon_filters_that_sensor(tmp_path):
+    """`biod record` at imu.odr_hz 400: the fine-tuning windows were resampled without the
+    daemon's anti-alias low-pass and differed from the served features (up to 150 % with a 130 Hz
+    vibration on the accelerometer). Real walking (the emulator's SisFall excerpt), resampled
+    to 400 Hz, plus such a vibration: training's features equal the daemon's."""
+    from daemon.dsp.imu import acf_features
+    from daemon.dsp.imu_pipeline import imu_windows_from_record
+    from daemon.record import WfdbWriter, imu_signals
+    from firmware_protocol.emulators.imu_recordings import load_imu_recording
+    from training.data.imu import load_biod_imu, window_set
+
+    src = load_imu_recording("SA01_D01_walking")
+    si = np.concatenate([src.acc_ms2, np.deg2rad(src.gyro_dps)], axis=1)[:2000]
+    t100 = np.arange(len(si)) / 100.0
+    t = np.arange(4 * len(si)) / 400.0
+    x = np.stack([np.interp(t, t100, si[:, c]) for c in range(6)], axis=1)
+    x[:, :3] += 0.3 * 9.80665 * np.sin(2 * np.pi * 130.0 * t)[:, None]
+    acc_g, gyro_dps = x[:, :3] / 9.80665, np.rad2deg(x[:, 3:])
+    with WfdbWriter(tmp_path, "imu_a", 400.0, imu_signals(8, 1000), comments=["person ann", "placement thigh"]) as w:
+        w.label("activity", "walking")
+        w.write_physical(np.concatenate([acc_g, gyro_dps], axis=1))
+    trained = window_set(load_biod_imu(tmp_path), "stride", 10).features
+    wins = imu_windows_from_record(t, acc_g, gyro_dps, acc_range_g=8, gyro_range_dps=1000, input_hz=400.0)
+    served = np.stack([acf_features(w.data.astype(np.float32), max_lag=10, variant="stride") for w in wins])
+    k = min(len(served), len(trained))
+    assert k >= 15
+    np.testing.assert_allclose(trained[:k], served[:k], rtol=1e-3, atol=1e-4)
 
 
 def test_one_damaged_imu_model_costs_that_model_only(tmp_path, caplog):

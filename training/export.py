@@ -104,6 +104,23 @@ def _saved_model(model: Any, inputs: list[dict[str, Any]], output_names: list[st
     return tmp
 
 
+def calibration_rows(count: int) -> np.ndarray:
+    """Which of ``count`` representative windows the int8 calibration reads (a fixed draw)."""
+    return np.random.default_rng(0).permutation(count)[:_MAX_CALIBRATION]
+
+
+def save_calibration_windows(out_dir: Path, name: str, representative: np.ndarray) -> Path:
+    """``<out_dir>/<name>.representative.npz``: the raw windows an int8 export of ``name``
+    calibrated on (``features``). WHY: a fine-tune (training.finetune_imu) on a household's few
+    recordings must calibrate on these plus its own; on its own windows alone the int8 input
+    range shrank to what the household recorded and saturated on a fifth of other windows."""
+    rows = np.asarray(representative, np.float32)[calibration_rows(len(representative))]
+    path = Path(out_dir) / f"{name}.representative.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, features=rows)
+    return path
+
+
 def _representative(
     representative: np.ndarray | Mapping[str, np.ndarray], specs: list[InputSpec]
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -118,7 +135,7 @@ def _representative(
     if len(n) != 1 or n.pop() == 0:
         raise ExportError("representative arrays must be non-empty and of equal length")
     count = len(next(iter(arrays.values())))
-    idx = np.random.default_rng(0).permutation(count)[:_MAX_CALIBRATION]
+    idx = calibration_rows(count)
     normalised = {s.name: s.normalisation.apply(arrays[s.name]) for s in specs}
     for spec in specs:
         if normalised[spec.name].shape[1:] != tuple(spec.shape):

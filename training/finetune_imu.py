@@ -32,6 +32,11 @@ from training.data.imu import WindowSet, load_biod_imu, load_hugadb, top_level_i
 from training.eval.imu import activity_metrics
 
 FROZEN = ("conv1", "conv2")
+#: windows of each top-level activity (rest, walking, vigorous) a fine-tune needs. WHY: trained on
+#: some activities only, the head forgets the others: fine-tuned on one person's walking alone
+#: (200 epochs), held-out HuGaDB top-level macro-F1 fell from 90 % to 69 % and vigorous windows
+#: were called vigorous 12 times in 44.
+MIN_WINDOWS_PER_CLASS = 20
 
 
 def keras_base(base: Path) -> Path:
@@ -98,6 +103,27 @@ def household_windows(data: Path, manifest, persons: tuple[str, ...] | None = No
     return merged, np.concatenate(rec_ids), dataset
 
 
+def calibration_windows(kpath: Path, name: str, household: np.ndarray, report: dict) -> np.ndarray:
+    """The int8 calibration set: the base model's own calibration windows (saved beside its
+    Keras twin by training.train_imu) plus the household's. WHY: the conv layers are frozen
+    and keep seeing the whole range of movement; calibrated on a household's few minutes of
+    walking alone, the int8 input range shrank to that, and 22 % of other persons' windows
+    saturated (int8 vs float top-level probability off by up to 0.73)."""
+    base = kpath.parent / f"{name}.representative.npz"
+    if not base.exists():
+        report["calibration"] = "household windows only (no base calibration windows found)"
+        print(f"warning: {base} not found: the int8 model is calibrated on the household's windows "
+              "only and may saturate on movements they lack; retrain the base with training.train_imu",
+              file=sys.stderr)
+        return household
+    with np.load(base) as z:
+        own = np.asarray(z["features"], np.float32)
+    if own.shape[1:] != household.shape[1:]:
+        raise ValueError(f"{base}: windows of shape {own.shape[1:]}, the household's are {household.shape[1:]}")
+    report["calibration"] = f"{len(own)} base calibration windows + {len(household)} household windows"
+    return np.concatenate([own, household.astype(np.float32)])
+
+
 def prepare(model, frozen: bool) -> None:
     """Freeze (or not) the conv layers and recompile; only the head trains when frozen."""
     from training.models.imu import compile_activity
@@ -130,12 +156,28 @@ def _time_to(curve: list[dict[str, float]], key: str, target: float) -> float | 
     return None
 
 
+def check_classes(ws: WindowSet, data: Path, allow_missing: bool) -> None:
+    """Refuse (ValueError) data that lacks a top-level activity, unless ``allow_missing``."""
+    from training.data.imu import TOP_LEVEL
+
+    top = top_level_index(ws.activity)
+    counts = {name: int(np.sum(top == i)) for i, name in enumerate(TOP_LEVEL)}
+    short = [name for name, n in counts.items() if n < MIN_WINDOWS_PER_CLASS]
+    if short and not allow_missing:
+        raise ValueError(
+            f"{data}: too few windows of {', '.join(short)} ({', '.join(f'{k} {v}' for k, v in counts.items())}; "
+            f"need {MIN_WINDOWS_PER_CLASS} of each): a model fine-tuned on some activities forgets the others. "
+            "Record the missing ones (biod record --label sitting|standing|walking|running ...), or pass "
+            "--allow-missing-classes to accept that")
+
+
 def finetune(base: Path, data: Path, out: Path, epochs: int = 10, compare: bool = False,
-             scratch_epochs: int = 30, persons: tuple[str, ...] | None = None) -> dict:
+             scratch_epochs: int = 30, persons: tuple[str, ...] | None = None,
+             allow_missing_classes: bool = False) -> dict:
     import keras
 
     from training.models.imu import build_activity, limit_threads
-    from training.export import export_int8
+    from training.export import export_int8, save_calibration_windows
 
     limit_threads(1)
     kpath = keras_base(base)
@@ -143,7 +185,11 @@ def finetune(base: Path, data: Path, out: Path, epochs: int = 10, compare: bool 
     norm: Normalisation = manifest.inputs[0].normalisation
     ws, rec, dataset = household_windows(data, manifest, persons)
     report: dict = {"base": str(kpath), "windows": len(ws), "persons": sorted(set(ws.subject))}
+    check_classes(ws, data, allow_missing_classes)
     if compare:
+        if len(np.unique(rec)) < 2:
+            raise ValueError(f"{data}: --compare needs at least two recordings (alternate ones are the test "
+                             "set); record another one or leave out --compare")
         test_mask = rec % 2 == 1  # alternate recordings: no window of a test recording trains
         train, test = ws.select(~test_mask), ws.select(test_mask)
     else:
@@ -193,9 +239,11 @@ def finetune(base: Path, data: Path, out: Path, epochs: int = 10, compare: bool 
         "persons": {**manifest.training.persons, dataset: sorted(tuned)},
         "held_out": {}, "description": f"fine-tuned (conv frozen) from {kpath.name} on {data}"}
     fields["metrics"] = {"household_test": report["finetune_final"]} if compare else {}
-    path = export_int8(model, train.features, Path(out), manifest.name, fields)
+    calibration = calibration_windows(kpath, manifest.name, train.features, report)
+    path = export_int8(model, calibration, Path(out), manifest.name, fields)
     (Path(out) / "float").mkdir(parents=True, exist_ok=True)
     model.save(Path(out) / "float" / f"{manifest.name}.keras")  # to fine-tune again later
+    save_calibration_windows(Path(out) / "float", manifest.name, calibration)
     report["model"] = str(path)
     report["bytes"] = path.stat().st_size
     report["top_level_present"] = sorted(set(top_level_index(train.activity).tolist()))
@@ -213,12 +261,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="also train from scratch and report the speed-up")
     ap.add_argument("--scratch-epochs", type=int, default=30)
     ap.add_argument("--persons", help="comma-separated person ids to use (default: all)")
+    ap.add_argument("--allow-missing-classes", action="store_true",
+                    help=f"fine-tune even when a top-level activity has fewer than {MIN_WINDOWS_PER_CLASS} windows "
+                         "(the model then tends to forget it)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     try:
         res = finetune(args.base, args.data, args.out, args.epochs, args.compare,
                        args.scratch_epochs,
-                       tuple(args.persons.split(",")) if args.persons else None)
+                       tuple(args.persons.split(",")) if args.persons else None,
+                       allow_missing_classes=args.allow_missing_classes)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

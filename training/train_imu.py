@@ -416,7 +416,7 @@ def train_imu(data_dir: Path, out_dir: Path, progress: Progress = _quiet,
     metrics also written into each manifest.
     """
     from daemon.inference.runtime import load_model
-    from training.export import export_float, export_int8, update_manifest
+    from training.export import export_float, export_int8, save_calibration_windows, update_manifest
 
     out_dir = Path(out_dir)
     (out_dir / "float").mkdir(parents=True, exist_ok=True)
@@ -436,6 +436,7 @@ def train_imu(data_dir: Path, out_dir: Path, progress: Progress = _quiet,
         fields = manifest_fields(task, variant, trained.normalisation, persons, held_out)
         name = MODEL_NAMES[task]
         p8 = export_int8(trained.model, train.features, out_dir, name, fields)
+        save_calibration_windows(out_dir / "float", name, train.features)  # for finetune_imu
         pf = export_float(trained.model, out_dir / "float", name, fields)
         trained.model.save(out_dir / "float" / f"{name}.keras")
         metrics = {}

@@ -74,13 +74,19 @@ class ImuPipeline:
                 + [np.deg2rad(gyro_range_dps) if gyro_range_dps else big] * 3, dtype=np.float32)
         self._resampler = ImuResampler(fs_out, 6, max_gap_s)
         self.max_gap_s = float(max_gap_s)
-        self._anti_alias: SosFilter | None = None
-        if input_hz is not None and input_hz > self.fs_out * 1.001:
-            order, frac = self.ANTI_ALIAS
-            self._anti_alias = SosFilter(signal.butter(order, frac * self.fs_out, fs=float(input_hz),
-                                                       output="sos"), 6)
+        self._anti_alias = self.anti_alias(input_hz, self.fs_out)
         self._t_last: float | None = None
         self._start_run(0.0)
+
+    @classmethod
+    def anti_alias(cls, input_hz: float | None, fs_out: float) -> SosFilter | None:
+        """The low-pass applied before resampling a faster sensor down to ``fs_out`` (None when
+        it is not faster). One definition: training's loaders filter recordings with it, so a
+        model fine-tuned on 400 Hz recordings sees what the daemon serves."""
+        if input_hz is None or input_hz <= fs_out * 1.001:
+            return None
+        order, frac = cls.ANTI_ALIAS
+        return SosFilter(signal.butter(order, frac * fs_out, fs=float(input_hz), output="sos"), 6)
 
     def _start_run(self, anchor: float) -> None:
         self._windower = SlidingWindower(6, self.window_len, self.hop)

@@ -37,9 +37,12 @@ def test_imu_parts_follow_the_datasets_present(tmp_path, capsys) -> None:
     assert "IMU models activity, age, gender: skipped" in err and "hugadb, sisfall" in err
 
 
-def test_a_broken_dataset_fails_its_part_with_one_line_and_a_non_zero_exit(tmp_path, capsys) -> None:
+def test_a_broken_dataset_fails_its_part_with_one_line_and_a_non_zero_exit(tmp_path, capfd) -> None:
+    """The IMU part runs as `python -m training.train_imu` in a child process (its own TensorFlow
+    threads): its one-line error reaches the terminal, then the part's."""
     (tmp_path / "sisfall").mkdir()  # present but empty: gender and age try, and cannot
     assert main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--only", "imu"]) == 1
-    err = capsys.readouterr().err
-    assert "imu: FAILED: " in err and "sisfall/metadata.json not found" in err
+    err = capfd.readouterr().err
+    assert "error: " in err and "sisfall/metadata.json not found" in err
+    assert "imu: FAILED: training.train_imu exited with 2" in err
     assert "Traceback" not in err

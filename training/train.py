@@ -32,6 +32,25 @@ def _missing(data: Path, names) -> list[str]:
     return [n for n in names if not (data / n).is_dir()]
 
 
+def _train_imu_apart(data: Path, out: Path, tasks: tuple[str, ...]) -> dict:
+    """``python -m training.train_imu`` in a child process; its JSON summary. WHY: TensorFlow
+    takes its thread count once per process, and the ECG part set 2 where the IMU models train
+    on 1: in this process the same seed gave other IMU weights than ``training.train_imu``
+    does alone. In a child they are the same models, bit for bit, whichever command made them."""
+    import subprocess
+    import tempfile
+
+    from training.data.ecg import DataError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "imu.json"
+        run = subprocess.run([sys.executable, "-m", "training.train_imu", "--data", str(data), "--out", str(out),
+                              "--tasks", ",".join(tasks), "--json", str(summary)], stdout=subprocess.DEVNULL)
+        if run.returncode != 0:
+            raise DataError(f"training.train_imu exited with {run.returncode} (its error is above)")
+        return json.loads(summary.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"IMU models {', '.join(skipped)}: skipped: {data} has no "
                 f"{', '.join(sorted({IMU_TASK_NEEDS[t] for t in skipped}))}")
         if tasks:
-            from training.train_imu import train_imu
-
             say(f"IMU models ({', '.join(tasks)}): start")
-            part("imu", lambda: train_imu(data, out, say, tasks=tasks))
+            part("imu", lambda: _train_imu_apart(data, out, tasks))
         else:
             summary["imu"] = {"skipped": "no sisfall, no hugadb"}
         if missing := _missing(data, ("sisfall", "hugadb")):

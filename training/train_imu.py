@@ -493,7 +493,13 @@ def main(argv: list[str] | None = None) -> int:
                              tuple(args.tasks.split(",")), args.folds, not args.no_int8, say,
                              args.age_mode, args.include_held_out)
     else:
-        res = train_imu(args.data, args.out, say, tuple(args.tasks.split(",")))
+        from training.data.ecg import DataError
+
+        try:
+            res = train_imu(args.data, args.out, say, tuple(args.tasks.split(",")))
+        except (DataError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     text = json.dumps(res, indent=2, default=float)
     print(text)
     if args.json:

@@ -7,11 +7,11 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from daemon.config import ConfigError, load_config
+from daemon.durable import probe_writable
 from daemon.publish.spool import SpoolError
 
 log = logging.getLogger("biod")
@@ -109,8 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # An existing folder the process may not write (a read-only mount under the unit's
         # ProtectSystem=strict, another owner) passes mkdir and failed later, at the first
         # enrolment or spooled event: write a file now.
-        with tempfile.TemporaryFile(dir=cfg.state_dir):
-            pass
+        probe_writable(cfg.state_dir, ".biod-run.")
     except OSError as exc:
         if os.environ.get("INVOCATION_ID"):  # a systemd service: the unit allows /var/lib/biod only
             fix = ("the unit lets biod write /var/lib/biod only (ProtectSystem=strict): keep state_dir there, or "

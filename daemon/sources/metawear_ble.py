@@ -358,7 +358,7 @@ async def find_board(cfg: ImuSourceConfig, scanner: Scanner | None = None) -> An
                           "('bluetoothctl power on')? does the biod user have access to BlueZ?") from None
     if device is None:
         raise BoardNotFound(f"{describe_board(cfg)} not found within {timeout:g} s: is it charged and advertising? "
-                          "is another host connected to it?")
+                            "is another host connected to it?")
     return device
 
 
@@ -461,13 +461,10 @@ class MetaWearSource:
         self.health.errors = (self.health.errors + [message])[-20:]
         log.error("imu: %s", message)
 
-    async def _find(self) -> Any:
-        return await find_board(self.cfg, self._scanner)
-
     async def _connection(self, stop: asyncio.Event) -> None:
         """One scan/connect/handshake/stream cycle; ``self._streamed`` says whether samples came."""
         self.health.state = "connecting"
-        found, device = await _unless_stopped(self._find(), stop)
+        found, device = await _unless_stopped(find_board(self.cfg, self._scanner), stop)
         if not found:
             return
         session = _Session(client=None, decoder=mw.NotificationDecoder(mw.ImuConfig(mw.Chip.BMI160)))

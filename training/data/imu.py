@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from daemon.dsp.imu import RECORD_LABELS, acf_features_batch, clip_fraction, resample_irregular, to_si
+from daemon.dsp.imu_pipeline import ImuPipeline
 from daemon.record import WfdbError, imu_record_problem, read_wfdb
 # one error type for every dataset loader (a ValueError naming the file); re-exported here
 from training.data.ecg import DataError, load_npz, meta_field, note, person_id, read_json
@@ -224,8 +225,6 @@ def _to_model_rate(si: np.ndarray, fs: float, anti_alias: bool = False) -> tuple
     t = np.arange(si.shape[0], dtype=np.float64) / fs
     if abs(fs - MODEL_RATE_HZ) < 1e-9:
         return si.astype(np.float32), np.arange(si.shape[0])
-    from daemon.dsp.imu_pipeline import ImuPipeline
-
     low_pass = ImuPipeline.anti_alias(fs, MODEL_RATE_HZ) if anti_alias else None
     if low_pass is not None:
         si = low_pass.process(np.asarray(si, np.float32))

@@ -351,8 +351,8 @@ def test_household_labels_that_do_not_fit_the_record_are_refused_with_the_line(t
 
 def test_a_faster_household_recording_is_filtered_as_the_daemon_filters_that_sensor(tmp_path):
     """`biod record` at imu.odr_hz 400: the fine-tuning windows were resampled without the
-    daemon's anti-alias low-pass and differed from the served features (up to 150 % with a 130 Hz
-    vibration on the accelerometer). Real walking (the emulator's SisFall excerpt), resampled
+    daemon's anti-alias low-pass, so a 130 Hz vibration on the accelerometer folded into the
+    training features and not into the served ones. Real walking (the emulator's SisFall excerpt), resampled
     to 400 Hz, plus such a vibration: training's features equal the daemon's."""
     from daemon.dsp.imu import acf_features
     from daemon.dsp.imu_pipeline import imu_windows_from_record
@@ -416,3 +416,23 @@ def test_the_k_fold_never_sees_the_held_out_persons(sisfall, hugadb):
     assert len(cv_windows(gait, "age", include_held_out=True)) == len(gait)
     act = window_set(hugadb[0], "biodeep", 10)  # the fixture's HuGaDB persons are all held out
     assert len(act) and len(cv_windows(act, "activity")) == 0
+
+
+def test_the_shipped_calibration_windows_are_those_of_the_shipped_int8_model(tmp_path):
+    """float/imu_activity.representative.npz (what a fine-tune calibrates on beside the
+    household's windows) re-exports the float twin into the shipped int8 file, byte for byte."""
+    _tf()
+    import hashlib
+
+    import keras
+
+    from daemon.inference.manifest import load_manifest
+    from training.export import export_int8, reexport_fields
+
+    manifest = load_manifest(MODELS / "imu_activity.json")
+    fields = reexport_fields(manifest)
+    with np.load(MODELS / "float" / "imu_activity.representative.npz") as z:
+        rep = z["features"]
+    model = keras.models.load_model(MODELS / "float" / "imu_activity.keras")
+    path = export_int8(model, rep, tmp_path, "imu_activity", fields)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest.sha256

@@ -104,6 +104,20 @@ def _saved_model(model: Any, inputs: list[dict[str, Any]], output_names: list[st
     return tmp
 
 
+def reexport_fields(manifest: Any) -> dict[str, Any]:
+    """A loaded manifest as ``manifest_fields`` for exporting the same model again (fine-tuned,
+    or re-made to check it): without what the exporter writes itself (name, file, sha256,
+    size, creation time, tensor dtypes, quantisation and output shapes)."""
+    fields = manifest.model_dump(mode="json")
+    for k in ("name", "created", "file", "sha256", "size_bytes", "schema_version"):
+        fields.pop(k)
+    for spec in fields["inputs"]:
+        spec.pop("dtype"), spec.pop("quantisation")
+    for o in fields["outputs"]:
+        o.pop("dtype"), o.pop("shape")
+    return fields
+
+
 def calibration_rows(count: int) -> np.ndarray:
     """Which of ``count`` representative windows the int8 calibration reads (a fixed draw)."""
     return np.random.default_rng(0).permutation(count)[:_MAX_CALIBRATION]
@@ -113,7 +127,7 @@ def save_calibration_windows(out_dir: Path, name: str, representative: np.ndarra
     """``<out_dir>/<name>.representative.npz``: the raw windows an int8 export of ``name``
     calibrated on (``features``). WHY: a fine-tune (training.finetune_imu) on a household's few
     recordings must calibrate on these plus its own; on its own windows alone the int8 input
-    range shrank to what the household recorded and saturated on a fifth of other windows."""
+    range shrank to what the household recorded (training.experiments.finetune_int8_range)."""
     rows = np.asarray(representative, np.float32)[calibration_rows(len(representative))]
     path = Path(out_dir) / f"{name}.representative.npz"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,9 @@ from training.data.imu import WindowSet, load_biod_imu, load_hugadb, top_level_i
 from training.eval.imu import activity_metrics
 
 FROZEN = ("conv1", "conv2")
-#: windows of each top-level activity (rest, walking, vigorous) a fine-tune needs. WHY: trained on
-#: some activities only, the head forgets the others: fine-tuned on one person's walking alone
-#: (200 epochs), held-out HuGaDB top-level macro-F1 fell from 90 % to 69 % and vigorous windows
-#: were called vigorous 12 times in 44.
+#: windows of each top-level activity (rest, walking, vigorous) a fine-tune needs. WHY: the head
+#: is retrained with a softmax over every class; shown some activities only, it learns to answer
+#: those and forgets the others.
 MIN_WINDOWS_PER_CLASS = 20
 
 
@@ -107,8 +106,8 @@ def calibration_windows(kpath: Path, name: str, household: np.ndarray, report: d
     """The int8 calibration set: the base model's own calibration windows (saved beside its
     Keras twin by training.train_imu) plus the household's. WHY: the conv layers are frozen
     and keep seeing the whole range of movement; calibrated on a household's few minutes of
-    walking alone, the int8 input range shrank to that, and 22 % of other persons' windows
-    saturated (int8 vs float top-level probability off by up to 0.73)."""
+    walking alone, the int8 input range shrank to that and other persons' windows saturated
+    (measured by training.experiments.finetune_int8_range; docs/models/imu.md)."""
     base = kpath.parent / f"{name}.representative.npz"
     if not base.exists():
         report["calibration"] = "household windows only (no base calibration windows found)"
@@ -177,7 +176,7 @@ def finetune(base: Path, data: Path, out: Path, epochs: int = 10, compare: bool 
     import keras
 
     from training.models.imu import build_activity, limit_threads
-    from training.export import export_int8, save_calibration_windows
+    from training.export import export_int8, reexport_fields, save_calibration_windows
 
     limit_threads(1)
     kpath = keras_base(base)
@@ -223,13 +222,7 @@ def finetune(base: Path, data: Path, out: Path, epochs: int = 10, compare: bool 
         from training.train_imu import fit_activity
 
         fit_activity(model, x, train.activity, epochs)
-    fields = manifest.model_dump(mode="json")
-    for k in ("name", "created", "file", "sha256", "size_bytes", "schema_version"):
-        fields.pop(k)
-    for spec in fields["inputs"]:
-        spec.pop("dtype"), spec.pop("quantisation")
-    for o in fields["outputs"]:
-        o.pop("dtype"), o.pop("shape")
+    fields = reexport_fields(manifest)
     # The persons fine-tuned on are listed under the dataset they come from: the IMU evaluation
     # leaves out the manifest's persons *of the dataset it evaluates on*, and under a separate
     # "household" key HuGaDB persons fine-tuned on were evaluated as unseen.

@@ -219,8 +219,7 @@ def _to_model_rate(si: np.ndarray, fs: float, anti_alias: bool = False) -> tuple
 
     ``anti_alias``: first low-pass a faster recording as the daemon low-passes a faster sensor
     (``ImuPipeline.anti_alias``): on for `biod record` files, which the daemon would have
-    streamed through that filter (at imu.odr_hz 400 without it, fine-tuning features differed
-    from the served ones by 3 % median, 12 % max). Off for SisFall's 200 Hz, which the shipped
+    streamed through that filter (tests/test_imu_models.py holds the two equal at 400 Hz). Off for SisFall's 200 Hz, which the shipped
     models were trained on unfiltered (a MetaMotion at its default 100 Hz is not filtered)."""
     t = np.arange(si.shape[0], dtype=np.float64) / fs
     if abs(fs - MODEL_RATE_HZ) < 1e-9:

@@ -196,7 +196,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
     cfg = load_config(_config_path(args))
     _setup_logging(args.log_level or "info")
-    return run_record(cfg, args.out, args.seconds, args.label, args.person)
+    return run_record(cfg, args.out, args.seconds, args.label, args.person, wait_s=args.wait)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,8 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the WFDB records")
     p.add_argument("--seconds", type=_positive("seconds"), default=60.0,
                    help="seconds of ECG signal to record (default 60), not of wall clock: the devices "
-                        "get 30 s to appear and to come back after a drop; a record that ends short "
-                        "is kept and exits 1")
+                        "get --wait seconds to appear and to come back after a drop; a record that ends "
+                        "short is kept and exits 1")
+    p.add_argument("--wait", type=_positive("seconds"), default=None, metavar="SECONDS",
+                   help="how long to wait for a device that has not appeared or went quiet before "
+                        "ending the record short (default 60: two of the sources' 30 s reconnect "
+                        "tries)")
     p.add_argument("--label", default=None, help="activity label, e.g. walking")
     p.add_argument("--person", default=None,
                    help="who wears the sensors (written to labels.csv for fine-tuning)")

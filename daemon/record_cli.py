@@ -114,11 +114,16 @@ def _ecg_discontinuity(ecg: _Stream, chunk: EcgChunk, reconnected: bool, seconds
         ecg.write_gap(fill)
 
 
-#: seconds without any sample after which `biod record` stops waiting for the devices
-QUIET_S = 30.0
+#: seconds without any sample after which `biod record` stops waiting for the devices (``--wait``).
+#: WHY 60: the serial and BLE sources retry a lost device with a back-off that tops out at 30 s
+#: (after a drop they try again about 0.5, 1, 2, 4, 9, 19 and 49 s after it, then every 30 s):
+#: 30 s of waiting gave a box or board that came back after the try at 19 s no further try
+#: before the record ended.
+QUIET_S = 60.0
 
 
-def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None) -> int:
+def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None,
+               wait_s: float | None = None) -> int:
     from daemon.dsp.imu import RECORD_LABELS
     from daemon.identity.store import name_problem
 
@@ -147,13 +152,14 @@ def run_record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, pe
 
     previous = {sig: signal.signal(sig, ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return _record(cfg, out, seconds, label, person)
+        return _record(cfg, out, seconds, label, person, QUIET_S if wait_s is None else float(wait_s))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None) -> int:
+def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, person: str | None,
+            wait_s: float) -> int:
     stamp = f"{dt.datetime.now():%Y%m%d_%H%M%S}"
     common = [f"person {person}"] if person else []
     ecg_q: queue.Queue = queue.Queue(maxsize=10000)
@@ -175,10 +181,10 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
     ecg = _Stream(out, "ecg", stamp, [], label)
     imu_rec = _Stream(out, "imu", stamp, common + [f"placement {cfg.imu.placement}"], label)
     imu_sigs = imu_signals(cfg.imu.acc_range_g, cfg.imu.gyro_range_dps)
-    # The devices get QUIET_S to appear and, after a drop, to come back (the serial source's
-    # back-off tops out at 30 s); --seconds counts signal, not the wall clock from the start,
-    # which had ended a box that appeared late or dropped for a while short, with exit 0.
-    deadline = time.monotonic() + QUIET_S
+    # The devices get wait_s to appear and, after a drop, to come back (see QUIET_S);
+    # --seconds counts signal, not the wall clock from the start, which had ended a box that
+    # appeared late or dropped for a while short, with exit 0.
+    deadline = time.monotonic() + wait_s
     interrupted = False
     connects = 0  # the source's sessions when the last chunk came: a change is a reconnect
     try:
@@ -195,7 +201,7 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
                 chunk = None
             imu_chunks = imu.drain() if imu is not None else []
             if chunk is not None or imu_chunks:
-                deadline = time.monotonic() + QUIET_S
+                deadline = time.monotonic() + wait_s
             if chunk is not None and ecg.seconds < seconds:
                 ecg_sigs = None
                 if ecg.writer is None:  # the box's identity and gain, once
@@ -236,11 +242,11 @@ def _record(cfg: BiodConfig, out: Path, seconds: float, label: str | None, perso
     for name, s in (("ECG", ecg), ("IMU", imu_rec)):
         if s.writer is not None:
             print(f"recorded {s.seconds:.1f} s of {name} to {s.writer.hea_path.with_suffix('')} (WFDB)")
-    # short: the device went quiet for QUIET_S (a replay that played once ends its record: not short)
+    # short: the device went quiet for wait_s (a replay that played once ends its record: not short)
     short = [(name, s, health) for name, s, health in streams if s.writer is not None and s.seconds < seconds
              and not interrupted and health.state != "finished"]
     for name, s, health in short:
         print(f"biod record: only {s.seconds:.1f} s of {name} of the {seconds:g} s asked: nothing came for "
-              f"{QUIET_S:g} s ({health.last_error or 'no error reported'}); the record is kept",
+              f"{wait_s:g} s ({health.last_error or 'no error reported'}); the record is kept",
               file=sys.stderr)
     return 1 if missing or short else 0

@@ -341,7 +341,7 @@ def test_a_box_restart_is_noted_as_a_joint_not_as_a_gap(tmp_path) -> None:
 
 def test_a_box_that_goes_away_gives_a_short_record_kept_and_a_non_zero_exit(tmp_path, capsys, monkeypatch) -> None:
     """--seconds counts signal. A box unplugged for good after ~10 s of 60: the record keeps
-    what came, the command waits QUIET_S for it to come back, says how short it is and exits 1
+    what came, the command waits --wait seconds for it to come back, says how short it is and exits 1
     (it had exited 0, and a box that appeared late was cut short by a deadline from the start)."""
     import threading
 
@@ -349,7 +349,6 @@ def test_a_box_that_goes_away_gives_a_short_record_kept_and_a_non_zero_exit(tmp_
     from daemon.config import parse_config
     from daemon.record import read_wfdb
 
-    monkeypatch.setattr(record_cli, "QUIET_S", 2.0)
     real_open = record_cli.open_ecg_source
 
     def open_and_unplug_later(cfg, put):
@@ -369,9 +368,25 @@ def test_a_box_that_goes_away_gives_a_short_record_kept_and_a_non_zero_exit(tmp_
     monkeypatch.setattr(record_cli, "open_ecg_source", open_and_unplug_later)
     cfg = parse_config(f"hub: {{id: r}}\nstate_dir: {tmp_path / 'state'}\n"
                        "ecg: {source: emulator, emulator: {recording: ludb-16, speed: 20}}\n")
-    assert record_cli.run_record(cfg, tmp_path / "r", 60.0, None, None) == 1
+    assert record_cli.run_record(cfg, tmp_path / "r", 60.0, None, None, wait_s=2.0) == 1
     err = capsys.readouterr().err
     assert "biod record: only " in err and "of ECG of the 60 s asked: nothing came for 2 s" in err, err
     (hea,) = (tmp_path / "r").glob("ecg_*.hea")
     kept = read_wfdb(hea).physical.shape[0] / 500.0
     assert 5.0 <= kept < 30.0
+
+
+def test_record_waits_for_a_quiet_device_as_long_as_asked() -> None:
+    """``--wait`` reaches run_record; by default the record outlasts the sources' 30 s reconnect
+    back-off twice over, and a wait that is not positive is refused before anything opens."""
+    from daemon import record_cli
+    from daemon.cli import build_parser
+    from daemon.sources.metawear_ble import MetaWearSource
+    from daemon.sources.serial_ecg import EcgSource
+
+    parser = build_parser()
+    assert parser.parse_args(["record", "--out", "x", "--wait", "90"]).wait == 90.0
+    assert parser.parse_args(["record", "--out", "x"]).wait is None
+    assert record_cli.QUIET_S >= 2 * max(EcgSource.BACKOFF_S + MetaWearSource.BACKOFF_S)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["record", "--out", "x", "--wait", "0"])

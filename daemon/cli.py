@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon import instance_lock
 from daemon.config import ConfigError, load_config
 from daemon.durable import probe_writable
 from daemon.publish.spool import SpoolError
@@ -117,7 +118,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             fix = "run biod as its service (sudo systemctl start biod) or set state_dir to a folder this user can write"
         raise ConfigError(f"state_dir: cannot create or write {cfg.state_dir} ({exc.strerror}); {fix}") from None
-    return asyncio.run(_run_until_signal(cfg))
+    lock = instance_lock.hold(cfg.state_dir)  # held until this process ends
+    try:
+        return asyncio.run(_run_until_signal(cfg))
+    finally:
+        os.close(lock)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"biod: configuration error:\n{exc}", file=sys.stderr)
         return 2
-    except SpoolError as exc:  # the state directory is not usable: its message names the path and the fix
+    except (SpoolError, instance_lock.AlreadyRunning) as exc:  # the message names the path and the fix
         print(f"biod: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -931,3 +931,27 @@ def test_default_entity_ids_are_valid_home_assistant_entity_ids() -> None:
     assert configs and all(valid.match(c["default_entity_id"]) for c in configs), \
         [c["default_entity_id"] for c in configs if not valid.match(c["default_entity_id"])]
     assert any(c["default_entity_id"] == "sensor.biod_living_room_wearer" for c in configs)
+
+
+@pytest.mark.timeout(90)
+def test_two_clients_with_one_client_id_are_named_as_the_cause(mosquitto: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    """Two hubs left at the same hub.id (one client id) knock each other off the broker every
+    second or so; paho calls each drop "Unspecified error". After a few drops within seconds of
+    the connect, the log names the likely cause and the client id."""
+    caplog.set_level(logging.ERROR, logger="daemon.publish.mqtt")
+    client_id = f"biod-clash-{time.monotonic_ns()}"
+    pubs = []
+    for _ in range(2):
+        pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=mosquitto.port), PREFIX, client_id=client_id)
+        _STARTED.append(pub.close)
+        pubs.append(pub)
+        pub.start()
+    deadline = time.monotonic() + 60
+    lines: list[str] = []
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.1)
+        lines = [r.getMessage() for r in caplog.records if "same client id" in r.getMessage()]
+    assert lines, f"no clash reported; disconnects {[p.stats.disconnects for p in pubs]}"
+    assert repr(client_id) in lines[0] and "hub.id" in lines[0]
+    assert sum(p.stats.disconnects for p in pubs) >= MqttPublisher.QUICK_DROPS_TO_WARN
+

@@ -190,7 +190,7 @@ class MqttPublisher:
         self._closing = False
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id or client_id,
+            client_id=cfg.client_id or client_id,  # also self.client_id, set below
             protocol=mqtt.MQTTv311,
             clean_session=False,  # QoS 1 messages queued for us survive our reconnects
         )
@@ -204,6 +204,10 @@ class MqttPublisher:
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._fail_logged_at = float("-inf")
+        self.client_id = cfg.client_id or client_id
+        self._connected_at = float("-inf")  # monotonic time of the last accepted connection
+        self._quick_drops = 0  # connections in a row the broker dropped within QUICK_DROP_S
+        self._clash_logged_at = float("-inf")  # not reset by a connect, unlike _fail_logged_at
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
@@ -343,6 +347,7 @@ class MqttPublisher:
             return
         self.stats.connects += 1
         self.stats.connected_since = time.time()
+        self._connected_at = time.monotonic()
         self._fail_logged_at = float("-inf")  # the next outage is reported at once
         log.info("mqtt: connected to %s:%d", self.cfg.host, self.cfg.port)
         client.publish(self.availability_topic, ONLINE, qos=1, retain=True)
@@ -391,6 +396,29 @@ class MqttPublisher:
             self._fail_logged_at = now
             log.error("mqtt: %s: %s retrying with back-off; events are spooled on disk meanwhile", what, fix)
 
+    #: a connection the broker drops this soon after accepting it counts as a quick drop
+    QUICK_DROP_S = 5.0
+    #: quick drops in a row that make the client-id clash worth saying
+    QUICK_DROPS_TO_WARN = 3
+
+    def _note_quick_drop(self, quick: bool) -> None:
+        """Say what a run of connections dropped within seconds of each connect means. WHY: an
+        MQTT broker closes a client's connection when another client connects with the same
+        client id (two hubs left at the same ``hub.id``, a second biod on one hub); both then
+        reconnect and knock each other off every second or so, and paho reports each drop only
+        as "Unspecified error", so the journal said nothing a user could act on."""
+        self._quick_drops = self._quick_drops + 1 if quick else 0
+        if self._quick_drops >= self.QUICK_DROPS_TO_WARN:
+            what = (f"the broker dropped the connection within {self.QUICK_DROP_S:g} s of accepting it "
+                    f"{self._quick_drops} times in a row")
+            self.stats.last_error = what
+            now = time.monotonic()
+            if now - self._clash_logged_at >= self.CONNECT_FAIL_LOG_EVERY_S:
+                self._clash_logged_at = now
+                log.error("mqtt: %s: another client is probably connected with the same client id %r (a "
+                          "second hub with the same hub.id: give each hub its own; or mqtt.client_id set "
+                          "the same on two clients); check the broker's log", what, self.client_id)
+
     def _call_connection_hooks(self, connected: bool) -> None:
         for hook in self._connection_hooks:
             try:
@@ -408,6 +436,7 @@ class MqttPublisher:
             self.stats.last_error = f"lost the broker at {self.cfg.host}:{self.cfg.port}{why}"
             log.warning("mqtt: lost the broker %s:%d (%s); reconnecting with back-off, events are spooled meanwhile",
                         self.cfg.host, self.cfg.port, reason)
+            self._note_quick_drop(time.monotonic() - self._connected_at < self.QUICK_DROP_S)
         elif not was and not self._closing:
             # The link came up but the broker dropped it before its CONNACK: a TLS client
             # certificate it wants, a client id or will topic it refuses. paho retries for ever

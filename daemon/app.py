@@ -507,6 +507,9 @@ class BiodApp:
             return f"{name} {h.state}" + (f" ({h.last_error})" if h.state != "streaming" and h.last_error else "")
 
         parts = []
+        if self.ecg_model is None and self.cfg.ecg.enabled:
+            # WHY first: heart rate still flows, so nothing else shows that nobody can be named
+            parts.append("identity OFF: the ECG model cannot be used (run biod doctor)")
         if self.ecg_source is not None:
             parts.append(sensor("ECG", self.ecg_source.health))
         if self.imu_source is not None:
@@ -729,6 +732,8 @@ class BiodApp:
         return {
             "version": VERSION,
             "uptime_s": round(time.monotonic() - self.stats.started_at, 1),
+            # False: the ECG model could not be loaded; heart rate goes on, identity does not
+            "identity_available": self.ecg_model is not None,
             "ecg": None if h is None else {
                 "state": h.state, "rate_hz": ecg_rate, "frames": h.frames, "lost_frames": h.lost_frames, "crc_errors": h.crc_errors,
                 "protocol_errors": h.protocol_errors, "resyncs": h.resyncs, "reconnects": max(h.connects - 1, 0), "samples": self.stats.ecg_samples,

@@ -62,6 +62,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from daemon.identity.store import StoreError, key_from_credential
 
     cfg = load_config(args.file)
+    # A replay file is read as `biod run` reads it: one the config accepts for existing but that
+    # is not a record of the right kind passed here and failed only at the service's start.
+    from daemon.sources.replay import ecg_recording, imu_recording
+
+    if cfg.ecg.enabled and cfg.ecg.source == "replay" and cfg.ecg.replay is not None:
+        ecg_recording(cfg.ecg.replay.path)
+    if cfg.imu.enabled and cfg.imu.source == "replay" and cfg.imu.replay is not None:
+        imu_recording(cfg.imu.replay.path)
     # the folder is passed down, not put into os.environ: a process-wide change outlived the call
     creds = str(args.credentials_dir) if args.credentials_dir is not None else os.environ.get("CREDENTIALS_DIRECTORY")
     named = [n for n in (cfg.mqtt.password_credential, cfg.identity.store_key_credential) if n]
@@ -254,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "tries)")
     p.add_argument("--label", default=None, help="activity label, e.g. walking")
     p.add_argument("--person", default=None,
-                   help="who wears the sensors (written to labels.csv for fine-tuning)")
+                   help="who wears the sensors (written into each record's header as a `person NAME` comment, which fine-tuning reads)")
     p.add_argument("--config", "-c", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.set_defaults(func=_cmd_record)

@@ -135,6 +135,15 @@ class EcgConfig(_Strict):
 
     @model_validator(mode="after")
     def _source_needs_address(self) -> "EcgConfig":
+        # The default source is the emulator (a bare checkout's demo). A hub config that names
+        # its box but leaves out `source` streamed the emulator's ECG as the wearer's, heart
+        # rate and "unknown" wearer included, and ignored the port without a word.
+        device_keys = [k for k in ("port", "match_serial", "tcp_port", "replay") if k in self.model_fields_set]
+        if self.enabled and "source" not in self.model_fields_set and device_keys:
+            raise ValueError(f"ecg.{device_keys[0]} is set but ecg.source is not, and the default source is the "
+                             "emulator (it would stream a recording as the wearer's ECG and ignore "
+                             f"ecg.{device_keys[0]}): set source: serial (or tcp, replay), or source: emulator "
+                             "to try the emulator")
         if self.enabled and self.source == "serial" and not (self.port or self.match_serial):
             raise ValueError("ecg.source is 'serial' but neither ecg.port nor ecg.match_serial is set: give the device "
                              "path (e.g. port: /dev/biod-ecg) or the USB box's serial number (match_serial: ...)")
@@ -304,7 +313,7 @@ def _ssl_reason(exc: Exception) -> str:
 
 
 class MqttConfig(_Strict):
-    host: str = "localhost"
+    host: str = Field("localhost", description="the broker's host name or address, without scheme or port")
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
     password: str | None = None
@@ -316,6 +325,17 @@ class MqttConfig(_Strict):
     discovery_prefix: str = "homeassistant"
     qos: Literal[0, 1, 2] = 1
     keepalive_s: int = Field(30, ge=5, le=3600)
+
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, value: str) -> str:
+        """A URL or host:port here passed and failed at the first connect as "Name or service not
+        known", which does not say that the scheme or port was the problem."""
+        v = value.strip()
+        if "://" in v or "/" in v or (v.count(":") == 1 and not v.startswith("[")) or not v:
+            raise ValueError(f"{value!r} is not a host name or address: give the host alone (e.g. 192.168.1.10 or "
+                             "homeassistant.local); the port goes in mqtt.port and TLS in mqtt.tls.enabled")
+        return v
     client_id: str | None = None
 
     @field_validator("topic_prefix", "discovery_prefix")
@@ -393,6 +413,18 @@ class BiodConfig(_Strict):
     @classmethod
     def _paths_absolute(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return _absolute(value, info.field_name or "path")
+
+    @field_validator("models_dir")
+    @classmethod
+    def _models_there(cls, value: Path | None) -> Path | None:
+        """A folder with the ECG model's manifest in it. WHY at the line: a wrong models_dir passed
+        check-config, and `biod run` then ran without identity (one ERROR at start, heart rate
+        still flowing), which a user reads as "nobody recognised"."""
+        if value is not None and not (value / "ecg_dualtask.json").is_file():
+            raise ValueError(f"{_where(value)} holds no ecg_dualtask.json: give the folder with biod's models "
+                             "(the .tflite files and their .json manifests), or leave models_dir out to use the "
+                             "ones shipped with biod")
+        return value
 
     @property
     def store_path(self) -> Path:

@@ -4,8 +4,9 @@
 appended to the ``.dat`` file as they arrive (format 24 for the ECG box's 24-bit samples,
 format 16 for the IMU's int16 LSBs), and the ``.hea`` header is rewritten with the sample count
 on every flush, so a power cut loses at most the last unflushed chunk and what is on disk is
-always a readable record. Labels (activity, person) go into header comments and a ``.labels.csv``
-with sample ranges, so they survive tools that ignore comments.
+always a readable record. Activity labels go into header comments and a ``.labels.csv`` with
+sample ranges, so they survive tools that ignore comments; the wearer (``--person``) is a
+``person NAME`` header comment.
 
 A sample that was not measured (an ECG lead whose electrode was off, the samples of frames lost
 on the link) is stored as WFDB's "no sample" value, -2^(fmt-1), which the writer otherwise never

@@ -378,3 +378,22 @@ def test_enrol_seconds_stays_within_the_enrol_commands_limit_and_a_folder_is_not
     assert parse_config("identity:\n  enrol_seconds: 600\n").identity.enrol_seconds == 600
     with pytest.raises(ConfigError, match="is a folder; give the config file itself"):
         load_config(tmp_path)
+
+
+def test_a_box_named_without_a_source_is_not_silently_the_emulator() -> None:
+    """`ecg: {port: /dev/ttyACM0}` ran the emulator (the default source) and published its
+    recording as the wearer's heart rate, ignoring the port."""
+    for key in ("port: /dev/ttyACM0", "match_serial: BX-1", "tcp_port: 5000"):
+        with pytest.raises(ConfigError, match=rf"biod.yaml:1: ecg: ecg.{key.split(':')[0]} is set but ecg.source is not"):
+            parse_config(f"ecg:\n  {key}\n", "biod.yaml")
+    assert parse_config("ecg:\n  source: serial\n  port: /dev/ttyACM0\n").ecg.source == "serial"
+    assert parse_config("ecg:\n  source: emulator\n  port: /dev/ttyACM0\n").ecg.source == "emulator"  # said, so meant
+
+
+def test_mqtt_host_is_a_host_not_a_url_or_host_port() -> None:
+    """`host: mqtt://127.0.0.1` passed and failed at the first connect as 'Name or service not known'."""
+    for bad in ("mqtt://127.0.0.1", "127.0.0.1:1883", "broker/x"):
+        with pytest.raises(ConfigError, match=r"biod.yaml:2: mqtt.host: .*not a host name or address.*mqtt.port"):
+            parse_config(f"mqtt:\n  host: '{bad}'\n", "biod.yaml")
+    for good in ("127.0.0.1", "homeassistant.local", "::1", "[::1]"):
+        assert parse_config(f"mqtt:\n  host: '{good}'\n").mqtt.host == good

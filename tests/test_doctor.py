@@ -268,3 +268,14 @@ def test_doctor_scans_only_when_asked_and_only_a_ble_source(tmp_path) -> None:
     emulated = parse_config(f"imu:\n  enabled: true\n  source: emulator\nstate_dir: {tmp_path}\n")
     (scan,) = [c for c in run_checks(emulated, broker=False, scan=True) if c.name == "MetaMotion sensor"]
     assert scan.ok and "not scanned: imu is emulator" in scan.detail
+
+
+def test_a_state_dir_biod_will_create_passes_and_one_it_cannot_fails(tmp_path) -> None:
+    """A fresh checkout's ~/.local/state/biod does not exist until the first `biod run`, which
+    creates it: doctor had failed it. Under a folder nobody may write (/proc), it still fails."""
+    from daemon.doctor import check_state_dir
+
+    (new,) = check_state_dir(parse_config(f"state_dir: {tmp_path / 'a' / 'b'}\n"))
+    assert new.ok and "biod creates it" in new.detail
+    (bad,) = check_state_dir(parse_config("state_dir: /proc/biod-nowhere/state\n"))
+    assert not bad.ok and "cannot be written" in bad.detail

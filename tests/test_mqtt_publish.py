@@ -955,3 +955,23 @@ def test_two_clients_with_one_client_id_are_named_as_the_cause(mosquitto: Broker
     assert repr(client_id) in lines[0] and "hub.id" in lines[0]
     assert sum(p.stats.disconnects for p in pubs) >= MqttPublisher.QUICK_DROPS_TO_WARN
 
+
+
+def test_a_tls_setting_that_does_not_fit_the_port_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """TLS on toward a broker's plain port 1883 failed as 'Connection reset by peer ... are
+    mqtt.host/port right?', which says nothing of TLS. (What paho hands the callback is called
+    the way paho calls it: inside the except of the failed connect.)"""
+    caplog.set_level(logging.ERROR, logger="daemon.publish.mqtt")
+    for tls, port, said in ((True, 1883, "its TLS port is usually 8883"), (False, 8883, "but mqtt.tls is off"),
+                            (False, 1883, None)):
+        pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=port, tls={"enabled": tls}), PREFIX,
+                            client_id=f"biod-test-{time.monotonic_ns()}")
+        _STARTED.append(pub.close)
+        caplog.clear()
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            pub._on_connect_fail(pub._client, None)
+        (line,) = [r.getMessage() for r in caplog.records if "cannot reach the broker" in r.getMessage()]
+        assert "Connection reset by peer" in line
+        assert (said in line) if said else ("8883" not in line and "mqtt.tls" not in line), line

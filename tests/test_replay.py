@@ -455,3 +455,32 @@ def test_the_ecg_signal_sensor_says_why_there_is_no_identity(tmp_path, mosquitto
     seen = problems()
     assert None in seen[:seen.index("lead_off")], seen  # real ECG before: no problem
     assert "signal_lost" not in seen and "absent" not in seen
+
+
+def test_check_config_and_doctor_read_the_replay_as_biod_run_does(tmp_path, capsys) -> None:
+    """An IMU replay pointing at an ECG record, or an ECG replay at a file that is no record:
+    check-config said OK and doctor '0 failed', and the service then failed at every start."""
+    from daemon.cli import main
+    from daemon.doctor import run_checks
+
+    ecg_path, imu_path, _ = _write_records(tmp_path)
+    garbage = tmp_path / "garbage.hea"
+    garbage.write_text("garbage\n")
+    state = tmp_path / "state"
+    cases = [  # (config, what check-config must say)
+        (f"ecg:\n  enabled: false\nimu:\n  enabled: true\n  source: replay\n  replay:\n    path: {ecg_path}\n",
+         "imu.replay.path: "),
+        (f"ecg:\n  source: replay\n  replay:\n    path: {garbage}\n", "ecg.replay.path: "),
+    ]
+    for i, (text, said) in enumerate(cases):
+        cfg_file = tmp_path / f"c{i}.yaml"
+        cfg_file.write_text(f"state_dir: {state}\n" + text)
+        assert main(["check-config", str(cfg_file)]) == 2
+        assert said in capsys.readouterr().err
+        failed = [c for c in run_checks(parse_config(cfg_file.read_text()), broker=False) if not c.ok]
+        assert any(c.name in ("IMU source", "ECG source") and said in c.detail for c in failed), \
+            [c.line() for c in failed]
+    good = tmp_path / "good.yaml"
+    good.write_text(f"state_dir: {state}\nimu:\n  enabled: true\n  source: replay\n  replay:\n    path: {imu_path}\n")
+    assert main(["check-config", str(good)]) == 0
+    assert [c for c in run_checks(parse_config(good.read_text()), broker=False) if c.name == "IMU source"][0].ok

@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_unit_file_verifies_and_is_hardened(tmp_path) -> None:
     unit = (REPO / "deploy" / "biod.service").read_text()
     for directive in ("Type=notify", "WatchdogSec=", "User=biod", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                      "StateDirectory=biod", "LoadCredential=mqtt_password"):
+                      "StateDirectory=biod", "LoadCredential=mqtt_password", "RestartPreventExitStatus=2",
+                      "StartLimitBurst="):
         assert directive in unit, directive
     exe = Path(sys.executable).parent / "biod"
     (tmp_path / "biod.service").write_text(unit.replace("/opt/biod/venv/bin/biod", str(exe)))

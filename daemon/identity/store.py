@@ -383,7 +383,9 @@ def parse_key(raw: bytes, source: str = "key") -> bytes:
         return decoded
     raise StoreError(
         f"{source}: not a 256-bit key (want 32 raw bytes, 64 hex digits or base64 of 32 bytes, got {len(raw)} bytes): "
-        "fix: create one with `openssl rand -hex 32`"
+        "fix: restore the key file from your backup. Only if no template was ever encrypted with it (a new "
+        "hub), create one with `openssl rand -hex 32`: a new key cannot read templates saved under the old "
+        "one, and everyone would have to enrol again"
     )
 
 
@@ -396,7 +398,8 @@ def _aesgcm(key: bytes, path: Path) -> Any:
             "fix: pip install cryptography (it is a biod dependency) or run without a store key"
         ) from None
     if len(key) != 32:
-        raise StoreError(f"{path}: the template store key must be 32 bytes (AES-256), got {len(key)}: fix: create one with `openssl rand -hex 32`")
+        raise StoreError(f"{path}: the template store key must be 32 bytes (AES-256), got {len(key)}: fix: restore the key from your backup (a new key cannot read these templates: everyone would "
+                         "have to enrol again)")
     return AESGCM(key)
 
 

@@ -384,8 +384,12 @@ class MqttPublisher:
         at once, then every few minutes while it lasts (paho calls this inside its except)."""
         exc = sys.exc_info()[1]
         cause = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) if exc else "no answer"
-        self._connect_failed(f"cannot reach the broker at {self.cfg.host}:{self.cfg.port} ({cause})",
-                             "is it running, and are mqtt.host/port right?")
+        fix = "is it running, and are mqtt.host/port right?"
+        if self.cfg.tls.enabled and self.cfg.port == 1883:
+            fix += " (mqtt.tls is on but the port is 1883, a broker's plain port: its TLS port is usually 8883)"
+        elif not self.cfg.tls.enabled and self.cfg.port == 8883:
+            fix += " (the port is 8883, a broker's usual TLS port, but mqtt.tls is off)"
+        self._connect_failed(f"cannot reach the broker at {self.cfg.host}:{self.cfg.port} ({cause})", fix)
 
     def _connect_failed(self, what: str, fix: str) -> None:
         """Count, keep for the stats and STATUS=, and log at once and then every few minutes."""

@@ -325,6 +325,7 @@ class MqttConfig(_Strict):
     discovery_prefix: str = "homeassistant"
     qos: Literal[0, 1, 2] = 1
     keepalive_s: int = Field(30, ge=5, le=3600)
+    client_id: str | None = None
 
     @field_validator("host")
     @classmethod
@@ -336,7 +337,6 @@ class MqttConfig(_Strict):
             raise ValueError(f"{value!r} is not a host name or address: give the host alone (e.g. 192.168.1.10 or "
                              "homeassistant.local); the port goes in mqtt.port and TLS in mqtt.tls.enabled")
         return v
-    client_id: str | None = None
 
     @field_validator("topic_prefix", "discovery_prefix")
     @classmethod

@@ -188,9 +188,10 @@ class MqttPublisher:
         self._held: dict[str, Message] = {}
         self._order = _RetainedOrder()
         self._closing = False
+        self.client_id = cfg.client_id or client_id
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id or client_id,  # also self.client_id, set below
+            client_id=self.client_id,
             protocol=mqtt.MQTTv311,
             clean_session=False,  # QoS 1 messages queued for us survive our reconnects
         )
@@ -204,7 +205,6 @@ class MqttPublisher:
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._fail_logged_at = float("-inf")
-        self.client_id = cfg.client_id or client_id
         self._connected_at = float("-inf")  # monotonic time of the last accepted connection
         self._quick_drops = 0  # connections in a row the broker dropped within QUICK_DROP_S
         self._clash_logged_at = float("-inf")  # not reset by a connect, unlike _fail_logged_at

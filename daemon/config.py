@@ -15,11 +15,11 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 if TYPE_CHECKING:
     from daemon.identity.engine import IdentityConfig
@@ -39,6 +39,20 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _digits_as_int(value: Any) -> Any:
+    """``"500"`` read as 500. Why: YAML gives a quoted number as a string; pydantic coerces it for a
+    plain ``int`` field (``mqtt.port: "1883"`` works) but not for a choice of ints, so the same
+    quoting was accepted on one key and refused on the next."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return value
+
+
+def _choice(*values: int) -> Any:
+    """One of ``values``; a quoted number counts as the number."""
+    return Annotated[Literal[values], BeforeValidator(_digits_as_int)]  # type: ignore[valid-type]
 
 
 def _where(path: Path) -> str:
@@ -124,8 +138,8 @@ class EcgConfig(_Strict):
     tcp_port: int | None = Field(None, ge=1, le=65535)
     match_serial: str | None = Field(None, description="only accept a box reporting this serial number")
     baud: int = Field(460800, ge=9600, description="the box's baud rate (protocol v1 default 460800)")
-    rate_hz: Literal[250, 500, 1000] = 500
-    mains_hz: Literal[50, 60] | None = 50
+    rate_hz: _choice(250, 500, 1000) = 500
+    mains_hz: _choice(50, 60) | None = 50
     stall_timeout_s: float = Field(3.0, gt=0)
     boot_wait_s: float = Field(2.0, ge=0, le=30, description=(
         "how long after opening the port the box may take to answer: a board whose USB-serial chip resets the "
@@ -173,9 +187,9 @@ class ImuSourceConfig(_Strict):
     source: Literal["ble", "emulator", "replay"] = "ble"
     address: str | None = Field(None, description="BLE MAC (Linux) of the MetaMotion; or give name")
     name: str | None = Field(None, description="advertised name to scan for, e.g. MetaWear")
-    odr_hz: Literal[25, 50, 100, 200, 400, 800] = 100
-    acc_range_g: Literal[2, 4, 8, 16] = 8
-    gyro_range_dps: Literal[125, 250, 500, 1000, 2000] = 1000
+    odr_hz: _choice(25, 50, 100, 200, 400, 800) = 100
+    acc_range_g: _choice(2, 4, 8, 16) = 8
+    gyro_range_dps: _choice(125, 250, 500, 1000, 2000) = 1000
     packed: bool | None = Field(None, description="packed notifications; default: on at >= 100 Hz when the board supports it")
     placement: Literal["waist", "shin", "thigh", "wrist"] = "waist"
     scan_timeout_s: float = Field(10.0, gt=0)
@@ -323,7 +337,7 @@ class MqttConfig(_Strict):
     topic_prefix: str | None = Field(None, description="default: biod/<hub.id>")
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
-    qos: Literal[0, 1, 2] = 1
+    qos: _choice(0, 1, 2) = 1
     keepalive_s: int = Field(30, ge=5, le=3600)
     client_id: str | None = None
 

@@ -362,4 +362,19 @@ def run_checks(cfg: BiodConfig, broker: bool = True, scan: bool = False) -> list
         checks += check_broker(cfg)
     checks += check_models(cfg.models_dir)
     checks += check_identity(cfg)
-    return checks
+    return _said_once(checks)
+
+
+def _said_once(checks: list[Check]) -> list[Check]:
+    """A failure already reported above is named, not repeated. WHY: a damaged model file fails
+    its own check and then every check that needs it with the same message and fix; the list
+    read as two problems when there was one."""
+    first: dict[str, str] = {}
+    out = []
+    for c in checks:
+        if not c.ok and c.detail in first:
+            c = Check(c.name, False, f"cannot be checked: it needs what failed in '{first[c.detail]}' above")
+        elif not c.ok:
+            first[c.detail] = c.name
+        out.append(c)
+    return out

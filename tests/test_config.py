@@ -51,6 +51,19 @@ def test_bad_value_names_its_line() -> None:
     assert str(err.value).startswith("biod.yaml:6: ecg.rate_hz:")
 
 
+@pytest.mark.parametrize("key,quoted,value", [("rate_hz: 500", 'rate_hz: "1000"', 1000),
+                                               ("mqtt:", 'mqtt:\n  qos: "2"', 2)])
+def test_a_quoted_number_is_the_number_on_every_numeric_key(key: str, quoted: str, value: int) -> None:
+    """`mqtt.port: "1883"` was accepted and `ecg.rate_hz: "500"` refused: a choice of numbers
+    now reads a quoted number as the number, as a plain number field always did."""
+    text = GOOD.replace(key, quoted, 1) if key in GOOD else GOOD + quoted + "\n"
+    cfg = parse_config(text)
+    assert (cfg.ecg.rate_hz if "rate_hz" in key else cfg.mqtt.qos) == value
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD.replace("rate_hz: 500", 'rate_hz: "300"'), "biod.yaml")
+    assert str(err.value).startswith("biod.yaml:6: ecg.rate_hz:")
+
+
 def test_serial_source_without_port_explains_the_fix() -> None:
     with pytest.raises(ConfigError, match="neither ecg.port nor ecg.match_serial is set: give the device path"):
         parse_config("ecg:\n  source: serial\n")

@@ -279,3 +279,20 @@ def test_a_state_dir_biod_will_create_passes_and_one_it_cannot_fails(tmp_path) -
     assert new.ok and "biod creates it" in new.detail
     (bad,) = check_state_dir(parse_config("state_dir: /proc/biod-nowhere/state\n"))
     assert not bad.ok and "cannot be written" in bad.detail
+
+
+def test_a_damaged_model_is_one_failure_not_one_per_check_that_needs_it(tmp_path) -> None:
+    from daemon.biometrics import MODELS_DIR
+    from daemon.doctor import run_checks
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, models)
+    blob = bytearray((models / "ecg_dualtask.tflite").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (models / "ecg_dualtask.tflite").write_bytes(bytes(blob))
+    cfg = parse_config(f"state_dir: {tmp_path / 'state'}\nmodels_dir: {models}\n")
+    failed = [c for c in run_checks(cfg, broker=False) if not c.ok]
+    assert [c.name for c in failed] == ["model ecg_dualtask", "ECG identity model"]
+    assert "sha256" in failed[0].detail and failed[0].fix is None and "re-install" in failed[0].detail
+    assert failed[1].detail == "cannot be checked: it needs what failed in 'model ecg_dualtask' above"
+    assert "sha256" not in failed[1].line()

@@ -176,6 +176,32 @@ def test_runtime_never_imports_tensorflow():
     assert res.stdout.strip().endswith("ok")
 
 
+def test_litert_info_line_follows_the_log_level_and_other_stderr_is_kept():
+    """LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" to fd 2 on a model's
+    first invoke, whatever --log-level says. load_model's warm-up routes it to the DEBUG log;
+    anything else written to fd 2 in that window (here by the test itself) still reaches stderr."""
+    code = (
+        "import logging, os, sys; from pathlib import Path\n"
+        "logging.basicConfig(level=getattr(logging, sys.argv[1]), format='%(levelname)s %(message)s')\n"
+        "from daemon.inference import runtime\n"
+        "real = runtime.Model.__init__\n"
+        "def init(self, *a):\n"
+        "    real(self, *a); run = self._runner\n"
+        "    def noisy(**feed):\n"
+        "        os.write(2, b'another thread wrote this\\n'); return run(**feed)\n"
+        "    self._runner = noisy\n"
+        "runtime.Model.__init__ = init\n"
+        "runtime.load_model(Path('daemon/models/ecg_dualtask.tflite'))\n"
+    )
+    for level, shown in (("WARNING", False), ("DEBUG", True)):
+        res = subprocess.run([sys.executable, "-c", code, level], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "another thread wrote this" in res.stderr
+        assert ("DEBUG LiteRT: Created TensorFlow Lite XNNPACK delegate" in res.stderr) is shown
+        assert "INFO: Created" not in res.stderr
+
+
 @pytest.mark.parametrize("damage", ["bad_utf8", "directory"])
 def test_an_unreadable_manifest_is_a_model_error_naming_it(model_dir, damage):
     """A flipped high bit gave UnicodeDecodeError and a folder in the manifest's place

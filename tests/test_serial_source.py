@@ -2,6 +2,7 @@
 silence, wrong paths and garbage — by itself, without losing its thread."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -152,18 +153,50 @@ def test_garbage_and_lost_frames_are_counted_not_fatal(box) -> None:
         thread.join(5)
 
 
-def test_missing_port_gives_an_actionable_error_and_keeps_retrying(tmp_path) -> None:
+def test_missing_port_gives_an_actionable_error_and_keeps_retrying(tmp_path, caplog) -> None:
+    """A box that stays away is named once at ERROR, not at every try (the journal of a hub
+    whose box was unplugged for a week held one ERROR and one WARNING every 30 s); the health
+    record still counts every try, and the box's return is logged with the count."""
     got = Collector()
-    path = str(tmp_path / "no-such-tty")
-    source = EcgSource(serial_opener(path, 460800), path, got, rate_hz=500)
+    path = tmp_path / "no-such-tty"
+    source = EcgSource(serial_opener(str(path), 460800), str(path), got, rate_hz=500)
     source.BACKOFF_S = (0.1,)
-    thread, stop = _start(source)
-    _poll(lambda: len(source.health.errors) >= 2, 10, "a second attempt")
-    stop.set()
-    thread.join(5)
+    with caplog.at_level(logging.DEBUG, logger="daemon.sources"):
+        thread, stop = _start(source)
+        _poll(lambda: len(source.health.errors) >= 5, 10, "five attempts")
+        stop.set()
+        thread.join(5)
     assert "does not exist" in (source.health.last_error or "")
     assert "ecg.port" in source.health.last_error
-    assert len(source.health.errors) >= 2  # it retried instead of dying
+    assert len(source.health.errors) >= 5  # it retried instead of dying
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "retrying" in r.getMessage()]
+    assert len(errors) == 1 and "does not exist" in errors[0].getMessage()
+    assert len(warnings) == 1
+    assert sum("(try " in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) >= 4
+
+
+def test_a_box_that_comes_back_after_failed_tries_is_logged_as_working_again(tmp_path, caplog) -> None:
+    rec = load_recording("ludb-16")
+    link = tmp_path / "biod-ecg"
+    got = Collector()
+    source = EcgSource(serial_opener(str(link), 460800), str(link), got, rate_hz=500)
+    source.BACKOFF_S = (0.1,)
+    emu = EcgBoxEmulator(rec, rate_hz=500, speed=4.0)
+    with caplog.at_level(logging.INFO, logger="daemon.sources"):
+        thread, stop = _start(source)
+        try:
+            _poll(lambda: len(source.health.errors) >= 3, 10, "three failed tries")
+            emu.open_pty(link=str(link))
+            emu.start()
+            got.wait(5, 15)
+        finally:
+            stop.set()
+            thread.join(5)
+            emu.close()
+    back = [r.getMessage() for r in caplog.records if "working again" in r.getMessage()]
+    assert len(back) == 1 and "failed tries" in back[0]
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
 
 
 def test_a_second_reader_is_refused_with_the_fix_and_the_first_keeps_streaming(box) -> None:

@@ -16,6 +16,11 @@ Never imports TensorFlow (checked by tests).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,8 @@ except ImportError as _litert_exc:  # pragma: no cover - depends on the installe
         _NO_RUNTIME = (f"no LiteRT runtime is installed (ai_edge_litert: {_litert_exc}; "
                        f"tflite_runtime: {_tflite_exc}); install it with "
                        "`pip install ai-edge-litert` (or tflite-runtime on boards it lacks)")
+
+log = logging.getLogger(__name__)
 
 _FIX = "re-install the package or run `python -m training.train` to re-export the model"
 _SCALE_RTOL = 1e-4
@@ -102,6 +109,21 @@ class Model:
         self._inputs = {k: _tensor_info(v) for k, v in self._runner.get_input_details().items()}
         self._outputs = {k: _tensor_info(v) for k, v in self._runner.get_output_details().items()}
         self._check_spec()
+
+    def warm_up(self) -> None:
+        """One invoke on zeros, at load time rather than on the first live window.
+
+        WHY: the interpreter allocates its tensors and builds the XNNPACK delegate on the first
+        invoke; doing it here keeps that cost out of the stream, refuses a file that loads but
+        cannot run (as :func:`load_model` promises), and lets LiteRT's INFO line be routed
+        to the debug log (:func:`_native_info_to_debug`).
+        """
+        feed = {name: np.zeros((1, *t.shape), dtype=t.dtype) for name, t in self._inputs.items()}
+        try:
+            with _native_info_to_debug():
+                self._runner(**feed)
+        except (ValueError, RuntimeError) as exc:
+            raise self._fail(f"the model loads but does not run ({exc})") from None
 
     @property
     def input_spec(self) -> dict[str, InputSpec]:
@@ -234,4 +256,37 @@ def load_model(path: Path, manifest_path: Path | None = None) -> Model:
         raise
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: not a loadable LiteRT model ({exc}); {_FIX}") from None
-    return Model(path, manifest, interpreter)
+    model = Model(path, manifest, interpreter)
+    model.warm_up()
+    return model
+
+
+@contextlib.contextmanager
+def _native_info_to_debug() -> Iterator[None]:
+    """Route what native code writes to stderr meanwhile through Python: its ``INFO:`` lines to
+    this module's DEBUG log, everything else back to stderr unchanged.
+
+    WHY: LiteRT's C++ logger prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on
+    each model's first invoke, straight to file descriptor 2, whatever ``--log-level`` says; the
+    runtime offers no switch (LiteRT issue 7420). The capture goes to a file, not a pipe (a full
+    pipe would block a writer), and other threads' output written in the window is written back,
+    so nothing is lost, only delayed by the few milliseconds of one invoke.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to route
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().splitlines(keepends=True):
+                if line.startswith(b"INFO: "):
+                    log.debug("LiteRT: %s", line[6:].decode(errors="replace").rstrip())
+                else:
+                    os.write(2, line)

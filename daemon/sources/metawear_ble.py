@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from daemon.config import ImuSourceConfig
+from daemon.sources.failure_log import FailureLog
 from daemon.sources.serial_ecg import SourceError  # one error type for every source: cause + fix, retried
 from firmware_protocol import metawear as mw
 
@@ -423,6 +424,7 @@ class MetaWearSource:
         self._session: _Session | None = None
         self._last_t: float | None = None  # t_s of the last emitted sample, across sessions
         self._sessions = 0
+        self._failures = FailureLog(log, "imu")
         self._streamed = False  # the current/last connection delivered samples
 
     @property
@@ -437,29 +439,33 @@ class MetaWearSource:
             try:
                 await self._connection(stop)
             except SourceError as exc:
-                self._fail(str(exc))
+                loud = self._fail(str(exc))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let one odd failure end a months-long run
                 log.exception("imu: unexpected error")
-                self._fail(f"unexpected error: {exc!r}")
+                loud = self._fail(f"unexpected error: {exc!r}")
+            else:
+                loud = True
             if stop.is_set():
                 break
             # Back-off is for consecutive failures: a session that streamed and then lost the link
             # (hours later, usually) starts the count again, whatever ended it.
             failures = 0 if self._streamed else failures + 1
             delay = self.backoff_s[min(max(failures - 1, 0), len(self.backoff_s) - 1)]
-            log.warning("imu: reconnecting to %s in %.1f s", self.describe, delay)
+            log.log(logging.WARNING if loud else logging.DEBUG, "imu: reconnecting to %s in %.1f s", self.describe,
+                    delay)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
         self.health.state = "disconnected"
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> bool:
+        """Record a failed try in the health record; True when the log said it out loud."""
         if self.health.state != "stalled":
             self.health.state = "disconnected"
         self.health.last_error = message
         self.health.errors = (self.health.errors + [message])[-20:]
-        log.error("imu: %s", message)
+        return self._failures.failed(message)
 
     async def _connection(self, stop: asyncio.Event) -> None:
         """One scan/connect/handshake/stream cycle; ``self._streamed`` says whether samples came."""
@@ -584,6 +590,7 @@ class MetaWearSource:
             await self._write(session, cmd)
         if settings is not None and settings.present:
             await self._write(session, mw.battery_read())
+        self._failures.recovered()
         log.info("imu: streaming from %s (%s %s, firmware %s) at %g Hz%s, ±%g g, ±%g °/s",
                  self.health.address, board.name, board.chip.value, self.health.firmware, imu.odr_hz,
                  " packed" if imu.packed else "", imu.acc_range_g, imu.gyro_range_dps)

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from daemon.sources.failure_log import FailureLog
 from firmware_protocol import ecg_serial as proto
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ class EcgSource:
         self._pending: list[proto.DataFrame] = []
         self._protocol_error: str | None = None  # the latest spec violation of this session
         self._protocol_error_logged_at = float("-inf")
+        self._failures = FailureLog(log, "ecg")
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -283,10 +285,12 @@ class EcgSource:
                     self._replay_finished(stop)
                     return
             except SourceError as exc:
-                self._fail(str(exc))
+                loud = self._fail(str(exc))
             except Exception as exc:  # never let one odd failure end a months-long run
                 log.exception("ecg: unexpected error")
-                self._fail(f"unexpected error: {exc!r}")
+                loud = self._fail(f"unexpected error: {exc!r}")
+            else:
+                loud = True
             if stop.is_set():
                 break
             # A session that got through the handshake ended by an unplug (or a stall), not by a
@@ -294,7 +298,7 @@ class EcgSource:
             # picked up within half a second rather than after the longest delay reached so far.
             failures = 0 if self.health.connects > connects else failures + 1
             delay = self.BACKOFF_S[min(max(failures - 1, 0), len(self.BACKOFF_S) - 1)]
-            log.warning("ecg: retrying %s in %.1f s", self.describe, delay)
+            log.log(logging.WARNING if loud else logging.DEBUG, "ecg: retrying %s in %.1f s", self.describe, delay)
             stop.wait(delay)
         self.health.state = "disconnected"
 
@@ -308,11 +312,12 @@ class EcgSource:
                  "restarts (set loop: true to play it again and again)", self.describe)
         stop.wait()
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> bool:
+        """Record a failed try in the health record; True when the log said it out loud."""
         self.health.state = "disconnected"
         self.health.last_error = message
         self.health.errors = (self.health.errors + [message])[-20:]
-        log.error("ecg: %s", message)
+        return self._failures.failed(message)
 
     def _session(self, stop: threading.Event) -> bool:
         """One open-handshake-stream cycle; True when it ended because a replay finished."""
@@ -325,6 +330,7 @@ class EcgSource:
             self.health.device = info
             self.health.connects += 1
             self.health.state = "streaming"
+            self._failures.recovered()
             log.info("ecg: streaming from %s (%s serial %s, firmware %s) at %d Hz",
                      self.describe, info.model, info.serial, info.firmware, self.rate_hz)
             return self._stream(transport, decoder, info, stop)

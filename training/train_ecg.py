@@ -29,6 +29,7 @@ from training.data.ecg_activity import (  # noqa: E402
     GUDB_TEST_SUBJECTS, RRSeries, construct_activity_records, load_gudb_rr)
 from training.gradnorm import WANTS_WEIGHTED_GRADIENT, make_balancer  # noqa: E402
 from training.losses import AMSoftmaxHead, activity_loss  # noqa: E402
+from training.seeding import seed_everything  # noqa: E402
 from training.models.ecg_dualtask import (  # noqa: E402
     ACTIVITY_LABELS, build_dualtask, shared_last_layer)
 
@@ -204,7 +205,7 @@ class TrainConfig:
 def train_model(data: EcgTrainingData, cfg: TrainConfig, progress: Progress):
     """Returns (keras model, history dict with losses and loss weights)."""
     _threads()
-    tf.keras.utils.set_random_seed(cfg.seed)
+    seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = build_dualtask(INPUT_LEN, strides=STRIDES, dropout=cfg.dropout)
     head = AMSoftmaxHead(int(model.output["embedding"].shape[-1]), len(data.classes),

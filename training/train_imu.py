@@ -35,6 +35,7 @@ import numpy as np
 from daemon.dsp.imu import GAIT_STAT_NAMES, GAIT_STATS_PER_SIGNAL, acf_feature_size
 from daemon.inference.manifest import Normalisation
 from training.eval.imu import MODELS, task_metrics
+from training.seeding import seed_everything
 from training.data.imu import (
     FINE_CLASSES,
     HOP_S,
@@ -132,9 +133,7 @@ def _fit_one(task: str, ws: WindowSet, variant: str, epochs: int | None, seed: i
     x = norm.apply(ws.features)
     cfg = cnn_config(variant, task)
     epochs = EPOCHS[task] if epochs is None else epochs
-    import keras
-
-    keras.utils.set_random_seed(seed)
+    seed_everything(seed)
     if task == "gender":
         model = M.build_gender(cfg)
         M.fit(model, x, {"p_female": ws.female.astype(np.float32)[:, None]}, epochs,
@@ -166,9 +165,7 @@ def fit_activity(model, x: np.ndarray, activity: np.ndarray, epochs: int, seed: 
     top, fine = top_level_index(activity), fine_index(activity)
     w_top = M.class_weights(activity)
     w_fine = np.where(fine >= 0, M.class_weights(np.where(fine >= 0, fine, -1)), 0.0)
-    import keras
-
-    keras.utils.set_random_seed(seed)
+    seed_everything(seed)
     model.fit(x, {"top_level": top, "fine": np.maximum(fine, 0)},
               sample_weight={"top_level": w_top, "fine": w_fine.astype(np.float32)},
               epochs=epochs, batch_size=batch_size, verbose=0, shuffle=True)

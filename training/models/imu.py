@@ -31,6 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from training.seeding import seed_everything  # noqa: E402
+
 
 def limit_threads(n: int = 1) -> None:
     """The build machines and the hub share few cores: keep TF to ``n`` threads."""
@@ -157,7 +159,7 @@ def class_weights(y: np.ndarray) -> np.ndarray:
 def fit(model: keras.Model, x: np.ndarray, y: Mapping[str, np.ndarray], epochs: int,
         sample_weight: np.ndarray | None = None, batch_size: int = 256, seed: int = 0) -> float:
     """Train in place; returns the final training loss. Fixed epochs: no peeking at test folds."""
-    keras.utils.set_random_seed(seed)
+    seed_everything(seed)
     hist = model.fit(x, dict(y), sample_weight=sample_weight, epochs=epochs,
                      batch_size=batch_size, verbose=0, shuffle=True)
     return float(hist.history["loss"][-1])

@@ -5,7 +5,8 @@ the same ERROR and "retrying" WARNING on every try (every 30 s at the longest ba
 the journal and every other message in it. The first failure and any *new* cause are logged at
 ERROR at once; the same cause again only at DEBUG, with an ERROR reminder every ``remind_s``
 that counts the tries; the recovery is logged at INFO with how long it took. The health record
-(``errors``, ``last_error``: stats topic and ``biod doctor``) still sees every try.
+(``errors``, and ``last_error`` on the stats topic and in systemd's STATUS) still sees every
+try.
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def _digits_as_int(value: Any) -> Any:
     """``"500"`` read as 500. Why: YAML gives a quoted number as a string; pydantic coerces it for a
     plain ``int`` field (``mqtt.port: "1883"`` works) but not for a choice of ints, so the same
     quoting was accepted on one key and refused on the next."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdecimal():
         return int(value.strip())
     return value
 

@@ -37,7 +37,8 @@ def test_same_cause_once_then_a_reminder_new_cause_at_once_and_the_recovery(capl
         flog.failed("permission denied")
         clock.t += 30
         flog.recovered()
-        assert _levels(caplog, logging.INFO) == ["ecg: working again after 2 failed tries in 60 s"]
+        # the whole outage is counted, both causes: 20 + 1 + 2 tries from t = 1000 to 1690 s
+        assert _levels(caplog, logging.INFO) == ["ecg: working again after 23 failed tries in 690 s"]
         assert flog.failed("permission denied") is True  # after a recovery the same cause is news again
     assert len(_levels(caplog, logging.ERROR)) == 4
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,9 @@ class Model:
         cannot run (as :func:`load_model` promises), and lets LiteRT's INFO line be routed
         to the debug log (:func:`_native_info_to_debug`).
         """
-        feed = {name: np.zeros((1, *t.shape), dtype=t.dtype) for name, t in self._inputs.items()}
+        # a dimension the model leaves open (-1 in its signature) gets 1
+        feed = {name: np.zeros((1, *(max(d, 1) for d in t.shape)), dtype=t.dtype)
+                for name, t in self._inputs.items()}
         try:
             with _native_info_to_debug():
                 self._runner(**feed)
@@ -261,6 +264,11 @@ def load_model(path: Path, manifest_path: Path | None = None) -> Model:
     return model
 
 
+#: one capture of fd 2 at a time: a second one would save the first one's temp file as "stderr"
+#: and put it back, leaving the process writing its stderr into a deleted file
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _native_info_to_debug() -> Iterator[None]:
     """Route what native code writes to stderr meanwhile through Python: its ``INFO:`` lines to
@@ -270,23 +278,38 @@ def _native_info_to_debug() -> Iterator[None]:
     each model's first invoke, straight to file descriptor 2, whatever ``--log-level`` says; the
     runtime offers no switch (LiteRT issue 7420). The capture goes to a file, not a pipe (a full
     pipe would block a writer), and other threads' output written in the window is written back,
-    so nothing is lost, only delayed by the few milliseconds of one invoke.
+    so nothing is lost, only delayed by the few milliseconds of one invoke (a line written across
+    the end of the window may come out split). When the capture cannot be set up (no temp
+    space, no free descriptor) nothing is routed: the line then simply shows.
     """
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr at all: nothing to route
-        yield
-        return
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
+    with _STDERR_LOCK:
         try:
+            capture = tempfile.TemporaryFile()
+        except OSError:
             yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            for line in capture.read().splitlines(keepends=True):
-                if line.startswith(b"INFO: "):
-                    log.debug("LiteRT: %s", line[6:].decode(errors="replace").rstrip())
-                else:
-                    os.write(2, line)
+            return
+        with capture:
+            try:
+                saved = os.dup(2)
+            except OSError:  # no stderr at all, or no free descriptor
+                yield
+                return
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                for line in capture.read().splitlines(keepends=True):
+                    if line.startswith(b"INFO: "):
+                        log.debug("LiteRT: %s", line[6:].decode(errors="replace").rstrip())
+                    else:
+                        _write_all(2, line)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``data`` to ``fd`` whole; a stderr that is gone must not hide the invoke's own error."""
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(fd, data):]

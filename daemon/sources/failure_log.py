@@ -27,14 +27,19 @@ class FailureLog:
         self.remind_s = remind_s
         self._clock = clock
         self._message: str | None = None
-        self._tries = 0
-        self._since = 0.0
+        self._tries = 0            # of the current cause
+        self._since = 0.0          # first try of the current cause
         self._said_at = 0.0
+        self._outage_tries = 0     # every failed try since the source last worked, whatever the cause
+        self._outage_since = 0.0
 
     def failed(self, message: str) -> bool:
         """Log one failed try; True when it was said out loud (ERROR), so that the caller's
         "retrying in ..." line can follow it at the same loudness."""
         now = self._clock()
+        if self._outage_tries == 0:
+            self._outage_since = now
+        self._outage_tries += 1
         if message != self._message:
             self._message, self._tries, self._since, self._said_at = message, 1, now, now
             self._log.error("%s: %s", self._prefix, message)
@@ -49,9 +54,10 @@ class FailureLog:
         return False
 
     def recovered(self) -> None:
-        """The source works again: say after how many failed tries, and forget the cause."""
-        if self._message is not None and self._tries > 1:
-            self._log.info("%s: working again after %d failed tries in %.0f s", self._prefix, self._tries,
-                           self._clock() - self._since)
+        """The source works again: say after how many failed tries (of any cause) and how long
+        since the first, and forget the outage."""
+        if self._outage_tries > 1:
+            self._log.info("%s: working again after %d failed tries in %.0f s", self._prefix, self._outage_tries,
+                           self._clock() - self._outage_since)
         self._message = None
-        self._tries = 0
+        self._tries = self._outage_tries = 0

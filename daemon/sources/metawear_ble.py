@@ -443,8 +443,9 @@ class MetaWearSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let one odd failure end a months-long run
-                log.exception("imu: unexpected error")
                 loud = self._fail(f"unexpected error: {exc!r}")
+                if loud:  # the traceback with the line that says it, not at every retry
+                    log.error("imu: where that unexpected error came from", exc_info=True)
             else:
                 loud = True
             if stop.is_set():

@@ -287,8 +287,9 @@ class EcgSource:
             except SourceError as exc:
                 loud = self._fail(str(exc))
             except Exception as exc:  # never let one odd failure end a months-long run
-                log.exception("ecg: unexpected error")
                 loud = self._fail(f"unexpected error: {exc!r}")
+                if loud:  # the traceback with the line that says it, not at every retry
+                    log.error("ecg: where that unexpected error came from", exc_info=True)
             else:
                 loud = True
             if stop.is_set():

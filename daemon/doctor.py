@@ -367,8 +367,9 @@ def run_checks(cfg: BiodConfig, broker: bool = True, scan: bool = False) -> list
 
 def _said_once(checks: list[Check]) -> list[Check]:
     """A failure already reported above is named, not repeated. WHY: a damaged model file fails
-    its own check and then every check that needs it with the same message and fix; the list
-    read as two problems when there was one."""
+    its own check and then every check that needs it with the same message; the list read as
+    two problems when there was one. The repeat keeps its name and loses its fix (the first
+    one's fix is the fix)."""
     first: dict[str, str] = {}
     out = []
     for c in checks:

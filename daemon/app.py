@@ -28,7 +28,7 @@ from daemon.clock import to_epoch
 from daemon.config import BiodConfig
 from daemon.dsp.imu_pipeline import SensorImuPipeline
 from daemon.ecg_stream import EcgStream
-from daemon.enrol import Enrolment, ImpostorsError, load_impostors
+from daemon.enrol import Enrolment, ImpostorsError, impostors_for, load_impostors
 from daemon.events import EventTracker
 from daemon.identity.engine import IdentityEngine
 from daemon.identity.fusion import ACTIVITY_CLASSES
@@ -217,7 +217,12 @@ class BiodApp:
                             "are not adapted (biod doctor says how to fix it)", impostors.model_version, model)
                 impostors = None
         try:
-            return IdentityEngine(self.people, self.cfg.identity.engine_config(), model=model, impostors=impostors)
+            engine = IdentityEngine(self.people, self.cfg.identity.engine_config(), model=model, impostors=impostors)
+            if engine.stale:
+                log.error("identity: %s enrolled with another ECG model than the installed %s: not identified until "
+                          "re-enrolled (`sudo biod calibrate --name NAME` replaces their templates); everyone else is",
+                          ", ".join(engine.stale), model)
+            return engine
         except StoreError as exc:
             log.error("identity: %s", exc)
             return IdentityEngine({}, self.cfg.identity.engine_config(), model=model)
@@ -568,19 +573,24 @@ class BiodApp:
             else:
                 log.error("biod: unhealthy (stopped: %s, wedged=%s); withholding the watchdog", dead, wedged)
 
-    def _store_mtime(self) -> float:
+    def _store_mtime(self) -> tuple[int, ...] | None:
+        """What tells the store changed: inode and size (a save renames a new file in), mtime, and
+        ctime. WHY ctime: a store the daemon could not read is mended with chmod/chown, which
+        change ctime only; keyed on mtime alone, the daemon identified nobody until restarted
+        (review, 2026-11-24)."""
         try:
-            return self.cfg.store_path.stat().st_mtime
+            st = self.cfg.store_path.stat()
         except OSError:
-            return 0.0
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _watch_store(self, publisher: MqttPublisher) -> None:
         """`biod calibrate` / `biod people` change the store while we run: follow it, and add or
         remove the persons' Home Assistant entities and retained state to match."""
-        mtime = self._store_mtime()
-        if mtime == self._store_seen:
+        seen = self._store_mtime()
+        if seen == self._store_seen:
             return
-        self._store_seen = mtime
+        self._store_seen = seen
         before = set(self.people)
         self.reload_people()
         if not self._store_ok:
@@ -655,12 +665,23 @@ class BiodApp:
             log.warning("enrol: %s refused: %s", req.name, busy)
             publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=busy, retain=False))
             return
-        # what would refuse the enrolment at its end is said now, before anyone wears the electrodes for it
-        problem = self.bio.engine.name_problem(req.name)
+        # What would refuse the enrolment at its end is said now, before anyone wears the electrodes
+        # for it (as `biod calibrate` does): the store must be readable and writable, the name free
+        # in the store itself (the engine is empty while the store cannot be read), and the
+        # impostor set made with this model.
+        impostors = None
         try:
-            impostors = load_impostors(self.cfg.models_dir or MODELS_DIR)
-        except ImpostorsError as exc:
-            problem = problem or str(exc)
+            people = self.store.load()
+            self.store.check_writable()
+            problem = IdentityEngine(people, self.cfg.identity.engine_config(),
+                                     model=self.ecg_model.ref).name_problem(req.name)
+        except StoreError as exc:
+            problem = str(exc)
+        if problem is None:
+            try:
+                impostors = impostors_for(self.cfg.models_dir or MODELS_DIR, self.ecg_model.ref)
+            except ImpostorsError as exc:
+                problem = str(exc)
         if problem is not None:
             log.warning("enrol: %s refused: %s", req.name, problem)
             publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=problem))
@@ -695,14 +716,22 @@ class BiodApp:
         self.bio.embeddings_sink = None
         self.bio.gait_sink = None
         assert enrolment is not None
-        report = enrolment.finish()
+        try:
+            report = enrolment.finish()
+        except Exception as exc:  # an enrolment that cannot be built must not end the daemon's tick task
+            log.error("enrol: building %s's templates failed", enrolment.name, exc_info=True)
+            publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name, reason=(
+                f"the templates could not be built ({type(exc).__name__}: {exc}); nothing was saved: run biod doctor")))
+            return
         if report.accepted and report.person is not None:
             try:
-                self.store.add(report.person)
+                replaced = self.store.add(report.person, replace_stale=True)
             except StoreError as exc:
                 log.error("enrol: could not save %s: %s", enrolment.name, exc)
                 publisher.publish(enrol_state_message(self.topics, "refused", enrolment.name, reason=str(exc)))
                 return
+            if replaced is not None:
+                log.info("enrol: %s's templates of another ECG model were replaced", replaced.name)
             self.reload_people()
             for msg in self._person_entities(enrolment.name):
                 publisher.publish(msg)

@@ -28,10 +28,10 @@ from daemon.biometrics import MODELS_DIR
 from daemon.config import BiodConfig, ConfigError
 from daemon.dsp.imu_pipeline import SensorImuPipeline
 from daemon.ecg_stream import EcgStream
-from daemon.enrol import ContinuityWatch, ImpostorsError, enrol_one_lead_set, load_impostors
+from daemon.enrol import ContinuityWatch, ImpostorsError, enrol_one_lead_set, impostors_for
 from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
-from daemon.identity.store import StoreError
+from daemon.identity.store import StoreError, slugify
 from daemon.sources.factory import open_ecg_source
 from daemon.sources.serial_ecg import EcgChunk
 
@@ -238,7 +238,7 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         print("biod calibrate: no usable ECG model; re-install biod's models (`sudo deploy/install.sh` from the biod checkout)", file=sys.stderr)
         return 2
     try:
-        impostors = load_impostors(cfg.models_dir or MODELS_DIR)
+        impostors = impostors_for(cfg.models_dir or MODELS_DIR, model.ref)
     except ImpostorsError as exc:
         print(f"biod calibrate: {exc}", file=sys.stderr)
         return 2
@@ -250,6 +250,14 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     if problem is not None:
         print(f"biod calibrate: {problem}", file=sys.stderr)
         return 2
+    # persons enrolled with another ECG model are not identified; enrolling one of them again replaces them
+    stale = [n for n in engine.stale if slugify(n) != slugify(name)]
+    if len(stale) < len(engine.stale):
+        print(f"{name.strip()!r} was enrolled with another ECG model than the one installed now: this enrolment "
+              "replaces their old templates.", file=out)
+    if stale:
+        print(f"Not identified until each is re-enrolled with `sudo biod calibrate --name NAME` (templates of another "
+              f"ECG model): {', '.join(stale)}.", file=out)
     imu = open_imu_collector(cfg, out) if walk else None
     if imu is not None:
         engine.attach_gait({imu.model.placement: imu.model}, imu.model.placement)
@@ -278,7 +286,7 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     if not report.accepted or report.person is None:
         return 1
     try:
-        store.add(report.person)
+        store.add(report.person, replace_stale=True)
     except StoreError as exc:  # e.g. the same name enrolled from Home Assistant meanwhile
         print(f"biod calibrate: not saved: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from pathlib import Path
 from daemon import instance_lock
 from daemon.config import ConfigError, load_config
 from daemon.durable import probe_writable
+from daemon.identity.store import StoreError
 from daemon.publish.spool import SpoolError
 
 log = logging.getLogger("biod")
@@ -110,6 +111,23 @@ async def _run_until_signal(cfg) -> int:
             signal.signal(sig, handler)
 
 
+def _warn_unless_store_writable(cfg) -> None:
+    """Say at start, not after someone has recorded for an enrolment, that the template store
+    cannot be written. WHY: an ``identity.store_path`` outside ``state_dir`` is read-only under
+    the unit (ProtectSystem=strict) while ``sudo biod calibrate`` and ``doctor``, run outside the
+    sandbox, find it fine (review, 2026-11-24). Identification from the stored templates still
+    works, so the daemon runs on."""
+    from daemon.app import open_store
+
+    try:
+        open_store(cfg).check_writable()
+    except StoreError as exc:
+        hint = (" (the unit lets biod write /var/lib/biod only: keep identity.store_path there, or add its folder "
+                "with ReadWritePaths= in a drop-in: sudo systemctl edit biod)") if os.environ.get("INVOCATION_ID") else ""
+        log.error(
+            "identity: %s; enrolments and template adaptations cannot be saved until this is fixed%s", exc, hint)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args))
     _setup_logging(args.log_level or cfg.log_level)
@@ -126,6 +144,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             fix = "run biod as its service (sudo systemctl start biod) or set state_dir to a folder this user can write"
         raise ConfigError(f"state_dir: cannot create or write {cfg.state_dir} ({exc.strerror}); {fix}") from None
+    _warn_unless_store_writable(cfg)
     lock = instance_lock.hold(cfg.state_dir)  # held until this process ends
     try:
         return asyncio.run(_run_until_signal(cfg))
@@ -287,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpoolError, instance_lock.AlreadyRunning) as exc:  # the message names the path and the fix
         print(f"biod: {exc}", file=sys.stderr)
         return 1
+    except StoreError as exc:  # e.g. the store's key credential is missing: the message names the fix
+        print(f"biod: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -38,7 +38,9 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `.inf` is valid YAML and passed every `gt=0`; an infinite stall timeout
+    # meant a box that stops sending was never re-opened (review, 2026-11-24)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _digits_as_int(value: Any) -> Any:
@@ -469,16 +471,22 @@ class _Located:
         return None
 
 
-def _locate(node: yaml.Node, path: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]) -> None:
+def _locate(node: yaml.Node, path: tuple[str | int, ...], out: dict[tuple[str | int, ...], int],
+            seen: frozenset[int] = frozenset()) -> None:
+    """Line of every key path. ``seen``: the nodes on the way down; an alias that contains itself
+    (``x: &a [*a]``) is followed once, not until Python's recursion limit."""
     out.setdefault(path, node.start_mark.line + 1)
+    if id(node) in seen:
+        return
+    seen = seen | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             child = path + (str(key.value),)
             out[child] = key.start_mark.line + 1
-            _locate(value, child, out)
+            _locate(value, child, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _locate(item, path + (i,), out)
+            _locate(item, path + (i,), out, seen)
 
 
 class _DuplicateKeyError(yaml.YAMLError):

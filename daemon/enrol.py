@@ -65,7 +65,12 @@ def load_impostors(models_dir: Path) -> Impostors | None:
         with np.load(path, allow_pickle=False) as z:
             imp = Impostors(z["embeddings"].astype(np.float32), z["labels"], z["embeddings_3lead"].astype(np.float32),
                             z["labels_3lead"], str(z["model_version"]))
-        for what, x in (("embeddings", imp.embeddings), ("embeddings_3lead", imp.embeddings_3lead)):
+        for what, x, labels in (("embeddings", imp.embeddings, imp.labels),
+                                ("embeddings_3lead", imp.embeddings_3lead, imp.labels_3lead)):
+            if x.ndim != 2 or x.shape[1] != imp.embeddings.shape[-1] or labels.shape != (len(x),):
+                # a set of another layout failed deep inside enrolment, after the person had recorded
+                raise ValueError(f"{what} has shape {x.shape} with {labels.shape} labels: want (rows, one "
+                                 "dimension for both sets) and one label per row")
             if not np.all(np.isfinite(x)):  # one NaN row gave a NaN threshold that accepted everyone
                 raise ValueError(f"{what} holds non-finite values")
         return imp
@@ -73,6 +78,26 @@ def load_impostors(models_dir: Path) -> Impostors | None:
         raise ImpostorsError(f"{path} is unreadable ({type(exc).__name__}: {exc}): re-install biod's models "
                              "(`sudo deploy/install.sh` from the biod checkout) or rebuild it on a machine "
                              "with the training extras: python -m training.impostors") from None
+
+
+def impostors_for(models_dir: Path, model: ModelRef) -> Impostors | None:
+    """The shipped impostor set for enrolling with ``model``: None if there is none (thresholds
+    then come from the person's own scores, the stricter side); ``ImpostorsError`` if it is
+    unreadable or was made with another ECG model.
+
+    WHY refuse a set of another model: a threshold set against another embedding space's vectors
+    means nothing. Measured (review, 2026-11-24): with the shipped set rotated and relabelled,
+    ``biod calibrate`` reported threshold 0.200 and an expected FAR of 0 % where the matching set
+    gives 0.699, so strangers would have been named; a set of another dimension failed after the
+    person had recorded for the whole enrolment."""
+    imp = load_impostors(models_dir)
+    if imp is not None and not imp.made_with(model):
+        raise ImpostorsError(
+            f"{Path(models_dir) / IMPOSTORS_FILE} was made with {imp.model_version!r} (D={imp.embeddings.shape[1]}), "
+            f"not the installed ECG model {model}: thresholds set against it would mean nothing. Re-install biod's "
+            "models (`sudo deploy/install.sh` from the biod checkout) or rebuild it on a machine with the training "
+            "extras: python -m training.impostors --data DIR")
+    return imp
 
 
 @dataclass

@@ -103,6 +103,13 @@ def test_calibrate_says_what_would_refuse_it_before_anyone_records(tmp_path) -> 
         res = _biod("calibrate", "--name", name, "--no-walk", "--config", str(cfg), timeout=60)
         assert res.returncode == 2 and why in res.stderr, res.stdout + res.stderr
         assert "attach the electrodes" not in res.stdout and "Traceback" not in res.stderr
+    # a set made with another ECG model: its thresholds would mean nothing (a rotated, relabelled set
+    # gave threshold 0.200 and "expected FAR 0.00 %" where the matching one gives 0.699)
+    shipped = dict(np.load(models / "ecg_impostors.npz"))
+    np.savez(models / "ecg_impostors.npz", **{**shipped, "model_version": np.array("ecg_dualtask 0.1.0 0123abcd")})
+    res = _biod("calibrate", "--name", "Bea", "--no-walk", "--config", str(cfg), timeout=60)
+    assert res.returncode == 2 and "not the installed ECG model" in res.stderr, res.stdout + res.stderr
+    assert "attach the electrodes" not in res.stdout and "Traceback" not in res.stderr
     (models / "ecg_impostors.npz").write_bytes((models / "ecg_impostors.npz").read_bytes()[:2000])
     res = _biod("calibrate", "--name", "Bea", "--no-walk", "--config", str(cfg), timeout=60)
     assert res.returncode == 2 and "ecg_impostors.npz is unreadable" in res.stderr and "Traceback" not in res.stderr

@@ -448,3 +448,35 @@ def test_a_fault_in_the_imu_processing_drops_the_chunk_not_the_daemon(tmp_path, 
     assert app.stats.imu_errors == 2
     said = [r for r in caplog.records if "IMU path restarted" in r.getMessage()]
     assert len(said) == 1 and "IndexError" in said[0].getMessage()
+
+
+def test_the_store_watch_reloads_a_store_mended_by_chmod(tmp_path) -> None:
+    """A store the daemon could not read is mended with chmod or chown, which change its ctime
+    only: the watch keyed on mtime never reloaded it, and nobody was identified until a restart
+    (review, 2026-11-24)."""
+    import os
+
+    import numpy as np
+
+    from daemon.identity.store import Person, TemplateStore
+
+    cfg = parse_config(f"state_dir: {tmp_path / 'state'}\necg:\n  enabled: false\n")
+    app = BiodApp(cfg)
+    ref = app.ecg_model.ref
+    TemplateStore(cfg.store_path).add(Person(id="id-bob", name="Bob", slug="bob", created="2026-11-24T00:00:00Z",
+                                             model=ref, prototypes=np.eye(1, ref.dim, dtype=np.float32),
+                                             prototype_labels=("rest",), threshold=0.6))
+    published: list = []
+
+    class Publisher:  # what the watch hands Home Assistant's entity changes to
+        def publish(self, msg) -> None:
+            published.append(msg)
+
+    # as the daemon is after failing to read this store (root reads a mode-000 file, so the
+    # failed read is set up rather than provoked): nobody loaded, the file's state seen
+    app.people, app._store_ok, app._store_seen = {}, False, app._store_mtime()
+    mtime = cfg.store_path.stat().st_mtime_ns
+    os.chmod(cfg.store_path, 0o600)  # the mend: ctime changes, mtime does not
+    assert cfg.store_path.stat().st_mtime_ns == mtime
+    app._watch_store(Publisher())
+    assert list(app.people) == ["Bob"] and app._store_ok and [p.name for p in app.bio.engine.people] == ["Bob"]

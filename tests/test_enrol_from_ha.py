@@ -7,11 +7,12 @@ import asyncio
 import json
 import stat
 
+import numpy as np
 import pytest
 
 from daemon.app import BiodApp
 from daemon.config import parse_config
-from daemon.identity.store import TemplateStore
+from daemon.identity.store import ModelRef, Person, TemplateStore
 from firmware_protocol.emulators.ecg_box import EcgBoxEmulator
 from firmware_protocol.emulators.recordings import load_recording
 from tests.conftest import retained_snapshot, running, until
@@ -31,7 +32,14 @@ def _hub_with_box(tmp_path, port: int, speed: float, loop: bool):
 
 @pytest.mark.timeout(120)
 def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
+    """Also: Dana was enrolled with an ECG model from before an update. Her old record used to
+    switch identity off for everyone and refused her name; enrolling her again replaces it."""
     cfg, box = _hub_with_box(tmp_path, mosquitto.port, speed=2.0, loop=False)
+    store_path = tmp_path / "state" / "identity" / "templates.json"
+    old_model = ModelRef("ecg_dualtask", "0.0.1", 64)
+    TemplateStore(store_path).add(Person(id="id-old-dana", name="Dana", slug="dana", model=old_model,
+                                         prototypes=np.eye(1, 64, dtype=np.float32), prototype_labels=("rest",),
+                                         threshold=0.5, created="2026-01-01T00:00:00Z"))
 
     async def scenario() -> None:
         async with running(BiodApp(cfg)) as app:
@@ -59,9 +67,40 @@ def test_enrol_from_home_assistant(tmp_path, mosquitto, capture) -> None:
     assert [s["state"] for s in states][:3] == ["idle", "enrolling", "done"]  # idle: said at every start
     assert states[-1]["state"] == "refused" and states[-1]["name"] == "Dana" and len(states[-1]["reason"]) > 10
     assert any(t.endswith("/person_dana_wearing/config") and p for t, p, _ in capture.messages)
-    store_path = tmp_path / "state" / "identity" / "templates.json"
-    assert [p.name for p in TemplateStore(store_path).list()] == ["Dana"]
+    dana = TemplateStore(store_path).list()
+    assert [p.name for p in dana] == ["Dana"] and dana[0].model != old_model and dana[0].id != "id-old-dana"
     assert stat.S_IMODE(store_path.stat().st_mode) == 0o600
+
+
+@pytest.mark.timeout(60)
+def test_an_impostor_set_of_another_model_refuses_before_anyone_records(tmp_path, mosquitto, capture) -> None:
+    """Thresholds set against another model's impostor embeddings mean nothing (a review made
+    `biod calibrate` report "expected FAR 0.00 %" at threshold 0.200 with one; one of another
+    dimension raised out of the daemon's tick after the whole recording). Refused at the request."""
+    import shutil
+
+    from daemon.biometrics import MODELS_DIR
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS_DIR, models)
+    shipped = dict(np.load(models / "ecg_impostors.npz"))
+    np.savez(models / "ecg_impostors.npz", **{**shipped, "model_version": np.array("ecg_dualtask 0.1.0 0123abcd")})
+    cfg = parse_config(f"hub:\n  id: ha\nstate_dir: {tmp_path / 'state'}\nmodels_dir: {models}\necg:\n  enabled: false\n"
+                       f"mqtt:\n  host: 127.0.0.1\n  port: {mosquitto.port}\n")
+
+    async def scenario() -> None:
+        async with running(BiodApp(cfg)) as app:
+            await until(lambda: any(t == "biod/ha/availability" and p == "online" for t, p, _ in capture.messages),
+                        20, "availability online")
+            capture.client.publish("biod/ha/enrol/set", json.dumps({"name": "Eve", "seconds": 60}), qos=1)
+            await until(lambda: [p for t, p, _ in capture.messages if t == "biod/ha/enrol/state" and '"refused"' in p],
+                        10, "the request refused", poll=0.1)
+            assert app.enrolment is None
+
+    asyncio.run(scenario())
+    states = [json.loads(p) for t, p, _ in capture.messages if t == "biod/ha/enrol/state"]
+    assert "enrolling" not in [s["state"] for s in states]
+    assert states[-1]["name"] == "Eve" and "not the installed ECG model" in states[-1]["reason"]
 
 
 def _no_sensor_cfg(tmp_path, port: int):

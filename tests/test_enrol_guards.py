@@ -126,6 +126,19 @@ def test_an_impostor_set_with_a_non_finite_row_is_refused(tmp_path: Path) -> Non
         load_impostors(tmp_path)
 
 
+def test_an_impostor_set_of_another_layout_is_refused_when_loaded(tmp_path: Path) -> None:
+    """A set whose rows and labels do not match (or whose two lead sets differ in dimension)
+    failed inside the enrolment, after the person had recorded for it."""
+    from daemon.biometrics import MODELS_DIR
+
+    z = dict(np.load(MODELS_DIR / "ecg_impostors.npz"))
+    for bad in ({"labels": z["labels"][:-1]}, {"embeddings_3lead": z["embeddings_3lead"][:, :-1]},
+                {"labels_3lead": z["labels_3lead"][:, None]}):
+        np.savez(tmp_path / "ecg_impostors.npz", **{**z, **bad})
+        with pytest.raises(ImpostorsError, match="one label per row"):
+            load_impostors(tmp_path)
+
+
 class _ImpostorsByLeads:
     """The shipped set's shape: another impostor set per lead count; records what was asked."""
 

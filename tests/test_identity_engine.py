@@ -371,10 +371,20 @@ def test_enrolment_reports_margins_to_each_enrolled_person(household):
     assert any("hard to tell" in w for w in near.warnings)
 
 
-def test_engine_refuses_templates_of_another_model(household):
-    _, _, people, cfg = household
-    with pytest.raises(StoreError, match="re-enrol"):
-        IdentityEngine(people, cfg, model=ModelRef("ecg_dualtask", "2.0.0", D))
+def test_templates_of_another_model_are_set_aside_and_the_others_still_identified(household):
+    """One person left from before a model update used to switch identity off for the whole
+    household (the engine refused every template); now only that person is not scored."""
+    hh, means, people, cfg = household
+    assert IdentityEngine(people, cfg, model=ModelRef("ecg_dualtask", "2.0.0", D)).stale == tuple(sorted(people))
+    old = ModelRef(MODEL.name, "0.9.0", D)
+    mixed = {**people, "P0": dataclasses.replace(people["P0"], model=old)}
+    engine = IdentityEngine(mixed, cfg, model=MODEL)
+    assert engine.stale == ("P0",) and "P0" not in [p.name for p in engine.people]
+    assert engine.name_problem("P0") is None  # re-enrolling P0 is allowed (the store replaces the stale record)
+    assert run_stream(engine, hh.same_session(means[3], 30))[-1].wearer == "P3"
+    assert "P0" not in {s.wearer for s in run_stream(IdentityEngine(mixed, cfg, model=MODEL), hh.same_session(means[0], 30))}
+    with pytest.raises(StoreError, match="different ECG models"):  # no model given: nothing says which is right
+        IdentityEngine(mixed, cfg)
 
 
 def test_store_round_trip_gives_the_same_decisions(household, tmp_path):

@@ -65,6 +65,40 @@ def test_existing_permissive_directory_is_tightened(tmp_path):
     assert mode(d) == 0o700 and mode(d / "t.json") == 0o600
 
 
+def test_a_shared_folder_holding_the_store_keeps_its_mode(tmp_path):
+    """A store configured into a folder that holds other files (``/home/pi/templates.json``)
+    turned that folder to 0700 at every edit, a failed one too; the file's 0600 is what keeps the
+    templates private there."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    (d / "notes.txt").write_text("someone else's")
+    store = TemplateStore(d / "t.json")
+    with pytest.raises(StoreError, match="no enrolled person"):
+        store.remove("Nobody")
+    store.save({"A": person("A")})
+    assert mode(d) == 0o755 and mode(d / "t.json") == 0o600
+    (d / "notes.txt").unlink()  # now the store's own folder: made private at the next edit
+    store.save({"A": person("A")})
+    assert mode(d) == 0o700
+
+
+def test_enrolling_a_person_of_another_model_again_replaces_them(store_path):
+    """After a model update a person is re-enrolled by enrolling them again, without removing
+    them first; a person enrolled with the same model is never replaced."""
+    store = TemplateStore(store_path)
+    old = ModelRef(MODEL.name, "0.9.0", MODEL.dim)
+    store.save({"Ann": person("Ann", 1, model=old), "Bob": person("Bob", 2)})
+    with pytest.raises(StoreError, match="`biod people remove Ann` first"):
+        store.add(person("Ann", 3))
+    replaced = store.add(person("Ann", 3), replace_stale=True)
+    assert replaced is not None and replaced.model == old
+    assert store.load()["Ann"].model == MODEL and set(store.load()) == {"Ann", "Bob"}
+    with pytest.raises(StoreError, match="already enrolled"):
+        store.add(person("Bob", 4), replace_stale=True)
+    assert np.array_equal(store.load()["Bob"].prototypes, person("Bob", 2).prototypes)
+
+
 def test_a_store_others_can_read_is_restricted_on_load_and_said_so(store_path, caplog):
     store = TemplateStore(store_path)
     store.save({"A": person("A")})

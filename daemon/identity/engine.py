@@ -52,7 +52,6 @@ from daemon.identity.store import (
     ModelRef,
     Person,
     StoreError,
-    check_compatible,
     new_person_id,
     slugify,
     utc_now,
@@ -374,8 +373,12 @@ class IdentityEngine:
     """Stateful per ECG stream; one instance per hub wearable.
 
     ``store_people``: ``TemplateStore.load()`` (name -> Person). ``model``: the embedding model
-    loaded now; templates of another model are refused (:class:`StoreError`). Without it the
-    model is taken from the templates (all must agree) and is required for :meth:`enrol`.
+    loaded now; persons whose templates were made with another model are set aside in ``stale``
+    (never scored: their scores would mean nothing) while everyone else is identified. WHY not
+    refuse them all: one person left over from before a model update switched identity off for
+    the whole household, and a new person enrolled meanwhile was never identified either
+    (review, 2026-11-24). Without ``model`` the model is taken from the templates (all must
+    agree, else :class:`StoreError`) and is required for :meth:`enrol`.
     ``impostors``: the shipped impostor set; template adaptation (``config.adapt``) needs it to
     re-derive thresholds and is off without it.
     """
@@ -389,8 +392,12 @@ class IdentityEngine:
         if model is None and len(models) > 1:
             raise StoreError("the enrolled templates come from different ECG models: re-enrol everybody with `biod calibrate`")
         self.model = model or (next(iter(models)) if models else None)
+        #: persons enrolled with another ECG model: not identified until re-enrolled
+        self.stale: tuple[str, ...] = ()
         if self.model is not None:
-            check_compatible(store_people, self.model)
+            ref = self.model
+            self.stale = tuple(sorted(p.name for p in people if not ref.accepts(p.model)))
+            people = [p for p in people if ref.accepts(p.model)]
         self._set_people(people)
         self.fusion = fusion or FusionConfig()
         self.impostors = impostors

@@ -339,7 +339,8 @@ def check_compatible(people: dict[str, Person], model: ModelRef) -> None:
         raise TemplateMismatchError(
             f"templates of {listed} were made with another ECG model than the one loaded now "
             f"({model}); embeddings of different model versions cannot be compared: "
-            f"re-enrol these persons with `biod calibrate` (or reinstall the model they were made with)"
+            f"re-enrol each of them with `sudo biod calibrate --name NAME` (it replaces their old templates), or "
+            f"reinstall the model they were made with; until then they are not identified, everyone else is"
         )
 
 
@@ -577,7 +578,7 @@ class TemplateStore:
                 d.mkdir(mode=0o700, exist_ok=True)
                 os.chmod(d, 0o700)
             mode = stat.S_IMODE(directory.stat().st_mode)
-            if mode != 0o700:
+            if mode != 0o700 and self._holds_only_the_store(directory):
                 os.chmod(directory, 0o700)
         except OSError as exc:
             raise StoreError(
@@ -585,6 +586,15 @@ class TemplateStore:
                 "fix: give it to the biod user (StateDirectory= in the unit) and keep the store in its own directory"
             ) from None
         return directory
+
+    def _holds_only_the_store(self, directory: Path) -> bool:
+        """Whether ``directory`` is the store's own folder: nothing in it but the store and its
+        lock and temp files. WHY: only such a folder is made private. A store configured into a
+        shared folder (``identity.store_path: /home/pi/templates.json``) used to turn that folder
+        to 0700 at every edit, even a failed one (review, 2026-11-24); there the file's own 0600
+        is what keeps the templates private."""
+        ours = (self.path.name, f".{self.path.name}.")
+        return all(e.name == ours[0] or e.name.startswith(ours[1]) for e in os.scandir(directory))
 
     def _atomic_write(self, data: bytes) -> None:
         self._refuse_link()
@@ -672,9 +682,13 @@ class TemplateStore:
         """Persons sorted by display name."""
         return sorted(self.load().values(), key=lambda p: p.name.casefold())
 
-    def add(self, person: Person) -> None:
+    def add(self, person: Person, *, replace_stale: bool = False) -> Person | None:
         """Add a new person; refuses a name/slug already taken (remove or rename first) and a
-        name the one name rule refuses (``name_problem``)."""
+        name the one name rule refuses (``name_problem``).
+
+        ``replace_stale``: a person of that name whose templates were made with another ECG
+        model than ``person``'s is replaced (and returned); an enrolment is how such a person is
+        re-enrolled after a model update, without removing them first. Otherwise None."""
         if (problem := name_problem(person.name)) is not None:
             raise StoreError(f"cannot enrol {person.name!r:.100}: {problem}")
         if person.name != person.name.strip():
@@ -683,11 +697,16 @@ class TemplateStore:
             check_compatible({person.name: person}, self.model)
         with self._edit_lock():
             people = self.load()
-            clash = [p.name for p in people.values() if p.slug == person.slug or p.name == person.name]
+            clash = [p for p in people.values() if p.slug == person.slug or p.name == person.name]
+            replaced = None
             if clash:
-                raise StoreError(f"a person named {clash[0]!r} is already enrolled: choose another name, or `biod remove {clash[0]}` first to re-enrol")
+                if not (replace_stale and len(clash) == 1 and not person.model.accepts(clash[0].model)):
+                    raise StoreError(f"a person named {clash[0].name!r} is already enrolled: choose another name, or "
+                                     f"`biod people remove {clash[0].name}` first to re-enrol")
+                replaced = people.pop(clash[0].name)
             people[person.name] = person
             self.save(people)
+            return replaced
 
     def _find(self, people: dict[str, Person], name: str) -> Person:
         if name in people:

@@ -323,7 +323,7 @@ class BiodApp:
             tasks.append(asyncio.create_task(self.imu_source.run(stop), name="imu-source"))
             tasks.append(asyncio.create_task(self._consume_imu(), name="imu-pipeline"))
         tasks.append(asyncio.create_task(self._tick(publisher, sessions, spool), name="tick"))
-        tasks.append(asyncio.create_task(self._watchdog(threads, tasks), name="watchdog"))
+        tasks.append(asyncio.create_task(self._watchdog(threads, tasks, publisher), name="watchdog"))
         ready_fallback = asyncio.create_task(self._ready_fallback(), name="ready-fallback")  # ends: not watched
         try:
             await stop.wait()
@@ -551,10 +551,12 @@ class BiodApp:
             log.warning("biod: no sensor streams after %.0f s; running and retrying: %s", self.READY_GRACE_S, waiting)
             self._mark_ready(f"running; waiting for {waiting}")
 
-    async def _watchdog(self, threads: list[threading.Thread], tasks: list[asyncio.Task]) -> None:
-        """WATCHDOG=1 only while healthy: loop responsive, source threads and consumers alive, and
-        not wedged (claiming to stream with no frame for three stall timeouts). An unplugged
-        device is not unhealthy: the source is retrying and a restart would not help."""
+    async def _watchdog(self, threads: list[threading.Thread], tasks: list[asyncio.Task],
+                        publisher: MqttPublisher | None = None) -> None:
+        """WATCHDOG=1 only while healthy: loop responsive, source threads, consumers and paho's
+        network thread alive, and not wedged (claiming to stream with no frame for three stall
+        timeouts). An unplugged device or an absent broker is not unhealthy: the source and paho
+        are retrying and a restart would not help."""
         interval = self.notifier.watchdog_interval_s or 5.0
         wedge_s = self.cfg.ecg.stall_timeout_s * 3
         reported: set[str] = set()
@@ -564,6 +566,8 @@ class BiodApp:
             wedged = bool(h and h.state == "streaming" and h.last_frame_at and time.monotonic() - h.last_frame_at > wedge_s)
             dead = [t.name for t in threads if not t.is_alive()] + [
                 t.get_name() for t in tasks if t.done() and t is not asyncio.current_task()]
+            if publisher is not None and not publisher.network_thread_alive:
+                dead.append("mqtt-network")
             for t in tasks:
                 if t.done() and not t.cancelled() and t.get_name() not in reported and t.exception() is not None:
                     reported.add(t.get_name())

@@ -352,6 +352,16 @@ class MqttConfig(_Strict):
         if "://" in v or "/" in v or (v.count(":") == 1 and not v.startswith("[")) or not v:
             raise ValueError(f"{value!r} is not a host name or address: give the host alone (e.g. 192.168.1.10 or "
                              "homeassistant.local); the port goes in mqtt.port and TLS in mqtt.tls.enabled")
+        if not v.startswith("["):
+            # What the resolver does first. WHY here: an empty label (`homeassistant..local`) or one
+            # over 63 characters raised UnicodeError inside paho's network thread, which catches
+            # OSError only: the thread died, nothing retried and the stats said "connecting"
+            # (review, 2026-11-24).
+            try:
+                v.encode("idna")
+            except UnicodeError as exc:
+                raise ValueError(f"{value!r} is not a valid host name ({exc}): no empty part between dots, "
+                                 "at most 63 characters between dots") from None
         return v
 
     @field_validator("topic_prefix", "discovery_prefix")

@@ -408,5 +408,19 @@ def test_mqtt_host_is_a_host_not_a_url_or_host_port() -> None:
     for bad in ("mqtt://127.0.0.1", "127.0.0.1:1883", "broker/x"):
         with pytest.raises(ConfigError, match=r"biod.yaml:2: mqtt.host: .*not a host name or address.*mqtt.port"):
             parse_config(f"mqtt:\n  host: '{bad}'\n", "biod.yaml")
-    for good in ("127.0.0.1", "homeassistant.local", "::1", "[::1]"):
+    for good in ("127.0.0.1", "homeassistant.local", "::1", "[::1]", "bücher.local"):
         assert parse_config(f"mqtt:\n  host: '{good}'\n").mqtt.host == good
+    # what the resolver refuses with UnicodeError, which killed paho's network thread for good
+    for bad in ("homeassistant..local", "a" * 64 + ".local", ".local"):
+        with pytest.raises(ConfigError, match=r"biod.yaml:2: mqtt.host: .*not a valid host name.*empty part"):
+            parse_config(f"mqtt:\n  host: '{bad}'\n", "biod.yaml")
+
+
+def test_infinite_and_nan_numbers_are_refused_and_a_self_referencing_alias_is_an_error() -> None:
+    """`.inf` is valid YAML and passed every `gt=0`: an infinite stall timeout never re-opened a
+    box that stopped sending. A self-containing alias was a RecursionError traceback."""
+    for key in ("ecg:\n  stall_timeout_s: .inf", "imu:\n  scan_timeout_s: .inf", "identity:\n  margin: .nan"):
+        with pytest.raises(ConfigError, match=r"biod.yaml:2: .*finite number"):
+            parse_config(key + "\n", "biod.yaml")
+    with pytest.raises(ConfigError, match=r"biod.yaml:1: mqtt: Input should be a valid dictionary|biod.yaml:1: mqtt"):
+        parse_config("mqtt: &a [*a]\n", "biod.yaml")

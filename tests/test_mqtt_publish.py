@@ -476,6 +476,29 @@ def test_a_long_outage_ends_with_the_newest_retained_states_not_a_stale_wearer(t
         broker.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_restarted_broker_gets_the_newest_states_back_even_those_unchanged_meanwhile(tmp_path: Path) -> None:
+    """States are published when they change. A broker that restarts without persistence lost
+    them (or, with persistence, rolled back to its last autosave: an earlier wearer), and only
+    states that changed during the outage were sent again: Home Assistant then showed no wearer,
+    or a wearer who had left, until the next session (review, 2026-11-24)."""
+    broker, pub = _connected_publisher(tmp_path)
+    try:
+        pub.publish(Message(TOPICS.wearer, '{"wearer":"Alice"}', retain=True))
+        pub.publish(Message(TOPICS.sensor_state("ecg"), '{"n":1}', retain=True))
+        assert _settled_snapshot(broker.port, pub)[TOPICS.wearer] == '{"wearer":"Alice"}'
+        broker.stop()
+        _wait_disconnected(pub)
+        pub.publish(Message(TOPICS.sensor_state("ecg"), '{"n":2}', retain=True))  # changed while away
+        broker.start()  # no persistence: every retained message is gone
+        assert pub.wait_connected(40)
+        snap = _settled_snapshot(broker.port, pub)
+        assert snap[TOPICS.wearer] == '{"wearer":"Alice"}' and snap[TOPICS.sensor_state("ecg")] == '{"n":2}'
+    finally:
+        pub.close()
+        broker.stop()
+
+
 def _settled_snapshot(port: int, pub: MqttPublisher, timeout: float = 15.0) -> dict[str, str]:
     """The broker's retained messages once the publisher has nothing unacknowledged left (the held
     states are sent as the connection opens; on a loaded machine they arrive after a first look)."""

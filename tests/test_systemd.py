@@ -201,3 +201,32 @@ def test_status_shows_the_broker_going_away_and_coming_back(tmp_path, mosquitto)
 
     _drive(app, scenario)
     ns.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death this test causes
+def test_watchdog_is_withheld_when_pahos_network_thread_dies(tmp_path, caplog) -> None:
+    """paho retries on OSError only: anything else raised in its network thread ends it for good
+    and nothing reconnects (a host with an empty label raised UnicodeError there; the config now
+    refuses such a host, so the config is built past its check to make the thread die). The
+    daemon used to stay "healthy" while its events piled up in the spool."""
+    cfg = parse_config(f"hub:\n  id: sd\necg:\n  source: emulator\nstate_dir: {tmp_path / 'state'}\n")
+    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"host": "homeassistant..local"})})
+    ns = _NotifySocket(tmp_path / "notify.sock")
+    notifier = Notifier(str(ns.path))
+    notifier.watchdog_interval_s = 0.2
+    app = BiodApp(cfg, notifier)
+
+    async def scenario() -> None:
+        # (reading the socket: the daemon's datagrams block once its buffer is full)
+        await until(lambda: ns.read() is not None and any("withholding the watchdog" in r.getMessage()
+                                                           for r in caplog.records), 20, "the unhealthy verdict")
+        n = ns.read().count("WATCHDOG=1")
+        await asyncio.sleep(1.0)  # 5 watchdog intervals
+        assert ns.read().count("WATCHDOG=1") == n, "the watchdog was petted with no MQTT network thread"
+
+    with caplog.at_level(logging.ERROR, logger="daemon.app"):
+        _drive(app, scenario)
+    ns.close()
+    verdicts = [r.getMessage() for r in caplog.records if "withholding" in r.getMessage()]
+    assert verdicts and "'mqtt-network'" in verdicts[0], verdicts

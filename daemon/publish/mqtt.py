@@ -132,6 +132,11 @@ class _RetainedOrder:
         with self._lock:
             return self._latest.get(topic)
 
+    def all_latest(self) -> list[tuple[int, Message]]:
+        """The newest state of every topic written, oldest generation first."""
+        with self._lock:
+            return sorted(self._latest.values(), key=lambda gm: gm[0])
+
     def sent(self, mid: int, topic: str, generation: int) -> list[str]:
         """paho took it as ``mid``; the topics whose newest state must be sent again (an ack that
         raced ahead of this call is applied now)."""
@@ -188,6 +193,7 @@ class MqttPublisher:
         self._held: dict[str, Message] = {}
         self._order = _RetainedOrder()
         self._closing = False
+        self._started = False
         self.client_id = cfg.client_id or client_id
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -220,6 +226,7 @@ class MqttPublisher:
         log.info("mqtt: connecting to %s:%d (prefix %s)", self.cfg.host, self.cfg.port, self.prefix)
         self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self._client.loop_start()
+        self._started = True
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -227,6 +234,17 @@ class MqttPublisher:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def network_thread_alive(self) -> bool:
+        """False once paho's network thread has ended while it should run. WHY: paho retries on
+        OSError only; anything else raised in its thread (a resolver's UnicodeError, a bug) ends
+        it for good, silently: nothing reconnects and events pile up in the spool. The daemon's
+        watchdog counts it as a stopped part, so systemd restarts the daemon."""
+        if not self._started or self._closing:
+            return True
+        thread = getattr(self._client, "_thread", None)  # paho's loop_start thread; it sets None as it ends
+        return thread is not None and thread.is_alive()
 
     def close(self, final_state: str = STOPPED, timeout: float = 3.0) -> None:
         """Say ``stopped`` (retained) so nobody mistakes a clean exit for a crash, then disconnect."""
@@ -357,21 +375,25 @@ class MqttPublisher:
             topics.append((f"{self.cfg.discovery_prefix}/status", 1))
         for topic, qos in topics:
             client.subscribe(topic, qos=qos)
-        self._send_discovery()
+        discovery_topics = self._send_discovery()
         # The hooks first: the event spool's hook marks a new connection, and its sender (another
         # thread) must not see us connected before that, or new events would overtake those paho
         # re-sends from the last connection.
         self._call_connection_hooks(True)
+        # The newest state of EVERY topic written, not only of those that changed while the broker
+        # was away. WHY: a broker that restarts loses its retained messages (no persistence) or
+        # rolls them back to its last autosave (persistence), and states are published only when
+        # they change: the wearer of an hour ago came back, or nothing did (review, 2026-11-24).
         with self._lock:
-            held, self._held = list(self._held.values()), {}
-            for msg in held:  # the newest state of each topic, before anything published after
-                latest = self._order.latest(msg.topic)
-                self._send(msg, latest[0] if latest else None)
+            n_held, self._held = len(self._held), {}
+            newest = [(g, m) for g, m in self._order.all_latest() if m.topic not in discovery_topics]
+            for generation, msg in newest:  # before anything published after
+                self._send(msg, generation)
                 self.stats.published += 1
             self._connected.set()
-        if held:
-            log.info("mqtt: sent the %d retained states %s", len(held),
-                     "that changed while the broker was away" if self.stats.connects > 1
+        if newest:
+            log.info("mqtt: sent the newest of %d retained states (%d %s)", len(newest), n_held,
+                     "changed while the broker was away" if self.stats.connects > 1
                      else "set before the first connection")
         if self._on_connected_hook:
             self._on_connected_hook()
@@ -476,9 +498,13 @@ class MqttPublisher:
         for hook in self._publish_hooks:
             hook(mid)
 
-    def _send_discovery(self) -> None:
+    def _send_discovery(self) -> set[str]:
+        """Send every discovery config; their topics (not sent again as newest states)."""
         if not (self.cfg.discovery and self._discovery):
-            return
+            return set()
+        topics = set()
         for msg in self._discovery():
             self._client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain)
+            topics.add(msg.topic)
+        return topics
 

@@ -339,7 +339,9 @@ class MqttConfig(_Strict):
     topic_prefix: str | None = Field(None, description="default: biod/<hub.id>")
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
-    qos: _choice(0, 1, 2) = 1
+    qos: _choice(0, 1, 2) = Field(1, description=(
+        "QoS of the live heart-rate readings only: every state, event, availability and discovery message is "
+        "QoS 1 whatever this says (events are delivered at least once, states must arrive)"))
     keepalive_s: int = Field(30, ge=5, le=3600)
     client_id: str | None = None
 

@@ -119,6 +119,16 @@ def test_discovery_is_complete_retained_resent_and_removable(mosquitto: Broker, 
         for problem, shown in ((None, "ok"), ("signal_lost", "signal_lost"), ("no_signal", "no_signal")):
             state = json.loads(sensor_state_message(TOPICS, SensorState("ecg", True, signal_problem=problem)).payload)
             assert render(value_json=state) == shown and shown in ecg_signal["options"]
+        # the event entity's attributes carry the session's times: an event the spool delivers
+        # hours late must be told from a live one (Home Assistant stamps it on arrival)
+        env = jinja2.Environment()
+        env.filters["to_json"] = json.dumps  # Home Assistant's filter
+        after = {"wearer": "Alice", "activity": "rest", "heart_rate_bpm": 64.0, "start_time": 1795322400.0,
+                 "last_seen": 1795322460.0, "end_time": None}
+        attrs = json.loads(env.from_string(by_key["wearing_session"]["value_template"]).render(value_json={
+            "seq": 42, "id": "s1", "event_id": "s1:2", "type": "update", "before": None, "after": after}))
+        assert attrs["event_type"] == "update" and attrs["event_id"] == "s1:2" and attrs["wearer"] == "Alice"
+        assert (attrs["start_time"], attrs["last_seen"], attrs["end_time"]) == (1795322400.0, 1795322460.0, None)
         assert by_key["ecg_connectivity"]["device_class"] == "connectivity"
         assert by_key["imu_battery"]["device_class"] == "battery" and by_key["imu_battery"]["unit_of_measurement"] == "%"
         assert by_key["person_alice_wearing"]["state_topic"] == f"{PREFIX}/person/alice/state"

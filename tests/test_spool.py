@@ -80,9 +80,12 @@ def test_a_corrupt_spool_is_moved_aside_and_replaced(tmp_path: Path, caplog) -> 
     d.mkdir()
     junk = b"this is not sqlite" * 100
     (d / "events.sqlite3").write_bytes(junk)
+    before_ms = int(time.time() * 1000)
     with caplog.at_level("ERROR", logger="daemon.publish.spool"):
         spool = EventSpool(d)
-    assert len(spool) == 0 and spool.append(TOPIC, {"event_id": "e1"}) == 1
+    # the counter is lost with the file: seq goes on from the clock in ms, above any number used
+    # before (from 1 again, consumers deduplicating on seq dropped every new event)
+    assert len(spool) == 0 and spool.append(TOPIC, {"event_id": "e1"}) >= before_ms
     aside = [p for p in d.iterdir() if p.name.startswith("events.sqlite3.corrupt-")]
     assert len(aside) == 1 and aside[0].read_bytes() == junk
     assert any("moved the file aside" in r.getMessage() and aside[0].name in r.getMessage() for r in caplog.records)
@@ -329,3 +332,33 @@ def test_undelivered_events_are_sent_after_a_publisher_restart(tmp_path: Path, d
         sender2.stop()
         pub2.close()
         sub.close()
+
+
+@pytest.mark.timeout(60)
+def test_acknowledged_events_whose_delete_failed_are_deleted_at_the_next_step(tmp_path: Path, durable_broker: Broker) -> None:
+    """The spool's delete of acknowledged events fails once (a full disk): they were already out
+    of the in-flight map, so they stayed in the spool for the rest of the run, counted as pending,
+    and were sent again after a restart (review, 2026-11-24). Now the delete is retried."""
+    pub = _publisher(durable_broker.port, "remove")
+    pub.start()
+    assert pub.wait_connected(5)
+    spool = EventSpool(tmp_path / "spool")
+    remove, failures = spool.remove, []
+
+    def failing_once(seqs: list[int]) -> None:
+        if seqs and not failures:
+            failures.append(list(seqs))
+            raise sqlite3.OperationalError("database or disk is full")
+        remove(seqs)
+
+    spool.remove = failing_once  # type: ignore[method-assign]
+    sender = SpoolSender(spool, pub)
+    sender.start()
+    try:
+        for i in range(5):
+            sender.submit(TOPIC, {"event_id": f"e{i}"})
+        assert sender.flush(10), f"{len(spool)} acknowledged events stayed in the spool after the failed delete"
+        assert failures and len(spool) == 0 and spool.stats.delivered == 5 and sender.handed == 5
+    finally:
+        sender.stop()
+        pub.close()

@@ -128,9 +128,13 @@ _PROBLEM_TPL = "{{ value_json.signal_problem or 'ok' }}"
 _BATTERY_TPL = "{{ value_json.battery_pct if value_json.battery_pct is not none else 'None' }}"
 _CONNECTED_TPL = "{{ 'ON' if value_json.connected else 'OFF' }}"
 _WEARING_TPL = "{{ 'ON' if value_json.wearing else 'OFF' }}"
+#: WHY the times: after a broker outage the spool delivers hours-old events in a burst, and Home
+#: Assistant stamps each with its arrival; an automation on "a session started" needs
+#: ``start_time``/``last_seen``/``end_time`` (epoch s) to tell them from live ones (review, 2026-11-24).
 _EVENT_TPL = ("{{ {'event_type': value_json.type, 'session_id': value_json.id, 'event_id': value_json.event_id, "
               "'seq': value_json.seq, 'wearer': value_json.after.wearer, 'activity': value_json.after.activity, "
-              "'heart_rate_bpm': value_json.after.heart_rate_bpm} | to_json }}")
+              "'heart_rate_bpm': value_json.after.heart_rate_bpm, 'start_time': value_json.after.start_time, "
+              "'last_seen': value_json.after.last_seen, 'end_time': value_json.after.end_time} | to_json }}")
 
 
 #: the physical sensors biod has entities for (connectivity), and those with a battery

@@ -83,10 +83,21 @@ def _rows_one_by_one(db: sqlite3.Connection, after_seq: int, columns: str) -> It
             yield int(seq), None
 
 
+def _seq_floor_now() -> int:
+    """A ``seq`` above any this hub can have used: the wall clock in milliseconds (a spool counts
+    from 1 and appends far fewer than 1000 events a second)."""
+    return int(time.time() * 1000)
+
+
 def _readable_rows(path: Path) -> tuple[list[tuple[int, str, str, float]], int]:
-    """Every event row of a damaged spool that can still be read, and its next ``seq`` (1 if unreadable)."""
+    """Every event row of a damaged spool that can still be read, and its next ``seq``.
+
+    When the counter cannot be read, ``seq`` goes on from the clock in milliseconds (a jump, seen
+    as a gap, never a reuse). WHY: it started again from 1, and a consumer that deduplicates on
+    ``seq`` as docs/mqtt.md allows dropped every new event until the numbers passed the old ones
+    (review, 2026-11-24)."""
     rows: list[tuple[int, str, str, float]] = []
-    next_seq = 1
+    next_seq = _seq_floor_now()
     try:
         db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
     except sqlite3.DatabaseError:
@@ -384,6 +395,7 @@ class SpoolSender:
         self._cond = threading.Condition()
         self._epoch = 0  # connection number; bumped by the connect hook
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (seq, epoch it was handed over in)
+        self._delivered: list[int] = []  # seqs the broker acknowledged, until the spool has deleted them
         self._sent_up_to = 0  # highest seq handed to paho by this process
         self.handed = 0  # publications handed to paho (== events sent, since nothing is handed twice)
         self._stop = False
@@ -466,7 +478,12 @@ class SpoolSender:
                 entry = self._inflight.pop(mid, None)
             if entry is not None:  # other QoS 1 traffic (state, discovery) shares the hook
                 done.append(entry[0])
-        self.spool.remove(done)
+        self._delivered.extend(done)
+        # Kept until the delete succeeds. WHY: when it failed (disk full) the acknowledged events
+        # were already out of ``_inflight`` and stayed in the spool for the rest of the run, counted
+        # as pending and sent again after a restart (review, 2026-11-24); the next step retries.
+        self.spool.remove(self._delivered)
+        self._delivered = []
 
     def _send_more(self) -> None:
         while self._publisher.connected:

@@ -31,7 +31,7 @@ from daemon.ecg_stream import EcgStream
 from daemon.enrol import ContinuityWatch, ImpostorsError, enrol_one_lead_set, impostors_for
 from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
 from daemon.identity.engine import EnrolmentReport, IdentityEngine
-from daemon.identity.store import StoreError, slugify
+from daemon.identity.store import StoreError
 from daemon.sources.factory import open_ecg_source
 from daemon.sources.serial_ecg import EcgChunk
 
@@ -251,7 +251,7 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
         print(f"biod calibrate: {problem}", file=sys.stderr)
         return 2
     # persons enrolled with another ECG model are not identified; enrolling one of them again replaces them
-    stale = [n for n in engine.stale if slugify(n) != slugify(name)]
+    stale = [n for n in engine.stale if n != name.strip()]
     if len(stale) < len(engine.stale):
         print(f"{name.strip()!r} was enrolled with another ECG model than the one installed now: this enrolment "
               "replaces their old templates.", file=out)

@@ -381,6 +381,7 @@ def test_templates_of_another_model_are_set_aside_and_the_others_still_identifie
     engine = IdentityEngine(mixed, cfg, model=MODEL)
     assert engine.stale == ("P0",) and "P0" not in [p.name for p in engine.people]
     assert engine.name_problem("P0") is None  # re-enrolling P0 is allowed (the store replaces the stale record)
+    assert "same id" in engine.name_problem("p0")  # another name with P0's id is not
     assert run_stream(engine, hh.same_session(means[3], 30))[-1].wearer == "P3"
     assert "P0" not in {s.wearer for s in run_stream(IdentityEngine(mixed, cfg, model=MODEL), hh.same_session(means[0], 30))}
     with pytest.raises(StoreError, match="different ECG models"):  # no model given: nothing says which is right

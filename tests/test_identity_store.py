@@ -96,6 +96,9 @@ def test_enrolling_a_person_of_another_model_again_replaces_them(store_path):
     assert store.load()["Ann"].model == MODEL and set(store.load()) == {"Ann", "Bob"}
     with pytest.raises(StoreError, match="already enrolled"):
         store.add(person("Bob", 4), replace_stale=True)
+    store.save({**store.load(), "Jo-Anne": person("Jo-Anne", 5, model=old)})
+    with pytest.raises(StoreError, match="'Jo-Anne' is already enrolled"):  # same id, another name: not replaced
+        store.add(person("Jo Anne", 6), replace_stale=True)
     assert np.array_equal(store.load()["Bob"].prototypes, person("Bob", 2).prototypes)
 
 

@@ -28,17 +28,25 @@ TOPIC = "biod/t/events"
 
 # -- storage -------------------------------------------------------------------------------------
 def test_append_is_ordered_and_survives_reopening(tmp_path: Path) -> None:
+    before_ms = int(time.time() * 1000)
     spool = EventSpool(tmp_path / "spool")
     seqs = [spool.append(TOPIC, {"event_id": f"e{i}", "type": "new"}) for i in range(5)]
-    assert seqs == [1, 2, 3, 4, 5]
-    spool.remove([1, 2])
+    # a new spool counts on from the clock in ms: one made after the old file was deleted or moved
+    # aside must not reuse numbers a consumer has seen
+    b = seqs[0] - 1
+    assert b >= before_ms and seqs == [b + 1, b + 2, b + 3, b + 4, b + 5]
+    spool.remove([b + 1, b + 2])
     spool.close()
     again = EventSpool(tmp_path / "spool")
     pending = again.pending()
-    assert [e.seq for e in pending] == [3, 4, 5] and len(again) == 3
-    assert json.loads(pending[0].payload) == {"seq": 3, "event_id": "e2", "type": "new"}
-    assert again.append(TOPIC, {"event_id": "e5"}) == 6, "seq must never be reused, even after deletions"
-    assert [e.seq for e in again.pending(after_seq=4, limit=1)] == [5]
+    assert [e.seq for e in pending] == [b + 3, b + 4, b + 5] and len(again) == 3
+    assert json.loads(pending[0].payload) == {"seq": b + 3, "event_id": "e2", "type": "new"}
+    assert again.append(TOPIC, {"event_id": "e5"}) == b + 6, "seq must never be reused, even after deletions"
+    assert [e.seq for e in again.pending(after_seq=b + 4, limit=1)] == [b + 5]
+    again.close()
+    for f in (tmp_path / "spool").iterdir():  # the user deletes the spool (or moves it aside)
+        f.unlink()
+    assert EventSpool(tmp_path / "spool").append(TOPIC, {"event_id": "e6"}) > b + 6
 
 
 def test_an_appended_event_survives_a_crash(tmp_path: Path) -> None:
@@ -64,13 +72,14 @@ def test_full_spool_drops_the_oldest_and_warns(tmp_path: Path, caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="daemon.publish.spool"):
         for i in range(5):
             spool.append(TOPIC, {"event_id": f"e{i}"})
-    assert [e.seq for e in spool.pending()] == [3, 4, 5]
+    b = spool.pending()[0].seq - 3
+    assert [e.seq for e in spool.pending()] == [b + 3, b + 4, b + 5]
     assert spool.stats.dropped_full == 2 and len(spool) == 3
     assert any("full" in r.message and "oldest" in r.message for r in caplog.records)
     small = EventSpool(tmp_path / "bytes", max_bytes=1024)
     for i in range(40):
         small.append(TOPIC, {"event_id": f"e{i}", "pad": "x" * 40})
-    assert small.size_bytes <= 1024 and small.pending()[-1].seq == 40
+    assert small.size_bytes <= 1024 and small.pending()[-1].seq - small.pending()[0].seq == len(small) - 1
 
 
 def test_a_corrupt_spool_is_moved_aside_and_replaced(tmp_path: Path, caplog) -> None:
@@ -95,11 +104,18 @@ def _spool_with_big_events(d: Path, n: int = 120) -> None:
     """``n`` events of ~5 kB (each spills onto overflow pages, where SD-card damage hides from COUNT(*))."""
     spool = EventSpool(d)
     for i in range(n):
-        spool.append(TOPIC, {"event_id": f"e{i}", "pad": "x" * 5000})
+        seq = spool.append(TOPIC, {"event_id": f"e{i}", "pad": "x" * 5000})
+        if i == 0:
+            (d.parent / f"{d.name}.first_seq").write_text(str(seq))
     spool.close()
     con = sqlite3.connect(d / "events.sqlite3")
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     con.close()
+
+
+def _first_seq(d: Path) -> int:
+    """The seq ``_spool_with_big_events`` gave its first event (recorded beside the spool)."""
+    return int((d.parent / f"{d.name}.first_seq").read_text())
 
 
 def _damage_page(path: Path, page: int) -> None:
@@ -121,8 +137,9 @@ def test_a_damaged_event_row_costs_that_event_not_the_spool(tmp_path: Path, capl
     kept = spool.pending(0, 1000)
     assert 100 <= len(kept) < 120 and len(spool) == len(kept)
     assert [e.seq for e in kept] == sorted(e.seq for e in kept)
-    assert all(json.loads(e.payload)["event_id"] == f"e{e.seq - 1}" for e in kept)
-    assert spool.append(TOPIC, {"event_id": "new"}) == 121, "seq is never reused"
+    b = _first_seq(d)
+    assert all(json.loads(e.payload)["event_id"] == f"e{e.seq - b}" for e in kept)
+    assert spool.append(TOPIC, {"event_id": "new"}) == b + 120, "seq is never reused"
     assert any(p.name.startswith("events.sqlite3.corrupt-") for p in d.iterdir())
     assert any(f"kept the {len(kept)} undelivered" in r.getMessage() for r in caplog.records)
 
@@ -138,7 +155,7 @@ def test_a_row_damaged_while_open_is_skipped_not_a_stop(tmp_path: Path) -> None:
     _damage_page(d / "events.sqlite3", pages // 2)
     got = spool.pending(0, 1000)
     assert 100 <= len(got) < 120
-    assert got[-1].seq == 120, "the events after the damaged one still go out"
+    assert got[-1].seq == _first_seq(d) + 119, "the events after the damaged one still go out"
 
 
 def test_a_row_deleted_as_unreadable_leaves_the_byte_count_exact(tmp_path: Path) -> None:
@@ -343,22 +360,31 @@ def test_acknowledged_events_whose_delete_failed_are_deleted_at_the_next_step(tm
     pub.start()
     assert pub.wait_connected(5)
     spool = EventSpool(tmp_path / "spool")
-    remove, failures = spool.remove, []
+    remove, failures, disk_full = spool.remove, [], threading.Event()
+    disk_full.set()
 
-    def failing_once(seqs: list[int]) -> None:
-        if seqs and not failures:
+    def remove_unless_full(seqs: list[int]) -> None:
+        if seqs and disk_full.is_set():
             failures.append(list(seqs))
             raise sqlite3.OperationalError("database or disk is full")
         remove(seqs)
 
-    spool.remove = failing_once  # type: ignore[method-assign]
+    spool.remove = remove_unless_full  # type: ignore[method-assign]
     sender = SpoolSender(spool, pub)
     sender.start()
     try:
         for i in range(5):
             sender.submit(TOPIC, {"event_id": f"e{i}"})
+            time.sleep(0.05)
+        # while the delete keeps failing, new events still go out (they did not: every step
+        # retried the delete first and raised before sending)
+        deadline = time.monotonic() + 10
+        while sender.handed < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sender.handed == 5 and len(failures) >= 2 and len(spool) == 5
+        disk_full.clear()
         assert sender.flush(10), f"{len(spool)} acknowledged events stayed in the spool after the failed delete"
-        assert failures and len(spool) == 0 and spool.stats.delivered == 5 and sender.handed == 5
+        assert len(spool) == 0 and spool.stats.delivered == 5 and sender.handed == 5
     finally:
         sender.stop()
         pub.close()

@@ -672,6 +672,10 @@ class IdentityEngine:
         for p in self.people:
             if p.name == name or p.slug == slug:
                 return f"{p.name!r} is already enrolled: choose another name, or remove {p.name!r} first to re-enrol"
+        for other in self.stale:  # enrolled with another ECG model: only the same name re-enrols (replaces) them
+            if other != name and slugify(other) == slug:
+                return (f"{other!r}, enrolled with another ECG model, has the same id as {name!r}: to re-enrol them "
+                        f"use the name {other!r}, or remove {other!r} first")
         return None
 
     def enrol(self, name: str, embeddings: np.ndarray, activities: Sequence[str] | None = None,

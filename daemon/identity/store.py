@@ -686,8 +686,9 @@ class TemplateStore:
         """Add a new person; refuses a name/slug already taken (remove or rename first) and a
         name the one name rule refuses (``name_problem``).
 
-        ``replace_stale``: a person of that name whose templates were made with another ECG
-        model than ``person``'s is replaced (and returned); an enrolment is how such a person is
+        ``replace_stale``: a person of exactly that name whose templates were made with another
+        ECG model than ``person``'s is replaced (and returned; only the same name: "Jo Anne" must
+        not replace a stale "Jo-Anne"); an enrolment is how such a person is
         re-enrolled after a model update, without removing them first. Otherwise None."""
         if (problem := name_problem(person.name)) is not None:
             raise StoreError(f"cannot enrol {person.name!r:.100}: {problem}")
@@ -700,7 +701,8 @@ class TemplateStore:
             clash = [p for p in people.values() if p.slug == person.slug or p.name == person.name]
             replaced = None
             if clash:
-                if not (replace_stale and len(clash) == 1 and not person.model.accepts(clash[0].model)):
+                if not (replace_stale and len(clash) == 1 and clash[0].name == person.name
+                        and not person.model.accepts(clash[0].model)):
                     raise StoreError(f"a person named {clash[0].name!r} is already enrolled: choose another name, or "
                                      f"`biod people remove {clash[0].name}` first to re-enrol")
                 replaced = people.pop(clash[0].name)

@@ -504,7 +504,10 @@ class MqttPublisher:
             return set()
         topics = set()
         for msg in self._discovery():
-            self._client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain)
+            # tracked like any retained state: a person's removal (empty config) published before
+            # the link dropped, and re-sent by paho after this, must not overwrite the config of
+            # someone enrolled again meanwhile (the newest is then sent again, ``_settle``)
+            self._send(msg, self._order.newest(msg) if msg.retain else None)
             topics.add(msg.topic)
         return topics
 

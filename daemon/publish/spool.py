@@ -93,9 +93,9 @@ def _readable_rows(path: Path) -> tuple[list[tuple[int, str, str, float]], int]:
     """Every event row of a damaged spool that can still be read, and its next ``seq``.
 
     When the counter cannot be read, ``seq`` goes on from the clock in milliseconds (a jump, seen
-    as a gap, never a reuse). WHY: it started again from 1, and a consumer that deduplicates on
-    ``seq`` as docs/mqtt.md allows dropped every new event until the numbers passed the old ones
-    (review, 2026-11-24)."""
+    as a gap, never a reuse), as a new spool starts. WHY: it started again from 1, and a consumer
+    that deduplicates on ``seq`` as docs/mqtt.md allows dropped every new event until the numbers
+    passed the old ones (review, 2026-11-24)."""
     rows: list[tuple[int, str, str, float]] = []
     next_seq = _seq_floor_now()
     try:
@@ -185,7 +185,10 @@ class EventSpool:
             db.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit: an appended event survives a power cut
             db.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created REAL NOT NULL)")
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
+            # A new spool counts on from the clock in ms, not from 1: one made after the old file was
+            # deleted or moved aside (what the error below tells a user to do) must not reuse numbers
+            # a consumer deduplicating on seq has seen (review, 2026-11-24).
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', ?)", (_seq_floor_now(),))
             # COUNT(*) alone reads no overflow page: a damaged event row passed it and then stopped
             # delivery at every ``pending`` for good
             check = db.execute("PRAGMA quick_check").fetchone()[0]
@@ -396,6 +399,7 @@ class SpoolSender:
         self._epoch = 0  # connection number; bumped by the connect hook
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (seq, epoch it was handed over in)
         self._delivered: list[int] = []  # seqs the broker acknowledged, until the spool has deleted them
+        self._remove_failed_logged_at = float("-inf")
         self._sent_up_to = 0  # highest seq handed to paho by this process
         self.handed = 0  # publications handed to paho (== events sent, since nothing is handed twice)
         self._stop = False
@@ -481,8 +485,18 @@ class SpoolSender:
         self._delivered.extend(done)
         # Kept until the delete succeeds. WHY: when it failed (disk full) the acknowledged events
         # were already out of ``_inflight`` and stayed in the spool for the rest of the run, counted
-        # as pending and sent again after a restart (review, 2026-11-24); the next step retries.
-        self.spool.remove(self._delivered)
+        # as pending and sent again after a restart (review, 2026-11-24). A failure is not raised:
+        # new events must keep going out while the delete is retried at every step.
+        try:
+            self.spool.remove(self._delivered)
+        except sqlite3.DatabaseError as exc:
+            now = time.monotonic()
+            if now - self._remove_failed_logged_at >= 60.0:
+                self._remove_failed_logged_at = now
+                log.error("spool: cannot delete %d delivered event(s) (%s); sending goes on, the delete is retried, "
+                          "and they are sent again after a restart if it never succeeds: check the disk",
+                          len(self._delivered), exc)
+            return
         self._delivered = []
 
     def _send_more(self) -> None:

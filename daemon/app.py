@@ -28,7 +28,7 @@ from daemon.clock import to_epoch
 from daemon.config import BiodConfig
 from daemon.dsp.imu_pipeline import SensorImuPipeline
 from daemon.ecg_stream import EcgStream
-from daemon.enrol import Enrolment, ImpostorsError, impostors_for, load_impostors
+from daemon.enrol import Enrolment, EnrolmentRefused, ImpostorsError, check_before_recording, load_impostors
 from daemon.events import EventTracker
 from daemon.identity.engine import IdentityEngine
 from daemon.identity.fusion import ACTIVITY_CLASSES
@@ -187,7 +187,7 @@ class BiodApp:
         self.heart_rate = HeartRateSensor(self.HR_PUBLISH_INTERVAL_S)
         self._ready = False
         self._rate_mark = (0, 0, time.monotonic())
-        self._store_seen = self._store_mtime()
+        self._store_seen = self._store_key()
 
     # -- identity ---------------------------------------------------------------------------------
     def _load_people(self) -> dict | None:
@@ -577,7 +577,7 @@ class BiodApp:
             else:
                 log.error("biod: unhealthy (stopped: %s, wedged=%s); withholding the watchdog", dead, wedged)
 
-    def _store_mtime(self) -> tuple[int, ...] | None:
+    def _store_key(self) -> tuple[int, ...] | None:
         """What tells the store changed: inode and size (a save renames a new file in), mtime, and
         ctime. WHY ctime: a store the daemon could not read is mended with chmod/chown, which
         change ctime only; keyed on mtime alone, the daemon identified nobody until restarted
@@ -591,7 +591,7 @@ class BiodApp:
     def _watch_store(self, publisher: MqttPublisher) -> None:
         """`biod calibrate` / `biod people` change the store while we run: follow it, and add or
         remove the persons' Home Assistant entities and retained state to match."""
-        seen = self._store_mtime()
+        seen = self._store_key()
         if seen == self._store_seen:
             return
         self._store_seen = seen
@@ -669,23 +669,13 @@ class BiodApp:
             log.warning("enrol: %s refused: %s", req.name, busy)
             publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=busy, retain=False))
             return
-        # What would refuse the enrolment at its end is said now, before anyone wears the electrodes
-        # for it (as `biod calibrate` does): the store must be readable and writable, the name free
-        # in the store itself (the engine is empty while the store cannot be read), and the
-        # impostor set made with this model.
-        impostors = None
+        # what would refuse the enrolment at its end is said now, before anyone wears the electrodes for it
+        problem = impostors = None
         try:
-            people = self.store.load()
-            self.store.check_writable()
-            problem = IdentityEngine(people, self.cfg.identity.engine_config(),
-                                     model=self.ecg_model.ref).name_problem(req.name)
-        except StoreError as exc:
+            _, impostors = check_before_recording(self.store, self.cfg.identity.engine_config(), self.ecg_model.ref,
+                                                  self.cfg.models_dir or MODELS_DIR, req.name)
+        except EnrolmentRefused as exc:
             problem = str(exc)
-        if problem is None:
-            try:
-                impostors = impostors_for(self.cfg.models_dir or MODELS_DIR, self.ecg_model.ref)
-            except ImpostorsError as exc:
-                problem = str(exc)
         if problem is not None:
             log.warning("enrol: %s refused: %s", req.name, problem)
             publisher.publish(enrol_state_message(self.topics, "refused", req.name, reason=problem))

@@ -28,9 +28,9 @@ from daemon.biometrics import MODELS_DIR
 from daemon.config import BiodConfig, ConfigError
 from daemon.dsp.imu_pipeline import SensorImuPipeline
 from daemon.ecg_stream import EcgStream
-from daemon.enrol import ContinuityWatch, ImpostorsError, enrol_one_lead_set, impostors_for
+from daemon.enrol import ContinuityWatch, EnrolmentRefused, check_before_recording, enrol_one_lead_set
 from daemon.identity.gait import GaitModel, GaitModelError, load_gait_models
-from daemon.identity.engine import EnrolmentReport, IdentityEngine
+from daemon.identity.engine import EnrolmentReport
 from daemon.identity.store import StoreError
 from daemon.sources.factory import open_ecg_source
 from daemon.sources.serial_ecg import EcgChunk
@@ -226,29 +226,16 @@ def describe(report: EnrolmentReport, out: TextIO = sys.stdout) -> None:
 
 def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True, out: TextIO = sys.stdout) -> int:
     # Everything that can refuse the enrolment is checked before the person is asked to record.
-    try:
-        store = open_store(cfg)
-        people = store.load()
-        store.check_writable()
-    except StoreError as exc:
-        print(f"biod calibrate: {exc}", file=sys.stderr)
-        return 2
     model = load_ecg_model(cfg)
     if model is None:
         print("biod calibrate: no usable ECG model; re-install biod's models (`sudo deploy/install.sh` from the biod checkout)", file=sys.stderr)
         return 2
     try:
-        impostors = impostors_for(cfg.models_dir or MODELS_DIR, model.ref)
-    except ImpostorsError as exc:
+        store = open_store(cfg)
+        engine, impostors = check_before_recording(store, cfg.identity.engine_config(), model.ref,
+                                                   cfg.models_dir or MODELS_DIR, name)
+    except (StoreError, EnrolmentRefused) as exc:
         print(f"biod calibrate: {exc}", file=sys.stderr)
-        return 2
-    try:
-        engine = IdentityEngine(people, cfg.identity.engine_config(), model=model.ref)
-        problem = engine.name_problem(name)
-    except StoreError as exc:  # templates of another ECG model: they must be re-enrolled first
-        problem = str(exc)
-    if problem is not None:
-        print(f"biod calibrate: {problem}", file=sys.stderr)
         return 2
     # persons enrolled with another ECG model are not identified; enrolling one of them again replaces them
     stale = [n for n in engine.stale if n != name.strip()]
@@ -262,7 +249,7 @@ def run_calibrate(cfg: BiodConfig, name: str, seconds: float, walk: bool = True,
     if imu is not None:
         engine.attach_gait({imu.model.placement: imu.model}, imu.model.placement)
     print(f"Enrolling {name!r}: attach the electrodes (RA, LA, LL), then follow the steps. "
-          f"{len(people)} person(s) already enrolled.", file=out)
+          f"{len(engine.people) + len(engine.stale)} person(s) already enrolled.", file=out)
     try:
         embeddings, labels, rejected, lead_counts = collect(cfg, phases(seconds, walk), out, imu=imu)
     except EnrolmentInterrupted as exc:

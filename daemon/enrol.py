@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from daemon.identity.engine import EnrolmentReport, IdentityEngine
-from daemon.identity.store import ModelRef
+from daemon.identity.engine import EnrolmentReport, IdentityConfig, IdentityEngine
+from daemon.identity.store import ModelRef, StoreError, TemplateStore
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,31 @@ def impostors_for(models_dir: Path, model: ModelRef) -> Impostors | None:
             "models (`sudo deploy/install.sh` from the biod checkout) or rebuild it on a machine with the training "
             "extras: python -m training.impostors --data DIR")
     return imp
+
+
+class EnrolmentRefused(Exception):
+    """What would refuse an enrolment at its end, found before anyone records (the message says why)."""
+
+
+def check_before_recording(store: TemplateStore, config: IdentityConfig, model: ModelRef, models_dir: Path,
+                           name: str) -> tuple[IdentityEngine, Impostors | None]:
+    """Everything that would refuse enrolling ``name`` at its end, checked before anyone wears the
+    electrodes for it: the store reads and can be written, the name is free in the store itself
+    (not in a running engine, which is empty while the store cannot be read), and the impostor set
+    was made with ``model``. Returns an engine over the stored persons and the impostor set;
+    :class:`EnrolmentRefused` otherwise. ``biod calibrate`` and an enrolment from Home Assistant
+    both call it, so the two cannot drift apart."""
+    try:
+        engine = IdentityEngine(store.load(), config, model=model)
+        store.check_writable()
+    except StoreError as exc:
+        raise EnrolmentRefused(str(exc)) from None
+    if (problem := engine.name_problem(name)) is not None:
+        raise EnrolmentRefused(problem)
+    try:
+        return engine, impostors_for(models_dir, model)
+    except ImpostorsError as exc:
+        raise EnrolmentRefused(str(exc)) from None
 
 
 @dataclass

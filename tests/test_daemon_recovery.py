@@ -474,7 +474,7 @@ def test_the_store_watch_reloads_a_store_mended_by_chmod(tmp_path) -> None:
 
     # as the daemon is after failing to read this store (root reads a mode-000 file, so the
     # failed read is set up rather than provoked): nobody loaded, the file's state seen
-    app.people, app._store_ok, app._store_seen = {}, False, app._store_mtime()
+    app.people, app._store_ok, app._store_seen = {}, False, app._store_key()
     mtime = cfg.store_path.stat().st_mtime_ns
     time.sleep(0.05)  # a real mend comes seconds later; kernels before 6.13 tick ctime every few ms
     os.chmod(cfg.store_path, 0o600)  # the mend: ctime changes, mtime does not

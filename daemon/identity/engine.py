@@ -54,6 +54,7 @@ from daemon.identity.store import (
     StoreError,
     new_person_id,
     slugify,
+    stale_persons,
     utc_now,
 )
 from daemon.identity.store import name_problem as _name_rule_problem  # IdentityEngine.name_problem adds "not taken"
@@ -395,9 +396,8 @@ class IdentityEngine:
         #: persons enrolled with another ECG model: not identified until re-enrolled
         self.stale: tuple[str, ...] = ()
         if self.model is not None:
-            ref = self.model
-            self.stale = tuple(sorted(p.name for p in people if not ref.accepts(p.model)))
-            people = [p for p in people if ref.accepts(p.model)]
+            self.stale = tuple(sorted(p.name for p in stale_persons(people, self.model)))
+            people = [p for p in people if p.name not in self.stale]
         self._set_people(people)
         self.fusion = fusion or FusionConfig()
         self.impostors = impostors

@@ -53,7 +53,7 @@ import unicodedata
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ __all__ = [
     "TemplateMismatchError",
     "TemplateStore",
     "check_compatible",
+    "stale_persons",
     "key_from_credential",
     "name_problem",
     "new_person_id",
@@ -331,9 +332,14 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
+def stale_persons(people: Iterable[Person], model: ModelRef) -> list[Person]:
+    """The persons whose templates were made with another embedding model than ``model``."""
+    return [p for p in people if not model.accepts(p.model)]
+
+
 def check_compatible(people: dict[str, Person], model: ModelRef) -> None:
     """Refuse templates made with another embedding model: their scores would be meaningless."""
-    bad = [p for p in people.values() if not model.accepts(p.model)]
+    bad = stale_persons(people.values(), model)
     if bad:
         listed = ", ".join(f"{p.name!r} ({p.model})" for p in bad)
         raise TemplateMismatchError(

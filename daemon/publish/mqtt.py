@@ -189,8 +189,9 @@ class MqttPublisher:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._handlers: dict[str, _Subscription] = {}
-        # retained states published while the broker is away, newest per topic (see ``publish``)
-        self._held: dict[str, Message] = {}
+        # topics whose retained state changed while the broker was away (``_order`` has the newest
+        # message of every topic; all are sent at the next connect)
+        self._held: set[str] = set()
         self._order = _RetainedOrder()
         self._closing = False
         self._started = False
@@ -276,7 +277,7 @@ class MqttPublisher:
                     if queue_if_offline is None and msg.retain:
                         if msg.topic in self._held:
                             self.stats.superseded_offline += 1
-                        self._held[msg.topic] = msg
+                        self._held.add(msg.topic)
                         self._order.newest(msg)
                         return _not_sent()
                     if not queue_if_offline:
@@ -347,7 +348,7 @@ class MqttPublisher:
             return False
         with self._lock:  # as in ``publish``: _on_connect sends what is held and sets _connected under it
             if not self._connected.is_set():
-                self._held[msg.topic] = msg
+                self._held.add(msg.topic)
                 return True
         self._send(msg, generation)
         self.stats.published += 1
@@ -385,7 +386,7 @@ class MqttPublisher:
         # rolls them back to its last autosave (persistence), and states are published only when
         # they change: the wearer of an hour ago came back, or nothing did (review, 2026-11-24).
         with self._lock:
-            n_held, self._held = len(self._held), {}
+            n_held, self._held = len(self._held), set()
             newest = [(g, m) for g, m in self._order.all_latest() if m.topic not in discovery_topics]
             for generation, msg in newest:  # before anything published after
                 self._send(msg, generation)

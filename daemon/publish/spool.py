@@ -92,12 +92,12 @@ def _seq_floor_now() -> int:
 def _readable_rows(path: Path) -> tuple[list[tuple[int, str, str, float]], int]:
     """Every event row of a damaged spool that can still be read, and its next ``seq``.
 
-    When the counter cannot be read, ``seq`` goes on from the clock in milliseconds (a jump, seen
-    as a gap, never a reuse), as a new spool starts. WHY: it started again from 1, and a consumer
-    that deduplicates on ``seq`` as docs/mqtt.md allows dropped every new event until the numbers
-    passed the old ones (review, 2026-11-24)."""
+    When the counter cannot be read, 0: the replacement spool's own counter (the clock in ms, as
+    every new spool starts) then stands. WHY: it started again from 1, and a consumer that
+    deduplicates on ``seq`` as docs/mqtt.md allows dropped every new event until the numbers passed
+    the old ones (review, 2026-11-24)."""
     rows: list[tuple[int, str, str, float]] = []
-    next_seq = _seq_floor_now()
+    next_seq = 0
     try:
         db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
     except sqlite3.DatabaseError:
@@ -165,7 +165,7 @@ class EventSpool:
                 with db:
                     db.execute("BEGIN IMMEDIATE")
                     db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
-                    db.execute("UPDATE meta SET value=? WHERE key='next_seq'",
+                    db.execute("UPDATE meta SET value=MAX(value, ?) WHERE key='next_seq'",
                                (max([next_seq] + [r[0] + 1 for r in rows]),))
             except (OSError, sqlite3.DatabaseError) as again:
                 raise SpoolError(f"spool: {self.path} is not a usable spool ({exc}) and could not be replaced ({again}); "
